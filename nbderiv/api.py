@@ -1,0 +1,254 @@
+"""The public functions: :func:`derivatives`, :func:`diagnose`, :func:`full_jacobian`.
+
+>>> import torch, nbderiv
+>>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+>>> d = nbderiv.derivatives(net, torch.rand(100, 2), order=2)
+>>> d[1].shape, d[2].shape
+((100, 1, 2), (100, 1, 2, 2))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import diagnose as dg
+from .backends import select_backend
+from .errors import MemoryBudgetError, NbderivError, OptionError
+from .inputs import (check_order, check_wrt, input_findings, input_names, model_rejected_input,
+                     prepare_inputs)
+from .result import Derivatives
+
+DEFAULT_MEMORY_BUDGET = 1 << 30          # working memory for derivatives, bytes
+DEFAULT_JACOBIAN_BUDGET = 256 * 2 ** 20  # full cross-sample Jacobian, bytes
+
+
+@dataclass
+class _Call:
+    """Everything known about one (model, x) pair before differentiating."""
+
+    model: object
+    backend: object
+    prepared: object
+    dtype: np.dtype
+    args: list
+    names: tuple
+    context: dict
+    findings: list = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return self.prepared.n_points
+
+    def forward(self, args):
+        try:
+            return self.backend.forward(self.model, args, self.context)
+        except NbderivError:
+            raise
+        except Exception as exc:
+            raise model_rejected_input(exc, self.prepared) from None
+
+
+def _open(model, x, framework) -> _Call:
+    backend = select_backend(model, x, framework)
+    prepared = prepare_inputs(x, to_numpy=backend.to_numpy)
+    dtype = backend.compute_dtype(model, prepared.arrays[0].dtype)
+    arg_names = backend.argument_names(model, len(prepared.arrays)) if prepared.several else None
+    call = _Call(model, backend, prepared, np.dtype(dtype), prepared.cast(dtype),
+                 input_names(prepared, arg_names), backend.context(model, x, dtype))
+    call.findings += input_findings(prepared, dtype)
+    bad = dg.non_finite_points(*call.args)
+    if bad:
+        call.findings.append(dg.non_finite_finding("x", bad))
+    return call
+
+
+def _probe(call: _Call):
+    """Cheap forward-only probes on a few points: output shape, randomness, coupling."""
+    k = min(call.n, dg.PROBE_POINTS)
+    probe = [a[:k].copy() for a in call.args]
+    y1 = call.forward(probe)
+    y2 = call.forward(probe)
+    stochastic = not np.array_equal(y1, y2, equal_nan=True)
+    coupled = False
+    if not stochastic and k >= 2:
+        shifted = [a.copy() for a in probe]
+        for a in shifted:
+            a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
+        y3 = call.forward(shifted)
+        change = np.nan_to_num(np.abs(y3[1:] - y1[1:])).max(initial=0)
+        scale = 1 + np.nan_to_num(np.abs(y1)).max(initial=0)
+        coupled = change > 100 * np.finfo(call.dtype).eps * scale
+    return y1.shape[1], stochastic, coupled
+
+
+def _chunk_size(call, d_out, order, m, chunk_size, memory_budget):
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+                or chunk_size < 1:
+            raise OptionError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        return int(chunk_size)
+    per_point = call.backend.bytes_per_point(call.model, call.prepared.width, d_out, order, m)
+    per_point += 8 * d_out * sum(m ** k for k in range(order + 1))  # the results themselves
+    return max(1, min(call.n, int(memory_budget // max(per_point, 1))))
+
+
+def _progress(iterable, total, enabled):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is a nicety, never a requirement
+        return iterable
+    return tqdm(iterable, total=total, desc="nbderiv", unit="chunk", leave=False)
+
+
+def _compute(call, order, wrt, chunk, progress):
+    starts = range(0, call.n, chunk)
+    show = progress if progress is not None else len(starts) >= 8
+    ys, per_order, method = [], [[] for _ in range(order)], None
+    for s in _progress(starts, len(starts), show):
+        y, ders, method = call.backend.derivatives(
+            call.model, [a[s:s + chunk] for a in call.args], order, wrt, call.context)
+        ys.append(y)
+        for k, d in enumerate(ders):
+            per_order[k].append(d)
+    if len(ys) == 1:
+        return ys[0], [p[0] for p in per_order], method
+    return np.concatenate(ys), [np.concatenate(p) for p in per_order], method + " (chunked)"
+
+
+def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chunk_size=None,
+                memory_budget=DEFAULT_MEMORY_BUDGET, progress=None) -> Derivatives:
+    """Per-point derivatives of ``model`` with respect to its input, orders 1..``order``.
+
+    ``x`` is (N, d_in), (N,) (N points of one feature), a nested list, or a tuple
+    ``(x, t, ...)`` of separate arguments. Returns :class:`~nbderiv.result.Derivatives`
+    with ``d[k]`` of shape (N, d_out) + (len(wrt),) * k.
+
+    >>> import torch, nbderiv
+    >>> d = nbderiv.derivatives(lambda x: x**3 + 2*x**2 + 1, torch.tensor([2.0]), order=2)
+    >>> float(d[1][0, 0, 0]), float(d[2][0, 0, 0, 0])
+    (20.0, 16.0)
+    """
+    order = check_order(order)
+    call = _open(model, x, framework)
+    wrt = check_wrt(wrt, call.prepared.width, call.names)
+    backend = call.backend
+    findings = call.findings
+    with backend.preserved(model):
+        d_out, stochastic, coupled = _probe(call)
+        layers = backend.layer_summary(model)
+        findings += dg.structural_findings(layers, order)
+        if stochastic and not any(f.code == "train-mode" for f in findings):
+            findings.append(dg.stochastic_finding())
+        if coupled:
+            y, ders, method = backend.per_point_derivatives(model, call.args, order, wrt,
+                                                            call.context)
+            _, ones, _ = backend.derivatives(model, call.args, 1, wrt, call.context)
+            findings.append(dg.coupling_finding(float(np.abs(ones[0] - ders[0]).max()),
+                                                float(np.abs(ders[0]).max())))
+        else:
+            chunk = _chunk_size(call, d_out, order, len(wrt), chunk_size, memory_budget)
+            y, ders, method = _compute(call, order, wrt, chunk, progress)
+        findings += _result_findings(call, layers, y, ders, order, wrt, findings)
+    result = Derivatives(x=np.concatenate(call.args, axis=1), y=y, orders=ders,
+                         framework=backend.name, method=method, inputs=call.names, wrt=wrt,
+                         findings=findings)
+    if check:
+        from .fdcheck import finite_difference_check
+
+        result.check = finite_difference_check(call, result, coupled=coupled)
+        if result.check.low_precision:
+            result.findings.append(dg.low_precision_finding(result.check.errors, call.dtype))
+    result._code = _code_for(call, order, wrt)
+    return result
+
+
+def _code_for(call, order, wrt):
+    wrt = None if wrt == tuple(range(call.prepared.width)) else wrt
+    return call.backend.equivalent_code(order=order, wrt=wrt, widths=call.prepared.widths)
+
+
+def _result_findings(call, layers, y, ders, order, wrt, earlier):
+    out = []
+    codes = {f.code for f in earlier}
+    if "piecewise-linear" not in codes:
+        f = dg.numeric_piecewise(ders, layers, order)
+        if f is not None:
+            out.append(f)
+    kinks = call.backend.kink_points(call.model, call.args, call.context)
+    f = dg.kink_finding(kinks)
+    if f is not None:
+        out.append(f)
+    out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
+    f = dg.no_dependence_finding(ders[0], out_names, [call.names[i] for i in wrt])
+    if f is not None:
+        out.append(f)
+    bad = dg.non_finite_points(y, *ders)
+    if bad:
+        out.append(dg.non_finite_finding("the model's output or its derivatives", bad))
+    return out
+
+
+def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
+    """The findings a computation of this order would raise, from cheap probes only
+    (structure, a few forward passes, derivatives at up to 8 points).
+
+    >>> import torch, nbderiv
+    >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> nbderiv.diagnose(net, torch.rand(50, 1))
+    []
+    """
+    order = check_order(order)
+    call = _open(model, x, framework)
+    wrt = check_wrt(wrt, call.prepared.width, call.names)
+    findings = call.findings
+    k = min(call.n, dg.PROBE_POINTS)
+    with call.backend.preserved(model):
+        _, stochastic, coupled = _probe(call)
+        layers = call.backend.layer_summary(model)
+        findings += dg.structural_findings(layers, order)
+        if stochastic and not any(f.code == "train-mode" for f in findings):
+            findings.append(dg.stochastic_finding())
+        probe = [a[:k] for a in call.args]
+        if coupled:
+            y, ders, _ = call.backend.per_point_derivatives(model, probe, min(order, 2), wrt,
+                                                            call.context)
+            _, ones, _ = call.backend.derivatives(model, probe, 1, wrt, call.context)
+            findings.append(dg.coupling_finding(float(np.abs(ones[0] - ders[0]).max()),
+                                                float(np.abs(ders[0]).max())))
+        else:
+            y, ders, _ = call.backend.derivatives(model, probe, min(order, 2), wrt, call.context)
+        probe_call = _Call(model, call.backend, call.prepared, call.dtype, call.args, call.names,
+                           call.context)
+        findings += _result_findings(probe_call, layers, y, ders, order, wrt, findings)
+    return findings
+
+
+def full_jacobian(model, x, *, framework=None, memory_budget=DEFAULT_JACOBIAN_BUDGET):
+    """The cross-sample Jacobian J[n, j, m, i] = d y[n, j] / d x[m, i], shape (N, d_out, N, d_in).
+
+    For independent points it is block diagonal: only m == n blocks are non-zero. Its size
+    grows like N**2, so it is refused past ``memory_budget`` bytes (default 256 MB).
+
+    >>> import torch, nbderiv
+    >>> J = nbderiv.full_jacobian(torch.sin, torch.zeros(3, 1))
+    >>> J.shape
+    (3, 1, 3, 1)
+    """
+    call = _open(model, x, framework)
+    with call.backend.preserved(model):
+        d_out = _probe(call)[0]
+        size = call.n * d_out * call.n * call.prepared.width * call.dtype.itemsize
+        if size > memory_budget:
+            raise MemoryBudgetError(
+                f"the full Jacobian for N={call.n} points would be shape "
+                f"({call.n}, {d_out}, {call.n}, {call.prepared.width}) = {size / 2**20:.1f} MB, "
+                f"over the budget of {memory_budget / 2**20:.1f} MB; it grows like N**2. "
+                "Fix: use nbderiv.derivatives(model, x) for the per-point blocks, pass fewer points, "
+                "or raise memory_budget=."
+            )
+        J = call.backend.full_jacobian(model, call.args, call.context)
+    return J.reshape(call.n, d_out, call.n, call.prepared.width)

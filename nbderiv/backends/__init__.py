@@ -1,0 +1,123 @@
+"""The backend registry: which framework owns a model, answered without importing any.
+
+A backend module (``nbderiv/backends/<framework>.py``) is imported only when its
+framework is already in ``sys.modules`` (or named explicitly with ``framework=``), so
+using nbderiv with torch never imports TensorFlow, and the reverse.
+
+Order matters: Keras is checked before torch, because under ``KERAS_BACKEND=torch`` a
+Keras model is also a ``torch.nn.Module``.
+
+>>> from nbderiv.backends import known_frameworks
+>>> known_frameworks()
+('tensorflow', 'torch')
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ..errors import BackendError, ModelTypeError, OptionError
+
+# name -> module that implements it, in detection order (Keras/TensorFlow before torch).
+_MODULES = {"tensorflow": "nbderiv.backends.tensorflow", "torch": "nbderiv.backends.torch"}
+_ALIASES = {"tf": "tensorflow", "keras": "tensorflow", "pytorch": "torch"}
+_instances: dict = {}
+
+
+def known_frameworks() -> tuple:
+    return tuple(_MODULES)
+
+
+def _loaded_class(module: str, *path: str):
+    """A class from an already imported module, or None (never imports anything)."""
+    obj = sys.modules.get(module)
+    for name in path:
+        if obj is None:
+            return None
+        obj = getattr(obj, name, None)
+    return obj if isinstance(obj, type) else None
+
+
+def _isinstance_loaded(obj, *candidates) -> bool:
+    classes = tuple(c for c in (_loaded_class(*cand) for cand in candidates) if c is not None)
+    return bool(classes) and isinstance(obj, classes)
+
+
+def _keras_backend_name() -> str | None:
+    keras = sys.modules.get("keras")
+    try:
+        return keras.backend.backend() if keras is not None else None
+    except Exception:  # pragma: no cover - exotic keras builds
+        return None
+
+
+def framework_of_model(model) -> str | None:
+    """'tensorflow', 'torch', or None, from the model's class (its whole MRO)."""
+    if _isinstance_loaded(model, ("keras", "Layer"), ("keras", "layers", "Layer")):
+        backend = _keras_backend_name()
+        if backend == "tensorflow":
+            return "tensorflow"
+        if backend == "torch":
+            return "torch"  # a Keras-on-torch model is a torch.nn.Module computing with torch ops
+        raise BackendError(
+            f"this Keras model runs on the {backend!r} backend, which nbderiv does not support. "
+            "Fix: set KERAS_BACKEND=tensorflow (or torch) before importing keras."
+        )
+    if _isinstance_loaded(model, ("tensorflow", "Module")):
+        return "tensorflow"
+    if _isinstance_loaded(model, ("torch", "nn", "Module")):
+        return "torch"
+    return None
+
+
+def framework_of_input(x) -> str | None:
+    """'tensorflow', 'torch', or None, from the type of x (or of the first element of a tuple)."""
+    if isinstance(x, tuple) and x:
+        return next((f for f in map(framework_of_input, x) if f), None)
+    if _isinstance_loaded(x, ("torch", "Tensor")):
+        return "torch"
+    if _isinstance_loaded(x, ("tensorflow", "Tensor"), ("tensorflow", "Variable")):
+        return "tensorflow"
+    return None
+
+
+def get_backend(name: str):
+    """The backend instance for a framework name (imports its module, hence the framework)."""
+    name = _ALIASES.get(name, name)
+    if name not in _MODULES:
+        raise OptionError(
+            f"unknown framework {name!r}. Fix: use framework='torch' or framework='tensorflow'."
+        )
+    if name not in _instances:
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as exc:
+            raise BackendError(
+                f"framework {name!r} is not installed ({exc}). Fix: pip install 'nbderiv[{name}]'."
+            ) from None
+        _instances[name] = module.BACKEND
+    return _instances[name]
+
+
+def select_backend(model, x, framework=None):
+    """The backend for this model and input: explicit name, else model type, else x type."""
+    if framework is not None:
+        if not isinstance(framework, str):
+            raise OptionError(f"framework must be a string such as 'torch', got {framework!r}.")
+        return get_backend(framework.lower())
+    name = framework_of_model(model)
+    if name is None:
+        if not callable(model):
+            raise ModelTypeError(
+                f"model must be a torch.nn.Module, a Keras model, or a callable, got "
+                f"{type(model).__name__}. Fix: pass the network itself (or a function of x)."
+            )
+        name = framework_of_input(x)
+    if name is None:
+        raise ModelTypeError(
+            f"cannot tell which framework runs {type(model).__name__!s} on a "
+            f"{type(x).__name__} input. Fix: pass framework='torch' or framework='tensorflow', "
+            "or pass x as a torch / TensorFlow tensor."
+        )
+    return get_backend(name)

@@ -1,0 +1,100 @@
+"""The narrow interface every framework backend implements, documented in one place.
+
+Shapes: ``args`` is a list of numpy arrays, one per model argument, each (n, d_i)
+in the dtype the backend chose; D = sum(d_i) features in all; ``wrt`` is a tuple of m
+feature indices into 0..D-1. Derivative arrays are (n, d_out) + (m,) * k.
+
+>>> from nbderiv.backends.base import sorted_multi_indices
+>>> sorted_multi_indices(2, 2)
+[(0, 0), (0, 1), (1, 1)]
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+
+import numpy as np
+
+
+class Backend:
+    """Base class: one subclass per framework, one instance per process."""
+
+    name = ""
+
+    # -- conversion and placement ------------------------------------------------
+    def to_numpy(self, x) -> np.ndarray:
+        """A framework tensor / array-like as a numpy array (a detached copy for tensors)."""
+        return np.asarray(x)
+
+    def compute_dtype(self, model, x_dtype) -> np.dtype:
+        """The float dtype to differentiate in: the model's, else x's float dtype, else default."""
+        raise NotImplementedError
+
+    def argument_names(self, model, n_args: int):
+        """Names of the model's positional arguments (for ``d.inputs``), or None."""
+        return None
+
+    # -- evaluation ----------------------------------------------------------------
+    def forward(self, model, args, context) -> np.ndarray:
+        """y (n, d_out) without derivatives, output validated."""
+        raise NotImplementedError
+
+    def derivatives(self, model, args, order, wrt, context):
+        """(y, [d1, ..., d_order], method) for independent points."""
+        raise NotImplementedError
+
+    def per_point_derivatives(self, model, args, order, wrt, context):
+        """Like :meth:`derivatives`, for models that couple points: the diagonal blocks
+        d^k y_n / d x_n^k with every other point held fixed (cost grows like N**2)."""
+        raise NotImplementedError
+
+    def full_jacobian(self, model, args, context) -> np.ndarray:
+        """The cross-sample Jacobian (n, d_out, n, D)."""
+        raise NotImplementedError
+
+    def context(self, model, x, dtype):
+        """Per-call settings (device, dtype, ...) passed back to the methods above."""
+        return {"dtype": np.dtype(dtype)}
+
+    @contextmanager
+    def preserved(self, model):
+        """Put back every piece of model state a forward pass may change (e.g. BN statistics)."""
+        yield
+
+    def bytes_per_point(self, model, width: int, d_out: int, order: int, m: int) -> int:
+        """A rough upper estimate of working memory per point, for chunking."""
+        return 8 * (width + d_out) * (3 ** order) * max(m, 1) * 64
+
+    # -- model structure, for diagnostics ------------------------------------------
+    def layer_summary(self, model) -> dict:
+        """{'activations': [names], 'train_mode': [layer descriptions], 'kinds': [...]}"""
+        return {"activations": [], "train_mode": [], "opaque": True}
+
+    def kink_points(self, model, args, context) -> list:
+        """Indices of points where a piecewise-linear activation's input is exactly at a kink."""
+        return []
+
+    def equivalent_code(self, *, order: int, wrt: tuple, widths: list) -> str:
+        """Plain framework code that computes the same derivatives, for a namespace holding
+        ``model`` and ``x``; it leaves numpy arrays ``d1`` ... ``d<order>``."""
+        raise NotImplementedError
+
+    def float64_copy(self, model):
+        """A float64 copy of the model (for finite differences), or the model itself if it
+        holds no parameters."""
+        return model
+
+
+def sorted_multi_indices(m: int, k: int) -> list:
+    """Non-decreasing k-tuples over range(m): one per distinct mixed partial."""
+    return list(itertools.combinations_with_replacement(range(m), k))
+
+
+def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> np.ndarray:
+    """Build the (n, d_out) + (m,)*k array from {sorted multi-index: (n, d_out) array}."""
+    out = np.empty((n, d_out) + (m,) * k, dtype=dtype)
+    for idx, v in values.items():
+        for perm in set(itertools.permutations(idx)):
+            out[(slice(None), slice(None)) + perm] = v
+    return out

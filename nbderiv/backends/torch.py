@@ -1,0 +1,335 @@
+"""PyTorch backend: per-point derivatives with nested ``torch.autograd.grad`` (reverse
+mode, one backward pass per output and distinct partial) or nested forward-mode
+``torch.func.jvp`` (when outputs outnumber the differentiated inputs).
+
+Never calls ``.backward()``, never touches ``.grad``, ``requires_grad`` or the training
+mode; buffers that a forward pass updates (BatchNorm statistics) are put back.
+
+>>> import torch, numpy as np
+>>> from nbderiv.backends.torch import BACKEND
+>>> y, (d1,), method = BACKEND.derivatives(torch.sin, [np.zeros((2, 1))], 1, (0,),
+...                                        BACKEND.context(torch.sin, None, np.float64))
+>>> d1[:, 0, 0].tolist()
+[1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from ..inputs import check_output
+from .base import Backend, fill_symmetric, sorted_multi_indices
+from .torch_code import torch_code
+from .torch_taylor import taylor_derivatives, taylor_plan
+
+_ACTIVATION_NAMES = {
+    "ReLU", "LeakyReLU", "ReLU6", "PReLU", "RReLU", "Hardtanh", "Hardshrink", "Softshrink",
+    "Threshold", "Tanh", "Sigmoid", "Softplus", "SiLU", "GELU", "ELU", "CELU", "SELU", "Mish",
+    "Hardswish", "Hardsigmoid", "Tanhshrink", "LogSigmoid", "Softsign", "Softmax", "LogSoftmax",
+}
+_STOCHASTIC_OR_BATCH = ("Dropout", "BatchNorm", "InstanceNorm", "SyncBatchNorm", "AlphaDropout")
+
+
+def _np_dtype(torch_dtype) -> np.dtype:
+    return np.dtype(str(torch_dtype).replace("torch.", "")) if torch_dtype != torch.bfloat16 \
+        else np.dtype(np.float32)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    # -- conversion and placement ------------------------------------------------------
+    def to_numpy(self, x) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            t = x.detach()
+            if t.dtype == torch.bfloat16:
+                t = t.float()
+            return t.cpu().numpy().copy()
+        return np.asarray(x)
+
+    @staticmethod
+    def _first_float_tensor(model):
+        if isinstance(model, torch.nn.Module):
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.is_floating_point():
+                    return t
+        return None
+
+    def compute_dtype(self, model, x_dtype) -> np.dtype:
+        t = self._first_float_tensor(model)
+        if t is not None:
+            return _np_dtype(t.dtype)
+        if x_dtype is not None and np.dtype(x_dtype).kind == "f":
+            return np.dtype(x_dtype)
+        return _np_dtype(torch.get_default_dtype())
+
+    def context(self, model, x, dtype):
+        t = self._first_float_tensor(model)
+        if t is not None:
+            device = t.device
+        else:
+            first = x[0] if isinstance(x, tuple) and x else x
+            device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+        return {"dtype": np.dtype(dtype), "torch_dtype": getattr(torch, np.dtype(dtype).name),
+                "device": device}
+
+    def argument_names(self, model, n_args):
+        fn = model.forward if isinstance(model, torch.nn.Module) else model
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names = [p.name for p in params
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return names[:n_args] if len(names) >= n_args else None
+
+    # -- evaluation ------------------------------------------------------------------
+    def _tensor(self, args, context):
+        arrays = [torch.as_tensor(a) for a in args]
+        X = torch.cat(arrays, dim=1) if len(arrays) > 1 else arrays[0]
+        return X.to(device=context["device"], dtype=context["torch_dtype"]).clone()
+
+    @staticmethod
+    def _caller(model, widths):
+        """fn(X) -> (n, d_out): splits the (n, D) feature matrix into the model's arguments."""
+        def fn(X):
+            parts = torch.split(X, widths, dim=1) if len(widths) > 1 else (X,)
+            out = model(*parts)
+            if not isinstance(out, torch.Tensor):
+                check_output(None, False, "", X.shape[0], type(out).__name__)
+            shape = check_output(tuple(out.shape), out.is_floating_point() or out.is_complex(),
+                                 str(out.dtype).replace("torch.", ""), X.shape[0])
+            return out.reshape(shape)
+        return fn
+
+    def forward(self, model, args, context) -> np.ndarray:
+        fn = self._caller(model, [a.shape[1] for a in args])
+        with _grad_enabled(False):
+            return fn(self._tensor(args, context)).cpu().numpy()
+
+    def derivatives(self, model, args, order, wrt, context):
+        widths = [a.shape[1] for a in args]
+        fn = self._caller(model, widths)
+        X = self._tensor(args, context)
+        with _grad_enabled(True):
+            plan = taylor_plan(model, widths) if len(wrt) == 1 and order >= 2 else None
+            if plan is not None:
+                y, ders = taylor_derivatives(plan, X, order, wrt[0])
+                return _to_numpy(y), [_to_numpy(d) for d in ders], "taylor"
+            n_out = self._n_outputs(fn, X)
+            if n_out > len(wrt):
+                try:
+                    y, values = _nested_forward(fn, X, order, wrt)
+                    method = "forward-jvp"
+                except (RuntimeError, NotImplementedError):
+                    y, values = _nested_reverse(fn, X, order, wrt)
+                    method = "reverse-ones"
+            else:
+                y, values = _nested_reverse(fn, X, order, wrt)
+                method = "reverse-ones"
+        return y, _assemble(values, y, order, len(wrt)), method
+
+    @staticmethod
+    def _n_outputs(fn, X):
+        with _grad_enabled(False):
+            return fn(X[:1]).shape[1] if X.shape[0] > 1 else fn(X).shape[1]
+
+    def per_point_derivatives(self, model, args, order, wrt, context):
+        widths = [a.shape[1] for a in args]
+        fn = self._caller(model, widths)
+        base = self._tensor(args, context)
+        n = base.shape[0]
+        rows, per_order = [], [[] for _ in range(order)]
+        with _grad_enabled(True):
+            for i in range(n):
+                def row_fn(Z, i=i):
+                    full = torch.cat([base[:i], Z, base[i + 1:]], dim=0)
+                    return fn(full)[i:i + 1]
+                y, values = _nested_reverse(row_fn, base[i:i + 1].clone(), order, wrt)
+                rows.append(y)
+                for k, arr in enumerate(_assemble(values, y, order, len(wrt))):
+                    per_order[k].append(arr)
+        return np.concatenate(rows), [np.concatenate(p) for p in per_order], "per-point-blocks"
+
+    def full_jacobian(self, model, args, context) -> np.ndarray:
+        fn = self._caller(model, [a.shape[1] for a in args])
+        X = self._tensor(args, context)
+        with _grad_enabled(True):
+            J = torch.autograd.functional.jacobian(fn, X)
+        return _to_numpy(J)
+
+    @contextmanager
+    def preserved(self, model):
+        if not isinstance(model, torch.nn.Module):
+            yield
+            return
+        saved = [(b, b.detach().clone()) for b in model.buffers()]
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, value in saved:
+                    b.copy_(value)
+            for m, mode in modes:
+                m.training = mode
+
+    def bytes_per_point(self, model, width, d_out, order, m):
+        hidden = 64
+        if isinstance(model, torch.nn.Module):
+            hidden = sum(p.shape[0] for p in model.parameters() if p.ndim >= 2) or 64
+        item = 8
+        per_level = (hidden + width + d_out) * item * 6
+        return int(per_level * (3 ** order) * max(1, min(m, 4)))
+
+    def equivalent_code(self, *, order, wrt, widths):
+        return torch_code(order=order, wrt=wrt, widths=widths)
+
+    # -- structure, for diagnostics --------------------------------------------------
+    def kink_points(self, model, args, context, chunk=65536):
+        n = args[0].shape[0]
+        hits = np.zeros(n, dtype=bool)
+        fn = self._caller(model, [a.shape[1] for a in args])
+        with _grad_enabled(False):
+            for s in range(0, n, chunk):
+                part = [a[s:s + chunk] for a in args]
+                watcher = _KinkWatcher(part[0].shape[0])
+                with watcher:
+                    fn(self._tensor(part, context))
+                hits[s:s + chunk] = watcher.hits
+        return np.flatnonzero(hits).tolist()
+
+    def layer_summary(self, model) -> dict:
+        if not isinstance(model, torch.nn.Module):
+            return {"activations": [], "train_mode": [], "opaque": True}
+        activations, train_mode, opaque = [], [], False
+        for name, module in model.named_modules():
+            cls = type(module)
+            kind = cls.__name__
+            if kind in _ACTIVATION_NAMES:
+                activations.append(kind)
+            if module.training and any(kind.startswith(p) for p in _STOCHASTIC_OR_BATCH):
+                if not (kind.startswith("Dropout") and getattr(module, "p", 1) == 0):
+                    train_mode.append(f"{name or 'model'} ({kind})")
+            if not cls.__module__.startswith("torch.nn") and type(module).forward is not \
+                    torch.nn.Sequential.forward:
+                opaque = True
+        return {"activations": activations, "train_mode": train_mode, "opaque": opaque}
+
+    def float64_copy(self, model):
+        if isinstance(model, torch.nn.Module):
+            return copy.deepcopy(model).to(torch.float64)
+        return model
+
+
+@contextmanager
+def _grad_enabled(flag: bool):
+    with torch.inference_mode(False), torch.set_grad_enabled(flag):
+        yield
+
+
+def _to_numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _nested_reverse(fn, X, order, wrt):
+    """Nested reverse mode with the ones trick: grad(sum_n T[n]) = per-point gradients,
+    valid because point n's output depends only on point n's input."""
+    X = X.detach().requires_grad_(True)
+    Y = fn(X)
+    n, d_out = Y.shape
+    frontier = {(): Y}
+    values = {}
+    for k in range(1, order + 1):
+        create = k < order
+        new = {}
+        for idx, T in frontier.items():
+            cols = []
+            for j in range(d_out):
+                Tj = T[:, j]
+                g = None
+                if Tj.requires_grad:
+                    g = torch.autograd.grad(Tj, X, grad_outputs=torch.ones_like(Tj),
+                                            create_graph=create, retain_graph=True,
+                                            allow_unused=True)[0]
+                cols.append(torch.zeros_like(X) if g is None else g)
+            G = torch.stack(cols, dim=1)  # (n, d_out, D)
+            for p in range(idx[-1] if idx else 0, len(wrt)):
+                new[idx + (p,)] = G[:, :, wrt[p]]
+        values.update({idx: _to_numpy(t) for idx, t in new.items()})
+        frontier = new
+    return _to_numpy(Y), values
+
+
+def _nested_forward(fn, X, order, wrt):
+    """Nested forward mode: each distinct partial is a chain of directional derivatives."""
+    from torch.func import jvp
+
+    X = X.detach()
+    basis = []
+    for i in wrt:
+        e = torch.zeros_like(X)
+        e[:, i] = 1
+        basis.append(e)
+
+    def along(f, v):
+        return lambda z: jvp(f, (z,), (v,))[1]
+
+    values = {}
+    for k in range(1, order + 1):
+        for idx in sorted_multi_indices(len(wrt), k):
+            g = fn
+            for p in idx:
+                g = along(g, basis[p])
+            values[idx] = _to_numpy(g(X))
+    with torch.no_grad():
+        y = _to_numpy(fn(X))
+    return y, values
+
+
+def _assemble(values, y, order, m):
+    n, d_out = y.shape
+    return [fill_symmetric({idx: v for idx, v in values.items() if len(idx) == k},
+                           n, d_out, m, k, y.dtype) for k in range(1, order + 1)]
+
+
+
+# -- kinks --------------------------------------------------------------------------------
+def _kink_values(func, args, kwargs):
+    """The kink locations of a piecewise-linear torch function call, or None."""
+    F = torch.nn.functional
+    if func in (torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, F.leaky_relu,
+                F.leaky_relu_, F.prelu, F.rrelu):
+        return (0.0,)
+    if func in (F.relu6,):
+        return (0.0, 6.0)
+    if func in (F.hardtanh, F.hardtanh_):
+        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        return (float(lo), float(hi))
+    return None
+
+
+class _KinkWatcher(torch.overrides.TorchFunctionMode):
+    def __init__(self, n):
+        super().__init__()
+        self.hits = np.zeros(n, dtype=bool)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kinks = _kink_values(func, args, kwargs)
+        inp = args[0] if args else kwargs.get("input")
+        if kinks is not None and isinstance(inp, torch.Tensor) and inp.ndim >= 1 \
+                and inp.shape[0] == len(self.hits):
+            flat = inp.detach().reshape(inp.shape[0], -1)
+            for k in kinks:
+                self.hits |= (flat == k).any(dim=1).cpu().numpy()
+        return func(*args, **kwargs)
+
+
+BACKEND = TorchBackend()

@@ -1,0 +1,212 @@
+"""Turning what the user passed as ``x`` into (N, d_i) float arrays, and checking outputs.
+
+Everything here works on numpy arrays and shapes only; the framework backends turn
+framework tensors into numpy first (``Backend.to_numpy``) and call
+:func:`check_output` on what the model returns.
+
+>>> import numpy as np
+>>> from nbderiv.inputs import prepare_inputs
+>>> p = prepare_inputs(np.arange(3), to_numpy=np.asarray)
+>>> p.arrays[0].shape, p.reshaped, p.was_integer
+((3, 1), True, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputShapeError, InputTypeError, OutputError
+from .result import Finding
+
+
+@dataclass
+class PreparedInput:
+    """The model's arguments as numpy arrays of shape (N, d_i), plus what was done to them."""
+
+    arrays: list
+    several: bool          # True when x was a tuple of separate arguments
+    reshaped: bool         # some argument had shape (N,) (or was a scalar)
+    was_integer: bool      # some argument was integer/bool and will be cast
+    original_shapes: list
+
+    @property
+    def n_points(self) -> int:
+        return self.arrays[0].shape[0]
+
+    @property
+    def widths(self) -> list:
+        return [a.shape[1] for a in self.arrays]
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths)
+
+    def cast(self, dtype) -> list:
+        """The arrays as C-contiguous copies in ``dtype`` (never views of the user's data)."""
+        return [np.array(a, dtype=dtype, order="C", copy=True) for a in self.arrays]
+
+
+def _as_array(x, to_numpy, what: str) -> np.ndarray:
+    try:
+        a = to_numpy(x)
+    except Exception as exc:  # e.g. ragged nested lists, strings
+        raise InputTypeError(
+            f"{what} could not be read as a numeric array ({type(x).__name__}: {exc}). "
+            "Fix: pass a numpy array, a nested list of numbers, or a framework tensor."
+        ) from None
+    if a.dtype.kind not in "biuf":
+        raise InputTypeError(
+            f"{what} must be numeric, got dtype {a.dtype}. "
+            "Fix: pass real numbers, e.g. np.asarray(x, dtype=np.float32)."
+        )
+    return a
+
+
+def prepare_inputs(x, *, to_numpy) -> PreparedInput:
+    """Validate ``x`` (array-like, or a tuple of array-likes = several arguments)."""
+    several = isinstance(x, tuple)
+    parts = list(x) if several else [x]
+    if several and not parts:
+        raise InputShapeError("x is an empty tuple. Fix: pass (x, t, ...) with one array per argument.")
+    arrays, shapes, reshaped, integer = [], [], False, False
+    for i, part in enumerate(parts):
+        what = f"x[{i}] (argument {i + 1} of the tuple)" if several else "x"
+        a = _as_array(part, to_numpy, what)
+        shapes.append(tuple(a.shape))
+        if a.dtype.kind in "biu":
+            integer = True
+        if a.ndim == 0:
+            a, reshaped = a.reshape(1, 1), True
+        elif a.ndim == 1:
+            a, reshaped = a.reshape(-1, 1), True
+        elif a.ndim > 2:
+            raise InputShapeError(
+                f"{what} has shape {a.shape}; nbderiv expects (N,) or (N, d_in): N points with "
+                f"d_in features each. Fix: flatten the features, e.g. x.reshape(len(x), -1)."
+            )
+        if a.shape[0] == 0:
+            raise InputShapeError(f"{what} has shape {a.shape}: no points. Fix: pass at least one point.")
+        if a.shape[1] == 0:
+            raise InputShapeError(f"{what} has shape {a.shape}: no features. Fix: pass (N, d_in) with d_in >= 1.")
+        arrays.append(a)
+    sizes = {a.shape[0] for a in arrays}
+    if len(sizes) > 1:
+        raise InputShapeError(
+            f"the arguments in the tuple have different numbers of points {[a.shape[0] for a in arrays]}. "
+            "Fix: give every argument the same first dimension N."
+        )
+    return PreparedInput(arrays, several, reshaped, integer, shapes)
+
+
+def input_names(prepared: PreparedInput, argument_names=None) -> tuple:
+    """Flat names of the input features: ``x`` / ``x[0], x[1]`` / ``x, t`` / ``x[0], x[1], t``."""
+    if not prepared.several:
+        arg_names = ["x"]
+    else:
+        arg_names = list(argument_names or [])
+        if len(arg_names) != len(prepared.arrays) or len(set(arg_names)) != len(arg_names):
+            arg_names = [f"arg{i}" for i in range(len(prepared.arrays))]
+    names = []
+    for name, width in zip(arg_names, prepared.widths):
+        names += [name] if width == 1 else [f"{name}[{i}]" for i in range(width)]
+    return tuple(names)
+
+
+def input_findings(prepared: PreparedInput, dtype) -> list:
+    """The ``input-reshaped`` and ``integer-input`` findings."""
+    findings = []
+    if prepared.reshaped:
+        shapes = ", ".join(str(s) for s in prepared.original_shapes)
+        n = prepared.n_points
+        findings.append(Finding(
+            "input-reshaped", "info",
+            f"x had shape {shapes}; it was read as {n} point(s) of one feature each "
+            f"(shape ({n}, 1)).",
+            "If you meant a single point with several features, pass x.reshape(1, -1).",
+        ))
+    if prepared.was_integer:
+        findings.append(Finding(
+            "integer-input", "info",
+            f"x was an integer array; it was cast to {np.dtype(dtype).name} before differentiation "
+            "(autodiff needs floating-point inputs; TensorFlow silently returns None for int tensors).",
+            f"Pass floats yourself, e.g. x.astype('{np.dtype(dtype).name}').",
+        ))
+    return findings
+
+
+def check_order(order) -> int:
+    if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or order < 1:
+        raise _option_error(f"order must be a positive int (1, 2, 3, ...), got {order!r}. Fix: e.g. order=2.")
+    return int(order)
+
+
+def check_wrt(wrt, width: int, names) -> tuple:
+    if wrt is None:
+        return tuple(range(width))
+    if isinstance(wrt, (int, np.integer)) and not isinstance(wrt, bool):
+        wrt = [wrt]
+    try:
+        items = list(wrt)
+    except TypeError:
+        raise _option_error(f"wrt must be a list of input indices, got {wrt!r}. Fix: e.g. wrt=[0].") from None
+    if not items:
+        raise _option_error("wrt is empty. Fix: list at least one input index, or leave wrt=None for all.")
+    out = []
+    for i in items:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise _option_error(f"wrt entries must be ints, got {i!r}. Fix: e.g. wrt=[0, 1].")
+        if not -width <= i < width:
+            raise _option_error(
+                f"wrt index {i} is out of range: the input has {width} feature(s) "
+                f"({', '.join(names)}). Fix: use indices 0..{width - 1}."
+            )
+        out.append(int(i) % width)
+    if len(set(out)) != len(out):
+        raise _option_error(f"wrt has repeated indices {items}. Fix: list each input once.")
+    return tuple(out)
+
+
+def _option_error(message):
+    from .errors import OptionError
+
+    return OptionError(message)
+
+
+def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_name: str = "") -> tuple:
+    """Validate a model output's shape/dtype; return the (N, d_out) shape it is read as."""
+    if shape is None:
+        raise OutputError(
+            f"the model returned {type_name or 'a non-tensor'}, not a tensor. "
+            "Fix: make the model (or a wrapper lambda) return one tensor of shape (N, d_out)."
+        )
+    if not is_floating:
+        raise OutputError(
+            f"the model's output has dtype {dtype_name}; derivatives need a floating-point output. "
+            "Fix: do not round or cast the output to an integer/bool type inside the model."
+        )
+    if len(shape) == 0 or shape[0] != n_points:
+        raise OutputError(
+            f"the model returned shape {tuple(shape)} for {n_points} input point(s); nbderiv needs one "
+            f"output row per point, shape ({n_points}, d_out) or ({n_points},). "
+            "Fix: do not reduce over the batch inside the model (no sum/mean over points)."
+        )
+    d_out = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return (n_points, d_out)
+
+
+def model_rejected_input(exc: Exception, prepared: PreparedInput) -> InputShapeError:
+    """A readable error for a model that raised when called on the prepared input."""
+    shapes = [tuple(a.shape) for a in prepared.arrays]
+    shown = shapes[0] if len(shapes) == 1 else tuple(shapes)
+    given = prepared.original_shapes[0] if len(shapes) == 1 else tuple(prepared.original_shapes)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    if prepared.reshaped and not prepared.several:
+        hint = " If x was meant as ONE point with several features, pass x.reshape(1, -1)."
+    return InputShapeError(
+        f"the model rejected the input: x of shape {given} was passed as {shown} "
+        f"(N points x d_in features) and the model raised {type(exc).__name__}: {text[:300]}. "
+        f"Fix: pass x with the trailing size the model expects.{hint}"
+    )

@@ -1,0 +1,210 @@
+"""The result objects: :class:`Derivatives` and :class:`Finding`.
+
+Both render themselves (``repr`` and ``_repr_html_``) deterministically: no memory
+addresses, no timings, so notebooks that display them stay stable under nbval.
+
+>>> import numpy as np
+>>> from nbderiv.result import Derivatives
+>>> d = Derivatives(x=np.zeros((3, 1)), y=np.zeros((3, 1)), orders=[np.ones((3, 1, 1))],
+...                 framework="torch", method="reverse-ones")
+>>> d[1].shape, d.axes(1)
+((3, 1, 1), ('point', 'output', 'input'))
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SEVERITIES = ("info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something worth knowing about a derivative computation.
+
+    ``code`` is a stable slug (e.g. ``"piecewise-linear"``), ``severity`` is
+    ``"info"``, ``"warning"`` or ``"error"``, ``message`` says what and why, ``fix``
+    says what to do. ``points`` optionally lists the point indices concerned.
+    """
+
+    code: str
+    severity: str
+    message: str
+    fix: str = ""
+    points: tuple = field(default=(), compare=False)
+
+    def __post_init__(self):
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def __str__(self) -> str:
+        text = f"[{self.severity}] {self.code}: {self.message}"
+        return text + (f" Fix: {self.fix}" if self.fix else "")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _stats(a: np.ndarray) -> str:
+    if a.size == 0:
+        return "empty"
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:
+        return "no finite values"
+    text = f"min {_fmt(finite.min())}  mean {_fmt(finite.mean())}  max {_fmt(finite.max())}"
+    if finite.size < a.size:
+        text += f"  ({a.size - finite.size} non-finite)"
+    return text
+
+
+class Derivatives:
+    """Per-point derivatives of a model's outputs with respect to its inputs.
+
+    ``d[k]`` (1 <= k <= ``d.order``) has shape ``(N, d_out) + (n_wrt,) * k`` and
+    ``d[k][n, j, i1, ..., ik]`` is the k-th partial of output j with respect to inputs
+    ``wrt[i1], ..., wrt[ik]`` at point n. ``d[0]`` is ``d.y`` (N, d_out); ``d.x`` is
+    (N, d_in). ``d.inputs`` names the differentiated inputs, ``d.axes(k)`` names the axes.
+
+    >>> import torch, nbderiv
+    >>> d = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 5), order=2)
+    >>> d[2].shape
+    (5, 1, 1, 1)
+    """
+
+    def __init__(self, *, x, y, orders, framework, method, inputs=None, wrt=None,
+                 findings=(), check=None, code=None):
+        self.x = x
+        self.y = y
+        self._orders = list(orders)
+        self.framework = framework
+        self.method = method
+        n_in = x.shape[1]
+        self.wrt = tuple(range(n_in)) if wrt is None else tuple(wrt)
+        all_names = tuple(inputs) if inputs is not None else _default_input_names(n_in)
+        self.all_inputs = all_names
+        self.inputs = tuple(all_names[i] for i in self.wrt)
+        self.findings = list(findings)
+        self.check = check
+        self._code = code
+
+    # -- array access -------------------------------------------------------------
+    @property
+    def order(self) -> int:
+        return len(self._orders)
+
+    @property
+    def n_points(self) -> int:
+        return self.y.shape[0]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.y.shape[1]
+
+    def __getitem__(self, k):
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"index Derivatives by the order k (an int), got {type(k).__name__}")
+        if not 0 <= k <= self.order:
+            raise IndexError(
+                f"order {k} was not computed: this result holds orders 0..{self.order}. "
+                f"Fix: call nbderiv.derivatives(..., order={max(k, 1)})."
+            )
+        return self.y if k == 0 else self._orders[k - 1]
+
+    def __len__(self) -> int:
+        return self.order + 1
+
+    def __iter__(self):
+        return (self[k] for k in range(self.order + 1))
+
+    def axes(self, k: int) -> tuple:
+        """Names of the axes of ``d[k]``: ``("point", "output") + ("input",) * k``."""
+        self[k]  # validates k
+        return ("point", "output") + ("input",) * k
+
+    @property
+    def code(self) -> str | None:
+        """Plain framework code computing the same derivatives (see ``nbderiv.codegen``)."""
+        return self._code
+
+    def finding(self, code: str):
+        """The finding with this code, or None."""
+        return next((f for f in self.findings if f.code == code), None)
+
+    @property
+    def codes(self) -> list:
+        """The codes of all findings, in order."""
+        return [f.code for f in self.findings]
+
+    def plot(self, **kwargs):
+        """Plot y and its derivatives; see :func:`nbderiv.plot.plot_derivatives`."""
+        from .plot import plot_derivatives
+
+        return plot_derivatives(self, **kwargs)
+
+    # -- rendering ------------------------------------------------------------------
+    def _rows(self):
+        for k in range(self.order + 1):
+            label = "y" if k == 0 else f"d[{k}]"
+            a = self[k]
+            yield label, str(tuple(a.shape)), " × ".join(self.axes(k)), _stats(a)
+
+    def _header(self) -> str:
+        return (f"Derivatives of {self.n_outputs} output(s) w.r.t. {len(self.inputs)} input(s) "
+                f"at {self.n_points} point(s), orders 1..{self.order} "
+                f"[{self.framework}, {self.method}]")
+
+    def __repr__(self) -> str:
+        rows = list(self._rows())
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        w2 = max(len(r[2]) for r in rows)
+        lines = [self._header()]
+        lines += [f"  {a:<{w0}}  {b:<{w1}}  {c:<{w2}}  {s}" for a, b, c, s in rows]
+        lines.append("  inputs: " + ", ".join(self.inputs))
+        if self.check is not None:
+            lines.append("  check: " + self.check.summary())
+        if self.findings:
+            lines.append("  findings:")
+            lines += [f"    - {f}" for f in self.findings]
+        else:
+            lines.append("  findings: none")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        body = "".join(
+            f"<tr><td><code>{esc(a)}</code></td><td><code>{esc(b)}</code></td>"
+            f"<td>{esc(c)}</td><td>{esc(s)}</td></tr>"
+            for a, b, c, s in self._rows()
+        )
+        parts = [
+            '<div class="nbderiv-summary">',
+            f"<p><b>{esc(self._header())}</b></p>",
+            "<table><thead><tr><th>array</th><th>shape</th><th>axes</th><th>values</th>"
+            f"</tr></thead><tbody>{body}</tbody></table>",
+            f"<p>inputs: {esc(', '.join(self.inputs))}</p>",
+        ]
+        if self.check is not None:
+            parts.append(f"<p>check: {esc(self.check.summary())}</p>")
+        if self.findings:
+            colors = {"info": "#31708f", "warning": "#8a6d3b", "error": "#a94442"}
+            items = "".join(
+                f'<li><span style="color:{colors[f.severity]}"><b>{esc(f.severity)}</b></span> '
+                f"<code>{esc(f.code)}</code>: {esc(f.message)}"
+                + (f"<br><i>Fix:</i> {esc(f.fix)}" if f.fix else "")
+                + "</li>"
+                for f in self.findings
+            )
+            parts.append(f"<p>findings:</p><ul>{items}</ul>")
+        else:
+            parts.append("<p>findings: none</p>")
+        parts.append("</div>")
+        return "".join(parts)
+
+
+def _default_input_names(n: int) -> tuple:
+    return ("x",) if n == 1 else tuple(f"x[{i}]" for i in range(n))
