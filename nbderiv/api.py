@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import diagnose as dg
+from . import findings as dg
 from .backends import select_backend
 from .errors import MemoryBudgetError, NbderivError, OptionError
 from .inputs import (check_order, check_wrt, input_findings, input_names, model_rejected_input,
@@ -139,6 +139,7 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
     findings = call.findings
     with backend.preserved(model):
         d_out, stochastic, coupled = _probe(call)
+        call.context["d_out"] = d_out
         layers = backend.layer_summary(model)
         findings += dg.structural_findings(layers, order)
         if stochastic and not any(f.code == "train-mode" for f in findings):
@@ -148,7 +149,7 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
                                                             call.context)
             _, ones, _ = backend.derivatives(model, call.args, 1, wrt, call.context)
             findings.append(dg.coupling_finding(float(np.abs(ones[0] - ders[0]).max()),
-                                                float(np.abs(ders[0]).max())))
+                                                float(np.abs(ders[0]).max()), call.n))
         else:
             chunk = _chunk_size(call, d_out, order, len(wrt), chunk_size, memory_budget)
             y, ders, method = _compute(call, order, wrt, chunk, progress)
@@ -159,9 +160,11 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
     if check:
         from .fdcheck import finite_difference_check
 
-        result.check = finite_difference_check(call, result, coupled=coupled)
+        compute = None if coupled else (lambda c, k: _compute(c, k, wrt, chunk, False))
+        result.check = finite_difference_check(call, result, coupled=coupled, compute=compute)
         if result.check.low_precision:
-            result.findings.append(dg.low_precision_finding(result.check.errors, call.dtype))
+            result.findings.append(dg.low_precision_finding(
+                result.check.errors, call.dtype, result.check.low_precision_orders))
     result._code = _code_for(call, order, wrt)
     return result
 
@@ -172,24 +175,7 @@ def _code_for(call, order, wrt):
 
 
 def _result_findings(call, layers, y, ders, order, wrt, earlier):
-    out = []
-    codes = {f.code for f in earlier}
-    if "piecewise-linear" not in codes:
-        f = dg.numeric_piecewise(ders, layers, order)
-        if f is not None:
-            out.append(f)
-    kinks = call.backend.kink_points(call.model, call.args, call.context)
-    f = dg.kink_finding(kinks)
-    if f is not None:
-        out.append(f)
-    out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
-    f = dg.no_dependence_finding(ders[0], out_names, [call.names[i] for i in wrt])
-    if f is not None:
-        out.append(f)
-    bad = dg.non_finite_points(y, *ders)
-    if bad:
-        out.append(dg.non_finite_finding("the model's output or its derivatives", bad))
-    return out
+    return dg.result_findings(call, layers, y, ders, order, wrt, earlier)
 
 
 def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
@@ -218,7 +204,7 @@ def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
                                                             call.context)
             _, ones, _ = call.backend.derivatives(model, probe, 1, wrt, call.context)
             findings.append(dg.coupling_finding(float(np.abs(ones[0] - ders[0]).max()),
-                                                float(np.abs(ders[0]).max())))
+                                                float(np.abs(ders[0]).max()), k))
         else:
             y, ders, _ = call.backend.derivatives(model, probe, min(order, 2), wrt, call.context)
         probe_call = _Call(model, call.backend, call.prepared, call.dtype, call.args, call.names,

@@ -27,6 +27,7 @@ Environment
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -123,22 +124,34 @@ def _free_port() -> int:
 
 
 def _jupyter_command() -> list[str]:
-    venv_jupyter = REPO_ROOT / ".venv" / "bin" / "jupyter"
-    if (
-        Path(sys.executable).resolve().parent == venv_jupyter.parent.resolve()
-        or not venv_jupyter.exists()
-    ):
+    """``python -m jupyter`` of the interpreter running pytest, else the repo's venv."""
+    if importlib.util.find_spec("jupyterlab") is not None:
         return [sys.executable, "-m", "jupyter"]
-    return [str(venv_jupyter)]
+    venv_jupyter = REPO_ROOT / ".venv" / "bin" / "jupyter"
+    if venv_jupyter.exists():
+        return [str(venv_jupyter)]
+    _skip_loudly(f"jupyterlab is not installed for {sys.executable} (nor in {venv_jupyter.parent})")
+    raise AssertionError("unreachable")
+
+
+_LAB_SETTINGS = {
+    # No news, no update checks, no toasts over the widgets.
+    "@jupyterlab/apputils-extension/notification": {
+        "checkForUpdates": False,
+        "fetchNews": "false",
+        "doNotDisturbMode": True,
+    },
+    # Never write executed outputs back into the repository's notebooks.
+    "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
+}
 
 
 def _write_lab_settings(settings_dir: Path) -> None:
-    """User settings for this throw-away lab: no news, no update checks, no toasts."""
-    notif = settings_dir / "@jupyterlab" / "apputils-extension"
-    notif.mkdir(parents=True, exist_ok=True)
-    (notif / "notification.jupyterlab-settings").write_text(
-        json.dumps({"checkForUpdates": False, "fetchNews": "false", "doNotDisturbMode": True})
-    )
+    """User settings for this throw-away lab (JUPYTERLAB_SETTINGS_DIR)."""
+    for name, values in _LAB_SETTINGS.items():
+        path = settings_dir / f"{name}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
 
 
 def _server_env(tmp: Path) -> dict[str, str]:
@@ -254,6 +267,8 @@ def lab_server(tmp_path_factory):
             f"--IdentityProvider.token={token}",
             f"--ServerApp.root_dir={REPO_ROOT}",
             "--ServerApp.terminals_enabled=False",
+            # Checkpoints (made when a notebook is opened) go to tmp, not the repository.
+            f"--FileCheckpoints.checkpoint_dir={tmp / 'checkpoints'}",
             "--LabApp.expose_app_in_browser=True",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.news_url=None",

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -34,6 +35,10 @@ TOUR_NOTEBOOK = "notebooks/00_tour.ipynb"
 # and the ReLU finding.
 TOUR_WORDS = ("point", "output", "input", "piecewise-linear")
 ORDER_LABEL = "order"
+
+
+def _digest(relpath: str) -> str:
+    return hashlib.sha256((REPO_ROOT / relpath).read_bytes()).hexdigest()
 
 
 def _widget_area(ctrl):
@@ -66,6 +71,7 @@ def _exercise_control(page, ctrl, what: str) -> tuple[str, str]:
 
 def test_harness_with_fixture_notebook(lab_page, lab_server, tmp_path, record_property):
     page = lab_page
+    digest = _digest(FIXTURE_NOTEBOOK)
     open_notebook(page, lab_server, FIXTURE_NOTEBOOK)
     run_all_and_wait(page)
     assert_no_error_outputs(page)
@@ -88,6 +94,7 @@ def test_harness_with_fixture_notebook(lab_page, lab_server, tmp_path, record_pr
     assert_no_error_outputs(page)
     assert_no_widget_console_errors(page)
     save_widget_screenshot(area, tmp_path, "fixture_widget.png", record_property)
+    assert _digest(FIXTURE_NOTEBOOK) == digest, "the lab wrote to the notebook (autosave?)"
 
 
 @pytest.mark.skipif(
@@ -96,6 +103,7 @@ def test_harness_with_fixture_notebook(lab_page, lab_server, tmp_path, record_pr
 )
 def test_tour_notebook(lab_page, lab_server, tmp_path, record_property):
     page = lab_page
+    digest = _digest(TOUR_NOTEBOOK)
     open_notebook(page, lab_server, TOUR_NOTEBOOK)
     run_all_and_wait(page)
     assert_no_error_outputs(page)
@@ -114,3 +122,4 @@ def test_tour_notebook(lab_page, lab_server, tmp_path, record_property):
     assert_no_error_outputs(page)
     assert_no_widget_console_errors(page)
     save_widget_screenshot(_widget_area(ctrl), tmp_path, "explorer.png", record_property)
+    assert _digest(TOUR_NOTEBOOK) == digest, "the lab wrote to the notebook (autosave?)"

@@ -1,0 +1,256 @@
+"""Findings: the classic derivative pitfalls, recognised and explained.
+
+The codes are a stable contract (see the README): ``piecewise-linear``, ``at-kink``,
+``coupled-samples``, ``train-mode``, ``no-input-dependence``, ``input-reshaped``,
+``integer-input``, ``low-precision``, ``non-finite``. This module builds them; the
+public entry points are :func:`nbderiv.derivatives` (``d.findings``) and
+:func:`nbderiv.diagnose`. (It is not called ``diagnose`` so that the submodule never
+shadows the function ``nbderiv.diagnose``.)
+
+>>> import torch, nbderiv
+>>> relu_net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+>>> [f.code for f in nbderiv.diagnose(relu_net, torch.linspace(-1, 1, 5))]
+['input-reshaped', 'piecewise-linear']
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .result import Finding
+
+# Activation names (torch module classes, Keras activation and layer names) whose
+# function is piecewise linear: every derivative of order >= 2 is 0 wherever it exists.
+PIECEWISE_LINEAR = frozenset({
+    # torch.nn modules
+    "ReLU", "LeakyReLU", "ReLU6", "PReLU", "RReLU", "Hardtanh", "Threshold", "Hardsigmoid",
+    "Hardshrink", "Softshrink",
+    # keras activation names (Dense(..., activation="relu")) and layers
+    "relu", "leaky_relu", "relu6", "hard_tanh", "hard_sigmoid", "hard_shrink", "soft_shrink",
+    "threshold", "linear",
+})
+SMOOTH_SUGGESTION = "use a smooth activation such as tanh, softplus, SiLU or GELU"
+PROBE_POINTS = 8        # points that diagnose() and the coupling probe look at
+WIDE_PROBE_POINTS = 16  # extra points for the numeric piecewise-linear test
+_MAX_LISTED = 10
+
+
+def _listed(points) -> str:
+    points = list(points)
+    return ", ".join(map(str, points[:_MAX_LISTED])) + (" ..." if len(points) > _MAX_LISTED else "")
+
+
+# -- structure ------------------------------------------------------------------------------
+def structural_findings(layers: dict, order: int) -> list:
+    """``train-mode`` from the layer summary (``piecewise-linear`` waits for the numbers,
+    see :func:`piecewise_finding`)."""
+    if not layers.get("train_mode"):
+        return []
+    names = ", ".join(layers["train_mode"][:6])
+    return [Finding(
+        "train-mode", "warning",
+        f"layers that behave differently in training are in training mode: {names}. Dropout "
+        "makes derivatives random; batch statistics couple the points to each other. "
+        "nbderiv does not change the mode for you.",
+        "call model.eval() (torch) or the model with training=False (Keras) before "
+        "differentiating.",
+    )]
+
+
+def structurally_piecewise(layers: dict) -> list:
+    """The model's activation names if it has some and all are piecewise linear, else []."""
+    acts = [a for a in layers.get("activations", []) if a != "linear"]
+    return sorted(set(acts)) if acts and all(a in PIECEWISE_LINEAR for a in acts) else []
+
+
+def stochastic_finding() -> Finding:
+    return Finding(
+        "train-mode", "warning",
+        "two forward passes on the same input gave different outputs: the model is stochastic "
+        "(dropout or similar in training mode), so its derivatives are random too.",
+        "call model.eval() (torch) or pass training=False (Keras) before differentiating.",
+    )
+
+
+# -- piecewise linear -------------------------------------------------------------------------
+def _piecewise(acts) -> Finding:
+    source = (f"its nonlinearities ({', '.join(acts)}) are all piecewise linear"
+              if acts else
+              "every second derivative came out exactly 0 while the first derivative changes "
+              "from point to point (e.g. torch.relu called inside forward)")
+    return Finding(
+        "piecewise-linear", "warning",
+        f"the model is piecewise linear in its input: {source}. Its derivatives of order >= 2 are "
+        "exactly zero almost everywhere; all the curvature sits in the kinks, where autodiff "
+        "does not see it. A second derivative of 0 here is not a bug in autodiff.",
+        f"{SMOOTH_SUGGESTION} (e.g. torch.nn.Tanh() / activation='tanh'), then retrain.",
+    )
+
+
+def _varies(d1: np.ndarray) -> bool:
+    flat = d1.reshape(d1.shape[0], -1)
+    flat = flat[np.isfinite(flat).all(axis=1)]
+    return flat.shape[0] >= 2 and bool(np.ptp(flat, axis=0).max() > 0)
+
+
+def piecewise_finding(layers: dict, orders: list, order: int, wider_d1=None) -> Finding | None:
+    """``piecewise-linear`` when order >= 2 and every second derivative is exactly 0, and
+    either the structure says so (all activations piecewise linear) or the numbers do (the
+    first derivative changes between points: not simply an affine map).
+
+    ``wider_d1()``, if given, returns first derivatives at a wider spread of points; it is
+    asked only when the points themselves cannot tell (d1 constant on them, opaque model).
+    """
+    if order < 2 or len(orders) < 2:
+        return None
+    d1, d2 = orders[0], orders[1]
+    if d2.size == 0 or not np.all(d2 == 0):
+        return None  # some curvature is seen: whatever the layers are called, not piecewise
+    acts = structurally_piecewise(layers)
+    if acts:
+        return _piecewise(acts)
+    if _varies(d1):
+        return _piecewise([])
+    if wider_d1 is not None and layers.get("opaque", True):
+        try:
+            wide = wider_d1()
+        except Exception:  # a probe is a nicety: a model that rejects it is not an error
+            wide = None
+        if wide is not None and _varies(np.concatenate([d1, wide])):
+            return _piecewise([])
+    return None
+
+
+def wide_probe_points(args, n_points: int = WIDE_PROBE_POINTS, seed: int = 0) -> list:
+    """Points spread over three times the range of ``args`` (deterministic), same dtypes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in args:
+        finite = np.where(np.isfinite(a), a, 0).astype(np.float64)
+        centre = (finite.max(axis=0) + finite.min(axis=0)) / 2
+        half = np.maximum(np.ptp(finite, axis=0) / 2, 1.0)
+        u = rng.uniform(-3, 3, size=(n_points, a.shape[1]))
+        out.append((centre + half * u).astype(a.dtype))
+    return out
+
+
+# -- kinks, coupling, dependence, non-finite values ---------------------------------------------
+def kink_finding(points) -> Finding | None:
+    points = list(points)
+    if not points:
+        return None
+    return Finding(
+        "at-kink", "warning",
+        f"{len(points)} point(s) sit exactly on a kink (a ReLU-type pre-activation is exactly 0) "
+        f"at index {_listed(points)}. The derivative there is the framework's convention for "
+        "the kink (e.g. relu'(0) = 0), not a true derivative: it does not exist there.",
+        "move the points slightly off the kink (e.g. x + 1e-6), or use a smooth activation.",
+        points=tuple(points),
+    )
+
+
+def coupling_finding(ones_error: float, diag: float, n_points: int | None = None) -> Finding:
+    """``ones_error``: largest |sum of the cross-terms dy_n/dx_m, m != n| over the points
+    (what the ones trick adds); ``diag``: largest |dy_n/dx_n|."""
+    return Finding(
+        "coupled-samples", "warning",
+        "one point's output depends on other points' inputs (batch statistics, BatchNorm in "
+        "training mode, attention across the batch). "
+        f"{'For this batch of %d points the' % n_points if n_points else 'The'} cross-terms "
+        f"dy_n/dx_m (m != n) add up to as much as "
+        f"{ones_error:.3g} per point, next to per-point values up to {diag:.3g}: that is how "
+        "far the grad_outputs=ones trick (column sums of the N x N Jacobian) would be off. "
+        "nbderiv returned the true per-point blocks dy_n/dx_n with the other points held fixed "
+        "(cost grows like N**2); the model's running statistics were put back.",
+        "call model.eval() (or training=False) so each point is processed on its own, or "
+        "remove the batch-coupling layers; nbderiv.full_jacobian(model, x) shows the cross-terms.",
+    )
+
+
+def non_finite_points(*arrays) -> list:
+    """Indices n where any array has a NaN or inf in row n."""
+    bad = np.zeros(arrays[0].shape[0], dtype=bool)
+    for a in arrays:
+        if a.size:
+            bad |= ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+    return np.flatnonzero(bad).tolist()
+
+
+def non_finite_finding(where: str, points) -> Finding | None:
+    points = list(points)
+    if not points:
+        return None
+    return Finding(
+        "non-finite", "error",
+        f"NaN or inf in {where} at point index {_listed(points)} ({len(points)} point(s)).",
+        "check those inputs and the model's numerical range there, e.g. "
+        "np.flatnonzero(~np.isfinite(x).all(axis=1)) lists the bad rows of x.",
+        points=tuple(points),
+    )
+
+
+def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding | None:
+    """``no-input-dependence`` when some output/input pair has zero derivative everywhere."""
+    if d1.shape[0] == 0:
+        return None
+    zero = np.all(d1 == 0, axis=0)  # (d_out, m)
+    if not zero.any():
+        return None
+    if zero.all():
+        what = "the output does not depend on the input at any of these points"
+    else:
+        pairs = [f"{output_names[j]}/{input_names[i]}" for j, i in zip(*np.nonzero(zero))]
+        what = ("these output/input pairs have zero derivative at every point: "
+                + ", ".join(pairs[:_MAX_LISTED]) + (" ..." if len(pairs) > _MAX_LISTED else ""))
+    return Finding(
+        "no-input-dependence", "info",
+        f"{what}. nbderiv reports zeros there (plain autodiff may give None or raise).",
+        "if a dependence is expected, check that forward really uses that input (and that the "
+        "points are not all in a dead ReLU region).",
+    )
+
+
+def low_precision_finding(errors: dict, dtype, orders=None) -> Finding:
+    """``errors[k] = (max_abs, max_rel)`` of the ``dtype`` results against float64."""
+    orders = sorted(errors) if orders is None else sorted(orders)
+    worst = max(orders, key=lambda k: errors[k][1])
+    name = np.dtype(dtype).name
+    return Finding(
+        "low-precision", "warning",
+        f"in {name} the order-{worst} derivatives differ from float64 central differences by "
+        f"up to {errors[worst][0]:.3g} (relative {errors[worst][1]:.3g}), beyond what {name} "
+        "rounding should allow, while float64 autodiff agrees with them: digits are lost to "
+        f"cancellation in {name}.",
+        "compute in float64: nbderiv.derivatives(model.double(), x.double(), ...) on a copy "
+        "(copy.deepcopy(model).double()) in torch, or keras.config.set_floatx('float64') "
+        "before building the Keras model.",
+    )
+
+
+# -- everything that needs the computed derivatives ---------------------------------------------
+def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
+    """The findings that need the results: ``piecewise-linear``, ``at-kink``,
+    ``no-input-dependence`` and ``non-finite`` (outputs). ``call`` is the api's _Call."""
+    backend, model, args, context = call.backend, call.model, call.args, call.context
+    out = []
+    codes = {f.code for f in earlier}
+    if "piecewise-linear" not in codes:
+        def wider_d1():
+            _, wide, _ = backend.derivatives(model, wide_probe_points(args), 1, wrt, context)
+            return wide[0]
+        f = piecewise_finding(layers, ders, order, wider_d1)
+        if f is not None:
+            out.append(f)
+    f = kink_finding(backend.kink_points(model, args, context))
+    if f is not None:
+        out.append(f)
+    out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
+    f = no_dependence_finding(ders[0], out_names, [call.names[i] for i in wrt])
+    if f is not None:
+        out.append(f)
+    bad_x = set(non_finite_points(*args))
+    bad = [n for n in non_finite_points(y, *ders) if n not in bad_x]
+    f = non_finite_finding("the model's output or its derivatives (where x is finite)", bad)
+    if f is not None:
+        out.append(f)
+    return out
