@@ -43,7 +43,13 @@ else
   WORK="$(mktemp -d "${TMPDIR:-/tmp}/nbderiv-binder-check.XXXXXX")"
 fi
 cleanup() {
-  if [ "${BINDER_CHECK_KEEP:-0}" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
+  if [ "${BINDER_CHECK_KEEP:-0}" = 1 ]; then
+    say "kept $WORK"
+  else
+    say "removing $WORK"
+    rm -rf "$WORK"
+    say "removed"
+  fi
 }
 trap cleanup EXIT
 say "work dir: $WORK"
