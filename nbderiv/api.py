@@ -77,7 +77,8 @@ def _probe(call: _Call):
         for a in shifted:
             a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
         y3 = call.forward(shifted)
-        change = np.nan_to_num(np.abs(y3[1:] - y1[1:])).max(initial=0)
+        with np.errstate(invalid="ignore"):  # inf - inf at points where y is infinite
+            change = np.nan_to_num(np.abs(y3[1:] - y1[1:])).max(initial=0)
         scale = 1 + np.nan_to_num(np.abs(y1)).max(initial=0)
         coupled = change > 100 * np.finfo(call.dtype).eps * scale
     return y1.shape[1], stochastic, coupled
@@ -87,7 +88,9 @@ def _chunk_size(call, d_out, order, m, chunk_size, memory_budget):
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
                 or chunk_size < 1:
-            raise OptionError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+            raise OptionError(f"chunk_size must be a positive int, got {chunk_size!r}. "
+                              "Fix: e.g. chunk_size=4096, or leave it None to chunk by "
+                              "memory_budget.")
         return int(chunk_size)
     per_point = call.backend.bytes_per_point(call.model, call.prepared.width, d_out, order, m)
     per_point += 8 * d_out * sum(m ** k for k in range(order + 1))  # the results themselves

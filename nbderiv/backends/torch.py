@@ -90,9 +90,10 @@ class TorchBackend(Backend):
 
     # -- evaluation ------------------------------------------------------------------
     def _tensor(self, args, context):
-        arrays = [torch.as_tensor(a) for a in args]
-        X = torch.cat(arrays, dim=1) if len(arrays) > 1 else arrays[0]
-        return X.to(device=context["device"], dtype=context["torch_dtype"]).clone()
+        with torch.inference_mode(False):  # a normal tensor even inside the user's inference_mode
+            arrays = [torch.as_tensor(a) for a in args]
+            X = torch.cat(arrays, dim=1) if len(arrays) > 1 else arrays[0]
+            return X.to(device=context["device"], dtype=context["torch_dtype"]).clone()
 
     @staticmethod
     def _caller(model, widths):
@@ -116,7 +117,7 @@ class TorchBackend(Backend):
         widths = [a.shape[1] for a in args]
         fn = self._caller(model, widths)
         X = self._tensor(args, context)
-        with _grad_enabled(True):
+        with _grad_enabled(True), _exact_norms(order):
             plan = taylor_plan(model, widths) if len(wrt) == 1 and order >= 2 else None
             if plan is not None:
                 y, ders = taylor_derivatives(plan, X, order, wrt[0])
@@ -145,7 +146,7 @@ class TorchBackend(Backend):
         base = self._tensor(args, context)
         n = base.shape[0]
         rows, per_order = [], [[] for _ in range(order)]
-        with _grad_enabled(True):
+        with _grad_enabled(True), _exact_norms(order):
             for i in range(n):
                 def row_fn(Z, i=i):
                     full = torch.cat([base[:i], Z, base[i + 1:]], dim=0)
@@ -230,6 +231,61 @@ class TorchBackend(Backend):
 @contextmanager
 def _grad_enabled(flag: bool):
     with torch.inference_mode(False), torch.set_grad_enabled(flag):
+        yield
+
+
+class _PlainNorms(torch.overrides.TorchFunctionMode):
+    """Layer norm and batch-statistics batch norm written as plain tensor operations.
+
+    PyTorch's fused kernels for these give wrong derivatives of order >= 3 (the mean and
+    variance are treated as constants by their double-backward formulas); the plain
+    operations differentiate correctly to any order. Running statistics are not updated
+    here (nbderiv restores them anyway).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        F = torch.nn.functional
+        if func in (F.layer_norm, torch.layer_norm):
+            return _layer_norm(*args, **kwargs)
+        if func is F.batch_norm:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                     "momentum", "eps")
+            bound = dict(zip(names, args), **kwargs)
+            uses_batch = bound.get("training", False) or bound.get("running_mean") is None
+            if uses_batch:
+                return _batch_norm_batch_stats(bound["input"], bound.get("weight"),
+                                               bound.get("bias"), bound.get("eps", 1e-5))
+        return func(*args, **kwargs)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    mean = input.mean(dim=dims, keepdim=True)
+    var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
+    out = (input - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    return out + bias if bias is not None else out
+
+
+def _batch_norm_batch_stats(input, weight, bias, eps):
+    dims = (0,) + tuple(range(2, input.ndim))
+    shape = (1, -1) + (1,) * (input.ndim - 2)
+    mean = input.mean(dim=dims, keepdim=True)
+    var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
+    out = (input - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    return out + bias.reshape(shape) if bias is not None else out
+
+
+@contextmanager
+def _exact_norms(order):
+    if order < 3:
+        yield
+        return
+    with _PlainNorms():
         yield
 
 

@@ -110,7 +110,7 @@ def _activation(module):
     if isinstance(module, nn.LeakyReLU):
         s = module.negative_slope
         return _piecewise_linear(lambda x: F.leaky_relu(x, s),
-                                 lambda x: torch.where(x > 0, 1.0, s).to(x.dtype))
+                                 lambda x: torch.where(x > 0, 1.0, torch.full_like(x, s)))
     if isinstance(module, nn.Hardtanh):  # includes ReLU6
         lo, hi = module.min_val, module.max_val
         return _piecewise_linear(lambda x: F.hardtanh(x, lo, hi),

@@ -1,0 +1,432 @@
+"""The PyTorch backend, checked against independent references.
+
+Every derivative is compared with nested ``torch.func`` (vmap of jacrev / jacfwd /
+hessian) and, for orders 1 and 2, with float64 central finite differences computed here.
+The cases are chosen so that each internal strategy runs: forward Taylor mode
+(``nn.Sequential`` of Linear + elementwise activations, one input direction, order >= 2),
+nested reverse mode (several inputs, custom modules) and nested forward mode (more outputs
+than differentiated inputs). Then: nothing the user owns is changed by a call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.func import hessian, jacfwd, jacrev, vmap  # noqa: E402
+
+import nbderiv  # noqa: E402
+
+
+def assert_close(got, ref, tol, what=""):
+    """max |got - ref| <= tol * max(1, max |ref|) (shapes must agree exactly)."""
+    got = np.asarray(got)
+    ref = np.asarray(ref)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != reference {ref.shape}"
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(got.astype(np.float64) - ref).max())
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def one_point(model):
+    return lambda x: model(x.unsqueeze(0)).reshape(-1)
+
+
+# -- a float64 tanh MLP: orders 1..4 against torch.func and finite differences ----------------
+@pytest.fixture(scope="module")
+def tanh_mlp():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(2, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
+                        nn.Linear(24, 3)).double()
+    X = torch.rand(40, 2, dtype=torch.float64) * 2 - 1
+    return net, X
+
+
+def test_mlp_orders_1_and_2_match_torch_func_to_1e10(tanh_mlp):
+    net, X = tanh_mlp
+    d = nbderiv.derivatives(net, X, order=2)
+    assert d[1].dtype == np.float64 and d[2].dtype == np.float64
+    ref1 = vmap(jacrev(one_point(net)))(X).detach().numpy()
+    ref2 = vmap(hessian(one_point(net)))(X).detach().numpy()
+    assert_close(d[1], ref1, 1e-10, "d[1] vs vmap(jacrev)")
+    assert_close(d[2], ref2, 1e-10, "d[2] vs vmap(hessian)")
+    with torch.no_grad():
+        assert_close(d.y, net(X).numpy(), 1e-12, "y")
+
+
+def test_mlp_orders_1_and_2_match_central_differences(tanh_mlp, central_fd, as_numpy_fn):
+    net, X = tanh_mlp
+    d = nbderiv.derivatives(net, X, order=2)
+    f = as_numpy_fn(net)
+    assert_close(d[1], central_fd(f, X.numpy(), 1), 1e-6, "d[1] vs central differences")
+    assert_close(d[2], central_fd(f, X.numpy(), 2), 1e-6, "d[2] vs central differences")
+
+
+def test_mlp_orders_3_and_4_match_nested_forward_over_reverse(tanh_mlp):
+    net, X = tanh_mlp
+    X = X[:12]
+    d = nbderiv.derivatives(net, X, order=4)
+    f = one_point(net)
+    ref3 = vmap(jacfwd(jacfwd(jacrev(f))))(X).detach().numpy()
+    ref4 = vmap(jacfwd(jacfwd(jacfwd(jacrev(f)))))(X).detach().numpy()
+    assert d[3].shape == (12, 3, 2, 2, 2) and d[4].shape == (12, 3, 2, 2, 2, 2)
+    assert_close(d[3], ref3, 1e-10, "d[3]")
+    assert_close(d[4], ref4, 1e-9, "d[4]")
+
+
+# -- Taylor path: nn.Sequential, d_in = 1, order >= 2, every supported activation -------------
+ACTIVATIONS = {
+    "Tanh": nn.Tanh,
+    "Sigmoid": nn.Sigmoid,
+    "Softplus": nn.Softplus,
+    "Softplus-beta2-threshold1": lambda: nn.Softplus(beta=2.0, threshold=1.0),
+    "SiLU": nn.SiLU,
+    "GELU": nn.GELU,
+    "GELU-tanh": lambda: nn.GELU(approximate="tanh"),
+    "ELU": nn.ELU,
+    "ReLU": nn.ReLU,
+    "LeakyReLU": lambda: nn.LeakyReLU(0.1),
+}
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS), ids=list(ACTIVATIONS))
+def test_sequential_one_input_orders_1_to_4_per_activation(act, torch_mlp, func_reference):
+    net = torch_mlp([1, 12, 12, 2], ACTIVATIONS[act], seed=3)
+    # points away from 0 so that ELU / ReLU / LeakyReLU kinks are not hit exactly
+    X = torch.linspace(-1.5, 1.5, 17, dtype=torch.float64).reshape(-1, 1) + 0.0123
+    d = nbderiv.derivatives(net, X, order=4)
+    for k in range(1, 5):
+        ref = func_reference(net, X, k)
+        assert_close(d[k], ref, 1e-10, f"{act} d[{k}]")
+
+
+def test_sequential_one_input_nested_sequential_and_identity(func_reference):
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Sequential(nn.Linear(1, 10), nn.Tanh()), nn.Identity(),
+                        nn.Sequential(nn.Linear(10, 10), nn.Sigmoid(), nn.Linear(10, 1))).double()
+    X = torch.linspace(-1, 1, 9, dtype=torch.float64).reshape(-1, 1)
+    d = nbderiv.derivatives(net, X, order=3)
+    for k in range(1, 4):
+        assert_close(d[k], func_reference(net, X, k), 1e-10, f"d[{k}]")
+
+
+def test_sequential_with_eval_dropout_matches_reference(func_reference):
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(1, 10), nn.Tanh(), nn.Dropout(0.5), nn.Linear(10, 1)).double()
+    net.eval()
+    X = torch.linspace(-1, 1, 9, dtype=torch.float64).reshape(-1, 1)
+    d = nbderiv.derivatives(net, X, order=3)
+    for k in range(1, 4):
+        assert_close(d[k], func_reference(net, X, k), 1e-10, f"d[{k}]")
+
+
+def test_one_direction_of_several_inputs_matches_reference_slice(torch_mlp, func_reference):
+    net = torch_mlp([3, 16, 16, 2], seed=6)
+    X = torch.rand(10, 3, dtype=torch.float64)
+    d = nbderiv.derivatives(net, X, order=3, wrt=[1])
+    assert d[3].shape == (10, 2, 1, 1, 1)
+    for k in range(1, 4):
+        ref = func_reference(net, X, k)[(slice(None), slice(None)) + (slice(1, 2),) * k]
+        assert_close(d[k], ref, 1e-10, f"d[{k}] wrt=[1]")
+
+
+# -- nested reverse path: several inputs, custom modules ---------------------------------------
+def test_several_inputs_orders_1_to_3(torch_mlp, func_reference, central_fd, as_numpy_fn):
+    net = torch_mlp([3, 16, 16, 1], nn.SiLU, seed=7)
+    X = torch.rand(15, 3, dtype=torch.float64) - 0.5
+    d = nbderiv.derivatives(net, X, order=3)
+    for k in range(1, 4):
+        assert_close(d[k], func_reference(net, X, k), 1e-10, f"d[{k}]")
+    f = as_numpy_fn(net)
+    assert_close(d[2], central_fd(f, X.numpy(), 2), 1e-6, "d[2] vs central differences")
+
+
+class Residual(nn.Module):
+    """A custom module (not a plain Sequential): y = W2 tanh(W1 x) + sin(x) * x."""
+
+    def __init__(self, d_in, width, d_out):
+        super().__init__()
+        self.inner = nn.Linear(d_in, width)
+        self.outer = nn.Linear(width, d_out)
+        self.skip = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.outer(torch.tanh(self.inner(x))) + self.skip(torch.sin(x) * x)
+
+
+@pytest.mark.parametrize("d_in", [1, 2])
+def test_custom_module_orders_1_to_4(d_in, func_reference):
+    torch.manual_seed(8)
+    net = Residual(d_in, 12, 2).double()
+    X = torch.rand(8, d_in, dtype=torch.float64) * 2 - 1
+    d = nbderiv.derivatives(net, X, order=4)
+    for k in range(1, 5):
+        assert_close(d[k], func_reference(net, X, k, forward=True), 1e-10, f"d[{k}]")
+
+
+def test_plain_function_closed_form_matches_reference(func_reference):
+    def fn(x):
+        return torch.exp(x[:, :1]) * torch.cos(x[:, 1:]) + x[:, :1] ** 3 * x[:, 1:]
+
+    X = torch.rand(11, 2, dtype=torch.float64)
+    d = nbderiv.derivatives(fn, X, order=3)
+    for k in range(1, 4):
+        assert_close(d[k], func_reference(fn, X, k), 1e-12, f"d[{k}]")
+
+
+# -- normalisation layers: torch's fused kernels are wrong from order 3 on --------------------
+# pytorch/pytorch#175754 (layer_norm) and #186256 (batch_norm in training mode): the fused
+# double backward treats the saved mean / invstd as constants, so a third derivative taken
+# through it is silently wrong. The references below are written with primitive ops only.
+def layer_norm_by_hand(h, ln):
+    mu = h.mean(-1, keepdim=True)
+    var = ((h - mu) ** 2).mean(-1, keepdim=True)
+    return (h - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def test_layer_norm_mlp_orders_1_to_4_match_a_primitive_reference(central_fd, as_numpy_fn):
+    torch.manual_seed(18)
+    net = nn.Sequential(nn.Linear(2, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 1)).double()
+    net.eval()
+    X = torch.rand(6, 2, dtype=torch.float64)
+
+    def by_hand(x):
+        return net[3](torch.tanh(layer_norm_by_hand(net[0](x), net[1])))
+
+    with torch.no_grad():
+        assert torch.allclose(by_hand(X), net(X), rtol=0, atol=1e-14)
+    d = nbderiv.derivatives(net, X, order=4)
+    assert_close(d[2], central_fd(as_numpy_fn(net), X.numpy(), 2), 1e-6, "d[2] vs FD")
+    f = lambda x: by_hand(x[None])[0]  # noqa: E731
+    g = f
+    for k in range(1, 5):
+        g = jacrev(g)
+        assert_close(d[k], vmap(g)(X).detach().numpy(), 1e-9, f"LayerNorm d[{k}]")
+
+
+def test_train_mode_batch_norm_per_point_blocks_match_a_primitive_reference():
+    """A train-mode BatchNorm couples the points; each per-point block d^k y_n / dx_n^k (the
+    other points held fixed) must still be the true derivative."""
+    torch.manual_seed(19)
+    net = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
+    net.train()
+    X = torch.rand(5, 2, dtype=torch.float64)
+
+    def by_hand(full):
+        h = net[0](full)
+        mu = h.mean(0, keepdim=True)
+        var = ((h - mu) ** 2).mean(0, keepdim=True)
+        h = (h - mu) / torch.sqrt(var + net[1].eps) * net[1].weight + net[1].bias
+        return net[3](torch.tanh(h))
+
+    d = nbderiv.derivatives(net, X, order=3)
+    for k in range(1, 4):
+        ref = []
+        for n in range(5):
+            def f(z, n=n):
+                return by_hand(torch.cat([X[:n], z[None], X[n + 1:]]))[n]
+            g = f
+            for _ in range(k):
+                g = jacrev(g)
+            ref.append(g(X[n]).detach().numpy())
+        assert_close(d[k], np.stack(ref), 1e-9, f"train-mode BatchNorm block d[{k}]")
+
+
+# -- forward-jvp path: many outputs, few inputs -------------------------------------------------
+def test_many_outputs_one_input_order_1(torch_mlp, func_reference, central_fd, as_numpy_fn):
+    net = torch_mlp([1, 50, 50, 50, 501], seed=9)
+    X = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(-1, 1)
+    d = nbderiv.derivatives(net, X, order=1)
+    assert d.y.shape == (12, 501) and d[1].shape == (12, 501, 1)
+    assert_close(d[1], func_reference(net, X, 1), 1e-10, "d[1]")
+    assert_close(d[1], central_fd(as_numpy_fn(net), X.numpy(), 1), 1e-6, "d[1] vs FD")
+
+
+def test_many_outputs_two_inputs_order_2(torch_mlp, func_reference):
+    net = torch_mlp([2, 12, 501], seed=10)
+    X = torch.rand(4, 2, dtype=torch.float64)
+    d = nbderiv.derivatives(net, X, order=2)
+    assert d[2].shape == (4, 501, 2, 2)
+    assert_close(d[1], func_reference(net, X, 1), 1e-10, "d[1]")
+    assert_close(d[2], func_reference(net, X, 2, forward=True), 1e-10, "d[2]")
+
+
+def test_many_outputs_custom_module_order_3(func_reference):
+    torch.manual_seed(11)
+    net = Residual(1, 10, 12).double()
+    X = torch.rand(5, 1, dtype=torch.float64)
+    d = nbderiv.derivatives(net, X, order=3)
+    for k in range(1, 4):
+        assert_close(d[k], func_reference(net, X, k, forward=True), 1e-10, f"d[{k}]")
+
+
+def test_the_cases_above_exercise_three_different_strategies(torch_mlp):
+    """Guards that the representative cases keep covering different code paths."""
+    taylor_like = nbderiv.derivatives(torch_mlp([1, 8, 1]), torch.rand(4, 1).double(), order=2)
+    reverse_like = nbderiv.derivatives(Residual(2, 8, 1).double(), torch.rand(4, 2).double(),
+                                       order=2)
+    forward_like = nbderiv.derivatives(torch_mlp([1, 8, 501]), torch.rand(4, 1).double(),
+                                       order=1)
+    methods = {taylor_like.method, reverse_like.method, forward_like.method}
+    assert all(isinstance(m, str) and m for m in methods)
+    assert len(methods) == 3, methods
+
+
+# -- mixed partials with wrt ---------------------------------------------------------------------
+@pytest.mark.parametrize("wrt", [[2, 0], [1, 2], [0, 2, 1]])
+def test_wrt_mixed_partials_follow_the_given_order(wrt, torch_mlp, func_reference):
+    net = torch_mlp([3, 16, 2], nn.Softplus, seed=12)
+    X = torch.rand(9, 3, dtype=torch.float64)
+    d = nbderiv.derivatives(net, X, order=3, wrt=wrt)
+    idx = np.array(wrt)
+    for k in range(1, 4):
+        full = func_reference(net, X, k)
+        ref = full[np.ix_(*([np.arange(9), np.arange(2)] + [idx] * k))]
+        assert_close(d[k], ref, 1e-10, f"d[{k}] wrt={wrt}")
+    assert d.wrt == tuple(wrt)
+    assert d.inputs == tuple(f"x[{i}]" for i in wrt)
+
+
+# -- dtype and device ------------------------------------------------------------------------------
+def test_float32_model_float32_results_close_to_float64_reference(torch_mlp, func_reference):
+    net32 = torch_mlp([2, 16, 1], dtype="float32", seed=13)
+    net64 = torch_mlp([2, 16, 1], dtype="float64", seed=13)
+    X = np.random.default_rng(0).random((10, 2))
+    d = nbderiv.derivatives(net32, X, order=2)
+    assert d.y.dtype == np.float32 and d[1].dtype == np.float32 and d[2].dtype == np.float32
+    X64 = torch.as_tensor(X.astype(np.float32).astype(np.float64))
+    assert_close(d[1], func_reference(net64, X64, 1), 1e-5, "float32 d[1]")
+    assert_close(d[2], func_reference(net64, X64, 2), 1e-4, "float32 d[2]")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_model_and_input_work_unchanged(torch_mlp, func_reference):
+    net = torch_mlp([2, 16, 1], seed=14).cuda()
+    X = torch.rand(20, 2, dtype=torch.float64, device="cuda")
+    d = nbderiv.derivatives(net, X, order=2)
+    assert isinstance(d[2], np.ndarray)
+    assert_close(d[2], func_reference(net, X, 2), 1e-10, "cuda d[2]")
+    assert next(net.parameters()).device.type == "cuda"
+
+
+# -- non-mutation ------------------------------------------------------------------------------------
+def make_stateful_net(train: bool):
+    torch.manual_seed(15)
+    net = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(p=0.0),
+                        nn.Linear(8, 1))
+    with torch.no_grad():  # non-trivial running statistics and a non-zero counter
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 1.5)
+        net[1].num_batches_tracked.fill_(7)
+    net[0].bias.requires_grad_(False)
+    net[4].weight.grad = torch.full_like(net[4].weight, 0.25)
+    net.train(train)
+    if train:
+        net[3].eval()  # mixed modes must come back exactly as they were
+    return net
+
+
+def snapshot(model):
+    return {
+        "modes": [(name, m.training) for name, m in model.named_modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for m in model.modules()],
+        "params": [(name, p, p.detach().clone(), p.requires_grad,
+                    None if p.grad is None else p.grad.detach().clone(), p.dtype, p.device)
+                   for name, p in model.named_parameters()],
+        "buffers": [(name, b, b.detach().clone(), b.dtype) for name, b in model.named_buffers()],
+    }
+
+
+def assert_same_state(model, before):
+    after = snapshot(model)
+    assert after["modes"] == before["modes"]
+    assert after["hooks"] == before["hooks"]
+    assert len(after["params"]) == len(before["params"])
+    for (n1, p1, v1, rg1, g1, dt1, dev1), (n0, p0, v0, rg0, g0, dt0, dev0) in zip(
+            after["params"], before["params"], strict=True):
+        assert n1 == n0 and p1 is p0, f"parameter {n0} was replaced"
+        assert torch.equal(v1, v0), f"parameter {n0} changed value"
+        assert rg1 == rg0, f"parameter {n0} requires_grad changed"
+        assert dt1 == dt0 and dev1 == dev0
+        if g0 is None:
+            assert g1 is None, f"parameter {n0} got a .grad"
+        else:
+            assert g1 is not None and torch.equal(g1, g0), f"parameter {n0} .grad changed"
+    for (n1, b1, v1, dt1), (n0, b0, v0, dt0) in zip(after["buffers"], before["buffers"],
+                                                    strict=True):
+        assert n1 == n0 and b1 is b0 and dt1 == dt0
+        assert torch.equal(v1, v0), f"buffer {n0} changed"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-mode", "eval-mode"])
+@pytest.mark.parametrize("order,check", [(1, False), (2, True), (3, True), (4, False)])
+def test_derivatives_leave_model_and_tensor_input_untouched(train, order, check):
+    net = make_stateful_net(train)
+    before = snapshot(net)
+    x = torch.rand(5, 2, requires_grad=True)
+    x.grad = torch.full_like(x, 3.0)
+    x_value, x_grad = x.detach().clone(), x.grad.clone()
+    grad_mode = torch.is_grad_enabled()
+    d = nbderiv.derivatives(net, x, order=order, check=check)
+    assert d[order].shape == (5, 1) + (2,) * order
+    assert_same_state(net, before)
+    assert torch.equal(x.detach(), x_value) and x.requires_grad and x.is_leaf
+    assert x.grad is not None and torch.equal(x.grad, x_grad)
+    assert torch.is_grad_enabled() == grad_mode
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-mode", "eval-mode"])
+def test_derivatives_leave_numpy_input_and_plain_tensor_untouched(train):
+    net = make_stateful_net(train)
+    before = snapshot(net)
+    xn = np.random.default_rng(1).random((5, 2)).astype(np.float32)
+    xn_copy = xn.copy()
+    nbderiv.derivatives(net, xn, order=2, check=True)
+    assert np.array_equal(xn, xn_copy) and xn.dtype == np.float32 and xn.flags.writeable
+    xt = torch.rand(5, 2)
+    xt_copy = xt.clone()
+    nbderiv.derivatives(net, xt, order=2)
+    assert torch.equal(xt, xt_copy) and not xt.requires_grad and xt.grad is None
+    assert_same_state(net, before)
+
+
+def test_integer_and_reshaped_inputs_are_not_modified_in_place():
+    net = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1))
+    xi = np.arange(6)
+    xi_copy = xi.copy()
+    nbderiv.derivatives(net, xi, order=2)
+    assert np.array_equal(xi, xi_copy) and xi.dtype == xi_copy.dtype and xi.shape == (6,)
+    xt = torch.linspace(0, 1, 6)
+    nbderiv.derivatives(net, xt, order=2)
+    assert xt.shape == (6,)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-mode", "eval-mode"])
+def test_full_jacobian_leaves_model_untouched(train):
+    net = make_stateful_net(train)
+    before = snapshot(net)
+    nbderiv.full_jacobian(net, torch.rand(4, 2))
+    assert_same_state(net, before)
+
+
+# -- grad-mode contexts ----------------------------------------------------------------------------
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_works_inside_no_grad_and_inference_mode(context, torch_mlp, func_reference):
+    net = torch_mlp([2, 12, 1], seed=16)
+    X = torch.rand(7, 2, dtype=torch.float64)
+    ref1, ref2 = func_reference(net, X, 1), func_reference(net, X, 2)
+    manager = torch.no_grad() if context == "no_grad" else torch.inference_mode()
+    with manager:
+        Xc = X.clone()  # an inference tensor under inference_mode
+        d = nbderiv.derivatives(net, Xc, order=2)
+        d_one = nbderiv.derivatives(torch_mlp([1, 8, 1], seed=17), Xc[:, :1], order=3)
+        assert not torch.is_grad_enabled()
+        if context == "inference_mode":
+            assert torch.is_inference_mode_enabled()
+    assert_close(d[1], ref1, 1e-10, "d[1]")
+    assert_close(d[2], ref2, 1e-10, "d[2]")
+    assert_close(d_one[3], func_reference(torch_mlp([1, 8, 1], seed=17), X[:, :1], 3), 1e-10,
+                 "taylor d[3]")

@@ -1,0 +1,125 @@
+"""The ``Derivatives`` result: indexing, axis names, metadata, deterministic rendering."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import nbderiv  # noqa: E402
+from nbderiv.result import Derivatives, Finding  # noqa: E402
+
+
+def make_result(order=2, seed=0, n=7, d_in=2, d_out=1):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(d_in, 8), nn.Tanh(), nn.Linear(8, d_out)).double()
+    x = torch.rand(n, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return net, x, nbderiv.derivatives(net, x, order=order)
+
+
+def test_d0_is_y_and_matches_the_model_output():
+    net, x, d = make_result()
+    assert d[0] is d.y
+    assert isinstance(d.y, np.ndarray) and d.y.shape == (7, 1)
+    with torch.no_grad():
+        np.testing.assert_allclose(d.y, net(x).numpy(), rtol=1e-14)
+
+
+def test_d_x_is_the_input_as_numpy():
+    _, x, d = make_result()
+    assert isinstance(d.x, np.ndarray) and d.x.shape == (7, 2)
+    np.testing.assert_array_equal(d.x, x.numpy())
+
+
+def test_shapes_follow_the_contract():
+    _, _, d = make_result(order=3, d_in=2, d_out=3)
+    assert d.order == 3
+    for k in range(1, 4):
+        assert isinstance(d[k], np.ndarray)
+        assert d[k].shape == (7, 3) + (2,) * k
+
+
+@pytest.mark.parametrize("k", [-1, 3, 4, 10])
+def test_index_outside_0_to_order_is_a_clear_index_error(k):
+    _, _, d = make_result(order=2)
+    with pytest.raises(IndexError) as info:
+        d[k]
+    msg = str(info.value)
+    assert str(k) in msg and "order" in msg
+    assert "2" in msg  # says which orders it holds
+
+
+def test_axes_names():
+    _, _, d = make_result(order=3)
+    assert d.axes(0) == ("point", "output")
+    assert d.axes(1) == ("point", "output", "input")
+    assert d.axes(2) == ("point", "output", "input", "input")
+    assert d.axes(3) == ("point", "output", "input", "input", "input")
+    for k in range(4):
+        assert len(d.axes(k)) == d[k].ndim
+    with pytest.raises(IndexError):
+        d.axes(4)
+
+
+def test_framework_method_inputs():
+    _, _, d = make_result()
+    assert d.framework == "torch"
+    assert isinstance(d.method, str) and d.method.strip()
+    assert d.inputs == ("x[0]", "x[1]")
+    _, _, d1 = make_result(d_in=1)
+    assert d1.inputs == ("x",)
+
+
+def test_findings_is_a_list_of_findings():
+    _, _, d = make_result()
+    assert isinstance(d.findings, list)
+    assert all(isinstance(f, Finding) for f in d.findings)
+    dr = nbderiv.derivatives(nn.Linear(1, 1).double(), torch.zeros(3, dtype=torch.float64))
+    f = dr.finding("input-reshaped")
+    assert isinstance(f, Finding)
+    assert f.code == "input-reshaped" and f.severity in ("info", "warning", "error")
+    assert f.message and f.fix
+    assert dr.finding("no-such-code") is None
+
+
+def test_finding_rejects_unknown_severity():
+    with pytest.raises(ValueError):
+        Finding("x", "fatal", "message")
+
+
+def test_repr_is_deterministic_and_informative():
+    _, _, a = make_result(order=2, seed=3)
+    _, _, b = make_result(order=2, seed=3)
+    assert repr(a) == repr(b)
+    assert a._repr_html_() == b._repr_html_()
+    for text in (repr(a), a._repr_html_()):
+        assert not re.search(r"0x[0-9a-fA-F]{4,}", text), "memory address in the rendering"
+        assert "point" in text and "output" in text and "input" in text
+        assert "(7, 1, 2)" in text and "(7, 1, 2, 2)" in text and "(7, 1)" in text
+        assert "x[0]" in text and "x[1]" in text
+    assert "<" in a._repr_html_() and "</" in a._repr_html_()
+
+
+def test_repr_of_different_results_differ():
+    _, _, a = make_result(order=2, seed=3)
+    _, _, b = make_result(order=2, seed=4)
+    assert repr(a) != repr(b)
+
+
+def test_repr_escapes_html_in_names():
+    d = Derivatives(x=np.zeros((2, 1)), y=np.zeros((2, 1)), orders=[np.zeros((2, 1, 1))],
+                    framework="torch", method="m", inputs=("<b>",))
+    html = d._repr_html_()
+    assert "<b>" not in html.split("inputs:")[-1]
+    assert "&lt;b&gt;" in html
+
+
+def test_repr_shows_non_finite_values():
+    d = Derivatives(x=np.zeros((2, 1)), y=np.array([[1.0], [np.nan]]),
+                    orders=[np.array([[[np.inf]], [[1.0]]])], framework="torch", method="m")
+    text = repr(d)
+    assert "non-finite" in text or "nan" in text.lower()
