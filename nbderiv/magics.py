@@ -1,0 +1,315 @@
+"""The ``%nnderiv`` line magic (``%load_ext nbderiv``): derivatives in one line of a notebook.
+
+The only nbderiv module that imports IPython. Loading the extension registers the magic and
+does nothing else: no framework, no matplotlib, no widgets are imported, nothing is printed.
+
+Display: the magic displays the ``Derivatives`` summary itself and returns the object, so
+``d = %nnderiv net x`` shows the summary and keeps ``d``. When the magic is the last line of
+a cell, IPython would display the returned value again (as ``%timeit -o`` does); nbderiv
+marks the returned object as already shown for the rest of that cell, so the summary
+appears exactly once either way (``Out[n]`` and ``_`` still hold the value). ``--quiet``
+displays nothing at all, not even as the cell's last value.
+
+Errors are one line: :class:`IPython.core.error.UsageError` (exactly that class, which
+IPython prints without a traceback) for unknown names, unparseable expressions, bad
+options and every nbderiv error.
+
+>>> from IPython.core.interactiveshell import InteractiveShell
+>>> shell = InteractiveShell.instance()
+>>> shell.run_line_magic("load_ext", "nbderiv")
+>>> _ = shell.run_cell("import torch; net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh())")
+>>> d = shell.run_line_magic("nnderiv", "net -2:2:50 --quiet")
+>>> d[2].shape
+(50, 4, 1, 1)
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from .errors import NbderivError
+
+FULL_MAX_POINTS = 100   # --full draws an (N*d_out) x (N*d_in) image: small N only
+RANGE_POINTS = {1: 200, 2: 50}  # points (per side) of a range without a count
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::(\d+))?$")
+_VALUE_OPTIONS = {"-o", "--order", "--wrt"}
+_FLAG_OPTIONS = {"-p", "--plot", "--check", "--code", "--full", "--widget", "-q", "--quiet",
+                 "-h", "--help"}
+_OPENING, _CLOSING = "([{", ")]}"
+
+
+# -- parsing ----------------------------------------------------------------------------------
+def split_line(line: str) -> list:
+    """Split a magic's line on blanks outside brackets and quotes, so that
+    ``torch.linspace(-2, 2, 200)`` stays one argument.
+
+    >>> split_line("net torch.linspace(-2, 2, 200) -o 3")
+    ['net', 'torch.linspace(-2, 2, 200)', '-o', '3']
+    """
+    tokens, current, stack, quote = [], [], [], None
+    for ch in line:
+        if quote:
+            current.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            current.append(ch)
+        elif ch in _OPENING:
+            stack.append(_CLOSING[_OPENING.index(ch)])
+            current.append(ch)
+        elif ch in _CLOSING:
+            if not stack or stack.pop() != ch:
+                raise UsageError(f"unbalanced {ch!r} in: {line.strip()}")
+            current.append(ch)
+        elif ch.isspace() and not stack:
+            if current:
+                tokens.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if quote or stack:
+        missing = quote or stack[-1]
+        raise UsageError(f"unclosed expression (missing {missing!r}) in: {line.strip()}")
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+def _argv(tokens: list) -> list:
+    """Options first, then ``--`` and the positionals: a leading minus sign (``-2:2:200``,
+    ``-x``) never turns an expression into an option."""
+    options, positionals = [], []
+    it = iter(tokens)
+    for t in it:
+        head = t.split("=", 1)[0]
+        if t in _VALUE_OPTIONS:
+            options.append(t)
+            nxt = next(it, None)
+            if nxt is not None:
+                options.append(nxt)
+        elif head in _VALUE_OPTIONS and "=" in t and t.startswith("--"):
+            options.append(t)
+        elif re.fullmatch(r"-o\d+", t) or t in _FLAG_OPTIONS or re.fullmatch(r"-[pqh]{2,}", t):
+            options.append(t)
+        elif t.startswith("--"):
+            options.append(t)  # unknown: argparse reports it
+        else:
+            positionals.append(t)
+    return options + ["--"] + positionals
+
+
+def parse_range(text: str):
+    """``"-2:2:200"`` -> (-2.0, 2.0, 200); ``"0:1"`` -> (0.0, 1.0, None); else None."""
+    m = _RANGE.match(text.strip())
+    if m is None:
+        return None
+    lo, hi, n = float(m.group(1)), float(m.group(2)), m.group(3)
+    if not lo < hi:
+        raise UsageError(f"range {text!r} needs low < high, e.g. -2:2:200.")
+    if n is not None and int(n) < 2:
+        raise UsageError(f"range {text!r} needs at least 2 points, e.g. -2:2:200.")
+    return lo, hi, None if n is None else int(n)
+
+
+def _parse_wrt(text):
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part != ""] or None
+    except ValueError:
+        raise UsageError(f"--wrt takes input indices separated by commas (e.g. --wrt 0,1), got "
+                         f"{text!r}.") from None
+
+
+# -- the magic ---------------------------------------------------------------------------------
+@magics_class
+class NbderivMagics(Magics):
+    """``%nnderiv``: see :meth:`nnderiv`."""
+
+    @magic_arguments()
+    @argument("model", help="the network: a name or expression in the notebook (e.g. net)")
+    @argument("x", nargs="?", default=None,
+              help="the points: a name or expression (x, x[:100], torch.linspace(-2, 2, 200)) "
+                   "or a range LOW:HIGH:N (N points for one input, an N x N grid for two)")
+    @argument("-o", "--order", type=int, default=2, help="highest derivative order (default 2)")
+    @argument("--wrt", default=None, metavar="I,J", help="differentiate w.r.t. these inputs only")
+    @argument("-p", "--plot", action="store_true", help="draw y and its derivatives")
+    @argument("--check", action="store_true", help="compare with finite differences")
+    @argument("--code", action="store_true", help="print the equivalent framework code")
+    @argument("--full", action="store_true",
+              help=f"draw the cross-sample Jacobian (N <= {FULL_MAX_POINTS} points)")
+    @argument("--widget", action="store_true", help="open the interactive explorer instead")
+    @argument("-q", "--quiet", action="store_true", help="display nothing, just return")
+    @argument("-h", "--help", action="store_true", help="show this help")
+    @line_magic
+    def nnderiv(self, line):
+        """Per-point derivatives of MODEL at X, displayed as a summary and returned.
+
+        Examples: ``%nnderiv net x``, ``d = %nnderiv net -2:2:200 -o 3 --plot``,
+        ``%nnderiv net x[:10] --full``, ``%nnderiv net --widget``.
+        """
+        parser = self.nnderiv.parser
+        tokens = split_line(line)
+        if {"-h", "--help"} & set(tokens):
+            print(parser.format_help())
+            return None
+        args = parser.parse_args(_argv(tokens))
+        if args.order < 1:
+            raise UsageError(f"--order must be 1 or more, got {args.order}.")
+        extras = [name for name in ("plot", "check", "code", "full") if getattr(args, name)]
+        if args.quiet and (extras or args.widget):
+            raise UsageError(f"--quiet displays nothing; it cannot be combined with "
+                             f"--{(extras or ['widget'])[0]}.")
+        model = self._evaluate(args.model, "MODEL")
+        try:
+            if args.widget:
+                if extras:
+                    raise UsageError(f"--widget opens the explorer; it cannot be combined with "
+                                     f"--{extras[0]}.")
+                return self._widget(model, args)
+            return self._derivatives(model, args)
+        except NbderivError as exc:
+            raise UsageError(str(exc)) from None
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model itself failed: still one line
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UsageError(f"the model raised {type(exc).__name__}: {text[:300]}. Fix: check "
+                             "the model on these points; nbderiv.derivatives(model, x) shows the "
+                             "full traceback.") from None
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _evaluate(self, expr, what):
+        try:
+            return eval(expr, self.shell.user_global_ns, self.shell.user_ns)  # noqa: S307
+        except SyntaxError as exc:
+            raise UsageError(f"cannot parse {what} {expr!r}: {exc.msg}.") from None
+        except NameError as exc:
+            raise UsageError(f"{what} {expr!r}: {exc} in this notebook. Fix: run the cell that "
+                             "defines it, or check the spelling.") from None
+        except Exception as exc:  # noqa: BLE001 - the user's expression failed
+            raise UsageError(f"evaluating {what} {expr!r} raised {type(exc).__name__}: "
+                             f"{exc}") from None
+
+    def _points(self, model, text):
+        """(x, framework) for the X argument: a range shorthand or an expression."""
+        if text is None:
+            raise UsageError("missing X: say where to differentiate, e.g. %nnderiv net x or "
+                             "%nnderiv net -2:2:200.")
+        rng = parse_range(text)
+        if rng is None:
+            return self._evaluate(text, "X"), None
+        from .widgets import input_dim, resolve_framework
+
+        framework = resolve_framework(model)
+        if framework is None:
+            raise UsageError("a range needs to know the model's framework, and this callable "
+                             "does not say. Fix: pass X as a tensor, e.g. "
+                             "torch.linspace(-2, 2, 200).")
+        d_in = input_dim(model, framework=framework)
+        if d_in not in RANGE_POINTS:
+            raise UsageError(f"a range like {text} makes points for models with 1 or 2 inputs; "
+                             f"this one takes {d_in}. Fix: pass an array of shape (N, {d_in}).")
+        lo, hi, n = rng
+        g = np.linspace(lo, hi, n or RANGE_POINTS[d_in], dtype=np.float32)
+        if d_in == 1:
+            return g.reshape(-1, 1), framework
+        a, b = np.meshgrid(g, g)
+        return np.stack([a.ravel(), b.ravel()], axis=1), framework
+
+    def _derivatives(self, model, args):
+        from .api import derivatives
+
+        x, framework = self._points(model, args.x)
+        if args.full:
+            from .plot import count_points
+
+            n = count_points(x)
+            if n is not None and n > FULL_MAX_POINTS:
+                raise UsageError(f"--full draws the N x N cross-sample Jacobian; N={n} points is "
+                                 f"too many (at most {FULL_MAX_POINTS}). Fix: pass fewer points, "
+                                 "e.g. x[:20].")
+        d = derivatives(model, x, order=args.order, wrt=_parse_wrt(args.wrt),
+                        framework=framework, check=args.check)
+        if args.quiet:
+            return self._shown(d)
+        display = self._display()
+        display(d)
+        if args.plot:
+            display(d.plot())
+        if args.full:
+            from .plot import plot_jacobian
+
+            display(plot_jacobian(model, x, framework=framework, max_points=FULL_MAX_POINTS))
+        if args.code:
+            print(d.code)
+        return self._shown(d)
+
+    def _widget(self, model, args):
+        from .widgets import explore, resolve_framework
+
+        domain, n, framework = (-3.0, 3.0), 200, resolve_framework(model)
+        if args.x is not None:
+            rng = parse_range(args.x)
+            if rng is not None:
+                domain, n = (rng[0], rng[1]), rng[2] or RANGE_POINTS[1]
+            else:
+                values = _as_numpy(self._evaluate(args.x, "X"))
+                if values.size < 2 or not np.ptp(values) > 0:
+                    raise UsageError("--widget takes its domain from X, which needs at least two "
+                                     "distinct values. Fix: pass a range such as -2:2:200.")
+                domain, n = (float(values.min()), float(values.max())), max(len(values), 2)
+        w = explore(model, domain=domain, n=n, framework=framework, order=min(args.order, 4),
+                    max_order=max(args.order, 4))
+        self._display()(w)
+        return self._shown(w)
+
+    @staticmethod
+    def _display():
+        from IPython.display import display
+
+        return display
+
+    def _shown(self, obj):
+        """Mark ``obj`` as displayed until this cell ends (see the module docstring)."""
+        def already_shown():
+            return None
+
+        try:
+            obj._ipython_display_ = already_shown
+        except (AttributeError, TypeError):
+            return obj
+
+        def forget(*_):
+            if obj.__dict__.get("_ipython_display_") is already_shown:
+                del obj.__dict__["_ipython_display_"]
+            self.shell.events.unregister("post_run_cell", forget)
+
+        self.shell.events.register("post_run_cell", forget)
+        return obj
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"X could not be read as numbers: {exc}") from None
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext nbderiv``: register ``%nnderiv``; imports no framework, prints nothing."""
+    ipython.register_magics(NbderivMagics)
+
+
+def unload_ipython_extension(ipython):
+    """``%unload_ext nbderiv``: remove ``%nnderiv``."""
+    ipython.magics_manager.magics["line"].pop("nnderiv", None)

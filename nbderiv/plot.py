@@ -1,0 +1,486 @@
+"""Matplotlib pictures of derivatives: :func:`plot_derivatives` and :func:`plot_jacobian`.
+
+The only nbderiv module that imports matplotlib. Figures are built on
+``matplotlib.figure.Figure`` directly (never pyplot), so nothing is registered globally,
+nothing is shown behind your back, and nothing leaks; a figure displays itself as PNG in
+a notebook (``_repr_png_``) even when pyplot was never imported.
+
+>>> import torch, nbderiv
+>>> d = nbderiv.derivatives(torch.sin, torch.linspace(-3, 3, 50), order=2)
+>>> fig = nbderiv.plot_derivatives(d)
+>>> [ax.get_ylabel() for ax in fig.panels.values()]
+['$y$', '$\\\\partial y/\\\\partial x$', '$\\\\partial^2 y/\\\\partial x^2$']
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping
+
+import numpy as np
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from .errors import OptionError
+from .result import Derivatives
+
+_GRID_MAX_POINTS = 30   # plot_jacobian draws every block boundary up to this many points
+
+
+class NbderivFigure(Figure):
+    """A ``Figure`` that renders itself as PNG in IPython and remembers its panels.
+
+    ``fig.panels`` maps what a panel shows to its Axes: the order ``k`` for curves,
+    ``(k, (p, ...))`` (order, wrt positions) for heatmaps, ``"jacobian"`` for the Jacobian.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.panels = {}
+
+    def to_png(self, dpi=None) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=dpi or self.dpi, metadata={"Software": None})
+        return buf.getvalue()
+
+    def _repr_png_(self):
+        return self.to_png()
+
+
+# -- labels ------------------------------------------------------------------------------
+def tex_name(name: str) -> str:
+    """An input's name as mathtext: ``x`` -> ``x``, ``x[1]`` -> ``x_{1}``, ``arg0`` -> roman."""
+    m = re.fullmatch(r"(\w+)\[(\d+)\]", name)
+    base, sub = (m.group(1), m.group(2)) if m else (name, None)
+    if not re.fullmatch(r"[A-Za-z]", base):
+        base = r"\mathrm{" + base.replace("_", r"\_") + "}"
+    return base + (f"_{{{sub}}}" if sub is not None else "")
+
+
+def _power(k: int) -> str:
+    return "" if k == 1 else (f"^{k}" if k < 10 else f"^{{{k}}}")
+
+
+def derivative_label(k: int, names, y: str = "y") -> str:
+    """``$\\partial^2 y/\\partial x^2$`` for the k-th partial w.r.t. ``names`` (one per
+    differentiation, repeats allowed); ``$y$`` for k = 0."""
+    if k == 0:
+        return f"${y}$"
+    counts = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    below = r"\,".join(r"\partial " + tex_name(n) + _power(c) for n, c in counts.items())
+    return rf"$\partial{_power(k)} {y}/{below}$"
+
+
+def _output_symbol(d: Derivatives, j: int) -> str:
+    return "y" if d.n_outputs == 1 else f"y_{{{j}}}"
+
+
+# -- argument handling ----------------------------------------------------------------------
+def _feature_position(d: Derivatives, i) -> int:
+    """Position in ``d.wrt`` of input feature ``i`` (an index into ``d.x``'s columns)."""
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        raise OptionError(f"wrt entries must be input indices (ints), got {i!r}. Fix: e.g. wrt=0.")
+    width = d.x.shape[1]
+    if not -width <= i < width:
+        raise OptionError(f"wrt={i} is out of range: x has {width} input(s). "
+                          f"Fix: use 0..{width - 1}.")
+    i = int(i) % width
+    if i not in d.wrt:
+        raise OptionError(
+            f"input {d.all_inputs[i]} (index {i}) was not differentiated: this result holds "
+            f"wrt={list(d.wrt)}. Fix: plot one of those, or recompute with wrt=[{i}].")
+    return d.wrt.index(i)
+
+
+def _plotted_positions(d: Derivatives, wrt) -> tuple:
+    if wrt is None:
+        if len(d.wrt) > 2:
+            raise OptionError(
+                f"this result has {len(d.wrt)} differentiated inputs ({', '.join(d.inputs)}); a "
+                "plot shows one (curves) or two (heatmaps). Fix: pass wrt=i for curves along "
+                "input i, or wrt=(i, j) for heatmaps over inputs i and j.")
+        return tuple(range(len(d.wrt)))
+    items = [wrt] if isinstance(wrt, (int, np.integer)) else list(wrt)
+    if not 1 <= len(items) <= 2:
+        raise OptionError(f"wrt must name one or two inputs, got {wrt!r}. Fix: wrt=0 or wrt=(0, 1).")
+    pos = tuple(_feature_position(d, i) for i in items)
+    if len(set(pos)) != len(pos):
+        raise OptionError(f"wrt names the same input twice ({wrt!r}). Fix: wrt=(0, 1).")
+    return pos
+
+
+def _orders(d: Derivatives, orders) -> list:
+    if orders is None:
+        return list(range(d.order + 1))
+    items = [orders] if isinstance(orders, (int, np.integer)) else list(orders)
+    for k in items:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= d.order:
+            raise OptionError(f"orders must be ints in 0..{d.order} (computed orders), got {k!r}. "
+                              f"Fix: e.g. orders=[0, 1, 2], or recompute with a higher order.")
+    if not items:
+        raise OptionError("orders is empty. Fix: e.g. orders=[0, 1].")
+    return sorted(set(int(k) for k in items))
+
+
+def _outputs(d: Derivatives, output) -> list:
+    if output is None:
+        return list(range(d.n_outputs))
+    items = [output] if isinstance(output, (int, np.integer)) else list(output)
+    for j in items:
+        if isinstance(j, bool) or not isinstance(j, (int, np.integer)) \
+                or not 0 <= j < d.n_outputs:
+            raise OptionError(f"output must be in 0..{d.n_outputs - 1}, got {j!r}. "
+                              "Fix: pick one of the model's outputs.")
+    return [int(j) for j in items]
+
+
+def _pure(a: np.ndarray, k: int, p: int) -> np.ndarray:
+    """The pure k-th partial along wrt position p: (N, d_out)."""
+    return a if k == 0 else a[(slice(None), slice(None)) + (p,) * k]
+
+
+def _reference_values(d: Derivatives, reference, orders, p) -> dict:
+    """{k: (N, d_out) array} of the reference's pure partials along wrt position p."""
+    if reference is None:
+        return {}
+    if callable(reference) and not isinstance(reference, Derivatives):
+        from .api import derivatives
+
+        reference = derivatives(reference, d.x.astype(np.float64), order=max(max(orders), 1),
+                                wrt=d.wrt, framework=d.framework)
+    if isinstance(reference, Derivatives):
+        if reference.n_points != d.n_points:
+            raise OptionError(f"the reference has {reference.n_points} points, the result "
+                              f"{d.n_points}. Fix: compute both at the same x.")
+        if reference.n_outputs not in (1, d.n_outputs):
+            raise OptionError(f"the reference has {reference.n_outputs} outputs, the model "
+                              f"{d.n_outputs}. Fix: give one output (compared with each) or "
+                              f"{d.n_outputs}.")
+        return {k: np.broadcast_to(_pure(np.asarray(reference[k]), k, p),
+                                   (d.n_points, d.n_outputs))
+                for k in orders if k <= reference.order}
+    if not isinstance(reference, Mapping):
+        raise OptionError(
+            f"reference must be a callable (the true function), a Derivatives, or a dict "
+            f"{{k: values}}, got {type(reference).__name__}. Fix: e.g. reference=torch.sin.")
+    out = {}
+    for k, values in reference.items():
+        if k not in orders:
+            continue
+        a = np.asarray(values, dtype=np.float64)
+        if a.shape == d[k].shape:
+            a = _pure(a, k, p)
+        elif a.shape == (d.n_points,):
+            a = a.reshape(-1, 1)
+        if a.ndim != 2 or a.shape[0] != d.n_points or a.shape[1] not in (1, d.n_outputs):
+            raise OptionError(
+                f"reference[{k}] has shape {np.shape(values)}; expected ({d.n_points},), "
+                f"({d.n_points}, {d.n_outputs}) or {d[k].shape}. Fix: give one value per point.")
+        out[k] = np.broadcast_to(a, (d.n_points, d.n_outputs))
+    return out
+
+
+def _fd_values(d: Derivatives, orders, p) -> dict:
+    ref = getattr(d.check, "reference", None) or {}
+    if not ref:
+        raise OptionError("fd=True draws the finite-difference check, but this result has none. "
+                          "Fix: compute it with nbderiv.derivatives(..., check=True).")
+    return {k: _pure(np.asarray(ref[k]), k, p) for k in orders if k in ref}
+
+
+def _layout(fig, ax, cells, figsize, nrows, ncols, sharex=False):
+    """[(cell, Axes)] for the non-None ``cells`` laid out nrows x ncols (None: an empty slot).
+
+    With ``ax`` (one Axes or a sequence) the panels go there instead, one per cell."""
+    used = [c for c in cells if c is not None]
+    if ax is not None:
+        axes = [ax] if not isinstance(ax, (list, tuple, np.ndarray)) else list(np.ravel(ax))
+        if len(axes) != len(used):
+            raise OptionError(f"ax holds {len(axes)} Axes but this plot has {len(used)} "
+                              "panel(s). Fix: pass that many Axes, or leave ax=None.")
+        return axes[0].figure, list(zip(used, axes, strict=True))
+    if fig is None:
+        fig = NbderivFigure(figsize=figsize, layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex)
+    pairs = []
+    for cell, axis in zip(cells, grid.ravel(), strict=True):
+        if cell is None:
+            axis.set_visible(False)
+        else:
+            pairs.append((cell, axis))
+    return fig, pairs
+
+
+def _remember(fig, key, axis):
+    if not hasattr(fig, "panels"):
+        fig.panels = {}
+    fig.panels[key] = axis
+
+
+# -- curves (one input) ---------------------------------------------------------------------
+def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, reference=None,
+                     fd=False, fig=None, ax=None, figsize=None):
+    """Plot y and its derivatives; returns the Figure (never shows it).
+
+    One differentiated input (or ``wrt=i``): one panel per order against x (points sorted,
+    one line per output, legend ``y[j]``), with optional overlays: ``reference`` (a callable
+    for the true function, differentiated by nbderiv at the same points; a ``Derivatives``;
+    or a dict ``{k: values (N,) or (N, d_out)}``) and ``fd=True`` (``d.check.reference``).
+    Two inputs (or ``wrt=(i, j)``): heatmaps of y and each partial of the given ``orders``
+    for one ``output`` (default 0), on the grid when the points form one, else scattered.
+
+    >>> import torch, nbderiv
+    >>> d = nbderiv.derivatives(torch.tanh, torch.linspace(-2, 2, 41), order=2, check=True)
+    >>> fig = d.plot(reference=torch.tanh, fd=True)
+    >>> [line.get_label() for line in fig.panels[2].lines]
+    ['network', 'reference', 'finite differences']
+    """
+    if not isinstance(d, Derivatives):
+        raise OptionError(f"plot_derivatives needs a Derivatives (from nbderiv.derivatives), got "
+                          f"{type(d).__name__}.")
+    positions = _plotted_positions(d, wrt)
+    ks = _orders(d, orders)
+    if len(positions) == 2:
+        if reference is not None or fd:
+            raise OptionError("reference= and fd= overlays are drawn on curves (one input). "
+                              "Fix: pass wrt=i to plot along one input, or compare the arrays.")
+        j = _outputs(d, 0 if output is None else output)
+        if len(j) != 1:
+            raise OptionError("heatmaps show one output at a time. Fix: pass output=j.")
+        return _heatmaps(d, positions, ks, j[0], fig, ax, figsize)
+    return _curves(d, positions[0], ks, _outputs(d, output), reference, fd, fig, ax, figsize)
+
+
+def _curves(d, p, ks, outputs, reference, fd, fig, ax, figsize):
+    feature = d.wrt[p]
+    name = d.inputs[p]
+    xs = d.x[:, feature].astype(np.float64)
+    idx = np.argsort(xs, kind="stable")
+    xs = xs[idx]
+    others = [i for i in range(d.x.shape[1]) if i != feature]
+    on_a_line = all(np.ptp(d.x[:, i]) == 0 for i in others)
+    refs = _reference_values(d, reference, ks, p)
+    fds = _fd_values(d, ks, p) if fd else {}
+    fig, pairs = _layout(fig, ax, ks, figsize or (6.4, 1.2 + 1.7 * len(ks)), len(ks), 1,
+                         sharex=True)
+    axes = [axis for _, axis in pairs]
+    multi = d.n_outputs > 1
+    for k, axis in pairs:
+        values = _pure(d[k], k, p)
+        for j in outputs:
+            color = f"C{j % 10}"
+            tag = f"y[{j}] " if multi else ""
+            style = dict(color=color, lw=1.8) if on_a_line else dict(color=color, ls="", marker=".")
+            axis.plot(xs, values[idx, j], label=(f"y[{j}]" if multi else "network"), **style)
+            if k in refs:
+                axis.plot(xs, refs[k][idx, j], ls="--", lw=1.4, color="black" if not multi
+                          else color, alpha=0.8, label=tag + "reference")
+            if k in fds:
+                axis.plot(xs, fds[k][idx, j], ls="", marker="o", ms=3.5, mfc="none",
+                          color="0.35" if not multi else color,
+                          markevery=max(1, len(xs) // 40), label=tag + "finite differences")
+        axis.set_ylabel(derivative_label(k, [name] * k))
+        axis.grid(alpha=0.3)
+        _remember(fig, k, axis)
+    axes[-1].set_xlabel(f"${tex_name(name)}$")
+    handles, labels = {}, []
+    for axis in axes:
+        for h, lab in zip(*axis.get_legend_handles_labels(), strict=True):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if len(labels) > 1:
+        _legend(fig, axes[0], [handles[lab] for lab in labels], labels, 3)
+    return fig
+
+
+def _legend(fig, top, handles, labels, ncols):
+    """A legend above the top panel: outside the axes with constrained layout, else just
+    above ``top`` (the caller leaves room for it)."""
+    ncols = min(len(labels), ncols)
+    engine = type(fig.get_layout_engine()).__name__
+    if engine == "ConstrainedLayoutEngine":
+        fig.legend(handles, labels, fontsize="small", ncols=ncols, loc="outside upper center")
+    else:
+        top.legend(handles, labels, fontsize="small", ncols=ncols, loc="lower center",
+                   bbox_to_anchor=(0.5, 1.0), frameon=False)
+
+
+# -- heatmaps (two inputs) -----------------------------------------------------------------------
+def grid_of(a: np.ndarray, b: np.ndarray):
+    """(ua, ub, ia, ib) when the points (a, b) are a full grid (each pair once), else None."""
+    ua, ia = np.unique(a, return_inverse=True)
+    ub, ib = np.unique(b, return_inverse=True)
+    if len(ua) < 2 or len(ub) < 2 or len(ua) * len(ub) != len(a):
+        return None
+    seen = np.zeros((len(ub), len(ua)), dtype=bool)
+    seen[ib, ia] = True
+    return (ua, ub, ia, ib) if seen.all() else None
+
+
+def _heatmaps(d, positions, ks, j, fig, ax, figsize):
+    pa, pb = positions
+    fa, fb = d.wrt[pa], d.wrt[pb]
+    a, b = d.x[:, fa].astype(np.float64), d.x[:, fb].astype(np.float64)
+    others = [i for i in range(d.x.shape[1]) if i not in (fa, fb)]
+    grid = grid_of(a, b) if all(np.ptp(d.x[:, i]) == 0 for i in others) else None
+    rows = []
+    for k in ks:
+        if k == 0:
+            rows.append([(0, ())])
+        else:
+            rows.append([(k, tuple([pa] * (k - c) + [pb] * c)) for c in range(k + 1)])
+    ncols = max(len(r) for r in rows)
+    cells = [cell for r in rows for cell in r + [None] * (ncols - len(r))]
+    fig, pairs = _layout(fig, ax, cells, figsize or (3.3 * ncols, 2.8 * len(rows)),
+                         len(rows), ncols)
+    symbol = _output_symbol(d, j)
+    for (k, multi), axis in pairs:
+        values = np.asarray(d[k][(slice(None), j) + multi], dtype=np.float64)
+        if k == 0:
+            norm, cmap = Normalize(*_finite_range(values)), "viridis"
+        else:
+            m = float(np.nanmax(np.abs(values), initial=0.0)) or 1.0
+            norm, cmap = Normalize(-m, m), "RdBu_r"
+        if grid is not None:
+            ua, ub, ia, ib = grid
+            Z = np.full((len(ub), len(ua)), np.nan)
+            Z[ib, ia] = values
+            art = axis.pcolormesh(ua, ub, Z, shading="nearest", cmap=cmap, norm=norm)
+        else:
+            art = axis.scatter(a, b, c=values, s=12, cmap=cmap, norm=norm, edgecolors="none")
+        fig.colorbar(art, ax=axis, shrink=0.9)
+        axis.set_title(derivative_label(k, [d.inputs[q] for q in multi], symbol), fontsize=10)
+        axis.set_xlabel(f"${tex_name(d.inputs[pa])}$")
+        axis.set_ylabel(f"${tex_name(d.inputs[pb])}$")
+        _remember(fig, (k, multi), axis)
+    return fig
+
+
+def _finite_range(values):
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
+
+
+# -- the cross-sample Jacobian ------------------------------------------------------------------------
+def count_points(x) -> int | None:
+    first = x[0] if isinstance(x, tuple) and x else x
+    shape = getattr(first, "shape", None)
+    if shape is not None:
+        return 1 if len(shape) == 0 else int(shape[0])
+    try:
+        return len(first)
+    except TypeError:
+        return None
+
+
+def plot_jacobian(model, x, *, framework=None, max_points=100, fig=None, ax=None, figsize=None):
+    """Image of the cross-sample Jacobian ``J[n, j, m, i] = d y[n, j] / d x[m, i]``
+    (from :func:`nbderiv.full_jacobian`) as an (N*d_out) x (N*d_in) matrix, point blocks
+    marked. Independent points give a block-diagonal picture; models that couple points
+    (e.g. BatchNorm in training mode) show off-diagonal blocks. Refuses N > ``max_points``.
+
+    >>> import torch, nbderiv
+    >>> fig = nbderiv.plot_jacobian(torch.sin, torch.linspace(0, 1, 6))
+    >>> fig.panels["jacobian"].images[0].get_array().shape
+    (6, 6)
+    """
+    n = count_points(x)
+    if n is not None and n > max_points:
+        raise OptionError(
+            f"plot_jacobian draws an (N*d_out) x (N*d_in) image and N={n} points is too many to "
+            f"see (max_points={max_points}). Fix: pass a few points, e.g. x[:20], or raise "
+            "max_points=.")
+    from .api import full_jacobian
+
+    J = full_jacobian(model, x, framework=framework)
+    N, d_out, _, d_in = J.shape
+    M = np.asarray(J, dtype=np.float64).reshape(N * d_out, N * d_in)
+    on = np.zeros(M.shape, dtype=bool)
+    for p in range(N):
+        on[p * d_out:(p + 1) * d_out, p * d_in:(p + 1) * d_in] = True
+    m_on = float(np.nanmax(np.abs(M[on]), initial=0.0))
+    m_off = float(np.nanmax(np.abs(M[~on]), initial=0.0))
+    height = min(max(1.8 + 4.0 * M.shape[0] / M.shape[1], 2.6), 6.5)
+    fig, ((_, axis),) = _layout(fig, ax, ["jacobian"], figsize or (5.6, height), 1, 1)
+    scale = max(m_on, m_off) or 1.0
+    image = axis.imshow(M, cmap="RdBu_r", norm=Normalize(-scale, scale), interpolation="nearest",
+                        aspect="auto")
+    fig.colorbar(image, ax=axis, label=r"$\partial y_{n,j} / \partial x_{m,i}$")
+    _mark_blocks(axis, N, d_out, d_in)
+    coupled = m_off > 1e-6 * max(m_on, 1e-30)
+    if coupled:
+        verdict = (f"off-diagonal blocks: points are coupled\n(max |J| {m_off:.2g} off the "
+                   f"point blocks, {m_on:.2g} on them)")
+    else:
+        verdict = "block diagonal: points are independent"
+    axis.set_title(f"cross-sample Jacobian, N={N}\n{verdict}", fontsize=10)
+    axis.set_xlabel("input: point m" + (f" x {d_in} features" if d_in > 1 else ""))
+    axis.set_ylabel("output: point n" + (f" x {d_out} outputs" if d_out > 1 else ""))
+    _remember(fig, "jacobian", axis)
+    fig.coupled = coupled
+    return fig
+
+
+def _mark_blocks(axis, N, d_out, d_in):
+    """Outline the diagonal (n == m) blocks; draw every block boundary for small N."""
+    from matplotlib.patches import Rectangle
+
+    if N <= _GRID_MAX_POINTS and N > 1:
+        for p in range(1, N):
+            axis.axhline(p * d_out - 0.5, color="0.8", lw=0.5)
+            axis.axvline(p * d_in - 0.5, color="0.8", lw=0.5)
+    for p in range(N):
+        axis.add_patch(Rectangle((p * d_in - 0.5, p * d_out - 0.5), d_in, d_out, fill=False,
+                                 edgecolor="0.2", lw=0.8 if N <= _GRID_MAX_POINTS else 0.4))
+    if N <= 20:
+        axis.set_xticks([p * d_in + (d_in - 1) / 2 for p in range(N)], [str(p) for p in range(N)])
+        axis.set_yticks([p * d_out + (d_out - 1) / 2 for p in range(N)],
+                        [str(p) for p in range(N)])
+
+
+# -- several models on shared panels --------------------------------------------------------------
+def plot_comparison(x, curves: dict, truth=None, *, orders=(0, 1, 2), fig=None, ax=None,
+                    figsize=None):
+    """Overlay several one-input results on shared panels (one per order), truth dashed.
+
+    ``curves`` maps a label to a :class:`Derivatives` computed at the points ``x`` (N,);
+    ``truth`` maps an order to its true values (N,). Used by
+    :func:`nbderiv.compare_activations`; ``fig.panels[k]`` is the panel of order k.
+
+    >>> import numpy as np, torch, nbderiv
+    >>> x = np.linspace(0, 1, 5).reshape(-1, 1)
+    >>> d = nbderiv.derivatives(torch.sin, x, order=1, framework="torch")
+    >>> fig = plot_comparison(x[:, 0], {"sin": d}, {1: np.cos(x[:, 0])}, orders=(1,))
+    >>> [line.get_label() for line in fig.panels[1].lines]
+    ['sin', 'truth']
+    """
+    xs = np.asarray(x, dtype=np.float64).reshape(-1)
+    idx = np.argsort(xs, kind="stable")
+    ks = list(orders)
+    fig, pairs = _layout(fig, ax, ks, figsize or (6.4, 1.2 + 1.9 * len(ks)), len(ks), 1,
+                         sharex=True)
+    truth = truth or {}
+    for k, axis in pairs:
+        for c, (label, d) in enumerate(curves.items()):
+            if k > d.order:
+                raise OptionError(f"{label!r} holds orders up to {d.order}, not {k}.")
+            values = np.asarray(d[k])[(slice(None), 0) + (0,) * k]
+            axis.plot(xs[idx], values[idx], color=f"C{c % 10}", lw=1.8, label=label)
+        if k in truth:
+            axis.plot(xs[idx], np.asarray(truth[k], dtype=np.float64).reshape(-1)[idx], ls="--",
+                      color="black", lw=1.4, label="truth")
+        axis.set_ylabel(derivative_label(k, ["x"] * k))
+        axis.grid(alpha=0.3)
+        _remember(fig, k, axis)
+    pairs[-1][1].set_xlabel("$x$")
+    handles, labels = pairs[0][1].get_legend_handles_labels()
+    if labels:
+        _legend(fig, pairs[0][1], handles, labels, 4)
+    return fig

@@ -1,0 +1,293 @@
+"""The ``%nnderiv`` magic through a real IPython shell: every option, the returned value,
+the range shorthand, one-line errors (exactly ``UsageError``), the summary displayed exactly
+once, and the same in a real Jupyter kernel; a torch and a Keras model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("IPython")
+
+from IPython.core.error import UsageError  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from IPython.utils.capture import capture_output  # noqa: E402
+
+import nbderiv  # noqa: E402
+from nbderiv.magics import split_line  # noqa: E402
+
+HEADER = "Derivatives of"
+
+
+@pytest.fixture(scope="module")
+def shell():
+    ip = InteractiveShell.instance()
+    if "nbderiv" in ip.extension_manager.loaded:  # e.g. by the magics module's doctest
+        ip.extension_manager.unload_extension("nbderiv")
+    with capture_output() as out:
+        ip.run_line_magic("load_ext", "nbderiv")
+    assert out.stdout == "" and out.stderr == "" and not out.outputs  # prints nothing
+    ip.run_cell(
+        "import torch\n"
+        "tanh = torch.nn.Sequential(torch.nn.Tanh())            # y = tanh(x), no Linear\n"
+        "pair = lambda X: (X[:, 0] ** 2 * torch.sin(X[:, 1])).unsqueeze(1)\n"
+        "x = torch.linspace(-2, 2, 21, dtype=torch.float64)\n"
+        "X2 = torch.rand(30, 2, dtype=torch.float64)\n"
+        "torch.manual_seed(0)\n"
+        "net3 = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))\n"
+        "lin2 = torch.nn.Sequential(torch.nn.Linear(2, 1))\n",
+        store_history=False,
+    )
+    yield ip
+    ip.run_line_magic("unload_ext", "nbderiv")
+
+
+def run(shell, cell):
+    """(ExecutionResult, captured) of one cell; fails the test on an unexpected error."""
+    with capture_output() as out:
+        result = shell.run_cell(cell, store_history=False)
+    return result, out
+
+
+def shown(out) -> int:
+    """How many times the summary appeared: displays plus the displayhook's Out[] text."""
+    texts = [o.data.get("text/plain", "") for o in out.outputs]
+    return sum(t.count(HEADER) for t in texts) + out.stdout.count(HEADER)
+
+
+def magic(shell, line):
+    with capture_output() as out:
+        value = shell.run_line_magic("nnderiv", line)
+    return value, out
+
+
+def usage_error(shell, line) -> str:
+    with pytest.raises(UsageError) as info:
+        magic(shell, line)
+    assert type(info.value) is UsageError  # exactly that class: IPython prints one line
+    return str(info.value)
+
+
+def tanh_k(x, k):
+    t = np.tanh(x)
+    return {0: t, 1: 1 - t ** 2, 2: -2 * t * (1 - t ** 2), 3: (1 - t ** 2) * (6 * t ** 2 - 2)}[k]
+
+
+# -- value and display ---------------------------------------------------------------------------
+def test_returns_derivatives_and_shows_the_summary_exactly_once(shell):
+    result, out = run(shell, "%nnderiv tanh x")  # the cell's last value
+    assert result.success and isinstance(result.result, nbderiv.Derivatives)
+    assert shown(out) == 1
+    assert [sorted(o.data) for o in out.outputs] == [["text/html", "text/plain"]]
+    d = result.result
+    xs = np.linspace(-2, 2, 21)
+    for k in (1, 2):
+        np.testing.assert_allclose(d[k][:, 0, 0, 0] if k == 2 else d[k][:, 0, 0],
+                                   tanh_k(xs, k), atol=1e-12)
+
+    result, out = run(shell, "d = %nnderiv tanh x")  # assigned: still shown, once
+    assert result.success and shown(out) == 1
+    assert isinstance(shell.user_ns["d"], nbderiv.Derivatives)
+
+    result, out = run(shell, "d = %nnderiv tanh x\nd")  # shown once within the cell
+    assert shown(out) == 1
+    result, out = run(shell, "d")  # a later cell displays it normally again
+    assert shown(out) == 1
+
+    result, out = run(shell, "%nnderiv tanh x -q")
+    assert result.success and isinstance(result.result, nbderiv.Derivatives)
+    assert shown(out) == 0 and not out.outputs
+    value, out = magic(shell, "tanh x --quiet")
+    assert isinstance(value, nbderiv.Derivatives) and shown(out) == 0
+
+
+def test_order_options(shell):
+    for line in ("tanh x -o 3", "tanh x --order 3", "tanh x --order=3", "tanh x -o3",
+                 "-o 3 tanh x"):
+        d, _ = magic(shell, line + " -q")
+        assert d.order == 3, line
+        np.testing.assert_allclose(d[3].reshape(-1), tanh_k(np.linspace(-2, 2, 21), 3),
+                                   atol=1e-12)
+    assert magic(shell, "tanh x -q")[0].order == 2  # default
+    assert "--order must be 1 or more" in usage_error(shell, "tanh x -o 0")
+    assert "invalid int value" in usage_error(shell, "tanh x -o two")
+
+
+def test_wrt(shell):
+    d, _ = magic(shell, "pair X2 --wrt 1 -q")
+    X = shell.user_ns["X2"].numpy()
+    assert d.wrt == (1,)
+    np.testing.assert_allclose(d[1][:, 0, 0], X[:, 0] ** 2 * np.cos(X[:, 1]), atol=1e-12)
+    np.testing.assert_allclose(d[2][:, 0, 0, 0], -X[:, 0] ** 2 * np.sin(X[:, 1]), atol=1e-12)
+    d, _ = magic(shell, "pair X2 --wrt=0,1 -o 1 -q")
+    assert d.wrt == (0, 1)
+    assert "out of range" in usage_error(shell, "pair X2 --wrt 5")
+    assert "--wrt takes input indices" in usage_error(shell, "pair X2 --wrt a,b")
+
+
+def test_plot_check_code_full(shell):
+    d, out = magic(shell, "tanh x --plot")
+    kinds = [sorted(o.data) for o in out.outputs]
+    assert kinds == [["text/html", "text/plain"], ["image/png", "text/plain"]]
+    assert out.outputs[1].data["image/png"][:4] in (b"\x89PNG", "iVBO")  # bytes or base64
+
+    d, out = magic(shell, "tanh x --check")
+    assert d.check is not None and d.check.passed
+    assert "check:" in out.outputs[0].data["text/plain"]
+
+    d, out = magic(shell, "tanh x --code -o 1")
+    assert d.code and d.code.strip() in out.stdout
+
+    d, out = magic(shell, "tanh x[:6] --full")
+    assert [sorted(o.data) for o in out.outputs][1] == ["image/png", "text/plain"]
+    assert "too many" in usage_error(shell, "tanh -2:2:500 --full")
+    assert "cannot be combined" in usage_error(shell, "tanh x -q --plot")
+
+
+def test_widget_option(shell):
+    w, out = magic(shell, "tanh -1:1:50 --widget")
+    assert "application/vnd.jupyter.widget-view+json" in out.outputs[0].data
+    assert w.controls["domain"].value == (-1.0, 1.0)
+    assert w.last_data["x"].shape == (50,)
+    np.testing.assert_allclose(w.last_data["y"][1], tanh_k(np.linspace(-1, 1, 50), 1),
+                               atol=1e-6)
+    w, _ = magic(shell, "tanh x --widget -o 3")
+    assert w.controls["order"].value == 3 and w.last_data["x"].shape == (21,)
+    result, out = run(shell, "%nnderiv tanh --widget")  # shown once as the last line too
+    assert len(out.outputs) == 1 and result.result is not None
+    assert "cannot be combined" in usage_error(shell, "tanh x --widget --plot")
+
+
+def test_help(shell):
+    value, out = magic(shell, "--help")
+    assert value is None and "--order" in out.stdout and "--widget" in out.stdout
+    assert "-o" in shell.find_line_magic("nnderiv").__doc__
+
+
+# -- the range shorthand ----------------------------------------------------------------------------
+def test_range_shorthand_one_and_two_inputs(shell):
+    d, _ = magic(shell, "tanh -2:2:200 -q")
+    np.testing.assert_allclose(d.x[:, 0], np.linspace(-2, 2, 200), atol=1e-6)
+    np.testing.assert_allclose(d[1][:, 0, 0], tanh_k(d.x[:, 0].astype(float), 1), atol=1e-6)
+    assert magic(shell, "tanh 0:1 -q")[0].n_points == 200  # default count
+    d, _ = magic(shell, "lin2 -1:1:7 -q -o 1")  # two inputs: a 7 x 7 grid
+    assert d.n_points == 49
+    g = np.linspace(-1, 1, 7)
+    want = np.array([(a, b) for b in g for a in g])
+    np.testing.assert_allclose(np.sort(d.x.view([("a", d.x.dtype), ("b", d.x.dtype)]), axis=0)
+                               .view(d.x.dtype).reshape(-1, 2),
+                               want[np.lexsort((want[:, 1], want[:, 0]))], atol=1e-6)
+    w = shell.user_ns["lin2"][0].weight.detach().numpy()[0]
+    np.testing.assert_allclose(d[1][:, 0, :], np.broadcast_to(w, (49, 2)), atol=1e-6)
+    assert "1 or 2 inputs" in usage_error(shell, "net3 -1:1:5")
+    assert "low < high" in usage_error(shell, "tanh 2:-2:10")
+
+
+def test_expressions_with_spaces_and_minus_signs(shell):
+    d, _ = magic(shell, "tanh torch.linspace(-2, 2, 200) -q")
+    assert d.n_points == 200
+    d, _ = magic(shell, "tanh x[:5] -q")
+    assert d.n_points == 5
+    d, _ = magic(shell, "tanh -x -q")
+    np.testing.assert_allclose(d.x[:, 0], -shell.user_ns["x"].numpy())
+    d, _ = magic(shell, "tanh ( x * 2 ) -q")
+    np.testing.assert_allclose(d.x[:, 0], 2 * shell.user_ns["x"].numpy())
+    d, _ = magic(shell, "(lambda t: t ** 3) x -q -o 3")
+    np.testing.assert_allclose(d[3].reshape(-1), 6.0)
+
+
+def test_split_line():
+    assert split_line("net torch.linspace(-2, 2, 200)") == ["net", "torch.linspace(-2, 2, 200)"]
+    assert split_line(' f(x["a b"], [1, (2, 3)])  -o 2 ') == ['f(x["a b"], [1, (2, 3)])', "-o", "2"]
+    for bad in ("net f(x", "net x]", "net 'x"):
+        with pytest.raises(UsageError):
+            split_line(bad)
+
+
+# -- errors -----------------------------------------------------------------------------------
+def test_errors_are_one_readable_usage_error(shell):
+    msg = usage_error(shell, "nett x")
+    assert "MODEL" in msg and "'nett'" in msg and "not defined" in msg
+    msg = usage_error(shell, "tanh xx")
+    assert "X" in msg and "'xx'" in msg and "not defined" in msg
+    assert "cannot parse" in usage_error(shell, "tanh x[1:2:3:4]")
+    assert "unclosed" in usage_error(shell, "tanh torch.linspace(-2, 2")
+    assert "IndexError" in usage_error(shell, "tanh x[99]")
+    assert "unrecognized arguments: --bogus" in usage_error(shell, "tanh x --bogus")
+    assert "unrecognized arguments" in usage_error(shell, "tanh x x x")
+    assert "missing X" in usage_error(shell, "tanh")
+    # core errors keep their message
+    msg = usage_error(shell, "net3 x")  # 3 inputs expected, 1 given
+    assert "rejected the input" in msg and "Fix:" in msg
+    assert "must be a torch.nn.Module" in usage_error(shell, "42 x")
+    shell.run_cell("class Picky(torch.nn.Module):\n"
+                   "    def forward(self, x):\n"
+                   "        if float(x.detach().max()) > 5: raise ValueError('above 5')\n"
+                   "        return torch.tanh(x)\n", store_history=False)
+    msg = usage_error(shell, "Picky() torch.linspace(0, 9, 50)")  # fails past the probe points
+    assert "the model raised ValueError: above 5" in msg
+    # through run_cell, IPython shows one line, no traceback
+    result, out = run(shell, "%nnderiv nett x")
+    assert type(result.error_in_exec) is UsageError
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+# -- a real kernel: the summary appears once, whatever the cell does with the value ----------------
+def test_display_once_in_a_real_kernel():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    cells = ["%load_ext nbderiv",
+             "import torch\nnet = torch.nn.Sequential(torch.nn.Tanh())\n"
+             "x = torch.linspace(-1, 1, 5)",
+             "%nnderiv net x", "d = %nnderiv net x", "d", "%nnderiv net x -q", "%nnderiv net nope",
+             "d.plot()"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    env_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                     allow_errors=True, resources={"metadata": {"path": env_root}})
+    client.execute()
+    outs = [c.outputs for c in nb.cells]
+    assert outs[0] == [] and outs[1] == []  # %load_ext prints nothing
+    for i in (2, 3, 4):
+        summaries = [o for o in outs[i] if "text/html" in o.get("data", {})]
+        assert len(summaries) == 1 and len(outs[i]) == 1, (cells[i], outs[i])
+    assert outs[2][0]["output_type"] == "display_data"
+    assert outs[4][0]["output_type"] == "execute_result"
+    assert outs[5] == []
+    (err,) = outs[6]  # IPython prints a UsageError as one line on stderr, no traceback
+    assert err["output_type"] == "stream" and err["name"] == "stderr"
+    assert err["text"].startswith("UsageError: X 'nope'") and err["text"].count("\n") == 1
+    (figure,) = outs[7]  # a returned figure shows itself once, as PNG
+    assert "image/png" in figure["data"]
+
+
+# -- Keras ------------------------------------------------------------------------------------------
+def test_keras_model(shell):
+    try:
+        import nbderiv.backends.tensorflow  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the Keras/TensorFlow backend is not importable: {exc}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    result, _ = run(shell,
+                    "import keras, numpy as np, tensorflow as tf\n"
+                    "kin = keras.Input((1,))\n"
+                    "dense = keras.layers.Dense(1, activation='tanh')\n"
+                    "kmodel = keras.Model(kin, dense(kin))\n"
+                    "dense.set_weights([np.array([[1.5]]), np.array([-0.3])])\n"
+                    "kx = tf.linspace(-2.0, 2.0, 11)[:, None]\n")
+    assert result.success, result.error_in_exec
+    d, out = magic(shell, "kmodel kx")
+    assert d.framework == "tensorflow" and shown(out) == 1
+    xs = np.linspace(-2, 2, 11)
+    np.testing.assert_allclose(d[1][:, 0, 0], 1.5 * tanh_k(1.5 * xs - 0.3, 1), atol=1e-5)
+    np.testing.assert_allclose(d[2][:, 0, 0, 0], 1.5 ** 2 * tanh_k(1.5 * xs - 0.3, 2), atol=1e-4)
+    d, _ = magic(shell, "kmodel -1:1:9 -q -o 1")  # range: the input width read from kmodel
+    np.testing.assert_allclose(d.x[:, 0], np.linspace(-1, 1, 9), atol=1e-6)
+    np.testing.assert_allclose(d[1][:, 0, 0], 1.5 * tanh_k(1.5 * d.x[:, 0] - 0.3, 1), atol=1e-5)
+    result, _ = run(shell, "kseq = keras.Sequential([keras.layers.Dense(1)])")  # unbuilt
+    assert "d_in=" in usage_error(shell, "kseq -1:1:5")
+    assert not shell.user_ns["kseq"].built  # never called, so never built for a wrong width

@@ -1,0 +1,246 @@
+"""nbderiv.plot: the plotted data are the derivatives (checked against closed forms), the
+heatmaps hold the partials on the grid or at the scattered points, and the Jacobian image
+shows the block structure of the cross-sample Jacobian."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+import nbderiv  # noqa: E402
+from nbderiv.errors import OptionError  # noqa: E402
+from nbderiv.plot import NbderivFigure, derivative_label, plot_comparison, tex_name  # noqa: E402
+
+SIN = {0: np.sin, 1: np.cos, 2: lambda x: -np.sin(x), 3: lambda x: -np.cos(x)}
+
+
+def _lines(ax):
+    return {line.get_label(): line.get_xydata() for line in ax.lines}
+
+
+def test_curves_are_the_derivatives_sorted_by_x_with_math_labels():
+    x = torch.tensor(np.random.default_rng(0).uniform(-3, 3, 60), dtype=torch.float64)  # unsorted
+    d = nbderiv.derivatives(torch.sin, x, order=3)
+    fig = d.plot()
+    assert isinstance(fig, NbderivFigure)
+    assert list(fig.panels) == [0, 1, 2, 3]
+    xs = np.sort(x.numpy())
+    for k, ax in fig.panels.items():
+        (line,) = ax.lines
+        data = line.get_xydata()
+        np.testing.assert_array_equal(data[:, 0], xs)
+        np.testing.assert_allclose(data[:, 1], SIN[k](xs), atol=1e-12)
+    assert fig.panels[0].get_ylabel() == "$y$"
+    assert fig.panels[1].get_ylabel() == r"$\partial y/\partial x$"
+    assert fig.panels[2].get_ylabel() == r"$\partial^2 y/\partial x^2$"
+    assert fig.panels[3].get_xlabel() == "$x$"
+
+
+def test_reference_callable_and_finite_difference_overlays():
+    x = torch.linspace(-1.5, 1.5, 31, dtype=torch.float64)
+    d = nbderiv.derivatives(torch.sin, x, order=2, check=True)
+    fig = d.plot(reference=lambda t: t ** 3, fd=True)
+    xs = x.numpy()
+    cube = {0: xs ** 3, 1: 3 * xs ** 2, 2: 6 * xs}
+    for k in (0, 1, 2):
+        lines = _lines(fig.panels[k])
+        np.testing.assert_allclose(lines["reference"][:, 1], cube[k], atol=1e-12)
+        np.testing.assert_allclose(lines["network"][:, 1], SIN[k](xs), atol=1e-12)
+        if k:
+            np.testing.assert_allclose(lines["finite differences"][:, 1], SIN[k](xs), atol=1e-6)
+    assert "finite differences" not in _lines(fig.panels[0])  # no finite differences of y
+    legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend_texts == ["network", "reference", "finite differences"]
+
+
+def test_reference_as_dict_of_closed_forms():
+    x = torch.linspace(0, 2, 21, dtype=torch.float64)
+    d = nbderiv.derivatives(lambda t: torch.exp(2 * t), x, order=2)
+    xs = x.numpy()
+    fig = d.plot(reference={1: 2 * np.exp(2 * xs), 2: 4 * np.exp(2 * xs)})
+    for k in (1, 2):
+        lines = _lines(fig.panels[k])
+        np.testing.assert_allclose(lines["network"][:, 1], lines["reference"][:, 1], rtol=1e-12)
+    with pytest.raises(OptionError, match="reference\\[1\\] has shape"):
+        d.plot(reference={1: np.ones(5)})
+
+
+def test_multi_output_legend_and_output_choice():
+    x = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    model = lambda t: torch.cat([torch.sin(t), t ** 2], dim=1)  # noqa: E731
+    d = nbderiv.derivatives(model, x, order=2)
+    fig = d.plot()
+    xs = x.numpy()
+    lines = _lines(fig.panels[1])
+    np.testing.assert_allclose(lines["y[0]"][:, 1], np.cos(xs), atol=1e-12)
+    np.testing.assert_allclose(lines["y[1]"][:, 1], 2 * xs, atol=1e-12)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["y[0]", "y[1]"]
+    only = d.plot(output=1, orders=[2])
+    assert list(only.panels) == [2]
+    np.testing.assert_allclose(_lines(only.panels[2])["y[1]"][:, 1], 2.0)
+
+
+def test_one_output_reference_is_drawn_beside_each_output():
+    x = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    d = nbderiv.derivatives(lambda t: torch.cat([t ** 2, t ** 3], dim=1), x, order=1)
+    fig = d.plot(reference=lambda t: 2 * t)
+    lines = _lines(fig.panels[1])
+    np.testing.assert_allclose(lines["y[0] reference"][:, 1], 2.0)
+    np.testing.assert_allclose(lines["y[1] reference"][:, 1], 2.0)
+    np.testing.assert_allclose(lines["y[1]"][:, 1], 3 * x.numpy() ** 2, atol=1e-12)
+    three = lambda t: torch.cat([t, t, t], dim=1)  # noqa: E731
+    with pytest.raises(OptionError, match="3 outputs"):
+        d.plot(reference=three)
+
+
+def test_fd_without_check_is_a_clear_error():
+    d = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 5), order=1)
+    with pytest.raises(OptionError, match="check=True"):
+        d.plot(fd=True)
+    with pytest.raises(OptionError, match="orders"):
+        d.plot(orders=[3])
+
+
+def _case_b(X):  # y = x0**2 * sin(x1)
+    return (X[:, 0] ** 2 * torch.sin(X[:, 1])).unsqueeze(1)
+
+
+def test_heatmaps_on_a_grid_hold_each_partial():
+    g0 = np.linspace(-1, 1, 7)
+    g1 = np.linspace(0, 3, 5)
+    A, B = np.meshgrid(g0, g1)  # A[i1, i0] = g0[i0]
+    X = np.stack([A.ravel(), B.ravel()], axis=1)[::-1].copy()  # any order of points
+    d = nbderiv.derivatives(_case_b, torch.tensor(X), order=2)
+    fig = d.plot()
+    truth = {
+        (0, ()): A ** 2 * np.sin(B),
+        (1, (0,)): 2 * A * np.sin(B),
+        (1, (1,)): A ** 2 * np.cos(B),
+        (2, (0, 0)): 2 * np.sin(B),
+        (2, (0, 1)): 2 * A * np.cos(B),
+        (2, (1, 1)): -A ** 2 * np.sin(B),
+    }
+    assert set(fig.panels) == set(truth)
+    for key, want in truth.items():
+        ax = fig.panels[key]
+        (mesh,) = ax.collections
+        np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(want.shape), want,
+                                   atol=1e-12)
+    assert fig.panels[(2, (0, 1))].get_title() == r"$\partial^2 y/\partial x_{0}\,\partial x_{1}$"
+    assert fig.panels[(2, (0, 0))].get_title() == r"$\partial^2 y/\partial x_{0}^2$"
+    assert fig.panels[(0, ())].get_xlabel() == "$x_{0}$"
+
+
+def test_heatmaps_of_scattered_points():
+    X = np.random.default_rng(1).uniform(-1, 1, (40, 2))
+    d = nbderiv.derivatives(_case_b, torch.tensor(X), order=1)
+    fig = d.plot(orders=[1])
+    for i, want in ((0, 2 * X[:, 0] * np.sin(X[:, 1])), (1, X[:, 0] ** 2 * np.cos(X[:, 1]))):
+        (points,) = fig.panels[(1, (i,))].collections
+        np.testing.assert_allclose(points.get_offsets(), X)
+        np.testing.assert_allclose(points.get_array(), want, atol=1e-12)
+
+
+def test_more_than_two_inputs_needs_wrt():
+    X = np.random.default_rng(2).uniform(-1, 1, (30, 3))
+    model = lambda t: (t[:, 0] * t[:, 1] + torch.sin(t[:, 2])).unsqueeze(1)  # noqa: E731
+    d = nbderiv.derivatives(model, torch.tensor(X), order=2)
+    with pytest.raises(OptionError, match="wrt=i"):
+        d.plot()
+    fig = d.plot(wrt=2)  # along x[2]; the other inputs vary, so points not lines
+    line = fig.panels[1].lines[0]
+    order = np.argsort(X[:, 2], kind="stable")
+    np.testing.assert_allclose(line.get_xydata()[:, 1], np.cos(X[order, 2]), atol=1e-12)
+    assert line.get_linestyle() == "None"
+    pair = d.plot(wrt=(0, 1), orders=[2])
+    (points,) = pair.panels[(2, (0, 1))].collections
+    np.testing.assert_allclose(points.get_array(), 1.0)
+    part = nbderiv.derivatives(model, torch.tensor(X), order=1, wrt=[2])
+    with pytest.raises(OptionError, match="not differentiated"):
+        part.plot(wrt=0)
+
+
+def test_drawing_into_given_axes_and_png_is_deterministic():
+    from matplotlib.figure import Figure
+
+    d = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 9), order=1)
+    host = Figure()
+    axes = host.subplots(1, 2)
+    assert d.plot(ax=axes) is host
+    np.testing.assert_allclose(axes[1].lines[0].get_ydata(), np.cos(np.linspace(0, 1, 9)),
+                               atol=1e-6)
+    with pytest.raises(OptionError, match="2 panel"):
+        d.plot(ax=axes[0])
+    fig = d.plot()
+    png = fig._repr_png_()
+    assert png.startswith(b"\x89PNG") and png == d.plot()._repr_png_()
+
+
+def test_labels():
+    assert tex_name("x") == "x"
+    assert tex_name("x[3]") == "x_{3}"
+    assert tex_name("arg0") == r"\mathrm{arg0}"
+    assert derivative_label(3, ["x[0]", "x[0]", "t"]) == r"$\partial^3 y/\partial x_{0}^2\,\partial t$"
+
+
+def test_plot_comparison_overlays_models_and_truth():
+    x = np.linspace(0, 1, 6).reshape(-1, 1)
+    d_sin = nbderiv.derivatives(torch.sin, x, order=2, framework="torch")
+    d_sq = nbderiv.derivatives(lambda t: t ** 2, x, order=2, framework="torch")
+    fig = plot_comparison(x[:, 0], {"sin": d_sin, "square": d_sq}, {2: np.full(6, 2.0)})
+    lines = _lines(fig.panels[2])
+    np.testing.assert_allclose(lines["sin"][:, 1], -np.sin(x[:, 0]), atol=1e-12)
+    np.testing.assert_allclose(lines["square"][:, 1], 2.0)
+    np.testing.assert_allclose(lines["truth"][:, 1], 2.0)
+
+
+# -- the cross-sample Jacobian --------------------------------------------------------------
+def _image(fig):
+    return np.asarray(fig.panels["jacobian"].images[0].get_array())
+
+
+def test_jacobian_of_independent_points_is_block_diagonal():
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    fig = nbderiv.plot_jacobian(torch.sin, x)
+    np.testing.assert_allclose(_image(fig), np.diag(np.cos(x.numpy())), atol=1e-12)
+    assert fig.coupled is False
+    assert "block diagonal" in fig.panels["jacobian"].get_title()
+
+    X = torch.tensor(np.random.default_rng(3).uniform(-1, 1, (4, 2)))
+    fig2 = nbderiv.plot_jacobian(lambda t: (t[:, 0] * t[:, 1]).unsqueeze(1), X)
+    M = _image(fig2)
+    assert M.shape == (4, 8)
+    want = np.zeros((4, 8))
+    for n in range(4):
+        want[n, 2 * n:2 * n + 2] = [X[n, 1], X[n, 0]]
+    np.testing.assert_allclose(M, want, atol=1e-12)
+    blocks = [p for p in fig2.panels["jacobian"].patches]
+    assert len(blocks) == 4 and blocks[1].get_xy() == (1.5, 0.5)  # point 1's block outlined
+
+
+def test_jacobian_of_coupled_points_shows_off_diagonal_blocks(torch_mlp):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 1)).double().train()
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(-1, 1)
+    buffers = [b.clone() for b in net.buffers()]
+    fig = nbderiv.plot_jacobian(net, x)
+    import copy
+
+    twin = copy.deepcopy(net)
+    want = torch.autograd.functional.jacobian(lambda t: twin(t), x).reshape(8, 8).numpy()
+    np.testing.assert_allclose(_image(fig), want, atol=1e-10)
+    assert fig.coupled is True
+    assert np.abs(want - np.diag(np.diag(want))).max() > 1e-3
+    assert "coupled" in fig.panels["jacobian"].get_title()
+    for before, after in zip(buffers, net.buffers(), strict=True):  # statistics put back
+        assert torch.equal(before, after)
+    assert net.training
+
+
+def test_jacobian_refuses_many_points():
+    with pytest.raises(OptionError, match="max_points"):
+        nbderiv.plot_jacobian(torch.sin, torch.zeros(500))

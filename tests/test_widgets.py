@@ -1,0 +1,239 @@
+"""nbderiv.widgets: every control, changed programmatically, recomputes and redraws what it
+should; the drawn arrays are checked against closed forms (a tanh unit) and against an
+independent torch.func reference (an MLP)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("ipywidgets")
+pytest.importorskip("matplotlib")
+
+import nbderiv  # noqa: E402
+from nbderiv.errors import OptionError  # noqa: E402
+from nbderiv.widgets import input_dim, slider_grid, snap  # noqa: E402
+
+W, B = 1.5, -0.3
+
+
+def tanh_unit():
+    """y = tanh(W x + B) as a torch module (float64)."""
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Tanh()).double()
+    with torch.no_grad():
+        net[0].weight.fill_(W)
+        net[0].bias.fill_(B)
+    return net
+
+
+def tanh_truth(x, k):
+    """k-th derivative of tanh(W x + B): W**k P_k(t), P_0 = t, P_{k+1} = P_k'(t) (1 - t**2)."""
+    P = np.polynomial.Polynomial([0, 1])
+    for _ in range(k):
+        P = P.deriv() * np.polynomial.Polynomial([1, 0, -1])
+    return W ** k * P(np.tanh(W * x + B))
+
+
+def _on_grid(slider):
+    steps = (np.asarray(slider.value, dtype=float) - slider.min) / slider.step
+    return np.allclose(steps, np.round(steps), atol=1e-9) and \
+        np.all(np.asarray(slider.value) >= slider.min) and np.all(np.asarray(slider.value) <= slider.max)
+
+
+def test_explore_draws_the_closed_form_and_follows_each_control():
+    w = nbderiv.explore(tanh_unit(), domain=(-3, 3), n=200, reference=torch.tanh)
+    c = w.controls
+    assert set(c) == {"order", "domain", "finite differences"}  # one input, one output
+    assert c["order"].description == "order" and c["order"].value == 2
+    data = w.last_data
+    np.testing.assert_allclose(data["x"], np.linspace(-3, 3, 200))
+    for k in range(3):
+        np.testing.assert_allclose(data["y"][k], tanh_truth(data["x"], k), atol=1e-12)
+        np.testing.assert_allclose(data["reference"][k],
+                                   tanh_truth((data["x"] - B) / W, k) / W ** k, atol=1e-12)
+    assert data["fd"] is None
+    assert bytes(w.image.value).startswith(b"\x89PNG")
+    assert "order 2" in w.readout.value
+
+    # order
+    image, readout = bytes(w.image.value), w.readout.value
+    c["order"].value = 4
+    data = w.last_data
+    assert sorted(data["y"]) == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(data["y"][4], tanh_truth(data["x"], 4), atol=1e-10)
+    assert bytes(w.image.value) != image and w.readout.value != readout
+    assert "order 4" in w.readout.value
+
+    # domain
+    image = bytes(w.image.value)
+    c["domain"].value = (-1.0, 2.0)
+    data = w.last_data
+    np.testing.assert_allclose(data["x"], np.linspace(-1, 2, 200))
+    np.testing.assert_allclose(data["y"][1], tanh_truth(data["x"], 1), atol=1e-12)
+    assert bytes(w.image.value) != image and "[-1, 2]" in w.readout.value
+
+    # finite differences overlay
+    image = bytes(w.image.value)
+    c["finite differences"].value = True
+    data = w.last_data
+    assert sorted(data["fd"]) == [1, 2, 3, 4]
+    for k in (1, 2):
+        np.testing.assert_allclose(data["fd"][k], tanh_truth(data["x"], k), atol=1e-5)
+    assert bytes(w.image.value) != image and "finite differences" in w.readout.value
+    assert all(_on_grid(s) for s in c.values() if hasattr(s, "step"))
+
+
+def test_explore_inputs_outputs_and_fixed_sliders(torch_mlp, func_reference):
+    net = torch_mlp([3, 16, 2], seed=1)
+    w = nbderiv.explore(net, domain=(-2, 2), n=40, point=(0.33, -0.7, 0.5))
+    c = w.controls
+    assert set(c) == {"order", "output", "input", "x[0]", "x[1]", "x[2]", "domain",
+                      "finite differences"}
+    # every slider starts on its grid, the requested point snapped to it
+    assert [c[f"x[{i}]"].value for i in range(3)] == [0.3, -0.7, 0.5]
+    assert all(_on_grid(c[k]) for k in ("x[0]", "x[1]", "x[2]", "domain"))
+    assert c["x[0]"].layout.display == "none" and c["x[1]"].layout.display is None
+
+    def check(i, j, k):
+        data = w.last_data
+        X = data["X"]
+        np.testing.assert_allclose(X[:, i], np.linspace(-2, 2, 40))
+        for other in set(range(3)) - {i}:
+            np.testing.assert_allclose(X[:, other], c[f"x[{other}]"].value)
+        same = nbderiv.derivatives(net, X, order=k, wrt=[i])
+        np.testing.assert_allclose(data["y"][k], same[k][:, j].reshape(-1))
+        ref = func_reference(net, X, 2)  # (N, d_out, 3, 3), torch.func
+        np.testing.assert_allclose(data["y"][2], ref[:, j, i, i], atol=1e-10)
+
+    def changes(control, value):
+        image, readout = bytes(w.image.value), w.readout.value
+        c[control].value = value
+        assert bytes(w.image.value) != image and w.readout.value != readout, control
+
+    check(0, 0, 2)
+    changes("input", 1)
+    assert c["x[1]"].layout.display == "none" and c["x[0]"].layout.display is None
+    check(1, 0, 2)
+    changes("x[0]", 1.2)
+    assert w.last_data["X"][0, 0] == 1.2
+    check(1, 0, 2)
+    changes("output", 1)
+    check(1, 1, 2)
+    assert "y[1]" in w.readout.value
+    changes("x[2]", -1.5)
+    check(1, 1, 2)
+    assert "x[2] = -1.5" in w.readout.value
+    changes("order", 3)
+    check(1, 1, 3)
+
+
+def test_an_empty_domain_is_reported_not_raised():
+    w = nbderiv.explore(tanh_unit(), n=20)
+    before = w.last_data
+    w.controls["domain"].value = (1.0, 1.0)
+    assert "domain is empty" in w.readout.value
+    assert w.last_data is before
+
+
+class Picky(torch.nn.Module):
+    """tanh(x), refusing inputs above 5 (as a model trained on a range might assert)."""
+
+    def forward(self, x):
+        if float(x.detach().max()) > 5:
+            raise ValueError("inputs above 5 are out of range")
+        return torch.tanh(x)
+
+
+def test_a_failing_recompute_is_shown_in_the_readout():
+    w = nbderiv.explore(Picky(), domain=(-2, 4), n=20, d_in=1)  # the slider reaches 7
+    before, image = w.last_data, bytes(w.image.value)
+    w.controls["domain"].value = (-2.0, 6.0)
+    assert "cannot compute" in w.readout.value and "out of range" in w.readout.value
+    assert w.last_data is before and bytes(w.image.value) == image
+    w.controls["domain"].value = (-2.0, 3.0)  # back in range: recovers
+    np.testing.assert_allclose(w.last_data["y"][1], tanh_truth((w.last_data["x"] - B) / W, 1)
+                               / W, atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):  # at construction: raised
+        nbderiv.explore(Picky(), domain=(0, 10), d_in=1)
+
+
+def test_slider_grid_keeps_values_on_the_grid():
+    for lo, hi in [(-3, 3), (-0.37, 1.91), (0, 1e-3), (10, 2000)]:
+        grid = slider_grid(lo, hi)
+        mn, mx, step, _ = grid
+        for v in (mn, mx, snap(lo, grid), snap(hi, grid), snap((lo + hi) / 3, grid)):
+            k = (v - mn) / step
+            assert abs(k - round(k)) < 1e-9 and mn <= v <= mx
+        assert mn <= lo and mx >= hi
+    with pytest.raises(OptionError):
+        slider_grid(1, 1)
+
+
+def test_input_dim_without_changing_the_model():
+    assert input_dim(torch.nn.Sequential(torch.nn.Linear(5, 2), torch.nn.Tanh())) == 5
+    assert input_dim(torch.sin, framework="torch") == 1
+    assert input_dim(object(), d_in=3) == 3
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh())
+    with pytest.raises(OptionError, match="d_in="):
+        input_dim(lazy)
+    assert lazy[0].in_features == 0  # still uninitialised: never called
+    with pytest.raises(OptionError, match="d_in="):
+        input_dim(lambda x: x[:, 3], framework="torch")
+
+
+def test_explore_recomputes_fast_enough(torch_mlp):
+    """Issue: recompute < 200 ms for 200 points on a small MLP, derivatives and PNG together
+    (the explorer computes with one torch thread, see ``_few_threads``). Best of three tries
+    per order: the machine is shared."""
+    net = torch_mlp([1, 32, 32, 1], dtype="float32")
+    threads = torch.get_num_threads()
+    w = nbderiv.explore(net, n=200)
+    times = {}
+    for _ in range(3):
+        for order in (1, 2, 4):
+            w.controls["order"].value = order
+            times.setdefault(order, []).append((w.last_data["compute_ms"],
+                                                w.last_data["elapsed_ms"]))
+    assert torch.get_num_threads() == threads  # put back
+    best = {k: (min(c for c, _ in v), min(e for _, e in v)) for k, v in times.items()}
+    print("explore recompute, best ms (derivatives, with drawing):",
+          {k: (round(c), round(e)) for k, (c, e) in best.items()})
+    assert best[2][1] < 200
+    assert all(c < 200 for c, _ in best.values())
+
+
+def test_compare_activations_relu_has_no_curvature_and_is_seeded():
+    state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    c = nbderiv.compare_activations(lambda x: x ** 2, ("relu", "softplus"), steps=150,
+                                    hidden=(16, 16), n=101, progress=False)
+    assert time.perf_counter() - start < 30
+    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
+    np.testing.assert_allclose(c.truth[1], 2 * c.x, atol=1e-12)  # closed form of x**2
+    np.testing.assert_allclose(c.truth[2], 2.0)
+    relu2 = np.asarray(c.derivatives["relu"][2])
+    assert np.all(relu2 == 0)  # piecewise linear: no second derivative anywhere
+    inner = np.abs(c.x) <= 1.5
+    soft2 = np.asarray(c.derivatives["softplus"][2]).reshape(-1)[inner]
+    assert abs(soft2.mean() - 2) < 0.5
+    assert c.errors["relu"][2] == pytest.approx(2.0)
+    assert "piecewise-linear" in c.derivatives["relu"].codes
+    assert [ln.get_label() for ln in c.figure.panels[2].lines] == ["relu", "softplus", "truth"]
+    again = nbderiv.compare_activations(lambda x: x ** 2, ("relu", "softplus"), steps=150,
+                                        hidden=(16, 16), n=101, progress=False)
+    for a in ("relu", "softplus"):
+        for p, q in zip(c.models[a].parameters(), again.models[a].parameters(), strict=True):
+            assert torch.equal(p, q)
+    other = nbderiv.compare_activations(lambda x: x ** 2, ("relu",), steps=5, seed=1,
+                                        progress=False)
+    assert not torch.equal(next(other.models["relu"].parameters()),
+                           next(c.models["relu"].parameters()))
+    assert "<img" in c._repr_html_() and "softplus" in repr(c)
+    with pytest.raises(OptionError, match="framework"):
+        nbderiv.compare_activations(lambda x: x ** 2, framework="tensorflow")
+    with pytest.raises(OptionError, match="unknown activation"):
+        nbderiv.compare_activations(lambda x: x ** 2, ("swishy",))
