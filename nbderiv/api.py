@@ -16,8 +16,14 @@ import numpy as np
 from . import findings as dg
 from .backends import select_backend
 from .errors import MemoryBudgetError, NbderivError, OptionError
-from .inputs import (check_order, check_wrt, input_findings, input_names, model_rejected_input,
-                     prepare_inputs)
+from .inputs import (
+    check_order,
+    check_wrt,
+    input_findings,
+    input_names,
+    model_rejected_input,
+    prepare_inputs,
+)
 from .result import Derivatives
 
 DEFAULT_MEMORY_BUDGET = 1 << 30          # working memory for derivatives, bytes

@@ -72,15 +72,12 @@ def input_dim(model, *, framework=None, d_in=None) -> int:
             raise OptionError(f"cannot read the input width of this Keras model without building "
                               f"it (it has no Input). {fix}")
         return width
-    modules = getattr(model, "modules", None)
-    if callable(modules) and fw == "torch":
-        for module in modules():
-            if type(module).__name__.startswith("Lazy"):
-                raise OptionError("the model has a lazy layer, which the first call would "
-                                  f"initialise for whatever width it sees. {fix}")
-            width = getattr(module, "in_features", None)
-            if isinstance(width, int) and width > 0:
-                return width
+    if fw is not None:
+        from .backends import get_backend
+
+        width = get_backend(fw).input_width(model)
+        if width is not None:
+            return width
     if fw is None:
         raise OptionError("cannot tell which framework runs this callable. Fix: pass "
                           "framework='torch' or framework='tensorflow'.")
@@ -335,19 +332,14 @@ class _Explorer:
 
 @contextmanager
 def _few_threads(framework):
-    """One torch thread while the explorer computes (put back afterwards): its problems are
-    tiny (n points along a line), and on a busy machine torch's BLAS threads wait on each
-    other, making a 2 ms computation take 300 ms."""
-    torch = sys.modules.get("torch") if framework == "torch" else None
-    if torch is None:
+    """The backend's settings for tiny interactive problems (torch: one thread)."""
+    if framework is None:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from .backends import get_backend
+
+    with get_backend(framework).few_threads():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _render(d, output, reference, fd, width=6.4, dpi=80) -> bytes:
@@ -451,21 +443,28 @@ def compare_activations(target, activations=("relu", "tanh", "softplus"), *, fra
     >>> float(abs(c.derivatives["relu"][2]).max())
     0.0
     """
-    if framework != "torch":
-        raise OptionError(f"compare_activations trains PyTorch networks; framework={framework!r} "
-                          "is not supported. Fix: framework='torch'.")
     from .api import derivatives
+    from .backends import get_backend
     from .plot import plot_comparison
 
+    trainer = get_backend(framework)
+    if not hasattr(trainer, "fit_1d"):
+        raise OptionError(f"compare_activations trains PyTorch networks; framework={framework!r} "
+                          "is not supported. Fix: framework='torch'.")
     lo, hi = _domain(domain)
-    acts = _activation_modules(activations)
+    if isinstance(activations, str):
+        activations = (activations,)
+    acts = dict(trainer.activation_class(a) for a in activations)
+    if not acts:
+        raise OptionError("activations is empty. Fix: e.g. ('relu', 'tanh').")
     steps = _positive_int(steps, "steps", 1)
     models, losses = {}, {}
     bar = _progress_bar(len(acts) * steps, progress)
     try:
-        for a, (name, make) in enumerate(acts.items()):
-            models[name], losses[name] = _train_torch(target, make, hidden, steps, lr, n_train,
-                                                      (lo, hi), seed + a, bar)
+        for a, (name, cls) in enumerate(acts.items()):
+            models[name], losses[name] = trainer.fit_1d(
+                target, cls, hidden=hidden, steps=steps, lr=lr, n_train=n_train,
+                domain=(lo, hi), seed=seed + a, on_step=None if bar is None else bar.update)
     finally:
         if bar is not None:
             bar.close()
@@ -482,32 +481,6 @@ def compare_activations(target, activations=("relu", "tanh", "softplus"), *, fra
     return Comparison(x[:, 0], models, ders, truth, losses, errors, fig, seed)
 
 
-_ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "softplus": "Softplus", "sigmoid": "Sigmoid",
-                "silu": "SiLU", "gelu": "GELU", "elu": "ELU", "leaky_relu": "LeakyReLU"}
-
-
-def _activation_modules(activations) -> dict:
-    import torch
-
-    if isinstance(activations, str):
-        activations = (activations,)
-    out = {}
-    for a in activations:
-        if isinstance(a, str):
-            cls = _ACTIVATIONS.get(a.lower())
-            if cls is None:
-                raise OptionError(f"unknown activation {a!r}. Fix: one of "
-                                  f"{', '.join(_ACTIVATIONS)}, or a torch.nn.Module class.")
-            out[a.lower()] = getattr(torch.nn, cls)
-        elif isinstance(a, type) and issubclass(a, torch.nn.Module):
-            out[a.__name__] = a
-        else:
-            raise OptionError(f"activations must be names or torch.nn.Module classes, got {a!r}.")
-    if not out:
-        raise OptionError("activations is empty. Fix: e.g. ('relu', 'tanh').")
-    return out
-
-
 def _progress_bar(total, enabled):
     if not enabled:
         return None
@@ -516,43 +489,3 @@ def _progress_bar(total, enabled):
     except ImportError:  # progress is a nicety
         return None
     return tqdm(total=total, desc="training", unit="step", leave=False)
-
-
-def _train_torch(target, make_act, hidden, steps, lr, n_train, domain, seed, bar):
-    import torch
-
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):  # the global random state is put back afterwards
-        torch.manual_seed(seed)
-        torch.set_num_threads(1)  # tiny matrices: one thread is fastest (restored below)
-        try:
-            return _fit(target, make_act, hidden, steps, lr, n_train, domain, bar)
-        finally:
-            torch.set_num_threads(threads)
-
-
-def _fit(target, make_act, hidden, steps, lr, n_train, domain, bar):
-    import torch
-
-    sizes = [1, *hidden, 1]
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(make_act())
-    net = torch.nn.Sequential(*layers)
-    xt = torch.linspace(domain[0], domain[1], n_train, dtype=torch.float64).reshape(-1, 1)
-    with torch.no_grad():
-        yt = torch.as_tensor(target(xt)).reshape(-1, 1).to(torch.float32)
-    xt = xt.to(torch.float32)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(net(xt), yt)
-        loss.backward()
-        opt.step()
-        if bar is not None:
-            bar.update(1)
-    net.eval()
-    return net, float(loss.detach())

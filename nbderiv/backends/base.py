@@ -80,6 +80,15 @@ class Backend:
         ``model`` and ``x``; it leaves numpy arrays ``d1`` ... ``d<order>``."""
         raise NotImplementedError
 
+    def input_width(self, model):
+        """The number of input features the model expects, read without calling it, or None."""
+        return None
+
+    @contextmanager
+    def few_threads(self):
+        """Settings for tiny interactive problems (the explorer's few hundred points)."""
+        yield
+
     def float64_copy(self, model):
         """A float64 copy of the model (for finite differences), or the model itself if it
         holds no parameters."""

@@ -22,10 +22,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..errors import OptionError
 from ..inputs import check_output
 from .base import Backend, fill_symmetric, sorted_multi_indices
 from .torch_code import torch_code
 from .torch_taylor import taylor_derivatives, taylor_plan
+from .torch_train import activation_class, fit_1d
 
 _ACTIVATION_NAMES = {
     "ReLU", "LeakyReLU", "ReLU6", "PReLU", "RReLU", "Hardtanh", "Hardshrink", "Softshrink",
@@ -222,6 +224,36 @@ class TorchBackend(Backend):
                 opaque = True
         return {"activations": activations, "train_mode": train_mode, "opaque": opaque}
 
+    def input_width(self, model):
+        if not isinstance(model, torch.nn.Module):
+            return None
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
+                raise OptionError("the model has a lazy layer, which its first call would "
+                                  "initialise for whatever width it sees. Fix: pass d_in= "
+                                  "(the number of input features).")
+            width = getattr(module, "in_features", None)
+            if isinstance(width, int) and width > 0:
+                return width
+        return None
+
+    @contextmanager
+    def few_threads(self):
+        """One thread: for a few hundred points, BLAS threads mostly wait on each other."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    # -- teaching: small seeded training runs (compare_activations) ---------------------
+    def activation_class(self, activation):
+        return activation_class(activation)
+
+    def fit_1d(self, target, activation, **kwargs):
+        return fit_1d(target, activation, **kwargs)
+
     def float64_copy(self, model):
         if isinstance(model, torch.nn.Module):
             return copy.deepcopy(model).to(torch.float64)
@@ -251,7 +283,7 @@ class _PlainNorms(torch.overrides.TorchFunctionMode):
         if func is F.batch_norm:
             names = ("input", "running_mean", "running_var", "weight", "bias", "training",
                      "momentum", "eps")
-            bound = dict(zip(names, args), **kwargs)
+            bound = dict(zip(names, args, strict=False), **kwargs)
             uses_batch = bound.get("training", False) or bound.get("running_mean") is None
             if uses_batch:
                 return _batch_norm_batch_stats(bound["input"], bound.get("weight"),

@@ -205,7 +205,7 @@ def _apply_act(act, c, order):
 
 def taylor_derivatives(plan, X, order, direction):
     """(y (n, d_out), [d1..dK] each (n, d_out, 1, ..., 1)) along input ``direction``."""
-    n = X.shape[0]
+    X.shape[0]
     with torch.no_grad():
         e = torch.zeros((1, X.shape[1]), dtype=X.dtype, device=X.device)
         e[0, direction] = 1
