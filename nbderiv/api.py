@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import findings as dg
 from .backends import select_backend
-from .errors import MemoryBudgetError, NbderivError, OptionError
+from .errors import MemoryBudgetError, ModelCallError, NbderivError, OptionError
 from .inputs import (
     check_order,
     check_wrt,
@@ -54,6 +55,23 @@ class _Call:
             raise
         except Exception as exc:
             raise model_rejected_input(exc, self.prepared) from None
+
+
+@contextmanager
+def _model_errors(call, doing: str):
+    """Turn an exception raised inside the model (past the first probe) into one readable error."""
+    try:
+        yield
+    except (NbderivError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        shapes = ", ".join(str(tuple(a.shape)) for a in call.args)
+        raise ModelCallError(
+            f"the model raised {type(exc).__name__} while nbderiv was {doing} on input of shape "
+            f"{shapes}: {text}. Fix: check that the model runs on that input with plain "
+            "framework code (d.code shows the equivalent), e.g. on a smaller batch."
+        ) from None
 
 
 def _open(model, x, framework) -> _Call:
@@ -118,8 +136,9 @@ def _compute(call, order, wrt, chunk, progress):
     show = progress if progress is not None else len(starts) >= 8
     ys, per_order, method = [], [[] for _ in range(order)], None
     for s in _progress(starts, len(starts), show):
-        y, ders, method = call.backend.derivatives(
-            call.model, [a[s:s + chunk] for a in call.args], order, wrt, call.context)
+        with _model_errors(call, f"differentiating it (order {order})"):
+            y, ders, method = call.backend.derivatives(
+                call.model, [a[s:s + chunk] for a in call.args], order, wrt, call.context)
         ys.append(y)
         for k, d in enumerate(ders):
             per_order[k].append(d)
@@ -154,9 +173,10 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
         if stochastic and not any(f.code == "train-mode" for f in findings):
             findings.append(dg.stochastic_finding())
         if coupled:
-            y, ders, method = backend.per_point_derivatives(model, call.args, order, wrt,
-                                                            call.context)
-            _, ones, _ = backend.derivatives(model, call.args, 1, wrt, call.context)
+            with _model_errors(call, "differentiating it point by point"):
+                y, ders, method = backend.per_point_derivatives(model, call.args, order, wrt,
+                                                                call.context)
+                _, ones, _ = backend.derivatives(model, call.args, 1, wrt, call.context)
             findings.append(dg.coupling_finding(float(np.abs(ones[0] - ders[0]).max()),
                                                 float(np.abs(ders[0]).max()), call.n))
         else:
@@ -245,5 +265,6 @@ def full_jacobian(model, x, *, framework=None, memory_budget=DEFAULT_JACOBIAN_BU
                 "Fix: use nbderiv.derivatives(model, x) for the per-point blocks, pass fewer points, "
                 "or raise memory_budget=."
             )
-        J = call.backend.full_jacobian(model, call.args, call.context)
+        with _model_errors(call, "building the full Jacobian"):
+            J = call.backend.full_jacobian(model, call.args, call.context)
     return J.reshape(call.n, d_out, call.n, call.prepared.width)

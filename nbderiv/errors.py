@@ -41,3 +41,7 @@ class MemoryBudgetError(NbderivError, ValueError):
 
 class BackendError(NbderivError, ValueError):
     """The model's framework is recognised but this configuration is not supported."""
+
+
+class ModelCallError(NbderivError, ValueError):
+    """The model itself raised while nbderiv was evaluating or differentiating it."""
