@@ -2,27 +2,41 @@
 
 Order 1 is checked against central differences of y; order k against central
 differences of the float64 derivatives of order k-1, one input direction at a time.
+Float64 autodiff at the points themselves tells the two kinds of mismatch apart: where it
+agrees with the differences but the (float32) result does not, digits were lost to
+rounding (``low-precision``); where even float64 autodiff disagrees, the function is not
+smooth within a step of the point (a ReLU kink between x - h and x + h).
 
 >>> import torch, nbderiv
 >>> d = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 5), order=2, check=True)
->>> d.check.errors[2][0] < 1e-6
-True
+>>> d.check.passed, d.check.errors[2][0] < 1e-6
+(True, True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# relative tolerance per dtype of the checked result
+from .findings import structurally_piecewise
+
+# relative tolerance (of the largest value of that order) per dtype of the checked result
 TOLERANCE = {"float16": 5e-2, "bfloat16": 5e-2, "float32": 2e-3, "float64": 1e-6}
+RELATIVE_STEP = 1e-4     # h = RELATIVE_STEP * max(1, max |x|)
+COUPLED_POINTS = 4       # points checked one by one when the model couples points
+COUPLED_MAX_N = 256      # above this the per-point differences of a coupled model cost too much
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
 @dataclass
 class FiniteDifferenceCheck:
-    """``errors[k] = (max_abs, max_rel)`` against the finite-difference reference
-    ``reference[k]`` (same shape as ``d[k]``), computed with step ``step``."""
+    """``errors[k] = (max_abs, max_rel)`` of ``d[k]`` against the float64 central-difference
+    reference ``reference[k]`` (same shape as ``d[k]``; NaN rows were not checked), step
+    ``step``. ``passed`` is False on any mismatch beyond ``tolerance`` (relative to the
+    largest value of that order); ``nonsmooth_points`` are the points where even float64
+    autodiff disagrees with the differences (kinks); ``note`` explains."""
 
     step: float
     errors: dict = field(default_factory=dict)
@@ -30,6 +44,8 @@ class FiniteDifferenceCheck:
     tolerance: float = 0.0
     passed: bool = True
     low_precision: bool = False
+    low_precision_orders: tuple = ()
+    nonsmooth_points: tuple = ()
     note: str = ""
 
     def summary(self) -> str:
@@ -42,49 +58,161 @@ class FiniteDifferenceCheck:
         return text + (f" ({self.note})" if self.note else "")
 
 
-def finite_difference_check(call, result, *, coupled=False) -> FiniteDifferenceCheck:
-    """Compare ``result`` (a Derivatives) with float64 finite differences."""
-    if coupled:
-        return FiniteDifferenceCheck(step=float("nan"), note="not available for models that "
-                                     "couple points (shifting every point at once is not a "
-                                     "per-point difference)", passed=False)
+def _not_run(note: str) -> FiniteDifferenceCheck:
+    return FiniteDifferenceCheck(step=float("nan"), passed=False, note=note)
+
+
+def finite_difference_check(call, result, *, coupled=False, compute=None) -> FiniteDifferenceCheck:
+    """Compare ``result`` (a Derivatives) with float64 finite differences.
+
+    ``call`` is the api's per-call record (model, backend, args, context);
+    ``compute(call, k) -> (y, [d1..dk], method)`` evaluates derivatives for a modified
+    copy of it (the api passes its chunked loop); by default one backend call.
+    """
     backend = call.backend
-    model64 = backend.float64_copy(call.model)
-    ctx64 = backend.context(model64, None, np.float64)
-    widths = call.prepared.widths
-    X = np.concatenate([a.astype(np.float64) for a in call.args], axis=1)
-    order, wrt = result.order, result.wrt
-    step = 1e-4 * max(1.0, float(np.nanmax(np.abs(X))) if X.size else 1.0)
+    wrt, order = result.wrt, result.order
+    if compute is None:
+        def compute(c, k):
+            return c.backend.derivatives(c.model, c.args, k, wrt, c.context)
+    try:
+        model64 = backend.float64_copy(call.model)
+        ctx64 = backend.context(model64, None, np.float64)
+        ctx64 = {**{k: v for k, v in call.context.items() if k not in ctx64}, **ctx64}
+        widths = [a.shape[1] for a in call.args]
+        X = np.concatenate([a.astype(np.float64) for a in call.args], axis=1)
 
-    def evaluate(Xs):
-        args = np.split(Xs, np.cumsum(widths)[:-1], axis=1)
-        if order == 1:
-            return [backend.forward(model64, args, ctx64)]
-        y, ders, _ = backend.derivatives(model64, args, order - 1, wrt, ctx64)
-        return [y] + list(ders)
+        def at(Xs):
+            args = np.split(Xs, np.cumsum(widths)[:-1], axis=1)
+            return dataclasses.replace(call, model=model64, args=[np.ascontiguousarray(a)
+                                       for a in args], context=ctx64, dtype=np.dtype(np.float64))
 
+        probe = at(X[:8])
+        if not np.array_equal(backend.forward(model64, probe.args, ctx64),
+                              backend.forward(model64, probe.args, ctx64), equal_nan=True):
+            return _not_run("the model is random (dropout or similar in training mode): "
+                            "finite differences of a random function mean nothing")
+        finite = X[np.isfinite(X)]
+        step = RELATIVE_STEP * max(1.0, float(np.abs(finite).max()) if finite.size else 1.0)
+        if coupled:
+            if X.shape[0] > COUPLED_MAX_N:
+                return _not_run(f"the model couples points and N = {X.shape[0]} > "
+                                f"{COUPLED_MAX_N}: checking points one by one would cost N**2")
+            refs, autos, lowers, rows = _coupled_differences(backend, at, X, order, wrt, step)
+        else:
+            refs, autos, lowers, rows = _differences(compute, at, X, order, wrt, step)
+    except Exception as exc:  # the check must never break the computation it checks
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return _not_run(f"the model could not be evaluated in float64 on a copy "
+                        f"({type(exc).__name__}: {text}); pass the nn.Module / keras.Model "
+                        "itself rather than a function holding its tensors")
+    try:
+        layers = backend.layer_summary(call.model)
+    except Exception:  # structure is only used for wording
+        layers = {}
+    piecewise = bool({"piecewise-linear", "at-kink"} & set(result.codes)
+                     or structurally_piecewise(layers))
+    check = _compare(result, refs, autos, lowers, rows, step, piecewise)
+    if coupled and rows.sum() < X.shape[0]:
+        check.note = _join(check.note, f"the model couples points: checked at the first "
+                                       f"{int(rows.sum())} point(s), one at a time")
+    return check
+
+
+def _differences(compute, at, X, order, wrt, step):
+    """Shift every point at once along each wrt direction (points are independent)."""
+    y, autos, _ = compute(at(X), order)
+    lower_order = max(order - 1, 1)
     plus, minus = [], []
     for i in wrt:
         e = np.zeros_like(X)
         e[:, i] = step
-        plus.append(evaluate(X + e))
-        minus.append(evaluate(X - e))
-    check = FiniteDifferenceCheck(step=step, tolerance=TOLERANCE.get(result.y.dtype.name, 1e-6))
-    for k in range(1, order + 1):
-        ref = np.stack([(p[k - 1] - q[k - 1]) / (2 * step) for p, q in zip(plus, minus)], axis=-1)
-        got = result[k].astype(np.float64)
-        err = np.abs(ref - got)
-        max_abs = float(np.nanmax(err)) if err.size else 0.0
-        scale = float(np.nanmax(np.abs(ref))) if ref.size else 0.0
-        max_rel = max_abs / max(scale, 1e-12)
-        check.errors[k] = (max_abs, max_rel)
-        check.reference[k] = ref
-        if max_rel > check.tolerance and max_abs > check.tolerance:
+        yp, dp, _ = compute(at(X + e), lower_order)
+        ym, dm, _ = compute(at(X - e), lower_order)
+        plus.append([yp] + list(dp))
+        minus.append([ym] + list(dm))
+    refs = {k: np.stack([(p[k - 1] - q[k - 1]) / (2 * step) for p, q in zip(plus, minus, strict=True)],
+                        axis=-1) for k in range(1, order + 1)}
+    lowers = [y] + list(autos)
+    return refs, dict(enumerate(autos, 1)), lowers, np.ones(X.shape[0], dtype=bool)
+
+
+def _coupled_differences(backend, at, X, order, wrt, step):
+    """Shift one point at a time, the others held fixed, for the first few points."""
+    base = at(X)
+    y, ders, _ = backend.per_point_derivatives(base.model, base.args, order, wrt, base.context)
+    n_check = min(X.shape[0], COUPLED_POINTS)
+    lower_order = max(order - 1, 1)
+    refs = {k: np.full(ders[k - 1].shape, np.nan) for k in range(1, order + 1)}
+    for n in range(n_check):
+        for p, i in enumerate(wrt):
+            vals = []
+            for sign in (1, -1):
+                Xs = X.copy()
+                Xs[n, i] += sign * step
+                c = at(Xs)
+                ys, ds, _ = backend.per_point_derivatives(c.model, c.args, lower_order, wrt,
+                                                          c.context)
+                vals.append([ys[n]] + [d[n] for d in ds])
+            for k in range(1, order + 1):
+                refs[k][n, ..., p] = (vals[0][k - 1] - vals[1][k - 1]) / (2 * step)
+    rows = np.zeros(X.shape[0], dtype=bool)
+    rows[:n_check] = True
+    return refs, dict(enumerate(ders, 1)), [y] + list(ders), rows
+
+
+def _per_point_max(a: np.ndarray) -> np.ndarray:
+    return np.abs(a).reshape(a.shape[0], -1).max(axis=1, initial=0.0)
+
+
+def _compare(result, refs, autos, lowers, rows, step, piecewise) -> FiniteDifferenceCheck:
+    dtype = result.y.dtype
+    tol = TOLERANCE.get(dtype.name, 1e-6)
+    check = FiniteDifferenceCheck(step=step, tolerance=tol)
+    nonsmooth = np.zeros(len(rows), dtype=bool)
+    precision_orders, skipped = [], 0
+    for k in range(1, result.order + 1):
+        ref, auto, got = refs[k], autos[k], result[k].astype(np.float64)
+        ok = rows.copy()
+        for a in (ref, auto, got, lowers[k - 1]):
+            ok &= np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+        skipped = max(skipped, int(rows.sum() - ok.sum()))
+        check.reference[k] = np.where(ok.reshape((-1,) + (1,) * (ref.ndim - 1)), ref, np.nan)
+        if not ok.any():
+            check.errors[k] = (float("nan"), float("nan"))
+            continue
+        scale = max(_per_point_max(ref[ok]).max(), _per_point_max(auto[ok]).max(), 1e-300)
+        # float64 rounding of the difference quotient, with a wide margin
+        noise = 1e3 * _EPS64 * _per_point_max(lowers[k - 1][ok]).max() / step
+        allow = tol * scale + noise
+        err = _per_point_max(got[ok] - ref[ok])
+        fd_off = _per_point_max(auto[ok] - ref[ok]) > allow   # not smooth within +-h
+        precision = _per_point_max(got[ok] - auto[ok]) > allow
+        bad = err > allow
+        check.errors[k] = (float(err.max()), float(err.max() / scale))
+        if bad.any():
             check.passed = False
-    kinks = {"piecewise-linear", "at-kink"} & set(result.codes)
-    if kinks and not check.passed:
-        check.note = ("finite differences straddle the kinks of a piecewise-linear model: "
-                      "autodiff reports the derivative inside one linear piece")
-    check.low_precision = (not check.passed and not kinks
-                           and result.y.dtype.itemsize < 8)
+        nonsmooth[np.flatnonzero(ok)[fd_off]] = True
+        if (bad & precision & ~fd_off).any():
+            precision_orders.append(k)
+    check.nonsmooth_points = tuple(np.flatnonzero(nonsmooth).tolist())
+    check.low_precision = bool(precision_orders) and dtype.itemsize < 8
+    check.low_precision_orders = tuple(precision_orders)
+    if check.nonsmooth_points:
+        shown = ", ".join(map(str, check.nonsmooth_points[:10]))
+        more = " ..." if len(check.nonsmooth_points) > 10 else ""
+        check.note = _join(check.note, (
+            f"at point(s) {shown}{more} even float64 autodiff disagrees with the differences: "
+            "a kink lies between x - h and x + h, where autodiff gives the derivative of the "
+            "linear piece the point sits in (e.g. a second derivative of 0) and the "
+            "difference quotient averages across the kink"
+            + ("" if piecewise else " (or the function curves too sharply for this step)")))
+    if check.low_precision:
+        check.note = _join(check.note, f"{dtype.name} results lose digits at order(s) "
+                                       f"{', '.join(map(str, precision_orders))}; use float64")
+    if skipped:
+        check.note = _join(check.note, f"{skipped} point(s) with NaN/inf left out")
     return check
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a else b

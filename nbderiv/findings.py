@@ -27,7 +27,7 @@ PIECEWISE_LINEAR = frozenset({
     "Hardshrink", "Softshrink",
     # keras activation names (Dense(..., activation="relu")) and layers
     "relu", "leaky_relu", "relu6", "hard_tanh", "hard_sigmoid", "hard_shrink", "soft_shrink",
-    "threshold", "linear",
+    "threshold", "sparse_sigmoid", "linear",
 })
 SMOOTH_SUGGESTION = "use a smooth activation such as tanh, softplus, SiLU or GELU"
 PROBE_POINTS = 8        # points that diagnose() and the coupling probe look at
@@ -93,13 +93,14 @@ def _varies(d1: np.ndarray) -> bool:
     return flat.shape[0] >= 2 and bool(np.ptp(flat, axis=0).max() > 0)
 
 
-def piecewise_finding(layers: dict, orders: list, order: int, wider_d1=None) -> Finding | None:
+def piecewise_finding(layers: dict, orders: list, order: int, wider=None) -> Finding | None:
     """``piecewise-linear`` when order >= 2 and every second derivative is exactly 0, and
     either the structure says so (all activations piecewise linear) or the numbers do (the
     first derivative changes between points: not simply an affine map).
 
-    ``wider_d1()``, if given, returns first derivatives at a wider spread of points; it is
-    asked only when the points themselves cannot tell (d1 constant on them, opaque model).
+    ``wider()``, if given, returns (d1, d2) at a wider spread of points; it is asked only
+    when the points themselves cannot tell (d1 constant on them, opaque model), and counts
+    only if d2 is exactly 0 there too (a saturated tanh also has d2 == 0 at far-out points).
     """
     if order < 2 or len(orders) < 2:
         return None
@@ -111,12 +112,12 @@ def piecewise_finding(layers: dict, orders: list, order: int, wider_d1=None) -> 
         return _piecewise(acts)
     if _varies(d1):
         return _piecewise([])
-    if wider_d1 is not None and layers.get("opaque", True):
+    if wider is not None and layers.get("opaque", True):
         try:
-            wide = wider_d1()
+            wide_d1, wide_d2 = wider()
         except Exception:  # a probe is a nicety: a model that rejects it is not an error
-            wide = None
-        if wide is not None and _varies(np.concatenate([d1, wide])):
+            return None
+        if np.all(wide_d2 == 0) and _varies(np.concatenate([d1, wide_d1])):
             return _piecewise([])
     return None
 
@@ -156,7 +157,7 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
         "coupled-samples", "warning",
         "one point's output depends on other points' inputs (batch statistics, BatchNorm in "
         "training mode, attention across the batch). "
-        f"{'For this batch of %d points the' % n_points if n_points else 'The'} cross-terms "
+        f"{f'For this batch of {n_points} points the' if n_points else 'The'} cross-terms "
         f"dy_n/dx_m (m != n) add up to as much as "
         f"{ones_error:.3g} per point, next to per-point values up to {diag:.3g}: that is how "
         "far the grad_outputs=ones trick (column sums of the N x N Jacobian) would be off. "
@@ -199,14 +200,14 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding 
     if zero.all():
         what = "the output does not depend on the input at any of these points"
     else:
-        pairs = [f"{output_names[j]}/{input_names[i]}" for j, i in zip(*np.nonzero(zero))]
+        pairs = [f"{output_names[j]}/{input_names[i]}" for j, i in zip(*np.nonzero(zero), strict=True)]
         what = ("these output/input pairs have zero derivative at every point: "
                 + ", ".join(pairs[:_MAX_LISTED]) + (" ..." if len(pairs) > _MAX_LISTED else ""))
     return Finding(
         "no-input-dependence", "info",
         f"{what}. nbderiv reports zeros there (plain autodiff may give None or raise).",
         "if a dependence is expected, check that forward really uses that input (and that the "
-        "points are not all in a dead ReLU region).",
+        "points are not all in a dead ReLU region or where tanh/sigmoid units saturate).",
     )
 
 
@@ -235,10 +236,10 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     out = []
     codes = {f.code for f in earlier}
     if "piecewise-linear" not in codes:
-        def wider_d1():
-            _, wide, _ = backend.derivatives(model, wide_probe_points(args), 1, wrt, context)
-            return wide[0]
-        f = piecewise_finding(layers, ders, order, wider_d1)
+        def wider():
+            _, wide, _ = backend.derivatives(model, wide_probe_points(args), 2, wrt, context)
+            return wide[0], wide[1]
+        f = piecewise_finding(layers, ders, order, wider)
         if f is not None:
             out.append(f)
     f = kink_finding(backend.kink_points(model, args, context))

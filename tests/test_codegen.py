@@ -1,0 +1,201 @@
+"""``d.code``: plain framework code that computes the same derivatives.
+
+Each test executes the code in a namespace holding only ``model`` and ``x`` and checks that
+the variables ``d1 .. dK`` it leaves, reshaped to ``d[k].shape``, reproduce ``d[k]`` to 1e-6
+relative (to the largest value of that order). The code computes with plain nested
+autodiff, a different route from most of nbderiv's strategies (Taylor mode, forward jvp).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import nbderiv  # noqa: E402
+
+REL = 1e-6
+
+
+def run_code(d, model, x):
+    namespace = {"model": model, "x": x}
+    exec(compile(d.code, "<nbderiv equivalent code>", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def assert_reproduces(d, model, x):
+    ns = run_code(d, model, x)
+    for k in range(1, d.order + 1):
+        got = np.asarray(ns[f"d{k}"])
+        assert isinstance(ns[f"d{k}"], np.ndarray), type(ns[f"d{k}"])
+        assert got.size == d[k].size, (k, got.shape, d[k].shape)
+        got = got.reshape(d[k].shape)
+        scale = max(float(np.abs(d[k]).max()), 1e-30)
+        err = float(np.abs(got.astype(np.float64) - d[k]).max())
+        assert err <= REL * scale, f"order {k}: max abs diff {err:.3g} vs scale {scale:.3g}"
+    assert f"d{d.order + 1}" not in ns
+    return ns
+
+
+def tanh_net(d_in=2, d_out=1, dtype=torch.float32, act=nn.Tanh, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 16), act(), nn.Linear(16, 16), act(),
+                         nn.Linear(16, d_out)).to(dtype)
+
+
+def points(n, d_in, dtype=torch.float32, seed=0):
+    return (torch.rand(n, d_in, generator=torch.Generator().manual_seed(seed)) * 2 - 1).to(dtype)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_sequential_orders_1_to_3(order, dtype):
+    model, x = tanh_net(dtype=dtype), points(12, 2, dtype)
+    assert_reproduces(nbderiv.derivatives(model, x, order=order), model, x)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_torch_one_input_taylor_path_and_many_outputs(order):
+    model, x = tanh_net(d_in=1, d_out=4, act=nn.Softplus), points(10, 1)
+    d = nbderiv.derivatives(model, x, order=order)
+    assert_reproduces(d, model, x)
+
+
+@pytest.mark.parametrize("wrt", [[1], [2, 0]])
+def test_torch_wrt(wrt):
+    model, x = tanh_net(d_in=3, d_out=2), points(9, 3)
+    d = nbderiv.derivatives(model, x, order=3, wrt=wrt)
+    assert_reproduces(d, model, x)
+    assert f"wrt = {wrt}" in d.code
+
+
+class XT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = tanh_net(d_in=3, d_out=2)
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, torch.sin(t)], dim=1))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_torch_tuple_inputs(order):
+    model = XT()
+    x = (points(8, 2), points(8, 1, seed=1))
+    assert_reproduces(nbderiv.derivatives(model, x, order=order), model, x)
+    d = nbderiv.derivatives(model, x, order=order, wrt=[2])
+    assert_reproduces(d, model, x)
+
+
+def test_torch_1d_numpy_and_integer_inputs():
+    model = tanh_net(d_in=1)
+    x = np.linspace(-1, 1, 7)
+    assert_reproduces(nbderiv.derivatives(model, x, order=3), model, x)
+    xi = np.arange(-3, 4)
+    assert_reproduces(nbderiv.derivatives(model, xi, order=2), model, xi)
+
+
+def test_torch_plain_function_and_unused_input():
+    x = torch.linspace(0, 2, 6, dtype=torch.float64)
+    d = nbderiv.derivatives(lambda z: z ** 3 + 2 * z ** 2 + 1, x, order=3)
+    ns = assert_reproduces(d, lambda z: z ** 3 + 2 * z ** 2 + 1, x)
+    np.testing.assert_allclose(ns["d2"].reshape(-1), 6 * x.numpy() + 4)  # closed form
+
+    class IgnoresT(nn.Module):
+        def forward(self, x, t):
+            return torch.tanh(x)
+
+    xt = (points(5, 1), points(5, 1, seed=2))
+    d = nbderiv.derivatives(IgnoresT(), xt, order=2)
+    assert_reproduces(d, IgnoresT(), xt)
+
+
+def test_torch_code_is_plain_short_commented_and_leaves_the_model_alone():
+    model, x = tanh_net(), points(5, 2)
+    d = nbderiv.derivatives(model, x, order=2)
+    code = d.code
+    assert "nbderiv" not in code
+    assert "torch.autograd.grad" in code and "torch.ones_like" in code
+    assert "create_graph=True" in code
+    assert code.count("#") >= 4 and len(code.splitlines()) < 60
+    before = [p.detach().clone() for p in model.parameters()]
+    run_code(d, model, x)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert not x.requires_grad
+
+
+# -- Keras --------------------------------------------------------------------------------------
+needs_keras = pytest.mark.skipif(importlib.util.find_spec("nbderiv.backends.tensorflow") is None,
+                                 reason="Keras backend not available")
+
+
+@pytest.fixture(scope="module")
+def keras():
+    pytest.importorskip("tensorflow")
+    return pytest.importorskip("keras")
+
+
+def keras_mlp(keras, d_in=2, d_out=1, act="tanh", dtype="float32", seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((d_in,), dtype=dtype),
+                             keras.layers.Dense(16, activation=act, dtype=dtype),
+                             keras.layers.Dense(16, activation=act, dtype=dtype),
+                             keras.layers.Dense(d_out, dtype=dtype)])
+
+
+def kpoints(n, d_in, dtype="float32", seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, d_in)).astype(dtype)
+
+
+@needs_keras
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_keras_sequential_orders_1_to_3(keras, order, dtype):
+    model, x = keras_mlp(keras, d_out=2, dtype=dtype), kpoints(10, 2, dtype)
+    d = nbderiv.derivatives(model, x, order=order)
+    assert d.framework == "tensorflow"
+    assert_reproduces(d, model, x)
+
+
+@needs_keras
+def test_keras_wrt_1d_integer_and_tensor_inputs(keras):
+    import tensorflow as tf
+
+    model = keras_mlp(keras, d_in=3, d_out=2, act="softplus")
+    x = kpoints(7, 3)
+    d = nbderiv.derivatives(model, x, order=3, wrt=[2, 0])
+    assert_reproduces(d, model, x)
+    one = keras_mlp(keras, d_in=1)
+    for xin in (np.linspace(-1, 1, 6), np.arange(1, 7), tf.constant(kpoints(5, 1))):
+        assert_reproduces(nbderiv.derivatives(one, xin, order=2), one, xin)
+
+
+@needs_keras
+def test_keras_two_inputs_and_plain_tf_function(keras):
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    xi, ti = keras.Input((2,), name="x"), keras.Input((1,), name="t")
+    h = keras.layers.Dense(16, activation="tanh")(keras.layers.Concatenate()([xi, ti]))
+    model = keras.Model([xi, ti], keras.layers.Dense(2)(h))
+    x = (kpoints(6, 2), kpoints(6, 1, seed=1))
+    for order in (1, 2, 3):
+        assert_reproduces(nbderiv.derivatives(model, x, order=order), model, x)
+    f = lambda z: z ** 3 + 2 * z ** 2 + 1  # noqa: E731
+    xs = tf.constant(np.linspace(0, 2, 5))
+    d = nbderiv.derivatives(f, xs, order=2)
+    ns = assert_reproduces(d, f, xs)
+    np.testing.assert_allclose(ns["d2"].reshape(-1), 6 * xs.numpy() + 4, rtol=1e-6)
+
+
+@needs_keras
+def test_keras_code_is_plain_gradient_tape(keras):
+    model, x = keras_mlp(keras), kpoints(5, 2)
+    code = nbderiv.derivatives(model, x, order=2).code
+    assert "nbderiv" not in code and "GradientTape" in code and "import torch" not in code
+    assert code.count("#") >= 4 and len(code.splitlines()) < 70

@@ -1,0 +1,644 @@
+"""Findings, one code at a time: a model that triggers it, and the healthy tanh MLP that
+must not (no false alarms), in PyTorch and in Keras.
+
+Where a finding makes a claim about numbers (per-point blocks of a coupled model, the size
+of the cross-terms, zeros for an unused input), the numbers are checked against an
+independent computation (``torch.autograd.functional.jacobian``/``hessian``, closed forms).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import nbderiv  # noqa: E402
+from nbderiv import findings as dg  # noqa: E402
+
+CODES = ("piecewise-linear", "at-kink", "coupled-samples", "train-mode", "no-input-dependence",
+         "input-reshaped", "integer-input", "low-precision", "non-finite")
+
+
+def tanh_net(d_in=2, d_out=1, width=16, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, d_out)).to(dtype)
+
+
+def relu_net(d_in=1, act=nn.ReLU, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 16), act(), nn.Linear(16, 16), act(), nn.Linear(16, 1))
+
+
+class CustomReLU(nn.Module):
+    """Nothing in the module tree says ReLU: torch.relu is called inside forward."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = nn.Linear(1, 16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def kinky_relu():
+    """1 -> 3 -> 1 ReLU net with kinks at x = 0.5, 0, -0.5 (pre-activations x - 0.5, x, x + 0.5)."""
+    net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.copy_(torch.tensor([-0.5, 0.0, 0.5]))
+        net[2].weight.copy_(torch.tensor([[1.0, 2.0, -1.0]]))
+        net[2].bias.zero_()
+    return net
+
+
+def cancelling_net(dtype=torch.float32, delta=1e-5):
+    """y = (tanh(x + delta) - tanh(x)) / delta: large nearly-cancelling weights, so float32
+    loses about five digits in y and its derivatives (float64 does not)."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.copy_(torch.tensor([0.0, delta]))
+        net[2].weight.copy_(torch.tensor([[-1 / delta, 1 / delta]]))
+    return net.to(dtype)
+
+
+X2 = torch.rand(30, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+X1 = torch.linspace(-2, 2, 41).reshape(-1, 1)
+
+
+# -- nbderiv.diagnose is the function --------------------------------------------------------
+def test_diagnose_is_the_function_even_after_the_findings_module_is_imported():
+    import nbderiv.api  # noqa: F401  (imports nbderiv.findings)
+
+    assert callable(nbderiv.diagnose)
+    assert nbderiv.diagnose(tanh_net(), X2) == []
+
+
+# -- no false alarms --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_healthy_tanh_mlp_raises_no_finding_even_with_the_check(dtype):
+    net = tanh_net(d_in=2, d_out=2, dtype=dtype)
+    d = nbderiv.derivatives(net, X2.to(dtype), order=3, check=True)
+    assert d.findings == [], d.findings
+    assert d.check.passed, d.check.summary()
+    assert nbderiv.diagnose(net, X2.to(dtype), order=3) == []
+
+
+def test_healthy_tanh_mlp_with_tuple_input_and_wrt_raises_no_finding():
+    class XT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tanh_net(d_in=3)
+
+        def forward(self, x, t):
+            return self.net(torch.cat([x, t], dim=1))
+
+    x, t = X2, X2[:, :1] * 0.5
+    d = nbderiv.derivatives(XT(), (x, t), order=2, wrt=[0, 2], check=True)
+    assert d.findings == [] and d.check.passed
+
+
+# -- piecewise-linear -------------------------------------------------------------------------
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU])
+def test_piecewise_linear_from_structure(act):
+    d = nbderiv.derivatives(relu_net(act=act), X1, order=2)
+    f = d.finding("piecewise-linear")
+    assert f is not None and f.severity == "warning"
+    assert act.__name__ in f.message
+    assert "tanh" in f.fix and "softplus" in f.fix
+    assert np.all(d[2] == 0)  # the symptom the finding explains
+
+
+def test_piecewise_linear_only_from_order_2():
+    assert "piecewise-linear" not in nbderiv.derivatives(relu_net(), X1, order=1).codes
+    assert "piecewise-linear" not in [f.code for f in nbderiv.diagnose(relu_net(), X1, order=1)]
+
+
+def test_piecewise_linear_from_the_numbers_for_torch_relu_inside_forward():
+    model = CustomReLU()
+    assert model.forward is not None and not any(isinstance(m, nn.ReLU) for m in model.modules())
+    d = nbderiv.derivatives(model, X1, order=2)
+    f = d.finding("piecewise-linear")
+    assert f is not None and "torch.relu" in f.message
+    assert "piecewise-linear" in [g.code for g in nbderiv.diagnose(model, X1)]
+
+
+def test_piecewise_linear_from_a_wider_probe_when_one_point_cannot_show_a_changing_slope(
+        monkeypatch):
+    model, x = CustomReLU(), torch.tensor([[0.3]])  # one point: d1 cannot vary across points
+    assert "piecewise-linear" in nbderiv.derivatives(model, x, order=2).codes
+
+    def no_probe(*args, **kwargs):
+        raise RuntimeError("probe disabled")
+
+    monkeypatch.setattr(dg, "wide_probe_points", no_probe)  # the probe is what found it
+    assert "piecewise-linear" not in nbderiv.derivatives(model, x, order=2).codes
+
+
+def test_piecewise_linear_not_raised_for_a_saturated_tanh():
+    # in float32 tanh(10) == 1 exactly: d1 == d2 == 0 at the point; the wider probe reaches
+    # x = 7 where the slope changes, but it sees curvature there too, so no false alarm
+    x = torch.tensor([[10.0]])
+    d = nbderiv.derivatives(lambda z: torch.tanh(z), x, order=2)
+    assert np.all(d[1] == 0) and np.all(d[2] == 0)
+    assert "piecewise-linear" not in d.codes and "no-input-dependence" in d.codes
+
+
+def test_piecewise_linear_not_raised_for_an_affine_map_or_when_curvature_is_seen():
+    affine = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    assert nbderiv.derivatives(affine, X2, order=2).codes == []
+
+    class ReluPlusSquare(nn.Module):  # ReLU modules only, but forward adds a smooth term
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(x[:, :1]) + x[:, 1:] ** 2
+
+    d = nbderiv.derivatives(ReluPlusSquare(), X2, order=2)
+    assert "piecewise-linear" not in d.codes
+    np.testing.assert_allclose(d[2][:, 0, 1, 1], 2.0)
+
+
+def test_piecewise_linear_numeric_rule_needs_exact_zeros_and_a_changing_slope():
+    layers = {"activations": [], "train_mode": [], "opaque": True}
+    d1_varies = np.array([[[1.0]], [[2.0]]])
+    d1_const = np.array([[[1.0]], [[1.0]]])
+    zeros, tiny = np.zeros((2, 1, 1, 1)), np.full((2, 1, 1, 1), 1e-30)
+    assert dg.piecewise_finding(layers, [d1_varies, zeros], 2) is not None
+    assert dg.piecewise_finding(layers, [d1_varies, tiny], 2) is None
+    assert dg.piecewise_finding(layers, [d1_const, zeros], 2) is None
+    assert dg.piecewise_finding(layers, [d1_varies, zeros], 1) is None
+    relu_layers = {"activations": ["ReLU"], "train_mode": [], "opaque": False}
+    assert dg.piecewise_finding(relu_layers, [d1_const, zeros], 2) is not None
+    assert dg.piecewise_finding(relu_layers, [d1_varies, tiny], 2) is None
+
+
+# -- at-kink ----------------------------------------------------------------------------------
+def test_at_kink_for_a_point_exactly_on_a_relu_kink():
+    net = relu_net()
+    with torch.no_grad():
+        net[0].bias.zero_()  # x = 0 gives pre-activations exactly 0
+    x = torch.tensor([[-1.0], [0.0], [0.3], [0.0]])
+    d = nbderiv.derivatives(net, x, order=1)
+    f = d.finding("at-kink")
+    assert f is not None and f.points == (1, 3)
+    assert "1, 3" in f.message and "convention" in f.message
+    assert [g.points for g in nbderiv.diagnose(net, x) if g.code == "at-kink"] == [(1, 3)]
+    assert "at-kink" not in nbderiv.derivatives(net, x + 1e-3, order=1).codes
+
+
+def test_at_kink_seen_through_torch_relu_inside_forward_and_hardtanh_bounds():
+    model = CustomReLU()
+    with torch.no_grad():
+        model.a.bias.zero_()
+    assert nbderiv.derivatives(model, torch.tensor([[0.0], [0.5]])).finding("at-kink").points == (0,)
+    ht = nn.Sequential(nn.Linear(1, 1), nn.Hardtanh())
+    with torch.no_grad():
+        ht[0].weight.fill_(1.0)
+        ht[0].bias.zero_()
+    assert nbderiv.derivatives(ht, torch.tensor([[0.2], [1.0], [-1.0]])).finding(
+        "at-kink").points == (1, 2)
+
+
+# -- coupled-samples --------------------------------------------------------------------------
+def bn_train_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+
+def test_coupled_samples_results_are_the_true_diagonal_blocks():
+    net = bn_train_net()
+    X = torch.rand(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(net, X, order=2)
+    assert "coupled-samples" in d.codes and "train-mode" in d.codes
+
+    J = torch.autograd.functional.jacobian(net, X).numpy()  # (N, d_out, N, d_in)
+    np.testing.assert_allclose(d[1], np.stack([J[n, :, n, :] for n in range(6)]), atol=1e-12)
+
+    def row(n):
+        def f(z):
+            return net(torch.cat([X[:n], z.unsqueeze(0), X[n + 1:]]))[n]
+        return f
+    H = np.stack([torch.autograd.functional.jacobian(
+        lambda z, n=n: torch.autograd.functional.jacobian(row(n), z, create_graph=True),
+        X[n]).numpy() for n in range(6)])
+    np.testing.assert_allclose(d[2], H, atol=1e-10)
+
+    # the message gives the size of the cross-terms that the ones trick would add
+    ones_trick = np.einsum("njmi->mji", J)
+    expected = np.abs(ones_trick - d[1]).max()
+    message = d.finding("coupled-samples").message
+    stated = float(re.search(r"add up to as much as ([0-9.e+-]+)", message).group(1))
+    assert stated == pytest.approx(expected, rel=1e-2) and expected > 0.1
+    assert "6 points" in message
+
+
+def test_coupled_samples_puts_running_statistics_and_mode_back():
+    net = bn_train_net()
+    bn = net[1]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    nbderiv.derivatives(net, torch.rand(10, 2, dtype=torch.float64), order=2, check=True)
+    nbderiv.diagnose(net, torch.rand(10, 2, dtype=torch.float64))
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert int(bn.num_batches_tracked) == 0 and net.training and bn.training
+
+
+def test_coupled_samples_not_raised_in_eval_mode():
+    net = bn_train_net().eval()
+    d = nbderiv.derivatives(net, torch.rand(10, 2, dtype=torch.float64), order=2)
+    assert d.codes == [] and d.method != "per-point-blocks"
+
+
+# -- train-mode -------------------------------------------------------------------------------
+def test_train_mode_for_dropout_and_the_mode_is_left_alone():
+    net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 1))
+    d = nbderiv.derivatives(net, X2, order=1)
+    f = d.finding("train-mode")
+    assert f is not None and "Dropout" in f.message and "model.eval()" in f.fix
+    assert net.training and net[2].training  # nbderiv did not switch to eval
+    assert "train-mode" not in nbderiv.derivatives(net.eval(), X2, order=1).codes
+
+
+def test_train_mode_from_randomness_when_no_layer_says_so():
+    class FunctionalDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 8)
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(torch.tanh(self.lin(x)), 0.5, training=True)
+
+    f = nbderiv.derivatives(FunctionalDropout(), X2).finding("train-mode")
+    assert f is not None and "stochastic" in f.message
+
+
+def test_train_mode_for_batchnorm_in_training():
+    net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    assert "BatchNorm1d" in nbderiv.derivatives(net, X2).finding("train-mode").message
+
+
+# -- no-input-dependence ------------------------------------------------------------------------
+class IgnoresT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = tanh_net(d_in=1)
+
+    def forward(self, x, t):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_no_input_dependence_for_an_unused_argument_gives_zeros(order):
+    x, t = X1[:10], X1[10:20]
+    d = nbderiv.derivatives(IgnoresT(), (x, t), order=order)
+    f = d.finding("no-input-dependence")
+    assert f is not None and "y/t" in f.message and f.severity == "info"
+    assert d.inputs == ("x", "t")
+    assert d[order].dtype == np.float32 and np.isfinite(d[order]).all()
+    t_axes = [np.take(d[order], [1], axis=a) for a in range(2, 2 + order)]
+    assert all(np.all(a == 0) for a in t_axes)
+    assert np.abs(d[1][:, 0, 0]).max() > 0  # x is used
+
+
+@pytest.mark.parametrize("d_out", [1, 3])
+def test_no_input_dependence_for_a_constant_output_gives_zeros_not_none(d_out):
+    d = nbderiv.derivatives(lambda x: torch.ones(len(x), d_out), X1[:5], order=3)
+    assert "no-input-dependence" in d.codes
+    assert "does not depend on the input" in d.finding("no-input-dependence").message
+    for k in (1, 2, 3):
+        assert d[k].shape == (5, d_out) + (1,) * k and np.all(d[k] == 0)
+
+
+def test_no_input_dependence_for_dead_relu_points():
+    net = relu_net()
+    with torch.no_grad():
+        net[4].weight.zero_()  # the output ignores the hidden units
+    d = nbderiv.derivatives(net, X1, order=1)
+    assert "dead ReLU" in d.finding("no-input-dependence").fix
+
+
+# -- input-reshaped and integer-input -------------------------------------------------------------
+def test_input_reshaped_for_a_1d_input():
+    d = nbderiv.derivatives(tanh_net(d_in=1), torch.linspace(0, 1, 7), order=1)
+    f = d.finding("input-reshaped")
+    assert f is not None and "(7,)" in f.message and "(7, 1)" in f.message
+    assert "reshape(1, -1)" in f.fix and d[1].shape == (7, 1, 1)
+
+
+def test_integer_input_is_cast_to_the_model_dtype():
+    x = np.arange(1, 7).reshape(-1, 1)
+    d = nbderiv.derivatives(tanh_net(d_in=1, dtype=torch.float64), x, order=1)
+    f = d.finding("integer-input")
+    assert f is not None and "float64" in f.message
+    assert d.x.dtype == np.float64 and x.dtype.kind == "i"
+    d32 = nbderiv.derivatives(tanh_net(d_in=1), x, order=1)
+    assert "float32" in d32.finding("integer-input").message
+
+
+# -- low-precision ------------------------------------------------------------------------------
+def test_low_precision_when_float32_loses_digits():
+    x = torch.linspace(-1, 1, 11).reshape(-1, 1)
+    d = nbderiv.derivatives(cancelling_net(), x, order=2, check=True)
+    f = d.finding("low-precision")
+    assert f is not None and "float32" in f.message
+    assert "float64" in f.fix and ".double()" in f.fix and "set_floatx('float64')" in f.fix
+    assert not d.check.passed and d.check.low_precision
+    # the float32 result is genuinely off against the closed form tanh''(x)
+    true_d1 = (-2 * np.tanh(x.numpy()) * (1 - np.tanh(x.numpy()) ** 2))[:, :, None]
+    assert np.abs(d[1] - true_d1).max() > 1e-3
+    # in float64 all is well, and no check means no low-precision finding
+    d64 = nbderiv.derivatives(cancelling_net(torch.float64), x.double(), order=2, check=True)
+    assert "low-precision" not in d64.codes and d64.check.passed
+    assert np.abs(d64[1] - true_d1).max() < 1e-4
+    assert "low-precision" not in nbderiv.derivatives(cancelling_net(), x, order=2).codes
+
+
+def test_low_precision_not_raised_for_kinks_straddled_by_the_differences():
+    x = torch.tensor([[-0.9], [0.5 + 3e-5], [0.2], [-0.5 - 2e-5]])
+    d = nbderiv.derivatives(kinky_relu(), x, order=2, check=True)
+    assert "low-precision" not in d.codes and not d.check.passed
+
+
+# -- non-finite ---------------------------------------------------------------------------------
+def test_non_finite_in_x_pointed_out_by_index():
+    x = X2.clone()
+    x[3, 1] = float("nan")
+    x[7, 0] = float("inf")
+    d = nbderiv.derivatives(tanh_net(), x, order=1)
+    f = d.finding("non-finite")
+    assert f is not None and f.points == (3, 7) and f.severity == "error"
+    assert "3, 7" in f.message and "in x" in f.message
+    assert d.codes.count("non-finite") == 1  # NaN results at those points are not repeated
+
+
+def test_non_finite_in_the_results_pointed_out_by_index():
+    d = nbderiv.derivatives(torch.log, torch.tensor([1.0, 0.0, 2.0, -1.0]), order=2)
+    f = d.finding("non-finite")
+    assert f is not None and f.points == (1, 3) and "output or its derivatives" in f.message
+    assert "non-finite" not in nbderiv.derivatives(torch.log, torch.tensor([1.0, 2.0])).codes
+
+
+# -- diagnose() agrees with derivatives() on the tutorial models --------------------------------
+def _tutorial_models():
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1))
+    bn = nn.Sequential(nn.Linear(1, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.linspace(-1, 1, 20).reshape(-1, 1)
+    return {
+        "relu": (relu_net(), x, {"piecewise-linear"}),
+        "tanh": (tanh_net(d_in=1), x, set()),
+        "bn-train": (bn, x, {"train-mode", "coupled-samples"}),
+        "dropout": (dropout, x, {"train-mode"}),
+        "int-input": (tanh_net(d_in=1), np.arange(1, 7).reshape(-1, 1), {"integer-input"}),
+        "1d-input": (tanh_net(d_in=1), np.linspace(-1, 1, 9), {"input-reshaped"}),
+        "case-A": (relu_net(), np.arange(1, 7), {"integer-input", "input-reshaped",
+                                                  "piecewise-linear"}),
+        "custom-relu": (CustomReLU(), x, {"piecewise-linear"}),
+        "ignores-t": (IgnoresT(), (x, x), {"no-input-dependence"}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tutorial_models()))
+def test_diagnose_agrees_with_derivatives(name):
+    model, x, expected = _tutorial_models()[name]
+    computed = nbderiv.derivatives(model, x, order=2).codes
+    probed = [f.code for f in nbderiv.diagnose(model, x, order=2)]
+    assert set(computed) == expected
+    assert sorted(probed) == sorted(computed)
+
+
+# ================================ Keras / TensorFlow ==========================================
+HAVE_TF_BACKEND = importlib.util.find_spec("nbderiv.backends.tensorflow") is not None
+needs_keras = pytest.mark.skipif(not HAVE_TF_BACKEND, reason="Keras backend not available")
+
+
+@pytest.fixture(scope="module")
+def keras():
+    pytest.importorskip("tensorflow")
+    return pytest.importorskip("keras")
+
+
+def keras_mlp(keras, act="tanh", d_in=1, d_out=1, width=16, seed=0, dtype="float32", extra=()):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((d_in,), dtype=dtype),
+              keras.layers.Dense(width, activation=act, dtype=dtype), *extra,
+              keras.layers.Dense(width, activation=act, dtype=dtype),
+              keras.layers.Dense(d_out, dtype=dtype)]
+    return keras.Sequential(layers)
+
+
+KX1 = np.linspace(-2, 2, 21).reshape(-1, 1).astype(np.float32)
+KX2 = np.random.default_rng(0).uniform(-1, 1, (20, 2)).astype(np.float32)
+
+
+@needs_keras
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_keras_healthy_tanh_mlp_raises_no_finding(keras, dtype):
+    model = keras_mlp(keras, d_in=2, d_out=2, dtype=dtype)
+    d = nbderiv.derivatives(model, KX2.astype(dtype), order=3, check=True)
+    assert d.framework == "tensorflow"
+    assert d.findings == [], d.findings
+    assert d.check.passed, d.check.summary()
+    assert nbderiv.diagnose(model, KX2.astype(dtype), order=3) == []
+
+
+@needs_keras
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "relu6"])
+def test_keras_dense_relu_net_is_piecewise_linear(keras, act):
+    model = keras_mlp(keras, act=act)
+    d = nbderiv.derivatives(model, KX1, order=2)
+    f = d.finding("piecewise-linear")
+    assert f is not None and act in f.message and np.all(d[2] == 0)
+    assert "piecewise-linear" in [g.code for g in nbderiv.diagnose(model, KX1)]
+    assert "piecewise-linear" not in nbderiv.derivatives(model, KX1, order=1).codes
+
+
+@needs_keras
+def test_keras_relu_layer_and_tf_nn_relu_in_a_subclassed_model(keras):
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    layered = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16), keras.layers.ReLU(),
+                                keras.layers.Dense(1)])
+    assert "piecewise-linear" in nbderiv.derivatives(layered, KX1, order=2).codes
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = keras.layers.Dense(16), keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.b(tf.nn.relu(self.a(x)))
+
+    assert "piecewise-linear" in nbderiv.derivatives(Sub(), KX1, order=2).codes
+
+
+@needs_keras
+def test_keras_case_a_int_array_of_shape_n(keras):
+    model = keras_mlp(keras, act="relu")
+    x = np.arange(1, 7)
+    d = nbderiv.derivatives(model, x, order=2)
+    assert {"integer-input", "input-reshaped", "piecewise-linear"} <= set(d.codes)
+    assert "float32" in d.finding("integer-input").message
+    assert sorted(f.code for f in nbderiv.diagnose(model, x)) == sorted(d.codes)
+
+
+@needs_keras
+def test_keras_at_kink(keras):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="relu",
+                                                                     bias_initializer="zeros"),
+                              keras.layers.Dense(1)])
+    x = np.array([[-1.0], [0.0], [0.4]], dtype=np.float32)
+    d = nbderiv.derivatives(model, x)
+    assert d.finding("at-kink") is not None and d.finding("at-kink").points == (1,)
+    assert "at-kink" not in nbderiv.derivatives(model, x + 1e-3).codes
+
+
+@needs_keras
+def test_keras_train_mode_dropout_and_batchnorm_not_raised_in_inference(keras):
+    drop = keras_mlp(keras, extra=(keras.layers.Dropout(0.5),))
+    bn = keras_mlp(keras, extra=(keras.layers.BatchNormalization(),))
+    # a Keras model called plainly runs in inference mode: no train-mode, no coupling
+    assert nbderiv.derivatives(drop, KX1, order=2).codes == []
+    assert nbderiv.derivatives(bn, KX1, order=2).codes == []
+
+
+@needs_keras
+def test_keras_coupled_samples_and_train_mode_when_a_layer_runs_in_training(keras):
+    import tensorflow as tf
+
+    class TrainingBN(keras.Model):
+        """BatchNormalization forced into training mode inside call."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = keras.layers.Dense(8, dtype="float64")
+            self.bn = keras.layers.BatchNormalization(dtype="float64")
+            self.b = keras.layers.Dense(2, dtype="float64")
+
+        def call(self, x):
+            return self.b(tf.tanh(self.bn(self.a(x), training=True)))
+
+    keras.utils.set_random_seed(0)
+    model = TrainingBN()
+    x = KX2[:6].astype(np.float64)
+    model(x)  # build
+    before = [v.numpy().copy() for v in model.variables]
+    d = nbderiv.derivatives(model, x, order=1)
+    assert "coupled-samples" in d.codes
+    # the true per-point blocks: the diagonal of the full batch Jacobian
+    X = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(X)
+        y = model(X)
+    J = tape.jacobian(y, X).numpy()
+    for v, b in zip(model.variables, before, strict=True):  # put the moving statistics back
+        v.assign(b)
+    np.testing.assert_allclose(d[1], np.stack([J[n, :, n, :] for n in range(len(x))]),
+                               atol=1e-10)
+    nbderiv.diagnose(model, x)
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.variables,
+                                                            strict=True))
+
+    class TrainingDropout(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)
+            self.drop = keras.layers.Dropout(0.5)
+
+        def call(self, x):
+            return self.b(self.drop(self.a(x), training=True))
+
+    f = nbderiv.derivatives(TrainingDropout(), KX2).finding("train-mode")
+    assert f is not None and "stochastic" in f.message
+
+
+@needs_keras
+def test_keras_no_input_dependence_for_an_unused_input(keras):
+    keras.utils.set_random_seed(0)
+    xi, ti = keras.Input((1,), name="x"), keras.Input((1,), name="t")
+    out = keras.layers.Dense(1)(keras.layers.Dense(8, activation="tanh")(xi))
+    model = keras.Model([xi, ti], out)
+    d = nbderiv.derivatives(model, (KX1, KX1), order=2)
+    f = d.finding("no-input-dependence")
+    assert f is not None and "/t" in f.message
+    assert np.all(d[2][..., 1] == 0) and np.all(d[2][:, :, 1, :] == 0)
+    assert np.isfinite(d[2]).all()
+
+
+@needs_keras
+def test_keras_low_precision(keras):
+    delta = 1e-5
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2, activation="tanh"),
+                              keras.layers.Dense(1, use_bias=False)])
+    model.layers[0].set_weights([np.ones((1, 2), np.float32),
+                                 np.array([0.0, delta], np.float32)])
+    model.layers[1].set_weights([np.array([[-1 / delta], [1 / delta]], np.float32)])
+    d = nbderiv.derivatives(model, np.linspace(-1, 1, 11).reshape(-1, 1), order=2, check=True)
+    f = d.finding("low-precision")
+    assert f is not None and "set_floatx('float64')" in f.fix
+
+
+@needs_keras
+def test_keras_non_finite_in_x(keras):
+    x = KX2.copy()
+    x[4, 0] = np.nan
+    d = nbderiv.derivatives(keras_mlp(keras, d_in=2), x)
+    assert d.finding("non-finite").points == (4,)
+
+
+@needs_keras
+def test_keras_diagnose_agrees_with_derivatives_on_tutorial_models(keras):
+    models = {
+        "relu": (keras_mlp(keras, act="relu"), KX1),
+        "tanh": (keras_mlp(keras), KX1),
+        "int": (keras_mlp(keras), np.arange(1, 7).reshape(-1, 1)),
+        "1d": (keras_mlp(keras), np.linspace(-1, 1, 9)),
+    }
+    for name, (model, x) in models.items():
+        computed = nbderiv.derivatives(model, x, order=2).codes
+        probed = [f.code for f in nbderiv.diagnose(model, x, order=2)]
+        assert sorted(probed) == sorted(computed), name
+
+
+# ================================ the documentation ===========================================
+DOC = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "findings.md"
+
+
+def _run_doc_examples(text, name):
+    import doctest
+
+    text = "\n".join("" if line.startswith("```") else line for line in text.splitlines())
+    parser = doctest.DocTestParser()
+    test = parser.get_doctest(text, {}, name, str(DOC), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    out = []
+    runner.run(test, out=out.append)
+    assert runner.failures == 0 and runner.tries > 0, "".join(out)
+    return test
+
+
+def test_documented_examples_run_and_show_every_code():
+    text = DOC.read_text()
+    torch_part, _, _ = text.partition("### Keras")
+    _run_doc_examples(torch_part, "findings.md (torch)")
+    for code in CODES:
+        assert f"### `{code}`" in text or f"`{code}`" in text.split("All examples below")[1], code
+
+
+@needs_keras
+def test_documented_keras_example_runs(keras):
+    text = DOC.read_text()
+    setup = text.split("```python", 2)[1].split("```")[0]  # the imports block
+    _run_doc_examples(setup + text.partition("### Keras")[2], "findings.md (Keras)")

@@ -1,0 +1,203 @@
+"""The finite-difference check: ``derivatives(..., check=True)`` -> ``d.check``.
+
+Its reference is checked against closed forms, its verdict against results known to be
+right (smooth float64 models), genuinely imprecise (float32 cancellation) and genuinely
+not differentiable (points whose +-h interval straddles a ReLU kink).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import nbderiv  # noqa: E402
+from nbderiv.fdcheck import TOLERANCE, FiniteDifferenceCheck  # noqa: E402
+
+
+def tanh_net(d_in=2, d_out=1, width=16, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, d_out)).to(dtype)
+
+
+def kinky_relu():
+    """1 -> 3 -> 1 ReLU net with kinks at x = 0.5, 0, -0.5."""
+    net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.copy_(torch.tensor([-0.5, 0.0, 0.5]))
+        net[2].weight.copy_(torch.tensor([[1.0, 2.0, -1.0]]))
+        net[2].bias.zero_()
+    return net
+
+
+def cancelling_net(dtype=torch.float32, delta=1e-5):
+    """y = (tanh(x + delta) - tanh(x)) / delta: float32 loses about five digits."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.copy_(torch.tensor([0.0, delta]))
+        net[2].weight.copy_(torch.tensor([[-1 / delta, 1 / delta]]))
+    return net.to(dtype)
+
+
+def bn_train_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+
+def test_reference_matches_closed_form_derivatives_of_sin():
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    d = nbderiv.derivatives(torch.sin, x, order=3, check=True)
+    c = d.check
+    assert isinstance(c, FiniteDifferenceCheck) and c.passed and c.note == ""
+    xs = x.numpy()
+    closed = {1: np.cos(xs), 2: -np.sin(xs), 3: -np.cos(xs)}
+    for k in (1, 2, 3):
+        assert c.reference[k].shape == d[k].shape
+        np.testing.assert_allclose(c.reference[k].reshape(-1), closed[k], atol=1e-7)
+        assert c.errors[k][0] < 1e-7 and c.errors[k][1] < 1e-7
+    assert c.step == pytest.approx(2e-4)  # 1e-4 * max(1, max |x|)
+    assert "OK" in c.summary() and "order 3" in c.summary()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tanh_mlp_passes_within_the_dtype_tolerance(dtype, func_reference):
+    net = tanh_net(d_in=2, d_out=3, dtype=dtype)
+    X = (torch.rand(25, 2, generator=torch.Generator().manual_seed(3)) * 2 - 1).to(dtype)
+    d = nbderiv.derivatives(net, X, order=2, wrt=[1], check=True)
+    c = d.check
+    assert c.passed and not c.low_precision and c.nonsmooth_points == ()
+    assert c.tolerance == TOLERANCE[str(dtype).replace("torch.", "")]
+    assert c.reference[2].shape == d[2].shape == (25, 3, 1, 1)
+    ref = func_reference(net.double(), X.double(), 2)[..., 1:, 1:]  # independent of the check
+    np.testing.assert_allclose(c.reference[2], ref, atol=1e-6)
+
+
+def test_check_runs_on_a_copy_and_leaves_the_model_alone():
+    net = tanh_net()
+    before = [p.detach().clone() for p in net.parameters()]
+    d = nbderiv.derivatives(net, torch.rand(10, 2), order=2, check=True)
+    assert d.check.passed
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_relu_story_autodiff_says_zero_differences_across_a_kink_do_not():
+    # points 1 and 3 lie within 1e-4 of the kinks at 0.5 and -0.5; points 0, 2, 4 do not
+    x = torch.tensor([[-0.9], [0.5 + 3e-5], [0.2], [-0.5 - 2e-5], [0.8]])
+    d = nbderiv.derivatives(kinky_relu(), x, order=2, check=True)
+    c = d.check
+    assert "piecewise-linear" in d.codes and "low-precision" not in d.codes
+    assert not c.passed and not c.low_precision
+    assert c.nonsmooth_points == (1, 3)
+    assert "kink" in c.note and "1, 3" in c.note and "kink" in c.summary()
+    assert np.all(d[2] == 0)                                # autodiff: exactly 0
+    assert np.abs(c.reference[2][[1, 3]]).min() > 1e3       # differences: ~ slope jump / 2h
+    np.testing.assert_allclose(c.reference[2][[0, 2, 4]], 0, atol=1e-6)
+    np.testing.assert_allclose(c.reference[1][[0, 2, 4]], d[1][[0, 2, 4]], atol=1e-6)
+
+
+def test_relu_away_from_kinks_passes_with_zero_second_derivative():
+    x = torch.tensor([[-0.9], [0.2], [0.8]])
+    d = nbderiv.derivatives(kinky_relu(), x, order=2, check=True)
+    assert d.check.passed and d.check.errors[2][0] < 1e-6 and d.check.nonsmooth_points == ()
+
+
+def test_order_1_kink_straddle_is_explained_without_the_piecewise_finding():
+    x = torch.tensor([[0.5 + 3e-5], [0.2]])
+    d = nbderiv.derivatives(kinky_relu(), x, order=1, check=True)
+    assert d.codes == [] and d.check.nonsmooth_points == (0,)
+    assert "curves too sharply" not in d.check.note  # the structure says ReLU: a kink
+
+
+def test_low_precision_flagged_only_where_float64_autodiff_agrees():
+    x = torch.linspace(-1, 1, 11).reshape(-1, 1)
+    c = nbderiv.derivatives(cancelling_net(), x, order=2, check=True).check
+    assert not c.passed and c.low_precision and c.nonsmooth_points == ()
+    assert c.errors[1][1] > TOLERANCE["float32"] and 1 in c.low_precision_orders
+    assert "use float64" in c.note
+
+
+def test_coupled_model_checked_one_point_at_a_time():
+    X = torch.rand(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    d = nbderiv.derivatives(bn_train_net(), X, order=2, check=True)
+    c = d.check
+    assert c.passed and c.errors[2][1] < 1e-6, c.summary()
+    assert np.isfinite(c.reference[2][:4]).all() and np.isnan(c.reference[2][4:]).all()
+    assert "first 4 point(s)" in c.note
+
+
+def test_random_model_is_not_checked():
+    net = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    c = nbderiv.derivatives(net, torch.rand(10, 2), check=True).check
+    assert not c.passed and c.errors == {} and "random" in c.note
+    assert c.summary().startswith("not run")
+
+
+def test_a_function_that_cannot_run_in_float64_is_reported_not_raised():
+    W = torch.randn(2, 1)  # float32 tensor captured by the function
+    c = nbderiv.derivatives(lambda x: torch.tanh(x @ W), torch.rand(5, 2), check=True).check
+    assert c.errors == {} and "float64" in c.note and not c.passed
+
+
+def test_non_finite_points_are_left_out_of_the_comparison():
+    x = torch.tensor([[0.1], [float("nan")], [0.5]], dtype=torch.float64)
+    d = nbderiv.derivatives(tanh_net(d_in=1, dtype=torch.float64), x, order=2, check=True)
+    c = d.check
+    assert c.passed and np.isnan(c.reference[1][1]).all() and "1 point(s)" in c.note
+
+
+def test_differences_are_evaluated_in_chunks():
+    sizes = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tanh_net()
+
+        def forward(self, x):
+            if x.requires_grad:  # derivative evaluations (not the cheap forward probes)
+                sizes.append(len(x))
+            return self.net(x)
+
+    X = torch.rand(20, 2)
+    d = nbderiv.derivatives(Recorder(), X, order=2, check=True, chunk_size=4)
+    assert d.check.passed and sizes and max(sizes) <= 4
+    d_whole = nbderiv.derivatives(Recorder(), X, order=2, check=True)
+    for k in (1, 2):
+        np.testing.assert_allclose(d.check.reference[k], d_whole.check.reference[k], atol=1e-12)
+
+
+# -- Keras ------------------------------------------------------------------------------------------
+needs_keras = pytest.mark.skipif(importlib.util.find_spec("nbderiv.backends.tensorflow") is None,
+                                 reason="Keras backend not available")
+
+
+@needs_keras
+def test_keras_check_passes_for_tanh_and_explains_relu_kinks():
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    tanh = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16, activation="tanh"),
+                             keras.layers.Dense(1)])
+    x = np.random.default_rng(0).uniform(-1, 1, (12, 2)).astype(np.float32)
+    c = nbderiv.derivatives(tanh, x, order=2, check=True).check
+    assert c.passed and c.reference[2].shape == (12, 1, 2, 2), c.summary()
+
+    relu = keras.Sequential([keras.Input((1,)), keras.layers.Dense(3, activation="relu"),
+                             keras.layers.Dense(1)])
+    relu.layers[0].set_weights([np.ones((1, 3), np.float32),
+                                np.array([-0.5, 0.0, 0.5], np.float32)])
+    relu.layers[1].set_weights([np.array([[1.0], [2.0], [-1.0]], np.float32),
+                                np.zeros(1, np.float32)])
+    xs = np.array([[-0.9], [0.5 + 3e-5], [0.2]], np.float32)
+    d = nbderiv.derivatives(relu, xs, order=2, check=True)
+    assert d.check.nonsmooth_points == (1,) and "low-precision" not in d.codes
+    assert "kink" in d.check.note and np.all(d[2] == 0)
