@@ -55,7 +55,10 @@ def _stats(a: np.ndarray) -> str:
     finite = a[np.isfinite(a)]
     if finite.size == 0:
         return "no finite values"
-    text = f"min {_fmt(finite.min())}  mean {_fmt(finite.mean())}  max {_fmt(finite.max())}"
+    lo, hi, mean = finite.min(), finite.max(), finite.mean()
+    if abs(mean) <= 1e-6 * max(abs(lo), abs(hi)):
+        mean = 0.0  # rounding noise of a symmetric set: print 0, stable across machines
+    text = f"min {_fmt(lo)}  mean {_fmt(mean)}  max {_fmt(hi)}"
     if finite.size < a.size:
         text += f"  ({a.size - finite.size} non-finite)"
     return text

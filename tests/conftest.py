@@ -15,6 +15,9 @@ import pytest
 
 # Plots in tests render off-screen (nbderiv itself never uses pyplot's global state).
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The test models are tiny: one BLAS thread is fastest, and on a busy 2-core machine two
+# threads waiting on each other make them tens of times slower. (Read when torch loads.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _torch():
