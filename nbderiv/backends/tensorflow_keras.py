@@ -1,0 +1,259 @@
+"""Keras models as the TensorFlow backend sees them: how to call one, which activations it
+uses, and a float64 copy with the same weights (for the finite-difference check).
+
+Imported by ``nbderiv.backends.tensorflow`` (after its quiet ``import tensorflow``); Keras
+itself is never imported here: a model that is a Keras object means Keras is loaded.
+
+>>> import keras
+>>> net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, activation="tanh"),
+...                         keras.layers.Dense(1)])
+>>> layer_summary(net)["activations"]
+['tanh', 'linear']
+>>> float64_copy(net).weights[0].dtype
+'float64'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+_NAMED = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "PReLU": "PReLU", "ELU": "elu",
+          "Softmax": "softmax"}
+_CONTAINERS = ("Sequential", "Functional", "InputLayer")
+
+
+# -- what kind of model, and how to call it ------------------------------------------------
+def _keras():
+    return sys.modules.get("keras")
+
+
+def is_keras_layer(model) -> bool:
+    keras = _keras()
+    return keras is not None and isinstance(model, keras.layers.Layer)
+
+
+def graph_kind(model):
+    """'sequential' / 'functional' for Keras graph models whose call is Keras' own, else None."""
+    if not is_keras_layer(model):
+        return None
+    from keras.src.models.functional import Functional
+    from keras.src.models.sequential import Sequential
+
+    if isinstance(model, Sequential) and type(model).call is Sequential.call:
+        return "sequential"
+    if isinstance(model, Functional) and type(model).call is Functional.call:
+        return "functional"
+    return None
+
+
+def model_variables(model) -> list:
+    """Every variable of a Keras layer or ``tf.Module`` (trainable or not), else []."""
+    if is_keras_layer(model) or isinstance(model, tf.Module):
+        return list(model.variables)
+    return []
+
+
+def _positional_names(fn) -> list | None:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.name not in ("training", "mask")]
+
+
+def argument_names(model) -> list | None:
+    """Keras ``Input`` names of a functional model (None for automatic names), else the
+    positional parameter names of ``call`` / the callable."""
+    if graph_kind(model) == "functional":
+        struct = model.input
+        if isinstance(struct, dict):
+            return sorted(struct)
+        names = [getattr(t, "name", None) for t in model.inputs]
+        auto = any(not n or n.startswith(("keras_tensor", "input_layer")) for n in names)
+        return None if auto else names
+    if is_keras_layer(model):
+        return _positional_names(model.call)
+    return _positional_names(model)
+
+
+def invoke(model, parts):
+    """``model`` applied to a list of argument tensors, in the calling convention it expects.
+
+    Keras models run with ``training=False``; a functional model gets its inputs in the
+    structure it was built with (else Keras warns); a subclassed model gets every input in
+    its compute dtype (Keras itself casts only the first argument).
+    """
+    kind = graph_kind(model)
+    if kind == "functional":
+        struct = model.input
+        if isinstance(struct, dict):
+            return model(dict(zip(sorted(struct), parts)), training=False)
+        if isinstance(struct, (list, tuple)):
+            return model(list(parts), training=False)
+    if kind is not None:
+        return model(parts[0] if len(parts) == 1 else list(parts), training=False)
+    if not is_keras_layer(model):
+        return model(*parts)
+    want = tf.as_dtype(model.compute_dtype)
+    parts = [tf.cast(p, want) if p.dtype != want and p.dtype.is_floating else p for p in parts]
+    if len(parts) == 1:
+        return model(parts[0], training=False)
+    if len(_positional_names(model.call) or []) >= len(parts):
+        return model(*parts, training=False)
+    return model(list(parts), training=False)
+
+
+# -- structure, for diagnostics --------------------------------------------------------------
+def _activation_name(layer) -> str | None:
+    kind = type(layer).__name__
+    if kind == "ReLU":
+        cfg = layer.get_config()
+        if cfg.get("max_value") == 6:
+            return "relu6"
+        return "leaky_relu" if cfg.get("negative_slope") else "relu"
+    if kind in _NAMED:
+        return _NAMED[kind]
+    act = getattr(layer, "activation", None)
+    if callable(act):
+        return getattr(act, "__name__", type(act).__name__)
+    return None
+
+
+def _is_keras_builtin(layer) -> bool:
+    return type(layer).__module__.startswith("keras.") and type(layer).__name__ != "Lambda"
+
+
+def layer_summary(model) -> dict:
+    """{'activations': [Keras activation names], 'train_mode': [], 'opaque': bool}.
+
+    ``train_mode`` is empty: nbderiv calls Keras models with ``training=False``.
+    ``opaque`` is False only for Sequential / functional models of built-in layers.
+    """
+    if not is_keras_layer(model):
+        return {"activations": [], "train_mode": [], "opaque": True}
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    activations = [a for a in map(_activation_name, layers or [model]) if a is not None]
+    opaque = graph_kind(model) is None or not all(
+        _is_keras_builtin(layer) or type(layer).__name__ in _CONTAINERS for layer in layers)
+    return {"activations": activations, "train_mode": [], "opaque": opaque}
+
+
+# -- float64 copies --------------------------------------------------------------------------
+def _is_float64(model) -> bool:
+    weights = model.weights
+    return bool(weights) and all(str(w.dtype) == "float64" for w in weights) and \
+        str(model.compute_dtype) == "float64"
+
+
+def _clone_layer(layer):
+    keras = _keras()
+    if isinstance(layer, keras.layers.Lambda):  # rebuilt directly: no (unsafe) deserialization
+        return keras.layers.Lambda(layer.function, arguments=layer.arguments, dtype="float64",
+                                   name=layer.name)
+    config = dict(layer.get_config())
+    config["dtype"] = "float64"
+    return type(layer).from_config(config)
+
+
+def _float64_input(tensor):
+    shape = (None,) + tuple(tensor.shape[1:])
+    return _keras().Input(batch_shape=shape, dtype="float64", name=tensor.name)
+
+
+def _clone_graph_model(model, kind):
+    keras = _keras()
+    from keras import tree
+
+    if kind == "sequential":
+        inputs = _float64_input(model.inputs[0]) if model.inputs else None
+    else:
+        inputs = tree.map_structure(_float64_input, model.input)
+    clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=_clone_layer)
+    clone.set_weights([np.asarray(w, dtype=np.float64) for w in model.get_weights()])
+    return clone
+
+
+def _agrees(model, clone, parts) -> bool:
+    """The clone reproduces the model's output (to the model's own precision)."""
+    from .tensorflow import BACKEND
+
+    with BACKEND.preserved(model):  # a model may update its own state when called
+        own = np.asarray(invoke(model, [tf.constant(p, dtype=model.compute_dtype)
+                                        for p in parts]), dtype=np.float64)
+    new = np.asarray(invoke(clone, [tf.constant(p, dtype="float64") for p in parts]))
+    scale = 1 + np.abs(own).max(initial=0)
+    return own.shape == new.shape and bool(np.abs(own - new).max(initial=0) <= 1e-3 * scale)
+
+
+@contextlib.contextmanager
+def _global_float64_policy():
+    """Layers created inside get float64 by default; the global setting is put back exactly."""
+    from keras.src.backend.common import global_state
+
+    saved = global_state.get_global_attribute("dtype_policy", None)
+    _keras().config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("dtype_policy", saved)
+
+
+def _rebuild_float64(model):
+    """A new instance of a subclassed model's class, its layers created in float64."""
+    config = dict(model.get_config())
+    with _global_float64_policy():
+        try:
+            return type(model).from_config({**config, "dtype": "float64"})
+        except TypeError:  # an __init__ without **kwargs: only its own arguments
+            own = {k: v for k, v in config.items() if k not in ("name", "trainable", "dtype")}
+            return type(model)(**own)
+
+
+def float64_copy(model):
+    """A float64 copy of a Keras model with the same weights, or ``model`` itself when it
+    is already float64 or is not a Keras model (a ``tf.Module`` or a plain callable:
+    documented fallback, the check then runs in the model's own dtype).
+
+    Sequential and functional models are cloned layer by layer in float64. A subclassed
+    model is rebuilt from its config (``get_config``, its layers created under a float64
+    dtype policy) and gets the weights on its first call; if that fails or the copy
+    disagrees with the model, the model itself is used.
+    """
+    if not is_keras_layer(model) or _is_float64(model):
+        return model
+    kind = graph_kind(model)
+    try:
+        if kind is not None:
+            clone = _clone_graph_model(model, kind)
+            probe = [np.random.default_rng(0).normal(size=(4,) + tuple(t.shape[1:]))
+                     for t in model.inputs]
+            return clone if _agrees(model, clone, probe) else model
+        return _LazyFloat64(model, _rebuild_float64(model))
+    except Exception:  # a model Keras cannot clone: use it as it is
+        return model
+
+
+class _LazyFloat64:
+    """A subclassed Keras model's float64 twin; weights are copied on the first call (the
+    input shapes are only known then). Falls back to the original model if they don't fit."""
+
+    def __init__(self, model, clone):
+        self.model, self.clone, self.ready = model, clone, None
+
+    def __call__(self, *parts):
+        if self.ready is None:
+            try:
+                invoke(self.clone, list(parts))
+                self.clone.set_weights([np.asarray(w, dtype=np.float64)
+                                        for w in self.model.get_weights()])
+                self.ready = _agrees(self.model, self.clone, [np.asarray(p)[:4] for p in parts])
+            except Exception:
+                self.ready = False
+        return invoke(self.clone if self.ready else self.model, list(parts))

@@ -1,0 +1,708 @@
+"""The Keras / TensorFlow backend, checked against independent references.
+
+References: closed forms (polynomials, sin, a one-hidden-layer tanh net written out in
+numpy), float64 central finite differences of the model's own forward pass, and plain
+nested ``tf.GradientTape`` / ``batch_jacobian`` code written here. The models cover every
+kind (Sequential, functional, subclassed, ``tf.Module``, plain callable) and every internal
+strategy (Taylor mode, nested tapes, nested forward accumulators). Then: nothing the user
+owns changes, traces are reused, and the laziness / quietness promises hold in fresh
+interpreters.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+if keras.backend.backend() != "tensorflow":  # pragma: no cover
+    pytest.skip("Keras is not on its TensorFlow backend", allow_module_level=True)
+
+import nbderiv  # noqa: E402
+from nbderiv.backends import tensorflow as tfb  # noqa: E402
+from nbderiv.errors import InputShapeError, OutputError  # noqa: E402
+
+SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")
+
+
+def assert_close(got, ref, tol, what=""):
+    """max |got - ref| <= tol * max(1, max |ref|), shapes equal."""
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != reference {ref.shape}"
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(got - ref).max())
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def dense(units, act=None, seed=0, dtype=None):
+    return keras.layers.Dense(
+        units, activation=act, dtype=dtype,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+        bias_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=seed + 100))
+
+
+def mlp(sizes, act="tanh", dtype=None, seed=0):
+    layers = [keras.Input((sizes[0],), dtype=dtype)]
+    for i, units in enumerate(sizes[1:]):
+        last = i == len(sizes) - 2
+        layers.append(dense(units, None if last else act, seed + i, dtype))
+    return keras.Sequential(layers)
+
+
+def keras_fn(model):
+    """numpy (N, D) float64 -> numpy (N, d_out) float64 through the model itself."""
+    return lambda X: np.asarray(model(X, training=False), dtype=np.float64).reshape(len(X), -1)
+
+
+# -- a one-hidden-layer tanh net: orders 1..4 against its closed form ---------------------
+def tanh_derivative_polys(order):
+    """P_k with tanh^(k)(z) = P_k(tanh z), from P_{k+1} = P_k' (1 - s^2)."""
+    polys = [np.polynomial.Polynomial([0, 1])]
+    for _ in range(order):
+        polys.append(polys[-1].deriv() * np.polynomial.Polynomial([1, 0, -1]))
+    return polys
+
+
+def one_hidden_closed_form(model, x, order):
+    W1, b1, W2, b2 = [w.astype(np.float64) for w in model.get_weights()]
+    z = x[:, None] * W1[0] + b1  # (N, h)
+    s = np.tanh(z)
+    polys = tanh_derivative_polys(order)
+    return [(polys[k](s) * W1[0] ** k) @ W2 for k in range(1, order + 1)]
+
+
+@pytest.fixture(scope="module")
+def one_hidden64():
+    return mlp([1, 12, 2], dtype="float64", seed=3)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_one_hidden_layer_orders_1_to_4_match_closed_form(one_hidden64, kind):
+    seq = one_hidden64
+    if kind == "functional":
+        inp = keras.Input((1,), dtype="float64")
+        model = keras.Model(inp, seq.layers[1](seq.layers[0](inp)))
+    elif kind == "subclassed":
+        class Net(keras.Model):
+            def __init__(self, first, second):
+                super().__init__(dtype="float64")
+                self.first, self.second = first, second
+
+            def call(self, x):
+                return self.second(self.first(x))
+        model = Net(seq.layers[0], seq.layers[1])
+    else:
+        model = seq
+    x = np.linspace(-1.5, 1.5, 9)
+    d = nbderiv.derivatives(model, x, order=4)
+    assert d.framework == "tensorflow" and d[4].shape == (9, 2, 1, 1, 1, 1)
+    assert d[1].dtype == np.float64
+    refs = one_hidden_closed_form(seq, x, 4)
+    for k in range(1, 5):
+        assert_close(d[k].reshape(9, 2), refs[k - 1], 1e-10, f"{kind} d[{k}]")
+    assert d.method == ("taylor" if kind == "sequential" else "reverse-ones")
+
+
+# -- closed forms through callables and Lambda layers --------------------------------------
+def test_cubic_closed_form_through_callable_and_lambda():
+    f = lambda x: x**3 + 2 * x**2 + 1  # noqa: E731
+    d = nbderiv.derivatives(f, np.array([2.0]), order=2, framework="tensorflow")
+    assert d.framework == "tensorflow"
+    assert (d[1].item(), d[2].item()) == (20.0, 16.0)
+    d = nbderiv.derivatives(f, tf.constant([2.0]), order=4)  # framework from the tensor
+    assert [d[k].item() for k in range(1, 5)] == [20.0, 16.0, 6.0, 0.0]
+    lam = keras.Sequential([keras.Input((1,)), keras.layers.Lambda(f)])
+    d = nbderiv.derivatives(lam, [2.0], order=2)
+    assert (d[1].item(), d[2].item()) == (20.0, 16.0)
+
+
+def test_sin_orders_3_and_4_and_gradient_hessian_of_x1sq_sin_x2():
+    x = np.linspace(0, 3, 11)
+    d = nbderiv.derivatives(tf.sin, x, order=4, framework="tensorflow")
+    assert_close(d[3][:, 0, 0, 0, 0], -np.cos(x), 1e-12, "sin'''")
+    assert_close(d[4][:, 0, 0, 0, 0, 0], np.sin(x), 1e-12, "sin''''")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 2))
+    d = nbderiv.derivatives(lambda z: z[:, :1] ** 2 * tf.sin(z[:, 1:]), X, order=2,
+                            framework="tensorflow")
+    x1, x2 = X[:, 0], X[:, 1]
+    assert_close(d[1][:, 0], np.stack([2 * x1 * np.sin(x2), x1**2 * np.cos(x2)], 1), 1e-12)
+    hess = np.stack([np.stack([2 * np.sin(x2), 2 * x1 * np.cos(x2)], 1),
+                     np.stack([2 * x1 * np.cos(x2), -x1**2 * np.sin(x2)], 1)], 1)
+    assert_close(d[2][:, 0], hess, 1e-12, "Hessian")
+
+
+def test_tf_module_wrt_and_order_3():
+    class Poly(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable([[1.0], [2.0], [3.0]], dtype=tf.float64)
+
+        def __call__(self, x):
+            return tf.sin(x @ self.w)  # sin(a.x), a = (1, 2, 3)
+
+    X = np.random.default_rng(1).normal(size=(7, 3))
+    d = nbderiv.derivatives(Poly(), X, order=3, wrt=[2, 0])
+    a = np.array([3.0, 1.0])  # the coefficients of the inputs asked for, in wrt's order
+    u = X @ np.array([1.0, 2.0, 3.0])
+    assert d.inputs == ("x[2]", "x[0]") and d[3].shape == (7, 1, 2, 2, 2)
+    assert_close(d[1][:, 0], np.cos(u)[:, None] * a, 1e-12, "d1")
+    assert_close(d[3][:, 0], -np.cos(u)[:, None, None, None] * np.einsum("i,j,k->ijk", a, a, a),
+                 1e-12, "d3")
+
+
+# -- MLPs against float64 central differences, every strategy -----------------------------
+@pytest.mark.parametrize("sizes,kind,wrt,method", [
+    ([3, 16, 16, 2], "sequential", None, "reverse-ones"),    # 3 inputs: nested tapes
+    ([1, 8, 40], "functional", None, "forward-jvp"),         # many outputs: accumulators
+    ([3, 8, 5], "functional", [2, 0], "forward-jvp"),        # ... along two of three inputs
+    ([1, 8, 40], "sequential", None, "taylor"),              # Taylor, one direction
+])
+def test_mlps_match_central_differences(central_fd, sizes, kind, wrt, method):
+    seq = mlp(sizes, dtype="float64", seed=5)
+    model = seq if kind == "sequential" else keras.Model(seq.inputs[0], seq.outputs[0])
+    X = np.random.default_rng(2).uniform(-1, 1, size=(25, sizes[0]))
+    d = nbderiv.derivatives(model, X, order=2, wrt=wrt)
+    assert d.method == method
+    fn = keras_fn(model)
+    w = wrt or list(range(sizes[0]))
+    ref1, ref2 = central_fd(fn, X, 1)[:, :, w], central_fd(fn, X, 2)[:, :, w][:, :, :, w]
+    assert_close(d[1], ref1, 1e-7, "d1 vs FD")
+    assert_close(d[2], ref2, 1e-5, "d2 vs FD")
+
+
+def plain_tapes(model, x, order):
+    """[d1, ..., d_order], each (N, d_out), for one input feature: nested GradientTapes,
+    one gradient per output column, written out independently of nbderiv."""
+    X = tf.constant(np.asarray(x, dtype=np.float64)[:, None])
+    tapes = [tf.GradientTape(persistent=True) for _ in range(order)]
+    for tape in tapes:
+        tape.__enter__()
+        tape.watch(X)
+    cols = tf.unstack(tf.reshape(model(X), (len(x), -1)), axis=1)
+    out = []
+    for tape in reversed(tapes):
+        tape.__exit__(None, None, None)
+        cols = [tape.gradient(c, X)[:, 0] for c in cols]
+        out.append(np.stack([c.numpy() for c in cols], 1))
+    return out
+
+
+@pytest.mark.parametrize("layers", [
+    ["sigmoid", "softplus"], ["silu", "gelu"], ["elu", "selu"],
+    ["Activation:tanh", "LeakyReLU"], ["Rescaling", "mish"]])
+def test_taylor_mode_activations_match_plain_nested_tapes(layers):
+    stack = [keras.Input((1,), dtype="float64")]
+    for i, name in enumerate(layers):
+        if name == "Rescaling":
+            stack.append(keras.layers.Rescaling(0.5, offset=0.25, dtype="float64"))
+        elif name == "LeakyReLU":
+            stack += [dense(6, None, i, "float64"), keras.layers.LeakyReLU(dtype="float64")]
+        elif name.startswith("Activation:"):
+            stack += [dense(6, None, i, "float64"),
+                      keras.layers.Activation(name.split(":")[1], dtype="float64")]
+        else:
+            stack.append(dense(6, name, i, "float64"))
+    seq = keras.Sequential(stack + [dense(2, None, 9, "float64")])
+    x = np.linspace(-1.3, 1.7, 11)
+    d = nbderiv.derivatives(seq, x, order=3)
+    assert d.method == "taylor"
+    refs = plain_tapes(seq, x, 3)
+    for k in range(1, 4):
+        assert_close(d[k].reshape(11, 2), refs[k - 1], 1e-10, f"{layers} d[{k}]")
+
+
+def test_wrt_one_of_three_inputs_in_taylor_mode(central_fd):
+    seq = mlp([3, 12, 2], dtype="float64", seed=8)
+    X = np.random.default_rng(9).normal(size=(10, 3))
+    d = nbderiv.derivatives(seq, X, order=2, wrt=[1])
+    assert d.method == "taylor" and d.inputs == ("x[1]",) and d[2].shape == (10, 2, 1, 1)
+    fn = keras_fn(seq)
+    assert_close(d[1], central_fd(fn, X, 1)[:, :, 1:2], 1e-7, "d1 wrt x[1]")
+    assert_close(d[2], central_fd(fn, X, 2)[:, :, 1:2, 1:2], 1e-5, "d2 wrt x[1]")
+
+
+def test_higher_orders_of_a_deep_mlp_match_plain_nested_tapes():
+    seq = mlp([1, 16, 16, 2], dtype="float64", seed=7)
+    X = tf.constant(np.linspace(-1, 1, 13)[:, None])
+    r3 = plain_tapes(seq, X.numpy()[:, 0], 3)[2]
+    d = nbderiv.derivatives(seq, X, order=3)
+    func = keras.Model(seq.inputs, seq.outputs)  # inputs as a list of one: called as built
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d_rev = nbderiv.derivatives(func, X, order=3)
+    assert (d.method, d_rev.method) == ("taylor", "reverse-ones")
+    assert_close(d[3].reshape(13, 2), r3, 1e-10, "taylor d3")
+    assert_close(d_rev[3].reshape(13, 2), r3, 1e-10, "reverse d3")
+
+
+def test_forward_mode_failure_falls_back_to_reverse(monkeypatch):
+    f = lambda x: tf.concat([x**3 * (j + 1) for j in range(4)], axis=1)  # noqa: E731
+    x = np.array([2.0, -1.0])
+    assert nbderiv.derivatives(f, x, order=2, framework="tensorflow").method == "forward-jvp"
+
+    def missing_rule(*args):
+        raise NotImplementedError("no forward-mode rule for some op")
+
+    monkeypatch.setattr(tfb, "_forward_values", missing_rule)
+    g = lambda x: tf.concat([x**3 * (j + 1) for j in range(4)], axis=1)  # noqa: E731
+    d = nbderiv.derivatives(g, x, order=2, framework="tensorflow")
+    assert d.method == "reverse-ones"
+    scale = np.arange(1, 5)
+    assert_close(d[1][:, :, 0], 3 * x[:, None] ** 2 * scale, 1e-12)
+    assert_close(d[2][:, :, 0, 0], 6 * x[:, None] * scale, 1e-12)
+
+
+def test_untraceable_callable_runs_eagerly():
+    def f(x):
+        if float(tf.reduce_max(x).numpy()) > -1e9:  # Python on values: cannot be traced
+            return tf.exp(2 * x)
+        return x
+
+    x = np.array([0.0, 0.5])
+    d = nbderiv.derivatives(f, x, order=2, framework="tensorflow")
+    assert_close(d[2][:, 0, 0, 0], 4 * np.exp(2 * x), 1e-12)
+
+
+# -- several inputs, names, multi-output --------------------------------------------------
+def test_functional_model_with_named_inputs_x_and_t(central_fd):
+    xi, ti = keras.Input((1,), name="x", dtype="float64"), keras.Input((1,), name="t",
+                                                                       dtype="float64")
+    h = keras.layers.Concatenate(dtype="float64")([xi, ti])
+    h = dense(16, "tanh", 1, "float64")(h)
+    model = keras.Model([xi, ti], dense(1, None, 2, "float64")(h))
+    x, t = np.linspace(0, 1, 6), np.linspace(1, 2, 6)
+    d = nbderiv.derivatives(model, (x, t), order=2)
+    assert d.inputs == ("x", "t") and d[2].shape == (6, 1, 2, 2)
+    fn = lambda X: np.asarray(model([X[:, :1], X[:, 1:]]), dtype=np.float64)  # noqa: E731
+    X = np.stack([x, t], 1)
+    assert_close(d[2], central_fd(fn, X, 2), 1e-5, "u_xt etc.")
+    d_t = nbderiv.derivatives(model, (x, t), order=1, wrt=[1])
+    assert d_t.inputs == ("t",)
+    assert_close(d_t[1][:, 0, 0], d[1][:, 0, 1], 1e-12)
+
+
+def test_subclassed_call_x_t_and_callable_names():
+    class PINN(keras.Model):
+        def __init__(self):
+            super().__init__(dtype="float64")
+            self.hidden = dense(8, "tanh", 4, "float64")
+            self.out = dense(2, None, 5, "float64")
+
+        def call(self, x, t):
+            return self.out(self.hidden(tf.concat([x, t], axis=1)))
+
+    net = PINN()
+    x, t = np.linspace(0, 1, 5), np.linspace(-1, 0, 5)
+    d = nbderiv.derivatives(net, (x, t[:, None]), order=1)
+    assert d.inputs == ("x", "t") and d[1].shape == (5, 2, 2)
+    X = np.stack([x, t], 1)
+    eps = 1e-6
+    for i in range(2):
+        e = np.zeros(2)
+        e[i] = eps
+        fd = (net(X[:, :1] + e[0], X[:, 1:] + e[1]).numpy()
+              - net(X[:, :1] - e[0], X[:, 1:] - e[1]).numpy()) / (2 * eps)
+        assert_close(d[1][:, :, i], fd, 1e-8)
+    d = nbderiv.derivatives(lambda u, v: u * tf.sin(v), (x, t), order=1, framework="tf")
+    assert d.inputs == ("u", "v")
+    assert_close(d[1][:, 0], np.stack([np.sin(t), x * np.cos(t)], 1), 1e-12)
+
+
+# -- inputs: lists, tensors, (N,), ints (Q&A case A) ---------------------------------------
+@pytest.mark.parametrize("kind", ["functional", "sequential", "sequential-unbuilt"])
+def test_case_a_int_vector_into_input_1(kind):
+    layers = [dense(16, "relu", 1), dense(8, "relu", 2), dense(1, None, 3)]
+    if kind == "functional":
+        inp = keras.Input((1,))
+        h = inp
+        for layer in layers:
+            h = layer(h)
+        model = keras.Model(inp, h)
+    elif kind == "sequential":
+        model = keras.Sequential([keras.Input((1,))] + layers)
+    else:
+        model = keras.Sequential(layers)  # no Input: built by nbderiv's first call
+    x = np.arange(1, 7)  # int64, shape (6,), as in the Q&A post
+    x_before = x.copy()
+    d = nbderiv.derivatives(model, x, order=2)
+    assert {"input-reshaped", "integer-input", "piecewise-linear"} <= set(d.codes)
+    assert d[1].dtype == np.float32 and d[2].shape == (6, 1, 1, 1)
+    assert np.all(d[2] == 0)  # ReLU: piecewise linear
+    fd = (keras_fn(model)(x[:, None] + 1e-2) - keras_fn(model)(x[:, None] - 1e-2)) / 2e-2
+    assert_close(d[1][:, :, 0], fd, 1e-3, "d1 of a ReLU net vs FD (smooth away from kinks)")
+    np.testing.assert_array_equal(x, x_before)
+    assert model(np.zeros((3, 1), "float32")).shape == (3, 1)  # still usable with (M, 1)
+
+
+def test_inputs_as_list_tensor_and_numpy_agree():
+    model = mlp([2, 8, 1], seed=9)
+    X = np.random.default_rng(3).normal(size=(5, 2)).astype("float32")
+    a = nbderiv.derivatives(model, X, order=1)[1]
+    b = nbderiv.derivatives(model, X.tolist(), order=1)[1]
+    c = nbderiv.derivatives(model, tf.constant(X), order=1)[1]
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_dtypes_follow_the_model():
+    x64 = np.linspace(0, 1, 4)
+    assert nbderiv.derivatives(mlp([1, 4, 1]), x64)[1].dtype == np.float32
+    assert nbderiv.derivatives(mlp([1, 4, 1], dtype="float64"), x64)[1].dtype == np.float64
+    # keras.config.set_floatx("float64") at the start of a session (Keras fixes its default
+    # dtype policy on first use, so the test first puts the session back to that state)
+    from keras.src.backend.common import global_state
+
+    old_floatx, old_policy = keras.config.floatx(), global_state.get_global_attribute(
+        "dtype_policy", None)
+    global_state.set_global_attribute("dtype_policy", None)
+    keras.config.set_floatx("float64")
+    try:
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, "tanh"),
+                                  keras.layers.Dense(1)])
+    finally:
+        keras.config.set_floatx(old_floatx)
+        global_state.set_global_attribute("dtype_policy", old_policy)
+    assert model.weights[0].dtype == "float64"
+    d = nbderiv.derivatives(model, x64.astype("float32"), order=2)
+    assert d[1].dtype == np.float64 and d[2].dtype == np.float64
+    # a plain callable runs in x's float dtype
+    assert nbderiv.derivatives(tf.sin, x64, framework="tensorflow")[1].dtype == np.float64
+    assert nbderiv.derivatives(tf.sin, tf.constant(x64, tf.float32))[1].dtype == np.float32
+
+
+# -- no mutation, no retracing -------------------------------------------------------------
+def test_nothing_the_user_owns_changes():
+    class Sneaky(keras.Model):
+        """Runs BatchNormalization in training mode inside call: moving stats would move."""
+
+        def __init__(self):
+            super().__init__()
+            self.d = dense(4, "tanh", 1)
+            self.bn = keras.layers.BatchNormalization()
+            self.o = dense(1, None, 2)
+
+        def call(self, x):
+            return self.o(self.bn(self.d(x), training=True))
+
+    for model in (mlp([1, 8, 1]), Sneaky()):
+        model(np.zeros((2, 1), "float32"))
+        model.trainable = True
+        before = [v.numpy().copy() for v in model.variables]
+        n_vars = len(model.variables)
+        x = np.linspace(-1, 1, 20).astype("float32")
+        x_copy = x.copy()
+        xt = tf.constant(x)
+        nbderiv.derivatives(model, x, order=2, check=True)
+        nbderiv.derivatives(model, xt, order=1)
+        nbderiv.full_jacobian(model, x[:4])
+        assert model.trainable is True and len(model.variables) == n_vars
+        for v, b in zip(model.variables, before):
+            np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+        np.testing.assert_array_equal(x, x_copy)
+        np.testing.assert_array_equal(xt.numpy(), x_copy)
+
+
+def test_traces_are_cached_and_reused_across_sizes_and_chunks():
+    model = mlp([2, 8, 1], seed=11)
+    X = np.random.default_rng(4).normal(size=(50, 2)).astype("float32")
+    for n, chunk in ((50, None), (37, 10), (50, 7)):
+        d = nbderiv.derivatives(model, X[:n], order=2, chunk_size=chunk)
+        assert d.method.startswith("reverse-ones")
+    traced = {key[1]: e for key, e in tfb._cache_for(model).items()
+              if isinstance(e, tfb._Traced)}
+    assert ("reverse-ones", 2, (0, 1)) in traced
+    counts = {key: e.traced.experimental_get_tracing_count() for key, e in traced.items()}
+    assert set(counts.values()) == {1}, counts  # one trace, whatever N or the chunk size
+    assert_close(nbderiv.derivatives(model, X, order=2, chunk_size=7)[2],
+                 nbderiv.derivatives(model, X, order=2)[2], 1e-6)
+
+
+def test_cached_traces_do_not_keep_models_alive():
+    model = mlp([1, 8, 1], seed=12)
+    nbderiv.derivatives(model, np.linspace(0, 1, 5), order=2)
+    def doubled(net):
+        return lambda z: net(z) * 2
+
+    nbderiv.derivatives(doubled(model), np.linspace(0, 1, 5), framework="tf")
+    assert tfb._cache_for(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+# -- structure: kinks, summaries, float64 copies, full Jacobian, code ----------------------
+def test_kink_points_dense_activation_layers_and_conv():
+    zero_bias = keras.initializers.Zeros()
+    seq = keras.Sequential([keras.Input((1,)),
+                            keras.layers.Dense(4, "relu", bias_initializer=zero_bias),
+                            keras.layers.Dense(1)])
+    d = nbderiv.derivatives(seq, np.array([-1.0, 0.0, 1.0]), order=1)
+    assert d.finding("at-kink").points == (1,)
+    leaky = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, bias_initializer=zero_bias),
+                              keras.layers.LeakyReLU(), keras.layers.Dense(1)])
+    d = nbderiv.derivatives(leaky, np.array([[1.0, 2.0], [0.0, 0.0]]), order=1)
+    assert d.finding("at-kink").points == (1,)
+    inp = keras.Input((4,))
+    h = keras.layers.Reshape((4, 1))(inp)
+    h = keras.layers.Conv1D(2, 2, activation="relu", bias_initializer=zero_bias)(h)
+    conv = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Flatten()(h)))
+    X = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 5.0, 6.0], [1.0, -1.0, 2.0, 3.0]])
+    assert tfb.BACKEND.kink_points(conv, [X.astype("float32")],
+                                   tfb.BACKEND.context(conv, None, np.float32)) == [1]
+    smooth = mlp([1, 4, 1])
+    assert nbderiv.derivatives(smooth, np.array([0.0, 1.0])).finding("at-kink") is None
+
+
+def test_layer_summary_names_activations_and_opacity():
+    seq = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, "relu"),
+                            keras.layers.Activation("tanh"), keras.layers.LeakyReLU(),
+                            keras.layers.Dense(1)])
+    s = tfb.BACKEND.layer_summary(seq)
+    assert s == {"activations": ["relu", "tanh", "leaky_relu", "linear"], "train_mode": [],
+                 "opaque": False}
+    lam = keras.Sequential([keras.Input((1,)), keras.layers.Lambda(tf.sin)])
+    assert tfb.BACKEND.layer_summary(lam)["opaque"] is True
+    assert tfb.BACKEND.layer_summary(tf.sin)["opaque"] is True
+    relu_net = mlp([1, 8, 1], act="relu")
+    codes = [f.code for f in nbderiv.diagnose(relu_net, np.linspace(-1, 1, 5))]
+    assert "piecewise-linear" in codes
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_float64_copy_has_same_weights_and_float64_check_passes(kind):
+    seq = mlp([1, 8, 8, 1], seed=13)
+    if kind == "functional":
+        h = keras.layers.Lambda(lambda z: z * 1.0)(seq.inputs[0])
+        model = keras.Model(seq.inputs[0], seq.layers[2](seq.layers[1](seq.layers[0](h))))
+    elif kind == "subclassed":
+        class Net(keras.Model):
+            def __init__(self, width=8):
+                super().__init__()
+                self.a = dense(width, "tanh", 1)
+                self.b = dense(1, None, 2)
+
+            def call(self, x):
+                return self.b(self.a(x))
+        model = Net()
+        model(np.zeros((1, 1), "float32"))
+    else:
+        model = seq
+    copy = tfb.BACKEND.float64_copy(model)
+    x = np.linspace(-1, 1, 5)[:, None]
+    y64 = tfb.BACKEND.forward(copy, [x], tfb.BACKEND.context(copy, None, np.float64))
+    assert y64.dtype == np.float64
+    assert_close(y64, keras_fn(model)(x.astype("float32")), 1e-5, "copy vs model")
+    if kind != "subclassed":
+        assert all(str(w.dtype) == "float64" for w in copy.weights)
+    d = nbderiv.derivatives(model, x, order=2, check=True)
+    assert d.check.passed and d.check.errors[2][1] < 1e-4, d.check.summary()
+
+
+def test_full_jacobian_is_block_diagonal_with_the_per_point_blocks():
+    model = mlp([2, 8, 3], seed=17)
+    X = np.random.default_rng(5).normal(size=(6, 2)).astype("float32")
+    J = nbderiv.full_jacobian(model, X)
+    assert J.shape == (6, 3, 6, 2)
+    d1 = nbderiv.derivatives(model, X)[1]
+    for n in range(6):
+        assert_close(J[n, :, n], d1[n], 1e-6)
+        J[n, :, n] = 0
+    assert np.all(J == 0)
+    with pytest.raises(ValueError, match="N\\*\\*2|budget"):
+        nbderiv.full_jacobian(model, X, memory_budget=100)
+
+
+@pytest.mark.parametrize("case", ["one-input", "tuple", "wrt"])
+def test_equivalent_code_reproduces_the_result(case):
+    if case == "tuple":
+        xi, ti = keras.Input((1,), name="x"), keras.Input((2,), name="t")
+        h = dense(8, "tanh", 1)(keras.layers.Concatenate()([xi, ti]))
+        model = keras.Model([xi, ti], dense(2, None, 2)(h))
+        x = (np.linspace(0, 1, 5), np.random.default_rng(6).normal(size=(5, 2)))
+        kwargs = {"order": 2}
+    else:
+        model = mlp([3, 8, 2], seed=19)
+        x = np.random.default_rng(7).normal(size=(5, 3))
+        kwargs = {"order": 3, "wrt": [2, 0]} if case == "wrt" else {"order": 2}
+    d = nbderiv.derivatives(model, x, **kwargs)
+    assert "tf.GradientTape" in d.code
+    namespace = {"model": model, "x": x}
+    exec(d.code, namespace)
+    for k in range(1, d.order + 1):
+        assert_close(namespace[f"d{k}"].reshape(d[k].shape), d[k], 1e-5, f"code d{k}")
+
+
+# -- errors mirror the torch backend ------------------------------------------------------
+def test_errors_are_clear():
+    x = np.linspace(0, 1, 4)
+    with pytest.raises(OutputError, match="floating-point"):
+        nbderiv.derivatives(lambda z: tf.cast(z > 0.5, tf.int32), x, framework="tensorflow")
+    with pytest.raises(OutputError, match="one output row per point"):
+        nbderiv.derivatives(lambda z: tf.reduce_sum(z, axis=0), x, framework="tensorflow")
+    with pytest.raises(OutputError, match="not a tensor"):
+        nbderiv.derivatives(lambda z: [z, z], x, framework="tensorflow")
+    with pytest.raises(InputShapeError, match=r"reshape\(1, -1\)"):
+        nbderiv.derivatives(mlp([3, 4, 1]), x)
+
+
+def test_coupled_callable_gets_true_per_point_blocks():
+    f = lambda z: z - tf.reduce_mean(z, axis=0)  # noqa: E731  (couples the points)
+    x = np.linspace(0, 1, 5)
+    d = nbderiv.derivatives(f, x, order=1, framework="tensorflow")
+    assert "coupled-samples" in d.codes
+    assert_close(d[1][:, 0, 0], np.full(5, 1 - 1 / 5), 1e-12)
+
+
+MILLION = textwrap.dedent("""
+    import json, resource, time
+    import numpy as np, tensorflow as tf, keras, nbderiv
+    model = keras.Sequential([keras.Input((1,))] + [keras.layers.Dense(64, activation="tanh")
+                              for _ in range(3)] + [keras.layers.Dense(1)])
+    x = np.linspace(-3, 3, 1_000_000, dtype="float32")
+    start = time.perf_counter()
+    d = nbderiv.derivatives(model, x, order=2, progress=False)
+    wall = time.perf_counter() - start
+    idx = np.array([0, 123_457, 500_000, 999_999])
+    X = tf.constant(x[idx][:, None])
+    with tf.GradientTape() as t2:
+        t2.watch(X)
+        with tf.GradientTape() as t1:
+            t1.watch(X)
+            y = model(X)
+        g = t1.gradient(y, X)
+    h = t2.gradient(g, X)
+    print(json.dumps({"shape": list(d[2].shape), "wall": wall, "method": d.method,
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "err1": float(np.abs(d[1][idx, 0, 0] - g.numpy()[:, 0]).max()),
+                      "err2": float(np.abs(d[2][idx, 0, 0, 0] - h.numpy()[:, 0]).max())}))
+""")
+
+
+@pytest.mark.slow
+def test_one_million_points_order_2_in_bounded_memory():
+    out = subprocess.run([sys.executable, "-c", MILLION], capture_output=True, text=True,
+                         env=SUBPROCESS_ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["shape"] == [1_000_000, 1, 1, 1] and "chunked" in info["method"]
+    assert info["rss_mb"] < 2048, info
+    assert info["err1"] < 1e-5 and info["err2"] < 1e-5, info
+
+
+# -- fresh interpreters: laziness, quietness, Keras on torch ------------------------------
+KERAS_SCRIPT = textwrap.dedent("""
+    import json, logging, os, sys
+    import numpy as np
+    import nbderiv
+    env_before = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    def f(x):
+        import tensorflow as tf  # already imported by nbderiv at this point
+        return tf.sin(x)
+    d = nbderiv.derivatives(f, np.linspace(0, 1, 5), order=2, framework="tensorflow")
+    err = float(np.abs(d[2][:, 0, 0, 0] + np.sin(np.linspace(0, 1, 5))).max())
+    import keras
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Dense(1)])
+    d2 = nbderiv.derivatives(model, np.linspace(0, 1, 5), order=2, check=True)
+    print(json.dumps({"torch": "torch" in sys.modules, "err": err, "ok": d2.check.passed,
+                      "env": [env_before, os.environ.get("TF_CPP_MIN_LOG_LEVEL")],
+                      "tf_logger": logging.getLogger("tensorflow").level,
+                      "root": logging.getLogger().level}))
+""")
+
+TORCH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch, nbderiv
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    nbderiv.derivatives(net, torch.linspace(0, 1, 5), order=2, check=True)
+    nbderiv.diagnose(net, torch.linspace(0, 1, 5))
+    print(json.dumps({"loaded": sorted({"tensorflow", "keras"} & set(sys.modules))}))
+""")
+
+KERAS_ON_TORCH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import keras, torch, nbderiv
+    assert keras.backend.backend() == "torch"
+    model = keras.Sequential([keras.Input((1,)),
+        keras.layers.Dense(6, activation="tanh",
+                           bias_initializer=keras.initializers.RandomNormal(seed=1)),
+        keras.layers.Dense(1)])
+    W1, b1, W2, b2 = [w.astype(np.float64) for w in model.get_weights()]
+    x = np.linspace(-1, 1, 7)
+    s = np.tanh(x[:, None] * W1[0] + b1)
+    ref1 = ((1 - s**2) * W1[0]) @ W2
+    ref2 = ((-2 * s * (1 - s**2)) * W1[0] ** 2) @ W2
+    out = {}
+    for name, xin in (("numpy", x), ("torch", torch.tensor(x, dtype=torch.float32))):
+        d = nbderiv.derivatives(model, xin, order=2)
+        out[name] = [d.framework, float(np.abs(d[1][:, :, 0] - ref1).max()),
+                     float(np.abs(d[2][:, :, 0, 0] - ref2).max())]
+    out["tensorflow"] = "tensorflow" in sys.modules
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def fresh_runs():
+    """Start the three fresh interpreters at once (they mostly wait on imports)."""
+    runs = {
+        "keras": (KERAS_SCRIPT, {"TF_CPP_MIN_LOG_LEVEL": None, "TF_ENABLE_ONEDNN_OPTS": None}),
+        "torch": (TORCH_SCRIPT, {}),
+        "keras-on-torch": (KERAS_ON_TORCH_SCRIPT, {"KERAS_BACKEND": "torch"}),
+    }
+    procs = {}
+    for name, (code, extra) in runs.items():
+        env = dict(SUBPROCESS_ENV)
+        for key, value in extra.items():
+            env.pop(key, None) if value is None else env.__setitem__(key, value)
+        procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, env=env)
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, out, err)
+    return results
+
+
+def _result(fresh_runs, name):
+    code, out, err = fresh_runs[name]
+    assert code == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def test_keras_use_never_imports_torch_and_tf_startup_noise_stays_silent(fresh_runs):
+    pytest.importorskip("torch")
+    r, err = _result(fresh_runs, "keras")
+    assert r["torch"] is False
+    assert r["err"] < 1e-12 and r["ok"]
+    assert err == "", err  # no C++ start-up lines, no Python warnings
+    assert r["env"] == [None, None]  # the user's settings are left alone
+    assert r["tf_logger"] == 0 and r["root"] == 30
+
+
+def test_torch_use_never_imports_tensorflow_or_keras(fresh_runs):
+    pytest.importorskip("torch")
+    r, _ = _result(fresh_runs, "torch")
+    assert r["loaded"] == []
+
+
+def test_keras_on_torch_runs_through_the_torch_backend(fresh_runs):
+    pytest.importorskip("torch")
+    r, _ = _result(fresh_runs, "keras-on-torch")
+    for name in ("numpy", "torch"):
+        framework, err1, err2 = r[name]
+        assert framework == "torch"
+        assert err1 < 1e-5 and err2 < 1e-5, r
+    assert r["tensorflow"] is False
