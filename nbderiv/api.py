@@ -183,17 +183,18 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
             chunk = _chunk_size(call, d_out, order, len(wrt), chunk_size, memory_budget)
             y, ders, method = _compute(call, order, wrt, chunk, progress)
         findings += _result_findings(call, layers, y, ders, order, wrt, findings)
-    result = Derivatives(x=np.concatenate(call.args, axis=1), y=y, orders=ders,
-                         framework=backend.name, method=method, inputs=call.names, wrt=wrt,
-                         findings=findings)
-    if check:
-        from .fdcheck import finite_difference_check
+        result = Derivatives(x=np.concatenate(call.args, axis=1), y=y, orders=ders,
+                             framework=backend.name, method=method, inputs=call.names, wrt=wrt,
+                             findings=findings)
+        if check:  # inside preserved(): a check that has to use the model itself restores it too
+            from .fdcheck import finite_difference_check
 
-        compute = None if coupled else (lambda c, k: _compute(c, k, wrt, chunk, False))
-        result.check = finite_difference_check(call, result, coupled=coupled, compute=compute)
-        if result.check.low_precision:
-            result.findings.append(dg.low_precision_finding(
-                result.check.errors, call.dtype, result.check.low_precision_orders))
+            compute = None if coupled else (lambda c, k: _compute(c, k, wrt, chunk, False))
+            result.check = finite_difference_check(call, result, coupled=coupled,
+                                                   compute=compute)
+            if result.check.low_precision:
+                result.findings.append(dg.low_precision_finding(
+                    result.check.errors, call.dtype, result.check.low_precision_orders))
     result._code = _code_for(call, order, wrt)
     return result
 

@@ -66,12 +66,6 @@ def input_dim(model, *, framework=None, d_in=None) -> int:
         return int(d_in)
     fix = "Fix: pass d_in= (the number of input features)."
     fw = resolve_framework(model, framework)
-    if fw in ("tensorflow", "keras", "tf") and _is_keras(model):
-        width = _keras_width(model)
-        if width is None:
-            raise OptionError(f"cannot read the input width of this Keras model without building "
-                              f"it (it has no Input). {fix}")
-        return width
     if fw is not None:
         from .backends import get_backend
 
@@ -89,21 +83,6 @@ def input_dim(model, *, framework=None, d_in=None) -> int:
         raise OptionError(f"cannot tell how many inputs the model takes (it does not accept one "
                           f"feature: {str(exc).split('. Fix')[0]}). {fix}") from None
     return 1
-
-
-def _is_keras(model) -> bool:
-    return any(c.__module__.split(".")[0] in ("keras", "tf_keras") for c in type(model).__mro__)
-
-
-def _keras_width(model):
-    try:
-        inputs = model.inputs
-    except Exception:  # subclassed / unbuilt models raise
-        inputs = None
-    if inputs and len(inputs) == 1:
-        last = tuple(inputs[0].shape)[-1]
-        return int(last) if last is not None else None
-    return None
 
 
 def slider_grid(lo: float, hi: float, per_span: int = 50):

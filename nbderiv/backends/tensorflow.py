@@ -32,6 +32,7 @@ import weakref
 
 import numpy as np
 
+from ..errors import OptionError
 from ..inputs import check_output
 from .base import Backend, fill_symmetric, sorted_multi_indices
 from .tensorflow_code import tensorflow_code
@@ -471,6 +472,21 @@ class TensorFlowBackend(Backend):
 
     def layer_summary(self, model) -> dict:
         return layer_summary(model)
+
+    def input_width(self, model):
+        if not is_keras_layer(model):
+            return None
+        try:
+            inputs = model.inputs
+        except Exception:  # subclassed and unbuilt models have no inputs
+            inputs = None
+        if not inputs:
+            raise OptionError("cannot read the input width of this Keras model without building "
+                              "it (it has no Input). Fix: pass d_in= (the number of input "
+                              "features).")
+        if len(inputs) == 1 and tuple(inputs[0].shape)[-1] is not None:
+            return int(tuple(inputs[0].shape)[-1])
+        return None
 
     def float64_copy(self, model):
         return float64_copy(model)
