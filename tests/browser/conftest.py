@@ -352,7 +352,7 @@ def console_messages(page) -> list[str]:
 @pytest.fixture
 def lab_page(lab_browser, lab_server, request, tmp_path):
     """A fresh page in its own browser context, with console capture."""
-    context = lab_browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = lab_browser.new_context(viewport={"width": 1400, "height": 2000})
     context.set_default_timeout(UI_TIMEOUT_MS)
     page = context.new_page()
     log = console_messages(page)
