@@ -19,6 +19,8 @@ import sys
 
 import tensorflow as tf
 
+from .taylor_series import compose, poly_derivatives
+
 # Keras activations that act elementwise (output i depends on input i only).
 _ELEMENTWISE = (
     "celu", "elu", "exponential", "gelu", "hard_shrink", "hard_sigmoid", "hard_silu",
@@ -29,21 +31,6 @@ _ELEMENTWISE = (
 _ELEMENTWISE_LAYERS = ("ReLU", "LeakyReLU", "ELU", "PReLU")
 _IDENTITY_LAYERS = ("InputLayer", "Dropout", "GaussianDropout", "GaussianNoise", "AlphaDropout",
                     "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "ActivityRegularization")
-
-
-def _poly_derivatives(base_poly, order):
-    """Polynomials P_m (coefficient lists in s) with sigma^(m) = P_m(s), given
-    ds/dx = base_poly(s): P_{m+1} = P_m' * base_poly."""
-    polys = [[0.0, 1.0]]
-    for _ in range(order):
-        p = polys[-1]
-        dp = [i * p[i] for i in range(1, len(p))] or [0.0]
-        out = [0.0] * (len(dp) + len(base_poly) - 1)
-        for i, a in enumerate(dp):
-            for j, b in enumerate(base_poly):
-                out[i + j] += a * b
-        polys.append(out)
-    return polys[1:]
 
 
 def _horner(coeffs, s):
@@ -68,13 +55,13 @@ def _scaled(polys, first_m=1):
 def _from_poly(fn, base_poly):
     def value_and_derivs(x, order):
         s = fn(x)
-        return s, [_horner(p, s) for p in _scaled(_poly_derivatives(base_poly, order))]
+        return s, [_horner(p, s) for p in _scaled(poly_derivatives(base_poly, order))]
     return value_and_derivs
 
 
 def _softplus(x, order):
     s = tf.sigmoid(x)  # softplus' = sigmoid, softplus^(m) = sigmoid^(m-1)
-    higher = _scaled(_poly_derivatives([0.0, 1.0, -1.0], order - 1), first_m=2)
+    higher = _scaled(poly_derivatives([0.0, 1.0, -1.0], order - 1), first_m=2)
     return tf.math.softplus(x), [s] + [_horner(p, s) for p in higher]
 
 
@@ -168,43 +155,13 @@ def taylor_plan(model, widths, dtype):
     return plan
 
 
-def _series_power_coeffs(c, order):
-    """powers[m][k] = [t^k] (sum_{i>=1} c_i t^i)^m, None for exact zeros."""
-    first = [None] + c[1:]
-    powers = [None, first]
-    for m in range(2, order + 1):
-        prev, cur = powers[m - 1], [None] * (order + 1)
-        for k in range(m, order + 1):
-            acc = None
-            for i in range(1, k - m + 2):
-                a, b = prev[k - i], c[i]
-                if a is None or b is None:
-                    continue
-                acc = a * b if acc is None else acc + a * b
-            cur[k] = acc
-        powers.append(cur)
-    return powers
-
-
 def _apply_act(act, c, order):
     """Compose the series c with an activation whose value_and_derivs gives sigma(c0) and
-    the Taylor coefficients sigma^(m)(c0) / m!, m = 1..order (Faa di Bruno, truncated)."""
+    the Taylor coefficients sigma^(m)(c0) / m!, m = 1..order."""
     if act == "identity":
         return c
     y0, ders = act(c[0], order)
-    powers = _series_power_coeffs(c, order)
-    out = [y0]
-    for k in range(1, order + 1):
-        acc = None
-        for m in range(1, k + 1):
-            d, p = ders[m - 1], powers[m][k]
-            if d is None or p is None:
-                continue
-            term = d * p
-            acc = term if acc is None else acc + term
-        out.append(acc)
-    return out
-
+    return compose(y0, ders, c, order, scaled=True)
 
 def _matmul(a, kernel):
     return tf.matmul(a, tf.cast(kernel, a.dtype))

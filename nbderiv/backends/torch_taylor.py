@@ -19,22 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .taylor_series import compose, poly_derivatives
+
 _IDENTITY = (nn.Identity, nn.Flatten)
-
-
-def _poly_derivatives(base_poly, order):
-    """Polynomials P_m (coefficient lists in s) with sigma^(m) = P_m(s), given
-    ds/dx = base_poly(s): P_{m+1} = P_m' * base_poly."""
-    polys = [[0.0, 1.0]]  # P_0(s) = s
-    for _ in range(order):
-        p = polys[-1]
-        dp = [i * p[i] for i in range(1, len(p))] or [0.0]
-        out = [0.0] * (len(dp) + len(base_poly) - 1)
-        for i, a in enumerate(dp):
-            for j, b in enumerate(base_poly):
-                out[i + j] += a * b
-        polys.append(out)
-    return polys[1:]
 
 
 def _horner(coeffs, s):
@@ -55,7 +42,7 @@ def _from_poly(fn, base_poly, scale=1.0):
     def value_and_derivs(x, order):
         s = fn(x * scale) if scale != 1.0 else fn(x)
         ders = [_horner(p, s) * (scale ** (m + 1)) for m, p in
-                enumerate(_poly_derivatives(base_poly, order))]
+                enumerate(poly_derivatives(base_poly, order))]
         return s, ders
     return value_and_derivs
 
@@ -221,39 +208,9 @@ def taylor_plan(model, widths):
     return plan
 
 
-def _series_power_coeffs(c, order):
-    """powers[m][k] = [t^k] (sum_{i>=1} c_i t^i)^m, None for exact zeros."""
-    powers = [None, c[:]]  # powers[1][0] is None (no constant term)
-    powers[1][0] = None
-    for m in range(2, order + 1):
-        prev, cur = powers[m - 1], [None] * (order + 1)
-        for k in range(m, order + 1):
-            acc = None
-            for i in range(1, k - m + 2):
-                a, b = prev[k - i], c[i]
-                if a is None or b is None:
-                    continue
-                acc = a * b if acc is None else acc + a * b
-            cur[k] = acc
-        powers.append(cur)
-    return powers
-
-
 def _apply_act(act, c, order):
     y0, ders = act(c[0], order)
-    powers = _series_power_coeffs(c, order)
-    out = [y0]
-    for k in range(1, order + 1):
-        acc = None
-        for m in range(1, k + 1):
-            d, p = ders[m - 1], powers[m][k]
-            if d is None or p is None:
-                continue
-            term = d * p / math.factorial(m) if m > 1 else d * p
-            acc = term if acc is None else acc + term
-        out.append(acc)
-    return out
-
+    return compose(y0, ders, c, order, scaled=False)
 
 def taylor_derivatives(plan, X, order, direction):
     """(y (n, d_out), [d1..dK] each (n, d_out, 1, ..., 1)) along input ``direction``."""
