@@ -24,10 +24,12 @@ lab: install
 
 test: install browser-deps
 	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest --doctest-modules nbderiv -q
 	$(BIN)/python -m pytest $(NBVAL) notebooks -q
 
 test-unit: install
 	$(BIN)/python -m pytest tests -q -m "not browser"
+	$(BIN)/python -m pytest --doctest-modules nbderiv -q
 
 test-notebooks: install
 	$(BIN)/python -m pytest $(NBVAL) notebooks -q

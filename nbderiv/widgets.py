@@ -135,7 +135,7 @@ def explore(model, domain=(-3, 3), n=200, reference=None, *, framework=None, d_i
     width in pixels.
 
     >>> import torch, nbderiv
-    >>> w = nbderiv.explore(torch.sin, domain=(0, 1), n=11, reference=torch.sin)
+    >>> w = nbderiv.explore(torch.sin, domain=(0, 1), n=11, reference=torch.sin, framework="torch")
     >>> float(abs(w.last_data["y"][1] - w.last_data["reference"][1]).max()) < 1e-6
     True
     """
