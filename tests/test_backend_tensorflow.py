@@ -706,3 +706,29 @@ def test_keras_on_torch_runs_through_the_torch_backend(fresh_runs):
         assert framework == "torch"
         assert err1 < 1e-5 and err2 < 1e-5, r
     assert r["tensorflow"] is False
+
+
+def test_keras_layer_normalization_second_derivative_matches_finite_differences():
+    """tf.nn.moments stops the gradient through the mean inside the variance, which makes
+    second derivatives through Keras' LayerNormalization wrong unless nbderiv avoids it."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((2,), dtype="float64")
+    h = keras.layers.Dense(6, dtype="float64")(inp)
+    h = keras.layers.LayerNormalization(dtype="float64")(h)
+    h = keras.layers.Activation("tanh", dtype="float64")(h)
+    model = keras.Model(inp, keras.layers.Dense(1, dtype="float64")(h))
+    x = np.random.default_rng(0).random((4, 2)) * 2
+    d = nbderiv.derivatives(model, x, 2)
+    f = lambda z: np.asarray(model(z, training=False))[:, 0]  # noqa: E731
+
+    def fd(i, j, eps):
+        ei, ej = np.eye(2)[i] * eps, np.eye(2)[j] * eps
+        return (f(x + ei + ej) - f(x + ei - ej) - f(x - ei + ej) + f(x - ei - ej)) / (4 * eps**2)
+
+    for i in range(2):
+        for j in range(2):
+            # Richardson extrapolation: O(eps**4) truncation error (this net curves sharply)
+            ref = (4 * fd(i, j, 5e-4) - fd(i, j, 1e-3)) / 3
+            np.testing.assert_allclose(d[2][:, 0, i, j], ref, atol=1e-6)

@@ -430,3 +430,24 @@ def test_works_inside_no_grad_and_inference_mode(context, torch_mlp, func_refere
     assert_close(d[2], ref2, 1e-10, "d[2]")
     assert_close(d_one[3], func_reference(torch_mlp([1, 8, 1], seed=17), X[:, :1], 3), 1e-10,
                  "taylor d[3]")
+
+
+def test_layer_norm_second_derivative_on_the_forward_mode_path():
+    """Forward-over-forward through PyTorch's fused layer norm is wrong at order 2 already;
+    nbderiv must match a hand-written layer norm differentiated by torch.func."""
+    from torch.func import hessian, vmap
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 2, dtype=torch.float64) * 2
+
+    def plain(z):
+        h = net[0](z)
+        m = h.mean(-1, keepdim=True)
+        v = ((h - m) ** 2).mean(-1, keepdim=True)
+        h = (h - m) / torch.sqrt(v + net[1].eps) * net[1].weight + net[1].bias
+        return net[3](torch.tanh(h))
+
+    d = nbderiv.derivatives(net, x, 2, wrt=[1])  # two outputs, one input: forward mode
+    H = vmap(hessian(plain))(x).detach().numpy()
+    np.testing.assert_allclose(d[2][:, :, 0, 0], H[:, :, 1, 1], rtol=0, atol=1e-10)

@@ -98,6 +98,32 @@ _REVERSE = "reverse-ones"
 _TAYLOR = "taylor"
 
 
+@contextlib.contextmanager
+def _exact_moments():
+    """Keras' normalization layers get their mean and variance from ``tf.nn.moments``, which
+    stops the gradient through the mean inside the variance: exact for first derivatives
+    (d var / d mean = 0), wrong for second and higher ones. While nbderiv traces and runs its
+    computations, Keras uses the plain formula instead; the original is put back after."""
+    module = sys.modules.get("keras.src.backend.tensorflow.nn")
+    original = getattr(module, "_compute_moments", None)
+    if original is None:
+        yield
+        return
+    module._compute_moments = _plain_moments
+    try:
+        yield
+    finally:
+        module._compute_moments = original
+
+
+def _plain_moments(x, axes, keepdims):
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+    return mean, variance
+
+
 # -- the computations (run eagerly or inside tf.function) ------------------------------
 def _split(X, widths):
     return tf.split(X, widths, axis=1) if len(widths) > 1 else [X]
@@ -389,7 +415,8 @@ class TensorFlowBackend(Backend):
             if traced.broken:
                 continue
             try:
-                values = {idx: v.numpy() for idx, v in traced(X).items()}
+                with _exact_moments():
+                    values = {idx: v.numpy() for idx, v in traced(X).items()}
                 break
             except Exception:
                 if method == methods[-1]:
@@ -409,8 +436,9 @@ class TensorFlowBackend(Backend):
         for i in range(base.shape[0]):
             def row_fn(Z, i=i):  # point i moves, every other point stays where it is
                 return fn(tf.concat([base[:i], Z, base[i + 1:]], axis=0))[i:i + 1]
-            values = {k: v.numpy() for k, v in
-                      _reverse_values(row_fn, base[i:i + 1], order, wrt, d_out).items()}
+            with _exact_moments():
+                values = {k: v.numpy() for k, v in
+                          _reverse_values(row_fn, base[i:i + 1], order, wrt, d_out).items()}
             y = values.pop(())
             rows.append(y)
             for k, arr in enumerate(_assemble(values, y, order, len(wrt))):

@@ -357,8 +357,8 @@ def _grad_enabled(flag: bool):
 class _PlainNorms(torch.overrides.TorchFunctionMode):
     """Layer norm and batch-statistics batch norm written as plain tensor operations.
 
-    PyTorch's fused kernels for these give wrong derivatives of order >= 3 (the mean and
-    variance are treated as constants by their double-backward formulas); the plain
+    PyTorch's fused kernels for these give wrong higher derivatives (order >= 3 in reverse
+    mode, already order 2 in forward-over-forward mode); the plain
     operations differentiate correctly to any order. Running statistics are not updated
     here (nbderiv restores them anyway).
     """
@@ -402,7 +402,7 @@ def _batch_norm_batch_stats(input, weight, bias, eps):
 
 @contextmanager
 def _exact_norms(order):
-    if order < 3:
+    if order < 2:
         yield
         return
     with _PlainNorms():
