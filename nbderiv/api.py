@@ -54,7 +54,14 @@ class _Call:
         except NbderivError:
             raise
         except Exception as exc:
-            raise model_rejected_input(exc, self.prepared) from None
+            raise model_rejected_input(exc, self.prepared, self.expected_width()) from None
+
+    def expected_width(self):
+        """The input width the model declares (e.g. its first layer), or None."""
+        try:
+            return self.backend.input_width(self.model)
+        except Exception:  # only for the message: never let it hide the real error
+            return None
 
 
 @contextmanager
@@ -195,13 +202,18 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
             if result.check.low_precision:
                 result.findings.append(dg.low_precision_finding(
                     result.check.errors, call.dtype, result.check.low_precision_orders))
-    result._code = _code_for(call, order, wrt)
+    result._code = _code_for(call, order, wrt, coupled)
     return result
 
 
-def _code_for(call, order, wrt):
+def _code_for(call, order, wrt, coupled=False):
     wrt = None if wrt == tuple(range(call.prepared.width)) else wrt
-    return call.backend.equivalent_code(order=order, wrt=wrt, widths=call.prepared.widths)
+    code = call.backend.equivalent_code(order=order, wrt=wrt, widths=call.prepared.widths)
+    if coupled:
+        code = ("# CAUTION: this model couples points (finding coupled-samples). The code below\n"
+                "# uses the grad_outputs=ones trick, which then returns column sums of the N x N\n"
+                "# Jacobian, NOT the per-point blocks in d[k]. Call model.eval() first.\n") + code
+    return code
 
 
 def _result_findings(call, layers, y, ders, order, wrt, earlier):

@@ -196,7 +196,8 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
     return (n_points, d_out)
 
 
-def model_rejected_input(exc: Exception, prepared: PreparedInput) -> InputShapeError:
+def model_rejected_input(exc: Exception, prepared: PreparedInput,
+                         expected_width=None) -> InputShapeError:
     """A readable error for a model that raised when called on the prepared input."""
     shapes = [tuple(a.shape) for a in prepared.arrays]
     shown = shapes[0] if len(shapes) == 1 else tuple(shapes)
@@ -205,8 +206,13 @@ def model_rejected_input(exc: Exception, prepared: PreparedInput) -> InputShapeE
     hint = ""
     if prepared.reshaped and not prepared.several:
         hint = " If x was meant as ONE point with several features, pass x.reshape(1, -1)."
+    expects = ""
+    if expected_width is not None and expected_width != prepared.width:
+        expects = (f" The model expects {expected_width} input feature(s) per point, shape "
+                   f"(N, {expected_width}); x has {prepared.width}.")
     return InputShapeError(
         f"the model rejected the input: x of shape {given} was passed as {shown} "
-        f"(N points x d_in features) and the model raised {type(exc).__name__}: {text[:300]}. "
-        f"Fix: pass x with the trailing size the model expects.{hint}"
+        f"(N points x d_in features) and the model raised {type(exc).__name__}: "
+        f"{text[:300].rstrip('.')}."
+        f"{expects} Fix: pass x with the trailing size the model expects.{hint}"
     )

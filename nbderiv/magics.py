@@ -38,7 +38,7 @@ FULL_MAX_POINTS = 100   # --full draws an (N*d_out) x (N*d_in) image: small N on
 RANGE_POINTS = {1: 200, 2: 50}  # points (per side) of a range without a count
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::(\d+))?$")
-_VALUE_OPTIONS = {"-o", "--order", "--wrt"}
+_VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework"}
 _FLAG_OPTIONS = {"-p", "--plot", "--check", "--code", "--full", "--widget", "-q", "--quiet",
                  "-h", "--help"}
 _OPENING, _CLOSING = "([{", ")]}"
@@ -146,7 +146,10 @@ class NbderivMagics(Magics):
     @argument("--full", action="store_true",
               help=f"draw the cross-sample Jacobian (N <= {FULL_MAX_POINTS} points)")
     @argument("--widget", action="store_true", help="open the interactive explorer instead")
-    @argument("-q", "--quiet", action="store_true", help="display nothing, just return")
+    @argument("-q", "--quiet", action="store_true",
+              help="display nothing, just return (--check still runs and fills d.check)")
+    @argument("--framework", default=None, choices=("torch", "tensorflow"),
+              help="the framework of a plain function given a numpy X")
     @argument("-h", "--help", action="store_true", help="show this help")
     @line_magic
     def nnderiv(self, line):
@@ -164,9 +167,10 @@ class NbderivMagics(Magics):
         if args.order < 1:
             raise UsageError(f"--order must be 1 or more, got {args.order}.")
         extras = [name for name in ("plot", "check", "code", "full") if getattr(args, name)]
-        if args.quiet and (extras or args.widget):
+        shown = [name for name in extras if name != "check"]
+        if args.quiet and (shown or args.widget):
             raise UsageError(f"--quiet displays nothing; it cannot be combined with "
-                             f"--{(extras or ['widget'])[0]}.")
+                             f"--{(shown or ['widget'])[0]}.")
         model = self._evaluate(args.model, "MODEL")
         try:
             if args.widget:
@@ -198,7 +202,7 @@ class NbderivMagics(Magics):
             raise UsageError(f"evaluating {what} {expr!r} raised {type(exc).__name__}: "
                              f"{exc}") from None
 
-    def _points(self, model, text):
+    def _points(self, model, text, framework=None):
         """(x, framework) for the X argument: a range shorthand or an expression."""
         if text is None:
             raise UsageError("missing X: say where to differentiate, e.g. %nnderiv net x or "
@@ -208,7 +212,7 @@ class NbderivMagics(Magics):
             return self._evaluate(text, "X"), None
         from .widgets import input_dim, resolve_framework
 
-        framework = resolve_framework(model)
+        framework = resolve_framework(model, framework)
         if framework is None:
             raise UsageError("a range needs to know the model's framework, and this callable "
                              "does not say. Fix: pass X as a tensor, e.g. "
@@ -227,7 +231,8 @@ class NbderivMagics(Magics):
     def _derivatives(self, model, args):
         from .api import derivatives
 
-        x, framework = self._points(model, args.x)
+        x, framework = self._points(model, args.x, args.framework)
+        framework = framework or args.framework
         if args.full:
             from .plot import count_points
 
@@ -255,7 +260,7 @@ class NbderivMagics(Magics):
     def _widget(self, model, args):
         from .widgets import explore, resolve_framework
 
-        domain, n, framework = (-3.0, 3.0), 200, resolve_framework(model)
+        domain, n, framework = (-3.0, 3.0), 200, resolve_framework(model, args.framework)
         if args.x is not None:
             rng = parse_range(args.x)
             if rng is not None:

@@ -199,3 +199,18 @@ def test_keras_code_is_plain_gradient_tape(keras):
     code = nbderiv.derivatives(model, x, order=2).code
     assert "nbderiv" not in code and "GradientTape" in code and "import torch" not in code
     assert code.count("#") >= 4 and len(code.splitlines()) < 70
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_torch_code_for_models_whose_derivatives_stop_depending_on_x(order):
+    """A linear function (its first derivative is constant) and a frozen linear layer: the
+    plain code must give zeros where the graph ends, as nbderiv does, not crash."""
+    frozen = torch.nn.Linear(2, 1).double().requires_grad_(False)
+    for model in (lambda z: 3 * z, frozen):
+        x = torch.randn(5, 2, dtype=torch.float64)
+        d = nbderiv.derivatives(model, x, order=order)
+        namespace = {"model": model, "x": x}
+        exec(d.code, namespace)  # noqa: S102
+        for k in range(1, order + 1):
+            np.testing.assert_allclose(np.asarray(namespace[f"d{k}"]).reshape(d[k].shape), d[k],
+                                       rtol=1e-6, atol=1e-12)

@@ -291,3 +291,14 @@ def test_keras_model(shell):
     result, _ = run(shell, "kseq = keras.Sequential([keras.layers.Dense(1)])")  # unbuilt
     assert "d_in=" in usage_error(shell, "kseq -1:1:5")
     assert not shell.user_ns["kseq"].built  # never called, so never built for a wrong width
+
+
+def test_quiet_check_and_framework_option(shell):
+    """--check is a computation, so -q may go with it (nothing shown, d.check filled); a plain
+    function on a numpy X gets its framework from --framework."""
+    shell.run_cell("import numpy as np, torch\nxs = np.linspace(0, 1, 5)", store_history=False)
+    d = shell.run_line_magic("nnderiv", "torch.sin xs --framework torch --check -q")
+    assert d.check is not None and d.check.passed
+    np.testing.assert_allclose(d[1][:, 0, 0], np.cos(np.linspace(0, 1, 5)), atol=1e-6)
+    with pytest.raises(UsageError, match="framework"):
+        shell.run_line_magic("nnderiv", "torch.sin xs -q")

@@ -28,6 +28,8 @@ def per_point_grad(t):
     X[n], that sum is exactly each point's own derivative. create_graph=True keeps the
     graph so the result can be differentiated again (needed for order >= 2).
     """
+    if not t.requires_grad:                           # t does not depend on X at all
+        return torch.zeros_like(X)
     g, = torch.autograd.grad(t, X, grad_outputs=torch.ones_like(t),
                              create_graph=True, allow_unused=True)
     return torch.zeros_like(X) if g is None else g   # None: t does not depend on X
