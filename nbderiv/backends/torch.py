@@ -202,9 +202,10 @@ class TorchBackend(Backend):
 
     def bytes_per_point(self, model, width, d_out, order, m):
         if _dense_widths(model) and self._first_float_tensor(model).device.type == "cpu":
-            # the work runs in blocks of _block_rows rows, so only inputs and results grow
-            # with the number of points (a tensor and a numpy copy of each)
-            return 16 * (width + d_out * sum(m ** k for k in range(order + 1)))
+            # the work runs in blocks of _block_rows rows (a few MB whatever N is), so only
+            # the inputs (a numpy array and a tensor) and the results (which the caller counts)
+            # grow with the number of points; chunking beyond that only adds copies
+            return 16 * width
         hidden = 64
         if isinstance(model, torch.nn.Module):
             hidden = sum(p.shape[0] for p in model.parameters() if p.ndim >= 2) or 64
