@@ -31,13 +31,6 @@ def _horner(coeffs, s):
     return result
 
 
-class _Act:
-    """sigma(c0) and sigma^(m)(c0)/m! for m = 1..K, for one elementwise activation."""
-
-    def __init__(self, value_and_derivs):
-        self.value_and_derivs = value_and_derivs
-
-
 def _from_poly(fn, base_poly, scale=1.0):
     def value_and_derivs(x, order):
         s = fn(x * scale) if scale != 1.0 else fn(x)
