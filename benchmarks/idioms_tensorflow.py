@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -26,25 +24,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from competitor import Competitor  # noqa: E402
 
 FRAMEWORK = "tensorflow"
 tf.get_logger().setLevel("CRITICAL")  # pfor's retracing notices and failed-vectorising dumps
-
-
-@dataclass
-class Competitor:
-    """The same record as ``idioms_torch.Competitor`` (repeated so this module never imports
-    torch): name, kind, run, standard, scaling, bytes_at, units_at, mem_scaling, sync."""
-
-    name: str
-    kind: str
-    run: Callable[[], object]
-    standard: Callable[[object], np.ndarray] | None = None
-    scaling: int = 1
-    bytes_at: Callable[[int], float] | None = None
-    units_at: Callable[[int], float] | None = None
-    mem_scaling: int = 1
-    sync: Callable[[], None] = field(default=lambda: None)
 
 
 def set_threads(n: int):
