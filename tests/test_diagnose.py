@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from nets import cancelling_net, kinky_relu  # noqa: E402
 from torch import nn  # noqa: E402
 
 import nbderiv  # noqa: E402
@@ -45,28 +46,6 @@ class CustomReLU(nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
-
-
-def kinky_relu():
-    """1 -> 3 -> 1 ReLU net with kinks at x = 0.5, 0, -0.5 (pre-activations x - 0.5, x, x + 0.5)."""
-    net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1))
-    with torch.no_grad():
-        net[0].weight.fill_(1.0)
-        net[0].bias.copy_(torch.tensor([-0.5, 0.0, 0.5]))
-        net[2].weight.copy_(torch.tensor([[1.0, 2.0, -1.0]]))
-        net[2].bias.zero_()
-    return net
-
-
-def cancelling_net(dtype=torch.float32, delta=1e-5):
-    """y = (tanh(x + delta) - tanh(x)) / delta: large nearly-cancelling weights, so float32
-    loses about five digits in y and its derivatives (float64 does not)."""
-    net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1, bias=False))
-    with torch.no_grad():
-        net[0].weight.fill_(1.0)
-        net[0].bias.copy_(torch.tensor([0.0, delta]))
-        net[2].weight.copy_(torch.tensor([[-1 / delta, 1 / delta]]))
-    return net.to(dtype)
 
 
 X2 = torch.rand(30, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1

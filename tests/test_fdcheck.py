@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from nets import cancelling_net, kinky_relu  # noqa: E402
 from torch import nn  # noqa: E402
 
 import nbderiv  # noqa: E402
@@ -23,27 +24,6 @@ def tanh_net(d_in=2, d_out=1, width=16, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
                          nn.Linear(width, d_out)).to(dtype)
-
-
-def kinky_relu():
-    """1 -> 3 -> 1 ReLU net with kinks at x = 0.5, 0, -0.5."""
-    net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1))
-    with torch.no_grad():
-        net[0].weight.fill_(1.0)
-        net[0].bias.copy_(torch.tensor([-0.5, 0.0, 0.5]))
-        net[2].weight.copy_(torch.tensor([[1.0, 2.0, -1.0]]))
-        net[2].bias.zero_()
-    return net
-
-
-def cancelling_net(dtype=torch.float32, delta=1e-5):
-    """y = (tanh(x + delta) - tanh(x)) / delta: float32 loses about five digits."""
-    net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1, bias=False))
-    with torch.no_grad():
-        net[0].weight.fill_(1.0)
-        net[0].bias.copy_(torch.tensor([0.0, delta]))
-        net[2].weight.copy_(torch.tensor([[-1 / delta, 1 / delta]]))
-    return net.to(dtype)
 
 
 def bn_train_net(seed=0):
