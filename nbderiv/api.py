@@ -49,8 +49,11 @@ class _Call:
         return self.prepared.n_points
 
     def forward(self, args):
+        return self.forwards([args])[0]
+
+    def forwards(self, batches):
         try:
-            return self.backend.forward(self.model, args, self.context)
+            return self.backend.forwards(self.model, batches, self.context)
         except NbderivError:
             raise
         except Exception as exc:
@@ -99,15 +102,15 @@ def _probe(call: _Call):
     """Cheap forward-only probes on a few points: output shape, randomness, coupling."""
     k = min(call.n, dg.PROBE_POINTS)
     probe = [a[:k].copy() for a in call.args]
-    y1 = call.forward(probe)
-    y2 = call.forward(probe)
+    shifted = [a.copy() for a in probe]
+    for a in shifted:
+        a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
+    # three separate model calls (one dispatch where the backend can): the same points twice
+    # (randomness), then with point 0 moved (does any other point's output change?)
+    y1, y2, y3 = call.forwards([probe, probe, shifted])
     stochastic = not np.array_equal(y1, y2, equal_nan=True)
     coupled = False
     if not stochastic and k >= 2:
-        shifted = [a.copy() for a in probe]
-        for a in shifted:
-            a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
-        y3 = call.forward(shifted)
         with np.errstate(invalid="ignore"):  # inf - inf at points where y is infinite
             change = np.nan_to_num(np.abs(y3[1:] - y1[1:])).max(initial=0)
         scale = 1 + np.nan_to_num(np.abs(y1)).max(initial=0)

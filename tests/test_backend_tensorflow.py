@@ -412,6 +412,58 @@ def test_nothing_the_user_owns_changes():
         np.testing.assert_array_equal(xt.numpy(), x_copy)
 
 
+class Counting(keras.layers.Layer):
+    """Counts its calls in a variable, and adds training-mode noise (a seed generator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False)
+        self.noise = keras.layers.GaussianNoise(1e-3, seed=1)
+
+    def call(self, x):
+        self.calls.assign_add(1.0)
+        return self.noise(tf.tanh(x), training=True)
+
+
+def test_models_that_write_variables_are_put_back_on_every_call():
+    class Jittery(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.generator = tf.random.Generator.from_seed(3)
+            self.generator_state = self.generator.state  # listed in .variables
+
+        def __call__(self, x):
+            return tf.sin(x) + 1e-3 * self.generator.normal(tf.shape(x))
+
+    models = {
+        "counting layer": keras.Sequential([keras.Input((1,)), dense(4, None, 1), Counting(),
+                                            dense(1, None, 2)]),
+        "tf.random.Generator": Jittery(),
+    }
+    x = np.linspace(-1, 1, 30).astype("float32")
+    for name, model in models.items():
+        owned = list(model.variables)
+        assert owned, name
+        before = [v.numpy().copy() for v in owned]
+        for _ in range(3):  # the later calls run warm traces
+            d = nbderiv.derivatives(model, x, order=2, framework="tensorflow")
+            nbderiv.diagnose(model, x, framework="tensorflow")
+            for v, b in zip(owned, before, strict=True):
+                np.testing.assert_array_equal(v.numpy(), b, err_msg=name)
+        assert {"stochastic", "train-mode"} & set(d.codes), name  # the noise is seen
+
+
+def test_only_traces_that_may_write_variables_pay_for_a_snapshot():
+    quiet = mlp([1, 8, 1], seed=5)
+    writing = keras.Sequential([keras.Input((1,)), Counting(), dense(1, None, 2)])
+    for model in (quiet, writing):
+        nbderiv.derivatives(model, np.linspace(0, 1, 5), order=1)
+    writes = {name: {e.writes for e in tfb._cache_for(model).values()
+                     if isinstance(e, tfb._Traced) and e.warm}
+              for name, model in (("quiet", quiet), ("writing", writing))}
+    assert writes == {"quiet": {False}, "writing": {True}}
+
+
 def test_traces_are_cached_and_reused_across_sizes_and_chunks():
     model = mlp([2, 8, 1], seed=11)
     X = np.random.default_rng(4).normal(size=(50, 2)).astype("float32")
@@ -425,6 +477,27 @@ def test_traces_are_cached_and_reused_across_sizes_and_chunks():
     assert set(counts.values()) == {1}, counts  # one trace, whatever N or the chunk size
     assert_close(nbderiv.derivatives(model, X, order=2, chunk_size=7)[2],
                  nbderiv.derivatives(model, X, order=2)[2], 1e-6)
+
+
+def test_a_model_edited_in_place_is_traced_again():
+    """Cached traces bake in the layers: pop/add or a swapped activation must not reuse them."""
+    model = mlp([1, 8, 1], seed=21)
+    x = np.linspace(-1, 1, 7).astype("float32")
+
+    def tape_truth():
+        X = tf.constant(x[:, None])
+        with tf.GradientTape() as tape:
+            tape.watch(X)
+            y = model(X, training=False)
+        return tape.gradient(y, X).numpy()
+
+    for order in (1, 2):
+        nbderiv.derivatives(model, x, order=order)  # warm traces (reverse and Taylor)
+    model.pop()
+    model.add(dense(1, None, seed=22))
+    assert_close(nbderiv.derivatives(model, x)[1][:, 0], tape_truth(), 1e-5, "after pop/add")
+    model.layers[0].activation = keras.activations.sigmoid
+    assert_close(nbderiv.derivatives(model, x)[1][:, 0], tape_truth(), 1e-5, "after swap")
 
 
 def test_cached_traces_do_not_keep_models_alive():

@@ -40,6 +40,11 @@ class Backend:
         """y (n, d_out) without derivatives, output validated."""
         raise NotImplementedError
 
+    def forwards(self, model, batches, context) -> list:
+        """:meth:`forward` on each of several same-shaped batches, as separate model calls
+        (so randomness and batch coupling show); a backend may run them in one dispatch."""
+        return [self.forward(model, args, context) for args in batches]
+
     def derivatives(self, model, args, order, wrt, context):
         """(y, [d1, ..., d_order], method) for independent points."""
         raise NotImplementedError

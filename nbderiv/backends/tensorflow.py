@@ -88,6 +88,7 @@ from .tensorflow_keras import (  # noqa: E402
     is_keras_layer,
     layer_summary,
     model_variables,
+    structure_key,
 )
 from .tensorflow_taylor import taylor_plan, taylor_values  # noqa: E402
 
@@ -200,6 +201,43 @@ def _kink_hits(fn, X):
     return hits, count
 
 
+# -- keeping the user's variables as they were -----------------------------------------
+_OPEN_SNAPSHOTS: list = []  # one per preserved() block now open, innermost last
+
+# graph operations that write a variable (Keras layers that assign, seed generators, tf.random
+# generators), or that hide a function body which might (calls, control flow)
+_WRITING_OPS = re.compile(r"Assign|^Stateful|^Rng|^ResourceScatter|^ResourceApply|"
+                          r"^ResourceStrided|PartitionedCall$|While$|If$|Case$")
+
+
+class _Snapshot:
+    """The model's variables, copied the first time something that may write them is about
+    to run: a traced computation seen to hold no writing operation never pays for the copy."""
+
+    def __init__(self, model):
+        self.model, self.saved = model, None
+
+    def take(self):
+        if self.saved is None:
+            self.saved = [(v, np.array(v.numpy(), copy=True)) for v in model_variables(self.model)]
+
+    def restore(self):
+        for v, value in self.saved or ():
+            if not np.array_equal(v.numpy(), value, equal_nan=True):
+                v.assign(value)
+
+
+def _before_writing():
+    """Called before running anything that may write variables (eager model code, a trace
+    that writes or has not been inspected yet): every open snapshot is taken now."""
+    for snapshot in _OPEN_SNAPSHOTS:
+        snapshot.take()
+
+
+def _graph_writes(graph) -> bool:
+    return any(_WRITING_OPS.search(op.type) for op in graph.get_operations())
+
+
 # -- the per-model cache of traced functions --------------------------------------------
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STRONG: dict = {}  # models that cannot be weakly referenced (a few, kept alive)
@@ -218,6 +256,15 @@ def _cache_for(model) -> dict:
         if len(_STRONG) > 16:
             _STRONG.clear()
         return _STRONG.setdefault(id(owner), (owner, {}))[1]
+
+
+def _forget_if_edited(model):
+    """Drop the model's cached traces if its layers changed since they were made."""
+    cache = _cache_for(model)
+    key = structure_key(_owner(model))
+    if cache.get("structure", key) != key:
+        cache.clear()
+    cache["structure"] = key
 
 
 def _model_ref(model):
@@ -249,6 +296,7 @@ class _Traced:
         self.eager = False    # tracing failed: run the Python function as it is
         self.broken = False   # this strategy failed: try the next one
         self.warm = False
+        self.writes = True    # may write variables (until the trace is seen to hold no such op)
         self.facts = {}       # what the trace revealed (e.g. the number of kink operations)
 
     def trace(self) -> bool:
@@ -261,6 +309,9 @@ class _Traced:
         return not self.eager
 
     def __call__(self, X):
+        if self.warm and not self.writes:
+            return self.traced(X)
+        _before_writing()
         if self.warm:
             return self.traced(X)
         if not self.eager:
@@ -268,6 +319,7 @@ class _Traced:
                 with _quiet_tf_logs():  # the first run optimizes the graph, with remarks
                     out = self.traced(X)
                 self.warm = True
+                self.writes = _graph_writes(self.traced.get_concrete_function().graph)
                 return out
             except Exception:
                 self.eager = True
@@ -352,6 +404,7 @@ class TensorFlowBackend(Backend):
         return np.dtype(keras.config.floatx() if keras is not None else "float32")
 
     def context(self, model, x, dtype):
+        _forget_if_edited(model)
         return {"dtype": np.dtype(dtype), "tf_dtype": tf.as_dtype(np.dtype(dtype))}
 
     def argument_names(self, model, n_args):
@@ -378,6 +431,7 @@ class TensorFlowBackend(Backend):
 
     def _validate(self, model, X, widths, context):
         """An eager, fully validated call (the first one for this model): y and d_out."""
+        _before_writing()
         y = _caller(model, widths)(X)
         _cache_for(model)[_cache_key(model, "d_out", tuple(widths),
                                      context["dtype"].name)] = int(y.shape[1])
@@ -400,6 +454,23 @@ class TensorFlowBackend(Backend):
         if y.shape[0] != X.shape[0]:
             check_output(y.shape, True, "", X.shape[0])
         return y
+
+    def forwards(self, model, batches, context) -> list:
+        """The separate model calls on same-shaped batches in one traced graph, one dispatch."""
+        widths = [a.shape[1] for a in batches[0]]
+        X = self._tensor([np.concatenate(parts) for parts in zip(*batches)], context)
+        d_out = self._ready(model, X, widths, context)
+        fn = _caller(model, widths, d_out)
+        count = len(batches)
+
+        def separately(Xs):  # count model calls, not one on the stacked points
+            return tf.concat([fn(part) for part in tf.split(Xs, count)], axis=0)
+
+        y = self._traced(model, ("forwards", count), widths, context, lambda: separately)(X)
+        y = y.numpy()
+        if y.shape[0] != X.shape[0]:
+            check_output(y.shape, True, "", X.shape[0])
+        return np.split(y, count)
 
     def derivatives(self, model, args, order, wrt, context):
         widths = [a.shape[1] for a in args]
@@ -432,6 +503,7 @@ class TensorFlowBackend(Backend):
         base = self._tensor(args, context)
         d_out = self._ready(model, base, widths, context)
         fn = _caller(model, widths, d_out)
+        _before_writing()  # eager model calls follow
         rows, per_order = [], [[] for _ in range(order)]
         for i in range(base.shape[0]):
             def row_fn(Z, i=i):  # point i moves, every other point stays where it is
@@ -460,13 +532,13 @@ class TensorFlowBackend(Backend):
 
     @contextlib.contextmanager
     def preserved(self, model):
-        saved = [(v, np.array(v.numpy(), copy=True)) for v in model_variables(model)]
+        snapshot = _Snapshot(model)
+        _OPEN_SNAPSHOTS.append(snapshot)
         try:
             yield
         finally:
-            for v, value in saved:
-                if not np.array_equal(v.numpy(), value, equal_nan=True):
-                    v.assign(value)
+            _OPEN_SNAPSHOTS.remove(snapshot)
+            snapshot.restore()
 
     def bytes_per_point(self, model, width, d_out, order, m):
         hidden = sum(int(v.shape[-1]) for v in model_variables(model) if len(v.shape) >= 2)
@@ -517,6 +589,7 @@ class TensorFlowBackend(Backend):
         return None
 
     def float64_copy(self, model):
+        _before_writing()  # the copy is compared with the model by eager calls
         return float64_copy(model)
 
 

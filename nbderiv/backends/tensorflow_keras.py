@@ -58,6 +58,16 @@ def model_variables(model) -> list:
     return []
 
 
+def structure_key(model):
+    """What a traced computation of ``model`` bakes in besides variable values: its layers
+    (by identity) and their activations. A model edited in place (``pop`` / ``add``, a
+    swapped activation) gets a new key, so its old traces are dropped. None for non-Keras."""
+    if not is_keras_layer(model):
+        return None
+    return tuple((id(layer), id(getattr(layer, "activation", None)))
+                 for layer in model._flatten_layers(include_self=True, recursive=True))
+
+
 def _positional_names(fn) -> list | None:
     try:
         params = list(inspect.signature(fn).parameters.values())
