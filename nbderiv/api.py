@@ -127,7 +127,9 @@ def _chunk_size(call, d_out, order, m, chunk_size, memory_budget):
                               "memory_budget.")
         return int(chunk_size)
     per_point = call.backend.bytes_per_point(call.model, call.prepared.width, d_out, order, m)
-    per_point += 8 * d_out * sum(m ** k for k in range(order + 1))  # the results themselves
+    # each chunk's results exist twice for a moment (the backend's arrays, then their place in
+    # the full result, which is allocated once and does not depend on the chunk size)
+    per_point += call.dtype.itemsize * d_out * sum(m ** k for k in range(order + 1))
     return max(1, min(call.n, int(memory_budget // max(per_point, 1))))
 
 
@@ -144,17 +146,21 @@ def _progress(iterable, total, enabled):
 def _compute(call, order, wrt, chunk, progress):
     starts = range(0, call.n, chunk)
     show = progress if progress is not None else len(starts) >= 8
-    ys, per_order, method = [], [[] for _ in range(order)], None
+    y = ders = method = None
     for s in _progress(starts, len(starts), show):
         with _model_errors(call, f"differentiating it (order {order})"):
-            y, ders, method = call.backend.derivatives(
+            part = call.backend.derivatives(
                 call.model, [a[s:s + chunk] for a in call.args], order, wrt, call.context)
-        ys.append(y)
-        for k, d in enumerate(ders):
-            per_order[k].append(d)
-    if len(ys) == 1:
-        return ys[0], [p[0] for p in per_order], method
-    return np.concatenate(ys), [np.concatenate(p) for p in per_order], method + " (chunked)"
+        if len(starts) == 1:
+            return part
+        y_part, ders_part, method = part
+        if y is None:  # the full result, allocated once and filled chunk by chunk
+            y = np.empty((call.n,) + y_part.shape[1:], y_part.dtype)
+            ders = [np.empty((call.n,) + d.shape[1:], d.dtype) for d in ders_part]
+        y[s:s + chunk] = y_part
+        for full, d in zip(ders, ders_part):
+            full[s:s + chunk] = d
+    return y, ders, method + " (chunked)"
 
 
 def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chunk_size=None,

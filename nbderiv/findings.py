@@ -105,7 +105,7 @@ def piecewise_finding(layers: dict, orders: list, order: int, wider=None) -> Fin
     if order < 2 or len(orders) < 2:
         return None
     d1, d2 = orders[0], orders[1]
-    if d2.size == 0 or not np.all(d2 == 0):
+    if d2.size == 0 or d2.reshape(-1)[:4096].any() or d2.any():  # (NaN counts as non-zero)
         return None  # some curvature is seen: whatever the layers are called, not piecewise
     acts = structurally_piecewise(layers)
     if acts:
@@ -169,11 +169,20 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
 
 
 def non_finite_points(*arrays) -> list:
-    """Indices n where any array has a NaN or inf in row n."""
+    """Indices n where any array has a NaN or inf in row n.
+
+    Row sums find the suspects without a temporary as large as the arrays (a NaN or inf
+    makes its row's sum non-finite); only suspect rows are looked at element by element
+    (a sum can also overflow to inf from finite values)."""
     bad = np.zeros(arrays[0].shape[0], dtype=bool)
     for a in arrays:
-        if a.size:
-            bad |= ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+        if a.size == 0:
+            continue
+        rows = a.reshape(a.shape[0], -1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspect = np.flatnonzero(~np.isfinite(rows.sum(axis=1)))
+        if suspect.size:
+            bad[suspect] |= ~np.isfinite(rows[suspect]).all(axis=1)
     return np.flatnonzero(bad).tolist()
 
 
@@ -194,7 +203,7 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding 
     """``no-input-dependence`` when some output/input pair has zero derivative everywhere."""
     if d1.shape[0] == 0:
         return None
-    zero = np.all(d1 == 0, axis=0)  # (d_out, m)
+    zero = ~np.any(d1, axis=0)  # (d_out, m); NaN counts as non-zero, as in d1 != 0
     if not zero.any():
         return None
     if zero.all():

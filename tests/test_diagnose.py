@@ -161,6 +161,22 @@ def test_piecewise_linear_numeric_rule_needs_exact_zeros_and_a_changing_slope():
     assert dg.piecewise_finding(relu_layers, [d1_varies, tiny], 2) is None
 
 
+def test_finding_helpers_on_nan_negative_zero_and_overflowing_rows():
+    layers = {"activations": [], "train_mode": [], "opaque": True}
+    d1_varies = np.array([[[1.0]], [[2.0]]])
+    assert dg.piecewise_finding(layers, [d1_varies, np.full((2, 1, 1, 1), -0.0)], 2) is not None
+    assert dg.piecewise_finding(layers, [d1_varies, np.array([0.0, np.nan]).reshape(2, 1, 1, 1)],
+                                2) is None  # NaN is not an exact zero
+    big = np.finfo(np.float32).max
+    rows = np.array([[big, big], [1.0, np.nan], [np.inf, -np.inf], [0.0, 1.0], [-np.inf, 2.0]],
+                    dtype=np.float32)
+    assert dg.non_finite_points(rows) == [1, 2, 4]  # row 0 sums to inf but every entry is finite
+    assert dg.non_finite_points(np.ones((3, 2)), rows[[3, 1, 0]]) == [1]
+    d1 = np.array([[[0.0, 1.0]], [[-0.0, np.nan]]])  # (n, d_out, m)
+    f = dg.no_dependence_finding(d1, ["y"], ["x", "t"])
+    assert f is not None and "y/x" in f.message and "y/t" not in f.message
+
+
 # -- at-kink ----------------------------------------------------------------------------------
 def test_at_kink_for_a_point_exactly_on_a_relu_kink():
     net = relu_net()
