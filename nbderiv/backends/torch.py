@@ -115,6 +115,16 @@ class TorchBackend(Backend):
         with _grad_enabled(False):
             return fn(self._tensor(args, context)).cpu().numpy()
 
+    def forwards(self, model, batches, context) -> list:
+        """Separate model calls on slices of one tensor: one copy to the device and one back
+        (each copy waits for the GPU)."""
+        widths = [a.shape[1] for a in batches[0]]
+        fn = self._caller(model, widths)
+        stacked = self._tensor([np.concatenate(parts) for parts in zip(*batches)], context)
+        with _grad_enabled(False):
+            ys = [fn(part) for part in torch.split(stacked, batches[0][0].shape[0])]
+            return np.split(_to_numpy(torch.cat(ys)), len(batches))
+
     def derivatives(self, model, args, order, wrt, context):
         """Per-point derivatives, computed in cache-sized blocks of rows on the CPU."""
         widths = [a.shape[1] for a in args]
@@ -209,9 +219,14 @@ class TorchBackend(Backend):
         hidden = 64
         if isinstance(model, torch.nn.Module):
             hidden = sum(p.shape[0] for p in model.parameters() if p.ndim >= 2) or 64
-        item = 8
-        per_level = (hidden + width + d_out) * item * 6
-        return int(per_level * (3 ** order) * max(1, min(m, 4)))
+        first = self._first_float_tensor(model)
+        item = first.element_size() if first is not None else 8
+        values = hidden + width + d_out  # one row of every layer's output
+        if m == 1 and taylor_plan(model, [width]) is not None:
+            # Taylor mode: order + 1 coefficients of each value, and a few temporaries
+            return int(values * item * (order + 1) * 4)
+        # nested autograd: each level keeps the graph below it and roughly triples it
+        return int(values * item * 6 * (3 ** (order - 1)) * max(1, min(m, 4)))
 
     def equivalent_code(self, *, order, wrt, widths):
         return torch_code(order=order, wrt=wrt, widths=widths)
