@@ -52,8 +52,16 @@ class _Call:
         return self.forwards([args])[0]
 
     def forwards(self, batches):
+        return self._first_contact(self.backend.forwards, batches)
+
+    def output_width(self):
+        return self._first_contact(self.backend.output_width, self.args)
+
+    def _first_contact(self, method, *args):
+        """A backend call that may be the model's first: a failure means the model rejects
+        this input (shape, dtype), reported with the width the model expects."""
         try:
-            return self.backend.forwards(self.model, batches, self.context)
+            return method(self.model, *args, self.context)
         except NbderivError:
             raise
         except Exception as exc:
@@ -86,6 +94,7 @@ def _model_errors(call, doing: str):
 
 def _open(model, x, framework) -> _Call:
     backend = select_backend(model, x, framework)
+    backend.begin(model)
     prepared = prepare_inputs(x, to_numpy=backend.to_numpy)
     dtype = backend.compute_dtype(model, prepared.arrays[0].dtype)
     arg_names = backend.argument_names(model, len(prepared.arrays)) if prepared.several else None
@@ -98,24 +107,33 @@ def _open(model, x, framework) -> _Call:
     return call
 
 
-def _probe(call: _Call):
-    """Cheap forward-only probes on a few points: output shape, randomness, coupling."""
+def _probe_batches(call: _Call) -> list:
+    """The probe: the first few points twice (randomness), then with point 0 moved (does any
+    other point's output change?). Backends that fuse the probe compute the same in-graph."""
     k = min(call.n, dg.PROBE_POINTS)
     probe = [a[:k].copy() for a in call.args]
     shifted = [a.copy() for a in probe]
     for a in shifted:
         a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
-    # three separate model calls (one dispatch where the backend can): the same points twice
-    # (randomness), then with point 0 moved (does any other point's output change?)
-    y1, y2, y3 = call.forwards([probe, probe, shifted])
-    stochastic = not np.array_equal(y1, y2, equal_nan=True)
+    return [probe, probe, shifted]
+
+
+def _verdict(call: _Call, outputs):
+    """(d_out, stochastic, coupled) from the outputs of the three probe batches."""
+    y1, y2, y3 = (np.ascontiguousarray(y) for y in outputs)
+    stochastic = y1.tobytes() != y2.tobytes()  # the same model call twice: identical bits?
     coupled = False
-    if not stochastic and k >= 2:
+    if not stochastic and y1.shape[0] >= 2:
         with np.errstate(invalid="ignore"):  # inf - inf at points where y is infinite
-            change = np.nan_to_num(np.abs(y3[1:] - y1[1:])).max(initial=0)
-        scale = 1 + np.nan_to_num(np.abs(y1)).max(initial=0)
-        coupled = change > 100 * np.finfo(call.dtype).eps * scale
+            change = np.fmax.reduce(np.abs(y3[1:] - y1[1:]), axis=None, initial=0)  # NaN skipped
+        scale = 1 + np.fmax.reduce(np.abs(y1), axis=None, initial=0)
+        coupled = bool(change > 100 * np.finfo(call.dtype).eps * scale)
     return y1.shape[1], stochastic, coupled
+
+
+def _probe(call: _Call):
+    """Cheap forward-only probes on a few points: output width, randomness, coupling."""
+    return _verdict(call, call.forwards(_probe_batches(call)))
 
 
 def _chunk_size(call, d_out, order, m, chunk_size, memory_budget):
@@ -143,14 +161,19 @@ def _progress(iterable, total, enabled):
     return tqdm(iterable, total=total, desc="nbderiv", unit="chunk", leave=False)
 
 
-def _compute(call, order, wrt, chunk, progress):
+def _compute(call, order, wrt, chunk, progress, first=None):
+    """Derivatives of every point, ``chunk`` points per backend call (``first``: the result
+    for the first chunk, when it is already known)."""
     starts = range(0, call.n, chunk)
     show = progress if progress is not None else len(starts) >= 8
     y = ders = method = None
     for s in _progress(starts, len(starts), show):
-        with _model_errors(call, f"differentiating it (order {order})"):
-            part = call.backend.derivatives(
-                call.model, [a[s:s + chunk] for a in call.args], order, wrt, call.context)
+        if s == 0 and first is not None:
+            part = first
+        else:
+            with _model_errors(call, f"differentiating it (order {order})"):
+                part = call.backend.derivatives(
+                    call.model, [a[s:s + chunk] for a in call.args], order, wrt, call.context)
         if len(starts) == 1:
             return part
         y_part, ders_part, method = part
@@ -182,7 +205,18 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
     backend = call.backend
     findings = call.findings
     with backend.preserved(model):
-        d_out, stochastic, coupled = _probe(call)
+        first = None
+        if backend.fused_probe and (chunk_size is None or chunk_size >= dg.PROBE_POINTS):
+            # one dispatch computes the first chunk and the probe (see Backend.fused_probe)
+            chunk = _chunk_size(call, call.output_width(), order, len(wrt), chunk_size,
+                                memory_budget)
+            with _model_errors(call, f"differentiating it (order {order})"):
+                first, probe_outputs = backend.derivatives_and_probe(
+                    model, [a[:chunk] for a in call.args], order, wrt, call.context)
+            d_out, stochastic, coupled = _verdict(call, probe_outputs)
+        else:
+            d_out, stochastic, coupled = _probe(call)
+            chunk = _chunk_size(call, d_out, order, len(wrt), chunk_size, memory_budget)
         call.context["d_out"] = d_out
         layers = backend.layer_summary(model)
         findings += dg.structural_findings(layers, order)
@@ -196,8 +230,7 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
             findings.append(dg.coupling_finding(float(np.abs(ones[0] - ders[0]).max()),
                                                 float(np.abs(ders[0]).max()), call.n))
         else:
-            chunk = _chunk_size(call, d_out, order, len(wrt), chunk_size, memory_budget)
-            y, ders, method = _compute(call, order, wrt, chunk, progress)
+            y, ders, method = _compute(call, order, wrt, chunk, progress, first)
         findings += _result_findings(call, layers, y, ders, order, wrt, findings)
         result = Derivatives(x=np.concatenate(call.args, axis=1), y=y, orders=ders,
                              framework=backend.name, method=method, inputs=call.names, wrt=wrt,

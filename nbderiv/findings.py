@@ -176,8 +176,9 @@ def non_finite_points(*arrays) -> list:
     (a sum can also overflow to inf from finite values)."""
     bad = np.zeros(arrays[0].shape[0], dtype=bool)
     for a in arrays:
-        if a.size == 0:
-            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            if a.size == 0 or np.isfinite(a.sum()):  # the usual case, in one pass
+                continue
         rows = a.reshape(a.shape[0], -1)
         with np.errstate(over="ignore", invalid="ignore"):
             suspect = np.flatnonzero(~np.isfinite(rows.sum(axis=1)))
@@ -203,7 +204,9 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding 
     """``no-input-dependence`` when some output/input pair has zero derivative everywhere."""
     if d1.shape[0] == 0:
         return None
-    zero = ~np.any(d1, axis=0)  # (d_out, m); NaN counts as non-zero, as in d1 != 0
+    if d1.all():  # no zero anywhere (the usual case, in one pass); NaN counts as non-zero
+        return None
+    zero = ~np.any(d1, axis=0)  # (d_out, m)
     if not zero.any():
         return None
     if zero.all():

@@ -21,6 +21,12 @@ class Backend:
     """Base class: one subclass per framework, one instance per process."""
 
     name = ""
+    # True: derivatives_and_probe() computes the first chunk and the probe in one dispatch
+    fused_probe = False
+
+    def begin(self, model):
+        """Called first in every api call, before anything else looks at ``model``: a backend
+        that caches facts about a model refreshes them here if the model changed."""
 
     # -- conversion and placement ------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -45,8 +51,19 @@ class Backend:
         (so randomness and batch coupling show); a backend may run them in one dispatch."""
         return [self.forward(model, args, context) for args in batches]
 
+    def output_width(self, model, args, context) -> int:
+        """d_out, the number of outputs per point (a backend may remember it)."""
+        return self.forward(model, [a[:2] for a in args], context).shape[1]
+
     def derivatives(self, model, args, order, wrt, context):
         """(y, [d1, ..., d_order], method) for independent points."""
+        raise NotImplementedError
+
+    def derivatives_and_probe(self, model, args, order, wrt, context):
+        """((y, ders, method), (y1, y2, y3)): :meth:`derivatives`, plus the outputs of the
+        three probe batches on the first ``min(n, PROBE_POINTS)`` points, as separate model
+        calls: those points, again, and with point 0 moved by 0.1 * (1 + |x0|) (what the api's
+        ``_probe_batches`` makes). Only for backends with ``fused_probe = True``."""
         raise NotImplementedError
 
     def per_point_derivatives(self, model, args, order, wrt, context):

@@ -33,6 +33,7 @@ import weakref
 import numpy as np
 
 from ..errors import OptionError
+from ..findings import PROBE_POINTS
 from ..inputs import check_output
 from .base import Backend, fill_symmetric, sorted_multi_indices
 from .tensorflow_code import tensorflow_code
@@ -97,6 +98,7 @@ _KINKS = {"Relu": (0.0,), "LeakyRelu": (0.0,), "Relu6": (0.0, 6.0)}
 _FORWARD = "forward-jvp"
 _REVERSE = "reverse-ones"
 _TAYLOR = "taylor"
+_PROBE = (-1,)  # the probe outputs among the values (not a multi-index: those are >= 0)
 
 
 @contextlib.contextmanager
@@ -259,12 +261,22 @@ def _cache_for(model) -> dict:
 
 
 def _forget_if_edited(model):
-    """Drop the model's cached traces if its layers changed since they were made."""
+    """Drop the model's cached traces and facts if its layers changed since they were made."""
     cache = _cache_for(model)
     key = structure_key(_owner(model))
     if cache.get("structure", key) != key:
         cache.clear()
     cache["structure"] = key
+
+
+def _remembered(model, fact, compute):
+    """A fact about the model's structure (its float dtype, layer summary, Taylor plan),
+    computed once and dropped with the traces when the model is edited."""
+    cache = _cache_for(model)
+    key = ("fact",) + fact
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def _model_ref(model):
@@ -310,20 +322,30 @@ class _Traced:
 
     def __call__(self, X):
         if self.warm and not self.writes:
-            return self.traced(X)
+            return self.concrete(X)  # the traced graph itself, without tf.function's dispatch
         _before_writing()
         if self.warm:
-            return self.traced(X)
+            return self.concrete(X)
         if not self.eager:
             try:
                 with _quiet_tf_logs():  # the first run optimizes the graph, with remarks
                     out = self.traced(X)
+                self.concrete = self.traced.get_concrete_function()
+                self.writes = _graph_writes(self.concrete.graph)
                 self.warm = True
-                self.writes = _graph_writes(self.traced.get_concrete_function().graph)
                 return out
             except Exception:
                 self.eager = True
         return self.python_fn(X)
+
+
+def _variables_dtype(model):
+    """The dtype of the model's first float variable (bfloat16 computed as float32), or None."""
+    for v in model_variables(model):
+        dt = tf.as_dtype(v.dtype)
+        if dt.is_floating:
+            return np.dtype(dt.as_numpy_dtype) if dt != tf.bfloat16 else np.dtype(np.float32)
+    return None
 
 
 def _caller(model, widths, d_out=None):
@@ -352,12 +374,27 @@ def _as_output(out, n):
     return tf.reshape(out, shape)
 
 
-def _builder(method, fn, plan, order, wrt, d_out):
+def _builder(method, fn, plan, order, wrt, d_out, probe=False):
     if method == _TAYLOR:
-        return lambda X: taylor_values(plan, X, order, wrt[0])
-    if method == _FORWARD:
-        return lambda X: _forward_values(fn, X, order, wrt)
-    return lambda X: _reverse_values(fn, X, order, wrt, d_out)
+        values = lambda X: taylor_values(plan, X, order, wrt[0])  # noqa: E731
+    elif method == _FORWARD:
+        values = lambda X: _forward_values(fn, X, order, wrt)  # noqa: E731
+    else:
+        values = lambda X: _reverse_values(fn, X, order, wrt, d_out)  # noqa: E731
+    return _with_probe(values, fn) if probe else values
+
+
+def _with_probe(values_fn, fn):
+    """values_fn plus, under the key _PROBE, the api's probe computed in the same graph:
+    three separate model calls on the first points, the same again, and with point 0 moved
+    by 0.1 * (1 + |x0|) (see nbderiv.api._probe_batches)."""
+    def run(X):
+        values = values_fn(X)
+        P = X[:tf.minimum(tf.shape(X)[0], PROBE_POINTS)]
+        moved = tf.concat([P[:1] + 0.1 * (1 + tf.abs(P[:1])), P[1:]], axis=0)
+        values[_PROBE] = tf.concat([fn(P), fn(P), fn(moved)], axis=0)
+        return values
+    return run
 
 
 def choose_methods(d_out: int, m: int, order: int, taylor: bool) -> list:
@@ -382,6 +419,7 @@ def _assemble(values, y, order, m):
 
 class TensorFlowBackend(Backend):
     name = "tensorflow"
+    fused_probe = True  # one traced call: the first chunk and the probe (saves a dispatch)
 
     # -- conversion and placement ------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -391,11 +429,13 @@ class TensorFlowBackend(Backend):
             return np.array(x.numpy(), copy=True)
         return np.asarray(x)
 
+    def begin(self, model):
+        _forget_if_edited(model)
+
     def compute_dtype(self, model, x_dtype) -> np.dtype:
-        for v in model_variables(model):
-            dt = tf.as_dtype(v.dtype)
-            if dt.is_floating:
-                return np.dtype(dt.as_numpy_dtype) if dt != tf.bfloat16 else np.dtype(np.float32)
+        own = _remembered(model, ("dtype",), lambda: _variables_dtype(model))
+        if own is not None:
+            return own
         if is_keras_layer(model):
             return np.dtype(tf.as_dtype(model.dtype).as_numpy_dtype)
         if x_dtype is not None and np.dtype(x_dtype).kind == "f":
@@ -404,7 +444,6 @@ class TensorFlowBackend(Backend):
         return np.dtype(keras.config.floatx() if keras is not None else "float32")
 
     def context(self, model, x, dtype):
-        _forget_if_edited(model)
         return {"dtype": np.dtype(dtype), "tf_dtype": tf.as_dtype(np.dtype(dtype))}
 
     def argument_names(self, model, n_args):
@@ -472,17 +511,32 @@ class TensorFlowBackend(Backend):
             check_output(y.shape, True, "", X.shape[0])
         return np.split(y, count)
 
+    def output_width(self, model, args, context) -> int:
+        widths = [a.shape[1] for a in args]
+        d_out = self._d_out(model, widths, context)
+        if d_out is None:
+            d_out = int(self._validate(model, self._tensor([a[:2] for a in args], context),
+                                       widths, context).shape[1])
+        return d_out
+
     def derivatives(self, model, args, order, wrt, context):
+        return self._derivatives(model, args, order, wrt, context, probe=False)[0]
+
+    def derivatives_and_probe(self, model, args, order, wrt, context):
+        return self._derivatives(model, args, order, wrt, context, probe=True)
+
+    def _derivatives(self, model, args, order, wrt, context, probe):
         widths = [a.shape[1] for a in args]
         X = self._tensor(args, context)
         d_out = self._ready(model, X, widths, context)
         fn = _caller(model, widths, d_out)
-        plan = taylor_plan(model, widths, context["dtype"].name) if len(wrt) == 1 else None
+        plan = self._taylor_plan(model, widths, context["dtype"].name) if len(wrt) == 1 else None
         methods = choose_methods(d_out, len(wrt), order, plan is not None)
         for method in methods:
-            traced = self._traced(model, (method, order, tuple(wrt)), widths, context,
+            key = (method, order, tuple(wrt)) + (("probed",) if probe else ())
+            traced = self._traced(model, key, widths, context,
                                   functools.partial(_builder, method, fn, plan, order, wrt,
-                                                    d_out))
+                                                    d_out, probe))
             if traced.broken:
                 continue
             try:
@@ -494,10 +548,15 @@ class TensorFlowBackend(Backend):
                 if method == methods[-1]:
                     raise
                 traced.broken = True  # e.g. no forward-mode rule for some op: next strategy
+        probe_outputs = None
+        if probe:
+            both = values.pop(_PROBE)
+            k = both.shape[0] // 3
+            probe_outputs = (both[:k], both[k:2 * k], both[2 * k:])
         y = np.array(values.pop(()))
         if y.shape[0] != X.shape[0]:
             check_output(y.shape, True, "", X.shape[0])
-        return y, _assemble(values, y, order, len(wrt)), method
+        return (y, _assemble(values, y, order, len(wrt)), method), probe_outputs
 
     def per_point_derivatives(self, model, args, order, wrt, context):
         widths = [a.shape[1] for a in args]
@@ -541,8 +600,14 @@ class TensorFlowBackend(Backend):
             _OPEN_SNAPSHOTS.remove(snapshot)
             snapshot.restore()
 
+    @staticmethod
+    def _taylor_plan(model, widths, dtype_name):
+        return _remembered(model, ("taylor", tuple(widths), dtype_name),
+                           lambda: taylor_plan(model, widths, dtype_name))
+
     def bytes_per_point(self, model, width, d_out, order, m):
-        hidden = sum(int(v.shape[-1]) for v in model_variables(model) if len(v.shape) >= 2)
+        hidden = _remembered(model, ("hidden",), lambda: sum(
+            int(v.shape[-1]) for v in model_variables(model) if len(v.shape) >= 2))
         per_level = ((hidden or 64) + width + d_out) * 8 * 6
         return int(per_level * (3 ** order) * max(1, min(m, 4)))
 
@@ -552,10 +617,10 @@ class TensorFlowBackend(Backend):
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, model, args, context, chunk=65536):
         widths = [a.shape[1] for a in args]
-        X = self._tensor(args, context)
-        fn = _caller(model, widths, self._ready(model, X, widths, context))
 
         def build():
+            fn = _caller(model, widths, self.output_width(model, args, context))
+
             def hits(Xs):
                 h, count = _kink_hits(fn, Xs)
                 traced.facts["kink_ops"] = count
@@ -567,12 +632,13 @@ class TensorFlowBackend(Backend):
             return []
         if not traced.facts.get("kink_ops"):
             return []  # no ReLU-type operation in the model
+        X = self._tensor(args, context)
         hits = np.concatenate([traced(X[s:s + chunk]).numpy()
                                for s in range(0, X.shape[0], chunk)])
         return np.flatnonzero(hits).tolist()
 
     def layer_summary(self, model) -> dict:
-        return layer_summary(model)
+        return _remembered(model, ("layers",), lambda: layer_summary(model))
 
     def input_width(self, model):
         if not is_keras_layer(model):

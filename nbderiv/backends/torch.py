@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 from contextlib import contextmanager
 
 import numpy as np
@@ -57,7 +58,7 @@ class TorchBackend(Backend):
     @staticmethod
     def _first_float_tensor(model):
         if isinstance(model, torch.nn.Module):
-            for t in list(model.parameters()) + list(model.buffers()):
+            for t in itertools.chain(model.parameters(), model.buffers()):  # stops at the first
                 if t.is_floating_point():
                     return t
         return None
