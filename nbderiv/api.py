@@ -232,7 +232,8 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
         else:
             y, ders, method = _compute(call, order, wrt, chunk, progress, first)
         findings += _result_findings(call, layers, y, ders, order, wrt, findings)
-        result = Derivatives(x=np.concatenate(call.args, axis=1), y=y, orders=ders,
+        x_all = call.args[0] if len(call.args) == 1 else np.concatenate(call.args, axis=1)
+        result = Derivatives(x=x_all, y=y, orders=ders,
                              framework=backend.name, method=method, inputs=call.names, wrt=wrt,
                              findings=findings)
         if check:  # inside preserved(): a check that has to use the model itself restores it too

@@ -426,7 +426,7 @@ class TensorFlowBackend(Backend):
         if isinstance(x, (tf.Tensor, tf.Variable)):
             if x.dtype in (tf.bfloat16, tf.float16):
                 x = tf.cast(x, tf.float32)
-            return np.array(x.numpy(), copy=True)
+            return x.numpy()  # already a copy
         return np.asarray(x)
 
     def begin(self, model):
@@ -454,7 +454,26 @@ class TensorFlowBackend(Backend):
     @staticmethod
     def _tensor(args, context):
         X = np.concatenate(args, axis=1) if len(args) > 1 else args[0]
-        return tf.constant(np.asarray(X, dtype=context["dtype"]))
+        return tf.constant(X if X.dtype == context["dtype"] else X.astype(context["dtype"]))
+
+    def _route(self, model, X, widths, order, wrt, context, probe) -> list:
+        """[(method, traced computation)] to try in turn for this model and call shape,
+        worked out once (the model's output is validated on the way) and remembered."""
+        cache = _cache_for(model)
+        key = _cache_key(model, "route", order, wrt, probe, tuple(widths), context["dtype"].name)
+        if key not in cache:
+            d_out = self._ready(model, X, widths, context)
+            fn = _caller(model, widths, d_out)
+            plan = self._taylor_plan(model, widths, context["dtype"].name) \
+                if len(wrt) == 1 else None
+            route = []
+            for method in choose_methods(d_out, len(wrt), order, plan is not None):
+                build = functools.partial(_builder, method, fn, plan, order, wrt, d_out, probe)
+                traced = self._traced(model, (method, order, wrt) + (("probed",) if probe else ()),
+                                      widths, context, build)
+                route.append((method, traced))
+            cache[key] = route
+        return cache[key]
 
     def _traced(self, model, key, widths, context, build):
         cache = _cache_for(model)
@@ -528,15 +547,7 @@ class TensorFlowBackend(Backend):
     def _derivatives(self, model, args, order, wrt, context, probe):
         widths = [a.shape[1] for a in args]
         X = self._tensor(args, context)
-        d_out = self._ready(model, X, widths, context)
-        fn = _caller(model, widths, d_out)
-        plan = self._taylor_plan(model, widths, context["dtype"].name) if len(wrt) == 1 else None
-        methods = choose_methods(d_out, len(wrt), order, plan is not None)
-        for method in methods:
-            key = (method, order, tuple(wrt)) + (("probed",) if probe else ())
-            traced = self._traced(model, key, widths, context,
-                                  functools.partial(_builder, method, fn, plan, order, wrt,
-                                                    d_out, probe))
+        for method, traced in self._route(model, X, widths, order, tuple(wrt), context, probe):
             if traced.broken:
                 continue
             try:
@@ -545,9 +556,11 @@ class TensorFlowBackend(Backend):
                     values = {idx: np.asarray(v) for idx, v in traced(X).items()}
                 break
             except Exception:
-                if method == methods[-1]:
-                    raise
                 traced.broken = True  # e.g. no forward-mode rule for some op: next strategy
+                if all(t.broken for _, t in self._route(model, X, widths, order, tuple(wrt),
+                                                         context, probe)):
+                    traced.broken = False  # the last strategy: its error is the answer
+                    raise
         probe_outputs = None
         if probe:
             both = values.pop(_PROBE)
