@@ -500,6 +500,31 @@ def test_a_model_edited_in_place_is_traced_again():
     assert_close(nbderiv.derivatives(model, x)[1][:, 0], tape_truth(), 1e-5, "after swap")
 
 
+@pytest.mark.parametrize("sizes, order", [([2, 8, 3], 2), ([1, 8, 1], 3)])
+def test_row_blocks_give_the_same_results_as_one_call(monkeypatch, sizes, order):
+    """The backend runs large inputs in cache-sized row blocks (the probe on the first):
+    forced to 7-row blocks, every order and the findings match one call."""
+    model = mlp(sizes, seed=13)
+    X = np.random.default_rng(5).normal(size=(50, sizes[0])).astype("float32")
+    whole = nbderiv.derivatives(model, X, order=order)
+    monkeypatch.setattr(tfb.TensorFlowBackend, "_block_rows", lambda self, *a: 7)
+    blocked = nbderiv.derivatives(model, X, order=order)
+    assert blocked.method == whole.method and blocked.codes == whole.codes
+    for k in range(order + 1):
+        np.testing.assert_allclose(blocked[k], whole[k], rtol=1e-6, atol=1e-6)
+
+    class BatchCentred(keras.Model):  # couples points: must still be seen with blocks
+        def __init__(self):
+            super().__init__()
+            self.d = dense(1, "tanh", 1)
+
+        def call(self, x):
+            return self.d(x - tf.reduce_mean(x, axis=0, keepdims=True))
+
+    d = nbderiv.derivatives(BatchCentred(), X[:, :1], order=1)
+    assert "coupled-samples" in d.codes
+
+
 def test_cached_traces_do_not_keep_models_alive():
     model = mlp([1, 8, 1], seed=12)
     nbderiv.derivatives(model, np.linspace(0, 1, 5), order=2)

@@ -339,6 +339,12 @@ class _Traced:
         return self.python_fn(X)
 
 
+@functools.lru_cache(maxsize=1)
+def _on_cpu() -> bool:
+    """TensorFlow places computations on the CPU (no GPU visible to it)."""
+    return not tf.config.list_logical_devices("GPU")
+
+
 def _variables_dtype(model):
     """The dtype of the model's first float variable (bfloat16 computed as float32), or None."""
     for v in model_variables(model):
@@ -545,31 +551,64 @@ class TensorFlowBackend(Backend):
         return self._derivatives(model, args, order, wrt, context, probe=True)
 
     def _derivatives(self, model, args, order, wrt, context, probe):
-        widths = [a.shape[1] for a in args]
+        """Cache-sized blocks of rows, each one traced call (the probe rides on the first)."""
+        widths, wrt = [a.shape[1] for a in args], tuple(wrt)
         X = self._tensor(args, context)
-        for method, traced in self._route(model, X, widths, order, tuple(wrt), context, probe):
-            if traced.broken:
-                continue
-            try:
-                with _exact_moments():
-                    # read-only views of TensorFlow's buffers: _assemble makes the one copy
-                    values = {idx: np.asarray(v) for idx, v in traced(X).items()}
-                break
-            except Exception:
-                traced.broken = True  # e.g. no forward-mode rule for some op: next strategy
-                if all(t.broken for _, t in self._route(model, X, widths, order, tuple(wrt),
-                                                         context, probe)):
-                    traced.broken = False  # the last strategy: its error is the answer
-                    raise
+        n, rows = X.shape[0], self._block_rows(model, widths, context)
+        if n <= rows:
+            values, method = self._run(model, X, widths, order, wrt, context, probe)
+        else:
+            rows = -(-n // -(-n // rows))  # equal blocks: 20 000 rows as 2 x 10 000, not 16 384 + 3 616
+            values = None
+            for s in range(0, n, rows):
+                part, method = self._run(model, X[s:s + rows], widths, order, wrt, context,
+                                         probe and s == 0)
+                if values is None:  # every result allocated once, filled block by block
+                    values = {idx: np.empty((n,) + v.shape[1:], v.dtype)
+                              for idx, v in part.items() if idx != _PROBE}
+                    if _PROBE in part:
+                        values[_PROBE] = part[_PROBE]
+                for idx, v in part.items():
+                    if idx != _PROBE:
+                        values[idx][s:s + rows] = v
         probe_outputs = None
         if probe:
             both = values.pop(_PROBE)
             k = both.shape[0] // 3
             probe_outputs = (both[:k], both[k:2 * k], both[2 * k:])
         y = np.array(values.pop(()))
-        if y.shape[0] != X.shape[0]:
-            check_output(y.shape, True, "", X.shape[0])
+        if y.shape[0] != n:
+            check_output(y.shape, True, "", n)
         return (y, _assemble(values, y, order, len(wrt)), method), probe_outputs
+
+    def _run(self, model, X, widths, order, wrt, context, probe):
+        """({multi-index: values}, method) from the first strategy that works here."""
+        route = self._route(model, X, widths, order, wrt, context, probe)
+        for method, traced in route:  # noqa: B007 (method is returned)
+            if traced.broken:
+                continue
+            try:
+                with _exact_moments():
+                    # read-only views of TensorFlow's buffers, copied once by the caller
+                    return {idx: np.asarray(v) for idx, v in traced(X).items()}, method
+            except Exception:
+                traced.broken = True  # e.g. no forward-mode rule for some op: next strategy
+                if all(t.broken for _, t in route):
+                    traced.broken = False  # the last strategy: its error is the answer
+                    raise
+        raise AssertionError("unreachable: the last strategy is never marked broken")
+
+    def _block_rows(self, model, widths, context) -> int:
+        """At most this many rows per traced call: about 2**20 values of the widest layer, so
+        that a block's intermediates stay in cache. Measured on 2 shared CPU cores, float32, at
+        N = 100 000: 1-64-64-64-1 in 8 192-16 384-row blocks about 1.3x faster than in one call
+        (at N = 10 000 the results vary with the load on the machine: one call is kept there);
+        501 outputs do best in 4 096-row blocks. Only on the CPU; a GPU wants whole batches."""
+        if not _on_cpu():
+            return 1 << 62
+        widest = _remembered(model, ("widest",), lambda: max(
+            [int(v.shape[-1]) for v in model_variables(model) if len(v.shape) >= 2] or [64]))
+        return int(min(16384, max(4096, (1 << 20) // max(widest, sum(widths)))))
 
     def per_point_derivatives(self, model, args, order, wrt, context):
         widths = [a.shape[1] for a in args]
