@@ -206,17 +206,20 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
     findings = call.findings
     with backend.preserved(model):
         first = None
-        if backend.fused_probe and (chunk_size is None or chunk_size >= dg.PROBE_POINTS):
-            # one dispatch computes the first chunk and the probe (see Backend.fused_probe)
+        chunk = None
+        if backend.fused_probe:
             chunk = _chunk_size(call, call.output_width(), order, len(wrt), chunk_size,
                                 memory_budget)
+        if chunk is not None and chunk >= min(call.n, dg.PROBE_POINTS):
+            # one dispatch computes the first chunk and the probe (see Backend.fused_probe)
             with _model_errors(call, f"differentiating it (order {order})"):
                 first, probe_outputs = backend.derivatives_and_probe(
                     model, [a[:chunk] for a in call.args], order, wrt, call.context)
             d_out, stochastic, coupled = _verdict(call, probe_outputs)
         else:
             d_out, stochastic, coupled = _probe(call)
-            chunk = _chunk_size(call, d_out, order, len(wrt), chunk_size, memory_budget)
+            if chunk is None:
+                chunk = _chunk_size(call, d_out, order, len(wrt), chunk_size, memory_budget)
         call.context["d_out"] = d_out
         layers = backend.layer_summary(model)
         findings += dg.structural_findings(layers, order)

@@ -525,6 +525,77 @@ def test_row_blocks_give_the_same_results_as_one_call(monkeypatch, sizes, order)
     assert "coupled-samples" in d.codes
 
 
+def test_edits_of_layer_settings_and_reused_addresses_are_seen():
+    x = np.linspace(-1, 1, 4).astype("float32")  # no point on the kink at 0
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Rescaling(2.0),
+                              keras.layers.LeakyReLU(negative_slope=0.1), dense(1, None, 3)])
+    w = float(model.layers[-1].get_weights()[0][0, 0])
+    d = nbderiv.derivatives(model, x)
+    model.layers[0].scale = 7.0
+    model.layers[1].negative_slope = 0.5
+    d = nbderiv.derivatives(model, x)  # x < 0: slope 0.5 * 7 * w; x > 0: 7 * w
+    np.testing.assert_allclose(d[1][:, 0, 0], np.where(x < 0, 3.5, 7.0) * w, rtol=1e-5)
+
+    model = mlp([1, 4, 1], seed=23)
+    for factor in (2.0, 3.0, 5.0):  # new lambdas may reuse a freed one's address
+        model.layers[0].activation = lambda z, f=factor: f * z
+        got = nbderiv.derivatives(model, x)[1][:, 0, 0]
+        W1, _, W2, _ = model.get_weights()
+        np.testing.assert_allclose(got, factor * float((W1 @ W2).item()), rtol=1e-5)
+
+
+def test_a_bound_method_does_not_borrow_the_models_cached_facts():
+    class Halving(keras.Sequential):
+        def half(self, x):
+            return self(x) * 0.5
+
+    model = Halving([keras.Input((1,)), dense(8, "tanh", 24), dense(1, None, 25)])
+    x = np.linspace(-1, 1, 6).astype("float32")
+    whole = nbderiv.derivatives(model, x, order=2)
+    half = nbderiv.derivatives(model.half, x, order=2, framework="tensorflow")
+    for k in range(3):
+        np.testing.assert_allclose(half[k], 0.5 * whole[k], rtol=1e-5, atol=1e-7)
+
+
+def test_coupling_is_seen_when_memory_allows_only_tiny_chunks():
+    def centred(x):  # couples points through the batch mean
+        return tf.sin(x) - tf.reduce_mean(x, axis=0, keepdims=True)
+
+    x = np.linspace(-1, 1, 20)
+    d = nbderiv.derivatives(centred, x, framework="tensorflow", memory_budget=4000)
+    assert "coupled-samples" in d.codes
+    np.testing.assert_allclose(d[1][:, 0, 0], np.cos(x) - 1 / 20, atol=1e-6)
+
+
+def test_randomness_from_seeded_ops_and_writes_from_python_functions_are_seen():
+    noisy = lambda x: tf.nn.dropout(tf.sin(x), 0.5, seed=3)  # noqa: E731
+    x = np.linspace(-1, 1, 12).astype("float32")
+    assert {"stochastic", "train-mode"} & set(
+        nbderiv.derivatives(noisy, x, framework="tensorflow").codes)
+    assert {f.code for f in nbderiv.diagnose(noisy, x, framework="tensorflow")} & {
+        "stochastic", "train-mode"}
+
+    class Bumping(keras.Model):
+        """Writes a variable from inside tf.numpy_function: no Assign op in the graph."""
+
+        def __init__(self):
+            super().__init__()
+            self.d = dense(1, "tanh", 26)
+            self.count = self.add_weight(shape=(), initializer="zeros", trainable=False)
+
+        def call(self, x):
+            def bump(v):
+                self.count.assign_add(1.0)
+                return v
+            return self.d(tf.numpy_function(bump, [x], x.dtype, stateful=True))
+
+    model = Bumping()
+    model(x[:2, None])  # builds it (and counts once)
+    for _ in range(3):  # later calls run warm traces
+        nbderiv.derivatives(model, x, framework="tensorflow")
+        assert float(model.count.numpy()) == 1.0
+
+
 def test_cached_traces_do_not_keep_models_alive():
     model = mlp([1, 8, 1], seed=12)
     nbderiv.derivatives(model, np.linspace(0, 1, 5), order=2)

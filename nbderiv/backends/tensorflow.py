@@ -206,10 +206,21 @@ def _kink_hits(fn, X):
 # -- keeping the user's variables as they were -----------------------------------------
 _OPEN_SNAPSHOTS: list = []  # one per preserved() block now open, innermost last
 
-# graph operations that write a variable (Keras layers that assign, seed generators, tf.random
-# generators), or that hide a function body which might (calls, control flow)
-_WRITING_OPS = re.compile(r"Assign|^Stateful|^Rng|^ResourceScatter|^ResourceApply|"
-                          r"^ResourceStrided|PartitionedCall$|While$|If$|Case$")
+# Stateful graph operations that are known not to write any variable; every other stateful
+# operation (assignments, scatter and optimizer updates, tf.random.Generator and seed-generator
+# state, py_function / numpy_function, counters) and every operation that hides a function
+# body (calls, control flow) counts as possibly writing.
+_READ_ONLY_STATEFUL = frozenset({
+    "ReadVariableOp", "VarHandleOp", "VarIsInitializedOp", "Placeholder", "NoOp",
+    "RandomStandardNormal", "RandomUniform", "RandomUniformInt", "TruncatedNormal",
+    "RandomGamma", "RandomPoissonV2", "RandomShuffle", "Multinomial",
+    "ParameterizedTruncatedNormal"})
+_FUNCTION_OPS = re.compile(r"PartitionedCall$|While$|If$|Case$|^For$|^BatchFunction$|"
+                           r"^RemoteCall$")
+# random operations with their own state: two of them given the same seed draw the same numbers,
+# while one of them run twice does not (what the randomness probe must look at)
+_SEEDED_RANDOM = frozenset(_READ_ONLY_STATEFUL - {"ReadVariableOp", "VarHandleOp",
+                                                  "VarIsInitializedOp", "Placeholder", "NoOp"})
 
 
 class _Snapshot:
@@ -237,7 +248,13 @@ def _before_writing():
 
 
 def _graph_writes(graph) -> bool:
-    return any(_WRITING_OPS.search(op.type) for op in graph.get_operations())
+    return any((op.op_def.is_stateful and op.type not in _READ_ONLY_STATEFUL)
+               or _FUNCTION_OPS.search(op.type) for op in graph.get_operations())
+
+
+def _graph_has_seeded_random(graph) -> bool:
+    return any(op.type in _SEEDED_RANDOM or _FUNCTION_OPS.search(op.type)
+               for op in graph.get_operations())
 
 
 # -- the per-model cache of traced functions --------------------------------------------
@@ -273,7 +290,7 @@ def _remembered(model, fact, compute):
     """A fact about the model's structure (its float dtype, layer summary, Taylor plan),
     computed once and dropped with the traces when the model is edited."""
     cache = _cache_for(model)
-    key = ("fact",) + fact
+    key = _cache_key(model, "fact", *fact)  # a bound method is not its object
     if key not in cache:
         cache[key] = compute()
     return cache[key]
@@ -309,6 +326,7 @@ class _Traced:
         self.broken = False   # this strategy failed: try the next one
         self.warm = False
         self.writes = True    # may write variables (until the trace is seen to hold no such op)
+        self.seeded_random = True  # may hold stateful random ops (until seen not to)
         self.facts = {}       # what the trace revealed (e.g. the number of kink operations)
 
     def trace(self) -> bool:
@@ -332,6 +350,7 @@ class _Traced:
                     out = self.traced(X)
                 self.concrete = self.traced.get_concrete_function()
                 self.writes = _graph_writes(self.concrete.graph)
+                self.seeded_random = _graph_has_seeded_random(self.concrete.graph)
                 self.warm = True
                 return out
             except Exception:
@@ -530,11 +549,16 @@ class TensorFlowBackend(Backend):
         def separately(Xs):  # count model calls, not one on the stacked points
             return tf.concat([fn(part) for part in tf.split(Xs, count)], axis=0)
 
-        y = self._traced(model, ("forwards", count), widths, context, lambda: separately)(X)
-        y = y.numpy()
+        traced = self._traced(model, ("forwards", count), widths, context, lambda: separately)
+        y = traced(X).numpy()
         if y.shape[0] != X.shape[0]:
             check_output(y.shape, True, "", X.shape[0])
-        return np.split(y, count)
+        ys = np.split(y, count)
+        if traced.eager or traced.seeded_random:
+            # seeded random ops repeat their numbers across copies of the op in one graph but
+            # not across runs: each batch gets its own run
+            ys = [ys[0]] + [np.split(traced(X).numpy(), count)[i] for i in range(1, count)]
+        return ys
 
     def output_width(self, model, args, context) -> int:
         widths = [a.shape[1] for a in args]
@@ -576,6 +600,12 @@ class TensorFlowBackend(Backend):
             both = values.pop(_PROBE)
             k = both.shape[0] // 3
             probe_outputs = (both[:k], both[k:2 * k], both[2 * k:])
+            if any(t.eager or t.seeded_random for _, t in self._route(
+                    model, X, widths, order, wrt, context, True)):
+                # seeded random ops draw the same numbers in every copy within one run: the
+                # second look at the probe points must be a run of its own
+                again, _ = self._run(model, X[:k], widths, order, wrt, context, True)
+                probe_outputs = (probe_outputs[0], again[_PROBE][:k], probe_outputs[2])
         y = np.array(values.pop(()))
         if y.shape[0] != n:
             check_output(y.shape, True, "", n)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -58,14 +59,51 @@ def model_variables(model) -> list:
     return []
 
 
+# public attributes that Keras itself changes while training or predicting (not structure)
+_RUNTIME_FLAGS = frozenset({"built", "trainable", "stop_training", "stop_predicting",
+                            "stop_evaluating", "steps_per_execution"})
+
+
 def structure_key(model):
-    """What a traced computation of ``model`` bakes in besides variable values: its layers
-    (by identity) and their activations. A model edited in place (``pop`` / ``add``, a
-    swapped activation) gets a new key, so its old traces are dropped. None for non-Keras."""
+    """What a traced computation of ``model`` bakes in besides variable values: its layers,
+    their activations, their variables (held weakly, so a freed object's address reused by a
+    new one still counts as a change) and their public scalar settings (``Rescaling.scale``,
+    ``LeakyReLU.negative_slope``, ``lora_enabled``, ...). A model edited in place gets a new
+    key, so its old traces are dropped. None for anything that is not a Keras layer."""
     if not is_keras_layer(model):
         return None
-    return tuple((id(layer), id(getattr(layer, "activation", None)))
-                 for layer in model._flatten_layers(include_self=True, recursive=True))
+    parts = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        act = getattr(layer, "activation", None)
+        settings = tuple((k, v) for k, v in vars(layer).items()
+                         if type(v) in (int, float, bool, str) and not k.startswith("_")
+                         and k not in _RUNTIME_FLAGS)
+        parts.append((_Same(layer), _Same(act), settings))
+    parts.append(tuple(_Same(v) for v in model.variables))
+    return tuple(parts)
+
+
+class _Same:
+    """Equal only to a holder of the very same object, while it lives (held weakly where it
+    can be; compared with ``is``, never with the object's own ``==``)."""
+
+    __slots__ = ("ref", "weak")
+
+    def __init__(self, obj):
+        try:
+            self.ref, self.weak = weakref.ref(obj), True
+        except TypeError:  # None, numbers, builtins: kept as they are
+            self.ref, self.weak = (lambda: obj), False
+
+    def __eq__(self, other):
+        if not isinstance(other, _Same):
+            return NotImplemented
+        mine = self.ref()
+        if self.weak and mine is None:  # freed since: whatever lives there now is new
+            return False
+        return mine is other.ref()
+
+    __hash__ = None
 
 
 def _positional_names(fn) -> list | None:
