@@ -75,12 +75,32 @@ def structure_key(model):
     parts = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         act = getattr(layer, "activation", None)
-        settings = tuple((k, v) for k, v in vars(layer).items()
-                         if type(v) in (int, float, bool, str) and not k.startswith("_")
-                         and k not in _RUNTIME_FLAGS)
-        parts.append((_Same(layer), _Same(act), settings))
-    parts.append(tuple(_Same(v) for v in model.variables))
+        settings = () if graph_kind(layer) else _settings(layer)  # Keras' own containers: none
+        own = getattr(layer, "_trainable_variables", []) + \
+            getattr(layer, "_non_trainable_variables", [])
+        parts.append((_Same(layer), _Same(act), settings, tuple(map(_Same, own))))
     return tuple(parts)
+
+
+_SETTING_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SCALARS = (int, float, bool, str)
+
+
+def _settings(layer) -> tuple:
+    """The layer's public scalar attributes (names listed once per layer), as values, or by
+    identity for a value that has become something else (an array, say)."""
+    try:
+        names = _SETTING_NAMES[layer]
+    except (KeyError, TypeError):
+        names = tuple(k for k, v in vars(layer).items() if type(v) in _SCALARS
+                      and not k.startswith("_") and k not in _RUNTIME_FLAGS)
+        try:
+            _SETTING_NAMES[layer] = names
+        except TypeError:
+            pass
+    values = vars(layer)
+    return tuple(v if type(v) in _SCALARS else _Same(v)
+                 for v in (values.get(k) for k in names))
 
 
 class _Same:
