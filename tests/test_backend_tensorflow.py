@@ -596,6 +596,21 @@ def test_randomness_from_seeded_ops_and_writes_from_python_functions_are_seen():
         assert float(model.count.numpy()) == 1.0
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_warm_call_is_one_traced_run(monkeypatch, order):
+    """Probe and derivatives share one traced run; no second run unless the graph holds
+    seeded random ops (a never-tried fallback strategy must not count as holding them)."""
+    model = mlp([1, 8, 1], seed=27)
+    x = np.linspace(0, 1, 50).astype("float32")
+    nbderiv.derivatives(model, x, order=order)
+    runs = []
+    original = tfb._Traced.__call__
+    monkeypatch.setattr(tfb._Traced, "__call__",
+                        lambda self, X: runs.append(X.shape[0]) or original(self, X))
+    nbderiv.derivatives(model, x, order=order)
+    assert runs == [50]
+
+
 def test_cached_traces_do_not_keep_models_alive():
     model = mlp([1, 8, 1], seed=12)
     nbderiv.derivatives(model, np.linspace(0, 1, 5), order=2)

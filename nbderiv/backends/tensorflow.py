@@ -581,12 +581,15 @@ class TensorFlowBackend(Backend):
         n, rows = X.shape[0], self._block_rows(model, widths, context)
         if n <= 2 * rows:  # up to two blocks' worth: one call costs less than two dispatches
             values, method = self._run(model, X, widths, order, wrt, context, probe)
+            probe_method = method
         else:
             rows = -(-n // -(-n // rows))  # equal blocks: 20 000 rows as 3 x 6 667, not 2 x 8 192 + 3 616
             values = None
             for s in range(0, n, rows):
                 part, method = self._run(model, X[s:s + rows], widths, order, wrt, context,
                                          probe and s == 0)
+                if s == 0:
+                    probe_method = method
                 if values is None:  # every result allocated once, filled block by block
                     values = {idx: np.empty((n,) + v.shape[1:], v.dtype)
                               for idx, v in part.items() if idx != _PROBE}
@@ -600,8 +603,8 @@ class TensorFlowBackend(Backend):
             both = values.pop(_PROBE)
             k = both.shape[0] // 3
             probe_outputs = (both[:k], both[k:2 * k], both[2 * k:])
-            if any(t.eager or t.seeded_random for _, t in self._route(
-                    model, X, widths, order, wrt, context, True)):
+            ran = dict(self._route(model, X, widths, order, wrt, context, True))[probe_method]
+            if ran.eager or ran.seeded_random:
                 # seeded random ops draw the same numbers in every copy within one run: the
                 # second look at the probe points must be a run of its own
                 again, _ = self._run(model, X[:k], widths, order, wrt, context, True)
