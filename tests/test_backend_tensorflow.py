@@ -22,6 +22,7 @@ import weakref
 
 import numpy as np
 import pytest
+from checks import assert_close
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -33,15 +34,6 @@ from nbderiv.backends import tensorflow as tfb  # noqa: E402
 from nbderiv.errors import InputShapeError, OutputError  # noqa: E402
 
 SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")
-
-
-def assert_close(got, ref, tol, what=""):
-    """max |got - ref| <= tol * max(1, max |ref|), shapes equal."""
-    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != reference {ref.shape}"
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(got - ref).max())
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 def dense(units, act=None, seed=0, dtype=None):

@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from checks import assert_close
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.func import hessian, jacfwd, jacrev, vmap  # noqa: E402
 
 import nbderiv  # noqa: E402
-
-
-def assert_close(got, ref, tol, what=""):
-    """max |got - ref| <= tol * max(1, max |ref|) (shapes must agree exactly)."""
-    got = np.asarray(got)
-    ref = np.asarray(ref)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != reference {ref.shape}"
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(got.astype(np.float64) - ref).max())
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 def one_point(model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from checks import assert_close
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -33,14 +34,6 @@ def reference(fn, X, order):
     for k in range(order):
         g = (jacfwd if k else jacrev)(g)
     return vmap(g)(X).detach().cpu().numpy()
-
-
-def assert_close(got, ref, tol, what=""):
-    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != reference {ref.shape}"
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(got - ref).max())
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 def mlp(sizes, act=nn.Tanh, seed=0, dtype=torch.float64, device="cpu"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from checks import assert_close
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("tensorflow")
@@ -20,14 +21,6 @@ if keras.backend.backend() != "tensorflow":  # pragma: no cover
 import nbderiv  # noqa: E402
 
 TOL = {"float32": 1e-5, "float64": 1e-10}
-
-
-def assert_close(got, ref, tol, what=""):
-    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(got - ref).max())
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 def keras_mlp(sizes, dtype, seed=0):

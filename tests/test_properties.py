@@ -12,6 +12,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from checks import assert_close
 
 hypothesis = pytest.importorskip("hypothesis")
 torch = pytest.importorskip("torch")
@@ -54,13 +55,6 @@ def reference(model64, X64, order):
         g = jacfwd(g)
     with torch.no_grad():
         return vmap(g)(X64).numpy()
-
-
-def assert_close(got, ref, rel, what):
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(got.astype(np.float64) - ref).max())
-    assert got.shape == ref.shape, (what, got.shape, ref.shape)
-    assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:g} * {scale:.3g}"
 
 
 def inputs(n, d_in, seed):
