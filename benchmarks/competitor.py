@@ -1,8 +1,9 @@
-"""The record each competitor of the benchmark is described by, shared by the torch and
-TensorFlow idiom modules (it imports no framework)."""
+"""The record each competitor of the benchmark is described by, and the layout helper, shared
+by the torch and TensorFlow idiom modules (it imports no framework)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,3 +32,14 @@ class Competitor:
     units_at: Callable[[int], float] | None = None
     mem_scaling: int = 1
     sync: Callable[[], None] = field(default=lambda: None)
+
+
+def from_multi(values, n, d_out, d_in, K, to_numpy=np.asarray):
+    """The (n, d_out) + (d_in,) * K float64 array from {sorted multi-index: (n, d_out) values}
+    (each mixed partial computed once, copied to all its permutations)."""
+    out = np.empty((n, d_out) + (d_in,) * K, dtype=np.float64)
+    for idx, v in values.items():
+        arr = to_numpy(v).reshape(n, d_out)
+        for perm in set(itertools.permutations(idx)):
+            out[(slice(None), slice(None)) + perm] = arr
+    return out

@@ -24,7 +24,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from competitor import Competitor  # noqa: E402
+from competitor import Competitor, from_multi  # noqa: E402
 
 FRAMEWORK = "tensorflow"
 tf.get_logger().setLevel("CRITICAL")  # pfor's retracing notices and failed-vectorising dumps
@@ -155,12 +155,7 @@ def _numpy(t):
 
 
 def _from_multi(values, n, d_out, d_in, K):
-    out = np.empty((n, d_out) + (d_in,) * K, dtype=np.float64)
-    for idx, v in values.items():
-        arr = _numpy(v).reshape(n, d_out)
-        for perm in set(itertools.permutations(idx)):
-            out[(slice(None), slice(None)) + perm] = arr
-    return out
+    return from_multi(values, n, d_out, d_in, K, to_numpy=_numpy)
 
 
 _TRACED: dict = {}

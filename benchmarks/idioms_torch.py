@@ -22,7 +22,7 @@ import itertools
 
 import numpy as np
 import torch
-from competitor import Competitor
+from competitor import Competitor, from_multi
 from torch import func
 
 FRAMEWORK = "torch"
@@ -159,12 +159,7 @@ def _numpy(t):
 
 
 def _from_multi(values, n, d_out, d_in, K):
-    out = np.empty((n, d_out) + (d_in,) * K, dtype=np.float64)
-    for idx, v in values.items():
-        arr = _numpy(v).reshape(n, d_out)
-        for perm in set(itertools.permutations(idx)):
-            out[(slice(None), slice(None)) + perm] = arr
-    return out
+    return from_multi(values, n, d_out, d_in, K, to_numpy=_numpy)
 
 
 # -- the list -----------------------------------------------------------------------------
