@@ -129,3 +129,17 @@ def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> n
         for perm in set(itertools.permutations(idx)):
             out[(slice(None), slice(None)) + perm] = v
     return out
+
+
+def code_keeping_wrt(wrt) -> list:
+    """Lines of generated code that name the kept inputs (none when all inputs are kept)."""
+    if wrt is None:
+        return []
+    return [f"# Keep only the inputs asked for (wrt={list(wrt)}) on every input axis.",
+            f"wrt = {list(wrt)}"]
+
+
+def code_index_wrt(k: int, wrt) -> str:
+    """The index that keeps the ``wrt`` inputs on each of the k input axes of an order-k array
+    in generated code, e.g. ``[:, :, wrt][:, :, :, wrt]``; empty when all inputs are kept."""
+    return "".join(f"[{':, ' * (2 + a)}wrt]" for a in range(k)) if wrt is not None else ""

@@ -10,6 +10,8 @@ import numpy as np
 
 from __future__ import annotations
 
+from .base import code_index_wrt, code_keeping_wrt
+
 _CODE_HEAD = '''\
 import numpy as np
 import tensorflow as tf
@@ -68,11 +70,8 @@ def tensorflow_code(*, order, wrt, widths):
                 "        else model(*tf.split(X, widths, axis=1))"
                 "   # a functional Keras model takes a list")
     lines = [_CODE_HEAD.format(make_x=make_x, call=call, order=order)]
-    if wrt is not None:
-        lines.append(f"# Keep only the inputs asked for (wrt={list(wrt)}) on every input axis.")
-        lines.append(f"wrt = {list(wrt)}")
+    lines += code_keeping_wrt(wrt)
     lines.append("# Plain numpy arrays.")
     for k in range(1, order + 1):
-        sel = "".join(f"[{':, ' * (2 + a)}wrt]" for a in range(k)) if wrt is not None else ""
-        lines.append(f"d{k} = results[{k}].numpy(){sel}")
+        lines.append(f"d{k} = results[{k}].numpy(){code_index_wrt(k, wrt)}")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,8 @@ import torch
 
 from __future__ import annotations
 
+from .base import code_index_wrt, code_keeping_wrt
+
 _CODE_HEAD = '''\
 import torch
 
@@ -63,10 +65,9 @@ def torch_code(*, order, wrt, widths):
         src = "y" if k == 1 else f"d{k - 1}_all"
         lines.append(f"d{k}_all = differentiate({src})    # ({axes}): order {k}")
     if wrt is not None:
-        lines.append(f"\n# Keep only the inputs asked for (wrt={list(wrt)}) on every input axis.")
-        lines.append(f"wrt = {list(wrt)}")
+        lines.append("")
+    lines += code_keeping_wrt(wrt)
     lines.append("\n# Plain numpy arrays, detached from the graph.")
     for k in range(1, order + 1):
-        sel = "".join(f"[{':, ' * (2 + a)}wrt]" for a in range(k)) if wrt is not None else ""
-        lines.append(f"d{k} = d{k}_all{sel}.detach().cpu().numpy()")
+        lines.append(f"d{k} = d{k}_all{code_index_wrt(k, wrt)}.detach().cpu().numpy()")
     return "\n".join(lines) + "\n"
