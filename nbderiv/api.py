@@ -48,9 +48,6 @@ class _Call:
     def n(self) -> int:
         return self.prepared.n_points
 
-    def forward(self, args):
-        return self.forwards([args])[0]
-
     def forwards(self, batches):
         return self._first_contact(self.backend.forwards, batches)
 

@@ -175,15 +175,14 @@ def non_finite_points(*arrays) -> list:
     makes its row's sum non-finite); only suspect rows are looked at element by element
     (a sum can also overflow to inf from finite values)."""
     bad = np.zeros(arrays[0].shape[0], dtype=bool)
-    for a in arrays:
-        with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
+        for a in arrays:
             if a.size == 0 or np.isfinite(a.sum()):  # the usual case, in one pass
                 continue
-        rows = a.reshape(a.shape[0], -1)
-        with np.errstate(over="ignore", invalid="ignore"):
+            rows = a.reshape(a.shape[0], -1)
             suspect = np.flatnonzero(~np.isfinite(rows.sum(axis=1)))
-        if suspect.size:
-            bad[suspect] |= ~np.isfinite(rows[suspect]).all(axis=1)
+            if suspect.size:
+                bad[suspect] |= ~np.isfinite(rows[suspect]).all(axis=1)
     return np.flatnonzero(bad).tolist()
 
 

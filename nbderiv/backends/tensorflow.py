@@ -210,17 +210,16 @@ _OPEN_SNAPSHOTS: list = []  # one per preserved() block now open, innermost last
 # operation (assignments, scatter and optimizer updates, tf.random.Generator and seed-generator
 # state, py_function / numpy_function, counters) and every operation that hides a function
 # body (calls, control flow) counts as possibly writing.
-_READ_ONLY_STATEFUL = frozenset({
-    "ReadVariableOp", "VarHandleOp", "VarIsInitializedOp", "Placeholder", "NoOp",
+# Random operations with their own state: two of them given the same seed draw the same
+# numbers, while one of them run twice does not (what the randomness probe must look at).
+_SEEDED_RANDOM = frozenset({
     "RandomStandardNormal", "RandomUniform", "RandomUniformInt", "TruncatedNormal",
     "RandomGamma", "RandomPoissonV2", "RandomShuffle", "Multinomial",
     "ParameterizedTruncatedNormal"})
+_READ_ONLY_STATEFUL = _SEEDED_RANDOM | {
+    "ReadVariableOp", "VarHandleOp", "VarIsInitializedOp", "Placeholder", "NoOp"}
 _FUNCTION_OPS = re.compile(r"PartitionedCall$|While$|If$|Case$|^For$|^BatchFunction$|"
                            r"^RemoteCall$")
-# random operations with their own state: two of them given the same seed draw the same numbers,
-# while one of them run twice does not (what the randomness probe must look at)
-_SEEDED_RANDOM = frozenset(_READ_ONLY_STATEFUL - {"ReadVariableOp", "VarHandleOp",
-                                                  "VarIsInitializedOp", "Placeholder", "NoOp"})
 
 
 class _Snapshot:
@@ -339,11 +338,11 @@ class _Traced:
         return not self.eager
 
     def __call__(self, X):
-        if self.warm and not self.writes:
+        if self.warm:
+            if self.writes:
+                _before_writing()
             return self.concrete(X)  # the traced graph itself, without tf.function's dispatch
         _before_writing()
-        if self.warm:
-            return self.concrete(X)
         if not self.eager:
             try:
                 with _quiet_tf_logs():  # the first run optimizes the graph, with remarks
