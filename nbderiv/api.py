@@ -141,11 +141,18 @@ def _chunk_size(call, d_out, order, m, chunk_size, memory_budget):
                               "Fix: e.g. chunk_size=4096, or leave it None to chunk by "
                               "memory_budget.")
         return int(chunk_size)
-    per_point = call.backend.bytes_per_point(call.model, call.prepared.width, d_out, order, m)
+    work = call.backend.bytes_per_point(call.model, call.prepared.width, d_out, order, m)
     # each chunk's results exist twice for a moment (the backend's arrays, then their place in
     # the full result, which is allocated once and does not depend on the chunk size)
-    per_point += call.dtype.itemsize * d_out * sum(m ** k for k in range(order + 1))
-    return max(1, min(call.n, int(memory_budget // max(per_point, 1))))
+    results = call.dtype.itemsize * d_out * sum(m ** k for k in range(order + 1))
+    chunk = int(memory_budget // max(work + results, 1))
+    in_flight = call.backend.rows_in_flight(call.model, call.prepared.widths)
+    if in_flight is not None and chunk > in_flight:
+        # the backend works on at most in_flight rows at a time: past that, a larger chunk
+        # only adds results
+        chunk = int((memory_budget - in_flight * work) // max(results, 1))
+    chunk = max(1, min(call.n, chunk))
+    return -(-call.n // -(-call.n // chunk))  # equal chunks: 10 001 points as 2 x 5 001
 
 
 def _progress(iterable, total, enabled):
@@ -160,11 +167,14 @@ def _progress(iterable, total, enabled):
 
 def _compute(call, order, wrt, chunk, progress, first=None):
     """Derivatives of every point, ``chunk`` points per backend call (``first``: the result
-    for the first chunk, when it is already known)."""
+    for the first chunk, when it is already known). Every call gets exactly ``chunk`` points
+    (the last one overlaps the one before), so that backends that trace or compile per shape
+    see one shape."""
     starts = range(0, call.n, chunk)
     show = progress if progress is not None else len(starts) >= 8
     y = ders = method = None
     for s in _progress(starts, len(starts), show):
+        s = min(s, call.n - chunk)
         if s == 0 and first is not None:
             part = first
         else:

@@ -492,6 +492,64 @@ def test_a_model_edited_in_place_is_traced_again():
     assert_close(nbderiv.derivatives(model, x)[1][:, 0], tape_truth(), 1e-5, "after swap")
 
 
+def test_a_hot_shape_is_compiled_with_xla_and_still_matches_the_closed_form(
+        one_hidden64, monkeypatch):
+    """The second run of a shape of at least XLA_MIN_ROWS rows is compiled; one-off shapes,
+    small batches and NBDERIV_XLA=0 stay on the plain graph. All agree with the closed form."""
+    monkeypatch.delenv("NBDERIV_XLA", raising=False)
+    x = np.linspace(-2, 2, tfb._Traced.XLA_MIN_ROWS + 76)
+    ref = one_hidden_closed_form(one_hidden64, x, 4)
+    runs = [nbderiv.derivatives(one_hidden64, x, order=4) for _ in range(3)]
+    assert [d.method for d in runs] == ["taylor", "taylor (XLA)", "taylor (XLA)"]
+    for d in runs:
+        for k in range(1, 5):
+            assert_close(d[k].reshape(len(x), -1), ref[k - 1], 1e-10, f"{d.method} d{k}")
+    np.testing.assert_array_equal(runs[1][4], runs[2][4])  # the compiled program is reused
+    assert nbderiv.derivatives(one_hidden64, x[:-1], order=4).method == "taylor"  # new shape
+    small = x[:tfb._Traced.XLA_MIN_ROWS - 1]
+    assert {nbderiv.derivatives(one_hidden64, small, order=4).method for _ in range(3)} == {
+        "taylor"}
+    monkeypatch.setenv("NBDERIV_XLA", "0")  # also for shapes compiled before
+    assert nbderiv.derivatives(one_hidden64, x, order=4).method == "taylor"
+
+
+def test_xla_in_reverse_and_forward_mode_matches_central_differences(central_fd):
+    X = np.random.default_rng(8).uniform(-1, 1, size=(tfb._Traced.XLA_MIN_ROWS, 2))
+    for sizes, method in (([2, 16, 1], "reverse-ones"), ([2, 16, 5], "forward-jvp")):
+        model = mlp(sizes, dtype="float64", seed=9)
+        fn = keras_fn(model)
+        ref1, ref2 = central_fd(fn, X, 1), central_fd(fn, X, 2)
+        for expected in (method, method + " (XLA)"):
+            d = nbderiv.derivatives(model, X, order=2)
+            assert d.method == expected
+            assert_close(d[1], ref1, 1e-7, f"{expected} d1 vs FD")
+            assert_close(d[2], ref2, 1e-5, f"{expected} d2 vs FD")
+
+
+def test_traces_that_write_or_draw_random_numbers_are_never_compiled():
+    x = np.linspace(0, 1, tfb._Traced.XLA_MIN_ROWS).astype("float32")
+    writing = keras.Sequential([keras.Input((1,)), Counting(), dense(1, None, 2)])
+    noisy = lambda z: tf.nn.dropout(tf.sin(z), 0.5, seed=3)  # noqa: E731
+    for model in (writing, noisy):
+        methods = {nbderiv.derivatives(model, x, framework="tensorflow").method
+                   for _ in range(3)}
+        assert not any("XLA" in m for m in methods), methods
+
+
+def test_an_op_xla_cannot_compile_falls_back_to_the_plain_graph():
+    """String operations have no XLA kernels: compiling is tried once, then the plain graph
+    runs on."""
+    def f(z):
+        digits = tf.strings.length(tf.strings.as_string(z[:, 0]))
+        return tf.sin(z) * (1 + 0 * tf.cast(tf.reduce_sum(digits), z.dtype))
+    x = np.linspace(-1, 1, tfb._Traced.XLA_MIN_ROWS)
+    for _ in range(3):
+        d = nbderiv.derivatives(f, x, order=2, framework="tensorflow")
+        assert d.method == "reverse-ones"
+        assert_close(d[2][:, 0, 0, 0], -np.sin(x), 1e-12, d.method)
+    assert False in [e.xla for e in tfb._cache_for(f).values() if isinstance(e, tfb._Traced)]
+
+
 @pytest.mark.parametrize("sizes, order", [([2, 8, 3], 2), ([1, 8, 1], 3)])
 def test_row_blocks_give_the_same_results_as_one_call(monkeypatch, sizes, order):
     """The backend runs large inputs in cache-sized row blocks (the probe on the first):

@@ -88,6 +88,11 @@ class Backend:
         """A rough upper estimate of working memory per point, for chunking."""
         return 8 * (width + d_out) * (3 ** order) * max(m, 1) * 64
 
+    def rows_in_flight(self, model, widths) -> int | None:
+        """The most rows computed at once whatever the chunk (a backend that works in blocks
+        of rows), or None when a chunk is computed all at once."""
+        return None
+
     # -- model structure, for diagnostics ------------------------------------------
     def layer_summary(self, model) -> dict:
         """{'activations': [names], 'train_mode': [layer descriptions], 'kinds': [...]}"""
