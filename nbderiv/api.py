@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -255,13 +257,14 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
             if result.check.low_precision:
                 result.findings.append(dg.low_precision_finding(
                     result.check.errors, call.dtype, result.check.low_precision_orders))
-    result._code = _code_for(call, order, wrt, coupled)
+    result._code = functools.partial(_code_for, call.backend, call.prepared.widths, order, wrt,
+                                     coupled)  # written on first use of d.code
     return result
 
 
-def _code_for(call, order, wrt, coupled=False):
-    wrt = None if wrt == tuple(range(call.prepared.width)) else wrt
-    code = call.backend.equivalent_code(order=order, wrt=wrt, widths=call.prepared.widths)
+def _code_for(backend, widths, order, wrt, coupled=False):
+    wrt = None if wrt == tuple(range(sum(widths))) else wrt
+    code = backend.equivalent_code(order=order, wrt=wrt, widths=widths)
     if coupled:
         code = ("# CAUTION: this model couples points (finding coupled-samples). The code below\n"
                 "# uses the grad_outputs=ones trick, which then returns column sums of the N x N\n"

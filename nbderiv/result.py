@@ -131,6 +131,8 @@ class Derivatives:
     @property
     def code(self) -> str | None:
         """Plain framework code computing the same derivatives (see ``nbderiv.codegen``)."""
+        if callable(self._code):  # written on first use
+            self._code = self._code()
         return self._code
 
     def finding(self, code: str):

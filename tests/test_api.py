@@ -259,6 +259,27 @@ def test_chunk_size_7_equals_unchunked(chunk_case, which):
         np.testing.assert_allclose(parts[k], whole[k], rtol=1e-12, atol=1e-14)
 
 
+def test_every_chunk_has_the_same_number_of_points(chunk_case, monkeypatch):
+    """Backends that trace or compile per shape see one shape: chunks are balanced, and the
+    last one overlaps the one before instead of being shorter."""
+    from nbderiv.backends.torch import TorchBackend
+
+    _, _, net, x = chunk_case
+    whole = nbderiv.derivatives(net, x, order=2)
+    sizes = []
+    original = TorchBackend.derivatives
+    monkeypatch.setattr(TorchBackend, "derivatives", lambda self, m, args, *a: (
+        sizes.append(args[0].shape[0]) or original(self, m, args, *a)))
+    given = nbderiv.derivatives(net, x, order=2, chunk_size=7, progress=False)
+    assert set(sizes) == {7} and len(sizes) == 8  # 50 points: 0-6, ..., 42-48, 43-49
+    sizes.clear()
+    budget = nbderiv.derivatives(net, x, order=2, memory_budget=20_000, progress=False)
+    assert len(set(sizes)) == 1 and sizes[0] * len(sizes) - 50 < len(sizes), sizes
+    for d in (given, budget):
+        for k in range(3):
+            np.testing.assert_allclose(d[k], whole[k], rtol=1e-12, atol=1e-14)
+
+
 def test_small_memory_budget_forces_many_chunks_with_equal_results(chunk_case):
     _, _, net, x = chunk_case
     whole = nbderiv.derivatives(net, x, order=2)
