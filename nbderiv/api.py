@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
