@@ -3,7 +3,9 @@ Sequential stacks of Dense and elementwise layers, one input direction), nested
 ``tf.GradientTape`` (reverse mode, one gradient per output and distinct partial) or nested
 ``tf.autodiff.ForwardAccumulator`` (forward mode, many outputs); see
 :func:`choose_methods`. Each is traced once per model with ``tf.function`` and cached
-(weakly, with the model), so repeated calls and the last, shorter chunk reuse the trace.
+(weakly, with the model), so repeated calls reuse the trace. On the CPU, a trace run a second
+time on the same number of rows (>= 1 024) is compiled with XLA for that shape (see
+``_Traced``); ``NBDERIV_XLA=0`` turns that off.
 
 Keras models are called with ``training=False``; their variables are put back after
 every call, nothing is created on them, ``trainable`` is never touched. TensorFlow's C++
