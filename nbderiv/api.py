@@ -175,7 +175,7 @@ def _compute(call, order, wrt, chunk, progress, first=None):
     show = progress if progress is not None else len(starts) >= 8
     y = ders = method = None
     for s in _progress(starts, len(starts), show):
-        s = min(s, call.n - chunk)
+        s = max(0, min(s, call.n - chunk))
         if s == 0 and first is not None:
             part = first
         else:

@@ -566,6 +566,10 @@ def test_row_blocks_give_the_same_results_as_one_call(monkeypatch, sizes, order)
     blocked = nbderiv.derivatives(model, X, order=order)
     assert runs == [8] + [7] * 8  # the probe, then 8 blocks of 7 rows (the last: rows 43-49)
     assert blocked.method == whole.method and blocked.codes == whole.codes
+    for d in (whole, blocked):  # the user's own arrays, whichever way they were filled
+        assert all(d[k].flags.writeable for k in range(order + 1))
+        assert not any(np.shares_memory(d[j], d[k]) for j in range(order + 1)
+                       for k in range(j))
     for k in range(order + 1):
         np.testing.assert_allclose(blocked[k], whole[k], rtol=1e-6, atol=1e-6)
 

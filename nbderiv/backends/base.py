@@ -130,11 +130,12 @@ def sorted_multi_indices(m: int, k: int) -> list:
 def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> np.ndarray:
     """Build the (n, d_out) + (m,)*k array from {sorted multi-index: (n, d_out) array}.
     One input direction: the one array itself, reshaped, when it is the caller's to give away
-    (writable, contiguous, of the right dtype), else a copy."""
+    (numpy owns its memory, so it is no view of a framework's tensor; writable, contiguous, of
+    the right dtype), else a copy."""
     if m == 1 and len(values) == 1:
         v = next(iter(values.values()))
-        if v.flags.writeable and v.flags.c_contiguous and v.dtype == dtype \
-                and v.shape == (n, d_out):
+        if v.flags.owndata and v.flags.writeable and v.flags.c_contiguous \
+                and v.dtype == dtype and v.shape == (n, d_out):
             return v.reshape((n, d_out) + (1,) * k)
     out = np.empty((n, d_out) + (m,) * k, dtype=dtype)
     for idx, v in values.items():
