@@ -17,6 +17,7 @@ import numpy as np
 
 from . import findings as dg
 from .backends import select_backend
+from .backends.base import block_starts, equal_block_size
 from .errors import MemoryBudgetError, ModelCallError, NbderivError, OptionError
 from .inputs import (
     check_order,
@@ -152,8 +153,7 @@ def _chunk_size(call, d_out, order, m, chunk_size, memory_budget):
         # the backend works on at most in_flight rows at a time: past that, a larger chunk
         # only adds results
         chunk = int((memory_budget - in_flight * work) // max(results, 1))
-    chunk = max(1, min(call.n, chunk))
-    return -(-call.n // -(-call.n // chunk))  # equal chunks: 10 001 points as 2 x 5 001
+    return equal_block_size(call.n, chunk)
 
 
 def _progress(iterable, total, enabled):
@@ -171,11 +171,10 @@ def _compute(call, order, wrt, chunk, progress, first=None):
     for the first chunk, when it is already known). Every call gets exactly ``chunk`` points
     (the last one overlaps the one before), so that backends that trace or compile per shape
     see one shape."""
-    starts = range(0, call.n, chunk)
+    starts = block_starts(call.n, chunk)
     show = progress if progress is not None else len(starts) >= 8
     y = ders = method = None
     for s in _progress(starts, len(starts), show):
-        s = max(0, min(s, call.n - chunk))
         if s == 0 and first is not None:
             part = first
         else:

@@ -144,6 +144,28 @@ def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> n
     return out
 
 
+def equal_block_size(n: int, most: int) -> int:
+    """The size of equal blocks covering n rows, at most ``most`` each: 20 000 rows in blocks
+    of at most 8 192 as 3 x 6 667, not 2 x 8 192 + 3 616.
+
+    >>> equal_block_size(20000, 8192), equal_block_size(50, 100)
+    (6667, 50)
+    """
+    most = max(1, min(n, most))
+    return -(-n // -(-n // most))
+
+
+def block_starts(n: int, size: int) -> list:
+    """Where blocks of ``size`` rows start so that every block has exactly ``size`` rows: the
+    last one overlaps the one before instead of being shorter (backends that trace or compile
+    per shape then see one shape).
+
+    >>> block_starts(50, 7)
+    [0, 7, 14, 21, 28, 35, 42, 43]
+    """
+    return [max(0, min(s, n - size)) for s in range(0, n, size)]
+
+
 def code_keeping_wrt(wrt) -> list:
     """Lines of generated code that name the kept inputs (none when all inputs are kept)."""
     if wrt is None:
