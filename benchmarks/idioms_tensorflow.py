@@ -239,6 +239,26 @@ def truth(model, X, K):
     return _from_multi(forward_accumulators(m64, X64, K), n, d_out, d_in, K)
 
 
+def tensor_memory_reset():
+    """Start a new peak of TensorFlow's CPU allocator statistics."""
+    try:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+    except Exception:  # the default allocator keeps no statistics
+        pass
+
+
+def tensor_memory_mb():
+    """(current, peak) MB of TensorFlow tensors on the CPU, or None where the allocator keeps
+    no statistics (only TensorFlow's BFC allocator does). NumPy arrays are not counted."""
+    try:
+        info = tf.config.experimental.get_memory_info("CPU:0")
+    except Exception:
+        return None
+    if not info.get("peak"):
+        return None
+    return info["current"] / 2**20, info["peak"] / 2**20
+
+
 def versions() -> dict:
     return {"tensorflow": tf.__version__, "keras": keras.__version__,
             "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}

@@ -124,6 +124,30 @@ class PeakMemory:
         return False
 
 
+class TensorMemory:
+    """Peak increase of the framework's own tensor memory around one call, where its allocator
+    keeps statistics (TensorFlow's BFC allocator: a pool that grows in doubling regions and is
+    never handed back, so the resident-set increase says little there); else delta_mb is None."""
+
+    def __init__(self, mod):
+        self.mod, self.delta_mb = mod, None
+
+    def __enter__(self):
+        reset = getattr(self.mod, "tensor_memory_reset", None)
+        self.before = None
+        if reset is not None:
+            reset()
+            self.before = self.mod.tensor_memory_mb()
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            after = self.mod.tensor_memory_mb()
+            if after is not None:
+                self.delta_mb = after[1] - self.before[0]
+        return False
+
+
 # -- the worker: one framework, all cases, in one process ----------------------------------
 def _load_framework(framework, threads=0):
     mod = importlib.import_module(FRAMEWORK_MODULES[framework])
@@ -142,7 +166,10 @@ def _load_framework(framework, threads=0):
 
 
 def _timed(comp):
-    gc.collect()
+    """(seconds, result) of one call, the garbage collector paused during it. No collection
+    here: a full collection walks every Python object and leaves the CPU caches cold, which
+    added about 0.7 ms to the next TensorFlow call at N = 10 000 (2.1 -> 2.85 ms, measured).
+    The callers collect once per round instead (see _collect)."""
     gc.disable()
     try:
         comp.sync()
@@ -252,7 +279,7 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
     truth_s = time.perf_counter() - t0
     comps = mod.competitors(model, X, order, device, nbd)
     gc.collect()
-    gc.freeze()  # what exists now is never garbage: keeps each timed call's gc.collect cheap
+    gc.freeze()  # what exists now is never garbage: keeps each round's collection cheap
     base = dict(framework=args.framework, device=str(device), model=model_name, order=order, n=n,
                 checked_points=int(n if sel is None else len(sel)))
     rows, active, warm = {}, [], {}
@@ -265,10 +292,11 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
             row.update(status="skipped", reason=why)
             continue
         # warm-up: one call, with its peak memory and its error against the truth
+        gc.collect()
         try:
-            with PeakMemory() as pm, _alarm(args.call_timeout):
+            with PeakMemory() as pm, TensorMemory(mod) as tm, _alarm(args.call_timeout):
                 seconds, result = _timed(c)
-            row["peak_delta_mb"] = pm.delta_mb
+            row["peak_delta_mb"] = pm.delta_mb if tm.delta_mb is None else tm.delta_mb
             if c.kind == "nbderiv":
                 row["method"] = getattr(result, "method", "")
             if c.standard is not None:
@@ -308,6 +336,7 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
     times = {c.name: [] for c in active}
     for r in range(reps if repeat else 0):
         k = r % len(repeat)
+        gc.collect()  # once per round: the cold caches after it fall on a rotating competitor
         for c in repeat[k:] + repeat[:k]:
             seconds, result = _timed(c)
             if c.kind == "nbderiv":  # the method of the timed calls (a JIT may differ from warm-up)
@@ -315,6 +344,7 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
             del result
             times[c.name].append(seconds)
     for c in once:
+        gc.collect()
         seconds, result = _timed(c)
         del result
         times[c.name].append(seconds)
@@ -564,6 +594,14 @@ def _fmt_err(v):
     return "—" if v is None else f"{v:.1e}"
 
 
+def _settings_line(st) -> str:
+    return (f"- settings: {st.get('threads')} thread(s) per framework, {st.get('min_reps')}-"
+            f"{st.get('reps')} timed repetitions per case after one warm-up call, garbage "
+            "collected once per round (not before every call), TensorFlow timing worker with "
+            + ("TensorFlow's BFC CPU allocator" if st.get("tf_allocator", "bfc") == "bfc"
+               else "the C library's allocator"))
+
+
 def render(entries, meta, target_rows) -> str:
     lines = [f"# nbderiv benchmark ({meta['when']})", "",
              f"- machine: {meta['cpu']} ({meta['cores']} cores), {meta['memory_gb']:.0f} GB RAM, "
@@ -571,6 +609,7 @@ def render(entries, meta, target_rows) -> str:
              f"at end {meta['load_end']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
              f"- command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} min)",
+             _settings_line(meta.get("settings", {})),
              "- cells: median time (ratio to the forward pass of the same N); float32; "
              "“best” = fastest hand-written idiom whose error is below "
              f"{CORRECT_REL:g} relative; err = max |value − float64 truth| / max |truth| of the "
@@ -691,6 +730,9 @@ def parse(argv=None):
                    help="seconds for all memory subprocesses of one framework")
     p.add_argument("--child-timeout", type=int, default=300)
     p.add_argument("--no-startup", action="store_true", help="skip import-time measurements")
+    p.add_argument("--tf-allocator", choices=["bfc", "system"], default="bfc",
+                   help="CPU allocator of the TensorFlow timing worker (default bfc: "
+                        "TensorFlow's own, steadier timings; system: the C library's)")
     # internal
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -735,7 +777,7 @@ def main(argv=None):
             cmd = [python, str(Path(__file__).resolve()), "--worker", "--framework", fw,
                    "--worker-out", str(out)] + _passthrough(args)
             _log(f"== {fw}: timing worker")
-            proc = subprocess.run(cmd, cwd=ROOT)
+            proc = subprocess.run(cmd, cwd=ROOT, env=_worker_env(fw, args))
             if proc.returncode != 0 or not out.exists():
                 _log(f"== {fw}: worker failed (exit {proc.returncode}); its rows are left out")
                 continue
@@ -769,7 +811,7 @@ def main(argv=None):
                 settings={k: getattr(args, k) for k in ("threads", "reps", "min_reps",
                                                         "case_budget", "slow_call",
                                                         "max_call", "max_bytes", "memory_min_n",
-                                                        "device", "quick")})
+                                                        "device", "quick", "tf_allocator")})
     text = render(entries, meta, target_rows)
     print(text)
     out_dir = Path(args.out)
@@ -795,6 +837,19 @@ def main(argv=None):
     (out_dir / f"{stem}.md").write_text(text + "\n")
     _log(f"wrote {out_dir}/{stem}.json, .csv, .md in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
+
+
+def _worker_env(framework, args) -> dict:
+    """The timing worker's environment. TensorFlow's own (BFC) CPU allocator unless
+    ``--tf-allocator system``: with the C library's allocator, memory freed by one competitor
+    is handed back to the system during whichever TensorFlow call comes next (seen with
+    strace: two 64 MB munmaps, about 9 ms, inside the next call), and at N = 100 000 every
+    TensorFlow competitor ran 1.7-2.7x slower in some processes than in others. Memory
+    subprocesses keep the default allocator."""
+    env = dict(os.environ)
+    if framework == "tensorflow" and args.tf_allocator == "bfc":
+        env.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+    return env
 
 
 def _passthrough(args):
