@@ -1,0 +1,64 @@
+"""The benchmark script still runs end to end (``benchmarks/run.py --quick``): every case gives
+nbderiv a row whose values match the float64 truth, and every competitor either ran or says why
+not. Timings are printed by the script, never asserted here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-startup",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "quick.json").read_text()), (out / "quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_every_case_has_an_accurate_nbderiv_row(quick_run):
+    data, _ = quick_run
+    cases = {(e["framework"], e["model"], e["order"], e["n"]) for e in data["entries"]}
+    assert {c[0] for c in cases} == {"torch", "tensorflow"}
+    for case in cases:
+        rows = [e for e in data["entries"]
+                if (e["framework"], e["model"], e["order"], e["n"]) == case
+                and e["kind"] == "nbderiv"]
+        assert len(rows) == 1, case
+        row = rows[0]
+        assert row["status"] == "ok", (case, row["reason"])
+        assert row["err_rel"] < 1e-4, (case, row["err_rel"])  # float32 against float64
+        assert row["median_s"] > 0 and row["method"], case
+
+
+@pytest.mark.slow
+def test_competitors_ran_or_say_why(quick_run):
+    data, text = quick_run
+    for e in data["entries"]:
+        assert e["status"] in ("ok", "skipped", "error"), e
+        if e["status"] != "ok":
+            assert e["reason"], e
+            assert e["reason"][:40] in text  # listed under "Skipped or failed"
+        elif e["kind"] == "idiom":
+            assert e["err_rel"] < 5e-2, (e["competitor"], e["err_rel"])
+
+
+@pytest.mark.slow
+def test_settings_and_memory_are_reported(quick_run):
+    data, text = quick_run
+    assert data["meta"]["settings"]["tf_allocator"] == "bfc"
+    assert "TensorFlow's BFC CPU allocator" in text
+    tf_rows = [e for e in data["entries"] if e["framework"] == "tensorflow"
+               and e["status"] == "ok"]
+    # the TensorFlow worker reads its allocator's peak: a number for every competitor that ran
+    assert tf_rows and all(e["peak_delta_mb"] is not None for e in tf_rows)
+    assert any(t["target"].startswith("tensorflow: nbderiv's own overhead")
+               for t in data["targets"])
