@@ -977,3 +977,24 @@ def test_keras_layer_normalization_second_derivative_matches_finite_differences(
             # Richardson extrapolation: O(eps**4) truncation error (this net curves sharply)
             ref = (4 * fd(i, j, 5e-4) - fd(i, j, 1e-3)) / 3
             np.testing.assert_allclose(d[2][:, 0, i, j], ref, atol=1e-6)
+
+
+def test_a_sequential_subclass_whose_call_is_replaced_is_no_longer_taken_for_a_plain_stack():
+    from nbderiv.backends.tensorflow_keras import graph_kind
+
+    class Stack(keras.Sequential):
+        pass
+
+    model = Stack([keras.Input((1,)), dense(4, "tanh", 31), dense(1, None, 32)])
+    x = np.linspace(-1, 1, 5).astype("float32")
+    assert graph_kind(model) == "sequential"
+    plain = nbderiv.derivatives(model, x, order=2)
+    try:
+        Stack.call = lambda self, inputs, training=None, mask=None: 3.0 * \
+            keras.Sequential.call(self, inputs, training=training, mask=mask)
+        assert graph_kind(model) is None  # remembered per class, but not past a new call
+        tripled = nbderiv.derivatives(model, x, order=2)
+    finally:
+        del Stack.call
+    for k in range(3):
+        np.testing.assert_allclose(tripled[k], 3.0 * plain[k], rtol=1e-5, atol=1e-7)

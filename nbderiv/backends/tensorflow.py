@@ -93,6 +93,7 @@ from tensorflow.python.framework import op_def_registry  # noqa: E402 (op types'
 
 # after the quiet import: these modules import TensorFlow themselves
 from .tensorflow_keras import (  # noqa: E402
+    StructureWatch,
     argument_names,
     float64_copy,
     invoke,
@@ -299,7 +300,8 @@ def _cache_for(model) -> dict:
     """Traces and facts for one model, dropped with the model (weakly keyed)."""
     owner = _owner(model)
     try:
-        return _CACHE.setdefault(owner, {})
+        cache = _CACHE.get(owner)  # a lookup makes no new weak reference; setdefault would
+        return cache if cache is not None else _CACHE.setdefault(owner, {})
     except TypeError:
         if len(_STRONG) > 16:
             _STRONG.clear()
@@ -309,10 +311,13 @@ def _cache_for(model) -> dict:
 def _forget_if_edited(model):
     """Drop the model's cached traces and facts if its layers changed since they were made."""
     cache = _cache_for(model)
-    key = structure_key(_owner(model))
-    if cache.get("structure", key) != key:
+    key, objects = structure_key(_owner(model))
+    watch = cache.get("structure")
+    if watch is not None and watch.same(key):
+        return
+    if watch is not None:
         cache.clear()
-    cache["structure"] = key
+    cache["structure"] = StructureWatch(key, objects)
 
 
 def _remembered(model, fact, compute):

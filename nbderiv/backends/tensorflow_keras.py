@@ -42,14 +42,25 @@ def graph_kind(model):
     """'sequential' / 'functional' for Keras graph models whose call is Keras' own, else None."""
     if not is_keras_layer(model):
         return None
+    cls = type(model)
+    call = cls.call
+    known = _GRAPH_KINDS.get(cls)
+    if known is not None and known[0] is call:
+        return known[1]
     from keras.src.models.functional import Functional
     from keras.src.models.sequential import Sequential
 
-    if isinstance(model, Sequential) and type(model).call is Sequential.call:
-        return "sequential"
-    if isinstance(model, Functional) and type(model).call is Functional.call:
-        return "functional"
-    return None
+    kind = None
+    if issubclass(cls, Sequential) and call is Sequential.call:
+        kind = "sequential"
+    elif issubclass(cls, Functional) and call is Functional.call:
+        kind = "functional"
+    _GRAPH_KINDS[cls] = (call, kind)
+    return kind
+
+
+# graph_kind depends on the class and its ``call`` alone: remembered per class
+_GRAPH_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_variables(model) -> list:
@@ -65,30 +76,71 @@ _RUNTIME_FLAGS = frozenset({"built", "trainable", "stop_training", "stop_predict
 
 
 def structure_key(model):
-    """What a traced computation of ``model`` bakes in besides variable values: its layers,
-    their activations, their variables (held weakly, so a freed object's address reused by a
-    new one still counts as a change) and their public scalar settings (``Rescaling.scale``,
-    ``LeakyReLU.negative_slope``, ``lora_enabled``, ...). A model edited in place gets a new
-    key, so its old traces are dropped. None for anything that is not a Keras layer."""
+    """(key, objects): what a traced computation of ``model`` bakes in besides variable
+    values: its layers, their activations, their variables (by identity) and their public
+    scalar settings (``Rescaling.scale``, ``LeakyReLU.negative_slope``, ``lora_enabled``, ...).
+    ``key`` holds the identities as numbers; ``objects`` are the objects behind them, which a
+    :class:`StructureWatch` holds weakly so that a freed object's address reused by a new one
+    still counts as a change. A model edited in place gets a new key, so its old traces are
+    dropped. (None, []) for anything that is not a Keras layer."""
     if not is_keras_layer(model):
-        return None
-    parts = []
+        return None, []
+    parts, objects = [], []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         act = getattr(layer, "activation", None)
-        settings = () if graph_kind(layer) else _settings(layer)  # Keras' own containers: none
+        # Keras' own containers: no settings
+        settings = () if graph_kind(layer) else _settings(layer, objects)
         own = getattr(layer, "_trainable_variables", []) + \
             getattr(layer, "_non_trainable_variables", [])
-        parts.append((_Same(layer), _Same(act), settings, tuple(map(_Same, own))))
-    return tuple(parts)
+        parts.append((id(layer), id(act), settings, tuple(map(id, own))))
+        objects.append(layer)
+        objects.append(act)
+        objects.extend(own)
+    return tuple(parts), objects
+
+
+class StructureWatch:
+    """A stored structure key and the objects it names, held weakly where they can be (others,
+    such as None or numbers, are kept as they are): while all of them live, equal keys mean
+    the very same objects; once one of them is freed the watch is ``stale``.
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2)])
+    >>> watch = StructureWatch(*structure_key(model))
+    >>> watch.same(structure_key(model)[0])
+    True
+    >>> model.layers[0].activation = keras.activations.tanh
+    >>> watch.same(structure_key(model)[0])
+    False
+    """
+
+    __slots__ = ("key", "held", "freed")
+
+    def __init__(self, key, objects):
+        self.key, self.held, self.freed = key, [], [False]
+        freed = self.freed
+
+        def on_free(_ref, freed=freed):  # no reference back to the watch: no cycle
+            freed[0] = True
+
+        for obj in objects:
+            try:
+                self.held.append(weakref.ref(obj, on_free))
+            except TypeError:  # None, numbers, builtins: kept as they are
+                self.held.append(obj)
+
+    def same(self, key) -> bool:
+        return not self.freed[0] and key == self.key
 
 
 _SETTING_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SCALARS = (int, float, bool, str)
 
 
-def _settings(layer) -> tuple:
+def _settings(layer, objects) -> tuple:
     """The layer's public scalar attributes (names listed once per layer), as values, or by
-    identity for a value that has become something else (an array, say)."""
+    identity (the object added to ``objects``) for a value that has become something else
+    (an array, say)."""
     try:
         names = _SETTING_NAMES[layer]
     except (KeyError, TypeError):
@@ -99,31 +151,15 @@ def _settings(layer) -> tuple:
         except TypeError:
             pass
     values = vars(layer)
-    return tuple(v if type(v) in _SCALARS else _Same(v)
-                 for v in (values.get(k) for k in names))
-
-
-class _Same:
-    """Equal only to a holder of the very same object, while it lives (held weakly where it
-    can be; compared with ``is``, never with the object's own ``==``)."""
-
-    __slots__ = ("ref", "weak")
-
-    def __init__(self, obj):
-        try:
-            self.ref, self.weak = weakref.ref(obj), True
-        except TypeError:  # None, numbers, builtins: kept as they are
-            self.ref, self.weak = (lambda: obj), False
-
-    def __eq__(self, other):
-        if not isinstance(other, _Same):
-            return NotImplemented
-        mine = self.ref()
-        if self.weak and mine is None:  # freed since: whatever lives there now is new
-            return False
-        return mine is other.ref()
-
-    __hash__ = None
+    out = []
+    for k in names:
+        v = values.get(k)
+        if type(v) in _SCALARS:
+            out.append(v)
+        else:
+            out.append(("object", id(v)))
+            objects.append(v)
+    return tuple(out)
 
 
 def _positional_names(fn) -> list | None:
