@@ -131,7 +131,11 @@ def _verdict(call: _Call, outputs):
 
 
 def _probe(call: _Call):
-    """Cheap forward-only probes on a few points: output width, randomness, coupling."""
+    """Cheap forward-only probes on a few points: output width, randomness, coupling (or the
+    backend's verdict from the structure, where that is certain)."""
+    known = call.backend.known_verdict(call.model, call.args, call.context)
+    if known is not None:
+        return known
     return _verdict(call, call.forwards(_probe_batches(call)))
 
 

@@ -442,3 +442,62 @@ def test_layer_norm_second_derivative_on_the_forward_mode_path():
     d = nbderiv.derivatives(net, x, 2, wrt=[1])  # two outputs, one input: forward mode
     H = vmap(hessian(plain))(x).detach().numpy()
     np.testing.assert_allclose(d[2][:, :, 0, 0], H[:, :, 1, 1], rtol=0, atol=1e-10)
+
+
+def _probed_and_known(model, x):
+    """The verdict of the probe's forward passes and the one read off the structure."""
+    from nbderiv import api
+
+    call = api._open(model, x, None)
+    with call.backend.preserved(model):
+        probed = api._verdict(call, call.forwards(api._probe_batches(call)))
+        known = call.backend.known_verdict(model, call.args, call.context)
+    return probed, known
+
+
+@pytest.mark.parametrize("build", [
+    lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)),
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.PReLU(4),
+                          nn.Sequential(nn.Linear(4, 6), nn.SiLU()), nn.Flatten(), nn.Linear(6, 1)),
+    lambda: nn.Linear(3, 7),
+    lambda: nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 1)).eval(),
+    lambda: nn.Sequential(nn.Tanh(), nn.Identity()),
+])
+def test_the_structural_verdict_agrees_with_the_probe(build):
+    torch.manual_seed(0)
+    probed, known = _probed_and_known(build(), torch.rand(12, 3))
+    assert known == probed
+
+
+def test_an_active_dropout_is_known_to_be_random():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.5), nn.Linear(16, 1)).train()
+    probed, known = _probed_and_known(model, torch.rand(12, 2))
+    assert known == probed == (1, True, False)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)),  # couples
+    lambda: nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 1)),   # input width 3 does not fit
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(5)),   # nor does this LayerNorm
+    lambda: nn.Sequential(nn.Flatten(0), nn.Linear(3, 1)),     # flattens the batch too
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.RReLU()),        # random in training
+])
+def test_no_structural_verdict_where_the_structure_cannot_tell(build):
+    from nbderiv.backends import select_backend
+
+    backend = select_backend(build(), torch.rand(4, 3), None)
+    assert backend.known_verdict(build(), [np.random.rand(4, 3).astype("float32")],
+                                 {"dtype": np.dtype("float32")}) is None
+
+
+def test_a_hooked_plain_stack_is_probed():
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    model[1].register_forward_hook(lambda m, i, o: o * 2)
+    from nbderiv.backends import select_backend
+
+    backend = select_backend(model, torch.rand(4, 2), None)
+    assert backend.known_verdict(model, [np.zeros((4, 2), "float32")], {}) is None
+    x = torch.linspace(-1, 1, 5).reshape(-1, 1).repeat(1, 2)
+    d = nbderiv.derivatives(model, x)
+    assert_close(d.y, model(x).detach().numpy(), 1e-6)

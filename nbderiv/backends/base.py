@@ -51,6 +51,11 @@ class Backend:
         (so randomness and batch coupling show); a backend may run them in one dispatch."""
         return [self.forward(model, args, context) for args in batches]
 
+    def known_verdict(self, model, args, context):
+        """(d_out, stochastic, coupled) where the model's structure alone settles them, so
+        that the probe's forward passes can be skipped; None (the default) to probe."""
+        return None
+
     def output_width(self, model, args, context) -> int:
         """d_out, the number of outputs per point (a backend may remember it)."""
         return self.forward(model, [a[:2] for a in args], context).shape[1]

@@ -111,6 +111,33 @@ class TorchBackend(Backend):
             return out.reshape(shape)
         return fn
 
+    def known_verdict(self, model, args, context):
+        """For a plain stack of per-point layers (:data:`_DENSE`, no hooks) taking one input
+        whose width fits its first layer: d_out from the Linear layers, stochastic only with an
+        active Dropout, never coupled. Else None, and the probe runs (it also reports an input
+        the model rejects)."""
+        if len(args) != 1 or not _plain_modules(model, _DENSE):
+            return None
+        width, stochastic = args[0].shape[1], False
+        for m in model.modules():
+            kind = type(m)
+            if kind is torch.nn.Linear:
+                if m.in_features != width:
+                    return None
+                width = m.out_features
+            elif kind is torch.nn.LayerNorm:
+                if tuple(m.normalized_shape) != (width,):
+                    return None
+            elif kind is torch.nn.PReLU:
+                if m.num_parameters not in (1, width):
+                    return None
+            elif kind is torch.nn.Flatten:
+                if m.start_dim not in (1, -1) or m.end_dim != -1:
+                    return None
+            elif kind is torch.nn.Dropout:
+                stochastic |= m.training and m.p > 0
+        return width, stochastic, False
+
     def forward(self, model, args, context) -> np.ndarray:
         fn = self._caller(model, [a.shape[1] for a in args])
         with _grad_enabled(False):
