@@ -131,11 +131,13 @@ def _verdict(call: _Call, outputs):
 
 
 def _probe(call: _Call):
-    """Cheap forward-only probes on a few points: output width, randomness, coupling (or the
-    backend's verdict from the structure, where that is certain)."""
+    """Output width, randomness, coupling: the backend's verdict from the structure where
+    that is certain, else from cheap forward-only probes on a few points."""
     known = call.backend.known_verdict(call.model, call.args, call.context)
-    if known is not None:
-        return known
+    return known if known is not None else _probed(call)
+
+
+def _probed(call: _Call):
     return _verdict(call, call.forwards(_probe_batches(call)))
 
 
@@ -218,7 +220,8 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
     with backend.preserved(model):
         first = None
         chunk = None
-        if backend.fused_probe:
+        known = backend.known_verdict(model, call.args, call.context)
+        if known is None and backend.fused_probe:
             chunk = _chunk_size(call, call.output_width(), order, len(wrt), chunk_size,
                                 memory_budget)
         if chunk is not None and chunk >= min(call.n, dg.PROBE_POINTS):
@@ -228,7 +231,7 @@ def derivatives(model, x, order=1, *, wrt=None, framework=None, check=False, chu
                     model, [a[:chunk] for a in call.args], order, wrt, call.context)
             d_out, stochastic, coupled = _verdict(call, probe_outputs)
         else:
-            d_out, stochastic, coupled = _probe(call)
+            d_out, stochastic, coupled = known if known is not None else _probed(call)
             if chunk is None:
                 chunk = _chunk_size(call, d_out, order, len(wrt), chunk_size, memory_budget)
         call.context["d_out"] = d_out

@@ -563,9 +563,13 @@ def test_row_blocks_give_the_same_results_as_one_call(monkeypatch, sizes, order)
     original = tfb._Traced.__call__
     monkeypatch.setattr(tfb._Traced, "__call__",
                         lambda self, Z: runs.append(Z.shape[0]) or original(self, Z))
-    blocked = nbderiv.derivatives(model, X, order=order)
+    fresh = mlp(sizes, seed=13)  # the same weights, never called: its first call probes
+    blocked = nbderiv.derivatives(fresh, X, order=order)
     assert runs == [8] + [7] * 8  # the probe, then 8 blocks of 7 rows (the last: rows 43-49)
     assert blocked.method == whole.method and blocked.codes == whole.codes
+    runs.clear()  # a plain Dense stack seen before: its structure answers what the probe asks
+    again = nbderiv.derivatives(fresh, X, order=order)
+    assert runs == [7] * 8 and again.codes == whole.codes
     for d in (whole, blocked):  # the user's own arrays, whichever way they were filled
         assert all(d[k].flags.writeable for k in range(order + 1))
         assert not any(np.shares_memory(d[j], d[k]) for j in range(order + 1)
@@ -998,3 +1002,51 @@ def test_a_sequential_subclass_whose_call_is_replaced_is_no_longer_taken_for_a_p
         del Stack.call
     for k in range(3):
         np.testing.assert_allclose(tripled[k], 3.0 * plain[k], rtol=1e-5, atol=1e-7)
+
+
+def _verdicts(model, x):
+    """(probed, known): the probe's verdict from forward passes, and the structural one."""
+    from nbderiv import api
+
+    call = api._open(model, x, None)
+    with call.backend.preserved(model):
+        known = call.backend.known_verdict(model, call.args, call.context)
+        probed = api._verdict(call, call.forwards(api._probe_batches(call)))
+    return probed, known
+
+
+def test_a_plain_dense_stack_seen_before_needs_no_probe():
+    model = keras.Sequential([keras.Input((3,)), dense(6, "tanh", 41), keras.layers.Dropout(0.5),
+                              keras.layers.Activation("softplus"), dense(2, None, 42)])
+    x = np.random.default_rng(3).normal(size=(12, 3)).astype("float32")
+    assert _verdicts(model, x)[1] is None  # never called: the first call probes
+    first = nbderiv.derivatives(model, x, order=2)
+    probed, known = _verdicts(model, x)
+    assert known == probed == (2, False, False)
+    again = nbderiv.derivatives(model, x, order=2)
+    for k in range(3):
+        np.testing.assert_array_equal(again[k], first[k])
+    from nbderiv import api
+
+    call = api._open(model, x[:, :2], None)  # another input width: probed, and rejected
+    assert call.backend.known_verdict(model, call.args, call.context) is None
+    with pytest.raises(InputShapeError, match="expects 3 input"):
+        nbderiv.derivatives(model, x[:, :2])
+
+
+def test_models_that_are_not_plain_stacks_are_always_probed():
+    inputs = keras.Input((2,))
+    functional = keras.Model(inputs, dense(1, None, 43)(dense(4, "tanh", 44)(inputs)))
+
+    class Noisy(keras.Sequential):  # its own call: the structure does not say what it does
+        def call(self, inputs, training=None, mask=None):
+            return super().call(inputs, training=training, mask=mask) + \
+                keras.random.normal((1, 1), seed=self.seed)
+
+    noisy = Noisy([keras.Input((2,)), dense(4, "tanh", 45), dense(1, None, 46)])
+    noisy.seed = keras.random.SeedGenerator(0)
+    x = np.random.default_rng(4).normal(size=(10, 2)).astype("float32")
+    for model in (functional, noisy):
+        nbderiv.derivatives(model, x)
+        assert _verdicts(model, x)[1] is None
+    assert {"stochastic", "train-mode"} & set(nbderiv.derivatives(noisy, x).codes)
