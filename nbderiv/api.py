@@ -45,6 +45,7 @@ class _Call:
     names: tuple
     context: dict
     findings: list = field(default_factory=list)
+    non_finite_x: list | None = None  # rows of x with a NaN or inf, once looked for
 
     @property
     def n(self) -> int:
@@ -100,7 +101,7 @@ def _open(model, x, framework) -> _Call:
     call = _Call(model, backend, prepared, np.dtype(dtype), prepared.cast(dtype),
                  input_names(prepared, arg_names), backend.context(model, x, dtype))
     call.findings += input_findings(prepared, dtype)
-    bad = dg.non_finite_points(*call.args)
+    bad = call.non_finite_x = dg.non_finite_points(*call.args)
     if bad:
         call.findings.append(dg.non_finite_finding("x", bad))
     return call

@@ -174,11 +174,13 @@ def non_finite_points(*arrays) -> list:
     Row sums find the suspects without a temporary as large as the arrays (a NaN or inf
     makes its row's sum non-finite); only suspect rows are looked at element by element
     (a sum can also overflow to inf from finite values)."""
-    bad = np.zeros(arrays[0].shape[0], dtype=bool)
     with np.errstate(over="ignore", invalid="ignore"):
-        for a in arrays:
-            if a.size == 0 or np.isfinite(a.sum()):  # the usual case, in one pass
-                continue
+        # the usual case: every sum finite, one pass over each array and nothing allocated
+        doubtful = [a for a in arrays if a.size and not np.isfinite(a.sum())]
+        if not doubtful:
+            return []
+        bad = np.zeros(arrays[0].shape[0], dtype=bool)
+        for a in doubtful:
             rows = a.reshape(a.shape[0], -1)
             suspect = np.flatnonzero(~np.isfinite(rows.sum(axis=1)))
             if suspect.size:
@@ -260,7 +262,7 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     f = no_dependence_finding(ders[0], out_names, [call.names[i] for i in wrt])
     if f is not None:
         out.append(f)
-    bad_x = set(non_finite_points(*args))
+    bad_x = set(non_finite_points(*args) if call.non_finite_x is None else call.non_finite_x)
     bad = [n for n in non_finite_points(y, *ders) if n not in bad_x]
     f = non_finite_finding("the model's output or its derivatives (where x is finite)", bad)
     if f is not None:
