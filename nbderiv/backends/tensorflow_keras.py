@@ -102,7 +102,7 @@ def structure_key(model):
 class StructureWatch:
     """A stored structure key and the objects it names, held weakly where they can be (others,
     such as None or numbers, are kept as they are): while all of them live, equal keys mean
-    the very same objects; once one of them is freed the watch is ``stale``.
+    the very same objects; once one of them is freed, :meth:`same` is False for any key.
 
     >>> import keras
     >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2)])
