@@ -501,3 +501,37 @@ def test_a_hooked_plain_stack_is_probed():
     x = torch.linspace(-1, 1, 5).reshape(-1, 1).repeat(1, 2)
     d = nbderiv.derivatives(model, x)
     assert_close(d.y, model(x).detach().numpy(), 1e-6)
+
+
+def test_a_forward_replaced_on_the_instance_is_what_gets_differentiated():
+    """A wrapped forward (as some libraries install on the instance) runs instead of the
+    class's: here it couples the points, which must be seen, not read off the layer types."""
+    torch.manual_seed(1)
+    lin = nn.Linear(2, 1)
+    original = lin.forward
+    lin.forward = lambda x: original(x) - original(x).mean(0)
+    net = nn.Sequential(lin, nn.Tanh())
+    x = torch.randn(5, 2)
+    d = nbderiv.derivatives(net, x)
+    assert "coupled-samples" in d.codes
+    blocks = torch.autograd.functional.jacobian(net, x)  # (5, 1, 5, 2): per-point diagonal
+    truth = torch.stack([blocks[n, :, n, :] for n in range(5)]).numpy()
+    assert_close(d[1], truth, 1e-5)
+
+
+def test_a_linear_whose_weight_was_replaced_by_another_shape():
+    lin = nn.Linear(2, 1)
+    lin.weight = nn.Parameter(torch.randn(3, 2))
+    lin.bias = nn.Parameter(torch.randn(3))
+    x = torch.randn(4, 2)
+    d = nbderiv.derivatives(nn.Sequential(lin, nn.Tanh()), x)
+    assert d.y.shape == (4, 3)
+    J = nbderiv.full_jacobian(nn.Sequential(lin, nn.Tanh()), x)
+    assert J.shape == (4, 3, 4, 2)
+    assert_close(np.stack([J[n, :, n, :] for n in range(4)]), d[1], 1e-5)
+
+
+def test_a_dropout_that_drops_everything_is_not_random():
+    model = nn.Sequential(nn.Linear(2, 4), nn.Dropout(1.0), nn.Linear(4, 1)).train()
+    probed, known = _probed_and_known(model, torch.rand(6, 2))
+    assert known == probed == (1, False, False)

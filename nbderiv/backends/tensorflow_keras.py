@@ -42,10 +42,12 @@ def graph_kind(model):
     """'sequential' / 'functional' for Keras graph models whose call is Keras' own, else None."""
     if not is_keras_layer(model):
         return None
+    if "call" in vars(model):  # replaced on the instance: not Keras' own call
+        return None
     cls = type(model)
     call = cls.call
     known = _GRAPH_KINDS.get(cls)
-    if known is not None and known[0] is call:
+    if known is not None and known[0]() is call:
         return known[1]
     from keras.src.models.functional import Functional
     from keras.src.models.sequential import Sequential
@@ -55,11 +57,15 @@ def graph_kind(model):
         kind = "sequential"
     elif issubclass(cls, Functional) and call is Functional.call:
         kind = "functional"
-    _GRAPH_KINDS[cls] = (call, kind)
+    try:  # held weakly: a call that refers to its class must not keep the class alive
+        _GRAPH_KINDS[cls] = (weakref.ref(call), kind)
+    except TypeError:
+        pass
     return kind
 
 
-# graph_kind depends on the class and its ``call`` alone: remembered per class
+# graph_kind depends on the class and its ``call`` alone (unless the instance replaces it):
+# remembered per class
 _GRAPH_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -88,13 +94,13 @@ def structure_key(model):
     parts, objects = [], []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         act = getattr(layer, "activation", None)
+        call = vars(layer).get("call")  # a call replaced on the instance (None: the class's)
         # Keras' own containers: no settings
         settings = () if graph_kind(layer) else _settings(layer, objects)
         own = getattr(layer, "_trainable_variables", []) + \
             getattr(layer, "_non_trainable_variables", [])
-        parts.append((id(layer), id(act), settings, tuple(map(id, own))))
-        objects.append(layer)
-        objects.append(act)
+        parts.append((id(layer), id(act), id(call), settings, tuple(map(id, own))))
+        objects += (layer, act, call)
         objects.extend(own)
     return tuple(parts), objects
 

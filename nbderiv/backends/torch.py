@@ -27,7 +27,7 @@ from ..errors import OptionError
 from ..inputs import check_output
 from .base import Backend, fill_symmetric, sorted_multi_indices
 from .torch_code import torch_code
-from .torch_taylor import taylor_derivatives, taylor_plan
+from .torch_taylor import global_hooks, runs_class_forward, taylor_derivatives, taylor_plan
 from .torch_train import activation_class, fit_1d
 
 _ACTIVATION_NAMES = {
@@ -121,10 +121,10 @@ class TorchBackend(Backend):
         width, stochastic = args[0].shape[1], False
         for m in model.modules():
             kind = type(m)
-            if kind is torch.nn.Linear:
-                if m.in_features != width:
+            if kind is torch.nn.Linear:  # the weight's shape, which may differ from in/out_features
+                if m.weight.ndim != 2 or m.weight.shape[1] != width:
                     return None
-                width = m.out_features
+                width = m.weight.shape[0]
             elif kind is torch.nn.LayerNorm:
                 if tuple(m.normalized_shape) != (width,):
                     return None
@@ -134,8 +134,8 @@ class TorchBackend(Backend):
             elif kind is torch.nn.Flatten:
                 if m.start_dim not in (1, -1) or m.end_dim != -1:
                     return None
-            elif kind is torch.nn.Dropout:
-                stochastic |= m.training and m.p > 0
+            elif kind is torch.nn.Dropout:  # p = 1 gives zeros, not random numbers
+                stochastic |= m.training and 0 < m.p < 1
         return width, stochastic, False
 
     def forward(self, model, args, context) -> np.ndarray:
@@ -353,13 +353,10 @@ def _plain_modules(model, allowed) -> bool:
     """Every module is an exact instance of ``allowed`` or a plain nn.Sequential, no hooks."""
     if not isinstance(model, torch.nn.Module):
         return False
-    hooks = torch.nn.modules.module
-    if any(getattr(hooks, name, None) for name in (
-            "_global_forward_hooks", "_global_forward_pre_hooks",
-            "_global_forward_hooks_always_called", "_global_module_registration_hooks")):
+    if global_hooks():
         return False
     for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if not runs_class_forward(m):  # hooked, or its forward replaced on the instance
             return False
         if type(m) in allowed:
             continue

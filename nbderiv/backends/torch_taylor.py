@@ -163,11 +163,33 @@ def _value_and_derivs(module):
     return None
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_forward_hooks_always_called", "_global_module_registration_hooks")
+# what ``module(x)`` looks up on the instance before the class: replaced there, it runs
+# instead of the class's forward
+_CALL_ATTRIBUTES = ("forward", "_call_impl", "_wrapped_call_impl")
+
+
+def global_hooks() -> bool:
+    """Forward hooks registered for every module (``register_module_forward_hook``, ...)."""
+    module = torch.nn.modules.module
+    return any(getattr(module, name, None) for name in _GLOBAL_HOOKS)
+
+
+def runs_class_forward(m) -> bool:
+    """``m(x)`` runs ``type(m).forward`` itself: no hooks on ``m`` and nothing of the call
+    replaced on the instance (``m.forward = ...``, as some wrapping libraries do)."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    own = vars(m)
+    return not any(name in own for name in _CALL_ATTRIBUTES)
+
+
 def _flatten(module):
+    if not runs_class_forward(module):
+        return None
     if type(module) is nn.Sequential or (
             isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward):
-        if module._forward_hooks or module._forward_pre_hooks:
-            return None
         out = []
         for child in module:
             sub = _flatten(child)
@@ -180,15 +202,13 @@ def _flatten(module):
 
 def taylor_plan(model, widths):
     """A list of steps ('linear', module) / ('act', fn) if the model qualifies, else None."""
-    if len(widths) != 1 or not isinstance(model, nn.Sequential):
+    if len(widths) != 1 or not isinstance(model, nn.Sequential) or global_hooks():
         return None
-    modules = _flatten(model)
+    modules = _flatten(model)  # None if any module's call is hooked or replaced
     if not modules:
         return None
     plan = []
     for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return None
         if isinstance(m, _IDENTITY) or (isinstance(m, nn.Dropout) and not m.training):
             continue
         if type(m) is nn.Linear:
