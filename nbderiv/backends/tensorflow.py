@@ -723,7 +723,9 @@ class TensorFlowBackend(Backend):
                 again = self._run(model, tf.constant(X[:k]), widths, order, wrt, context,
                                   True)[0]
                 probe_outputs = (probe_outputs[0], again[_PROBE][:k], probe_outputs[2])
-        y = np.array(values.pop(()))
+        y = values.pop(())
+        if not (y.flags.owndata and y.flags.writeable):  # a view of TensorFlow's buffer
+            y = np.array(y)  # (with several blocks it is already the array filled here)
         if y.shape[0] != n:
             check_output(y.shape, True, "", n)
         if compiled:
