@@ -1092,3 +1092,26 @@ def test_remembering_graph_kinds_keeps_no_class_alive():
     ref = make()
     gc.collect()
     assert ref() is None
+
+
+def test_an_activation_method_does_not_drop_the_cached_traces():
+    class Scaled(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], 1), initializer="ones")
+
+        def activation(self, z):
+            return tf.tanh(z)
+
+        def call(self, x):
+            return self.activation(x @ self.w)
+
+    model = keras.Sequential([keras.Input((1,)), Scaled()])
+    x = np.linspace(-1, 1, 6).astype("float32")
+    first = nbderiv.derivatives(model, x, order=2)
+    traces = {k: v for k, v in tfb._cache_for(model).items() if isinstance(v, tfb._Traced)}
+    again = nbderiv.derivatives(model, x, order=2)
+    assert traces and all(tfb._cache_for(model).get(k) is v for k, v in traces.items())
+    t = np.tanh(x)
+    np.testing.assert_allclose(again[1][:, 0, 0], 1 - t**2, rtol=1e-5)
+    np.testing.assert_allclose(again[2][:, 0, 0, 0], -2 * t * (1 - t**2), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(again[1], first[1])

@@ -94,6 +94,9 @@ def structure_key(model):
     parts, objects = [], []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         act = getattr(layer, "activation", None)
+        if inspect.ismethod(act):  # a new bound method each time: its function and object
+            objects.append(act.__self__)
+            act = act.__func__
         call = vars(layer).get("call")  # a call replaced on the instance (None: the class's)
         # Keras' own containers: no settings
         settings = () if graph_kind(layer) else _settings(layer, objects)
