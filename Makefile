@@ -55,6 +55,7 @@ binder-check:
 	bash binder/check.sh
 
 lint: install
+	test -x $(BIN)/ruff || $(PIP) ruff
 	$(BIN)/ruff check nbderiv tests benchmarks
 
 clean:

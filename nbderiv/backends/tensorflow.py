@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import tempfile
+import types
 import weakref
 
 import numpy as np
@@ -334,11 +335,31 @@ def _model_ref(model):
     """A callable returning ``model``, holding it weakly where possible, so that cached
     traces (values of the weakly keyed cache) do not keep the model alive."""
     if inspect.ismethod(model):
-        return weakref.WeakMethod(model)
+        return _WeakBoundMethod(model)
     try:
         return weakref.ref(model)
     except TypeError:
         return lambda: model
+
+
+class _WeakBoundMethod:
+    """Like ``weakref.WeakMethod`` but without a callback: WeakMethod's callback can run
+    after the WeakMethod itself was collected in the same garbage cycle (CPython 3.11),
+    which prints an "Exception ignored" traceback into the user's notebook."""
+
+    __slots__ = ("_self", "_func")
+
+    def __init__(self, method):
+        self._self = weakref.ref(method.__self__)
+        func = method.__func__
+        try:
+            self._func = weakref.ref(func)
+        except TypeError:  # a callable that takes no weak reference is held as it is
+            self._func = lambda: func
+
+    def __call__(self):
+        obj, func = self._self(), self._func()
+        return None if obj is None or func is None else types.MethodType(func, obj)
 
 
 def _cache_key(model, *key):
