@@ -113,6 +113,34 @@ def test_sequential_with_eval_dropout_matches_reference(func_reference):
         assert_close(d[k], func_reference(net, X, k), 1e-10, f"d[{k}]")
 
 
+BLOCK_CASES = {  # wide last layers make small cache blocks: several per call
+    "linear-last": lambda: nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 600)),
+    "linear-no-bias-last": lambda: nn.Sequential(nn.Linear(1, 16), nn.Sigmoid(),
+                                                 nn.Linear(16, 600, bias=False)),
+    "activation-last": lambda: nn.Sequential(nn.Linear(1, 600), nn.Tanh()),
+    "affine-only": lambda: nn.Sequential(nn.Linear(1, 600), nn.Identity()),
+}
+
+
+@pytest.mark.parametrize("build", list(BLOCK_CASES), ids=list(BLOCK_CASES))
+def test_many_points_in_cache_blocks_match_reference(build, func_reference):
+    """Thousands of points through a wide model run in several blocks, the later ones written
+    straight into the result arrays: every row must match, including the last, shorter
+    block."""
+    torch.manual_seed(8)
+    net = BLOCK_CASES[build]().double()
+    X = torch.linspace(-2, 2, 2500, dtype=torch.float64).reshape(-1, 1)
+    d = nbderiv.derivatives(net, X, order=3)
+    assert d.method == "taylor"
+    with torch.no_grad():
+        assert_close(d.y, net(X).numpy(), 1e-12, f"{build} y")
+    g = one_point(net)
+    for k in range(1, 4):  # forward mode all the way: one tangent per level for d_in = 1
+        g = jacfwd(g)
+        assert d[k].shape == (2500, 600) + (1,) * k
+        assert_close(d[k], vmap(g)(X).detach().numpy(), 1e-10, f"{build} d[{k}]")
+
+
 def test_one_direction_of_several_inputs_matches_reference_slice(torch_mlp, func_reference):
     net = torch_mlp([3, 16, 16, 2], seed=6)
     X = torch.rand(10, 3, dtype=torch.float64)

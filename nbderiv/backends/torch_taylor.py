@@ -225,18 +225,26 @@ def _apply_act(act, c, order):
     y0, ders = act(c[0], order)
     return compose(y0, ders, c, order, scaled=False)
 
-def taylor_derivatives(plan, X, order, direction):
-    """(y (n, d_out), [d1..dK] each (n, d_out, 1, ..., 1)) along input ``direction``."""
+def taylor_derivatives(plan, X, order, direction, out=None):
+    """(y (n, d_out), [d1..dK] each (n, d_out, 1, ..., 1)) along input ``direction``.
+
+    With ``out = (y, [d1..dK])``, (n, d_out) tensors (views of the caller's result arrays),
+    the values are written there instead: a last ``Linear`` layer writes its products
+    straight into them, with no block-sized copy in between, and nothing is returned."""
     with torch.no_grad():
         e = torch.zeros((1, X.shape[1]), dtype=X.dtype, device=X.device)
         e[0, direction] = 1
         c = [X, e] + [None] * (order - 1)
-        for kind, step in plan:
+        last = plan[-1][1] if out is not None and plan[-1][0] == "linear" else None
+        for kind, step in plan[:-1] if last is not None else plan:
             if kind == "linear":
                 c = [F.linear(c[0], step.weight, step.bias)] + \
                     [None if ck is None else F.linear(ck, step.weight) for ck in c[1:]]
             else:
                 c = step(c, order)
+        if out is not None:
+            _write_block(c, last, out)
+            return None
         y = c[0]
         ders = []
         for k in range(1, order + 1):
@@ -247,3 +255,26 @@ def taylor_derivatives(plan, X, order, direction):
                 v = (ck * math.factorial(k) if k > 1 else ck).expand_as(y)
             ders.append(v.reshape(y.shape + (1,) * k))
     return y, ders
+
+
+def _write_block(c, last, out):
+    """The coefficients ``c`` (before the ``Linear`` layer ``last``, if not None) as values
+    and derivatives into the (n, d_out) tensors ``out``."""
+    y_out, ders_out = out
+    if last is None:
+        y_out.copy_(c[0])
+    elif last.bias is None:
+        torch.mm(c[0], last.weight.t(), out=y_out)
+    else:
+        torch.addmm(last.bias, c[0], last.weight.t(), out=y_out)
+    for k, dst in enumerate(ders_out, start=1):
+        ck = c[k]
+        if ck is None:
+            dst.zero_()
+            continue
+        if last is not None and ck.shape[0] == dst.shape[0]:
+            torch.mm(ck, last.weight.t(), out=dst)
+        else:  # a row broadcast over the block (no activation after the input)
+            dst.copy_((ck if last is None else F.linear(ck, last.weight)).expand_as(dst))
+        if k > 1:
+            dst.mul_(math.factorial(k))
