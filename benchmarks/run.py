@@ -53,6 +53,8 @@ NS = [100, 1_000, 10_000, 100_000]
 FULL_CASES = ([("A", k, NS) for k in (1, 2, 3, 4)] + [("A", 2, [1_000_000])]
               + [(m, k, NS) for m in ("B", "C") for k in (1, 2)])
 QUICK_CASES = [("A", 1, [100, 1_000]), ("A", 2, [1_000]), ("A", 4, [1_000]), ("C", 1, [1_000])]
+FULL_SCALING = ((10_000, 100_000), (100_000, 1_000_000))  # t(large)/t(small), side by side
+QUICK_SCALING = ((100, 1_000),)
 TRUTH_POINTS = 10_000          # errors are checked on at most this many (evenly spaced) points
 CORRECT_REL = 5e-2             # an idiom only counts as "best" if its max relative error is below
 NESTED_IDIOMS = ("autograd.grad nested", "GradientTape nested (eager)",
@@ -266,7 +268,69 @@ def run_worker(args) -> list:
             entries += _run_case(args, mod, nbd, model, model_name, order, n, device, last)
         del model
         _trim()
-    return entries
+    scaling = []
+    if nbd is not None:
+        sizes = QUICK_SCALING if args.quick else FULL_SCALING
+        for model_name, order, small, large in scaling_pairs(cases, sizes):
+            scaling.append(_run_scaling(args, mod, nbd, model_name, order, small, large, device))
+            _trim()
+    return entries, scaling
+
+
+def scaling_pairs(cases, sizes=FULL_SCALING) -> list:
+    """(model, order, small N, large N) for each (small, large) of ``sizes`` that a model and
+    order are measured at: in the full run the time-proportional-to-N targets, 10 000 against
+    100 000 and 100 000 against 1 000 000.
+
+    >>> scaling_pairs([("A", 2, [10_000, 100_000]), ("A", 2, [1_000_000]), ("B", 1, [100])])
+    [('A', 2, 10000, 100000), ('A', 2, 100000, 1000000)]
+    """
+    measured = {}
+    for model_name, order, ns in cases:
+        measured.setdefault((model_name, order), set()).update(ns)
+    pairs = []
+    for (model_name, order), ns in measured.items():
+        for small, large in sizes:
+            if small in ns and large in ns:
+                pairs.append((model_name, order, small, large))
+    return pairs
+
+
+def _run_scaling(args, mod, nbd, model_name, order, small, large, device) -> dict:
+    """t(large) / t(small), the two sizes timed side by side: each round calls nbderiv (and the
+    forward pass, for comparison) three times at the small N and once at the large one, the
+    order of the two alternating between rounds. Measured in separate cases minutes apart, the
+    two medians can fall into different phases of a shared machine's load, and their ratio
+    then swings by ±20 %; side by side, both see the same conditions."""
+    model = mod.build_model(weights_for(model_name), device)
+    comps = {}
+    for n in (small, large):
+        X = mod.as_tensor(points_for(model_name, n), device)
+        for c in mod.competitors(model, X, order, device, nbd):
+            if c.kind in ("forward", "nbderiv"):
+                comps[(c.kind, n)] = c
+    times = {key: [] for key in comps}
+    for c in comps.values():  # warm-up (tracing, compilation, caches)
+        _timed(c)
+    for r in range(args.reps):
+        gc.collect()
+        for kind in ("nbderiv", "forward"):
+            sizes = [small, small, small, large]
+            for n in (sizes if r % 2 == 0 else sizes[::-1]):
+                seconds, result = _timed(comps[(kind, n)])
+                del result
+                times[(kind, n)].append(seconds)
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    out = dict(framework=args.framework, device=str(device), model=model_name, order=order,
+               small=small, large=large, reps=args.reps,
+               times_s={f"{kind} {n}": ts for (kind, n), ts in times.items()})
+    for kind in ("nbderiv", "forward"):
+        out[f"{kind}_small_s"], out[f"{kind}_large_s"] = med[(kind, small)], med[(kind, large)]
+        out[f"{kind}_ratio"] = med[(kind, large)] / med[(kind, small)]
+    _log(f"[{args.framework}] scaling {model_name} order {order} N={small:,} -> {large:,}: "
+         f"nbderiv {out['nbderiv_ratio']:.2f}, forward {out['forward_ratio']:.2f}")
+    del model, comps
+    return out
 
 
 def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
@@ -506,7 +570,25 @@ def _find(entries, **kw):
     return None
 
 
-def targets(entries, startup) -> list:
+def _scaled(scaling, fw, model, order, small, large, entries):
+    """(ratio, text) for t(large)/t(small) of nbderiv: side by side where measured so (the
+    ratio of the case tables' medians and the forward pass's own side-by-side ratio shown
+    next to it), else from the case tables; None if neither has it."""
+    sel = dict(framework=fw, model=model, order=order, kind="nbderiv")
+    a, b = _find(entries, n=small, **sel), _find(entries, n=large, **sel)
+    tables = b["median_s"] / a["median_s"] if a and b and a.get("median_s") and \
+        b.get("median_s") else None
+    s = next((x for x in scaling if (x["framework"], x["model"], x["order"], x["small"],
+                                     x["large"]) == (fw, model, order, small, large)), None)
+    if s is None:
+        return None if tables is None else (tables, f"{tables:.2f}")
+    text = f"{s['nbderiv_ratio']:.2f} side by side (forward pass {s['forward_ratio']:.2f}"
+    if tables is not None:
+        text += f"; {tables:.2f} from the tables"
+    return s["nbderiv_ratio"], text + ")"
+
+
+def targets(entries, startup, scaling=()) -> list:
     """[(target, value text, passed or None)] for every target of the issue."""
     out = []
     frameworks = sorted({e["framework"] for e in entries})
@@ -522,12 +604,10 @@ def targets(entries, startup) -> list:
                             "not measured", None))
         for model, order in sorted({(e["model"], e["order"]) for e in entries
                                     if e["framework"] == fw}):
-            a = _find(entries, framework=fw, model=model, order=order, n=10_000, kind="nbderiv")
-            b = _find(entries, framework=fw, model=model, order=order, n=100_000, kind="nbderiv")
-            if a and b and a.get("median_s") and b.get("median_s"):
-                r = b["median_s"] / a["median_s"]
+            got = _scaled(scaling, fw, model, order, 10_000, 100_000, entries)
+            if got:
                 out.append((f"{fw}: linear in N, {model} order {order}: t(100 000)/t(10 000) ≤ 11",
-                            f"{r:.2f}", r <= 11))
+                            got[1], got[0] <= 11))
         for k in (3, 4):
             for n in (10_000, 100_000):
                 e = _find(entries, framework=fw, model="A", order=k, n=n, kind="nbderiv")
@@ -543,15 +623,14 @@ def targets(entries, startup) -> list:
                                     f"(≥ 1×; goal ≥ {goal:g}×)", f"{speedup:.2f}× faster",
                                     speedup >= goal))
         big = _find(entries, framework=fw, model="A", order=2, n=1_000_000, kind="nbderiv")
-        ref = _find(entries, framework=fw, model="A", order=2, n=100_000, kind="nbderiv")
         if big:
             if big.get("rss_peak_mb"):
                 out.append((f"{fw}: N=1 000 000, A, order 2: peak RSS ≤ 2 GB (subprocess)",
                             f"{big['rss_peak_mb']:.0f} MB", big["rss_peak_mb"] <= 2048))
-            if big.get("median_s") and ref and ref.get("median_s"):
-                r = big["median_s"] / ref["median_s"]
-                out.append((f"{fw}: N=1 000 000 in time ∝ N: t(1e6)/t(1e5) ≤ 11", f"{r:.2f}",
-                            r <= 11))
+            got = _scaled(scaling, fw, "A", 2, 100_000, 1_000_000, entries)
+            if got:
+                out.append((f"{fw}: N=1 000 000 in time ∝ N: t(1e6)/t(1e5) ≤ 11", got[1],
+                            got[0] <= 11))
         for k in (1, 2):
             e = _find(entries, framework=fw, model="A", order=k, n=100, kind="nbderiv")
             if e and e.get("median_s"):
@@ -602,7 +681,7 @@ def _settings_line(st) -> str:
                else "the C library's allocator"))
 
 
-def render(entries, meta, target_rows) -> str:
+def render(entries, meta, target_rows, scaling=()) -> str:
     lines = [f"# nbderiv benchmark ({meta['when']})", "",
              f"- machine: {meta['cpu']} ({meta['cores']} cores), {meta['memory_gb']:.0f} GB RAM, "
              f"{meta['platform']}; load average at start {meta['load_start']}, "
@@ -620,6 +699,20 @@ def render(entries, meta, target_rows) -> str:
     for name, value, ok in target_rows:
         lines.append(f"| {name} | {value} | {'yes' if ok else ('—' if ok is None else 'NO')} |")
     lines.append("")
+    if scaling:
+        lines += ["## Time against N, side by side", "",
+                  "Each round: three calls at the small N and one at the large N, alternating "
+                  "which comes first; medians over the rounds.", "",
+                  "| framework | model | order | N | nbderiv | ratio | forward pass | ratio |",
+                  "|---|---|---:|---|---:|---:|---:|---:|"]
+        for x in scaling:
+            lines.append(
+                f"| {x['framework']} | {x['model']} | {x['order']} | {x['small']:,} → "
+                f"{x['large']:,} | {_fmt_s(x['nbderiv_small_s'])} → "
+                f"{_fmt_s(x['nbderiv_large_s'])} | {x['nbderiv_ratio']:.2f} | "
+                f"{_fmt_s(x['forward_small_s'])} → {_fmt_s(x['forward_large_s'])} | "
+                f"{x['forward_ratio']:.2f} |")
+        lines.append("")
     for fw in sorted({e["framework"] for e in entries}):
         for model in MODELS:
             for order in sorted({e["order"] for e in entries if e["model"] == model}):
@@ -761,16 +854,17 @@ def main(argv=None):
         print(json.dumps(run_memory_child(args)), flush=True)
         return 0
     if args.worker:
-        entries = run_worker(args)
+        entries, scaling = run_worker(args)
         versions = importlib.import_module(FRAMEWORK_MODULES[args.framework]).versions()
-        Path(args.worker_out).write_text(json.dumps({"entries": entries, "versions": versions}))
+        Path(args.worker_out).write_text(json.dumps({"entries": entries, "scaling": scaling,
+                                                     "versions": versions}))
         return 0
 
     start = time.perf_counter()
     load_start = " ".join(f"{v:.1f}" for v in os.getloadavg())
     python = sys.executable
     frameworks = ["torch", "tensorflow"] if args.framework == "all" else [args.framework]
-    entries, versions = [], {"python": platform.python_version()}
+    entries, scaling, versions = [], [], {"python": platform.python_version()}
     for fw in frameworks:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "worker.json"
@@ -783,6 +877,7 @@ def main(argv=None):
                 continue
             data = json.loads(out.read_text())
         fw_entries = data["entries"]
+        scaling += data.get("scaling", [])
         annotate(fw_entries)
         versions.update(data["versions"])
         _log(f"== {fw}: memory subprocesses (N >= {args.memory_min_n:,})")
@@ -801,7 +896,7 @@ def main(argv=None):
     except Exception:
         pass
     startup = {} if args.no_startup else startup_costs(python, 3 if args.quick else 7)
-    target_rows = targets(entries, startup)
+    target_rows = targets(entries, startup, scaling)
     meta = dict(machine_info(), versions=versions, load_start=load_start,
                 load_end=" ".join(f"{v:.1f}" for v in os.getloadavg()),
                 when=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -812,7 +907,7 @@ def main(argv=None):
                                                         "case_budget", "slow_call",
                                                         "max_call", "max_bytes", "memory_min_n",
                                                         "device", "quick", "tf_allocator")})
-    text = render(entries, meta, target_rows)
+    text = render(entries, meta, target_rows, scaling)
     print(text)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -824,7 +919,7 @@ def main(argv=None):
     (out_dir / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "targets": [{"target": t, "measured": v, "met": ok}
                                    for t, v, ok in target_rows],
-         "entries": entries}, indent=1, default=str))
+         "scaling": scaling, "entries": entries}, indent=1, default=str))
     cols = ["framework", "device", "model", "order", "n", "competitor", "kind", "status",
             "median_s", "reps", "ratio_forward", "ratio_best_idiom", "best_idiom_name",
             "err_abs", "err_rel", "checked_points", "peak_delta_mb", "rss_peak_mb",

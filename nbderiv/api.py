@@ -28,6 +28,7 @@ from .inputs import (
     prepare_inputs,
 )
 from .result import Derivatives
+from .result_memory import result_array
 
 DEFAULT_MEMORY_BUDGET = 1 << 30          # working memory for derivatives, bytes
 DEFAULT_JACOBIAN_BUDGET = 256 * 2 ** 20  # full cross-sample Jacobian, bytes
@@ -192,8 +193,8 @@ def _compute(call, order, wrt, chunk, progress, first=None):
             return part
         y_part, ders_part, method = part
         if y is None:  # the full result, allocated once and filled chunk by chunk
-            y = np.empty((call.n,) + y_part.shape[1:], y_part.dtype)
-            ders = [np.empty((call.n,) + d.shape[1:], d.dtype) for d in ders_part]
+            y = result_array((call.n,) + y_part.shape[1:], y_part.dtype)
+            ders = [result_array((call.n,) + d.shape[1:], d.dtype) for d in ders_part]
         y[s:s + chunk] = y_part
         for full, d in zip(ders, ders_part):
             full[s:s + chunk] = d

@@ -62,3 +62,17 @@ def test_settings_and_memory_are_reported(quick_run):
     assert tf_rows and all(e["peak_delta_mb"] is not None for e in tf_rows)
     assert any(t["target"].startswith("tensorflow: nbderiv's own overhead")
                for t in data["targets"])
+
+
+@pytest.mark.slow
+def test_time_against_n_is_measured_side_by_side(quick_run):
+    data, text = quick_run
+    pairs = {(x["framework"], x["model"], x["order"]) for x in data["scaling"]}
+    assert pairs == {("torch", "A", 1), ("tensorflow", "A", 1)}  # the quick case at 100 and 1 000
+    for x in data["scaling"]:
+        assert (x["small"], x["large"]) == (100, 1_000)
+        for kind in ("nbderiv", "forward"):
+            assert x[f"{kind}_ratio"] == pytest.approx(x[f"{kind}_large_s"] / x[f"{kind}_small_s"])
+            assert len(x["times_s"][f"{kind} 100"]) == 3 * x["reps"]
+            assert len(x["times_s"][f"{kind} 1000"]) == x["reps"]
+    assert "## Time against N, side by side" in text

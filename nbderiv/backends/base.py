@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ..result_memory import owned, result_array
+
 
 class Backend:
     """Base class: one subclass per framework, one instance per process."""
@@ -139,10 +141,10 @@ def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> n
     the right dtype), else a copy."""
     if m == 1 and len(values) == 1:
         v = next(iter(values.values()))
-        if v.flags.owndata and v.flags.writeable and v.flags.c_contiguous \
+        if owned(v) and v.flags.writeable and v.flags.c_contiguous \
                 and v.dtype == dtype and v.shape == (n, d_out):
             return v.reshape((n, d_out) + (1,) * k)
-    out = np.empty((n, d_out) + (m,) * k, dtype=dtype)
+    out = result_array((n, d_out) + (m,) * k, dtype)
     for idx, v in values.items():
         for perm in set(itertools.permutations(idx)):
             out[(slice(None), slice(None)) + perm] = v

@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import OptionError
 from ..findings import PROBE_POINTS
 from ..inputs import check_output
+from ..result_memory import owned, result_array
 from .base import (
     Backend,
     block_starts,
@@ -727,7 +728,7 @@ class TensorFlowBackend(Backend):
                     model, tf.constant(X[s:s + rows]), widths, order, wrt, context, False)
                 compiled |= block_compiled
                 if () not in values:  # every result allocated once, filled block by block
-                    values.update({idx: np.empty((n,) + v.shape[1:], v.dtype)
+                    values.update({idx: result_array((n,) + v.shape[1:], v.dtype)
                                    for idx, v in part.items()})
                 for idx, v in part.items():
                     values[idx][s:s + rows] = v
@@ -745,7 +746,7 @@ class TensorFlowBackend(Backend):
                                   True)[0]
                 probe_outputs = (probe_outputs[0], again[_PROBE][:k], probe_outputs[2])
         y = values.pop(())
-        if not (y.flags.owndata and y.flags.writeable):  # a view of TensorFlow's buffer
+        if not (owned(y) and y.flags.writeable):  # a view of TensorFlow's buffer
             y = np.array(y)  # (with several blocks it is already the array filled here)
         if y.shape[0] != n:
             check_output(y.shape, True, "", n)

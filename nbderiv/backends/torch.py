@@ -25,6 +25,7 @@ import torch
 
 from ..errors import OptionError
 from ..inputs import check_output
+from ..result_memory import result_array
 from .base import Backend, fill_symmetric, sorted_multi_indices
 from .torch_code import torch_code
 from .torch_taylor import global_hooks, runs_class_forward, taylor_derivatives, taylor_plan
@@ -173,8 +174,8 @@ class TorchBackend(Backend):
             yb, db, method = self._derivatives_block(model, X[s:s + rows], widths, order, wrt,
                                                      context, plan)
             if y is None:
-                y = np.empty((n,) + yb.shape[1:], yb.dtype)
-                ders = [np.empty((n,) + d.shape[1:], d.dtype) for d in db]
+                y = result_array((n,) + yb.shape[1:], yb.dtype)
+                ders = [result_array((n,) + d.shape[1:], d.dtype) for d in db]
             y[s:s + rows] = yb
             for out, d in zip(ders, db):
                 out[s:s + rows] = d
