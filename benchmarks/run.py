@@ -20,6 +20,7 @@ How it measures (see benchmarks/README.md):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import csv
 import ctypes
@@ -55,6 +56,11 @@ FULL_CASES = ([("A", k, NS) for k in (1, 2, 3, 4)] + [("A", 2, [1_000_000])]
 QUICK_CASES = [("A", 1, [100, 1_000]), ("A", 2, [1_000]), ("A", 4, [1_000]), ("C", 1, [1_000])]
 FULL_SCALING = ((10_000, 100_000), (100_000, 1_000_000))  # t(large)/t(small), side by side
 QUICK_SCALING = ((100, 1_000),)
+FORWARD_SCALING_ROUNDS = 3
+# nbderiv's TensorFlow backend compiles a shape with XLA on its second run: two warm-up calls
+# keep that one-time compile out of the timed repetitions, as tracing is kept out for the
+# idioms
+WARMUP_CALLS = {"nbderiv": 2}
 TRUTH_POINTS = 10_000          # errors are checked on at most this many (evenly spaced) points
 CORRECT_REL = 5e-2             # an idiom only counts as "best" if its max relative error is below
 NESTED_IDIOMS = ("autograd.grad nested", "GradientTape nested (eager)",
@@ -211,6 +217,8 @@ def _skip_reason(args, c, n, prev, forward_s):
     """Why this competitor is not run at this size, or ''."""
     if prev is not None and prev[1] is None:
         return f"failed at N={prev[0]:,}: {prev[2]}"
+    if c.kind in ("nbderiv", "forward"):  # what the targets are about: always measured
+        return ""  # (nbderiv chunks by its own memory_budget; forward is the unit)
     predicted = None
     if prev is not None and prev[0] < n:
         predicted = prev[1] * (n / prev[0]) ** c.scaling
@@ -219,8 +227,6 @@ def _skip_reason(args, c, n, prev, forward_s):
     if predicted is not None and predicted > args.max_call:
         return f"predicted {predicted:.3g} s per call > --max-call {args.max_call:g} s"
     need = None
-    if c.kind in ("nbderiv", "forward"):  # nbderiv chunks by its own memory_budget; forward
-        return ""                          # is the unit (and needs little)
     if prev is not None and prev[2] is not None and prev[2] > 16 and prev[0] < n:
         need = 1.5 * prev[2] * 2**20 * (n / prev[0]) ** c.mem_scaling  # measured, extrapolated
     elif c.bytes_at is not None:
@@ -297,11 +303,14 @@ def scaling_pairs(cases, sizes=FULL_SCALING) -> list:
 
 
 def _run_scaling(args, mod, nbd, model_name, order, small, large, device) -> dict:
-    """t(large) / t(small), the two sizes timed side by side: each round calls nbderiv (and the
-    forward pass, for comparison) three times at the small N and once at the large one, the
-    order of the two alternating between rounds. Measured in separate cases minutes apart, the
-    two medians can fall into different phases of a shared machine's load, and their ratio
-    then swings by ±20 %; side by side, both see the same conditions."""
+    """t(large) / t(small), the two sizes timed side by side: each round calls nbderiv three
+    times at the small N and once at the large one, the order of the two alternating between
+    rounds (5 rounds where the large call takes over half a second, else ``reps``). The forward
+    pass, for comparison, once at each size in the first ``FORWARD_SCALING_ROUNDS`` rounds.
+    Measured in separate cases minutes apart, the two medians can fall into different phases
+    of a shared machine's load, and their ratio then swings by ±20 %; side by side, both see
+    the same conditions."""
+    t0 = time.perf_counter()
     model = mod.build_model(weights_for(model_name), device)
     comps = {}
     for n in (small, large):
@@ -310,25 +319,30 @@ def _run_scaling(args, mod, nbd, model_name, order, small, large, device) -> dic
             if c.kind in ("forward", "nbderiv"):
                 comps[(c.kind, n)] = c
     times = {key: [] for key in comps}
-    for c in comps.values():  # warm-up (tracing, compilation, caches)
-        _timed(c)
-    for r in range(args.reps):
+    warm = {}
+    for key, c in comps.items():  # warm-up (tracing, compilation, caches)
+        for _ in range(WARMUP_CALLS.get(c.kind, 1)):
+            warm[key] = _timed(c)[0]
+    rounds = min(args.reps, 5) if warm[("nbderiv", large)] > 0.5 else args.reps
+    for r in range(rounds):
         gc.collect()
-        for kind in ("nbderiv", "forward"):
-            sizes = [small, small, small, large]
-            for n in (sizes if r % 2 == 0 else sizes[::-1]):
-                seconds, result = _timed(comps[(kind, n)])
-                del result
-                times[(kind, n)].append(seconds)
+        plan = [("nbderiv", n) for n in (small, small, small, large)]
+        if r < FORWARD_SCALING_ROUNDS:
+            plan += [("forward", small), ("forward", large)]
+        for key in (plan if r % 2 == 0 else plan[::-1]):
+            seconds, result = _timed(comps[key])
+            del result
+            times[key].append(seconds)
     med = {key: statistics.median(ts) for key, ts in times.items()}
     out = dict(framework=args.framework, device=str(device), model=model_name, order=order,
-               small=small, large=large, reps=args.reps,
+               small=small, large=large, reps=rounds,
                times_s={f"{kind} {n}": ts for (kind, n), ts in times.items()})
     for kind in ("nbderiv", "forward"):
         out[f"{kind}_small_s"], out[f"{kind}_large_s"] = med[(kind, small)], med[(kind, large)]
         out[f"{kind}_ratio"] = med[(kind, large)] / med[(kind, small)]
     _log(f"[{args.framework}] scaling {model_name} order {order} N={small:,} -> {large:,}: "
-         f"nbderiv {out['nbderiv_ratio']:.2f}, forward {out['forward_ratio']:.2f}")
+         f"nbderiv {out['nbderiv_ratio']:.2f}, forward {out['forward_ratio']:.2f} "
+         f"({rounds} rounds, {time.perf_counter() - t0:.1f} s)")
     del model, comps
     return out
 
@@ -374,7 +388,8 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
             last[(model_name, order, c.name)] = (n, None, row["reason"])
             _trim()
             continue
-        if args.max_call < seconds <= args.call_timeout / 2:
+        if args.max_call < seconds <= args.call_timeout / 2 or \
+                WARMUP_CALLS.get(c.kind, 1) > 1 and seconds <= args.call_timeout / 2:
             # the first call may include one-time work (tracing, caches): time a second one
             try:
                 with _alarm(args.call_timeout):
@@ -470,7 +485,8 @@ def run_memory_child(args) -> dict:
 
 
 def measure_memory(args, entries, python, budget_s):
-    """Subprocess peak RSS for the cases with N >= --memory-min-n: one process per case."""
+    """Subprocess peak RSS for the cases with N >= --memory-min-n: one process per case, two
+    at a time (each reads only its own peak; the times of this phase are not reported)."""
     cases = {}
     for e in entries:
         key = e["kind"] in ("forward", "nbderiv") or e.get("best_idiom") or \
@@ -480,11 +496,13 @@ def measure_memory(args, entries, python, budget_s):
             cases.setdefault((e["framework"], e["device"], e["model"], e["order"], e["n"]),
                              []).append(e)
     start = time.perf_counter()
-    for (fw, device, model, order, n), group in sorted(cases.items()):
+
+    def measure(case):
+        (fw, device, model, order, n), group = case
         if time.perf_counter() - start > budget_s:
             for e in group:
                 e["mem_note"] = "memory subprocess skipped: --memory-budget spent"
-            continue
+            return
         cmd = [python, str(Path(__file__).resolve()), "--memory-child", "--framework", fw,
                "--device", device, "--threads", str(args.threads), "--model", model,
                "--order", str(order), "--n", str(n), "--call-timeout", str(args.call_timeout),
@@ -499,7 +517,7 @@ def measure_memory(args, entries, python, budget_s):
         except (subprocess.TimeoutExpired, RuntimeError) as exc:
             for e in group:
                 e["mem_note"] = f"memory subprocess failed: {str(exc)[:200]}"
-            continue
+            return
         for e in group:
             r = res.get(e["competitor"], {})
             if "peak_rss_mb" not in r:
@@ -512,6 +530,9 @@ def measure_memory(args, entries, python, budget_s):
                 e["device_peak_mb"] = r["device_peak_mb"]
         _log(f"  memory {fw} {model} order {order} N={n:,}: " + ", ".join(
             f"{e['competitor']} {e['rss_peak_mb']:.0f} MB" for e in group if "rss_peak_mb" in e))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(measure, sorted(cases.items())))
 
 
 # -- start-up costs --------------------------------------------------------------------------
@@ -687,7 +708,8 @@ def render(entries, meta, target_rows, scaling=()) -> str:
              f"{meta['platform']}; load average at start {meta['load_start']}, "
              f"at end {meta['load_end']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-             f"- command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} min)",
+             f"- command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} min: "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("phases_s", {}).items()) + ")",
              _settings_line(meta.get("settings", {})),
              "- cells: median time (ratio to the forward pass of the same N); float32; "
              "“best” = fastest hand-written idiom whose error is below "
@@ -865,13 +887,16 @@ def main(argv=None):
     python = sys.executable
     frameworks = ["torch", "tensorflow"] if args.framework == "all" else [args.framework]
     entries, scaling, versions = [], [], {"python": platform.python_version()}
+    phases = {}  # wall seconds per phase, for the run's description
     for fw in frameworks:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "worker.json"
             cmd = [python, str(Path(__file__).resolve()), "--worker", "--framework", fw,
                    "--worker-out", str(out)] + _passthrough(args)
             _log(f"== {fw}: timing worker")
+            t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, env=_worker_env(fw, args))
+            phases[f"{fw} timing"] = time.perf_counter() - t0
             if proc.returncode != 0 or not out.exists():
                 _log(f"== {fw}: worker failed (exit {proc.returncode}); its rows are left out")
                 continue
@@ -881,7 +906,9 @@ def main(argv=None):
         annotate(fw_entries)
         versions.update(data["versions"])
         _log(f"== {fw}: memory subprocesses (N >= {args.memory_min_n:,})")
+        t0 = time.perf_counter()
         measure_memory(args, fw_entries, python, args.memory_budget)
+        phases[f"{fw} memory"] = time.perf_counter() - t0
         entries += fw_entries
     if not entries:
         _log("no framework produced results; nothing written")
@@ -895,14 +922,16 @@ def main(argv=None):
         versions["nbderiv"] = version("nbderiv")
     except Exception:
         pass
+    t0 = time.perf_counter()
     startup = {} if args.no_startup else startup_costs(python, 3 if args.quick else 7)
+    phases["start-up costs"] = time.perf_counter() - t0
     target_rows = targets(entries, startup, scaling)
     meta = dict(machine_info(), versions=versions, load_start=load_start,
                 load_end=" ".join(f"{v:.1f}" for v in os.getloadavg()),
                 when=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
                 command="python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None
                                                                else argv),
-                wall_s=time.perf_counter() - start, startup=startup,
+                wall_s=time.perf_counter() - start, phases_s=phases, startup=startup,
                 settings={k: getattr(args, k) for k in ("threads", "reps", "min_reps",
                                                         "case_budget", "slow_call",
                                                         "max_call", "max_bytes", "memory_min_n",

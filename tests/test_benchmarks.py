@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -73,6 +74,21 @@ def test_time_against_n_is_measured_side_by_side(quick_run):
         assert (x["small"], x["large"]) == (100, 1_000)
         for kind in ("nbderiv", "forward"):
             assert x[f"{kind}_ratio"] == pytest.approx(x[f"{kind}_large_s"] / x[f"{kind}_small_s"])
-            assert len(x["times_s"][f"{kind} 100"]) == 3 * x["reps"]
-            assert len(x["times_s"][f"{kind} 1000"]) == x["reps"]
+        assert len(x["times_s"]["nbderiv 100"]) == 3 * x["reps"]
+        assert len(x["times_s"]["nbderiv 1000"]) == x["reps"]
+        assert 1 <= len(x["times_s"]["forward 100"]) == len(x["times_s"]["forward 1000"])
     assert "## Time against N, side by side" in text
+
+
+def test_forward_and_nbderiv_are_never_skipped():
+    """The targets are about these two: a slow call at the previous N must not predict them
+    out of the next one, as it does for the idioms."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+
+    args = run.parse([])
+    slow_previous = (100_000, 3.0, 500.0)  # (N, seconds, MB) at the previous size
+    for kind, skipped in (("nbderiv", False), ("forward", False), ("idiom", True)):
+        c = SimpleNamespace(kind=kind, scaling=1.0, mem_scaling=1.0, units_at=None,
+                            bytes_at=None)
+        assert bool(run._skip_reason(args, c, 1_000_000, slow_previous, 0.1)) is skipped, kind
