@@ -860,7 +860,7 @@ def parse(argv=None):
     defaults = ({"reps": 2, "min_reps": 1, "case_budget": 0.5, "slow_call": 0.1,
                  "max_call": 0.5, "call_timeout": 3.0, "memory_min_n": 1_000,
                  "memory_budget": 10.0} if a.quick else
-                {"reps": 7, "min_reps": 5, "case_budget": 3.0, "slow_call": 0.25,
+                {"reps": 7, "min_reps": 5, "case_budget": 3.0, "slow_call": 0.1,
                  "max_call": 2.0, "call_timeout": 20.0, "memory_min_n": 100_000,
                  "memory_budget": 150.0})
     for k, v in defaults.items():
