@@ -10,7 +10,7 @@ the same way: once every array viewing a buffer is gone, the buffer is kept (up 
 ``KEEP_BYTES`` in all) for the next result that needs as much, as the frameworks' caching
 allocators do with their own tensors. ``release()`` hands the kept buffers back.
 
->>> a = result_array((200_000, 100), np.float32)   # 80 MB: from the kept buffers
+>>> a = result_array((200_000, 100), np.float32)   # 80 MB: a kept buffer if one fits
 >>> a.shape, a.dtype, owned(a)
 ((200000, 100), dtype('float32'), True)
 >>> del a
