@@ -9,10 +9,12 @@ How it measures (see benchmarks/README.md):
   competitor runs once as warm-up (that call also gives its in-process peak-memory
   increase and its result, compared with a float64 truth), then ``reps`` repetitions
   round-robin over the competitors (rotating the start), and the median is reported;
-- sizes predicted (from the previous N) to take longer than ``--max-call`` seconds per call,
-  or to need more than ``--max-bytes``, are skipped and say so;
-- peak memory of the big cases comes from a fresh subprocess per (case, competitor):
-  ``ru_maxrss`` after one call, and the resident size just before it;
+- idioms predicted (from the previous N) to take longer than ``--max-call`` seconds per call,
+  or to need more than ``--max-bytes``, are skipped and say so (forward and nbderiv never);
+- after the cases, t(large N) / t(small N) of nbderiv is timed side by side, both sizes in
+  the same rounds (``_run_scaling``);
+- peak memory of the big cases comes from a fresh subprocess per case, two at a time:
+  ``ru_maxrss`` after each competitor's call, the high-water mark reset before it;
 - the main process imports no framework; it merges, prints, and writes JSON, CSV and a
   Markdown table with the machine and versions.
 """
@@ -724,8 +726,9 @@ def render(entries, meta, target_rows, scaling=()) -> str:
     lines.append("")
     if scaling:
         lines += ["## Time against N, side by side", "",
-                  "Each round: three calls at the small N and one at the large N, alternating "
-                  "which comes first; medians over the rounds.", "",
+                  "Each round: nbderiv three times at the small N and once at the large N, "
+                  "alternating which comes first; the forward pass once at each size in the "
+                  f"first {FORWARD_SCALING_ROUNDS} rounds; medians over the rounds.", "",
                   "| framework | model | order | N | nbderiv | ratio | forward pass | ratio |",
                   "|---|---|---:|---|---:|---:|---:|---:|"]
         for x in scaling:
