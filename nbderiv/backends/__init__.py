@@ -100,12 +100,34 @@ def get_backend(name: str):
     return _instances[name]
 
 
-def select_backend(model, x, framework=None):
-    """The backend for this model and input: explicit name, else model type, else x type."""
+def framework_name(model, x=None, framework=None) -> str | None:
+    """The one rule that picks the framework, without importing any: ``framework`` if given,
+    else the model's own (its class), else x's (its type), else the only framework already
+    imported, else None.
+
+    >>> framework_name(abs, framework="PyTorch")
+    'torch'
+    """
     if framework is not None:
         if not isinstance(framework, str):
-            raise OptionError(f"framework must be a string such as 'torch', got {framework!r}.")
-        return get_backend(framework.lower())
+            raise OptionError(f"framework must be a string such as 'torch', got {framework!r}. "
+                              "Fix: framework='torch' or framework='tensorflow'.")
+        name = _ALIASES.get(framework.lower(), framework.lower())
+        if name not in _MODULES:
+            raise OptionError(f"unknown framework {framework!r}. "
+                              "Fix: use framework='torch' or framework='tensorflow'.")
+        return name
+    name = framework_of_model(model) or framework_of_input(x)
+    if name is None:
+        loaded = [n for n in _MODULES if n in sys.modules]
+        name = loaded[0] if len(loaded) == 1 else None
+    return name
+
+
+def select_backend(model, x, framework=None):
+    """The backend for this model and input, by :func:`framework_name`."""
+    if framework is not None:
+        return get_backend(framework_name(model, x, framework))
     name = framework_of_model(model)
     if name is None:
         if not callable(model):
