@@ -46,7 +46,7 @@ browser-deps:
 	  else echo "WARNING: chromium is missing and cannot be installed here (not root); the browser test will be skipped"; fi; }
 
 notebooks: install
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False notebooks/*.ipynb
 
 bench: install
 	$(BIN)/python benchmarks/run.py
