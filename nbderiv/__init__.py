@@ -24,7 +24,7 @@ _EXPORTS = {
     "plot_derivatives": "nbderiv.plot",
     "plot_jacobian": "nbderiv.plot",
     "explore": "nbderiv.widgets",
-    "compare_activations": "nbderiv.widgets",
+    "compare_activations": "nbderiv.teaching",
 }
 __all__ = sorted(_EXPORTS) + ["load_ipython_extension", "unload_ipython_extension"]
 

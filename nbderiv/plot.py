@@ -1,9 +1,14 @@
-"""Matplotlib pictures of derivatives: :func:`plot_derivatives` and :func:`plot_jacobian`.
+"""Matplotlib pictures of per-point derivatives: :func:`plot_derivatives` (curves along one
+input, heatmaps over two) and :func:`plot_comparison` (several results on shared panels).
 
-The only nbderiv module that imports matplotlib. Figures are built on
-``matplotlib.figure.Figure`` directly (never pyplot), so nothing is registered globally,
-nothing is shown behind your back, and nothing leaks; a figure displays itself as PNG in
-a notebook (``_repr_png_``) even when pyplot was never imported.
+Only the plotting modules import matplotlib: this one, :mod:`nbderiv.plot_figure` (the
+figure, its panels and labels) and :mod:`nbderiv.plot_full` (the cross-sample Jacobian;
+its :func:`plot_jacobian` and :func:`draw_jacobian` are importable from here too). Figures
+are built on ``matplotlib.figure.Figure`` directly (never pyplot), so nothing is registered
+globally, nothing is shown behind your back, and nothing leaks; a figure displays itself as
+PNG in a notebook (``_repr_png_``) even when pyplot was never imported. Plots draw the
+results they are given; the one exception is a ``reference`` given as a callable, which is
+differentiated at the result's points.
 
 >>> import torch, nbderiv
 >>> d = nbderiv.derivatives(torch.sin, torch.linspace(-3, 3, 50), order=2)
@@ -14,66 +19,29 @@ a notebook (``_repr_png_``) even when pyplot was never imported.
 
 from __future__ import annotations
 
-import io
-import re
 from collections.abc import Mapping
 
 import numpy as np
 from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 
 from .errors import OptionError
+from .options import is_int
+from .plot_figure import (
+    NbderivFigure,
+    derivative_label,
+    legend_above,
+    panels_for,
+    remember,
+    tex_name,
+)
+from .plot_full import count_points, draw_jacobian, plot_jacobian
 from .result import Derivatives
 
-_GRID_MAX_POINTS = 30   # plot_jacobian draws every block boundary up to this many points
+__all__ = ["NbderivFigure", "count_points", "derivative_label", "draw_jacobian", "grid_of",
+           "plot_comparison", "plot_derivatives", "plot_jacobian", "tex_name"]
 
 
-class NbderivFigure(Figure):
-    """A ``Figure`` that renders itself as PNG in IPython and remembers its panels.
-
-    ``fig.panels`` maps what a panel shows to its Axes: the order ``k`` for curves,
-    ``(k, (p, ...))`` (order, wrt positions) for heatmaps, ``"jacobian"`` for the Jacobian.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.panels = {}
-
-    def to_png(self, dpi=None) -> bytes:
-        buf = io.BytesIO()
-        self.savefig(buf, format="png", dpi=dpi or self.dpi, metadata={"Software": None})
-        return buf.getvalue()
-
-    def _repr_png_(self):
-        return self.to_png()
-
-
-# -- labels ------------------------------------------------------------------------------
-def tex_name(name: str) -> str:
-    """An input's name as mathtext: ``x`` -> ``x``, ``x[1]`` -> ``x_{1}``, ``arg0`` -> roman."""
-    m = re.fullmatch(r"(\w+)\[(\d+)\]", name)
-    base, sub = (m.group(1), m.group(2)) if m else (name, None)
-    if not re.fullmatch(r"[A-Za-z]", base):
-        base = r"\mathrm{" + base.replace("_", r"\_") + "}"
-    return base + (f"_{{{sub}}}" if sub is not None else "")
-
-
-def _power(k: int) -> str:
-    return "" if k == 1 else (f"^{k}" if k < 10 else f"^{{{k}}}")
-
-
-def derivative_label(k: int, names, y: str = "y") -> str:
-    """``$\\partial^2 y/\\partial x^2$`` for the k-th partial w.r.t. ``names`` (one per
-    differentiation, repeats allowed); ``$y$`` for k = 0."""
-    if k == 0:
-        return f"${y}$"
-    counts = {}
-    for n in names:
-        counts[n] = counts.get(n, 0) + 1
-    below = r"\,".join(r"\partial " + tex_name(n) + _power(c) for n, c in counts.items())
-    return rf"$\partial{_power(k)} {y}/{below}$"
-
-
+# -- labels --------------------------------------------------------------------------------
 def _output_symbol(d: Derivatives, j: int) -> str:
     return "y" if d.n_outputs == 1 else f"y_{{{j}}}"
 
@@ -81,7 +49,7 @@ def _output_symbol(d: Derivatives, j: int) -> str:
 # -- argument handling ----------------------------------------------------------------------
 def _feature_position(d: Derivatives, i) -> int:
     """Position in ``d.wrt`` of input feature ``i`` (an index into ``d.x``'s columns)."""
-    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+    if not is_int(i):
         raise OptionError(f"wrt entries must be input indices (ints), got {i!r}. Fix: e.g. wrt=0.")
     width = d.x.shape[1]
     if not -width <= i < width:
@@ -117,7 +85,7 @@ def _orders(d: Derivatives, orders) -> list:
         return list(range(d.order + 1))
     items = [orders] if isinstance(orders, (int, np.integer)) else list(orders)
     for k in items:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= d.order:
+        if not is_int(k) or not 0 <= k <= d.order:
             raise OptionError(f"orders must be ints in 0..{d.order} (computed orders), got {k!r}. "
                               f"Fix: e.g. orders=[0, 1, 2], or recompute with a higher order.")
     if not items:
@@ -130,8 +98,7 @@ def _outputs(d: Derivatives, output) -> list:
         return list(range(d.n_outputs))
     items = [output] if isinstance(output, (int, np.integer)) else list(output)
     for j in items:
-        if isinstance(j, bool) or not isinstance(j, (int, np.integer)) \
-                or not 0 <= j < d.n_outputs:
+        if not is_int(j) or not 0 <= j < d.n_outputs:
             raise OptionError(f"output must be in 0..{d.n_outputs - 1}, got {j!r}. "
                               "Fix: pick one of the model's outputs.")
     return [int(j) for j in items]
@@ -191,35 +158,6 @@ def _fd_values(d: Derivatives, orders, p) -> dict:
     return {k: _pure(np.asarray(ref[k]), k, p) for k in orders if k in ref}
 
 
-def _layout(fig, ax, cells, figsize, nrows, ncols, sharex=False):
-    """[(cell, Axes)] for the non-None ``cells`` laid out nrows x ncols (None: an empty slot).
-
-    With ``ax`` (one Axes or a sequence) the panels go there instead, one per cell."""
-    used = [c for c in cells if c is not None]
-    if ax is not None:
-        axes = [ax] if not isinstance(ax, (list, tuple, np.ndarray)) else list(np.ravel(ax))
-        if len(axes) != len(used):
-            raise OptionError(f"ax holds {len(axes)} Axes but this plot has {len(used)} "
-                              "panel(s). Fix: pass that many Axes, or leave ax=None.")
-        return axes[0].figure, list(zip(used, axes, strict=True))
-    if fig is None:
-        fig = NbderivFigure(figsize=figsize, layout="constrained")
-    grid = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex)
-    pairs = []
-    for cell, axis in zip(cells, grid.ravel(), strict=True):
-        if cell is None:
-            axis.set_visible(False)
-        else:
-            pairs.append((cell, axis))
-    return fig, pairs
-
-
-def _remember(fig, key, axis):
-    if not hasattr(fig, "panels"):
-        fig.panels = {}
-    fig.panels[key] = axis
-
-
 # -- curves (one input) ---------------------------------------------------------------------
 def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, reference=None,
                      fd=False, fig=None, ax=None, figsize=None):
@@ -264,7 +202,7 @@ def _curves(d, p, ks, outputs, reference, fd, fig, ax, figsize):
     on_a_line = all(np.ptp(d.x[:, i]) == 0 for i in others)
     refs = _reference_values(d, reference, ks, p)
     fds = _fd_values(d, ks, p) if fd else {}
-    fig, pairs = _layout(fig, ax, ks, figsize or (6.4, 1.2 + 1.7 * len(ks)), len(ks), 1,
+    fig, pairs = panels_for(fig, ax, ks, figsize or (6.4, 1.2 + 1.7 * len(ks)), len(ks), 1,
                          sharex=True)
     axes = [axis for _, axis in pairs]
     multi = d.n_outputs > 1
@@ -284,7 +222,7 @@ def _curves(d, p, ks, outputs, reference, fd, fig, ax, figsize):
                           markevery=max(1, len(xs) // 40), label=tag + "finite differences")
         axis.set_ylabel(derivative_label(k, [name] * k))
         axis.grid(alpha=0.3)
-        _remember(fig, k, axis)
+        remember(fig, k, axis)
     axes[-1].set_xlabel(f"${tex_name(name)}$")
     handles, labels = {}, []
     for axis in axes:
@@ -293,20 +231,8 @@ def _curves(d, p, ks, outputs, reference, fd, fig, ax, figsize):
                 handles[lab] = h
                 labels.append(lab)
     if len(labels) > 1:
-        _legend(fig, axes[0], [handles[lab] for lab in labels], labels, 3)
+        legend_above(fig, axes[0], [handles[lab] for lab in labels], labels, 3)
     return fig
-
-
-def _legend(fig, top, handles, labels, ncols):
-    """A legend above the top panel: outside the axes with constrained layout, else just
-    above ``top`` (the caller leaves room for it)."""
-    ncols = min(len(labels), ncols)
-    engine = type(fig.get_layout_engine()).__name__
-    if engine == "ConstrainedLayoutEngine":
-        fig.legend(handles, labels, fontsize="small", ncols=ncols, loc="outside upper center")
-    else:
-        top.legend(handles, labels, fontsize="small", ncols=ncols, loc="lower center",
-                   bbox_to_anchor=(0.5, 1.0), frameon=False)
 
 
 # -- heatmaps (two inputs) -----------------------------------------------------------------------
@@ -335,7 +261,7 @@ def _heatmaps(d, positions, ks, j, fig, ax, figsize):
             rows.append([(k, tuple([pa] * (k - c) + [pb] * c)) for c in range(k + 1)])
     ncols = max(len(r) for r in rows)
     cells = [cell for r in rows for cell in r + [None] * (ncols - len(r))]
-    fig, pairs = _layout(fig, ax, cells, figsize or (3.3 * ncols, 2.8 * len(rows)),
+    fig, pairs = panels_for(fig, ax, cells, figsize or (3.3 * ncols, 2.8 * len(rows)),
                          len(rows), ncols)
     symbol = _output_symbol(d, j)
     for (k, multi), axis in pairs:
@@ -356,7 +282,7 @@ def _heatmaps(d, positions, ks, j, fig, ax, figsize):
         axis.set_title(derivative_label(k, [d.inputs[q] for q in multi], symbol), fontsize=10)
         axis.set_xlabel(f"${tex_name(d.inputs[pa])}$")
         axis.set_ylabel(f"${tex_name(d.inputs[pb])}$")
-        _remember(fig, (k, multi), axis)
+        remember(fig, (k, multi), axis)
     return fig
 
 
@@ -366,83 +292,6 @@ def _finite_range(values):
         return 0.0, 1.0
     lo, hi = float(finite.min()), float(finite.max())
     return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
-
-
-# -- the cross-sample Jacobian ------------------------------------------------------------------------
-def count_points(x) -> int | None:
-    first = x[0] if isinstance(x, tuple) and x else x
-    shape = getattr(first, "shape", None)
-    if shape is not None:
-        return 1 if len(shape) == 0 else int(shape[0])
-    try:
-        return len(first)
-    except TypeError:
-        return None
-
-
-def plot_jacobian(model, x, *, framework=None, max_points=100, fig=None, ax=None, figsize=None):
-    """Image of the cross-sample Jacobian ``J[n, j, m, i] = d y[n, j] / d x[m, i]``
-    (from :func:`nbderiv.full_jacobian`) as an (N*d_out) x (N*d_in) matrix, point blocks
-    marked. Independent points give a block-diagonal picture; models that couple points
-    (e.g. BatchNorm in training mode) show off-diagonal blocks. Refuses N > ``max_points``.
-
-    >>> import torch, nbderiv
-    >>> fig = nbderiv.plot_jacobian(torch.sin, torch.linspace(0, 1, 6))
-    >>> fig.panels["jacobian"].images[0].get_array().shape
-    (6, 6)
-    """
-    n = count_points(x)
-    if n is not None and n > max_points:
-        raise OptionError(
-            f"plot_jacobian draws an (N*d_out) x (N*d_in) image and N={n} points is too many to "
-            f"see (max_points={max_points}). Fix: pass a few points, e.g. x[:20], or raise "
-            "max_points=.")
-    from .api import full_jacobian
-
-    J = full_jacobian(model, x, framework=framework)
-    N, d_out, _, d_in = J.shape
-    M = np.asarray(J, dtype=np.float64).reshape(N * d_out, N * d_in)
-    on = np.zeros(M.shape, dtype=bool)
-    for p in range(N):
-        on[p * d_out:(p + 1) * d_out, p * d_in:(p + 1) * d_in] = True
-    m_on = float(np.nanmax(np.abs(M[on]), initial=0.0))
-    m_off = float(np.nanmax(np.abs(M[~on]), initial=0.0))
-    height = min(max(1.8 + 4.0 * M.shape[0] / M.shape[1], 2.6), 6.5)
-    fig, ((_, axis),) = _layout(fig, ax, ["jacobian"], figsize or (5.6, height), 1, 1)
-    scale = max(m_on, m_off) or 1.0
-    image = axis.imshow(M, cmap="RdBu_r", norm=Normalize(-scale, scale), interpolation="nearest",
-                        aspect="auto")
-    fig.colorbar(image, ax=axis, label=r"$\partial y_{n,j} / \partial x_{m,i}$")
-    _mark_blocks(axis, N, d_out, d_in)
-    coupled = m_off > 1e-6 * max(m_on, 1e-30)
-    if coupled:
-        verdict = (f"off-diagonal blocks: points are coupled\n(max |J| {m_off:.2g} off the "
-                   f"point blocks, {m_on:.2g} on them)")
-    else:
-        verdict = "block diagonal: points are independent"
-    axis.set_title(f"cross-sample Jacobian, N={N}\n{verdict}", fontsize=10)
-    axis.set_xlabel("input: point m" + (f" x {d_in} features" if d_in > 1 else ""))
-    axis.set_ylabel("output: point n" + (f" x {d_out} outputs" if d_out > 1 else ""))
-    _remember(fig, "jacobian", axis)
-    fig.coupled = coupled
-    return fig
-
-
-def _mark_blocks(axis, N, d_out, d_in):
-    """Outline the diagonal (n == m) blocks; draw every block boundary for small N."""
-    from matplotlib.patches import Rectangle
-
-    if N <= _GRID_MAX_POINTS and N > 1:
-        for p in range(1, N):
-            axis.axhline(p * d_out - 0.5, color="0.8", lw=0.5)
-            axis.axvline(p * d_in - 0.5, color="0.8", lw=0.5)
-    for p in range(N):
-        axis.add_patch(Rectangle((p * d_in - 0.5, p * d_out - 0.5), d_in, d_out, fill=False,
-                                 edgecolor="0.2", lw=0.8 if N <= _GRID_MAX_POINTS else 0.4))
-    if N <= 20:
-        axis.set_xticks([p * d_in + (d_in - 1) / 2 for p in range(N)], [str(p) for p in range(N)])
-        axis.set_yticks([p * d_out + (d_out - 1) / 2 for p in range(N)],
-                        [str(p) for p in range(N)])
 
 
 # -- several models on shared panels --------------------------------------------------------------
@@ -464,7 +313,7 @@ def plot_comparison(x, curves: dict, truth=None, *, orders=(0, 1, 2), fig=None, 
     xs = np.asarray(x, dtype=np.float64).reshape(-1)
     idx = np.argsort(xs, kind="stable")
     ks = list(orders)
-    fig, pairs = _layout(fig, ax, ks, figsize or (6.4, 1.2 + 1.9 * len(ks)), len(ks), 1,
+    fig, pairs = panels_for(fig, ax, ks, figsize or (6.4, 1.2 + 1.9 * len(ks)), len(ks), 1,
                          sharex=True)
     truth = truth or {}
     for k, axis in pairs:
@@ -478,9 +327,9 @@ def plot_comparison(x, curves: dict, truth=None, *, orders=(0, 1, 2), fig=None, 
                       color="black", lw=1.4, label="truth")
         axis.set_ylabel(derivative_label(k, ["x"] * k))
         axis.grid(alpha=0.3)
-        _remember(fig, k, axis)
+        remember(fig, k, axis)
     pairs[-1][1].set_xlabel("$x$")
     handles, labels = pairs[0][1].get_legend_handles_labels()
     if labels:
-        _legend(fig, pairs[0][1], handles, labels, 4)
+        legend_above(fig, pairs[0][1], handles, labels, 4)
     return fig

@@ -1,9 +1,10 @@
-"""ipywidgets explorers: :func:`explore` and :func:`compare_activations`.
+"""The ipywidgets explorer: :func:`explore`.
 
-The only nbderiv module that imports ipywidgets, and it does so inside the functions that
-build widgets: the helpers here (``input_dim``, ``resolve_framework``, ``slider_grid``) are
+The only nbderiv module that imports ipywidgets, and it does so inside the function that
+builds the widget: the helpers here (``input_dim``, ``slider_grid``, ``domain_pair``) are
 light, so the ``%nnderiv`` magic can use them without loading any widget machinery. Every
 derivative comes from :func:`nbderiv.derivatives`; every picture from :mod:`nbderiv.plot`.
+Nothing here trains a network (that is :mod:`nbderiv.teaching`) or imports IPython.
 
 The plot is an ``ipywidgets.Image`` holding PNG bytes: it needs no pyplot state, it can be
 unit-tested (``w.image.value``), and a browser sees a new image whenever a control moves.
@@ -19,33 +20,23 @@ unit-tested (``w.image.value``), and a browser sees a new image whenever a contr
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backends import framework_name
 from .errors import NbderivError, OptionError
+from .options import positive_int
 
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
 # -- light helpers (no ipywidgets) ---------------------------------------------------------------
 def resolve_framework(model, framework=None) -> str | None:
-    """The framework that runs ``model``: ``framework`` if given, else the model's own (from
-    its class, see :func:`nbderiv.backends.framework_of_model`), else the only framework
-    already imported, else None. Imports nothing."""
-    if framework is not None:
-        return framework
-    from .backends import framework_of_model
-
-    found = framework_of_model(model)
-    if found is not None:
-        return found
-    loaded = [name for name, module in (("torch", "torch"), ("tensorflow", "tensorflow"))
-              if module in sys.modules]
-    return loaded[0] if len(loaded) == 1 else None
+    """The framework that runs ``model``, by the one rule of
+    :func:`nbderiv.backends.framework_name` (kept under this name for the magics)."""
+    return framework_name(model, framework=framework)
 
 
 def input_dim(model, *, framework=None, d_in=None) -> int:
@@ -61,11 +52,9 @@ def input_dim(model, *, framework=None, d_in=None) -> int:
     3
     """
     if d_in is not None:
-        if isinstance(d_in, bool) or not isinstance(d_in, (int, np.integer)) or d_in < 1:
-            raise OptionError(f"d_in must be a positive int, got {d_in!r}.")
-        return int(d_in)
+        return positive_int(d_in, "d_in")
     fix = "Fix: pass d_in= (the number of input features)."
-    fw = resolve_framework(model, framework)
+    fw = framework_name(model, framework=framework)
     if fw is not None:
         from .backends import get_backend
 
@@ -90,7 +79,8 @@ def slider_grid(lo: float, hi: float, per_span: int = 50):
     ``span / per_span`` and bounds one half-span beyond each end, all on the grid."""
     span = float(hi) - float(lo)
     if not (math.isfinite(span) and span > 0):
-        raise OptionError(f"domain must be (low, high) with low < high, got ({lo}, {hi}).")
+        raise OptionError(f"domain must be (low, high) with low < high, got ({lo}, {hi}). "
+                          "Fix: e.g. domain=(-3, 3).")
     raw = span / per_span
     power = 10.0 ** math.floor(math.log10(raw))
     step = min((m * power for m in (1, 2, 5, 10) if m * power >= raw), default=10 * power)
@@ -149,19 +139,20 @@ class _Explorer:
         import ipywidgets as W
 
         self.model, self.reference = model, reference
-        self.framework = resolve_framework(model, framework)
-        self.n = _positive_int(n, "n", 2)
-        max_order = _positive_int(max_order, "max_order", 1)
-        order = _positive_int(order, "order", 1)
+        self.framework = framework_name(model, framework=framework)
+        self.n = positive_int(n, "n", 2, example=200)
+        max_order = positive_int(max_order, "max_order", example=4)
+        order = positive_int(order, "order", example=2)
         if order > max_order:
-            raise OptionError(f"order={order} is above max_order={max_order}.")
-        lo, hi = _domain(domain)
+            raise OptionError(f"order={order} is above max_order={max_order}. "
+                              f"Fix: order={max_order} or less, or max_order={order}.")
+        lo, hi = domain_pair(domain)
         self.grid = slider_grid(lo, hi)
         self.d_in = input_dim(model, framework=self.framework, d_in=d_in)
         point = np.zeros(self.d_in) if point is None else np.asarray(point, dtype=float)
         if point.shape != (self.d_in,):
             raise OptionError(f"point must hold {self.d_in} value(s) (one per input), got "
-                              f"shape {point.shape}.")
+                              f"shape {point.shape}. Fix: e.g. point={[0.0] * self.d_in}.")
         names = ["x"] if self.d_in == 1 else [f"x[{i}]" for i in range(self.d_in)]
         self.names = names
         c = {}
@@ -345,130 +336,18 @@ def _error_html(message: str) -> str:
     return f'<span style="color:#a94442"><b>cannot compute:</b> {_esc(message)}</span>'
 
 
-def _positive_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise OptionError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
+def domain_pair(domain) -> tuple:
+    """(low, high) as floats from a pair with low < high, else a clear OptionError.
 
-
-def _domain(domain):
+    >>> domain_pair((-2, 2))
+    (-2.0, 2.0)
+    """
     try:
         lo, hi = (float(v) for v in domain)
     except (TypeError, ValueError):
         raise OptionError(f"domain must be a pair (low, high), got {domain!r}. "
                           "Fix: e.g. domain=(-3, 3).") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise OptionError(f"domain must be (low, high) with low < high, got {domain!r}.")
+        raise OptionError(f"domain must be (low, high) with low < high, got {domain!r}. "
+                          "Fix: e.g. domain=(-3, 3).")
     return lo, hi
-
-
-# -- compare_activations ----------------------------------------------------------------------------
-@dataclass
-class Comparison:
-    """What :func:`compare_activations` trained and measured.
-
-    ``models`` {activation: trained torch module}, ``derivatives`` {activation: Derivatives
-    (order 2) on ``x``}, ``truth`` {k: (n,) true k-th derivative of the target on ``x``},
-    ``losses`` {activation: final training MSE}, ``errors`` {activation: {k: mean |d^k y -
-    truth|}}, ``figure`` (y, dy/dx, d²y/dx² of every net against the truth). Displays as the
-    figure plus a table.
-    """
-
-    x: np.ndarray
-    models: dict
-    derivatives: dict
-    truth: dict
-    losses: dict
-    errors: dict
-    figure: object = field(repr=False)
-    seed: int = 0
-
-    def _table_html(self) -> str:
-        rows = "".join(
-            f"<tr><td>{_esc(a)}</td><td>{self.losses[a]:.3g}</td>"
-            + "".join(f"<td>{self.errors[a][k]:.3g}</td>" for k in (1, 2)) + "</tr>"
-            for a in self.models)
-        return ("<table><thead><tr><th>activation</th><th>training MSE</th>"
-                "<th>mean |dy/dx − true|</th><th>mean |d²y/dx² − true|</th></tr></thead>"
-                f"<tbody>{rows}</tbody></table>")
-
-    def _ipython_display_(self):
-        """The figure as a PNG output, then the table (separate outputs, so notebook tests
-        compare the table's text and skip the image bytes)."""
-        from IPython.display import HTML, display
-
-        display(self.figure)
-        display(HTML(self._table_html()))
-
-    def __repr__(self) -> str:
-        lines = [f"Comparison of {', '.join(self.models)} nets (seed {self.seed}):"]
-        lines += [f"  {a:<10} MSE {self.losses[a]:.3g}  mean |d1 - true| {self.errors[a][1]:.3g}"
-                  f"  mean |d2 - true| {self.errors[a][2]:.3g}" for a in self.models]
-        return "\n".join(lines)
-
-
-def compare_activations(target, activations=("relu", "tanh", "softplus"), *, framework="torch",
-                        domain=(-2, 2), hidden=(32, 32), steps=600, lr=1e-2, n_train=64,
-                        n=200, seed=0, progress=True):
-    """Train one small seeded net per activation on a 1-D ``target`` and compare their
-    first and second derivatives with the target's own.
-
-    Each net is ``Linear(1, h) -> act -> ... -> Linear(h, 1)`` trained by full-batch Adam
-    (``steps`` steps, MSE on ``n_train`` evenly spaced points of ``domain``); the global
-    torch random state is restored afterwards, so the same ``seed`` gives the same nets.
-    ``target`` takes a torch tensor (e.g. ``lambda x: x**2``); its true derivatives come
-    from differentiating ``target`` itself. Returns a :class:`Comparison` (models,
-    derivatives, truth, errors, figure), which displays as the figure and a table.
-
-    >>> import nbderiv
-    >>> c = nbderiv.compare_activations(lambda x: x**2, ("relu", "tanh"), steps=50,
-    ...                                 progress=False)
-    >>> float(abs(c.derivatives["relu"][2]).max())
-    0.0
-    """
-    from .api import derivatives
-    from .backends import get_backend
-    from .plot import plot_comparison
-
-    trainer = get_backend(framework)
-    if not hasattr(trainer, "fit_1d"):
-        raise OptionError(f"compare_activations trains PyTorch networks; framework={framework!r} "
-                          "is not supported. Fix: framework='torch'.")
-    lo, hi = _domain(domain)
-    if isinstance(activations, str):
-        activations = (activations,)
-    acts = dict(trainer.activation_class(a) for a in activations)
-    if not acts:
-        raise OptionError("activations is empty. Fix: e.g. ('relu', 'tanh').")
-    steps = _positive_int(steps, "steps", 1)
-    models, losses = {}, {}
-    bar = _progress_bar(len(acts) * steps, progress)
-    try:
-        for a, (name, cls) in enumerate(acts.items()):
-            models[name], losses[name] = trainer.fit_1d(
-                target, cls, hidden=hidden, steps=steps, lr=lr, n_train=n_train,
-                domain=(lo, hi), seed=seed + a, on_step=None if bar is None else bar.update)
-    finally:
-        if bar is not None:
-            bar.close()
-    x = np.linspace(lo, hi, _positive_int(n, "n", 2)).reshape(-1, 1)
-    truth_d = derivatives(target, x, order=2, framework="torch")
-    truth = {k: np.asarray(truth_d[k]).reshape(-1) for k in range(3)}
-    ders, errors = {}, {}
-    for name, model in models.items():
-        d = derivatives(model, x, order=2)
-        ders[name] = d
-        errors[name] = {k: float(np.mean(np.abs(np.asarray(d[k]).reshape(-1) - truth[k])))
-                        for k in range(3)}
-    fig = plot_comparison(x[:, 0], {name: ders[name] for name in models}, truth)
-    return Comparison(x[:, 0], models, ders, truth, losses, errors, fig, seed)
-
-
-def _progress_bar(total, enabled):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is a nicety
-        return None
-    return tqdm(total=total, desc="training", unit="step", leave=False)

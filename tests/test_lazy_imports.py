@@ -44,6 +44,18 @@ nbderiv.plot_jacobian(torch.sin, torch.linspace(0, 1, 3))
 print(json.dumps({"pyplot": "matplotlib.pyplot" in sys.modules}))
 """
 
+NOTEBOOK_LAYER = """
+import json, sys
+import nbderiv.widgets, nbderiv.teaching
+loaded = sorted(m.split(".")[0] for m in sys.modules)
+try:
+    nbderiv.compare_activations(lambda x: x**2, framework="tensorflow")
+except nbderiv.NbderivError as exc:
+    refused = str(exc)
+print(json.dumps({"loaded": loaded, "refused": refused,
+                  "after": sorted(m.split(".")[0] for m in sys.modules)}))
+"""
+
 
 def _run(code: str) -> dict:
     env = dict(os.environ)
@@ -76,3 +88,12 @@ def test_plots_never_touch_pyplot():
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     assert _run(PLOT)["pyplot"] is False
+
+
+def test_the_notebook_layer_imports_its_libraries_only_when_used():
+    """Importing the explorer and the teaching helpers loads no framework, matplotlib,
+    ipywidgets or IPython; refusing to train a TensorFlow net imports no TensorFlow."""
+    r = _run(NOTEBOOK_LAYER)
+    heavy = set(HEAVY + ("IPython",))
+    assert not set(r["loaded"]) & heavy, sorted(set(r["loaded"]) & heavy)
+    assert "PyTorch" in r["refused"] and not set(r["after"]) & heavy

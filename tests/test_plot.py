@@ -12,7 +12,13 @@ pytest.importorskip("matplotlib")
 
 import nbderiv  # noqa: E402
 from nbderiv.errors import OptionError  # noqa: E402
-from nbderiv.plot import NbderivFigure, derivative_label, plot_comparison, tex_name  # noqa: E402
+from nbderiv.plot import (  # noqa: E402
+    NbderivFigure,
+    derivative_label,
+    draw_jacobian,
+    plot_comparison,
+    tex_name,
+)
 
 SIN = {0: np.sin, 1: np.cos, 2: lambda x: -np.sin(x), 3: lambda x: -np.cos(x)}
 
@@ -244,3 +250,26 @@ def test_jacobian_of_coupled_points_shows_off_diagonal_blocks(torch_mlp):
 def test_jacobian_refuses_many_points():
     with pytest.raises(OptionError, match="max_points"):
         nbderiv.plot_jacobian(torch.sin, torch.zeros(500))
+
+
+def test_draw_jacobian_draws_the_array_it_is_given():
+    J = np.zeros((3, 2, 3, 1))
+    for n in range(3):
+        J[n, :, n, 0] = [n + 1.0, -(n + 1.0)]
+    fig = draw_jacobian(J)
+    M = _image(fig)
+    assert M.shape == (6, 3) and fig.coupled is False
+    np.testing.assert_allclose(M, J.reshape(6, 3))
+    assert "2 outputs" in fig.panels["jacobian"].get_ylabel()
+    J[0, 0, 2, 0] = 0.5  # point 2's input moves point 0's output
+    assert draw_jacobian(J).coupled is True
+    with pytest.raises(OptionError, match="shape \\(N, d_out, N, d_in\\)"):
+        draw_jacobian(np.zeros((3, 1, 4, 1)))
+
+
+def test_plot_jacobian_is_full_jacobian_then_draw_jacobian():
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64).reshape(-1, 1)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    net = net.double()
+    drawn = draw_jacobian(nbderiv.full_jacobian(net, x))
+    np.testing.assert_allclose(_image(nbderiv.plot_jacobian(net, x)), _image(drawn))

@@ -4,8 +4,6 @@ independent torch.func reference (an MLP)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -14,8 +12,15 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")
 
 import nbderiv  # noqa: E402
+from nbderiv.backends import framework_name  # noqa: E402
 from nbderiv.errors import OptionError  # noqa: E402
-from nbderiv.widgets import input_dim, slider_grid, snap  # noqa: E402
+from nbderiv.widgets import (  # noqa: E402
+    domain_pair,
+    input_dim,
+    resolve_framework,
+    slider_grid,
+    snap,
+)
 
 W, B = 1.5, -0.3
 
@@ -205,36 +210,36 @@ def test_explore_recomputes_interactively(torch_mlp):
     assert all(c < 1000 for c, _ in best.values())
 
 
-def test_compare_activations_relu_has_no_curvature_and_is_seeded():
-    state = torch.get_rng_state()
-    threads = torch.get_num_threads()
-    start = time.perf_counter()
-    c = nbderiv.compare_activations(lambda x: x ** 2, ("relu", "softplus"), steps=150,
-                                    hidden=(16, 16), n=101, progress=False)
-    assert time.perf_counter() - start < 30
-    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
-    np.testing.assert_allclose(c.truth[1], 2 * c.x, atol=1e-12)  # closed form of x**2
-    np.testing.assert_allclose(c.truth[2], 2.0)
-    relu2 = np.asarray(c.derivatives["relu"][2])
-    assert np.all(relu2 == 0)  # piecewise linear: no second derivative anywhere
-    inner = np.abs(c.x) <= 1.5
-    soft2 = np.asarray(c.derivatives["softplus"][2]).reshape(-1)[inner]
-    assert abs(soft2.mean() - 2) < 0.5
-    assert c.errors["relu"][2] == pytest.approx(2.0)
-    assert "piecewise-linear" in c.derivatives["relu"].codes
-    assert [ln.get_label() for ln in c.figure.panels[2].lines] == ["relu", "softplus", "truth"]
-    again = nbderiv.compare_activations(lambda x: x ** 2, ("relu", "softplus"), steps=150,
-                                        hidden=(16, 16), n=101, progress=False)
-    for a in ("relu", "softplus"):
-        for p, q in zip(c.models[a].parameters(), again.models[a].parameters(), strict=True):
-            assert torch.equal(p, q)
-    other = nbderiv.compare_activations(lambda x: x ** 2, ("relu",), steps=5, seed=1,
-                                        progress=False)
-    assert not torch.equal(next(other.models["relu"].parameters()),
-                           next(c.models["relu"].parameters()))
-    assert "softplus" in c._table_html() and "softplus" in repr(c)
-    assert c.figure.to_png().startswith(b"\x89PNG")
-    with pytest.raises(OptionError, match="framework"):
-        nbderiv.compare_activations(lambda x: x ** 2, framework="tensorflow")
-    with pytest.raises(OptionError, match="unknown activation"):
-        nbderiv.compare_activations(lambda x: x ** 2, ("swishy",))
+def test_one_rule_picks_the_framework():
+    """``resolve_framework`` (kept for the magics) is ``backends.framework_name``."""
+    net = torch.nn.Linear(1, 1)
+    for model, framework in [(net, None), (torch.sin, "torch"), (torch.sin, "PyTorch"),
+                             (lambda x: x, None)]:
+        assert resolve_framework(model, framework) == framework_name(model, framework=framework)
+    assert resolve_framework(net) == "torch"
+    with pytest.raises(OptionError, match="unknown framework"):
+        nbderiv.explore(net, framework="jax")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n": 1}, "n must be an int >= 2, got 1"),
+    ({"n": True}, "n must be an int >= 2, got True"),
+    ({"order": 0}, "order must be a positive int, got 0"),
+    ({"max_order": 2.0}, "max_order must be a positive int"),
+    ({"order": 3, "max_order": 2}, "order=3 is above max_order=2"),
+    ({"d_in": 0}, "d_in must be a positive int"),
+    ({"domain": (2, 1)}, "low < high"),
+    ({"domain": 3}, "a pair"),
+    ({"point": (0.0, 1.0)}, "point must hold 1 value"),
+])
+def test_explore_option_errors_say_how_to_fix(kwargs, match):
+    with pytest.raises(OptionError, match=match) as info:
+        nbderiv.explore(tanh_unit(), **kwargs)
+    assert "Fix:" in str(info.value)
+
+
+def test_domain_pair():
+    assert domain_pair((-2, 2)) == (-2.0, 2.0)
+    assert domain_pair(np.array([0, 1])) == (0.0, 1.0)
+    with pytest.raises(OptionError, match="Fix: e.g. domain="):
+        domain_pair((0, float("nan")))
