@@ -67,7 +67,7 @@ def _not_run(note: str) -> FiniteDifferenceCheck:
 def finite_difference_check(call, result, *, coupled=False, compute=None) -> FiniteDifferenceCheck:
     """Compare ``result`` (a Derivatives) with float64 finite differences.
 
-    ``call`` is the api's per-call record (model, backend, args, context);
+    ``call`` is the :class:`~nbderiv.call.Call` (model, backend, args, dtype, device);
     ``compute(call, k) -> (y, [d1..dk], method)`` evaluates derivatives for a modified
     copy of it (the api passes its chunked loop); by default one backend call.
     """
@@ -75,22 +75,20 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
     wrt, order = result.wrt, result.order
     if compute is None:
         def compute(c, k):
-            return c.backend.derivatives(c.model, c.args, k, wrt, c.context)
+            return c.backend.derivatives(c, c.args, k, wrt)
     try:
         model64 = backend.float64_copy(call.model)
-        ctx64 = backend.context(model64, None, np.float64)
-        ctx64 = {**{k: v for k, v in call.context.items() if k not in ctx64}, **ctx64}
-        widths = [a.shape[1] for a in call.args]
+        widths = call.widths
         X = np.concatenate([a.astype(np.float64) for a in call.args], axis=1)
 
         def at(Xs):
             args = np.split(Xs, np.cumsum(widths)[:-1], axis=1)
-            return dataclasses.replace(call, model=model64, args=[np.ascontiguousarray(a)
-                                       for a in args], context=ctx64, dtype=np.dtype(np.float64))
+            return call.with_args([np.ascontiguousarray(a) for a in args], model=model64,
+                                  dtype=np.dtype(np.float64))
 
         probe = at(X[:8])
-        if not np.array_equal(backend.forward(model64, probe.args, ctx64),
-                              backend.forward(model64, probe.args, ctx64), equal_nan=True):
+        first, again = backend.forwards(probe, [probe.args, probe.args])
+        if not np.array_equal(first, again, equal_nan=True):
             return _not_run("the model is random (dropout or similar in training mode): "
                             "finite differences of a random function mean nothing")
         finite = X[np.isfinite(X)]
@@ -141,7 +139,7 @@ def _differences(compute, at, X, order, wrt, step):
 def _coupled_differences(backend, at, X, order, wrt, step):
     """Shift one point at a time, the others held fixed, for the first few points."""
     base = at(X)
-    y, ders, _ = backend.per_point_derivatives(base.model, base.args, order, wrt, base.context)
+    y, ders, _ = backend.per_point_derivatives(base, base.args, order, wrt)
     n_check = min(X.shape[0], COUPLED_POINTS)
     lower_order = max(order - 1, 1)
     refs = {k: np.full(ders[k - 1].shape, np.nan) for k in range(1, order + 1)}
@@ -152,8 +150,7 @@ def _coupled_differences(backend, at, X, order, wrt, step):
                 Xs = X.copy()
                 Xs[n, i] += sign * step
                 c = at(Xs)
-                ys, ds, _ = backend.per_point_derivatives(c.model, c.args, lower_order, wrt,
-                                                          c.context)
+                ys, ds, _ = backend.per_point_derivatives(c, c.args, lower_order, wrt)
                 vals.append([ys[n]] + [d[n] for d in ds])
             for k in range(1, order + 1):
                 refs[k][n, ..., p] = (vals[0][k - 1] - vals[1][k - 1]) / (2 * step)

@@ -244,18 +244,20 @@ def low_precision_finding(errors: dict, dtype, orders=None) -> Finding:
 # -- everything that needs the computed derivatives ---------------------------------------------
 def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     """The findings that need the results: ``piecewise-linear``, ``at-kink``,
-    ``no-input-dependence`` and ``non-finite`` (outputs). ``call`` is the api's _Call."""
-    backend, model, args, context = call.backend, call.model, call.args, call.context
+    ``no-input-dependence`` and ``non-finite`` (outputs). ``call`` is the
+    :class:`~nbderiv.call.Call`."""
+    backend, args = call.backend, call.args
     out = []
     codes = {f.code for f in earlier}
     if "piecewise-linear" not in codes:
         def wider():
-            _, wide, _ = backend.derivatives(model, wide_probe_points(args), 2, wrt, context)
-            return wide[0], wide[1]
+            wide = wide_probe_points(args)
+            orders = backend.derivatives(call.with_args(wide), wide, 2, wrt).orders
+            return orders[0], orders[1]
         f = piecewise_finding(layers, ders, order, wider)
         if f is not None:
             out.append(f)
-    f = kink_finding(backend.kink_points(model, args, context))
+    f = kink_finding(backend.kink_points(call, args))
     if f is not None:
         out.append(f)
     out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]

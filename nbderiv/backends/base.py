@@ -1,8 +1,20 @@
-"""The narrow interface every framework backend implements, documented in one place.
+"""The interface every framework backend implements, documented in one place.
 
-Shapes: ``args`` is a list of numpy arrays, one per model argument, each (n, d_i)
-in the dtype the backend chose; D = sum(d_i) features in all; ``wrt`` is a tuple of m
-feature indices into 0..D-1. Derivative arrays are (n, d_out) + (m,) * k.
+The core (``nbderiv.compute``) does everything shared: it prepares the inputs, probes the
+model, picks the strategy, cuts the points into blocks and assembles the results. A backend
+answers narrow questions and runs one block. Every method that touches points gets the
+:class:`~nbderiv.call.Call` (model, dtype, device, d_out once probed) and the block's
+``args``: a list of numpy arrays, one per model argument, each (n, d_i) in ``call.dtype``;
+D = sum(d_i) features in all; ``wrt`` is a tuple of m feature indices into 0..D-1.
+Derivative arrays are (n, d_out) + (m,) * k.
+
+**Required** (an abstract method each): ``to_numpy``, ``compute_dtype``, ``forwards``,
+``derivatives``, ``per_point_derivatives``, ``full_jacobian``, ``preserved``,
+``layer_summary``, ``equivalent_code``, ``float64_copy``; plus the class attribute ``name``.
+
+**Optional**: the members of :data:`OPTIONAL` have a safe default here; a backend that
+overrides one must list it in its ``optional`` set (checked when the class is defined), so
+what a backend offers is declared, never probed with ``hasattr``.
 
 >>> from nbderiv.backends.base import sorted_multi_indices
 >>> sorted_multi_indices(2, 2)
@@ -13,106 +25,122 @@ from __future__ import annotations
 
 import itertools
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 
 from ..result_memory import owned, result_array
+
+OPTIONAL = frozenset({
+    "begin", "device", "argument_names", "known_verdict", "block_rows", "bytes_per_point",
+    "kink_points", "input_width", "few_threads",
+})
+
+
+class Block(NamedTuple):
+    """What :meth:`Backend.derivatives` returns for one block of points."""
+
+    y: np.ndarray        # (n, d_out)
+    orders: list         # [d1, ..., d_order], d_k of shape (n, d_out) + (m,) * k
+    method: str          # how they were computed (see the README's method tags)
 
 
 class Backend:
     """Base class: one subclass per framework, one instance per process."""
 
     name = ""
-    # True: derivatives_and_probe() computes the first chunk and the probe in one dispatch
-    fused_probe = False
+    optional: frozenset = frozenset()  # the OPTIONAL members this backend implements
 
-    def begin(self, model):
-        """Called first in every api call, before anything else looks at ``model``: a backend
-        that caches facts about a model refreshes them here if the model changed."""
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.optional) - OPTIONAL
+        overridden = {m for m in OPTIONAL if getattr(cls, m) is not getattr(Backend, m)}
+        if unknown or overridden != set(cls.optional):
+            raise TypeError(f"{cls.__name__}.optional must list exactly the optional members "
+                            f"it overrides: {sorted(overridden)} (unknown: {sorted(unknown)})")
 
-    # -- conversion and placement ------------------------------------------------
+    # -- required -------------------------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
         """A framework tensor / array-like as a numpy array (a detached copy for tensors)."""
-        return np.asarray(x)
+        raise NotImplementedError
 
     def compute_dtype(self, model, x_dtype) -> np.dtype:
-        """The float dtype to differentiate in: the model's, else x's float dtype, else default."""
+        """The float dtype to differentiate in: the model's, else x's float dtype, else the
+        framework's default."""
         raise NotImplementedError
+
+    def forwards(self, call, batches) -> list:
+        """The model's outputs (n, d_out) on each of several same-shaped batches (each a list
+        of args), as separate model calls so that randomness and batch coupling show. The
+        output is validated (one row per point, floating point)."""
+        raise NotImplementedError
+
+    def derivatives(self, call, args, order, wrt, out=None) -> Block:
+        """y and d_1..d_order of one block of independent points (the ones trick is valid).
+        ``out``, when given, is a Block of arrays to write into (views of the full result);
+        a backend may write there and return them, or return arrays of its own."""
+        raise NotImplementedError
+
+    def per_point_derivatives(self, call, args, order, wrt) -> Block:
+        """Like :meth:`derivatives`, for models that couple points: the diagonal blocks
+        d^k y_n / d x_n^k with every other point held fixed (cost grows like N**2)."""
+        raise NotImplementedError
+
+    def full_jacobian(self, call, args) -> np.ndarray:
+        """The cross-sample Jacobian (n, d_out, n, D)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def preserved(self, model):
+        """Put back every piece of model state a forward pass may change (e.g. BatchNorm
+        statistics, training flags, variables)."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def layer_summary(self, model) -> dict:
+        """{'activations': [names], 'train_mode': [layer descriptions], 'opaque': bool}"""
+        raise NotImplementedError
+
+    def equivalent_code(self, *, order: int, wrt, widths: list) -> str:
+        """Plain framework code that computes the same derivatives, for a namespace holding
+        ``model`` and ``x``; it leaves numpy arrays ``d1`` ... ``d<order>``."""
+        raise NotImplementedError
+
+    def float64_copy(self, model):
+        """A float64 copy of the model (for finite differences), or the model itself if it
+        holds no parameters."""
+        raise NotImplementedError
+
+    # -- optional (safe defaults; list the ones you override in ``optional``) ----------------
+    def begin(self, model) -> None:
+        """Called first in every call: a backend that caches facts about a model refreshes
+        them here if the model changed."""
+
+    def device(self, model, x):
+        """Where tensors go (e.g. the model's torch device), or None."""
+        return None
 
     def argument_names(self, model, n_args: int):
         """Names of the model's positional arguments (for ``d.inputs``), or None."""
         return None
 
-    # -- evaluation ----------------------------------------------------------------
-    def forward(self, model, args, context) -> np.ndarray:
-        """y (n, d_out) without derivatives, output validated."""
-        raise NotImplementedError
-
-    def forwards(self, model, batches, context) -> list:
-        """:meth:`forward` on each of several same-shaped batches, as separate model calls
-        (so randomness and batch coupling show); a backend may run them in one dispatch."""
-        return [self.forward(model, args, context) for args in batches]
-
-    def known_verdict(self, model, args, context):
-        """(d_out, stochastic, coupled) where the model's structure alone settles them, so
+    def known_verdict(self, call):
+        """A :class:`~nbderiv.call.Verdict` where the model's structure alone settles it, so
         that the probe's forward passes can be skipped; None (the default) to probe."""
         return None
 
-    def output_width(self, model, args, context) -> int:
-        """d_out, the number of outputs per point (a backend may remember it)."""
-        return self.forward(model, [a[:2] for a in args], context).shape[1]
-
-    def derivatives(self, model, args, order, wrt, context):
-        """(y, [d1, ..., d_order], method) for independent points."""
-        raise NotImplementedError
-
-    def derivatives_and_probe(self, model, args, order, wrt, context):
-        """((y, ders, method), (y1, y2, y3)): :meth:`derivatives`, plus the outputs of the
-        three probe batches on the first ``min(n, PROBE_POINTS)`` points, as separate model
-        calls: those points, again, and with point 0 moved by 0.1 * (1 + |x0|) (what the api's
-        ``_probe_batches`` makes). Only for backends with ``fused_probe = True``."""
-        raise NotImplementedError
-
-    def per_point_derivatives(self, model, args, order, wrt, context):
-        """Like :meth:`derivatives`, for models that couple points: the diagonal blocks
-        d^k y_n / d x_n^k with every other point held fixed (cost grows like N**2)."""
-        raise NotImplementedError
-
-    def full_jacobian(self, model, args, context) -> np.ndarray:
-        """The cross-sample Jacobian (n, d_out, n, D)."""
-        raise NotImplementedError
-
-    def context(self, model, x, dtype):
-        """Per-call settings (device, dtype, ...) passed back to the methods above."""
-        return {"dtype": np.dtype(dtype)}
-
-    @contextmanager
-    def preserved(self, model):
-        """Put back every piece of model state a forward pass may change (e.g. BN statistics)."""
-        yield
-
-    def bytes_per_point(self, model, width: int, d_out: int, order: int, m: int) -> int:
-        """A rough upper estimate of working memory per point, for chunking."""
-        return 8 * (width + d_out) * (3 ** order) * max(m, 1) * 64
-
-    def rows_in_flight(self, model, widths) -> int | None:
-        """The most rows computed at once whatever the chunk (a backend that works in blocks
-        of rows), or None when a chunk is computed all at once."""
+    def block_rows(self, call) -> int | None:
+        """The most points one :meth:`derivatives` call should get (e.g. to keep a block's
+        intermediates in cache), or None for no limit."""
         return None
 
-    # -- model structure, for diagnostics ------------------------------------------
-    def layer_summary(self, model) -> dict:
-        """{'activations': [names], 'train_mode': [layer descriptions], 'kinds': [...]}"""
-        return {"activations": [], "train_mode": [], "opaque": True}
+    def bytes_per_point(self, call, order: int, m: int) -> int:
+        """A rough upper estimate of working memory per point, for chunking."""
+        return 8 * (call.width + (call.d_out or 1)) * (3 ** order) * max(m, 1) * 64
 
-    def kink_points(self, model, args, context) -> list:
+    def kink_points(self, call, args) -> list:
         """Indices of points where a piecewise-linear activation's input is exactly at a kink."""
         return []
-
-    def equivalent_code(self, *, order: int, wrt: tuple, widths: list) -> str:
-        """Plain framework code that computes the same derivatives, for a namespace holding
-        ``model`` and ``x``; it leaves numpy arrays ``d1`` ... ``d<order>``."""
-        raise NotImplementedError
 
     def input_width(self, model):
         """The number of input features the model expects, read without calling it, or None."""
@@ -122,11 +150,6 @@ class Backend:
     def few_threads(self):
         """Settings for tiny interactive problems (the explorer's few hundred points)."""
         yield
-
-    def float64_copy(self, model):
-        """A float64 copy of the model (for finite differences), or the model itself if it
-        holds no parameters."""
-        return model
 
 
 def sorted_multi_indices(m: int, k: int) -> list:
@@ -149,6 +172,13 @@ def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> n
         for perm in set(itertools.permutations(idx)):
             out[(slice(None), slice(None)) + perm] = v
     return out
+
+
+def assemble(values: dict, y: np.ndarray, order: int, m: int) -> list:
+    """[d1, ..., d_order] from {sorted multi-index: (n, d_out) values}."""
+    n, d_out = y.shape
+    return [fill_symmetric({idx: v for idx, v in values.items() if len(idx) == k},
+                           n, d_out, m, k, y.dtype) for k in range(1, order + 1)]
 
 
 def equal_block_size(n: int, most: int) -> int:

@@ -295,11 +295,14 @@ def _clone_graph_model(model, kind):
 
 def _agrees(model, clone, parts) -> bool:
     """The clone reproduces the model's output (to the model's own precision)."""
-    from .tensorflow import BACKEND
-
-    with BACKEND.preserved(model):  # a model may update its own state when called
+    saved = [(v, np.array(v.numpy(), copy=True)) for v in model_variables(model)]
+    try:  # a model may update its own state when called: put it back
         own = np.asarray(invoke(model, [tf.constant(p, dtype=model.compute_dtype)
                                         for p in parts]), dtype=np.float64)
+    finally:
+        for v, value in saved:
+            if not np.array_equal(v.numpy(), value, equal_nan=True):
+                v.assign(value)
     new = np.asarray(invoke(clone, [tf.constant(p, dtype="float64") for p in parts]))
     scale = 1 + np.abs(own).max(initial=0)
     return own.shape == new.shape and bool(np.abs(own - new).max(initial=0) <= 1e-3 * scale)

@@ -1,15 +1,16 @@
-"""PyTorch backend: per-point derivatives with nested ``torch.autograd.grad`` (reverse
-mode, one backward pass per output and distinct partial) or nested forward-mode
-``torch.func.jvp`` (when outputs outnumber the differentiated inputs).
+"""PyTorch backend: per-point derivatives of one block of points by forward Taylor mode
+(plain stacks of Linear layers and elementwise activations, one input direction), nested
+``torch.autograd.grad`` (reverse mode, one backward pass per output and distinct partial) or
+nested forward-mode ``torch.func.jvp`` (when outputs outnumber the differentiated inputs).
 
 Never calls ``.backward()``, never touches ``.grad``, ``requires_grad`` or the training
 mode; buffers that a forward pass updates (BatchNorm statistics) are put back.
 
->>> import torch, numpy as np
->>> from nbderiv.backends.torch import BACKEND
->>> y, (d1,), method = BACKEND.derivatives(torch.sin, [np.zeros((2, 1))], 1, (0,),
-...                                        BACKEND.context(torch.sin, None, np.float64))
->>> d1[:, 0, 0].tolist()
+>>> import torch, numpy as np, nbderiv
+>>> from nbderiv.compute import open_call, probe
+>>> call = open_call(torch.sin, torch.zeros(2, 1, dtype=torch.float64), None)
+>>> _ = probe(call)
+>>> call.backend.derivatives(call, call.args, 1, (0,)).orders[0][:, 0, 0].tolist()
 [1.0, 1.0]
 """
 
@@ -23,13 +24,20 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..call import Verdict
 from ..errors import OptionError
 from ..inputs import check_output
-from ..result_memory import result_array
-from .base import Backend, fill_symmetric, sorted_multi_indices
+from .base import Backend, Block, assemble
+from .torch_autodiff import (
+    KinkWatcher,
+    exact_norms,
+    grad_enabled,
+    nested_forward,
+    nested_reverse,
+    to_numpy,
+)
 from .torch_code import torch_code
 from .torch_taylor import global_hooks, runs_class_forward, taylor_derivatives, taylor_plan
-from .torch_train import activation_class, fit_1d
 
 _ACTIVATION_NAMES = {
     "ReLU", "LeakyReLU", "ReLU6", "PReLU", "RReLU", "Hardtanh", "Hardshrink", "Softshrink",
@@ -44,8 +52,18 @@ def _np_dtype(torch_dtype) -> np.dtype:
         else np.dtype(np.float32)
 
 
+def _first_float_tensor(model):
+    if isinstance(model, torch.nn.Module):
+        for t in itertools.chain(model.parameters(), model.buffers()):  # stops at the first
+            if t.is_floating_point():
+                return t
+    return None
+
+
 class TorchBackend(Backend):
     name = "torch"
+    optional = frozenset({"device", "argument_names", "known_verdict", "block_rows",
+                          "bytes_per_point", "kink_points", "input_width", "few_threads"})
 
     # -- conversion and placement ------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -56,31 +74,20 @@ class TorchBackend(Backend):
             return t.cpu().numpy().copy()
         return np.asarray(x)
 
-    @staticmethod
-    def _first_float_tensor(model):
-        if isinstance(model, torch.nn.Module):
-            for t in itertools.chain(model.parameters(), model.buffers()):  # stops at the first
-                if t.is_floating_point():
-                    return t
-        return None
-
     def compute_dtype(self, model, x_dtype) -> np.dtype:
-        t = self._first_float_tensor(model)
+        t = _first_float_tensor(model)
         if t is not None:
             return _np_dtype(t.dtype)
         if x_dtype is not None and np.dtype(x_dtype).kind == "f":
             return np.dtype(x_dtype)
         return _np_dtype(torch.get_default_dtype())
 
-    def context(self, model, x, dtype):
-        t = self._first_float_tensor(model)
+    def device(self, model, x):
+        t = _first_float_tensor(model)
         if t is not None:
-            device = t.device
-        else:
-            first = x[0] if isinstance(x, tuple) and x else x
-            device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-        return {"dtype": np.dtype(dtype), "torch_dtype": getattr(torch, np.dtype(dtype).name),
-                "device": device}
+            return t.device
+        first = x[0] if isinstance(x, tuple) and x else x
+        return first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
 
     def argument_names(self, model, n_args):
         fn = model.forward if isinstance(model, torch.nn.Module) else model
@@ -93,11 +100,13 @@ class TorchBackend(Backend):
         return names[:n_args] if len(names) >= n_args else None
 
     # -- evaluation ------------------------------------------------------------------
-    def _tensor(self, args, context):
+    @staticmethod
+    def _tensor(call, args):
         with torch.inference_mode(False):  # a normal tensor even inside the user's inference_mode
             arrays = [torch.as_tensor(a) for a in args]
             X = torch.cat(arrays, dim=1) if len(arrays) > 1 else arrays[0]
-            return X.to(device=context["device"], dtype=context["torch_dtype"]).clone()
+            return X.to(device=call.device or "cpu",
+                        dtype=getattr(torch, call.dtype.name)).clone()
 
     @staticmethod
     def _caller(model, widths):
@@ -112,14 +121,15 @@ class TorchBackend(Backend):
             return out.reshape(shape)
         return fn
 
-    def known_verdict(self, model, args, context):
+    def known_verdict(self, call):
         """For a plain stack of per-point layers (:data:`_DENSE`, no hooks) taking one input
         whose width fits its first layer: d_out from the Linear layers, stochastic only with an
         active Dropout, never coupled. Else None, and the probe runs (it also reports an input
         the model rejects)."""
-        if len(args) != 1 or not _plain_modules(model, _DENSE):
+        model = call.model
+        if len(call.args) != 1 or not _plain_modules(model, _DENSE):
             return None
-        width, stochastic = args[0].shape[1], False
+        width, stochastic = call.width, False
         for m in model.modules():
             kind = type(m)
             if kind is torch.nn.Linear:  # the weight's shape, which may differ from in/out_features
@@ -137,98 +147,66 @@ class TorchBackend(Backend):
                     return None
             elif kind is torch.nn.Dropout:  # p = 1 gives zeros, not random numbers
                 stochastic |= m.training and 0 < m.p < 1
-        return width, stochastic, False
+        return Verdict(width, stochastic, False)
 
-    def forward(self, model, args, context) -> np.ndarray:
-        fn = self._caller(model, [a.shape[1] for a in args])
-        with _grad_enabled(False):
-            return fn(self._tensor(args, context)).cpu().numpy()
-
-    def forwards(self, model, batches, context) -> list:
+    def forwards(self, call, batches) -> list:
         """Separate model calls on slices of one tensor: one copy to the device and one back
         (each copy waits for the GPU)."""
-        widths = [a.shape[1] for a in batches[0]]
-        fn = self._caller(model, widths)
-        stacked = self._tensor([np.concatenate(parts) for parts in zip(*batches)], context)
-        with _grad_enabled(False):
+        fn = self._caller(call.model, [a.shape[1] for a in batches[0]])
+        stacked = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
+        with grad_enabled(False):
             ys = [fn(part) for part in torch.split(stacked, batches[0][0].shape[0])]
-            return np.split(_to_numpy(torch.cat(ys)), len(batches))
+            return np.split(to_numpy(torch.cat(ys)), len(batches))
 
-    def derivatives(self, model, args, order, wrt, context):
-        """Per-point derivatives, computed in cache-sized blocks of rows on the CPU."""
+    def derivatives(self, call, args, order, wrt, out=None) -> Block:
+        X = self._tensor(call, args)
         widths = [a.shape[1] for a in args]
-        X = self._tensor(args, context)
-        n, rows = X.shape[0], _block_rows(model, X)
-        plan = taylor_plan(model, widths) if len(wrt) == 1 else None
-        if n <= rows + rows // 2:
-            return self._derivatives_block(model, X, widths, order, wrt, context, plan)
-        y = ders = method = None
-        for s in range(0, n, rows):
-            if plan is not None and y is not None:  # straight into the result arrays
-                block = [y[s:s + rows]] + [d[s:s + rows] for d in ders]
-                views = [torch.from_numpy(b).view(b.shape[0], y.shape[1]) for b in block]
-                with _grad_enabled(False):
-                    taylor_derivatives(plan, X[s:s + rows], order, wrt[0],
-                                       out=(views[0], views[1:]))
-                continue
-            yb, db, method = self._derivatives_block(model, X[s:s + rows], widths, order, wrt,
-                                                     context, plan)
-            if y is None:
-                y = result_array((n,) + yb.shape[1:], yb.dtype)
-                ders = [result_array((n,) + d.shape[1:], d.dtype) for d in db]
-            y[s:s + rows] = yb
-            for out, d in zip(ders, db):
-                out[s:s + rows] = d
-        return y, ders, method
-
-    def _derivatives_block(self, model, X, widths, order, wrt, context, plan):
+        plan = taylor_plan(call.model, widths) if len(wrt) == 1 else None
         if plan is not None:  # forward Taylor mode: linear layers and elementwise activations
-            with _grad_enabled(False):
+            with grad_enabled(False):
+                if out is not None:  # straight into the result arrays
+                    views = [torch.from_numpy(b).view(b.shape[0], out.y.shape[1])
+                             for b in [out.y] + list(out.orders)]
+                    taylor_derivatives(plan, X, order, wrt[0], out=(views[0], views[1:]))
+                    return Block(out.y, out.orders, "taylor")
                 y, ders = taylor_derivatives(plan, X, order, wrt[0])
-            return _to_numpy(y), [_to_numpy(d) for d in ders], "taylor"
-        fn = self._caller(model, widths)
-        with _grad_enabled(True), _exact_norms(order):
-            n_out = context.get("d_out") or self._n_outputs(fn, X)
-            if n_out > len(wrt):
+            return Block(to_numpy(y), [to_numpy(d) for d in ders], "taylor")
+        fn = self._caller(call.model, widths)
+        with grad_enabled(True), exact_norms(order):
+            if call.d_out > len(wrt):
                 try:
-                    y, values = _nested_forward(fn, X, order, wrt)
+                    y, values = nested_forward(fn, X, order, wrt)
                     method = "forward-jvp"
                 except (RuntimeError, NotImplementedError):
-                    y, values = _nested_reverse(fn, X, order, wrt)
+                    y, values = nested_reverse(fn, X, order, wrt)
                     method = "reverse-ones"
             else:
-                y, values = _nested_reverse(fn, X, order, wrt)
+                y, values = nested_reverse(fn, X, order, wrt)
                 method = "reverse-ones"
-        return y, _assemble(values, y, order, len(wrt)), method
+        return Block(y, assemble(values, y, order, len(wrt)), method)
 
-    @staticmethod
-    def _n_outputs(fn, X):
-        with _grad_enabled(False):
-            return fn(X[:2]).shape[1]  # two rows: batch-norm in train mode rejects one
-
-    def per_point_derivatives(self, model, args, order, wrt, context):
-        widths = [a.shape[1] for a in args]
-        fn = self._caller(model, widths)
-        base = self._tensor(args, context)
-        n = base.shape[0]
+    def per_point_derivatives(self, call, args, order, wrt) -> Block:
+        fn = self._caller(call.model, [a.shape[1] for a in args])
+        base = self._tensor(call, args)
         rows, per_order = [], [[] for _ in range(order)]
-        with _grad_enabled(True), _exact_norms(order):
-            for i in range(n):
+        with grad_enabled(True), exact_norms(order):
+            for i in range(base.shape[0]):
                 def row_fn(Z, i=i):
                     full = torch.cat([base[:i], Z, base[i + 1:]], dim=0)
                     return fn(full)[i:i + 1]
-                y, values = _nested_reverse(row_fn, base[i:i + 1].clone(), order, wrt)
+                y, values = nested_reverse(row_fn, base[i:i + 1].clone(), order, wrt)
                 rows.append(y)
-                for k, arr in enumerate(_assemble(values, y, order, len(wrt))):
+                for k, arr in enumerate(assemble(values, y, order, len(wrt))):
                     per_order[k].append(arr)
-        return np.concatenate(rows), [np.concatenate(p) for p in per_order], "per-point-blocks"
+        return Block(np.concatenate(rows), [np.concatenate(p) for p in per_order],
+                     "per-point-blocks")
 
-    def full_jacobian(self, model, args, context) -> np.ndarray:
-        fn = self._caller(model, [a.shape[1] for a in args])
-        X = self._tensor(args, context)
-        with _grad_enabled(True):
+    def full_jacobian(self, call, args) -> np.ndarray:
+        fn = self._caller(call.model, [a.shape[1] for a in args])
+        X = self._tensor(call, args)
+        with grad_enabled(True):
             J = torch.autograd.functional.jacobian(fn, X)
-        return _to_numpy(J)
+        return to_numpy(J)
 
     @contextmanager
     def preserved(self, model):
@@ -246,17 +224,26 @@ class TorchBackend(Backend):
             for m, mode in modes:
                 m.training = mode
 
-    def bytes_per_point(self, model, width, d_out, order, m):
-        if _dense_widths(model) and self._first_float_tensor(model).device.type == "cpu":
-            # the work runs in blocks of _block_rows rows (a few MB whatever N is), so only
-            # the inputs (a numpy array and a tensor) and the results (which the caller counts)
-            # grow with the number of points; chunking beyond that only adds copies
+    def block_rows(self, call):
+        """About 2**18 values of the widest layer, so that one block's intermediates stay in
+        cache (measured 1.3-2x faster per point than one batch of 10**5 on a 2-core CPU).
+        Only for plain stacks of per-point layers on the CPU; otherwise no limit (a GPU wants
+        large batches)."""
+        widths = _dense_widths(call.model)
+        if not widths or getattr(call.device, "type", "cpu") != "cpu":
+            return None
+        return int(min(8192, max(1024, 2 ** 18 // max(widths))))
+
+    def bytes_per_point(self, call, order, m):
+        model, width, d_out = call.model, call.width, call.d_out
+        if _dense_widths(model) and getattr(call.device, "type", "cpu") == "cpu":
+            # the work runs in blocks of block_rows rows (a few MB whatever N is), so only the
+            # inputs (a numpy array and a tensor) grow with the number of points
             return 16 * width
         hidden = 64
         if isinstance(model, torch.nn.Module):
             hidden = sum(p.shape[0] for p in model.parameters() if p.ndim >= 2) or 64
-        first = self._first_float_tensor(model)
-        item = first.element_size() if first is not None else 8
+        item = call.dtype.itemsize
         values = hidden + width + d_out  # one row of every layer's output
         if m == 1 and taylor_plan(model, [width]) is not None:
             # Taylor mode: order + 1 coefficients of each value, and a few temporaries
@@ -268,18 +255,18 @@ class TorchBackend(Backend):
         return torch_code(order=order, wrt=wrt, widths=widths)
 
     # -- structure, for diagnostics --------------------------------------------------
-    def kink_points(self, model, args, context, chunk=65536):
-        if _kink_free(model):  # no layer that can call a piecewise-linear function
+    def kink_points(self, call, args, chunk=65536):
+        if _kink_free(call.model):  # no layer that can call a piecewise-linear function
             return []
         n = args[0].shape[0]
         hits = np.zeros(n, dtype=bool)
-        fn = self._caller(model, [a.shape[1] for a in args])
-        with _grad_enabled(False):
+        fn = self._caller(call.model, [a.shape[1] for a in args])
+        with grad_enabled(False):
             for s in range(0, n, chunk):
                 part = [a[s:s + chunk] for a in args]
-                watcher = _KinkWatcher(part[0].shape[0])
+                watcher = KinkWatcher(part[0].shape[0])
                 with watcher:
-                    fn(self._tensor(part, context))
+                    fn(self._tensor(call, part))
                 hits[s:s + chunk] = watcher.hits
         return np.flatnonzero(hits).tolist()
 
@@ -322,13 +309,6 @@ class TorchBackend(Backend):
             yield
         finally:
             torch.set_num_threads(threads)
-
-    # -- teaching: small seeded training runs (compare_activations) ---------------------
-    def activation_class(self, activation):
-        return activation_class(activation)
-
-    def fit_1d(self, target, activation, **kwargs):
-        return fit_1d(target, activation, **kwargs)
 
     def float64_copy(self, model):
         if isinstance(model, torch.nn.Module):
@@ -384,177 +364,6 @@ def _dense_widths(model):
         return []
     return [max(m.in_features, m.out_features) for m in model.modules()
             if isinstance(m, torch.nn.Linear)]
-
-
-def _block_rows(model, X) -> int:
-    """Rows per block: about 2**18 values of the widest layer, so that one block's
-    intermediates stay in cache (measured 1.3-2x faster per point than one batch of 10**5
-    on a 2-core CPU). Only for plain stacks of per-point layers on the CPU; otherwise the
-    whole batch (a GPU wants large batches)."""
-    widths = _dense_widths(model)
-    if not widths or X.device.type != "cpu":
-        return max(X.shape[0], 1)
-    return int(min(8192, max(1024, 2 ** 18 // max(widths))))
-
-
-@contextmanager
-def _grad_enabled(flag: bool):
-    with torch.inference_mode(False), torch.set_grad_enabled(flag):
-        yield
-
-
-class _PlainNorms(torch.overrides.TorchFunctionMode):
-    """Layer norm and batch-statistics batch norm written as plain tensor operations.
-
-    PyTorch's fused kernels for these give wrong higher derivatives (order >= 3 in reverse
-    mode, already order 2 in forward-over-forward mode); the plain
-    operations differentiate correctly to any order. Running statistics are not updated
-    here (nbderiv restores them anyway).
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        F = torch.nn.functional
-        if func in (F.layer_norm, torch.layer_norm):
-            return _layer_norm(*args, **kwargs)
-        if func is F.batch_norm:
-            names = ("input", "running_mean", "running_var", "weight", "bias", "training",
-                     "momentum", "eps")
-            bound = dict(zip(names, args, strict=False), **kwargs)
-            uses_batch = bound.get("training", False) or bound.get("running_mean") is None
-            if uses_batch:
-                return _batch_norm_batch_stats(bound["input"], bound.get("weight"),
-                                               bound.get("bias"), bound.get("eps", 1e-5))
-        return func(*args, **kwargs)
-
-
-def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    dims = tuple(range(-len(tuple(normalized_shape)), 0))
-    mean = input.mean(dim=dims, keepdim=True)
-    var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
-    out = (input - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        out = out * weight
-    return out + bias if bias is not None else out
-
-
-def _batch_norm_batch_stats(input, weight, bias, eps):
-    dims = (0,) + tuple(range(2, input.ndim))
-    shape = (1, -1) + (1,) * (input.ndim - 2)
-    mean = input.mean(dim=dims, keepdim=True)
-    var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
-    out = (input - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        out = out * weight.reshape(shape)
-    return out + bias.reshape(shape) if bias is not None else out
-
-
-@contextmanager
-def _exact_norms(order):
-    if order < 2:
-        yield
-        return
-    with _PlainNorms():
-        yield
-
-
-def _to_numpy(t) -> np.ndarray:
-    return t.detach().cpu().numpy()
-
-
-def _nested_reverse(fn, X, order, wrt):
-    """Nested reverse mode with the ones trick: grad(sum_n T[n]) = per-point gradients,
-    valid because point n's output depends only on point n's input."""
-    X = X.detach().requires_grad_(True)
-    Y = fn(X)
-    n, d_out = Y.shape
-    frontier = {(): Y}
-    values = {}
-    for k in range(1, order + 1):
-        create = k < order
-        new = {}
-        for idx, T in frontier.items():
-            cols = []
-            for j in range(d_out):
-                Tj = T[:, j]
-                g = None
-                if Tj.requires_grad:
-                    g = torch.autograd.grad(Tj, X, grad_outputs=torch.ones_like(Tj),
-                                            create_graph=create, retain_graph=True,
-                                            allow_unused=True)[0]
-                cols.append(torch.zeros_like(X) if g is None else g)
-            G = torch.stack(cols, dim=1)  # (n, d_out, D)
-            for p in range(idx[-1] if idx else 0, len(wrt)):
-                new[idx + (p,)] = G[:, :, wrt[p]]
-        values.update({idx: _to_numpy(t) for idx, t in new.items()})
-        frontier = new
-    return _to_numpy(Y), values
-
-
-def _nested_forward(fn, X, order, wrt):
-    """Nested forward mode: each distinct partial is a chain of directional derivatives."""
-    from torch.func import jvp
-
-    X = X.detach()
-    basis = []
-    for i in wrt:
-        e = torch.zeros_like(X)
-        e[:, i] = 1
-        basis.append(e)
-
-    def along(f, v):
-        return lambda z: jvp(f, (z,), (v,))[1]
-
-    values = {}
-    for k in range(1, order + 1):
-        for idx in sorted_multi_indices(len(wrt), k):
-            g = fn
-            for p in idx:
-                g = along(g, basis[p])
-            values[idx] = _to_numpy(g(X))
-    with torch.no_grad():
-        y = _to_numpy(fn(X))
-    return y, values
-
-
-def _assemble(values, y, order, m):
-    n, d_out = y.shape
-    return [fill_symmetric({idx: v for idx, v in values.items() if len(idx) == k},
-                           n, d_out, m, k, y.dtype) for k in range(1, order + 1)]
-
-
-
-# -- kinks --------------------------------------------------------------------------------
-def _kink_values(func, args, kwargs):
-    """The kink locations of a piecewise-linear torch function call, or None."""
-    F = torch.nn.functional
-    if func in (torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, F.leaky_relu,
-                F.leaky_relu_, F.prelu, F.rrelu):
-        return (0.0,)
-    if func in (F.relu6,):
-        return (0.0, 6.0)
-    if func in (F.hardtanh, F.hardtanh_):
-        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-        return (float(lo), float(hi))
-    return None
-
-
-class _KinkWatcher(torch.overrides.TorchFunctionMode):
-    def __init__(self, n):
-        super().__init__()
-        self.hits = np.zeros(n, dtype=bool)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        kinks = _kink_values(func, args, kwargs)
-        inp = args[0] if args else kwargs.get("input")
-        if kinks is not None and isinstance(inp, torch.Tensor) and inp.ndim >= 1 \
-                and inp.shape[0] == len(self.hits):
-            flat = inp.detach().reshape(inp.shape[0], -1)
-            for k in kinks:
-                self.hits |= (flat == k).any(dim=1).cpu().numpy()
-        return func(*args, **kwargs)
 
 
 BACKEND = TorchBackend()

@@ -1,0 +1,107 @@
+"""Keeping a TensorFlow model's variables as they were: snapshots taken lazily (only
+before something that may write them runs) and restored when nbderiv's call ends, and the
+inspection of traced graphs that tells whether they may write variables or draw seeded
+random numbers.
+
+>>> import keras
+>>> net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2)])
+>>> with preserved(net):
+...     before_writing()
+...     _ = net.weights[0].assign(net.weights[0] * 0)
+>>> bool(abs(net.weights[0].numpy()).sum() > 0)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import numpy as np
+from tensorflow.python.framework import op_def_registry  # op types' flags
+
+from .tensorflow_keras import model_variables
+
+# -- keeping the user's variables as they were -----------------------------------------
+_OPEN_SNAPSHOTS: list = []  # one per preserved() block now open, innermost last
+
+# Stateful graph operations that are known not to write any variable; every other stateful
+# operation (assignments, scatter and optimizer updates, tf.random.Generator and seed-generator
+# state, counters) counts as possibly writing. Function bodies (calls, control flow, forward
+# accumulators) are looked into; Python code run from the graph (py_function, numpy_function,
+# even when declared stateless) and calls whose body is elsewhere count as possibly writing.
+# Random operations with their own state: two of them given the same seed draw the same
+# numbers, while one of them run twice does not (what the randomness probe must look at).
+_SEEDED_RANDOM = frozenset({
+    "RandomStandardNormal", "RandomUniform", "RandomUniformInt", "TruncatedNormal",
+    "RandomGamma", "RandomPoissonV2", "RandomShuffle", "Multinomial",
+    "ParameterizedTruncatedNormal"})
+_READ_ONLY_STATEFUL = _SEEDED_RANDOM | {
+    "ReadVariableOp", "VarHandleOp", "VarIsInitializedOp", "Placeholder", "NoOp",
+    # calls and control flow: stateful only when their bodies are, and those are looked into
+    "StatefulPartitionedCall", "PartitionedCall", "While", "If", "Case"}
+_OPAQUE = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "RemoteCall"})
+# writes through reference variables, whose op definitions are not flagged stateful
+_WRITES_BY_NAME = re.compile(r"^(Resource)?(Sparse)?(Assign|Scatter|Apply|StridedSliceAssign)")
+
+
+def graph_op_types(graph) -> set:
+    """The operation types in a traced graph and in every function body it calls."""
+    graph_def = graph.as_graph_def()
+    types = {node.op for node in graph_def.node}
+    for function in graph_def.library.function:
+        types.update(node.op for node in function.node_def)
+    return types
+
+
+def _op_writes(op_type: str) -> bool:
+    if op_type in _OPAQUE or _WRITES_BY_NAME.match(op_type):
+        return True
+    if op_type in _READ_ONLY_STATEFUL:
+        return False
+    op_def = op_def_registry.get(op_type)
+    return op_def is None or op_def.is_stateful  # an unknown op may do anything
+
+
+class Snapshot:
+    """The model's variables, copied the first time something that may write them is about
+    to run: a traced computation seen to hold no writing operation never pays for the copy."""
+
+    def __init__(self, model):
+        self.model, self.saved = model, None
+
+    def take(self):
+        if self.saved is None:
+            self.saved = [(v, np.array(v.numpy(), copy=True)) for v in model_variables(self.model)]
+
+    def restore(self):
+        for v, value in self.saved or ():
+            if not np.array_equal(v.numpy(), value, equal_nan=True):
+                v.assign(value)
+
+
+def before_writing():
+    """Called before running anything that may write variables (eager model code, a trace
+    that writes or has not been inspected yet): every open snapshot is taken now."""
+    for snapshot in _OPEN_SNAPSHOTS:
+        snapshot.take()
+
+
+def graph_writes(types: set) -> bool:
+    return any(_op_writes(t) for t in types)
+
+
+def graph_has_seeded_random(types: set) -> bool:
+    return bool(types & (_SEEDED_RANDOM | _OPAQUE))
+
+
+@contextlib.contextmanager
+def preserved(model):
+    """The model's variables are put back as they were when the block ends."""
+    snapshot = Snapshot(model)
+    _OPEN_SNAPSHOTS.append(snapshot)
+    try:
+        yield
+    finally:
+        _OPEN_SNAPSHOTS.remove(snapshot)
+        snapshot.restore()
