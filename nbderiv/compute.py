@@ -16,6 +16,7 @@ per-point blocks).
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -133,16 +134,32 @@ def block_rows(call: Call, order: int, m: int, chunk_size=None, memory_budget=1 
     return equal_block_size(call.n, limit), chunked
 
 
-def _progress(iterable, total, enabled):
-    if enabled is False:
-        return iterable
+def _progress(items, enabled, after=2.0):
+    """``items``, with a progress bar: from the start when ``enabled`` is True, never when
+    False, and by default (None) only once the work has taken ``after`` seconds and more
+    than one item is left (a quick call shows nothing, in a terminal or a notebook)."""
+    items = list(items)
+    if enabled is False or len(items) < 2:
+        yield from items
+        return
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress is a nicety, never a requirement
-        return iterable
-    # by default a bar appears only once the work has taken two seconds
-    return tqdm(iterable, total=total, desc="nbderiv", unit="block", leave=False,
-                delay=0 if enabled else 2)
+        yield from items
+        return
+    start, bar = time.perf_counter(), None
+    try:
+        for i, item in enumerate(items):
+            if bar is None and (enabled or (time.perf_counter() - start > after
+                                            and len(items) - i > 1)):
+                bar = tqdm(total=len(items), initial=i, desc="nbderiv", unit="block",
+                           leave=False)
+            yield item
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def run_blocks(call: Call, order: int, wrt, rows: int, progress=False) -> Block:
@@ -153,7 +170,7 @@ def run_blocks(call: Call, order: int, wrt, rows: int, progress=False) -> Block:
     starts = block_starts(call.n, rows)
     full, methods = None, []
     with model_errors(call, f"differentiating it (order {order})"):
-        for s in _progress(starts, len(starts), progress):
+        for s in _progress(starts, progress):
             args = call.rows(s, s + rows)
             if full is None:  # the first block tells the shapes of the full result
                 part = call.backend.derivatives(call, args, order, wrt)

@@ -1,0 +1,86 @@
+"""The one computation path (nbderiv/compute.py): block sizing, the block loop, progress."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from nbderiv import compute  # noqa: E402
+
+
+def _call(n=50, d_in=2, d_out=3):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(d_in, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, d_out)).double()
+    call = compute.open_call(net, torch.rand(n, d_in, dtype=torch.float64), None)
+    compute.probe(call)
+    return call
+
+
+def test_block_rows_follow_the_memory_budget_and_say_when_they_chunk():
+    call = _call()
+    assert compute.block_rows(call, 2, 2) == (50, False)
+    rows, chunked = compute.block_rows(call, 2, 2, chunk_size=7)
+    assert (rows, chunked) == (7, True)
+    rows, chunked = compute.block_rows(call, 2, 2, memory_budget=20_000)
+    assert chunked and 1 <= rows < 50
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 49, 50])
+def test_blocks_of_any_size_give_the_one_block_answer(rows):
+    call = _call()
+    whole = call.backend.derivatives(call, call.args, 2, (0, 1))
+    blocked = compute.run_blocks(call, 2, (0, 1), rows)
+    np.testing.assert_allclose(blocked.y, whole.y, rtol=0, atol=1e-14)
+    for got, ref in zip(blocked.orders, whole.orders, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-13)
+
+
+def test_every_block_gets_the_same_number_of_points(monkeypatch):
+    call = _call()
+    sizes = []
+    original = type(call.backend).derivatives
+
+    def spy(self, c, args, *a, **kw):
+        sizes.append(args[0].shape[0])
+        return original(self, c, args, *a, **kw)
+
+    monkeypatch.setattr(type(call.backend), "derivatives", spy)
+    compute.run_blocks(call, 1, (0, 1), 7)
+    assert sizes == [7] * 8  # 50 points: 0-6, ..., 42-48, 43-49
+
+
+def test_the_verdict_sees_randomness_and_coupling():
+    call = _call()
+    first, again, moved = compute.probe_batches(call)
+    y = call.backend.forwards(call, [first])[0]
+    assert compute.verdict_of(call, [y, y, y]) == compute.Verdict(3, False, False)
+    other = y.copy()
+    other[0] += 1
+    assert compute.verdict_of(call, [y, other, y]).stochastic
+    shifted = y.copy()
+    shifted[3] += 1  # a point that was not moved changed: coupled
+    assert compute.verdict_of(call, [y, y, shifted]).coupled
+
+
+def _bar_output(items, enabled, monkeypatch, after=2.0, clock=None):
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    if clock is not None:
+        monkeypatch.setattr(compute.time, "perf_counter", clock)
+    assert list(compute._progress(items, enabled, after=after)) == list(items)
+    return err.getvalue()
+
+
+def test_progress_is_silent_for_quick_work_and_shown_when_asked_or_slow(monkeypatch):
+    pytest.importorskip("tqdm")
+    assert _bar_output(range(5), None, monkeypatch) == ""
+    assert _bar_output(range(5), False, monkeypatch) == ""
+    assert "nbderiv" in _bar_output(range(5), True, monkeypatch)
+    ticks = iter(range(0, 1000, 3))  # every look at the clock: 3 s later
+    assert "nbderiv" in _bar_output(range(5), None, monkeypatch, clock=lambda: next(ticks))
