@@ -43,7 +43,9 @@ def test_reference_matches_closed_form_derivatives_of_sin():
         np.testing.assert_allclose(c.reference[k].reshape(-1), closed[k], atol=1e-7)
         assert c.errors[k][0] < 1e-7 and c.errors[k][1] < 1e-7
     assert c.step == pytest.approx(2e-4)  # 1e-4 * max(1, max |x|)
-    assert "OK" in c.summary() and "order 3" in c.summary()
+    text = c.summary()
+    assert "OK" not in text and "order 3" in text
+    assert text.startswith("autodiff agrees with float64 central differences of this model")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -121,10 +123,34 @@ def test_random_model_is_not_checked():
     assert c.summary().startswith("not run")
 
 
-def test_a_function_that_cannot_run_in_float64_is_reported_not_raised():
-    W = torch.randn(2, 1)  # float32 tensor captured by the function
-    c = nbderiv.derivatives(lambda x: torch.tanh(x @ W), torch.rand(5, 2), check=True).check
-    assert c.errors == {} and "float64" in c.note and not c.passed
+def test_a_function_that_cannot_run_in_float64_is_checked_in_its_own_dtype_and_says_so():
+    W = torch.randn(2, 1, generator=torch.Generator().manual_seed(0))  # captured float32 tensor
+    X = torch.rand(5, 2, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(lambda x: torch.tanh(x @ W), X, order=2, check=True)
+    c = d.check
+    assert c.passed and c.dtype == "float32", c.summary()
+    assert "no float64 copy" in c.note and "float32" in c.note
+    assert c.step == pytest.approx(5e-3)  # a float32 step, not the float64 one
+    assert "float32 central differences" in c.summary()
+    # the float32 reference against the closed form: d/dx tanh(xW) = (1 - tanh^2) W
+    x64, w64 = X.double().numpy(), W.double().numpy()
+    t = np.tanh(x64 @ w64)
+    closed1 = (1 - t**2)[:, :, None] * w64.T[None]
+    closed2 = (-2 * t * (1 - t**2))[:, :, None, None] * (w64 @ w64.T)[None, None]
+    np.testing.assert_allclose(c.reference[1], closed1, atol=5e-4)
+    np.testing.assert_allclose(c.reference[2], closed2, atol=5e-3)
+
+
+def test_a_half_detached_function_fails_without_blaming_kinks():
+    W = torch.randn(2, 1, generator=torch.Generator().manual_seed(0))
+
+    def half_detached(x):  # the first feature's path is cut from the graph
+        return torch.tanh(x[:, :1].detach() * W[0] + x[:, 1:] * W[1])
+
+    X = torch.rand(6, 2, generator=torch.Generator().manual_seed(1))
+    c = nbderiv.derivatives(half_detached, X, check=True).check
+    assert not c.passed and c.kink_points == () and c.nonsmooth_points
+    assert "autodiff is wrong here" in c.note and "kink lies" not in c.note
 
 
 def test_non_finite_points_are_left_out_of_the_comparison():

@@ -15,7 +15,7 @@ itself is never imported here: a model that is a Keras object means Keras is loa
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import inspect
 import sys
 import weakref
@@ -308,68 +308,73 @@ def _agrees(model, clone, parts) -> bool:
     return own.shape == new.shape and bool(np.abs(own - new).max(initial=0) <= 1e-3 * scale)
 
 
-@contextlib.contextmanager
-def _global_float64_policy():
-    """Layers created inside get float64 by default; the global setting is put back exactly."""
-    from keras.src.backend.common import global_state
+def _deepcopy_float64(model):
+    """A deep copy of a (subclassed) Keras model whose every float variable, dtype policy
+    and float constant attribute is float64; its ``__init__`` is never called, so any
+    constructor arguments are fine. Layers are copied as shells whose attributes are deep
+    copies (Keras' own ``__deepcopy__`` path would serialize the model through its config);
+    optimizers, metrics and traced functions are shared (never called on the copy)."""
+    keras = _keras()
+    from keras.src.saving.keras_saveable import KerasSaveable
+    from keras.src.utils.tracking import DotNotTrackScope, Tracker
 
-    saved = global_state.get_global_attribute("dtype_policy", None)
-    _keras().config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        global_state.set_global_attribute("dtype_policy", saved)
-
-
-def _rebuild_float64(model):
-    """A new instance of a subclassed model's class, its layers created in float64."""
-    config = dict(model.get_config())
-    with _global_float64_policy():
-        try:
-            return type(model).from_config({**config, "dtype": "float64"})
-        except TypeError:  # an __init__ without **kwargs: only its own arguments
-            own = {k: v for k, v in config.items() if k not in ("name", "trainable", "dtype")}
-            return type(model)(**own)
+    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    memo = {}
+    for v in model.variables:
+        floating = tf.as_dtype(v.dtype).is_floating
+        new = keras.Variable(np.asarray(v.numpy(), np.float64 if floating else None),
+                             dtype="float64" if floating else v.dtype,
+                             trainable=v.trainable and floating, name=v.name)
+        memo[id(v)] = new
+        if hasattr(v, "_value") and hasattr(new, "_value"):
+            memo[id(v._value)] = new._value
+    policy = keras.DTypePolicy("float64")
+    shells = {}
+    for layer in layers:
+        memo[id(layer._dtype_policy)] = policy
+        shells[id(layer)] = memo[id(layer)] = object.__new__(type(layer))
+        for value in vars(layer).values():
+            if id(value) in memo:
+                continue
+            if tf.is_tensor(value) and not isinstance(value, tf.Variable) \
+                    and value.dtype.is_floating:
+                memo[id(value)] = tf.cast(value, tf.float64)
+            elif isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                memo[id(value)] = value.astype(np.float64)
+            elif (isinstance(value, KerasSaveable) or hasattr(value, "get_concrete_function")) \
+                    and not isinstance(value, (keras.layers.Layer, keras.Variable)):
+                memo[id(value)] = value
+    with DotNotTrackScope():  # the copied trackers already hold their (copied) stores
+        for layer in layers:
+            shells[id(layer)].__dict__.update(copy.deepcopy(dict(vars(layer)), memo))
+    for layer in layers:
+        tracker = vars(shells[id(layer)]).get("_tracker")
+        if isinstance(tracker, Tracker):  # ids of the copies, not of the originals
+            tracker.stored_ids = {name: {id(x) for x in store}
+                                  for name, (_, store) in tracker.config.items()}
+    return memo[id(model)]
 
 
 def float64_copy(model):
     """A float64 copy of a Keras model with the same weights, or ``model`` itself when it
-    is already float64 or is not a Keras model (a ``tf.Module`` or a plain callable:
-    documented fallback, the check then runs in the model's own dtype).
+    is already float64 or is not a Keras model (a ``tf.Module`` or a plain callable, which
+    then gets float64 inputs). Raises (with the reason) when no copy can be made.
 
-    Sequential and functional models are cloned layer by layer in float64. A subclassed
-    model is rebuilt from its config (``get_config``, its layers created under a float64
-    dtype policy) and gets the weights on its first call; if that fails or the copy
-    disagrees with the model, the model itself is used.
+    Sequential and functional models are cloned layer by layer in float64 (float64
+    ``Input``s); other models (subclassed, with any ``__init__`` arguments) are deep-copied
+    with float64 variables and dtype policies (:func:`_deepcopy_float64`). The caller
+    checks that the copy computes in float64 and reproduces the model.
     """
     if not is_keras_layer(model) or _is_float64(model):
         return model
     kind = graph_kind(model)
-    try:
-        if kind is not None:
+    if kind is not None:
+        try:
             clone = _clone_graph_model(model, kind)
             probe = [np.random.default_rng(0).normal(size=(4,) + tuple(t.shape[1:]))
                      for t in model.inputs]
-            return clone if _agrees(model, clone, probe) else model
-        return _LazyFloat64(model, _rebuild_float64(model))
-    except Exception:  # a model Keras cannot clone: use it as it is
-        return model
-
-
-class _LazyFloat64:
-    """A subclassed Keras model's float64 twin; weights are copied on the first call (the
-    input shapes are only known then). Falls back to the original model if they don't fit."""
-
-    def __init__(self, model, clone):
-        self.model, self.clone, self.ready = model, clone, None
-
-    def __call__(self, *parts):
-        if self.ready is None:
-            try:
-                invoke(self.clone, list(parts))
-                self.clone.set_weights([np.asarray(w, dtype=np.float64)
-                                        for w in self.model.get_weights()])
-                self.ready = _agrees(self.model, self.clone, [np.asarray(p)[:4] for p in parts])
-            except Exception:
-                self.ready = False
-        return invoke(self.clone if self.ready else self.model, list(parts))
+            if _agrees(model, clone, probe):
+                return clone
+        except Exception:  # a layer Keras cannot clone from its config: copy it instead
+            pass
+    return _deepcopy_float64(model)

@@ -1,0 +1,181 @@
+"""Precision: the finite-difference check in float64 on copies of subclassed Keras models
+(constructor arguments included), its plain fallback, and the summary's wording.
+
+Every reference here is independent of nbderiv: a NumPy float64 re-implementation of the
+network from its weights, differentiated by float64 central differences.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+needs_keras = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None
+                                 or importlib.util.find_spec("keras") is None,
+                                 reason="TensorFlow / Keras not installed")
+
+
+def _numpy_fd(f, X, order):
+    """d[order] of f: (N, 1) -> (N, 1) at X (N, 1) by float64 central differences."""
+    h = 1e-4 if order == 2 else 1e-5
+    if order == 1:
+        return ((f(X + h) - f(X - h)) / (2 * h))[:, :, None]
+    return ((f(X + h) - 2 * f(X) + f(X - h)) / h**2)[:, :, None, None]
+
+
+def _dense_stack(weights, act):
+    """A NumPy float64 forward pass of Dense layers (kernel, bias pairs), act between."""
+    Ws = [np.asarray(w, np.float64) for w in weights]
+
+    def f(X):
+        for i in range(0, len(Ws), 2):
+            X = X @ Ws[i] + Ws[i + 1]
+            if i + 2 < len(Ws):
+                X = act(X)
+        return X
+    return f
+
+
+# -- subclassed Keras models with constructor arguments ------------------------------------
+def _keras_models():
+    import keras
+    import tensorflow as tf
+
+    class FNN(keras.Model):  # DeepXDE-style: layer sizes, activation and initializer by name
+        def __init__(self, layer_sizes, activation, kernel_initializer):
+            super().__init__()
+            self.denses = [keras.layers.Dense(n, activation=activation,
+                                              kernel_initializer=kernel_initializer)
+                           for n in layer_sizes[1:-1]]
+            self.denses.append(keras.layers.Dense(layer_sizes[-1],
+                                                  kernel_initializer=kernel_initializer))
+
+        def call(self, x):
+            for layer in self.denses:
+                x = layer(x)
+            return x
+
+    class SinNet(keras.Model):  # a function as argument, a float32 constant attribute
+        def __init__(self, width, depth, act=tf.sin, scale=2.0):
+            super().__init__()
+            self.scale = tf.constant(scale)
+            self.hidden = [keras.layers.Dense(width, activation=act) for _ in range(depth)]
+            self.out = keras.layers.Dense(1)
+
+        def call(self, x):
+            x = x * self.scale
+            for layer in self.hidden:
+                x = layer(x)
+            return self.out(x)
+
+    class Affine(keras.layers.Layer):  # weights made in build()
+        def __init__(self, units, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform")
+            self.b = self.add_weight(shape=(self.units,), initializer="random_normal")
+
+        def call(self, x):
+            return x @ self.w + self.b
+
+    class Custom(keras.Model):
+        def __init__(self, width):
+            super().__init__()
+            self.a, self.b = Affine(width), Affine(1)
+
+        def call(self, x):
+            return self.b(keras.ops.tanh(self.a(x)))
+
+    keras.utils.set_random_seed(0)
+    fnn = FNN([1, 32, 32, 1], "tanh", "glorot_normal")
+    sin = SinNet(24, 2)
+    custom = Custom(16)
+    for m in (fnn, sin, custom):
+        m(np.zeros((1, 1), np.float32))
+    return {
+        "fnn": (fnn, _dense_stack(fnn.get_weights(), np.tanh)),
+        "sin": (sin, lambda X: _dense_stack(sin.get_weights(), np.sin)(2.0 * X)),
+        "custom": (custom, _dense_stack(custom.get_weights(), np.tanh)),
+    }
+
+
+@needs_keras
+@pytest.mark.parametrize("name", ["fnn", "sin", "custom"])
+def test_subclassed_keras_model_with_arguments_is_checked_in_float64(name):
+    import nbderiv
+
+    model, truth = _keras_models()[name]
+    x = np.linspace(-1, 1, 21).astype(np.float32).reshape(-1, 1)
+    d = nbderiv.derivatives(model, x, order=2, check=True)
+    c = d.check
+    assert c.passed and c.dtype == "float64" and c.nonsmooth_points == (), c.summary()
+    assert "no float64 copy" not in c.note
+    X = x.astype(np.float64)
+    for k in (1, 2):
+        ref = _numpy_fd(truth, X, k)
+        scale = np.abs(ref).max()
+        # the check's reference is float64 (a float32 one would be off by ~1e-3 here)
+        np.testing.assert_allclose(c.reference[k], ref, atol=1e-6 * scale + 1e-7)
+        assert c.errors[k][1] < 1e-4  # float32 autodiff vs float64 differences
+    assert all(str(w.dtype) == "float32" for w in model.weights)  # the model is untouched
+
+
+@needs_keras
+def test_a_model_that_casts_to_float32_inside_is_checked_in_float32_and_says_so():
+    import keras
+
+    import nbderiv
+
+    class Cast32(keras.Model):
+        def __init__(self, width):
+            super().__init__()
+            self.h, self.o = keras.layers.Dense(width, activation="tanh"), keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.o(self.h(keras.ops.cast(x, "float32")))
+
+    keras.utils.set_random_seed(1)
+    model = Cast32(16)
+    model(np.zeros((1, 1), np.float32))
+    x = np.linspace(-1, 1, 15).astype(np.float32)
+    c = nbderiv.derivatives(model, x, order=2, check=True).check
+    assert c.passed and c.dtype == "float32", c.summary()  # no false MISMATCH
+    assert "no float64 copy" in c.note and "lower precision" in c.note
+    truth = _dense_stack(model.get_weights(), np.tanh)
+    ref = _numpy_fd(truth, x.reshape(-1, 1).astype(np.float64), 1)
+    np.testing.assert_allclose(c.reference[1], ref, atol=2e-3 * np.abs(ref).max())
+
+
+def test_torch_model_checked_in_float64_against_numpy_truth():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
+    x = torch.linspace(-1, 1, 17).reshape(-1, 1)
+    c = nbderiv.derivatives(net, x, order=2, check=True).check
+    assert c.passed and c.dtype == "float64" and "agrees with float64" in c.summary()
+    weights = [net[0].weight.detach().numpy().T, net[0].bias.detach().numpy(),
+               net[2].weight.detach().numpy().T, net[2].bias.detach().numpy()]
+    truth = _dense_stack(weights, np.tanh)
+    for k in (1, 2):
+        ref = _numpy_fd(truth, x.double().numpy(), k)
+        np.testing.assert_allclose(c.reference[k], ref, atol=1e-6 * np.abs(ref).max())
+
+
+def test_smooth_but_sharp_model_is_not_blamed_on_kinks():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    # tanh(3000 x): no kink anywhere, but it bends within a 1e-4 step near 0
+    d = nbderiv.derivatives(lambda x: torch.tanh(3000 * x),
+                            torch.tensor([[1e-5], [0.5]], dtype=torch.float64),
+                            order=2, check=True)
+    c = d.check
+    assert not c.passed and 0 in c.nonsmooth_points and c.kink_points == ()
+    assert "curves too sharply" in c.note and "kink lies" not in c.note
+    assert c.summary().startswith("MISMATCH: autodiff disagrees with float64")
