@@ -76,7 +76,9 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
         block, layers = _differentiate(call, order, wrt, chunk_size=chunk_size,
                                        memory_budget=memory_budget, progress=progress)
         y, ders = block.y, block.orders
-        call.findings += dg.result_findings(call, layers, y, ders, order, wrt, call.findings)
+        with model_errors(call, "checking its findings (kinks, finite differences)"):
+            call.findings += dg.result_findings(call, layers, y, ders, order, wrt,
+                                                call.findings)
         result = Derivatives(x=call.features(), y=y, orders=ders, framework=call.backend.name,
                              method=block.method, inputs=call.names, wrt=wrt,
                              findings=call.findings)
@@ -128,8 +130,9 @@ def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
         else:
             with model_errors(few, f"differentiating it (order {min(order, 2)})"):
                 block = call.backend.derivatives(few, few.args, min(order, 2), wrt)
-        call.findings += dg.result_findings(call, layers, block.y, block.orders, order, wrt,
-                                            call.findings)
+        with model_errors(call, "checking its findings (kinks, finite differences)"):
+            call.findings += dg.result_findings(call, layers, block.y, block.orders, order,
+                                                wrt, call.findings)
     return call.findings
 
 

@@ -25,8 +25,14 @@ from . import findings as dg
 from .backends import select_backend
 from .backends.base import Block, block_starts, equal_block_size
 from .call import Call, Verdict
-from .errors import ModelCallError, NbderivError
-from .inputs import input_findings, input_names, model_rejected_input, prepare_inputs
+from .errors import ModelCallError, NbderivError, OutputError
+from .inputs import (
+    input_findings,
+    input_names,
+    model_error_fix,
+    model_rejected_input,
+    prepare_inputs,
+)
 from .result_memory import result_array
 
 
@@ -55,56 +61,132 @@ def model_errors(call: Call, doing: str):
     except (NbderivError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        text = (str(exc).strip().splitlines() or [""])[0][:300].rstrip(".")
         shapes = ", ".join(str(tuple(a.shape)) for a in call.args)
         raise ModelCallError(
             f"the model raised {type(exc).__name__} while nbderiv was {doing} on input of shape "
-            f"{shapes}: {text}. Fix: check that the model runs on that input with plain "
-            "framework code (d.code shows the equivalent), e.g. on a smaller batch."
+            f"{shapes}: {text}. {model_error_fix(exc, call.n)}"
         ) from None
 
 
 # -- the probe ------------------------------------------------------------------------------
-def probe_batches(call: Call) -> list:
-    """The probe's three batches: the first few points twice (randomness), then with point 0
-    moved (does any other point's output change?)."""
+def probe_points(call: Call) -> list:
+    """The probe's points: the first few, then the points holding each feature's largest and
+    smallest value and largest |value| (over all N), at most ``2 * PROBE_POINTS`` in all."""
     k = min(call.n, dg.PROBE_POINTS)
-    first = [a[:k].copy() for a in call.args]
+    chosen = list(range(k))
+    X = call.features()
+    if call.n > k:
+        with np.errstate(invalid="ignore"):
+            finite = np.where(np.isfinite(X), X, 0)
+            for i in range(min(X.shape[1], dg.PROBE_POINTS)):
+                for n in (finite[:, i].argmax(), finite[:, i].argmin(),
+                          np.abs(finite[:, i]).argmax()):
+                    if int(n) not in chosen and len(chosen) < 2 * dg.PROBE_POINTS:
+                        chosen.append(int(n))
+    return chosen
+
+
+def _outward(a: np.ndarray) -> np.ndarray:
+    return (0.5 * (1 + np.abs(a))).astype(a.dtype)
+
+
+def probe_batches(call: Call, points=None) -> tuple:
+    """(batches, moved): the probe's batches on ``points`` (default :func:`probe_points`): the
+    points twice (randomness), with point 0 moved, and with the points holding each feature's
+    extremes in the batch moved further out (does any other point's output change?).
+    ``moved[b]`` lists the rows moved in batch b (for the coupling test)."""
+    points = probe_points(call) if points is None else points
+    first = [a[points].copy() for a in call.args]
+    k = len(points)
     moved = [a.copy() for a in first]
     for a in moved:
         a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
-    return [first, first, moved]
+    extremes = set()
+    X = np.concatenate(first, axis=1) if len(first) > 1 else first[0]
+    with np.errstate(invalid="ignore"):
+        finite = np.where(np.isfinite(X), X, 0)
+        for i in range(min(X.shape[1], dg.PROBE_POINTS)):
+            extremes |= {int(finite[:, i].argmax()), int(finite[:, i].argmin()),
+                         int(np.abs(finite[:, i]).argmax())}
+    if len(extremes) >= k:  # keep one point still to watch
+        extremes = set(sorted(extremes)[:k - 1])
+    out = [a.copy() for a in first]
+    for a in out:
+        for n in extremes:
+            a[n] += np.sign(a[n] + (a[n] == 0)) * _outward(a[n])
+    return [first, first, moved, out], [[], [], [0], sorted(extremes)]
 
 
-def verdict_of(call: Call, outputs) -> Verdict:
-    """The :class:`Verdict` from the outputs of the three probe batches."""
-    y1, y2, y3 = (np.ascontiguousarray(y) for y in outputs)
+def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
+    """The :class:`Verdict` from the outputs of the probe batches (``moved[b]``: the rows
+    moved in batch b, default [0] in the third). ``fewer``: the outputs on the first k-1
+    points alone, if the probe ran them (a model whose outputs change when a point is left
+    out couples points too)."""
+    ys = [np.ascontiguousarray(y) for y in outputs]
+    moved = [[], [], [0]] if moved is None else moved
+    y1, y2 = ys[0], ys[1]
     stochastic = y1.tobytes() != y2.tobytes()  # the same model call twice: identical bits?
     coupled = False
     if not stochastic and y1.shape[0] >= 2:
-        with np.errstate(invalid="ignore"):  # inf - inf at points where y is infinite
-            change = np.fmax.reduce(np.abs(y3[1:] - y1[1:]), axis=None, initial=0)  # NaN skipped
         scale = 1 + np.fmax.reduce(np.abs(y1), axis=None, initial=0)
-        coupled = bool(change > 100 * np.finfo(call.dtype).eps * scale)
+        tol = 100 * np.finfo(call.dtype).eps * scale
+        compare = [(y, np.setdiff1d(np.arange(y1.shape[0]), rows))
+                   for y, rows in zip(ys[2:], moved[2:])]
+        if fewer is not None:
+            compare.append((np.concatenate([fewer, y1[-1:]]), np.arange(y1.shape[0] - 1)))
+        for y, keep in compare:
+            if keep.size == 0:
+                continue
+            with np.errstate(invalid="ignore"):  # inf - inf at points where y is infinite
+                change = np.fmax.reduce(np.abs(y[keep] - y1[keep]), axis=None, initial=0)
+            # (fewer points: other summation orders may change the last bits; allow more)
+            coupled |= bool(change > (tol if y is not ys[-1] or fewer is None else 1e3 * tol))
     return Verdict(int(y1.shape[1]), stochastic, coupled)
 
 
 def probe(call: Call) -> Verdict:
     """Outputs per point, randomness, coupling: the backend's verdict where the model's
-    structure settles it, else from three cheap forward-only model calls. Sets
-    ``call.verdict``. The probe is the model's first call, so a failure here means that the
-    model rejects this input: it is reported as such."""
+    structure settles it, else from a few cheap forward-only model calls (the probe batches,
+    then the first k-1 probe points alone: the output's first axis must follow the number of
+    points). Sets ``call.verdict``. The probe is the model's first call, so a failure here
+    means that the model rejects this input: it is reported as such."""
     verdict = call.backend.known_verdict(call)
     if verdict is None:
+        batches, moved = probe_batches(call)
         try:
-            outputs = call.backend.forwards(call, probe_batches(call))
+            outputs = call.backend.forwards(call, batches)
         except NbderivError:
             raise
         except Exception as exc:
             raise model_rejected_input(exc, call.inputs, _expected_width(call)) from None
-        verdict = verdict_of(call, outputs)
+        fewer = _fewer_points(call, batches[0], outputs[0])
+        verdict = verdict_of(call, outputs, moved, fewer)
     call.verdict = verdict
     return verdict
+
+
+def _fewer_points(call: Call, first, y_first):
+    """The outputs on the first k-1 probe points alone; refuses an output whose first axis
+    only happens to have the length of the batch (e.g. ``2 * x[-1]`` on a 3 x 3 input)."""
+    k = first[0].shape[0]
+    if k < 2:
+        return None
+    fewer = [a[:k - 1] for a in first]
+    try:
+        (y,) = call.backend.forwards(call, [fewer])
+    except Exception as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = text.split(" Fix:")[0].split("; nbderiv needs")[0][:200]
+        raise OutputError(
+            f"the model's output has {k} rows for {k} points, but with {k - 1} points it "
+            f"failed ({type(exc).__name__}: {text.rstrip('.')}): its first axis only happens "
+            "to have the length of the batch, it is not one row per point (e.g. an output "
+            "indexed like x[-1], or a reduction over the points followed by a reshape). "
+            f"Fix: return one row per point, shape (N, d_out), computed from each point's "
+            "own input."
+        ) from None
+    return np.asarray(y)
 
 
 def _expected_width(call: Call):

@@ -1,8 +1,9 @@
 """Findings: the classic derivative pitfalls, recognised and explained.
 
 The codes are a stable contract (see the README): ``piecewise-linear``, ``at-kink``,
-``coupled-samples``, ``train-mode``, ``no-input-dependence``, ``input-reshaped``,
-``integer-input``, ``low-precision``, ``non-finite``. This module builds them; the
+``coupled-samples``, ``train-mode``, ``graph-broken``, ``no-input-dependence``, ``saturated``,
+``input-reshaped``, ``integer-input``, ``low-precision``, ``non-finite``. Findings that can be
+checked numerically are confirmed at the points they name first (:mod:`nbderiv.confirm`). This module builds them; the
 public entry points are :func:`nbderiv.derivatives` (``d.findings``) and
 :func:`nbderiv.diagnose`. (It is not called ``diagnose`` so that the submodule never
 shadows the function ``nbderiv.diagnose``.)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import confirm
 from .result import Finding
 
 # Activation names (torch module classes, Keras activation and layer names) whose
@@ -30,6 +32,7 @@ PIECEWISE_LINEAR = frozenset({
     "threshold", "sparse_sigmoid", "linear",
 })
 SMOOTH_SUGGESTION = "use a smooth activation such as tanh, softplus, SiLU or GELU"
+SATURATED_BELOW = 1e-5  # max |dy/dx| * (size of x) / (size of y) under this: vanishing gradients
 PROBE_POINTS = 8        # points that diagnose() and the coupling probe look at
 WIDE_PROBE_POINTS = 16  # extra points for the numeric piecewise-linear test
 _MAX_LISTED = 10
@@ -137,14 +140,18 @@ def wide_probe_points(args, n_points: int = WIDE_PROBE_POINTS, seed: int = 0) ->
 
 # -- kinks, coupling, dependence, non-finite values ---------------------------------------------
 def kink_finding(points) -> Finding | None:
+    """``at-kink`` at ``points``: candidates (a ReLU-type input exactly 0) where the output's
+    one-sided slopes were found to differ (:func:`nbderiv.confirm.kinks_confirmed`)."""
     points = list(points)
     if not points:
         return None
     return Finding(
         "at-kink", "warning",
-        f"{len(points)} point(s) sit exactly on a kink (a ReLU-type pre-activation is exactly 0) "
-        f"at index {_listed(points)}. The derivative there is the framework's convention for "
-        "the kink (e.g. relu'(0) = 0), not a true derivative: it does not exist there.",
+        f"{len(points)} point(s) sit exactly on a kink at index {_listed(points)}: a ReLU-type "
+        "pre-activation is exactly 0 there, and the output's slopes just left and just right of "
+        "the point differ (checked with one-sided finite differences). The derivative there is "
+        "the framework's convention for the kink (e.g. relu'(0) = 0), not a true derivative: "
+        "it does not exist there.",
         "move the points slightly off the kink (e.g. x + 1e-6), or use a smooth activation.",
         points=tuple(points),
     )
@@ -224,6 +231,51 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding 
     )
 
 
+GRAPH_CAUSES = ("a tensor taken out of the graph: .detach(), .data, .numpy() or a NumPy "
+                "function (np.sin, np.exp) applied to a tensor, .item(), a cast to an integer "
+                "type, code under torch.no_grad(), or tf.stop_gradient")
+
+
+def graph_broken_finding(pairs, moved_points, disagree_points, slope) -> Finding:
+    """``graph-broken``: autodiff says 0 for ``pairs`` ("y/x" names) while the forward pass
+    changes with that input at ``moved_points``, and/or autodiff disagrees with central
+    differences of the forward pass at ``disagree_points``."""
+    parts = []
+    if pairs:
+        parts.append(
+            f"autodiff says {', '.join(pairs[:_MAX_LISTED])} {'is' if len(pairs) == 1 else 'are'} "
+            f"0 at every point, yet the forward pass itself changes with that input (central "
+            f"differences of the model's output give slopes up to {slope:.3g})")
+    if disagree_points:
+        parts.append(
+            "autodiff disagrees with central differences of the model's own output at point(s) "
+            f"{_listed(disagree_points)} (the differences agree at two step sizes, so no kink "
+            "explains it)")
+    points = sorted(set(moved_points) | set(disagree_points))
+    return Finding(
+        "graph-broken", "warning",
+        "; ".join(parts) + ". Part of the computation is cut out of the autodiff graph, so the "
+        "derivatives nbderiv (and plain autodiff) returns are wrong: the output does depend on x.",
+        f"look in forward for {GRAPH_CAUSES}; compute everything with framework operations "
+        "(torch.sin / tf.sin, no NumPy round trip) and keep gradients enabled.",
+        points=tuple(points),
+    )
+
+
+def saturated_finding(outputs, ratio: float) -> Finding:
+    """``saturated``: max |dy/dx| * (size of x) / (size of y) is below SATURATED_BELOW."""
+    return Finding(
+        "saturated", "warning",
+        f"the input gradients vanish: over these points, |dy/dx| times the size of x is at most "
+        f"{ratio:.2g} of the size of y ({', '.join(outputs[:_MAX_LISTED])}), and finite "
+        "differences of the output agree. Typically tanh/sigmoid units are saturated (their "
+        "inputs far beyond about +-5, e.g. raw inputs in the hundreds), so every derivative is "
+        "almost 0 and training barely moves the model.",
+        "scale the inputs (standardise x to mean 0 and std 1, or a Rescaling/normalisation "
+        "layer), and check the activations and the weight initialisation.",
+    )
+
+
 def low_precision_finding(errors: dict, dtype, orders=None) -> Finding:
     """``errors[k] = (max_abs, max_rel)`` of the ``dtype`` results against float64."""
     orders = sorted(errors) if orders is None else sorted(orders)
@@ -244,8 +296,8 @@ def low_precision_finding(errors: dict, dtype, orders=None) -> Finding:
 # -- everything that needs the computed derivatives ---------------------------------------------
 def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     """The findings that need the results: ``piecewise-linear``, ``at-kink``,
-    ``no-input-dependence`` and ``non-finite`` (outputs). ``call`` is the
-    :class:`~nbderiv.call.Call`."""
+    ``graph-broken``, ``no-input-dependence``, ``saturated`` and ``non-finite`` (outputs).
+    ``call`` is the :class:`~nbderiv.call.Call`; ``ders`` belong to its first rows."""
     backend, args = call.backend, call.args
     out = []
     codes = {f.code for f in earlier}
@@ -257,16 +309,87 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
         f = piecewise_finding(layers, ders, order, wider)
         if f is not None:
             out.append(f)
-    f = kink_finding(backend.kink_points(call, args))
+    candidates = backend.kink_points(call, args)
+    f = kink_finding(confirm.kinks_confirmed(call, candidates, wrt) if candidates else [])
     if f is not None:
         out.append(f)
     out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
-    f = no_dependence_finding(ders[0], out_names, [call.names[i] for i in wrt])
-    if f is not None:
-        out.append(f)
+    in_names = [call.names[i] for i in wrt]
+    out += _dependence_findings(call, layers, y, ders[0], wrt, out_names, in_names,
+                                skip=candidates)
     bad_x = set(non_finite_points(*args) if call.non_finite_x is None else call.non_finite_x)
     bad = [n for n in non_finite_points(y, *ders) if n not in bad_x]
     f = non_finite_finding("the model's output or its derivatives (where x is finite)", bad)
     if f is not None:
         out.append(f)
     return out
+
+
+def _zero_pairs(d1: np.ndarray) -> np.ndarray:
+    """(d_out, m): True where the derivative is exactly 0 at every point (NaN is not 0)."""
+    if d1.shape[0] == 0 or d1.all():
+        return np.zeros(d1.shape[1:], dtype=bool)
+    return ~np.any(d1, axis=0)
+
+
+def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip) -> list:
+    """``graph-broken`` (confirmed with central differences of the forward pass), then
+    ``no-input-dependence`` for the zero pairs the forward pass confirms, then
+    ``saturated``."""
+    zero = _zero_pairs(d1)
+    verdict = call.verdict
+    if verdict is not None and verdict.stochastic:  # random outputs: no differences to trust
+        f = no_dependence_finding(d1, out_names, in_names)
+        return [f] if f is not None else []
+    zero_inputs = [int(i) for i in np.flatnonzero(zero.any(axis=0))]
+    check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip))
+    broken = np.zeros_like(zero)
+    moved, slope = [], 0.0
+    for i, (points, outputs, top) in check["moves"].items():
+        broken[:, i] = zero[:, i] & outputs
+        moved += points
+        slope = max(slope, float(top))
+    disagree = check["disagree"]
+    if len(disagree) < min(2, len(check["checked"])):
+        disagree = []
+    out = []
+    if broken.any() or disagree:
+        pairs = [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(broken),
+                                                                     strict=True)]
+        out.append(graph_broken_finding(pairs, moved, disagree, slope))
+    remaining = np.where(zero & ~broken, 0.0, 1.0)[None]  # the zero pairs nothing contradicts
+    f = no_dependence_finding(remaining, out_names, in_names) if (zero & ~broken).any() else None
+    if f is not None:
+        out.append(f)
+    if not out:
+        f = _saturation(call, layers, y, d1, wrt, out_names, check)
+        if f is not None:
+            out.append(f)
+    return out
+
+
+def _saturation(call, layers, y, d1, wrt, out_names, check) -> Finding | None:
+    """``saturated`` where max |dy/dx| * (size of x) / (size of y) < SATURATED_BELOW for an
+    output whose derivative is not exactly 0 (a dead ReLU region is no saturation), in a model
+    that is not piecewise linear, with the finite differences confirming the small slopes."""
+    if structurally_piecewise(layers) or check["fd_max"] is None:
+        return None
+    x = call.features()[:d1.shape[0]][:, list(wrt)].astype(np.float64)
+    finite = np.isfinite(x).all(axis=1) & np.isfinite(d1.reshape(d1.shape[0], -1)).all(axis=1)
+    if finite.sum() == 0:
+        return None
+    x, g, yy = x[finite], np.abs(d1[finite]).astype(np.float64), y[finite].astype(np.float64)
+    x_size = np.maximum(np.ptp(x, axis=0), np.abs(x).max(axis=0))
+    x_size = np.where(x_size > 0, x_size, 1.0)                         # (m,)
+    y_size = np.abs(yy).max(axis=0) + np.ptp(yy, axis=0)               # (d_out,)
+    change = (g * x_size).max(axis=(0, 2))                             # (d_out,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = change / y_size
+    # the differences' slopes are per unit of a step scaled by 1 + |x|
+    fd_ok = check["fd_max"] <= 10 * SATURATED_BELOW * y_size * (1 + x_size.max()) \
+        + 8 * check["noise"]
+    low = (change > 0) & (y_size > 0) & (ratio < SATURATED_BELOW) & fd_ok
+    if not low.any():
+        return None
+    return saturated_finding([out_names[j] for j in np.flatnonzero(low)],
+                             float(ratio[low].max()))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputShapeError, InputTypeError, OutputError
+from .errors import InputShapeError, InputTypeError, ModelCallError, OutputError
 from .result import Finding
 
 
@@ -181,6 +181,14 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
             f"the model returned {type_name or 'a non-tensor'}, not a tensor. "
             "Fix: make the model (or a wrapper lambda) return one tensor of shape (N, d_out)."
         )
+    if "complex" in dtype_name:
+        raise OutputError(
+            f"the model's output has dtype {dtype_name}; nbderiv differentiates real outputs "
+            "only (a complex output would silently lose its imaginary part). "
+            "Fix: return the real and imaginary parts as separate real outputs, e.g. "
+            "torch.cat([y.real, y.imag], dim=1) or tf.concat([tf.math.real(y), "
+            "tf.math.imag(y)], axis=1)."
+        )
     if not is_floating:
         raise OutputError(
             f"the model's output has dtype {dtype_name}; derivatives need a floating-point output. "
@@ -196,18 +204,64 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
     return (n_points, d_out)
 
 
+# What a model's error message says about its cause (lower case).
+_SHAPE_WORDS = ("shape", "size mismatch", "sizes", "dimension", "incompatible", "mat1 and mat2",
+                "cannot be multiplied", "must match", "expected input", "in_features",
+                "expected axis", "rank", "broadcast")
+_GRAPH_WORDS = ("numpy()", "requires grad", "symbolic", "is only available when eager",
+                "cannot convert a symbolic", "non-eager", "__array__")
+
+
+def model_error_cause(exc: Exception) -> str:
+    """'graph' (the forward leaves the framework), 'batchnorm-one' (BatchNorm training on one
+    point), 'shape' (about shapes or sizes) or 'other', from the exception's message."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if any(w in text for w in _GRAPH_WORDS):
+        return "graph"
+    if "more than 1 value per channel" in text:
+        return "batchnorm-one"
+    if any(w in text for w in _SHAPE_WORDS):
+        return "shape"
+    return "other"
+
+
+def model_error_fix(exc: Exception, n_points: int) -> str:
+    """The ``Fix: ...`` line that fits what the model's error says."""
+    cause = model_error_cause(exc)
+    if cause == "graph":
+        return ("The forward pass leaves the framework (.numpy() or a NumPy function on a "
+                "tensor), which autodiff cannot follow (the graph is broken). Fix: use "
+                "framework operations throughout forward (torch.sin / tf.sin instead of "
+                "np.sin, no .numpy() round trip).")
+    if cause == "batchnorm-one":
+        return (f"BatchNorm in training mode cannot normalise {n_points} point(s) on their "
+                "own. Fix: pass more points, or call model.eval() (training=False in Keras).")
+    return ("Fix: run the model on that input with plain framework code (d.code shows the "
+            "equivalent, e.g. model(torch.as_tensor(x))) and fix the error it raises there.")
+
+
 def model_rejected_input(exc: Exception, prepared: PreparedInput,
-                         expected_width=None) -> InputShapeError:
-    """A readable error for a model that raised when called on the prepared input."""
+                         expected_width=None) -> InputShapeError | ModelCallError:
+    """A readable error for a model that raised when first called on the prepared input:
+    :class:`InputShapeError` (fix: the trailing size) when the failure is about shapes or the
+    width differs from what the model expects, else :class:`ModelCallError` with a fix that
+    fits the cause."""
     shapes = [tuple(a.shape) for a in prepared.arrays]
     shown = shapes[0] if len(shapes) == 1 else tuple(shapes)
     given = prepared.original_shapes[0] if len(shapes) == 1 else tuple(prepared.original_shapes)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    width_differs = expected_width is not None and expected_width != prepared.width
+    if not width_differs and model_error_cause(exc) != "shape":
+        return ModelCallError(
+            f"the model raised {type(exc).__name__} when nbderiv first called it on x of shape "
+            f"{given} (passed as {shown}): {text[:300].rstrip('.')}. "
+            f"{model_error_fix(exc, prepared.n_points)}"
+        )
     hint = ""
     if prepared.reshaped and not prepared.several:
         hint = " If x was meant as ONE point with several features, pass x.reshape(1, -1)."
     expects = ""
-    if expected_width is not None and expected_width != prepared.width:
+    if width_differs:
         expects = (f" The model expects {expected_width} input feature(s) per point, shape "
                    f"(N, {expected_width}); x has {prepared.width}.")
     return InputShapeError(

@@ -1,0 +1,206 @@
+"""Numbers that confirm a finding before it is raised, from the model's own forward passes.
+
+A finding is a claim to a student, so each one that can be checked is checked at the points it
+names: :func:`kinks_confirmed` compares one-sided slopes of the output (``at-kink``),
+:func:`graph_consistency` compares autodiff with central differences of the forward pass
+(``graph-broken``, ``saturated``). Only the backend's ``forwards`` (and ``float64_copy``) are
+used, so this works for every framework. Points are evaluated one batch at a time; for a model
+that couples points each probe point is evaluated inside the original batch.
+
+>>> import numpy as np, torch
+>>> from nbderiv.compute import open_call, probe
+>>> call = open_call(torch.abs, torch.tensor([[0.0], [1.0]]), None)
+>>> _ = probe(call)
+>>> kinks_confirmed(call, [0, 1])
+[0]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KINK_CHECKS = 24       # at most this many candidate points are checked for a kink
+GRAPH_POINTS = 4       # points at which autodiff is compared with the forward pass
+_COUPLED_ROWS = 4096   # most rows evaluated for a model that couples points
+
+
+def _forward_rows(call, queries, at, batch_rows=None):
+    """The model's outputs (q, d_out) at ``queries`` ((q, D) features); ``at[r]`` is the
+    point that query r stands in for (used for models that couple points: it replaces that
+    point in the batch of the first ``batch_rows`` points, default all). None when the
+    evaluation would be too large."""
+    widths = call.widths
+    cuts = np.cumsum(widths)[:-1]
+    coupled = call.verdict is not None and call.verdict.coupled
+    if not coupled:
+        (y,) = call.backend.forwards(call, [list(np.split(queries, cuts, axis=1))])
+        return np.asarray(y, dtype=np.float64)
+    base = call.features()[:batch_rows]
+    if queries.shape[0] * base.shape[0] > _COUPLED_ROWS:
+        return None
+    batches = []
+    for q, n in zip(queries, at):
+        full = base.copy()
+        full[n] = q
+        batches.append(list(np.split(full.astype(call.dtype), cuts, axis=1)))
+    ys = call.backend.forwards(call, batches)
+    return np.stack([np.asarray(y, dtype=np.float64)[n] for y, n in zip(ys, at)])
+
+
+def _directions(width: int, wrt, count: int, seed: int = 0) -> list:
+    """Unit directions over the ``wrt`` features (zero elsewhere), (D,) each: the only one for
+    a single feature, else ``count`` seeded random ones (never tangent to a kink surface,
+    almost surely)."""
+    if len(wrt) == 1:
+        v = np.zeros(width)
+        v[wrt[0]] = 1.0
+        return [v]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        v = np.zeros(width)
+        v[list(wrt)] = rng.normal(size=len(wrt))
+        out.append(v / np.linalg.norm(v))
+    return out
+
+
+def _effective_eps(call, y) -> float:
+    """The rounding unit the outputs were computed with: float32's if every value is exactly a
+    float32 (a "float64" copy that computed in float32), else the dtype's."""
+    eps = float(np.finfo(call.dtype).eps)
+    if call.dtype == np.float64 and np.all(y.astype(np.float32).astype(np.float64) == y):
+        eps = float(np.finfo(np.float32).eps)
+    return eps
+
+
+def _float64_call(call):
+    """The call on a float64 copy of the model (or the model's own dtype if none)."""
+    if call.dtype == np.float64:
+        return call
+    try:
+        model = call.backend.float64_copy(call.model)
+    except Exception:  # the check is then done in the model's own dtype
+        return call
+    f64 = np.dtype("float64")
+    return call.with_args([a.astype(f64) for a in call.args], model=model, dtype=f64,
+                          verdict=call.verdict)
+
+
+def kinks_confirmed(call, candidates, wrt=None, limit: int = KINK_CHECKS,
+                    float64: bool = True, coarse: bool = False) -> list:
+    """The candidate points (at most ``limit`` are checked) at which the output's one-sided
+    slopes differ: along a direction v, (f(x + hv) - f(x))/h and (f(x) - f(x - hv))/h differ
+    beyond rounding, at two steps h and h/16 alike (a smooth curvature shrinks with h, a kink
+    does not). A dead region (slope 0 on both sides) or a unit whose input is 0 on a whole
+    neighbourhood is no kink. Evaluated in float64 where a float64 copy of the model exists."""
+    candidates = [int(n) for n in candidates][:limit]
+    if not candidates:
+        return []
+    wrt = tuple(range(call.width)) if wrt is None else tuple(wrt)
+    c64 = _float64_call(call) if float64 else call
+    X = c64.features()[candidates].astype(np.float64)
+    scale = 1.0 + np.abs(X)                                     # (P, D)
+    dirs = _directions(call.width, wrt, 2)
+    h1 = 1e-5 if c64.dtype == np.float64 and not coarse else 1e-2
+    steps = (h1, h1 / 16)
+    rows, at = [X], list(candidates)
+    for v in dirs:
+        for h in steps:
+            for sign in (1.0, -1.0):
+                rows.append(X + sign * h * v * scale)
+                at += candidates
+    y = _forward_rows(c64, np.concatenate(rows).astype(c64.dtype), at)
+    if y is None:
+        return []
+    P = len(candidates)
+    y = y.reshape(len(rows), P, -1)
+    eps = _effective_eps(c64, y)
+    if eps > 1e-10 and h1 < 1e-3:  # the copy computed in float32 after all: redo with its steps
+        return kinks_confirmed(call, candidates, wrt, limit, float64=False, coarse=True)
+    f0 = y[0]
+    confirmed = np.zeros(P, dtype=bool)
+    r = 1
+    for _ in dirs:
+        jumps, noises = [], []
+        for h in steps:
+            plus, minus = y[r], y[r + 1]
+            r += 2
+            jumps.append(np.abs(plus - 2 * f0 + minus) / h)
+            noises.append(16 * eps * (np.abs(plus) + 2 * np.abs(f0) + np.abs(minus)) / h
+                          + 1e-6 * np.maximum(np.abs(plus - f0), np.abs(f0 - minus)) / h)
+        (j1, j2), (_, n2) = jumps, noises
+        hit = (j2 > n2) & (j2 >= 0.3 * j1)
+        confirmed |= np.nan_to_num(hit).any(axis=1)
+    return [n for n, c in zip(candidates, confirmed) if c]
+
+
+def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAPH_POINTS):
+    """Autodiff against central differences of the forward pass, at up to ``points`` of the
+    first rows of ``d1`` ((n, d_out, m), rows = points 0..n-1), in the model's dtype.
+
+    Along ``zero_inputs`` (indices into ``wrt`` where autodiff says the output does not depend
+    on that input) and two random directions, at steps h and h/4. Returns a dict:
+    ``moves[i]`` = (points, outputs (d_out,) bool, largest slope) where input wrt[i] (one of
+    ``zero_inputs``) changes the output beyond rounding; ``disagree`` = points where the differences (converged: the same at both
+    steps) and autodiff disagree; ``checked`` = the points looked at; ``fd_max`` (d_out,) the
+    largest |finite-difference slope| per unit step along the random directions, scaled by
+    the input's size; ``noise`` (d_out,) the rounding level of that estimate."""
+    n_rows = d1.shape[0]
+    X_all = call.features()
+    ok = np.isfinite(X_all[:n_rows]).all(axis=1) & np.isfinite(
+        d1.reshape(n_rows, -1)).all(axis=1)
+    pts = [n for n in range(n_rows) if ok[n] and n not in set(skip)][:points]
+    result = {"moves": {}, "disagree": [], "checked": pts, "fd_max": None, "noise": None}
+    if not pts:
+        return result
+    X = X_all[pts].astype(np.float64)
+    scale = 1.0 + np.abs(X)
+    eps = float(np.finfo(call.dtype).eps)
+    h1 = 4 * eps ** (1 / 3)
+    steps = (h1, h1 / 4)
+    dirs = []
+    for i in zero_inputs:
+        v = np.zeros(call.width)
+        v[wrt[i]] = 1.0
+        dirs.append(("zero", i, v))
+    dirs += [("random", None, v) for v in _directions(call.width, wrt, 2, seed=1)]
+    rows, at = [], []
+    for _, _, v in dirs:
+        for h in steps:
+            for sign in (1.0, -1.0):
+                rows.append(X + sign * h * v * scale)
+                at += pts
+    y = _forward_rows(call, np.concatenate(rows).astype(call.dtype), at, batch_rows=n_rows)
+    if y is None:
+        return result
+    P = len(pts)
+    y = y.reshape(len(rows), P, -1)
+    eps = _effective_eps(call, y)
+    fd_max = np.zeros(y.shape[2])
+    noise_max = np.zeros(y.shape[2])
+    disagree = np.zeros(P, dtype=bool)
+    r = 0
+    for kind, i, v in dirs:
+        fds, noises = [], []
+        for h in steps:
+            plus, minus = y[r], y[r + 1]
+            r += 2
+            fds.append((plus - minus) / (2 * h))               # (P, d_out), per unit of v*scale
+            noises.append(32 * eps * (np.abs(plus) + np.abs(minus)) / (2 * h))
+        (fd1, fd2), (_, noise2) = fds, noises
+        g = np.einsum("pjm,pm->pj", d1[pts].astype(np.float64),
+                      (v[None, :] * scale)[:, list(wrt)])
+        converged = np.abs(fd1 - fd2) <= 0.25 * np.abs(fd2 - g) + 2 * noise2
+        if kind == "zero":
+            moving = np.nan_to_num((np.abs(fd2) > 8 * noise2) & converged)
+            hits = [pts[p] for p in np.flatnonzero(moving.any(axis=1))]
+            if hits:
+                result["moves"][i] = (hits, moving.any(axis=0), np.nanmax(np.abs(fd2)))
+        else:
+            off = (np.abs(fd2 - g) > 8 * noise2 + 0.01 * (np.abs(g) + np.abs(fd2))) & converged
+            disagree |= np.nan_to_num(off).any(axis=1)
+            fd_max = np.fmax(fd_max, np.nanmax(np.abs(fd2), axis=0))
+            noise_max = np.fmax(noise_max, np.nanmax(noise2, axis=0))
+    result["disagree"] = [pts[p] for p in np.flatnonzero(disagree)]
+    result["fd_max"], result["noise"] = fd_max, noise_max
+    return result
