@@ -54,12 +54,17 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
 
 def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, check=False,
                 chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET,
-                progress=None) -> Derivatives:
+                progress=None, reference=None) -> Derivatives:
     """Per-point derivatives of ``model`` with respect to its input, orders 1..``order``.
 
     ``x`` is (N, d_in), (N,) (N points of one feature), a nested list, or a tuple
     ``(x, t, ...)`` of separate arguments. Returns :class:`~nbderiv.result.Derivatives`
     with ``d[k]`` of shape (N, d_out) + (len(wrt),) * k.
+
+    ``reference`` (issue 18), a known truth: a function of NumPy float64 arrays giving y
+    (``f(x)``, x of shape (N, d_in); ``f(x, t)`` for a tuple input), differentiated by
+    float64 central differences, or a dict ``{k: f_k}`` of closed-form d[k] (0: y). Then
+    ``d.reference_errors = {k: (max_abs, max_rel)}`` (see :mod:`nbderiv.reference`).
 
     >>> import torch, nbderiv
     >>> d = nbderiv.derivatives(lambda x: x**3 + 2*x**2 + 1, torch.tensor([2.0]), order=2)
@@ -92,6 +97,10 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
             if result.check.low_precision:
                 result.findings.append(dg.low_precision_finding(
                     result.check.errors, call.dtype, result.check.low_precision_orders))
+    if reference is not None:  # issue 18: error against a known truth, per order
+        from .reference import reference_errors
+
+        result.reference_errors = reference_errors(reference, call, result)
     result._code = functools.partial(_code_for, call.backend, call.widths, order, wrt,
                                      call.verdict.coupled)  # written on first use of d.code
     return result

@@ -179,3 +179,83 @@ def test_smooth_but_sharp_model_is_not_blamed_on_kinks():
     assert not c.passed and 0 in c.nonsmooth_points and c.kink_points == ()
     assert "curves too sharply" in c.note and "kink lies" not in c.note
     assert c.summary().startswith("MISMATCH: autodiff disagrees with float64")
+
+
+# -- reference= : the error against a known truth -------------------------------------------
+def test_reference_function_errors_per_order_against_closed_form():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    d = nbderiv.derivatives(torch.sin, x, order=3, reference=np.sin)
+    errs = d.reference_errors
+    assert sorted(errs) == [0, 1, 2, 3]
+    # autodiff of sin is exact; the float64 differences of the reference are good to ~1e-6
+    assert errs[0][0] == 0.0 and all(errs[k][1] < 1e-5 for k in (1, 2, 3)), errs
+
+
+def test_reference_shows_a_net_that_passes_the_check_but_misses_the_truth():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    # a tanh net that is NOT sin: the check (autodiff vs this model) passes, the reference
+    # (sin) reports the distance to the truth, order by order
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1)).double()
+    x = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    d = nbderiv.derivatives(net, x, order=2, check=True, reference=lambda x: np.sin(x))
+    assert d.check.passed
+    xs = x.numpy()
+    with torch.no_grad():
+        y = net(x.reshape(-1, 1)).numpy().ravel()
+    assert d.reference_errors[0][0] == pytest.approx(np.abs(y - np.sin(xs)).max(), rel=1e-9)
+    assert d.reference_errors[1][0] == pytest.approx(
+        np.abs(d[1].ravel() - np.cos(xs)).max(), rel=1e-5)
+    assert d.reference_errors[1][0] > 1e-2
+
+
+def test_reference_dict_of_closed_forms_with_two_inputs_and_wrt():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    def f(x):
+        return x[:, :1] ** 2 * x[:, 1:] ** 3
+
+    X = torch.rand(7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    closed = {1: lambda x: 3 * x[:, 0] ** 2 * x[:, 1] ** 2,          # d/dx1
+              2: lambda x: 6 * x[:, 0] ** 2 * x[:, 1]}               # d2/dx1^2
+    d = nbderiv.derivatives(f, X, order=2, wrt=[1], reference=closed)
+    assert sorted(d.reference_errors) == [1, 2]
+    assert all(e[1] < 1e-12 for e in d.reference_errors.values())
+    wrong = {2: lambda x: 6 * x[:, 0] ** 2 * x[:, 1] + 1.0}
+    d = nbderiv.derivatives(f, X, order=2, wrt=[1], reference=wrong)
+    assert d.reference_errors[2][0] == pytest.approx(1.0)
+    # a reference function (no closed forms): mixed partials by central differences
+    d = nbderiv.derivatives(f, X, order=2, reference=lambda x: x[:, :1] ** 2 * x[:, 1:] ** 3)
+    assert all(d.reference_errors[k][1] < 1e-5 for k in (1, 2)), d.reference_errors
+
+
+def test_reference_for_a_tuple_input_is_called_with_separate_arguments():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    x = torch.linspace(0, 1, 5, dtype=torch.float64).reshape(-1, 1)
+    t = torch.linspace(1, 2, 5, dtype=torch.float64).reshape(-1, 1)
+    d = nbderiv.derivatives(lambda x, t: torch.sin(x) * t, (x, t), order=2,
+                            reference=lambda x, t: np.sin(x) * t)
+    assert all(e[1] < 1e-5 for e in d.reference_errors.values()), d.reference_errors
+
+
+def test_bad_reference_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+    from nbderiv.errors import OptionError
+
+    x = torch.linspace(0, 1, 5)
+    with pytest.raises(OptionError, match="Fix:"):
+        nbderiv.derivatives(torch.sin, x, reference=3.0)
+    with pytest.raises(OptionError, match="orders 0..1"):
+        nbderiv.derivatives(torch.sin, x, reference={5: np.cos})
+    with pytest.raises(OptionError, match="does not fit"):
+        nbderiv.derivatives(torch.sin, x, reference=lambda x: np.zeros((5, 3)))
