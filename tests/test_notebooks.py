@@ -52,7 +52,10 @@ FACTS = {
         "second derivative all zero: True",
     ],
     "01_relu_second_derivative": [
-        "d2y/dx2     (6, 6)", "['input-reshaped', 'piecewise-linear', 'at-kink']",
+        # x = 1 is a dead region (issue 18), not a kink: all first-layer units off, y flat
+        "d2y/dx2     (6, 6)", "['input-reshaped', 'piecewise-linear']\n",
+        "first-layer units on at x = 1: 0 of 128", "y constant on [0.9, 1.2]: True",
+        "left and right slopes at x = 1: 0.0 0.0", "at-kink raised: False",
         "second derivative ≈ 2 within tolerance: True", "batch_jacobian agrees with nbderiv: True",
         "ReLU  findings ['piecewise-linear'], mean d2y/dx2 0.0, ≈ 2 within tolerance: False",
         "≈ 2 within tolerance: True, finite differences agree: True",
@@ -207,6 +210,16 @@ def test_stored_outputs_state_the_facts(path):
     assert not missing, f"{path.name} outputs lack {missing}"
     present = [f for f in FORBIDDEN if f in text]
     assert not present, f"{path.name} outputs contain {present}"
+
+
+def test_relu_notebook_explains_the_zero_slope_at_1_as_a_dead_region_not_a_kink():
+    """Issue 18: x = 1 lies in a dead region (every first-layer unit off, y flat around it);
+    the notebook once taught it as the relu'(0) convention at a kink."""
+    nb = _load(NOTEBOOKS / "01_relu_second_derivative.ipynb")
+    prose = "\n".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "dead region" in prose and "128 first-layer units is off" in prose
+    assert "relu'(0) = 0), not a derivative" not in prose
+    assert "at-kink:" not in _all_text(nb)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=_ids(PATHS))
