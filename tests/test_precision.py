@@ -259,3 +259,85 @@ def test_bad_reference_is_a_clear_error():
         nbderiv.derivatives(torch.sin, x, reference={5: np.cos})
     with pytest.raises(OptionError, match="does not fit"):
         nbderiv.derivatives(torch.sin, x, reference=lambda x: np.zeros((5, 3)))
+
+
+# -- compute dtypes --------------------------------------------------------------------------
+@needs_keras
+def test_keras_float64_inputs_are_differentiated_in_float64():
+    import keras
+
+    import nbderiv
+
+    inp = keras.Input((1,), dtype="float64")
+    model = keras.Model(inp, keras.ops.exp(keras.ops.sin(3.0 * inp)))  # no variables
+    x = np.linspace(-1, 1, 13)
+    d = nbderiv.derivatives(model, x, order=2)
+    closed1 = 3 * np.cos(3 * x) * np.exp(np.sin(3 * x))
+    closed2 = (9 * np.cos(3 * x) ** 2 - 9 * np.sin(3 * x)) * np.exp(np.sin(3 * x))
+    assert d[1].dtype == np.float64
+    np.testing.assert_allclose(d[1].ravel(), closed1, rtol=1e-12, atol=1e-12)  # float32: ~1e-7
+    np.testing.assert_allclose(d[2].ravel(), closed2, rtol=1e-11, atol=1e-11)
+
+
+@needs_keras
+def test_keras_float32_inputs_stay_float32():
+    import keras
+
+    import nbderiv
+
+    inp = keras.Input((1,))
+    model = keras.Model(inp, keras.ops.sin(inp))
+    d = nbderiv.derivatives(model, np.linspace(-1, 1, 5))
+    assert d[1].dtype == np.float32
+    np.testing.assert_allclose(d[1].ravel(), np.cos(np.linspace(-1, 1, 5)), rtol=1e-6)
+
+
+def test_torch_float16_model_is_computed_in_float16_against_float64_truth():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.linspace(-1, 1, 9).reshape(-1, 1)
+    d = nbderiv.derivatives(net.half(), x.half())
+    assert d[1].dtype == np.float16
+    weights = [net[0].weight.detach().double().numpy().T, net[0].bias.detach().double().numpy(),
+               net[2].weight.detach().double().numpy().T, net[2].bias.detach().double().numpy()]
+    ref = _numpy_fd(_dense_stack(weights, np.tanh), x.double().numpy(), 1)
+    np.testing.assert_allclose(d[1].astype(np.float64), ref, atol=2e-2 * np.abs(ref).max())
+
+
+def test_torch_bfloat16_model_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+    from nbderiv.errors import ModelTypeError
+
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh()).to(torch.bfloat16)
+    with pytest.raises(ModelTypeError, match=r"bfloat16.*Fix: .*\.float\(\)"):
+        nbderiv.derivatives(net, torch.rand(5, 1))
+
+
+@needs_keras
+def test_keras_bfloat16_model_is_a_clear_error():
+    import keras
+
+    import nbderiv
+    from nbderiv.errors import ModelTypeError
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, dtype="bfloat16")])
+    with pytest.raises(ModelTypeError, match=r"bfloat16.*Fix:"):
+        nbderiv.derivatives(model, np.zeros((3, 1), np.float32))
+
+
+@needs_keras
+def test_keras_model_given_a_torch_tensor_that_requires_grad_says_what_to_pass():
+    torch = pytest.importorskip("torch")
+    import keras
+
+    import nbderiv
+    from nbderiv.errors import InputTypeError
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    x = torch.rand(4, 1, requires_grad=True)
+    with pytest.raises(InputTypeError, match=r"torch tensor.*NumPy array or a tf\.Tensor"):
+        nbderiv.derivatives(model, x)

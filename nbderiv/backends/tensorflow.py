@@ -36,7 +36,7 @@ else:  # pragma: no cover - depends on what the user imported first
 
 # after the quiet import: these modules import TensorFlow themselves
 from ..call import Verdict  # noqa: E402
-from ..errors import OptionError  # noqa: E402
+from ..errors import InputTypeError, ModelTypeError, OptionError  # noqa: E402
 from ..inputs import check_output  # noqa: E402
 from ..result_memory import owned  # noqa: E402
 from . import tensorflow_state as state  # noqa: E402
@@ -53,6 +53,7 @@ from .tensorflow_graphs import (  # noqa: E402
 from .tensorflow_keras import (  # noqa: E402
     argument_names,
     float64_copy,
+    graph_kind,
     is_keras_layer,
     layer_summary,
     model_variables,
@@ -70,12 +71,36 @@ from .tensorflow_taylor import taylor_plan  # noqa: E402
 
 
 def _variables_dtype(model):
-    """The dtype of the model's first float variable (bfloat16 computed as float32), or None."""
+    """The dtype of the model's first float variable (float16 included), or None; bfloat16
+    variables are refused clearly (NumPy has no bfloat16). A mixed_bfloat16 policy keeps
+    float32 variables: such a model is fed float32, and computes in bfloat16 inside."""
     for v in model_variables(model):
         dt = tf.as_dtype(v.dtype)
+        if dt == tf.bfloat16:
+            raise ModelTypeError(
+                "the model's variables are bfloat16, which nbderiv cannot compute in (its "
+                "arrays are NumPy's, which has no bfloat16); bfloat16 keeps about 3 significant "
+                "digits, too few for derivatives in any case. Fix: build the model with "
+                "dtype='float32' (or keras.config.set_dtype_policy('float32')) and copy the "
+                "weights over, or use float64 for higher orders.")
         if dt.is_floating:
-            return np.dtype(dt.as_numpy_dtype) if dt != tf.bfloat16 else np.dtype(np.float32)
+            return np.dtype(dt.as_numpy_dtype)
     return None
+
+
+def _declared_input_dtype(model):
+    """The float dtype all Keras ``Input``s of a Sequential / functional model declare, or
+    None (no declared inputs, or several dtypes)."""
+    if graph_kind(model) is None:
+        return None
+    try:
+        dtypes = {tf.as_dtype(t.dtype) for t in model.inputs}
+    except Exception:  # a Sequential without an Input has no inputs yet
+        return None
+    if len(dtypes) != 1:
+        return None
+    dt = dtypes.pop()
+    return np.dtype(dt.as_numpy_dtype) if dt.is_floating and dt != tf.bfloat16 else None
 
 
 class TensorFlowBackend(Backend):
@@ -89,13 +114,26 @@ class TensorFlowBackend(Backend):
             if x.dtype in (tf.bfloat16, tf.float16):
                 x = tf.cast(x, tf.float32)
             return x.numpy()  # already a copy
+        module = type(x).__module__.split(".")[0]
+        if module in ("torch", "jax", "jaxlib"):  # another framework's tensor
+            raise InputTypeError(
+                f"x is a {module} tensor ({type(x).__name__}), but the model is a Keras / "
+                "TensorFlow model, which nbderiv differentiates with TensorFlow. Fix: pass a "
+                "NumPy array or a tf.Tensor, e.g. x.detach().cpu().numpy() for a torch tensor.")
         return np.asarray(x)
 
     def begin(self, model):
         forget_if_edited(model)
 
     def compute_dtype(self, model, x_dtype) -> np.dtype:
+        """The model's variables' dtype, widened to the dtype its Keras ``Input``s declare
+        (a float64 ``Input`` before float32 layers is fed and differentiated in float64;
+        what the layers then compute in is the model's own business), else the model's
+        dtype, else x's float dtype, else Keras' floatx."""
         own = remembered(model, ("dtype",), lambda: _variables_dtype(model))
+        declared = remembered(model, ("input dtype",), lambda: _declared_input_dtype(model))
+        if declared is not None and (own is None or declared.itemsize > own.itemsize):
+            return declared
         if own is not None:
             return own
         if is_keras_layer(model):
@@ -190,7 +228,7 @@ class TensorFlowBackend(Backend):
         widths, wrt = [a.shape[1] for a in args], tuple(wrt)
         X = self._tensor(call, args)
         route = self._route(call, X, widths, order, wrt)
-        for method, traced in route:
+        for method, traced in route:  # noqa: B007 - the method that worked is used below
             if traced.broken:
                 continue
             try:

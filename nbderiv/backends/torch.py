@@ -48,8 +48,25 @@ _STOCHASTIC_OR_BATCH = ("Dropout", "BatchNorm", "InstanceNorm", "SyncBatchNorm",
 
 
 def _np_dtype(torch_dtype) -> np.dtype:
+    """The NumPy dtype of a torch float dtype; bfloat16 (which NumPy lacks) as float32, for
+    inputs only: a bfloat16 *model* is refused by :func:`_model_dtype`."""
     return np.dtype(str(torch_dtype).replace("torch.", "")) if torch_dtype != torch.bfloat16 \
         else np.dtype(np.float32)
+
+
+def _model_dtype(t) -> np.dtype:
+    """The dtype to differentiate a model whose first float tensor is ``t`` in: its own,
+    float16 included; bfloat16 is refused clearly (NumPy has no bfloat16, and feeding the
+    model float32 would fail inside it and be blamed on the input)."""
+    if t.dtype == torch.bfloat16:
+        from ..errors import ModelTypeError
+
+        raise ModelTypeError(
+            "the model's parameters are bfloat16, which nbderiv cannot compute in (its arrays "
+            "are NumPy's, which has no bfloat16); bfloat16 keeps about 3 significant digits, "
+            "too few for derivatives in any case. Fix: differentiate a float32 copy, "
+            "nbderiv.derivatives(copy.deepcopy(model).float(), x), or float64 for higher orders.")
+    return _np_dtype(t.dtype)
 
 
 def _first_float_tensor(model):
@@ -77,7 +94,7 @@ class TorchBackend(Backend):
     def compute_dtype(self, model, x_dtype) -> np.dtype:
         t = _first_float_tensor(model)
         if t is not None:
-            return _np_dtype(t.dtype)
+            return _model_dtype(t)
         if x_dtype is not None and np.dtype(x_dtype).kind == "f":
             return np.dtype(x_dtype)
         return _np_dtype(torch.get_default_dtype())
