@@ -22,7 +22,8 @@ import nbderiv  # noqa: E402
 from nbderiv import findings as dg  # noqa: E402
 
 CODES = ("piecewise-linear", "at-kink", "coupled-samples", "train-mode", "no-input-dependence",
-         "input-reshaped", "integer-input", "low-precision", "non-finite")
+         "input-reshaped", "integer-input", "low-precision", "non-finite", "graph-broken",
+         "saturated")
 
 
 def tanh_net(d_in=2, d_out=1, width=16, dtype=torch.float32, seed=0):
