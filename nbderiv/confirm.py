@@ -147,9 +147,11 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     the input's size; ``noise`` (d_out,) the rounding level of that estimate."""
     n_rows = d1.shape[0]
     X_all = call.features()
-    ok = np.isfinite(X_all[:n_rows]).all(axis=1) & np.isfinite(
-        d1.reshape(n_rows, -1)).all(axis=1)
-    pts = [n for n in range(n_rows) if ok[n] and n not in set(skip)][:points]
+    skip = set(skip)
+    look = min(n_rows, points + len(skip) + 64)  # the first rows hold enough candidates
+    ok = np.isfinite(X_all[:look]).all(axis=1) & np.isfinite(
+        d1[:look].reshape(look, -1)).all(axis=1)
+    pts = [int(n) for n in np.flatnonzero(ok) if n not in skip][:points]
     result = {"moves": {}, "disagree": [], "checked": pts, "fd_max": None, "noise": None}
     if not pts:
         return result
