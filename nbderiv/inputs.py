@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputShapeError, InputTypeError, ModelCallError, OutputError
+from .errors import InputShapeError, InputTypeError, ModelCallError, NbderivError, OutputError
 from .result import Finding
 
 
@@ -51,6 +51,8 @@ class PreparedInput:
 def _as_array(x, to_numpy, what: str) -> np.ndarray:
     try:
         a = to_numpy(x)
+    except NbderivError:  # the backend's own clear message (e.g. another framework's tensor)
+        raise
     except Exception as exc:  # e.g. ragged nested lists, strings
         raise InputTypeError(
             f"{what} could not be read as a numeric array ({type(x).__name__}: {exc}). "
