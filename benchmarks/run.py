@@ -34,11 +34,11 @@ import os
 import platform
 import re
 import resource
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -239,22 +239,72 @@ def _skip_reason(args, c, n, prev, forward_s):
 
 
 class _CallTimeout(Exception):
-    pass
+    def __str__(self):
+        return self.args[0] if self.args else "warm-up call ran past --call-timeout"
+
+
+ALARM_RECHECK_S = 0.002  # inside framework code when the time is up: look again this soon
 
 
 @contextlib.contextmanager
 def _alarm(seconds):
-    """Interrupt a runaway warm-up call (between framework ops) after ``seconds``."""
-    def handler(signum, frame):
-        raise _CallTimeout(f"warm-up call ran past --call-timeout {seconds:g} s")
+    """Abandon a runaway warm-up call after ``seconds``, between framework calls.
 
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    No signal is used: a watchdog thread waits, then raises :class:`_CallTimeout` in the main
+    thread (``PyThreadState_SetAsyncExc``) only while that thread is in the benchmark's own
+    code (a file of this folder: the idioms' loops, this harness), never inside PyTorch's or
+    TensorFlow's internals; there it looks again every ``ALARM_RECHECK_S``. A call that never
+    comes back to benchmark code (one framework call, or an idiom that spends nearly all its
+    time inside the framework) therefore finishes, and the caller reports it as past the time.
+
+    It used to be a SIGALRM timer whose handler raised wherever the main thread was.
+    The quick run's 3 s timeout fired in every run (TensorFlow's eager nested GradientTape on
+    model C, 501 outputs), and a SIGALRM during that TensorFlow computation corrupted its heap,
+    even with a handler that raised nothing: the worker later aborted ("corrupted size vs.
+    prev_size") or raised ``IndexError`` from ``pfor``, all TensorFlow rows were lost, and
+    three tests of tests/test_benchmarks.py failed together, now and then."""
+    main_id = threading.main_thread().ident
+    done, lock, armed = threading.Event(), threading.Lock(), [True]
+
+    def watch():
+        if done.wait(seconds):
+            return
+        while True:
+            with lock:
+                if not armed[0]:
+                    return
+                frame = sys._current_frames().get(main_id)
+                if frame is not None and _benchmark_code(frame.f_code):
+                    armed[0] = False
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main_id),
+                                                              ctypes.py_object(_CallTimeout))
+                    return
+            if done.wait(ALARM_RECHECK_S):
+                return
+
+    if threading.get_ident() != main_id:
+        raise RuntimeError("_alarm watches the main thread only")
+    watchdog = threading.Thread(target=watch, name="call-timeout", daemon=True)
+    watchdog.start()
     try:
         yield
+    except _CallTimeout as exc:
+        if exc.args:
+            raise
+        raise _CallTimeout(f"warm-up call ran past --call-timeout {seconds:g} s") from None
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        with lock:
+            armed[0] = False
+        done.set()
+        watchdog.join()
+
+
+def _benchmark_code(code) -> bool:
+    """Is ``code`` the benchmark's own (a file in this folder, not the alarm's clean-up)?"""
+    return code.co_filename.startswith(str(HERE) + os.sep) and code not in _ALARM_CODES
+
+
+_ALARM_CODES = {_alarm.__wrapped__.__code__}
 
 
 def run_worker(args) -> list:
@@ -280,7 +330,12 @@ def run_worker(args) -> list:
     if nbd is not None:
         sizes = QUICK_SCALING if args.quick else FULL_SCALING
         for model_name, order, small, large in scaling_pairs(cases, sizes):
-            scaling.append(_run_scaling(args, mod, nbd, model_name, order, small, large, device))
+            try:
+                scaling.append(_run_scaling(args, mod, nbd, model_name, order, small, large,
+                                            device))
+            except Exception as exc:  # reported; the rows of the cases are kept
+                _log(f"[{args.framework}] scaling {model_name} order {order} failed: "
+                     f"{type(exc).__name__}: {str(exc)[:200]}")
             _trim()
     return entries, scaling
 
@@ -386,9 +441,12 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
                     row["reason"] = why
             del result
         except Exception as exc:  # an idiom that fails (e.g. out of memory) is reported
-            row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:200]}")
-            last[(model_name, order, c.name)] = (n, None, row["reason"])
+            _failed(row, last, (model_name, order, c.name), n, exc)
             _trim()
+            continue
+        if seconds > args.call_timeout:  # one framework call, not interruptible (see _alarm)
+            _failed(row, last, (model_name, order, c.name), n, _CallTimeout(
+                f"warm-up call took {seconds:.3g} s, past --call-timeout {args.call_timeout:g} s"))
             continue
         if args.max_call < seconds <= args.call_timeout / 2 or \
                 WARMUP_CALLS.get(c.kind, 1) > 1 and seconds <= args.call_timeout / 2:
@@ -398,8 +456,7 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
                     seconds, result = _timed(c)
                 del result
             except Exception as exc:
-                row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:200]}")
-                last[(model_name, order, c.name)] = (n, None, row["reason"])
+                _failed(row, last, (model_name, order, c.name), n, exc)
                 continue
         active.append(c)
         warm[c.name] = seconds
@@ -419,7 +476,14 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
         k = r % len(repeat)
         gc.collect()  # once per round: the cold caches after it fall on a rotating competitor
         for c in repeat[k:] + repeat[:k]:
-            seconds, result = _timed(c)
+            if c not in active:  # failed in an earlier round
+                continue
+            try:
+                seconds, result = _timed(c)
+            except Exception as exc:  # reported on its row; the other competitors go on
+                _failed(rows[c.name], last, (model_name, order, c.name), n, exc)
+                active.remove(c)
+                continue
             if c.kind == "nbderiv":  # the method of the timed calls (a JIT may differ from warm-up)
                 rows[c.name]["method"] = getattr(result, "method", rows[c.name].get("method"))
             del result
@@ -427,7 +491,12 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
     for c in once:  # three times (the median) up to 0.5 s per call, else once
         for _ in range(3 if warm[c.name] <= 0.5 else 1):
             gc.collect()
-            seconds, result = _timed(c)
+            try:
+                seconds, result = _timed(c)
+            except Exception as exc:
+                _failed(rows[c.name], last, (model_name, order, c.name), n, exc)
+                active.remove(c)
+                break
             del result
             times[c.name].append(seconds)
     for c in active:
@@ -454,12 +523,20 @@ def _run_case(args, mod, nbd, model, model_name, order, n, device, last):
     return out
 
 
+def _failed(row, last, key, n, exc):
+    """Mark a competitor's row as failed (the reason kept) and keep it out of larger N."""
+    row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:200]}")
+    for k in ("median_s", "times_s", "reps", "warmup_s"):
+        row.pop(k, None)
+    last[key] = (n, None, row["reason"])
+
+
 # -- memory children: one fresh process per case ---------------------------------------------
 def run_memory_child(args) -> dict:
     """Peak resident memory of one call of each named competitor, one after another in this
     fresh process: before each call the freed heap is trimmed and the kernel's high-water
     mark is reset (/proc/self/clear_refs), so ru_maxrss afterwards is that call's peak."""
-    mod, nbd, _ = _load_framework(args.framework, args.threads)
+    mod, nbd, nbd_error = _load_framework(args.framework, args.threads)
     device = args.device if args.framework == "torch" else "cpu"
     model = mod.build_model(weights_for(args.model), device)
     X = mod.as_tensor(points_for(args.model, args.n), device)
@@ -469,6 +546,10 @@ def run_memory_child(args) -> dict:
         reset = getattr(mod, "device_peak_reset", None)
         if reset is not None:
             reset(device)
+        if name not in comps:
+            out[name] = {"error": f"{name} is not available here"
+                         + (f" ({nbd_error})" if name == "nbderiv" and nbd_error else "")}
+            continue
         with PeakMemory() as pm:
             try:
                 with _alarm(args.call_timeout):
@@ -720,6 +801,8 @@ def render(entries, meta, target_rows, scaling=()) -> str:
              f"top order over up to {TRUTH_POINTS:,} evenly spaced points; "
              "peak = subprocess peak RSS (MB, whole process) at the largest N where measured, "
              "else the in-process resident increase during one call (Δ MB)", ""]
+    for fw, why in meta.get("failed_workers", {}).items():
+        lines[-1:-1] = [f"- **{fw}: no rows**: its timing worker failed ({why})"]
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, value, ok in target_rows:
         lines.append(f"| {name} | {value} | {'yes' if ok else ('—' if ok is None else 'NO')} |")
@@ -892,6 +975,7 @@ def main(argv=None):
     frameworks = ["torch", "tensorflow"] if args.framework == "all" else [args.framework]
     entries, scaling, versions = [], [], {"python": platform.python_version()}
     phases = {}  # wall seconds per phase, for the run's description
+    failed_workers = {}  # framework: why its rows are missing
     for fw in frameworks:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "worker.json"
@@ -902,6 +986,7 @@ def main(argv=None):
             proc = subprocess.run(cmd, cwd=ROOT, env=_worker_env(fw, args))
             phases[f"{fw} timing"] = time.perf_counter() - t0
             if proc.returncode != 0 or not out.exists():
+                failed_workers[fw] = f"worker exit status {proc.returncode} (its log is above)"
                 _log(f"== {fw}: worker failed (exit {proc.returncode}); its rows are left out")
                 continue
             data = json.loads(out.read_text())
@@ -936,6 +1021,7 @@ def main(argv=None):
                 command="python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None
                                                                else argv),
                 wall_s=time.perf_counter() - start, phases_s=phases, startup=startup,
+                failed_workers=failed_workers,
                 settings={k: getattr(args, k) for k in ("threads", "reps", "min_reps",
                                                         "case_budget", "slow_call",
                                                         "max_call", "max_bytes", "memory_min_n",
