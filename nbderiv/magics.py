@@ -14,6 +14,12 @@ Errors are one line: :class:`IPython.core.error.UsageError` (exactly that class,
 IPython prints without a traceback) for unknown names, unparseable expressions, bad
 options and every nbderiv error.
 
+The line reads like Python: ``# ...`` outside quotes is a comment, ``%nnderiv?`` (with or
+without a trailing comment) shows the help, and ``%nbderiv`` (the package's name) is the
+same magic. A range shorthand ``LOW:HIGH:COUNT`` on a model with two inputs is a COUNT x COUNT
+grid, which the summary states; a grid too large for memory is refused before anything is
+allocated.
+
 >>> from IPython.core.interactiveshell import InteractiveShell
 >>> shell = InteractiveShell.instance()
 >>> shell.run_line_magic("load_ext", "nbderiv")
@@ -36,6 +42,9 @@ from .errors import NbderivError
 
 FULL_MAX_POINTS = 100   # --full draws an (N*d_out) x (N*d_in) image: small N only
 RANGE_POINTS = {1: 200, 2: 50}  # points (per side) of a range without a count
+RANGE_MAX_BYTES = 2 * 2**30  # a range's points and their derivatives may take this much
+MAGIC_NAMES = ("nnderiv", "nbderiv")  # %nbderiv: the package's name, the same magic
+_HELP_WITH_COMMENT = re.compile(r"^(\s*%{1,2}(?:nnderiv|nbderiv)\?{1,2})\s*#.*$")
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::(\d+))?$")
 _VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework"}
@@ -47,17 +56,25 @@ _OPENING, _CLOSING = "([{", ")]}"
 # -- parsing ----------------------------------------------------------------------------------
 def split_line(line: str) -> list:
     """Split a magic's line on blanks outside brackets and quotes, so that
-    ``torch.linspace(-2, 2, 200)`` stays one argument.
+    ``torch.linspace(-2, 2, 200)`` stays one argument; ``#`` outside quotes starts a comment,
+    as in Python.
 
-    >>> split_line("net torch.linspace(-2, 2, 200) -o 3")
+    >>> split_line("net torch.linspace(-2, 2, 200) -o 3   # three orders")
     ['net', 'torch.linspace(-2, 2, 200)', '-o', '3']
     """
     tokens, current, stack, quote = [], [], [], None
+    escaped = False
     for ch in line:
         if quote:
             current.append(ch)
-            if ch == quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
                 quote = None
+        elif ch == "#":
+            break  # a comment, to the end of the line
         elif ch in "'\"":
             quote = ch
             current.append(ch)
@@ -131,7 +148,7 @@ def _parse_wrt(text):
 # -- the magic ---------------------------------------------------------------------------------
 @magics_class
 class NbderivMagics(Magics):
-    """``%nnderiv``: see :meth:`nnderiv`."""
+    """``%nnderiv`` (also ``%nbderiv``): see :meth:`nnderiv`."""
 
     @magic_arguments()
     @argument("model", help="the network: a name or expression in the notebook (e.g. net)")
@@ -156,7 +173,9 @@ class NbderivMagics(Magics):
         """Per-point derivatives of MODEL at X, displayed as a summary and returned.
 
         Examples: ``%nnderiv net x``, ``d = %nnderiv net -2:2:200 -o 3 --plot``,
-        ``%nnderiv net x[:10] --full``, ``%nnderiv net --widget``.
+        ``%nnderiv net x[:10] --full``, ``%nnderiv net --widget``. ``%nbderiv`` is the same
+        magic; ``# ...`` ends the line as in Python. A range LOW:HIGH:N on a model with two
+        inputs is an N x N grid (the summary says how many points).
         """
         parser = self.nnderiv.parser
         tokens = split_line(line)
@@ -189,6 +208,8 @@ class NbderivMagics(Magics):
                              "the model on these points; nbderiv.derivatives(model, x) shows the "
                              "full traceback.") from None
 
+    line_magic("nbderiv")(nnderiv)  # the package's name: the same magic
+
     # -- pieces ----------------------------------------------------------------------------
     def _evaluate(self, expr, what):
         try:
@@ -202,14 +223,15 @@ class NbderivMagics(Magics):
             raise UsageError(f"evaluating {what} {expr!r} raised {type(exc).__name__}: "
                              f"{exc}") from None
 
-    def _points(self, model, text, framework=None):
-        """(x, framework) for the X argument: a range shorthand or an expression."""
+    def _points(self, model, text, framework=None, order=2):
+        """(x, framework, note) for the X argument: a range shorthand or an expression; the
+        note says how many points a grid has (None for one input or an expression)."""
         if text is None:
             raise UsageError("missing X: say where to differentiate, e.g. %nnderiv net x or "
                              "%nnderiv net -2:2:200.")
         rng = parse_range(text)
         if rng is None:
-            return self._evaluate(text, "X"), None
+            return self._evaluate(text, "X"), None, None
         from .widgets import input_dim, resolve_framework
 
         framework = resolve_framework(model, framework)
@@ -222,16 +244,20 @@ class NbderivMagics(Magics):
             raise UsageError(f"a range like {text} makes points for models with 1 or 2 inputs; "
                              f"this one takes {d_in}. Fix: pass an array of shape (N, {d_in}).")
         lo, hi, n = rng
-        g = np.linspace(lo, hi, n or RANGE_POINTS[d_in], dtype=np.float32)
+        n = n or RANGE_POINTS[d_in]
+        check_grid_size(text, n, d_in, order)  # before anything is allocated
+        g = np.linspace(lo, hi, n, dtype=np.float32)
         if d_in == 1:
-            return g.reshape(-1, 1), framework
+            return g.reshape(-1, 1), framework, None
         a, b = np.meshgrid(g, g)
-        return np.stack([a.ravel(), b.ravel()], axis=1), framework
+        note = (f"grid: {_count(n)} x {_count(n)} = {_count(n ** d_in)} points ({text} on each "
+                f"of the {d_in} inputs)")
+        return np.stack([a.ravel(), b.ravel()], axis=1), framework, note
 
     def _derivatives(self, model, args):
         from .api import derivatives
 
-        x, framework = self._points(model, args.x, args.framework)
+        x, framework, note = self._points(model, args.x, args.framework, args.order)
         framework = framework or args.framework
         if args.full:
             from .plot import count_points
@@ -243,6 +269,8 @@ class NbderivMagics(Magics):
                                  "e.g. x[:20].")
         d = derivatives(model, x, order=args.order, wrt=_parse_wrt(args.wrt),
                         framework=framework, check=args.check)
+        if note is not None:
+            d.notes = [*getattr(d, "notes", ()), note]
         if args.quiet:
             return self._shown(d)
         display = self._display()
@@ -301,6 +329,51 @@ class NbderivMagics(Magics):
         return obj
 
 
+def _count(n: int) -> str:
+    """``40000`` -> ``'40 000'``."""
+    return f"{n:,}".replace(",", " ")
+
+
+def _bytes(b: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if b < 1024 or unit == "TiB":
+            return f"{b:.0f} {unit}" if unit == "bytes" else f"{b:.3g} {unit}"
+        b /= 1024
+    return ""  # unreachable
+
+
+def grid_bytes(n: int, d_in: int, order: int) -> int:
+    """A lower bound on the memory of a range's points and their derivatives: N = n**d_in
+    float32 points (d_in coordinates, built through d_in meshgrid arrays) and, for one output,
+    y and every derivative up to ``order`` (1 + d_in + ... + d_in**order numbers per point).
+
+    >>> grid_bytes(200, 2, 2)   # 40 000 points, 2 + 2 + 1 + 2 + 4 floats each
+    1760000
+    """
+    per_point = 2 * d_in + sum(d_in ** k for k in range(order + 1))
+    return n ** d_in * 4 * per_point
+
+
+def check_grid_size(text: str, n: int, d_in: int, order: int, budget: int = RANGE_MAX_BYTES):
+    """Refuse a range whose grid would not fit (``UsageError`` naming the size and the fix)."""
+    need = grid_bytes(n, d_in, order)
+    if need <= budget:
+        return
+    per_point = need / n ** d_in
+    side = int((budget / per_point) ** (1 / d_in))
+    scale = 10 ** (len(str(side)) - 1)
+    side = max(2, side // scale * scale)  # a round suggestion
+    lo, _, _ = text.rpartition(":")
+    shape = " x ".join([_count(n)] * d_in)
+    grid = (f"a {shape} grid = {_count(n ** d_in)} points" if d_in > 1
+            else f"{_count(n)} points")
+    raise UsageError(
+        f"the range {text} on a model with {d_in} input(s) is {grid}: about {_bytes(need)} for "
+        f"the points and their derivatives up to order {order}, more than the "
+        f"{_bytes(budget)} a range may take. Fix: fewer points, e.g. {lo}:{side} "
+        f"({_count(side ** d_in)} points), or pass your own X.")
+
+
 def _as_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu()
@@ -310,11 +383,34 @@ def _as_numpy(x) -> np.ndarray:
         raise UsageError(f"X could not be read as numbers: {exc}") from None
 
 
+def help_with_comment(lines: list) -> list:
+    """Input transformer: ``%nnderiv?  # all options`` is ``%nnderiv?`` (IPython itself reads
+    the comment as part of the magic's name and answers "not found").
+
+    >>> help_with_comment(["%nnderiv?      # all options\\n"])
+    ['%nnderiv?\\n']
+    """
+    out = []
+    for line in lines:
+        body = line.rstrip("\n")
+        m = _HELP_WITH_COMMENT.match(body)
+        out.append(m.group(1) + line[len(body):] if m else line)
+    return out
+
+
 def load_ipython_extension(ipython):
-    """``%load_ext nbderiv``: register ``%nnderiv``; imports no framework, prints nothing."""
+    """``%load_ext nbderiv``: register ``%nnderiv`` and ``%nbderiv``; imports no framework,
+    prints nothing."""
     ipython.register_magics(NbderivMagics)
+    cleanup = ipython.input_transformers_cleanup
+    if help_with_comment not in cleanup:
+        cleanup.append(help_with_comment)
 
 
 def unload_ipython_extension(ipython):
-    """``%unload_ext nbderiv``: remove ``%nnderiv``."""
-    ipython.magics_manager.magics["line"].pop("nnderiv", None)
+    """``%unload_ext nbderiv``: remove ``%nnderiv`` and ``%nbderiv``."""
+    for name in MAGIC_NAMES:
+        ipython.magics_manager.magics["line"].pop(name, None)
+    cleanup = ipython.input_transformers_cleanup
+    while help_with_comment in cleanup:
+        cleanup.remove(help_with_comment)

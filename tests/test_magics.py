@@ -167,6 +167,49 @@ def test_help(shell):
     assert "-o" in shell.find_line_magic("nnderiv").__doc__
 
 
+@pytest.mark.parametrize("cell", ["%nnderiv?", "%nnderiv?                            # all options",
+                                  "%nbderiv?  # the alias", "  %nnderiv?\t#x"])
+def test_question_mark_shows_the_help_through_the_shell(shell, cell):
+    """IPython sends ``%nnderiv?`` to pinfo, which shows the magic's docstring (options
+    included); with a trailing comment it would look for a magic named ``nnderiv?``."""
+    result, out = run(shell, cell)
+    assert result.success, (result.error_before_exec, result.error_in_exec, out.stderr)
+    assert "not found" not in out.stdout + out.stderr
+    text = out.stdout + "".join(o.data.get("text/plain", "") for o in out.outputs)
+    assert "Per-point derivatives of MODEL at X" in text
+    assert "--order" in text and "--widget" in text
+
+
+def test_trailing_comments_are_ignored_like_python(shell):
+    result, out = run(shell, "d = %nnderiv tanh x --order 3 -q      # three orders, quietly")
+    assert result.success, (result.error_in_exec, out.stderr)
+    assert shell.user_ns["d"].order == 3
+    result, out = run(shell, "%nnderiv tanh x --plot      # summary (axes, values, findings) + figure")
+    assert result.success and [sorted(o.data) for o in out.outputs][1] == ["image/png",
+                                                                           "text/plain"]
+    # a '#' inside quotes belongs to the expression
+    shell.run_cell("table = {'a#b': x}", store_history=False)
+    d, _ = magic(shell, "tanh table['a#b'] -q  # the 'a#b' column")
+    assert d.n_points == 21
+    d, _ = magic(shell, 'tanh table["a#b"][:3] -q#no space')
+    assert d.n_points == 3
+    assert split_line("net x  # c") == ["net", "x"]
+    assert split_line("net f('#', \"#\") # c") == ["net", "f('#', \"#\")"]
+    assert split_line(r"net f('\'#') # c") == ["net", r"f('\'#')"]
+    assert "unclosed" in usage_error(shell, "tanh torch.linspace(-2, 2  # open")
+
+
+def test_nbderiv_is_the_same_magic(shell):
+    result, out = run(shell, "%nbderiv tanh x")
+    assert result.success and isinstance(result.result, nbderiv.Derivatives)
+    assert shown(out) == 1
+    d = shell.run_line_magic("nbderiv", "tanh x -o 1 -q")
+    np.testing.assert_allclose(d[1][:, 0, 0], tanh_k(np.linspace(-2, 2, 21), 1), atol=1e-12)
+    assert shell.find_line_magic("nbderiv").__doc__ == shell.find_line_magic("nnderiv").__doc__
+    result, out = run(shell, "%nbderiv nett x")
+    assert type(result.error_in_exec) is UsageError
+
+
 # -- the range shorthand ----------------------------------------------------------------------------
 def test_range_shorthand_one_and_two_inputs(shell):
     d, _ = magic(shell, "tanh -2:2:200 -q")
@@ -184,6 +227,46 @@ def test_range_shorthand_one_and_two_inputs(shell):
     np.testing.assert_allclose(d[1][:, 0, :], np.broadcast_to(w, (49, 2)), atol=1e-6)
     assert "1 or 2 inputs" in usage_error(shell, "net3 -1:1:5")
     assert "low < high" in usage_error(shell, "tanh 2:-2:10")
+
+
+def test_a_grid_says_how_many_points_it_has(shell):
+    result, out = run(shell, "%nnderiv lin2 -2:2:20 -o 1")
+    d = result.result
+    assert d.n_points == 400
+    note = "grid: 20 x 20 = 400 points (-2:2:20 on each of the 2 inputs)"
+    assert d.notes == [note]
+    summary = out.outputs[0].data
+    assert note in summary["text/plain"] and note in summary["text/html"]
+    d, _ = magic(shell, "lin2 -1:1:200 -q -o 1")
+    assert d.n_points == 40_000 and d.notes == [
+        "grid: 200 x 200 = 40 000 points (-1:1:200 on each of the 2 inputs)"]
+    assert magic(shell, "lin2 0:1 -q -o 1")[0].notes == [  # the default count
+        "grid: 50 x 50 = 2 500 points (0:1 on each of the 2 inputs)"]
+    d, _ = magic(shell, "tanh -2:2:200 -q")  # one input: 200 points, nothing to say
+    assert d.n_points == 200 and d.notes == []
+    assert magic(shell, "lin2 X2 -q -o 1")[0].notes == []  # an expression: as given
+
+
+def test_a_grid_too_large_is_refused_before_anything_is_allocated(shell, monkeypatch):
+    from nbderiv import magics
+
+    def no_linspace(*a, **k):
+        raise AssertionError("the grid was being built")
+
+    monkeypatch.setattr(magics.np, "linspace", no_linspace)
+    monkeypatch.setattr(magics.np, "meshgrid", no_linspace)
+    msg = usage_error(shell, "lin2 -2:2:100000")
+    assert "100 000 x 100 000 grid = 10 000 000 000 points" in msg
+    assert "GiB" in msg and "Fix: fewer points, e.g. -2:2:" in msg
+    assert "MemoryError" not in msg
+    msg = usage_error(shell, "tanh 0:1:10000000000 -o 4")  # one input, far too many points
+    assert "10 000 000 000 points" in msg and "Fix:" in msg
+    monkeypatch.undo()
+    side = int(msg.split("e.g. 0:1:")[1].split()[0])  # the suggestion itself fits
+    assert magics.grid_bytes(side, 1, 4) <= magics.RANGE_MAX_BYTES
+    msg = usage_error(shell, "lin2 -2:2:100000")
+    side = int(msg.split("e.g. -2:2:")[1].split()[0])
+    assert 1000 <= side and magics.grid_bytes(side, 2, 2) <= magics.RANGE_MAX_BYTES
 
 
 def test_expressions_with_spaces_and_minus_signs(shell):
