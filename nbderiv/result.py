@@ -14,11 +14,46 @@ addresses, no timings, so notebooks that display them stay stable under nbval.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 SEVERITIES = ("info", "warning", "error")
+
+# Every tag that ``d.method`` can hold, in one line each (the README has the same list). A method
+# is one strategy, optionally followed by "(XLA)" and/or "(chunked)", e.g. "taylor (XLA)".
+METHOD_TAGS = {
+    "taylor": "forward Taylor mode: y's power series pushed through a stack of linear layers "
+              "and elementwise activations, about K² elementwise passes for order K",
+    "reverse-ones": "nested reverse mode with grad_outputs=ones: one backward pass per output "
+                    "and distinct partial, exact per point because points are independent",
+    "forward-jvp": "nested forward mode (Jacobian-vector products), chosen when outputs "
+                   "outnumber inputs",
+    "per-point-blocks": "the points are coupled (e.g. BatchNorm in training mode): each point "
+                        "differentiated with the others held fixed, the diagonal blocks "
+                        "dy_n/dx_n",
+    "XLA": "TensorFlow on the CPU compiled this computation with XLA (a second run on the same "
+           "number of points, at least 1 024); the last bits may differ from the first call",
+    "chunked": "the points were computed in chunks to stay within the memory budget; the "
+               "numbers are the same as in one pass",
+}
+
+
+def method_tags(method: str) -> list:
+    """The tags of a method string, strategy first: ``"taylor (XLA) (chunked)"`` ->
+    ``["taylor", "XLA", "chunked"]``."""
+    base, _, rest = (method or "").partition(" (")
+    return [base] + re.findall(r"\(([^()]+)\)", "(" + rest if rest else "")
+
+
+def explain_method(method: str) -> list:
+    """``[(tag, one-line explanation)]`` for each tag of ``method`` (unknown tags: no line).
+
+    >>> [tag for tag, _ in explain_method("reverse-ones (chunked)")]
+    ['reverse-ones', 'chunked']
+    """
+    return [(tag, METHOD_TAGS[tag]) for tag in method_tags(method) if tag in METHOD_TAGS]
 
 
 @dataclass(frozen=True)
@@ -79,7 +114,7 @@ class Derivatives:
     """
 
     def __init__(self, *, x, y, orders, framework, method, inputs=None, wrt=None,
-                 findings=(), check=None, code=None):
+                 findings=(), check=None, code=None, notes=()):
         self.x = x
         self.y = y
         self._orders = list(orders)
@@ -93,6 +128,7 @@ class Derivatives:
         self.findings = list(findings)
         self.check = check
         self._code = code
+        self.notes = list(notes)  # lines shown in the summary, e.g. the size of a grid
 
     # -- array access -------------------------------------------------------------
     @property
@@ -157,10 +193,12 @@ class Derivatives:
             a = self[k]
             yield label, str(tuple(a.shape)), " × ".join(self.axes(k)), _stats(a)
 
-    def _header(self) -> str:
+    def _header_start(self) -> str:
         return (f"Derivatives of {self.n_outputs} output(s) w.r.t. {len(self.inputs)} input(s) "
-                f"at {self.n_points} point(s), orders 1..{self.order} "
-                f"[{self.framework}, {self.method}]")
+                f"at {self.n_points} point(s), orders 1..{self.order} [{self.framework}, ")
+
+    def _header(self) -> str:
+        return f"{self._header_start()}{self.method}]"
 
     def __repr__(self) -> str:
         rows = list(self._rows())
@@ -170,6 +208,7 @@ class Derivatives:
         lines = [self._header()]
         lines += [f"  {a:<{w0}}  {b:<{w1}}  {c:<{w2}}  {s}" for a, b, c, s in rows]
         lines.append("  inputs: " + ", ".join(self.inputs))
+        lines += [f"  {note}" for note in getattr(self, "notes", ())]
         if self.check is not None:
             lines.append("  check: " + self.check.summary())
         if self.findings:
@@ -186,13 +225,19 @@ class Derivatives:
             f"<td>{esc(c)}</td><td>{esc(s)}</td></tr>"
             for a, b, c, s in self._rows()
         )
+        explained = explain_method(self.method)
+        tip = "; ".join(f"{tag}: {text}" for tag, text in explained)
+        method = (f'<span class="nbderiv-method" title="{esc(tip)}" '
+                  f'style="text-decoration: underline dotted">{esc(str(self.method))}</span>'
+                  if tip else esc(str(self.method)))
         parts = [
             '<div class="nbderiv-summary">',
-            f"<p><b>{esc(self._header())}</b></p>",
+            f"<p><b>{esc(self._header_start())}{method}]</b></p>",
             "<table><thead><tr><th>array</th><th>shape</th><th>axes</th><th>values</th>"
             f"</tr></thead><tbody>{body}</tbody></table>",
             f"<p>inputs: {esc(', '.join(self.inputs))}</p>",
         ]
+        parts += [f"<p>{esc(note)}</p>" for note in getattr(self, "notes", ())]
         if self.check is not None:
             parts.append(f"<p>check: {esc(self.check.summary())}</p>")
         if self.findings:
@@ -207,6 +252,9 @@ class Derivatives:
             parts.append(f"<p>findings:</p><ul>{items}</ul>")
         else:
             parts.append("<p>findings: none</p>")
+        if explained:
+            items = "; ".join(f"<code>{esc(tag)}</code>: {esc(text)}" for tag, text in explained)
+            parts.append(f'<p class="nbderiv-method-note"><small>method: {items}.</small></p>')
         parts.append("</div>")
         return "".join(parts)
 

@@ -123,3 +123,87 @@ def test_repr_shows_non_finite_values():
                     orders=[np.array([[[np.inf]], [[1.0]]])], framework="torch", method="m")
     text = repr(d)
     assert "non-finite" in text or "nan" in text.lower()
+
+
+# -- the method tags: explained in the HTML summary, the plain text unchanged -------------------
+def _bare(method, notes=()):
+    return Derivatives(x=np.zeros((3, 1)), y=np.zeros((3, 1)), orders=[np.ones((3, 1, 1))],
+                       framework="torch", method=method, notes=notes)
+
+
+@pytest.mark.parametrize("method, tags", [
+    ("taylor", ["taylor"]),
+    ("reverse-ones", ["reverse-ones"]),
+    ("forward-jvp", ["forward-jvp"]),
+    ("per-point-blocks", ["per-point-blocks"]),
+    ("taylor (XLA)", ["taylor", "XLA"]),
+    ("reverse-ones (chunked)", ["reverse-ones", "chunked"]),
+    ("forward-jvp (XLA) (chunked)", ["forward-jvp", "XLA", "chunked"]),
+])
+def test_every_method_tag_is_explained_in_the_html_summary(method, tags):
+    from nbderiv.result import METHOD_TAGS, explain_method
+
+    assert [tag for tag, _ in explain_method(method)] == tags
+    d = _bare(method)
+    page = d._repr_html_()
+    tooltip = re.search(r'<span class="nbderiv-method" title="([^"]*)"[^>]*>([^<]*)</span>', page)
+    assert tooltip and tooltip.group(2) == method
+    note = re.search(r'<p class="nbderiv-method-note">(.*?)</p>', page).group(1)
+    for tag in tags:
+        text = METHOD_TAGS[tag]
+        assert f"{tag}: {text}" in tooltip.group(1).replace("&#x27;", "'")
+        assert f"<code>{tag}</code>: {text}" in note.replace("&#x27;", "'")
+        assert "\n" not in text and len(text) < 200  # one line each
+    # the plain-text summary keeps its form: the method as before, no explanation
+    assert repr(d).splitlines()[0].endswith(f"[torch, {method}]")
+    assert "nbderiv-method" not in repr(d) and "Taylor mode" not in repr(d)
+
+
+def test_unknown_method_is_shown_without_a_tooltip():
+    page = _bare("something-new")._repr_html_()
+    assert "something-new]" in page and "nbderiv-method" not in page
+
+
+def test_the_readme_explains_every_method_tag():
+    from pathlib import Path
+
+    from nbderiv.result import METHOD_TAGS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for tag in METHOD_TAGS:
+        shown = f"`({tag})`" if tag in ("XLA", "chunked") else f"`{tag}`"
+        assert re.search(rf"^- {re.escape(shown)}: \S", readme, re.M), tag
+
+
+def test_real_results_name_explained_methods(torch_mlp):
+    """The methods the torch backend picks: each tag of each one has its explanation."""
+    from nbderiv.result import METHOD_TAGS, method_tags
+
+    x = torch.rand(64, 1, dtype=torch.float64)
+
+    class Wrapped(nn.Module):  # not a plain Sequential: no Taylor mode
+        def __init__(self, d_out):
+            super().__init__()
+            self.net = torch_mlp([1, 8, d_out])
+
+        def forward(self, x):
+            return self.net(x)
+
+    bn = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    results = [nbderiv.derivatives(torch_mlp([1, 8, 1]), x, order=2),
+               nbderiv.derivatives(Wrapped(1), x, order=2),
+               nbderiv.derivatives(Wrapped(6), x, order=2),
+               nbderiv.derivatives(bn, x),
+               nbderiv.derivatives(Wrapped(1), x, order=2, chunk_size=16)]
+    methods = [d.method for d in results]
+    assert {t for m in methods for t in method_tags(m)} >= {
+        "taylor", "reverse-ones", "forward-jvp", "per-point-blocks", "chunked"}, methods
+    for m in methods:
+        assert all(tag in METHOD_TAGS for tag in method_tags(m)), m
+
+
+def test_notes_are_shown_in_both_summaries():
+    d = _bare("taylor", notes=["grid: 3 x 3 = 9 points"])
+    assert "  grid: 3 x 3 = 9 points" in repr(d).splitlines()
+    assert "<p>grid: 3 x 3 = 9 points</p>" in d._repr_html_()
+    assert "grid" not in repr(_bare("taylor"))
