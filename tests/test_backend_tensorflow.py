@@ -11,6 +11,7 @@ interpreters.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -30,7 +31,11 @@ if keras.backend.backend() != "tensorflow":  # pragma: no cover
     pytest.skip("Keras is not on its TensorFlow backend", allow_module_level=True)
 
 import nbderiv  # noqa: E402
+from nbderiv import compute  # noqa: E402
 from nbderiv.backends import tensorflow as tfb  # noqa: E402
+from nbderiv.backends import tensorflow_graphs as graphs  # noqa: E402
+from nbderiv.backends import tensorflow_math as tfmath  # noqa: E402
+from nbderiv.call import Verdict  # noqa: E402
 from nbderiv.errors import InputShapeError, OutputError  # noqa: E402
 
 SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")
@@ -245,7 +250,7 @@ def test_forward_mode_failure_falls_back_to_reverse(monkeypatch):
     def missing_rule(*args):
         raise NotImplementedError("no forward-mode rule for some op")
 
-    monkeypatch.setattr(tfb, "_forward_values", missing_rule)
+    monkeypatch.setattr(tfmath, "forward_values", missing_rule)
     g = lambda x: tf.concat([x**3 * (j + 1) for j in range(4)], axis=1)  # noqa: E731
     d = nbderiv.derivatives(g, x, order=2, framework="tensorflow")
     assert d.method == "reverse-ones"
@@ -450,8 +455,8 @@ def test_only_traces_that_may_write_variables_pay_for_a_snapshot():
     writing = keras.Sequential([keras.Input((1,)), Counting(), dense(1, None, 2)])
     for model in (quiet, writing):
         nbderiv.derivatives(model, np.linspace(0, 1, 5), order=1)
-    writes = {name: {e.writes for e in tfb._cache_for(model).values()
-                     if isinstance(e, tfb._Traced) and e.warm}
+    writes = {name: {e.writes for e in graphs.cache_for(model).values()
+                     if isinstance(e, graphs.Traced) and e.concrete is not None}
               for name, model in (("quiet", quiet), ("writing", writing))}
     assert writes == {"quiet": {False}, "writing": {True}}
 
@@ -462,8 +467,8 @@ def test_traces_are_cached_and_reused_across_sizes_and_chunks():
     for n, chunk in ((50, None), (37, 10), (50, 7)):
         d = nbderiv.derivatives(model, X[:n], order=2, chunk_size=chunk)
         assert d.method.startswith("reverse-ones")
-    traced = {key[1]: e for key, e in tfb._cache_for(model).items()
-              if isinstance(e, tfb._Traced)}
+    traced = {key[1]: e for key, e in graphs.cache_for(model).items()
+              if isinstance(e, graphs.Traced)}
     assert ("reverse-ones", 2, (0, 1)) in traced
     counts = {key: e.traced.experimental_get_tracing_count() for key, e in traced.items()}
     assert set(counts.values()) == {1}, counts  # one trace, whatever N or the chunk size
@@ -494,10 +499,10 @@ def test_a_model_edited_in_place_is_traced_again():
 
 def test_a_hot_shape_is_compiled_with_xla_and_still_matches_the_closed_form(
         one_hidden64, monkeypatch):
-    """The second run of a shape of at least XLA_MIN_ROWS rows is compiled; one-off shapes,
+    """The second run of a shape of at least XlaTier.MIN_ROWS rows is compiled; one-off shapes,
     small batches and NBDERIV_XLA=0 stay on the plain graph. All agree with the closed form."""
     monkeypatch.delenv("NBDERIV_XLA", raising=False)
-    x = np.linspace(-2, 2, tfb._Traced.XLA_MIN_ROWS + 76)
+    x = np.linspace(-2, 2, graphs.XlaTier.MIN_ROWS + 76)
     ref = one_hidden_closed_form(one_hidden64, x, 4)
     runs = [nbderiv.derivatives(one_hidden64, x, order=4) for _ in range(3)]
     assert [d.method for d in runs] == ["taylor", "taylor (XLA)", "taylor (XLA)"]
@@ -506,7 +511,7 @@ def test_a_hot_shape_is_compiled_with_xla_and_still_matches_the_closed_form(
             assert_close(d[k].reshape(len(x), -1), ref[k - 1], 1e-10, f"{d.method} d{k}")
     np.testing.assert_array_equal(runs[1][4], runs[2][4])  # the compiled program is reused
     assert nbderiv.derivatives(one_hidden64, x[:-1], order=4).method == "taylor"  # new shape
-    small = x[:tfb._Traced.XLA_MIN_ROWS - 1]
+    small = x[:graphs.XlaTier.MIN_ROWS - 1]
     assert {nbderiv.derivatives(one_hidden64, small, order=4).method for _ in range(3)} == {
         "taylor"}
     monkeypatch.setenv("NBDERIV_XLA", "0")  # also for shapes compiled before
@@ -514,7 +519,7 @@ def test_a_hot_shape_is_compiled_with_xla_and_still_matches_the_closed_form(
 
 
 def test_xla_in_reverse_and_forward_mode_matches_central_differences(central_fd):
-    X = np.random.default_rng(8).uniform(-1, 1, size=(tfb._Traced.XLA_MIN_ROWS, 2))
+    X = np.random.default_rng(8).uniform(-1, 1, size=(graphs.XlaTier.MIN_ROWS, 2))
     for sizes, method in (([2, 16, 1], "reverse-ones"), ([2, 16, 5], "forward-jvp")):
         model = mlp(sizes, dtype="float64", seed=9)
         fn = keras_fn(model)
@@ -527,7 +532,7 @@ def test_xla_in_reverse_and_forward_mode_matches_central_differences(central_fd)
 
 
 def test_traces_that_write_or_draw_random_numbers_are_never_compiled():
-    x = np.linspace(0, 1, tfb._Traced.XLA_MIN_ROWS).astype("float32")
+    x = np.linspace(0, 1, graphs.XlaTier.MIN_ROWS).astype("float32")
     writing = keras.Sequential([keras.Input((1,)), Counting(), dense(1, None, 2)])
     noisy = lambda z: tf.nn.dropout(tf.sin(z), 0.5, seed=3)  # noqa: E731
     for model in (writing, noisy):
@@ -542,12 +547,13 @@ def test_an_op_xla_cannot_compile_falls_back_to_the_plain_graph():
     def f(z):
         digits = tf.strings.length(tf.strings.as_string(z[:, 0]))
         return tf.sin(z) * (1 + 0 * tf.cast(tf.reduce_sum(digits), z.dtype))
-    x = np.linspace(-1, 1, tfb._Traced.XLA_MIN_ROWS)
+    x = np.linspace(-1, 1, graphs.XlaTier.MIN_ROWS)
     for _ in range(3):
         d = nbderiv.derivatives(f, x, order=2, framework="tensorflow")
         assert d.method == "reverse-ones"
         assert_close(d[2][:, 0, 0, 0], -np.sin(x), 1e-12, d.method)
-    assert False in [e.xla for e in tfb._cache_for(f).values() if isinstance(e, tfb._Traced)]
+    assert False in [e.xla.program for e in graphs.cache_for(f).values()
+                     if isinstance(e, graphs.Traced)]
 
 
 @pytest.mark.parametrize("sizes, order", [([2, 8, 3], 2), ([1, 8, 1], 3)])
@@ -558,18 +564,39 @@ def test_row_blocks_give_the_same_results_as_one_call(monkeypatch, sizes, order)
     model = mlp(sizes, seed=13)
     X = np.random.default_rng(5).normal(size=(50, sizes[0])).astype("float32")
     whole = nbderiv.derivatives(model, X, order=order)
-    monkeypatch.setattr(tfb.TensorFlowBackend, "_block_rows", lambda self, *a: 7)
-    runs = []
-    original = tfb._Traced.__call__
-    monkeypatch.setattr(tfb._Traced, "__call__",
-                        lambda self, Z: runs.append(Z.shape[0]) or original(self, Z))
+    monkeypatch.setattr(tfb.TensorFlowBackend, "block_rows", lambda self, *a: 7)
+    runs, inside = [], ["derivatives"]  # (what ran it, rows) of every traced run
+    batch_rows = []  # rows of each batch given to forwards
+    original = graphs.Traced.__call__
+    monkeypatch.setattr(graphs.Traced, "__call__", lambda self, Z: (
+        runs.append((inside[-1], Z.shape[0])) or original(self, Z)))
+    forwards = tfb.TensorFlowBackend.forwards
+
+    def marked_forwards(self, call, batches):
+        inside.append("forwards")
+        batch_rows.extend(b[0].shape[0] for b in batches)
+        try:
+            return forwards(self, call, batches)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(tfb.TensorFlowBackend, "forwards", marked_forwards)
+
+    def blocks_and_probe():
+        """The derivative runs' rows, and the forward runs' rows before the first of them."""
+        first = next(i for i, (what, _) in enumerate(runs) if what == "derivatives")
+        return [n for what, n in runs if what == "derivatives"], [n for _, n in runs[:first]]
+
     fresh = mlp(sizes, seed=13)  # the same weights, never called: its first call probes
     blocked = nbderiv.derivatives(fresh, X, order=order)
-    assert runs == [8] + [7] * 8  # the probe, then 8 blocks of 7 rows (the last: rows 43-49)
+    blocks, probe = blocks_and_probe()
+    # the probe first, on its own few points; then 8 blocks of 7 rows (the last: rows 43-49)
+    assert blocks == [7] * 8, runs
+    assert probe and max(batch_rows) < len(X), (runs, batch_rows)
     assert blocked.method == whole.method and blocked.codes == whole.codes
     runs.clear()  # a plain Dense stack seen before: its structure answers what the probe asks
     again = nbderiv.derivatives(fresh, X, order=order)
-    assert runs == [7] * 8 and again.codes == whole.codes
+    assert blocks_and_probe() == ([7] * 8, []) and again.codes == whole.codes, runs
     for d in (whole, blocked):  # the user's own arrays, whichever way they were filled
         assert all(d[k].flags.writeable for k in range(order + 1))
         assert not any(np.shares_memory(d[j], d[k]) for j in range(order + 1)
@@ -668,8 +695,8 @@ def test_a_warm_call_is_one_traced_run(monkeypatch, order):
     x = np.linspace(0, 1, 50).astype("float32")
     nbderiv.derivatives(model, x, order=order)
     runs = []
-    original = tfb._Traced.__call__
-    monkeypatch.setattr(tfb._Traced, "__call__",
+    original = graphs.Traced.__call__
+    monkeypatch.setattr(graphs.Traced, "__call__",
                         lambda self, X: runs.append(X.shape[0]) or original(self, X))
     nbderiv.derivatives(model, x, order=order)
     assert runs == [50]
@@ -678,7 +705,7 @@ def test_a_warm_call_is_one_traced_run(monkeypatch, order):
 MODEL_LIFETIME = textwrap.dedent("""
     import gc, weakref
     import numpy as np, keras, nbderiv
-    from nbderiv.backends import tensorflow as tfb
+    from nbderiv.backends.tensorflow_graphs import cache_for
 
     class Halving(keras.Sequential):
         def half(self, x):
@@ -692,7 +719,7 @@ MODEL_LIFETIME = textwrap.dedent("""
     def doubled(net):
         return lambda z: net(z) * 2
     nbderiv.derivatives(doubled(model), np.linspace(0, 1, 5), framework="tf")
-    assert tfb._cache_for(model)
+    assert cache_for(model)
     alive = weakref.ref(model)
     del model
     gc.collect()
@@ -727,8 +754,8 @@ def test_kink_points_dense_activation_layers_and_conv():
     h = keras.layers.Conv1D(2, 2, activation="relu", bias_initializer=zero_bias)(h)
     conv = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Flatten()(h)))
     X = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 5.0, 6.0], [1.0, -1.0, 2.0, 3.0]])
-    assert tfb.BACKEND.kink_points(conv, [X.astype("float32")],
-                                   tfb.BACKEND.context(conv, None, np.float32)) == [1]
+    call = compute.open_call(conv, X.astype("float32"), None)
+    assert tfb.BACKEND.kink_points(call, call.args) == [1]
     smooth = mlp([1, 4, 1])
     assert nbderiv.derivatives(smooth, np.array([0.0, 1.0])).finding("at-kink") is None
 
@@ -769,7 +796,8 @@ def test_float64_copy_has_same_weights_and_float64_check_passes(kind):
         model = seq
     copy = tfb.BACKEND.float64_copy(model)
     x = np.linspace(-1, 1, 5)[:, None]
-    y64 = tfb.BACKEND.forward(copy, [x], tfb.BACKEND.context(copy, None, np.float64))
+    call = compute.open_call(copy, x, "tensorflow")
+    (y64,) = tfb.BACKEND.forwards(call, [call.args])
     assert y64.dtype == np.float64
     assert_close(y64, keras_fn(model)(x.astype("float32")), 1e-5, "copy vs model")
     if kind != "subclassed":
@@ -1027,12 +1055,13 @@ def test_a_sequential_subclass_whose_call_is_replaced_is_no_longer_taken_for_a_p
 
 def _verdicts(model, x):
     """(probed, known): the probe's verdict from forward passes, and the structural one."""
-    from nbderiv import api
+    from unittest import mock
 
-    call = api._open(model, x, None)
+    call = compute.open_call(model, x, None)
     with call.backend.preserved(model):
-        known = call.backend.known_verdict(model, call.args, call.context)
-        probed = api._verdict(call, call.forwards(api._probe_batches(call)))
+        known = call.backend.known_verdict(call)
+        with mock.patch.object(call.backend, "known_verdict", return_value=None):
+            probed = compute.probe(dataclasses.replace(call))  # forward passes only
     return probed, known
 
 
@@ -1043,14 +1072,12 @@ def test_a_plain_dense_stack_seen_before_needs_no_probe():
     assert _verdicts(model, x)[1] is None  # never called: the first call probes
     first = nbderiv.derivatives(model, x, order=2)
     probed, known = _verdicts(model, x)
-    assert known == probed == (2, False, False)
+    assert known == probed == Verdict(2, False, False)
     again = nbderiv.derivatives(model, x, order=2)
     for k in range(3):
         np.testing.assert_array_equal(again[k], first[k])
-    from nbderiv import api
-
-    call = api._open(model, x[:, :2], None)  # another input width: probed, and rejected
-    assert call.backend.known_verdict(model, call.args, call.context) is None
+    call = compute.open_call(model, x[:, :2], None)  # another input width: probed, rejected
+    assert call.backend.known_verdict(call) is None
     with pytest.raises(InputShapeError, match="expects 3 input"):
         nbderiv.derivatives(model, x[:, :2])
 
@@ -1126,9 +1153,9 @@ def test_an_activation_method_does_not_drop_the_cached_traces():
     model = keras.Sequential([keras.Input((1,)), Scaled()])
     x = np.linspace(-1, 1, 6).astype("float32")
     first = nbderiv.derivatives(model, x, order=2)
-    traces = {k: v for k, v in tfb._cache_for(model).items() if isinstance(v, tfb._Traced)}
+    traces = {k: v for k, v in graphs.cache_for(model).items() if isinstance(v, graphs.Traced)}
     again = nbderiv.derivatives(model, x, order=2)
-    assert traces and all(tfb._cache_for(model).get(k) is v for k, v in traces.items())
+    assert traces and all(graphs.cache_for(model).get(k) is v for k, v in traces.items())
     t = np.tanh(x)
     np.testing.assert_allclose(again[1][:, 0, 0], 1 - t**2, rtol=1e-5)
     np.testing.assert_allclose(again[2][:, 0, 0, 0], -2 * t * (1 - t**2), rtol=1e-4, atol=1e-6)

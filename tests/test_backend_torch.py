@@ -10,6 +10,8 @@ than differentiated inputs). Then: nothing the user owns is changed by a call.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from checks import assert_close
@@ -19,6 +21,7 @@ from torch import nn  # noqa: E402
 from torch.func import hessian, jacfwd, jacrev, vmap  # noqa: E402
 
 import nbderiv  # noqa: E402
+from nbderiv.call import Verdict  # noqa: E402
 
 
 def one_point(model):
@@ -474,12 +477,15 @@ def test_layer_norm_second_derivative_on_the_forward_mode_path():
 
 def _probed_and_known(model, x):
     """The verdict of the probe's forward passes and the one read off the structure."""
-    from nbderiv import api
+    from unittest import mock
 
-    call = api._open(model, x, None)
+    from nbderiv import compute
+
+    call = compute.open_call(model, x, None)
     with call.backend.preserved(model):
-        probed = api._verdict(call, call.forwards(api._probe_batches(call)))
-        known = call.backend.known_verdict(model, call.args, call.context)
+        with mock.patch.object(call.backend, "known_verdict", return_value=None):
+            probed = compute.probe(dataclasses.replace(call))  # forward passes only
+        known = call.backend.known_verdict(call)
     return probed, known
 
 
@@ -501,7 +507,7 @@ def test_an_active_dropout_is_known_to_be_random():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.5), nn.Linear(16, 1)).train()
     probed, known = _probed_and_known(model, torch.rand(12, 2))
-    assert known == probed == (1, True, False)
+    assert known == probed == Verdict(1, True, False)
 
 
 @pytest.mark.parametrize("build", [
@@ -512,20 +518,20 @@ def test_an_active_dropout_is_known_to_be_random():
     lambda: nn.Sequential(nn.Linear(3, 4), nn.RReLU()),        # random in training
 ])
 def test_no_structural_verdict_where_the_structure_cannot_tell(build):
-    from nbderiv.backends import select_backend
+    from nbderiv import compute
 
-    backend = select_backend(build(), torch.rand(4, 3), None)
-    assert backend.known_verdict(build(), [np.random.rand(4, 3).astype("float32")],
-                                 {"dtype": np.dtype("float32")}) is None
+    model = build()
+    call = compute.open_call(model, np.random.rand(4, 3).astype("float32"), "torch")
+    assert call.backend.known_verdict(call) is None
 
 
 def test_a_hooked_plain_stack_is_probed():
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
     model[1].register_forward_hook(lambda m, i, o: o * 2)
-    from nbderiv.backends import select_backend
+    from nbderiv import compute
 
-    backend = select_backend(model, torch.rand(4, 2), None)
-    assert backend.known_verdict(model, [np.zeros((4, 2), "float32")], {}) is None
+    call = compute.open_call(model, np.zeros((4, 2), "float32"), "torch")
+    assert call.backend.known_verdict(call) is None
     x = torch.linspace(-1, 1, 5).reshape(-1, 1).repeat(1, 2)
     d = nbderiv.derivatives(model, x)
     assert_close(d.y, model(x).detach().numpy(), 1e-6)
@@ -562,4 +568,4 @@ def test_a_linear_whose_weight_was_replaced_by_another_shape():
 def test_a_dropout_that_drops_everything_is_not_random():
     model = nn.Sequential(nn.Linear(2, 4), nn.Dropout(1.0), nn.Linear(4, 1)).train()
     probed, known = _probed_and_known(model, torch.rand(6, 2))
-    assert known == probed == (1, False, False)
+    assert known == probed == Verdict(1, False, False)
