@@ -14,8 +14,9 @@ Errors are one line: :class:`IPython.core.error.UsageError` (exactly that class,
 IPython prints without a traceback) for unknown names, unparseable expressions, bad
 options and every nbderiv error.
 
-The line reads like Python: ``# ...`` outside quotes is a comment, ``%nnderiv?`` (with or
-without a trailing comment) shows the help, and ``%nbderiv`` (the package's name) is the
+The line reads like Python: ``# ...`` outside quotes is a comment, ``%nnderiv?`` shows the
+help with or without a trailing comment (IPython then looks for a magic named ``nnderiv?``,
+which nbderiv registers), and ``%nbderiv`` (the package's name) is the
 same magic. A range shorthand ``LOW:HIGH:COUNT`` on a model with two inputs is a COUNT x COUNT
 grid, which the summary states; a grid too large for memory is refused before anything is
 allocated.
@@ -44,7 +45,9 @@ FULL_MAX_POINTS = 100   # --full draws an (N*d_out) x (N*d_in) image: small N on
 RANGE_POINTS = {1: 200, 2: 50}  # points (per side) of a range without a count
 RANGE_MAX_BYTES = 2 * 2**30  # a range's points and their derivatives may take this much
 MAGIC_NAMES = ("nnderiv", "nbderiv")  # %nbderiv: the package's name, the same magic
-_HELP_WITH_COMMENT = re.compile(r"^(\s*%{1,2}(?:nnderiv|nbderiv)\?{1,2})\s*#.*$")
+# '%nnderiv?  # all options': IPython sends '%nnderiv?' alone to pinfo, but with a trailing
+# comment it looks up a magic named 'nnderiv?', so the help answers under those names too
+HELP_NAMES = {f"{name}{marks}": marks for name in MAGIC_NAMES for marks in ("?", "??")}
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::(\d+))?$")
 _VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework"}
@@ -383,34 +386,27 @@ def _as_numpy(x) -> np.ndarray:
         raise UsageError(f"X could not be read as numbers: {exc}") from None
 
 
-def help_with_comment(lines: list) -> list:
-    """Input transformer: ``%nnderiv?  # all options`` is ``%nnderiv?`` (IPython itself reads
-    the comment as part of the magic's name and answers "not found").
+def _help_magic(marks):
+    """The line magic behind ``%nnderiv?  # ...``: the same as ``%nnderiv?`` (pinfo), or
+    ``%nnderiv??`` (pinfo2); whatever follows on the line is ignored."""
+    def show_help(line=""):
+        from IPython import get_ipython
 
-    >>> help_with_comment(["%nnderiv?      # all options\\n"])
-    ['%nnderiv?\\n']
-    """
-    out = []
-    for line in lines:
-        body = line.rstrip("\n")
-        m = _HELP_WITH_COMMENT.match(body)
-        out.append(m.group(1) + line[len(body):] if m else line)
-    return out
+        get_ipython().run_line_magic("pinfo" if marks == "?" else "pinfo2", "%nnderiv")
+
+    show_help.__doc__ = "Help for %nnderiv (the same as %nnderiv?)."
+    return show_help
 
 
 def load_ipython_extension(ipython):
     """``%load_ext nbderiv``: register ``%nnderiv`` and ``%nbderiv``; imports no framework,
     prints nothing."""
     ipython.register_magics(NbderivMagics)
-    cleanup = ipython.input_transformers_cleanup
-    if help_with_comment not in cleanup:
-        cleanup.append(help_with_comment)
+    for name, marks in HELP_NAMES.items():
+        ipython.register_magic_function(_help_magic(marks), "line", name)
 
 
 def unload_ipython_extension(ipython):
     """``%unload_ext nbderiv``: remove ``%nnderiv`` and ``%nbderiv``."""
-    for name in MAGIC_NAMES:
+    for name in (*MAGIC_NAMES, *HELP_NAMES):
         ipython.magics_manager.magics["line"].pop(name, None)
-    cleanup = ipython.input_transformers_cleanup
-    while help_with_comment in cleanup:
-        cleanup.remove(help_with_comment)

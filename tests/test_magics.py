@@ -168,7 +168,7 @@ def test_help(shell):
 
 
 @pytest.mark.parametrize("cell", ["%nnderiv?", "%nnderiv?                            # all options",
-                                  "%nbderiv?  # the alias", "  %nnderiv?\t#x"])
+                                  "%nbderiv?  # the alias", "%nnderiv??  # with the source"])
 def test_question_mark_shows_the_help_through_the_shell(shell, cell):
     """IPython sends ``%nnderiv?`` to pinfo, which shows the magic's docstring (options
     included); with a trailing comment it would look for a magic named ``nnderiv?``."""
@@ -178,6 +178,24 @@ def test_question_mark_shows_the_help_through_the_shell(shell, cell):
     text = out.stdout + "".join(o.data.get("text/plain", "") for o in out.outputs)
     assert "Per-point derivatives of MODEL at X" in text
     assert "--order" in text and "--widget" in text
+
+
+def test_help_with_a_comment_in_the_cell_that_loads_the_extension():
+    """A notebook cell that starts with %load_ext: IPython transforms the whole cell before
+    running it, so the help must answer under the name IPython looks up ('nnderiv?')."""
+    ip = InteractiveShell.instance()
+    if "nbderiv" in ip.extension_manager.loaded:
+        ip.extension_manager.unload_extension("nbderiv")
+    try:
+        assert ip.find_line_magic("nnderiv?") is None  # unloaded: gone
+        result, out = run(ip, "%load_ext nbderiv\n%nnderiv??   # the source too\n"
+                              "%nnderiv?    # all options\n")
+        assert result.success, (result.error_in_exec, out.stderr)
+        text = out.stdout + "".join(o.data.get("text/plain", "") for o in out.outputs)
+        assert text.count("Per-point derivatives of MODEL at X") >= 2 and "--order" in text
+    finally:
+        ip.extension_manager.unload_extension("nbderiv")
+        ip.run_line_magic("load_ext", "nbderiv")  # as the module's fixture left it
 
 
 def test_trailing_comments_are_ignored_like_python(shell):
