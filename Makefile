@@ -9,18 +9,33 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c co
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 0
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+# PyTorch's CPU wheels (torch X+cpu outranks PyPI's X, the CUDA build on Linux). Asked only when
+# reachable: an unreachable extra index costs pip retries for every package it looks up.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# `make lab`: JupyterLab refuses to run as root without --allow-root (containers, CI, cloud VMs).
+LAB_ARGS ?=
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: install lab test test-unit test-notebooks test-browser browser-deps notebooks bench binder-check lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[all]"
+	@if $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" >/dev/null 2>&1; then \
+	  echo "PyTorch: the CPU build, from $(TORCH_CPU_INDEX) (an extra index for pip)"; \
+	  extra="--extra-index-url $(TORCH_CPU_INDEX)"; \
+	else \
+	  echo "PyTorch: $(TORCH_CPU_INDEX) is out of reach; torch comes from pip's own indexes (see README)"; \
+	  extra=""; \
+	fi; \
+	echo "$(PIP) $$extra -e .[all]"; \
+	$(PIP) $$extra -e ".[all]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 lab: install
-	$(BIN)/jupyter lab notebooks
+	@echo "JupyterLab on notebooks/: open the http://127.0.0.1:PORT/lab?token=... address it prints below; Ctrl-C stops it."
+	$(BIN)/jupyter lab notebooks $(LAB_ROOT) $(LAB_ARGS)
 
 test: install browser-deps
 	$(BIN)/python -m pytest tests -q

@@ -108,3 +108,35 @@ def test_a_failing_snippet_fails_the_test(shell):
         run_doctest(shell, ">>> 1 + 1\n3\n", "snippet")
     with pytest.raises(AssertionError, match="SyntaxError"):
         run_cell(shell, "x = (\n", "snippet")
+
+
+# -- what the README says gets installed ---------------------------------------------------------
+@pytest.mark.parametrize("platform, machine, tensorflow", [
+    ("linux", "x86_64", "tensorflow-cpu"), ("win32", "AMD64", "tensorflow-cpu"),
+    ("darwin", "arm64", "tensorflow"), ("darwin", "x86_64", "tensorflow"),
+    ("linux", "aarch64", "tensorflow"), ("win32", "ARM64", "tensorflow")])
+def test_the_tensorflow_extra_installs_one_wheel_that_exists_there(platform, machine, tensorflow):
+    """tensorflow-cpu has wheels for Linux and Windows on x86_64 only; elsewhere `tensorflow`
+    (CPU-only there). pyproject.toml and binder/requirements.txt pick by the same markers."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    env = {"sys_platform": platform, "platform_machine": machine}
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["tensorflow"]
+    binder = [line.split("#")[0].strip() for line in
+              (ROOT / "binder" / "requirements.txt").read_text().splitlines()]
+    for lines in (extra, [line for line in binder if line.startswith("tensorflow")]):
+        picked = {Requirement(line).name for line in lines
+                  if Requirement(line).marker is None or Requirement(line).marker.evaluate(env)}
+        assert picked & {"tensorflow", "tensorflow-cpu"} == {tensorflow}, (env, lines)
+
+
+def test_the_pytorch_cpu_index_is_asked_for_where_the_readme_says():
+    readme = (ROOT / "README.md").read_text()
+    index = "https://download.pytorch.org/whl/cpu"
+    assert index in readme
+    binder = (ROOT / "binder" / "requirements.txt").read_text()
+    assert f"--extra-index-url {index}" in binder.splitlines()
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"TORCH_CPU_INDEX ?= {index}" in makefile and "--extra-index-url $(TORCH_CPU_INDEX)" in makefile
