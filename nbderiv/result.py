@@ -127,6 +127,7 @@ class Derivatives:
         self.inputs = tuple(all_names[i] for i in self.wrt)
         self.findings = list(findings)
         self.check = check
+        self.reference_errors = None  # {k: (max_abs, max_rel)} with derivatives(reference=...)
         self._code = code
         self.notes = list(notes)  # lines shown in the summary, e.g. the size of a grid
 
@@ -211,12 +212,18 @@ class Derivatives:
         lines += [f"  {note}" for note in getattr(self, "notes", ())]
         if self.check is not None:
             lines.append("  check: " + self.check.summary())
+        if self.reference_errors:
+            lines.append("  vs reference: " + self._reference_text())
         if self.findings:
             lines.append("  findings:")
             lines += [f"    - {f}" for f in self.findings]
         else:
             lines.append("  findings: none")
         return "\n".join(lines)
+
+    def _reference_text(self) -> str:
+        return "; ".join(f"order {k}: max abs err {a:.2g}, rel {r:.2g}"
+                         for k, (a, r) in sorted(self.reference_errors.items()))
 
     def _repr_html_(self) -> str:
         esc = html.escape
@@ -240,6 +247,8 @@ class Derivatives:
         parts += [f"<p>{esc(note)}</p>" for note in getattr(self, "notes", ())]
         if self.check is not None:
             parts.append(f"<p>check: {esc(self.check.summary())}</p>")
+        if self.reference_errors:
+            parts.append(f"<p>vs reference: {esc(self._reference_text())}</p>")
         if self.findings:
             colors = {"info": "#31708f", "warning": "#8a6d3b", "error": "#a94442"}
             items = "".join(

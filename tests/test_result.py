@@ -207,3 +207,16 @@ def test_notes_are_shown_in_both_summaries():
     assert "  grid: 3 x 3 = 9 points" in repr(d).splitlines()
     assert "<p>grid: 3 x 3 = 9 points</p>" in d._repr_html_()
     assert "grid" not in repr(_bare("taylor"))
+
+
+def test_the_error_against_a_reference_is_shown_per_order():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    d = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 9), order=2, reference=np.sin)
+    assert set(d.reference_errors) >= {1, 2}
+    assert d.reference_errors[1][0] < 1e-6  # sin' = cos, from the reference by differences
+    assert "vs reference: " in repr(d) and "order 2: max abs err" in repr(d)
+    assert "vs reference:" in d._repr_html_()
+    plain = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 9), order=2)
+    assert "vs reference" not in repr(plain) and plain.reference_errors is None
