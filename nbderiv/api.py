@@ -54,12 +54,21 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
 
 def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, check=False,
                 chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET,
-                progress=None, reference=None) -> Derivatives:
+                progress=None, reference=None, target=None, kwargs=None) -> Derivatives:
     """Per-point derivatives of ``model`` with respect to its input, orders 1..``order``.
 
-    ``x`` is (N, d_in), (N,) (N points of one feature), a nested list, or a tuple
+    ``x`` is (N, *S): N points, each of shape S — (N, d_in) vectors, (N, C, H, W) images,
+    (N, T, F) sequences — or (N,) (N points of one feature), a nested list, or a tuple
     ``(x, t, ...)`` of separate arguments. Returns :class:`~nbderiv.result.Derivatives`
-    with ``d[k]`` of shape (N, d_out) + (len(wrt),) * k.
+    with ``d[k]`` of shape (N,) + O + S * k, O each point's output shape (``(d_out,)`` for
+    vector outputs), the layout ``vmap(jacrev)`` gives; with ``wrt`` (indices into each
+    point's flattened input, C order: ``np.ravel_multi_index((c, h, w), S)``) or a tuple x,
+    (N,) + O + (len(wrt),) * k.
+
+    ``target``: one int, or one int per point, selects one output per point before
+    differentiating (saliency: d score[label] / d image); the output axis then has length 1.
+    ``kwargs``: extra keyword arguments for the model, never differentiated; arrays whose
+    first axis has length N (e.g. an attention mask) are sliced with the points.
 
     ``reference`` (issue 18), a known truth: a function of NumPy float64 arrays giving y
     (``f(x)``, x of shape (N, d_in); ``f(x, t)`` for a tuple input), differentiated by
@@ -75,8 +84,8 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, "chunk_size", example=4096)
     memory_budget = byte_count(memory_budget, "memory_budget")
-    call = open_call(model, x, framework)
-    wrt = check_wrt(wrt, call.width, call.names)
+    call = open_call(model, x, framework, target=target, kwargs=kwargs)
+    wrt = check_wrt(wrt, call.input_width, call.names)
     with call.backend.preserved(model):
         block, layers = _differentiate(call, order, wrt, chunk_size=chunk_size,
                                        memory_budget=memory_budget, progress=progress)
@@ -84,7 +93,8 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
         with model_errors(call, "checking its findings (kinks, finite differences)"):
             call.findings += dg.result_findings(call, layers, y, ders, order, wrt,
                                                 call.findings)
-        result = Derivatives(x=call.features(), y=y, orders=ders, framework=call.backend.name,
+        result = Derivatives(x=call.input_features(), y=y, orders=ders,
+                             framework=call.backend.name,
                              method=block.method, inputs=call.names, wrt=wrt,
                              findings=call.findings)
         if check:  # inside preserved(): a check that has to use the model itself restores it too
@@ -101,14 +111,21 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
         from .reference import reference_errors
 
         result.reference_errors = reference_errors(reference, call, result)
-    result._code = functools.partial(_code_for, call.backend, call.widths, order, wrt,
-                                     call.verdict.coupled)  # written on first use of d.code
+    result._code = functools.partial(_code_for, call.backend, call.widths[:call.n_inputs],
+                                     order, wrt, call.verdict.coupled,
+                                     bool(call.extras or call.constants))
+    result._present(call.verdict.out_shape,
+                    call.point_shapes[0] if call.n_inputs == 1 else None)
     return result
 
 
-def _code_for(backend, widths, order, wrt, coupled=False):
+def _code_for(backend, widths, order, wrt, coupled=False, extras=False):
     wrt = None if wrt == tuple(range(sum(widths))) else wrt
     code = backend.equivalent_code(order=order, wrt=wrt, widths=widths)
+    if extras:
+        code = ("# NOTE: this call used target= and/or kwargs=; the code below calls model(x)\n"
+                "# alone: pass the same keyword arguments and select the target outputs yourself.\n"
+                ) + code
     if coupled:
         code = ("# CAUTION: this model couples points (finding coupled-samples). The code below\n"
                 "# uses the grad_outputs=ones trick, which then returns column sums of the N x N\n"

@@ -28,6 +28,23 @@ class Verdict:
     d_out: int
     stochastic: bool = False
     coupled: bool = False
+    out_shape: tuple = None  # each point's output shape O (prod(O) == d_out)
+
+    def __post_init__(self):
+        if self.out_shape is None:
+            self.out_shape = (self.d_out,)
+
+
+@dataclass(frozen=True)
+class Extra:
+    """Per-point data the model gets but that is never differentiated: a keyword argument
+    (``name``) or, with ``name == ""``, the target output of each point. Its values travel as
+    the last columns of the feature matrix, so that every block and probe slices them with
+    the points, and are turned back into ``shape`` and ``dtype`` inside the model call."""
+
+    name: str
+    shape: tuple
+    dtype: str
 
 
 @dataclass
@@ -46,6 +63,8 @@ class Call:
     args: list
     names: tuple
     device: object = None
+    extras: tuple = ()        # Extra specs: the last len(extras) arrays of args
+    constants: dict = field(default_factory=dict)  # keyword arguments passed as they are
     verdict: Verdict | None = None
     findings: list = field(default_factory=list)
     non_finite_x: list | None = None  # rows of x with a NaN or inf, once looked for
@@ -64,6 +83,28 @@ class Call:
     def width(self) -> int:
         """Features in all (D)."""
         return sum(self.widths)
+
+    @property
+    def n_inputs(self) -> int:
+        """Arguments that are differentiated (the first ones of args; extras follow)."""
+        return len(self.args) - len(self.extras)
+
+    @property
+    def input_width(self) -> int:
+        """Features that can be differentiated (D without the extras)."""
+        return sum(self.widths[:self.n_inputs])
+
+    def input_features(self) -> np.ndarray:
+        """The differentiated arguments side by side, (N, D without the extras)."""
+        args = self.args[:self.n_inputs]
+        return args[0] if len(args) == 1 else np.concatenate(args, axis=1)
+
+    @property
+    def point_shapes(self) -> list:
+        """Each point's shape per argument, S_i (the model is called on (n, *S_i) arrays)."""
+        shapes = getattr(self.inputs, "point_shapes", None)
+        shapes = list(shapes) if shapes else [(w,) for w in self.widths[:self.n_inputs]]
+        return shapes + [e.shape for e in self.extras]
 
     @property
     def d_out(self) -> int | None:

@@ -24,8 +24,8 @@ import numpy as np
 from . import findings as dg
 from .backends import select_backend
 from .backends.base import Block, block_starts, equal_block_size
-from .call import Call, Verdict
-from .errors import ModelCallError, NbderivError, OutputError
+from .call import Call, Extra, Verdict
+from .errors import ModelCallError, NbderivError, OptionError, OutputError
 from .inputs import (
     input_findings,
     input_names,
@@ -36,21 +36,63 @@ from .inputs import (
 from .result_memory import result_array
 
 
-def open_call(model, x, framework) -> Call:
-    """The backend for ``model``, ``x`` read and cast, the input findings."""
+def open_call(model, x, framework, *, target=None, kwargs=None) -> Call:
+    """The backend for ``model``, ``x`` read and cast, the input findings. ``target`` (one
+    int, or one int per point) and the per-point arrays of ``kwargs`` (first axis N) travel
+    as extra columns (see :class:`~nbderiv.call.Extra`); other kwargs are passed as they are."""
     backend = select_backend(model, x, framework)
     backend.begin(model)
     inputs = prepare_inputs(x, to_numpy=backend.to_numpy)
     dtype = np.dtype(backend.compute_dtype(model, inputs.arrays[0].dtype))
     arg_names = backend.argument_names(model, len(inputs.arrays)) if inputs.several else None
+    extras, extra_arrays, constants = _extras(backend, inputs.n_points, target, kwargs, dtype)
     call = Call(model=model, backend=backend, inputs=inputs, dtype=dtype,
-                args=inputs.cast(dtype), names=input_names(inputs, arg_names),
-                device=backend.device(model, x))
+                args=inputs.cast(dtype) + extra_arrays, names=input_names(inputs, arg_names),
+                device=backend.device(model, x), extras=extras, constants=constants)
     call.findings += input_findings(inputs, dtype)
-    bad = call.non_finite_x = dg.non_finite_points(*call.args)
+    bad = call.non_finite_x = dg.non_finite_points(*call.args[:call.n_inputs])
     if bad:
         call.findings.append(dg.non_finite_finding("x", bad))
     return call
+
+
+def _extras(backend, n, target, kwargs, dtype) -> tuple:
+    """(Extra specs, their (n, width) arrays in ``dtype``, constant kwargs)."""
+    specs, arrays, constants = [], [], {}
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise OptionError(f"kwargs must be a dict of keyword arguments for the model, got "
+                          f"{type(kwargs).__name__}. Fix: kwargs={{'attention_mask': mask}}.")
+    for name, value in (kwargs or {}).items():
+        try:
+            a = np.asarray(backend.to_numpy(value))
+        except Exception:
+            a = None
+        if a is None or a.ndim == 0 or a.shape[0] != n or a.dtype.kind not in "biuf":
+            constants[name] = value  # not per point: passed as it is
+            continue
+        specs.append(Extra(str(name), tuple(a.shape[1:]), a.dtype.name))
+        arrays.append(_as_columns(a, dtype, f"kwargs[{name!r}]"))
+    if target is not None:
+        t = np.asarray(backend.to_numpy(target))
+        if t.ndim == 0:
+            t = np.full(n, t)
+        if t.shape != (n,) or t.dtype.kind not in "biu" or (t.size and t.min() < 0):
+            raise OptionError(
+                f"target must be one non-negative int, or one int per point (shape ({n},)), "
+                f"got {'shape ' + str(t.shape) if t.ndim else repr(target)} of dtype {t.dtype}. "
+                "Fix: e.g. target=3 (the same output for every point) or target=labels.")
+        specs.append(Extra("", (), "int64"))
+        arrays.append(_as_columns(t, dtype, "target"))
+    return tuple(specs), arrays, constants
+
+
+def _as_columns(a, dtype, what) -> np.ndarray:
+    """Per-point data as (n, width) columns in the compute dtype, checked to survive the trip."""
+    cols = np.ascontiguousarray(a.reshape(a.shape[0], -1), dtype=dtype)
+    if a.dtype.kind in "biu" and not np.array_equal(cols.astype(a.dtype), a.reshape(cols.shape)):
+        raise OptionError(f"{what} holds integers too large to pass exactly in {dtype}. "
+                          "Fix: pass smaller indices.")
+    return cols
 
 
 @contextmanager
@@ -75,7 +117,7 @@ def probe_points(call: Call) -> list:
     smallest value and largest |value| (over all N), at most ``2 * PROBE_POINTS`` in all."""
     k = min(call.n, dg.PROBE_POINTS)
     chosen = list(range(k))
-    X = call.features()
+    X = call.input_features()
     if call.n > k:
         with np.errstate(invalid="ignore"):
             finite = np.where(np.isfinite(X), X, 0)
@@ -87,23 +129,20 @@ def probe_points(call: Call) -> list:
     return chosen
 
 
-def _outward(a: np.ndarray) -> np.ndarray:
-    return (0.5 * (1 + np.abs(a))).astype(a.dtype)
-
-
 def probe_batches(call: Call, points=None) -> tuple:
     """(batches, moved): the probe's batches on ``points`` (default :func:`probe_points`): the
     points twice (randomness), with point 0 moved, and with the points holding each feature's
-    extremes in the batch moved further out (does any other point's output change?).
+    extremes in the batch moved halfway to the middle (does any other point's output change?).
     ``moved[b]`` lists the rows moved in batch b (for the coupling test)."""
     points = probe_points(call) if points is None else points
     first = [a[points].copy() for a in call.args]
     k = len(points)
     moved = [a.copy() for a in first]
-    for a in moved:
+    for a in moved[:call.n_inputs]:  # extras (labels, masks) stay as they are
         a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
     extremes = set()
-    X = np.concatenate(first, axis=1) if len(first) > 1 else first[0]
+    inputs = first[:call.n_inputs]
+    X = np.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
     with np.errstate(invalid="ignore"):
         finite = np.where(np.isfinite(X), X, 0)
         for i in range(min(X.shape[1], dg.PROBE_POINTS)):
@@ -112,9 +151,10 @@ def probe_batches(call: Call, points=None) -> tuple:
     if len(extremes) >= k:  # keep one point still to watch
         extremes = set(sorted(extremes)[:k - 1])
     out = [a.copy() for a in first]
-    for a in out:
-        for n in extremes:
-            a[n] += np.sign(a[n] + (a[n] == 0)) * _outward(a[n])
+    for a in out[:call.n_inputs]:
+        centre = a.mean(axis=0)
+        for n in extremes:  # halfway to the middle: inside the data's range, never beyond it
+            a[n] = (a[n] + (centre - a[n]) / 2).astype(a.dtype)
     return [first, first, moved, out], [[], [], [0], sorted(extremes)]
 
 
@@ -124,6 +164,10 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
     points alone, if the probe ran them (a model whose outputs change when a point is left
     out couples points too)."""
     ys = [np.ascontiguousarray(y) for y in outputs]
+    out_shape = tuple(ys[0].shape[1:]) or (1,)  # each point's output shape; (n,) is one output
+    ys = [y.reshape(y.shape[0], -1) for y in ys]
+    if fewer is not None:
+        fewer = np.asarray(fewer).reshape(np.shape(fewer)[0], -1)
     moved = [[], [], [0]] if moved is None else moved
     y1, y2 = ys[0], ys[1]
     stochastic = y1.tobytes() != y2.tobytes()  # the same model call twice: identical bits?
@@ -142,7 +186,7 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
                 change = np.fmax.reduce(np.abs(y[keep] - y1[keep]), axis=None, initial=0)
             # (fewer points: other summation orders may change the last bits; allow more)
             coupled |= bool(change > (tol if y is not ys[-1] or fewer is None else 1e3 * tol))
-    return Verdict(int(y1.shape[1]), stochastic, coupled)
+    return Verdict(int(y1.shape[1]), stochastic, coupled, out_shape)
 
 
 def probe(call: Call) -> Verdict:

@@ -34,7 +34,7 @@ def _forward_rows(call, queries, at, batch_rows=None):
     coupled = call.verdict is not None and call.verdict.coupled
     if not coupled:
         (y,) = call.backend.forwards(call, [list(np.split(queries, cuts, axis=1))])
-        return np.asarray(y, dtype=np.float64)
+        return np.asarray(y, dtype=np.float64).reshape(queries.shape[0], -1)
     base = call.features()[:batch_rows]
     if queries.shape[0] * base.shape[0] > _COUPLED_ROWS:
         return None
@@ -44,7 +44,7 @@ def _forward_rows(call, queries, at, batch_rows=None):
         full[n] = q
         batches.append(list(np.split(full.astype(call.dtype), cuts, axis=1)))
     ys = call.backend.forwards(call, batches)
-    return np.stack([np.asarray(y, dtype=np.float64)[n] for y, n in zip(ys, at)])
+    return np.stack([np.asarray(y, dtype=np.float64)[n].reshape(-1) for y, n in zip(ys, at)])
 
 
 def _directions(width: int, wrt, count: int, seed: int = 0) -> list:
@@ -96,7 +96,7 @@ def kinks_confirmed(call, candidates, wrt=None, limit: int = KINK_CHECKS,
     candidates = [int(n) for n in candidates][:limit]
     if not candidates:
         return []
-    wrt = tuple(range(call.width)) if wrt is None else tuple(wrt)
+    wrt = tuple(range(call.input_width)) if wrt is None else tuple(wrt)
     c64 = _float64_call(call) if float64 else call
     X = c64.features()[candidates].astype(np.float64)
     scale = 1.0 + np.abs(X)                                     # (P, D)

@@ -179,8 +179,8 @@ def _float64_model(call, result, X):
                for B in (P, base, nudged, moved)]
     try:
         c = call.with_args(batches[0], model=model64, dtype=np.dtype(np.float64))
-        y, y_base, y_nudged, y_moved = (np.asarray(v, dtype=np.float64) for v in
-                                        call.backend.forwards(c, batches))
+        y, y_base, y_nudged, y_moved = (np.asarray(v, dtype=np.float64).reshape(len(v), -1)
+                                        for v in call.backend.forwards(c, batches))
     except Exception as exc:
         return None, f"it fails in float64: {_first_line(exc)}"
     if np.array_equal(y_base, y_nudged) and not np.array_equal(y_base, y_moved):

@@ -17,19 +17,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputShapeError, InputTypeError, ModelCallError, NbderivError, OutputError
+from .errors import (
+    InputShapeError,
+    InputTypeError,
+    ModelCallError,
+    NbderivError,
+    OptionError,
+    OutputError,
+)
 from .result import Finding
 
 
 @dataclass
 class PreparedInput:
-    """The model's arguments as numpy arrays of shape (N, d_i), plus what was done to them."""
+    """The model's arguments as numpy arrays of shape (N, d_i) (each point's values, flattened:
+    d_i = prod(S_i) for an argument of shape (N, *S_i)), plus what was done to them."""
 
     arrays: list
     several: bool          # True when x was a tuple of separate arguments
     reshaped: bool         # some argument had shape (N,) (or was a scalar)
     was_integer: bool      # some argument was integer/bool and will be cast
     original_shapes: list
+    point_shapes: list = None  # S_i, each point's shape per argument ((1,) for (N,) inputs)
+
+    def __post_init__(self):
+        if self.point_shapes is None:
+            self.point_shapes = [tuple(a.shape[1:]) for a in self.arrays]
 
     @property
     def n_points(self) -> int:
@@ -72,7 +85,13 @@ def prepare_inputs(x, *, to_numpy) -> PreparedInput:
     parts = list(x) if several else [x]
     if several and not parts:
         raise InputShapeError("x is an empty tuple. Fix: pass (x, t, ...) with one array per argument.")
-    arrays, shapes, reshaped, integer = [], [], False, False
+    if isinstance(x, dict):
+        raise InputTypeError(
+            f"x is a dict (keys {', '.join(map(repr, list(x)[:6]))}); nbderiv passes the model "
+            "positional arguments. Fix: pass a tuple in the order the model takes them, e.g. "
+            "x=(x_values, t_values) for a model called as model(x, t) (for a Keras model with "
+            "named inputs, in the order of model.inputs).")
+    arrays, shapes, reshaped, integer, point_shapes = [], [], False, False, []
     for i, part in enumerate(parts):
         what = f"x[{i}] (argument {i + 1} of the tuple)" if several else "x"
         a = _as_array(part, to_numpy, what)
@@ -83,23 +102,20 @@ def prepare_inputs(x, *, to_numpy) -> PreparedInput:
             a, reshaped = a.reshape(1, 1), True
         elif a.ndim == 1:
             a, reshaped = a.reshape(-1, 1), True
-        elif a.ndim > 2:
-            raise InputShapeError(
-                f"{what} has shape {a.shape}; nbderiv expects (N,) or (N, d_in): N points with "
-                f"d_in features each. Fix: flatten the features, e.g. x.reshape(len(x), -1)."
-            )
         if a.shape[0] == 0:
             raise InputShapeError(f"{what} has shape {a.shape}: no points. Fix: pass at least one point.")
-        if a.shape[1] == 0:
-            raise InputShapeError(f"{what} has shape {a.shape}: no features. Fix: pass (N, d_in) with d_in >= 1.")
-        arrays.append(a)
+        if 0 in a.shape[1:]:
+            raise InputShapeError(f"{what} has shape {a.shape}: no features. Fix: pass (N, d_in) "
+                                  "with d_in >= 1 (or (N, C, H, W), ... with no empty axis).")
+        point_shapes.append(tuple(a.shape[1:]))
+        arrays.append(a.reshape(a.shape[0], -1))
     sizes = {a.shape[0] for a in arrays}
     if len(sizes) > 1:
         raise InputShapeError(
             f"the arguments in the tuple have different numbers of points {[a.shape[0] for a in arrays]}. "
             "Fix: give every argument the same first dimension N."
         )
-    return PreparedInput(arrays, several, reshaped, integer, shapes)
+    return PreparedInput(arrays, several, reshaped, integer, shapes, point_shapes)
 
 
 def input_names(prepared: PreparedInput, argument_names=None) -> tuple:
@@ -111,8 +127,14 @@ def input_names(prepared: PreparedInput, argument_names=None) -> tuple:
         if len(arg_names) != len(prepared.arrays) or len(set(arg_names)) != len(arg_names):
             arg_names = [f"arg{i}" for i in range(len(prepared.arrays))]
     names = []
-    for name, width in zip(arg_names, prepared.widths):
-        names += [name] if width == 1 else [f"{name}[{i}]" for i in range(width)]
+    shapes = prepared.point_shapes or [(w,) for w in prepared.widths]
+    for name, width, shape in zip(arg_names, prepared.widths, shapes):
+        if width == 1:
+            names.append(name)
+        elif len(shape) == 1:
+            names += [f"{name}[{i}]" for i in range(width)]
+        else:  # x[c,h,w] for a point of shape (C, H, W): flat index i is np.unravel_index(i)
+            names += [f"{name}[{','.join(map(str, ix))}]" for ix in np.ndindex(*shape)]
     return tuple(names)
 
 
@@ -212,6 +234,14 @@ _SHAPE_WORDS = ("shape", "size mismatch", "sizes", "dimension", "incompatible", 
                 "expected axis", "rank", "broadcast")
 _GRAPH_WORDS = ("numpy()", "requires grad", "symbolic", "is only available when eager",
                 "cannot convert a symbolic", "non-eager", "__array__")
+
+
+def check_target(largest: int, d_out: int) -> None:
+    """A target must name one of the model's outputs."""
+    if largest >= d_out:
+        raise OptionError(
+            f"target {largest} is out of range: the model has {d_out} output(s) per point. "
+            f"Fix: use targets 0..{d_out - 1}.")
 
 
 def model_error_cause(exc: Exception) -> str:

@@ -51,7 +51,7 @@ def _feature_position(d: Derivatives, i) -> int:
     """Position in ``d.wrt`` of input feature ``i`` (an index into ``d.x``'s columns)."""
     if not is_int(i):
         raise OptionError(f"wrt entries must be input indices (ints), got {i!r}. Fix: e.g. wrt=0.")
-    width = d.x.shape[1]
+    width = d.features.shape[1]
     if not -width <= i < width:
         raise OptionError(f"wrt={i} is out of range: x has {width} input(s). "
                           f"Fix: use 0..{width - 1}.")
@@ -116,7 +116,7 @@ def _reference_values(d: Derivatives, reference, orders, p) -> dict:
     if callable(reference) and not isinstance(reference, Derivatives):
         from .api import derivatives
 
-        reference = derivatives(reference, d.x.astype(np.float64), order=max(max(orders), 1),
+        reference = derivatives(reference, d.features.astype(np.float64), order=max(max(orders), 1),
                                 wrt=d.wrt, framework=d.framework)
     if isinstance(reference, Derivatives):
         if reference.n_points != d.n_points:
@@ -160,7 +160,7 @@ def _fd_values(d: Derivatives, orders, p) -> dict:
 
 # -- curves (one input) ---------------------------------------------------------------------
 def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, reference=None,
-                     fd=False, fig=None, ax=None, figsize=None):
+                     fd=False, fig=None, ax=None, figsize=None, points=None, channel_axis=None):
     """Plot y and its derivatives; returns the Figure (never shows it).
 
     One differentiated input (or ``wrt=i``): one panel per order against x (points sorted,
@@ -169,6 +169,8 @@ def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, refe
     or a dict ``{k: values (N,) or (N, d_out)}``) and ``fd=True`` (``d.check.reference``).
     Two inputs (or ``wrt=(i, j)``): heatmaps of y and each partial of the given ``orders``
     for one ``output`` (default 0), on the grid when the points form one, else scattered.
+    Images and sequences (``len(d.in_shape)`` 3 or 2): saliency maps of the first ``points``
+    points, see :func:`nbderiv.plot_maps.plot_saliency` (``channel_axis`` too).
 
     >>> import torch, nbderiv
     >>> d = nbderiv.derivatives(torch.tanh, torch.linspace(-2, 2, 41), order=2, check=True)
@@ -179,6 +181,18 @@ def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, refe
     if not isinstance(d, Derivatives):
         raise OptionError(f"plot_derivatives needs a Derivatives (from nbderiv.derivatives), got "
                           f"{type(d).__name__}.")
+    if len(d.in_shape) > 1:  # each point an image or a sequence: saliency maps
+        if wrt is not None or reference is not None or fd:
+            raise OptionError("wrt=, reference= and fd= belong to curves and heat maps of vector "
+                              f"inputs; this result's points have shape {d.in_shape} (saliency "
+                              "maps). Fix: leave them out, or index d[1] yourself.")
+        from .plot_maps import plot_saliency
+
+        return plot_saliency(d, points=points, output=output, orders=orders,
+                             channel_axis=channel_axis, fig=fig, ax=ax, figsize=figsize)
+    if points is not None or channel_axis is not None:
+        raise OptionError("points= and channel_axis= belong to saliency maps (a result whose "
+                          "points are images or sequences). Fix: leave them out.")
     positions = _plotted_positions(d, wrt)
     ks = _orders(d, orders)
     if len(positions) == 2:
@@ -195,11 +209,11 @@ def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, refe
 def _curves(d, p, ks, outputs, reference, fd, fig, ax, figsize):
     feature = d.wrt[p]
     name = d.inputs[p]
-    xs = d.x[:, feature].astype(np.float64)
+    xs = d.features[:, feature].astype(np.float64)
     idx = np.argsort(xs, kind="stable")
     xs = xs[idx]
-    others = [i for i in range(d.x.shape[1]) if i != feature]
-    on_a_line = all(np.ptp(d.x[:, i]) == 0 for i in others)
+    others = [i for i in range(d.features.shape[1]) if i != feature]
+    on_a_line = all(np.ptp(d.features[:, i]) == 0 for i in others)
     refs = _reference_values(d, reference, ks, p)
     fds = _fd_values(d, ks, p) if fd else {}
     fig, pairs = panels_for(fig, ax, ks, figsize or (6.4, 1.2 + 1.7 * len(ks)), len(ks), 1,
@@ -250,9 +264,9 @@ def grid_of(a: np.ndarray, b: np.ndarray):
 def _heatmaps(d, positions, ks, j, fig, ax, figsize):
     pa, pb = positions
     fa, fb = d.wrt[pa], d.wrt[pb]
-    a, b = d.x[:, fa].astype(np.float64), d.x[:, fb].astype(np.float64)
-    others = [i for i in range(d.x.shape[1]) if i not in (fa, fb)]
-    grid = grid_of(a, b) if all(np.ptp(d.x[:, i]) == 0 for i in others) else None
+    a, b = d.features[:, fa].astype(np.float64), d.features[:, fb].astype(np.float64)
+    others = [i for i in range(d.features.shape[1]) if i not in (fa, fb)]
+    grid = grid_of(a, b) if all(np.ptp(d.features[:, i]) == 0 for i in others) else None
     rows = []
     for k in ks:
         if k == 0:

@@ -130,6 +130,31 @@ class Derivatives:
         self.reference_errors = None  # {k: (max_abs, max_rel)} with derivatives(reference=...)
         self._code = code
         self.notes = list(notes)  # lines shown in the summary, e.g. the size of a grid
+        self.out_shape = tuple(y.shape[1:]) if y.ndim > 1 else (1,)  # each point's output shape
+        self.in_shape = (len(self.wrt),)  # the input axes' shape in d[k] (per input axis group)
+
+    def _present(self, out_shape, point_shape=None) -> None:
+        """Give y and d[k] each point's own output shape O, and (when every input is kept and
+        x is one array of shape (N, *S)) the input axes the point shape S: d[k] becomes
+        (N,) + O + S * k and x (N, *S). Reshapes only (views, no copies)."""
+        out_shape = tuple(out_shape)
+        n = self.n_points
+        whole = point_shape is not None and len(self.wrt) == self.x.shape[1] \
+            and self.wrt == tuple(range(self.x.shape[1]))
+        in_shape = tuple(point_shape) if whole else (len(self.wrt),)
+        if out_shape == self.out_shape and in_shape == self.in_shape:
+            return
+        self.y = self.y.reshape((n,) + out_shape)
+        self._orders = [d.reshape((n,) + out_shape + in_shape * k)
+                        for k, d in enumerate(self._orders, start=1)]
+        if whole:
+            self.x = self.x.reshape((n,) + in_shape)
+        self.out_shape, self.in_shape = out_shape, in_shape
+
+    @property
+    def features(self) -> np.ndarray:
+        """x as (N, D): each point's input values in one row (C order)."""
+        return self.x.reshape(self.x.shape[0], -1)
 
     # -- array access -------------------------------------------------------------
     @property
@@ -142,7 +167,7 @@ class Derivatives:
 
     @property
     def n_outputs(self) -> int:
-        return self.y.shape[1]
+        return int(np.prod(self.out_shape))
 
     def __getitem__(self, k):
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
@@ -161,9 +186,16 @@ class Derivatives:
         return (self[k] for k in range(self.order + 1))
 
     def axes(self, k: int) -> tuple:
-        """Names of the axes of ``d[k]``: ``("point", "output") + ("input",) * k``."""
+        """Names of the axes of ``d[k]``: ``("point", "output") + ("input",) * k`` for vector
+        outputs and inputs; an output or input with several axes per point names each, e.g.
+        ``("point", "output", "input axis 1", "input axis 2", "input axis 3")`` for images."""
         self[k]  # validates k
-        return ("point", "output") + ("input",) * k
+
+        def names(kind, shape):
+            return (kind,) if len(shape) == 1 else tuple(
+                f"{kind} axis {i}" for i in range(1, len(shape) + 1))
+
+        return ("point",) + names("output", self.out_shape) + names("input", self.in_shape) * k
 
     @property
     def code(self) -> str | None:

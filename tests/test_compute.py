@@ -57,7 +57,7 @@ def test_every_block_gets_the_same_number_of_points(monkeypatch):
 
 def test_the_verdict_sees_randomness_and_coupling():
     call = _call()
-    first, again, moved = compute.probe_batches(call)
+    (first, *_), moved = compute.probe_batches(call)
     y = call.backend.forwards(call, [first])[0]
     assert compute.verdict_of(call, [y, y, y]) == compute.Verdict(3, False, False)
     other = y.copy()
@@ -66,6 +66,18 @@ def test_the_verdict_sees_randomness_and_coupling():
     shifted = y.copy()
     shifted[3] += 1  # a point that was not moved changed: coupled
     assert compute.verdict_of(call, [y, y, shifted]).coupled
+
+
+def test_the_probe_stays_within_the_points_range():
+    """Moved probe points stay inside the range of the given points (a model defined on a
+    domain must not be called beyond it), except point 0's small step."""
+    call = _call(n=40)
+    batches, moved = compute.probe_batches(call)
+    X = call.args[0]
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    for batch, rows in zip(batches, moved):
+        inside = np.setdiff1d(np.arange(batch[0].shape[0]), [0] if rows == [0] else [])
+        assert (batch[0][inside] >= lo).all() and (batch[0][inside] <= hi).all()
 
 
 def _bar_output(items, enabled, monkeypatch, after=2.0, clock=None):

@@ -18,6 +18,7 @@ import importlib
 import sys
 
 from ..errors import BackendError, ModelTypeError, OptionError
+from ..wrapped import objects_inside
 
 # name -> module that implements it, in detection order (Keras/TensorFlow before torch).
 _MODULES = {"tensorflow": "nbderiv.backends.tensorflow", "torch": "nbderiv.backends.torch"}
@@ -52,23 +53,42 @@ def _keras_backend_name() -> str | None:
         return None
 
 
-def framework_of_model(model) -> str | None:
-    """'tensorflow', 'torch', or None, from the model's class (its whole MRO)."""
-    if _isinstance_loaded(model, ("keras", "Layer"), ("keras", "layers", "Layer")):
-        backend = _keras_backend_name()
-        if backend == "tensorflow":
-            return "tensorflow"
-        if backend == "torch":
-            return "torch"  # a Keras-on-torch model is a torch.nn.Module computing with torch ops
-        raise BackendError(
-            f"this Keras model runs on the {backend!r} backend, which nbderiv does not support. "
-            "Fix: set KERAS_BACKEND=tensorflow (or torch) before importing keras."
-        )
-    if _isinstance_loaded(model, ("tensorflow", "Module")):
+def _framework_kind(obj) -> str | None:
+    """'keras', 'tensorflow' (a tf.Module), 'torch', or None, from obj's class alone."""
+    if _isinstance_loaded(obj, ("keras", "Layer"), ("keras", "layers", "Layer")):
+        return "keras"
+    if _isinstance_loaded(obj, ("tensorflow", "Module")):
         return "tensorflow"
-    if _isinstance_loaded(model, ("torch", "nn", "Module")):
+    if _isinstance_loaded(obj, ("torch", "nn", "Module")):
         return "torch"
     return None
+
+
+def _keras_framework() -> str:
+    backend = _keras_backend_name()
+    if backend == "tensorflow":
+        return "tensorflow"
+    if backend == "torch":
+        return "torch"  # a Keras-on-torch model is a torch.nn.Module computing with torch ops
+    raise BackendError(
+        f"this Keras model runs on the {backend!r} backend, which nbderiv does not support. "
+        "Fix: set KERAS_BACKEND=tensorflow (or torch) before importing keras."
+    )
+
+
+def framework_of_model(model) -> str | None:
+    """'tensorflow', 'torch', or None, from the model's class (its whole MRO); for a wrapper
+    (a lambda, ``functools.partial``, bound method, closure or callable object), from the
+    models it holds (:func:`nbderiv.wrapped.objects_inside`), Keras before torch.
+
+    >>> framework_of_model(lambda x: x) is None
+    True
+    """
+    kind = _framework_kind(model)
+    if kind is None and callable(model):
+        kinds = {k for k in map(_framework_kind, objects_inside(model)) if k is not None}
+        kind = next((k for k in ("keras", "tensorflow", "torch") if k in kinds), None)
+    return _keras_framework() if kind == "keras" else kind
 
 
 def framework_of_input(x) -> str | None:

@@ -22,6 +22,7 @@ setting (``tensorflow_quiet``).
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import numpy as np
@@ -68,6 +69,25 @@ from .tensorflow_math import (  # noqa: E402
     reverse_values,
 )
 from .tensorflow_taylor import taylor_plan  # noqa: E402
+
+
+def _shapes(call) -> tuple:
+    """What a traced computation depends on besides the model: each argument's per-point
+    shape, the extras (keyword arguments, target) and the constant keyword arguments (by
+    identity: the trace holds them, so they stay alive while it is cached)."""
+    key = tuple(tuple(s) for s in call.point_shapes)
+    if call.extras or call.constants:
+        key += (call.extras, tuple((k, id(v)) for k, v in sorted(call.constants.items())))
+    return key
+
+
+def _flat_widths(call):
+    """The arguments' widths when every argument is a vector per point (Taylor mode's case),
+    else None."""
+    shapes = call.point_shapes
+    if call.extras or call.constants or not all(len(s) == 1 for s in shapes):
+        return None
+    return [s[0] for s in shapes]
 
 
 def _variables_dtype(model):
@@ -153,39 +173,44 @@ class TensorFlowBackend(Backend):
         X = np.concatenate(args, axis=1) if len(args) > 1 else args[0]
         return tf.constant(X if X.dtype == call.dtype else X.astype(call.dtype))
 
-    def _traced(self, call, key, widths, build):
+    def _traced(self, call, key, shapes, build):
         cache = cache_for(call.model)
-        full = cache_key(call.model, key, tuple(widths), call.dtype.name)
+        full = cache_key(call.model, key, shapes, call.dtype.name)
         if full not in cache:
-            cache[full] = Traced(build(), sum(widths), tf.as_dtype(call.dtype))
+            width = call.width
+            cache[full] = Traced(build(), width, tf.as_dtype(call.dtype))
         return cache[full]
 
-    def _d_out(self, call, widths):
-        """The validated output width, once an eager call has checked the output."""
-        return cache_for(call.model).get(cache_key(call.model, "d_out", tuple(widths),
+    def _out_shape(self, call, shapes):
+        """Each point's output shape O, once an eager call has checked the output."""
+        return cache_for(call.model).get(cache_key(call.model, "out shape", shapes,
                                                    call.dtype.name))
 
-    def _ready(self, call, X, widths):
+    def _d_out(self, call, shapes):
+        """The validated output width, once an eager call has checked the output."""
+        out_shape = self._out_shape(call, shapes)
+        return None if out_shape is None else math.prod(out_shape)
+
+    def _ready(self, call, X, shapes):
         """d_out, from an eager, fully validated call on two points the first time."""
-        d_out = self._d_out(call, widths)
-        if d_out is None:
+        if self._out_shape(call, shapes) is None:
             state.before_writing()
-            d_out = int(caller(call.model, widths)(X[:2]).shape[1])
-            cache_for(call.model)[cache_key(call.model, "d_out", tuple(widths),
-                                            call.dtype.name)] = d_out
-        return d_out
+            y = caller(call, raw=True)(X[:2])
+            cache_for(call.model)[cache_key(call.model, "out shape", shapes,
+                                            call.dtype.name)] = tuple(y.shape[1:]) or (1,)
+        return self._d_out(call, shapes)
 
     def forwards(self, call, batches) -> list:
         """The separate model calls on same-shaped batches in one traced graph, one dispatch."""
-        widths = [a.shape[1] for a in batches[0]]
+        shapes = _shapes(call)
         X = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
-        fn = caller(call.model, widths, self._ready(call, X, widths))
+        fn = caller(call, self._ready(call, X, shapes))
         count = len(batches)
 
         def separately(Xs):  # count model calls, not one on the stacked points
             return tf.concat([fn(part) for part in tf.split(Xs, count)], axis=0)
 
-        traced = self._traced(call, ("forwards", count), widths, lambda: separately)
+        traced = self._traced(call, ("forwards", count), shapes, lambda: separately)
         y = traced(X).numpy()
         if y.shape[0] != X.shape[0]:
             check_output(y.shape, True, "", X.shape[0])
@@ -194,40 +219,44 @@ class TensorFlowBackend(Backend):
             # seeded random ops repeat their numbers across copies of the op in one graph but
             # not across runs: each batch gets its own run
             ys = [ys[0]] + [np.split(traced(X).numpy(), count)[i] for i in range(1, count)]
-        return ys
+        out_shape = self._out_shape(call, shapes)
+        return [y.reshape((y.shape[0],) + out_shape) for y in ys]
 
     def known_verdict(self, call):
         """For a plain Keras Sequential of Dense and elementwise layers (those that Taylor
         mode can run), called with training=False: deterministic, one point at a time, and
         d_out as an earlier call validated it for this input width. Else None (the first call
         for an input width always probes)."""
-        d_out = self._d_out(call, call.widths)
-        if d_out is None or self._taylor_plan(call.model, call.widths, call.dtype.name) is None:
+        d_out = self._d_out(call, _shapes(call))
+        if d_out is None or _flat_widths(call) is None \
+                or self._taylor_plan(call.model, call.widths, call.dtype.name) is None:
             return None
         return Verdict(d_out, False, False)
 
-    def _route(self, call, X, widths, order, wrt) -> list:
+    def _route(self, call, X, shapes, order, wrt) -> list:
         """[(method, traced computation)] to try in turn for this model and call shape,
         worked out once and remembered."""
         model = call.model
         cache = cache_for(model)
-        key = cache_key(model, "route", order, wrt, tuple(widths), call.dtype.name)
+        key = cache_key(model, "route", order, wrt, shapes, call.dtype.name)
         if key not in cache:
-            d_out = self._ready(call, X, widths)
-            fn = caller(model, widths, d_out)
-            plan = self._taylor_plan(model, widths, call.dtype.name) if len(wrt) == 1 else None
+            d_out = self._ready(call, X, shapes)
+            fn = caller(call, d_out)
+            widths = _flat_widths(call)
+            plan = self._taylor_plan(model, widths, call.dtype.name) \
+                if len(wrt) == 1 and widths is not None else None
             route = []
             for method in choose_methods(d_out, len(wrt), order, plan is not None):
                 build = functools.partial(builder, method, fn, plan, order, wrt, d_out)
-                route.append((method, self._traced(call, (method, order, wrt), widths, build)))
+                route.append((method, self._traced(call, (method, order, wrt), shapes, build)))
             cache[key] = route
         return cache[key]
 
     def derivatives(self, call, args, order, wrt, out=None) -> Block:
         """One traced call from the first strategy that works for this model and shape."""
-        widths, wrt = [a.shape[1] for a in args], tuple(wrt)
+        shapes, wrt = _shapes(call), tuple(wrt)
         X = self._tensor(call, args)
-        route = self._route(call, X, widths, order, wrt)
+        route = self._route(call, X, shapes, order, wrt)
         for method, traced in route:  # noqa: B007 - the method that worked is used below
             if traced.broken:
                 continue
@@ -261,10 +290,10 @@ class TensorFlowBackend(Backend):
         return int(min(16384, max(4096, (1 << 19) // max(widest, call.width))))
 
     def per_point_derivatives(self, call, args, order, wrt) -> Block:
-        widths = [a.shape[1] for a in args]
+        shapes = _shapes(call)
         base = self._tensor(call, args)
-        d_out = self._ready(call, base, widths)
-        fn = caller(call.model, widths, d_out)
+        d_out = self._ready(call, base, shapes)
+        fn = caller(call, d_out)
         state.before_writing()  # eager model calls follow
         rows, per_order = [], [[] for _ in range(order)]
         for i in range(base.shape[0]):
@@ -281,9 +310,9 @@ class TensorFlowBackend(Backend):
                      "per-point-blocks")
 
     def full_jacobian(self, call, args) -> np.ndarray:
-        widths = [a.shape[1] for a in args]
+        shapes = _shapes(call)
         X = self._tensor(call, args)
-        fn = caller(call.model, widths, self._ready(call, X, widths))
+        fn = caller(call, self._ready(call, X, shapes))
 
         def jacobian(Xs):
             with tf.GradientTape() as tape:
@@ -291,7 +320,7 @@ class TensorFlowBackend(Backend):
                 y = fn(Xs)
             return tape.jacobian(y, Xs, unconnected_gradients=ZERO)
 
-        return self._traced(call, ("jacobian",), widths, lambda: jacobian)(X).numpy()
+        return self._traced(call, ("jacobian",), shapes, lambda: jacobian)(X).numpy()
 
     def preserved(self, model):
         return state.preserved(model)
@@ -318,11 +347,11 @@ class TensorFlowBackend(Backend):
 
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, call, args, chunk=65536):
-        widths = [a.shape[1] for a in args]
+        shapes = _shapes(call)
         X = self._tensor(call, args)
 
         def build():
-            fn = caller(call.model, widths, self._ready(call, X, widths))
+            fn = caller(call, self._ready(call, X, shapes))
 
             def hits(Xs):
                 h, count = kink_hits(fn, Xs)
@@ -330,7 +359,7 @@ class TensorFlowBackend(Backend):
                 return h
             return hits
 
-        traced = self._traced(call, ("kinks",), widths, build)
+        traced = self._traced(call, ("kinks",), shapes, build)
         if "kink_ops" not in traced.facts and not traced.trace():
             return []
         if not traced.facts.get("kink_ops"):
@@ -340,6 +369,8 @@ class TensorFlowBackend(Backend):
         return np.flatnonzero(hits).tolist()
 
     def layer_summary(self, model) -> dict:
+        if not is_keras_layer(model):  # a wrapper: the layers it holds may change, no cache
+            return layer_summary(model)
         return remembered(model, ("layers",), lambda: layer_summary(model))
 
     def input_width(self, model):

@@ -23,6 +23,8 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from ..wrapped import objects_inside
+
 _NAMED = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "PReLU": "PReLU", "ELU": "elu",
           "Softmax": "softmax"}
 _CONTAINERS = ("Sequential", "Functional", "InputLayer")
@@ -70,10 +72,38 @@ _GRAPH_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_variables(model) -> list:
-    """Every variable of a Keras layer or ``tf.Module`` (trainable or not), else []."""
+    """Every variable of a Keras layer or ``tf.Module`` (trainable or not); for a wrapper (a
+    lambda, partial, bound method, closure or callable object), those of the Keras layers,
+    ``tf.Module``s and variables it holds, each once; else []."""
     if is_keras_layer(model) or isinstance(model, tf.Module):
         return list(model.variables)
-    return []
+    if not callable(model):
+        return []
+    keras = _keras()
+    single = (tf.Variable,) + ((keras.Variable,) if keras is not None else ())
+    found, seen = [], set()
+    for obj in objects_inside(model):
+        if is_keras_layer(obj) or isinstance(obj, tf.Module):
+            held = obj.variables
+        else:
+            held = [obj] if isinstance(obj, single) else []
+        for v in held:
+            if id(v) not in seen:
+                seen.add(id(v))
+                found.append(v)
+    return found
+
+
+def held_layers(model) -> list:
+    """The Keras layers a wrapper holds (none of them inside another); [model] for a layer."""
+    if is_keras_layer(model):
+        return [model]
+    if not callable(model):
+        return []
+    layers = [o for o in objects_inside(model) if is_keras_layer(o)]
+    inner = {id(sub) for layer in layers
+             for sub in layer._flatten_layers(include_self=False, recursive=True)}
+    return [layer for layer in layers if id(layer) not in inner]
 
 
 # public attributes that Keras itself changes while training or predicting (not structure)
@@ -196,31 +226,33 @@ def argument_names(model) -> list | None:
     return _positional_names(model)
 
 
-def invoke(model, parts):
+def invoke(model, parts, kwargs=None):
     """``model`` applied to a list of argument tensors, in the calling convention it expects.
 
     Keras models run with ``training=False``; a functional model gets its inputs in the
     structure it was built with (else Keras warns); a subclassed model gets every input in
-    its compute dtype (Keras itself casts only the first argument).
+    its compute dtype (Keras itself casts only the first argument). ``kwargs``: extra keyword
+    arguments (never differentiated).
     """
+    kw = dict(kwargs or {})
     kind = graph_kind(model)
     if kind == "functional":
         struct = model.input
         if isinstance(struct, dict):
-            return model(dict(zip(sorted(struct), parts)), training=False)
+            return model(dict(zip(sorted(struct), parts)), training=False, **kw)
         if isinstance(struct, (list, tuple)):
-            return model(list(parts), training=False)
+            return model(list(parts), training=False, **kw)
     if kind is not None:
-        return model(parts[0] if len(parts) == 1 else list(parts), training=False)
+        return model(parts[0] if len(parts) == 1 else list(parts), training=False, **kw)
     if not is_keras_layer(model):
-        return model(*parts)
+        return model(*parts, **kw)
     want = tf.as_dtype(model.compute_dtype)
     parts = [tf.cast(p, want) if p.dtype != want and p.dtype.is_floating else p for p in parts]
     if len(parts) == 1:
-        return model(parts[0], training=False)
+        return model(parts[0], training=False, **kw)
     if len(_positional_names(model.call) or []) >= len(parts):
-        return model(*parts, training=False)
-    return model(list(parts), training=False)
+        return model(*parts, training=False, **kw)
+    return model(list(parts), training=False, **kw)
 
 
 # -- structure, for diagnostics --------------------------------------------------------------
@@ -249,8 +281,10 @@ def layer_summary(model) -> dict:
     ``train_mode`` is empty: nbderiv calls Keras models with ``training=False``.
     ``opaque`` is False only for Sequential / functional models of built-in layers.
     """
-    if not is_keras_layer(model):
-        return {"activations": [], "train_mode": [], "opaque": True}
+    if not is_keras_layer(model):  # a wrapper: the activations of the layers it holds
+        activations = [a for layer in held_layers(model)
+                       for a in layer_summary(layer)["activations"]]
+        return {"activations": activations, "train_mode": [], "opaque": True}
     layers = list(model._flatten_layers(include_self=False, recursive=True))
     activations = [a for a in map(_activation_name, layers or [model]) if a is not None]
     opaque = graph_kind(model) is None or not all(

@@ -12,12 +12,13 @@ search; and how one is chosen (:func:`choose_methods`).
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 
 import numpy as np
 import tensorflow as tf
 
-from ..inputs import check_output
+from ..inputs import check_output, check_target
 from .base import sorted_multi_indices
 from .tensorflow_graphs import model_ref
 from .tensorflow_keras import invoke
@@ -57,8 +58,12 @@ def _plain_moments(x, axes, keepdims):
 
 
 # -- the computations (run eagerly or inside tf.function) ------------------------------
-def _split(X, widths):
-    return tf.split(X, widths, axis=1) if len(widths) > 1 else [X]
+def _split(X, shapes):
+    """The (n, D) features as the model's arguments, each (n, *S_i)."""
+    widths = [math.prod(s) for s in shapes]
+    parts = tf.split(X, widths, axis=1) if len(widths) > 1 else [X]
+    return [p if len(s) == 1 else tf.reshape(p, (-1,) + tuple(s))
+            for p, s in zip(parts, shapes)]
 
 
 def reverse_values(fn, X, order, wrt, d_out):
@@ -132,30 +137,49 @@ def kink_hits(fn, X):
     return hits, count
 
 
-def caller(model, widths, d_out=None):
+def caller(call, d_out=None, raw=False):
     """fn(X (n, D)) -> (n, d_out) in X's dtype: splits the features into the model's
-    arguments. Without ``d_out`` the output is validated (eager calls); with it, it is only
-    reshaped (inside traces)."""
-    ref = model_ref(model)
+    arguments, each (n, *S_i), and the call's extras (keyword arguments, the target). Without
+    ``d_out`` the output is validated (eager calls; ``raw=True`` keeps its own shape (n, *O));
+    with it, it is only reshaped (inside traces)."""
+    ref = model_ref(call.model)
+    shapes = [tuple(s) for s in call.point_shapes]
+    n_in, extras, constants = call.n_inputs, call.extras, dict(call.constants)
 
     def fn(X):
-        out = invoke(ref(), _split(X, widths))
+        parts = _split(X, shapes)
+        kwargs, target = dict(constants), None
+        for extra, p in zip(extras, parts[n_in:]):
+            value = tf.reshape(tf.stop_gradient(p), (-1,) + tuple(extra.shape))
+            value = tf.not_equal(value, 0) if extra.dtype == "bool" else \
+                tf.cast(value, extra.dtype)
+            if extra.name:
+                kwargs[extra.name] = value
+            else:
+                target = value
+        out = invoke(ref(), parts[:n_in], kwargs)
         if d_out is None:
-            out = _as_output(out, X.shape[0])
-        else:
+            out = _as_output(out, X.shape[0], raw and target is None)
+            if target is not None:
+                check_target(int(tf.reduce_max(target)), int(out.shape[1]))
+        elif target is None:
             out = tf.reshape(tf.convert_to_tensor(out), (-1, d_out))
+        else:  # the model's own outputs, one row per point, before the target picks one
+            out = tf.reshape(tf.convert_to_tensor(out), (tf.shape(X)[0], -1))
+        if target is not None:
+            out = tf.gather(tf.reshape(out, (tf.shape(out)[0], -1)), target, batch_dims=1)[:, None]
         return tf.cast(out, X.dtype) if out.dtype.is_floating and out.dtype != X.dtype else out
     return fn
 
 
-def _as_output(out, n):
-    """Validate what the model returned and reshape it to (n, d_out)."""
+def _as_output(out, n, raw=False):
+    """Validate what the model returned and reshape it to (n, d_out) (``raw``: keep it)."""
     if not (isinstance(out, (tf.Tensor, tf.Variable, np.ndarray)) or tf.is_tensor(out)):
         check_output(None, False, "", n, type(out).__name__)
     out = tf.convert_to_tensor(out)
     shape = check_output(tuple(out.shape), out.dtype.is_floating or out.dtype.is_complex,
                          out.dtype.name, n)
-    return tf.reshape(out, shape)
+    return out if raw else tf.reshape(out, shape)
 
 
 def builder(method, fn, plan, order, wrt, d_out):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 
 from ..call import Verdict
 from ..errors import OptionError
-from ..inputs import check_output
+from ..inputs import check_output, check_target
+from ..wrapped import objects_inside
 from .base import Backend, Block, assemble
 from .torch_autodiff import (
     KinkWatcher,
@@ -126,16 +128,36 @@ class TorchBackend(Backend):
                         dtype=getattr(torch, call.dtype.name)).clone()
 
     @staticmethod
-    def _caller(model, widths):
-        """fn(X) -> (n, d_out): splits the (n, D) feature matrix into the model's arguments."""
+    def _caller(call, flat=True):
+        """fn(X) -> (n, d_out): splits the (n, D) feature matrix into the model's arguments,
+        each reshaped to (n, *S_i), and the call's extras (keyword arguments, the target);
+        ``flat=False`` keeps the output's own shape (n, *O)."""
+        model, shapes = call.model, [tuple(s) for s in call.point_shapes]
+        widths = [math.prod(s) for s in shapes]
+        n_in, extras, constants = call.n_inputs, call.extras, dict(call.constants)
+
         def fn(X):
             parts = torch.split(X, widths, dim=1) if len(widths) > 1 else (X,)
-            out = model(*parts)
+            parts = [p if len(s) == 1 else p.reshape((p.shape[0],) + s)
+                     for p, s in zip(parts, shapes)]
+            kwargs, target = dict(constants), None
+            for extra, p in zip(extras, parts[n_in:]):
+                value = p.detach().reshape((p.shape[0],) + extra.shape)
+                value = value != 0 if extra.dtype == "bool" else \
+                    value.to(getattr(torch, extra.dtype))
+                if extra.name:
+                    kwargs[extra.name] = value
+                else:
+                    target = value
+            out = model(*parts[:n_in], **kwargs)
             if not isinstance(out, torch.Tensor):
                 check_output(None, False, "", X.shape[0], type(out).__name__)
             shape = check_output(tuple(out.shape), out.is_floating_point() or out.is_complex(),
                                  str(out.dtype).replace("torch.", ""), X.shape[0])
-            return out.reshape(shape)
+            if target is not None:
+                check_target(int(target.max()), shape[1])
+                return out.reshape(shape).gather(1, target.reshape(-1, 1))
+            return out.reshape(shape) if flat else out
         return fn
 
     def known_verdict(self, call):
@@ -144,7 +166,8 @@ class TorchBackend(Backend):
         active Dropout, never coupled. Else None, and the probe runs (it also reports an input
         the model rejects)."""
         model = call.model
-        if len(call.args) != 1 or not _plain_modules(model, _DENSE):
+        if len(call.args) != 1 or len(call.point_shapes[0]) != 1 \
+                or not _plain_modules(model, _DENSE):
             return None
         width, stochastic = call.width, False
         for m in model.modules():
@@ -169,7 +192,7 @@ class TorchBackend(Backend):
     def forwards(self, call, batches) -> list:
         """Separate model calls on slices of one tensor: one copy to the device and one back
         (each copy waits for the GPU)."""
-        fn = self._caller(call.model, [a.shape[1] for a in batches[0]])
+        fn = self._caller(call, flat=False)
         stacked = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
         with grad_enabled(False):
             ys = [fn(part) for part in torch.split(stacked, batches[0][0].shape[0])]
@@ -178,7 +201,8 @@ class TorchBackend(Backend):
     def derivatives(self, call, args, order, wrt, out=None) -> Block:
         X = self._tensor(call, args)
         widths = [a.shape[1] for a in args]
-        plan = taylor_plan(call.model, widths) if len(wrt) == 1 else None
+        vectors = all(len(shape) == 1 for shape in call.point_shapes)
+        plan = taylor_plan(call.model, widths) if len(wrt) == 1 and vectors else None
         if plan is not None:  # forward Taylor mode: linear layers and elementwise activations
             with grad_enabled(False):
                 if out is not None:  # straight into the result arrays
@@ -188,7 +212,7 @@ class TorchBackend(Backend):
                     return Block(out.y, out.orders, "taylor")
                 y, ders = taylor_derivatives(plan, X, order, wrt[0])
             return Block(to_numpy(y), [to_numpy(d) for d in ders], "taylor")
-        fn = self._caller(call.model, widths)
+        fn = self._caller(call)
         with grad_enabled(True), exact_norms(order):
             if call.d_out > len(wrt):
                 try:
@@ -203,7 +227,7 @@ class TorchBackend(Backend):
         return Block(y, assemble(values, y, order, len(wrt)), method)
 
     def per_point_derivatives(self, call, args, order, wrt) -> Block:
-        fn = self._caller(call.model, [a.shape[1] for a in args])
+        fn = self._caller(call)
         base = self._tensor(call, args)
         rows, per_order = [], [[] for _ in range(order)]
         with grad_enabled(True), exact_norms(order):
@@ -219,7 +243,7 @@ class TorchBackend(Backend):
                      "per-point-blocks")
 
     def full_jacobian(self, call, args) -> np.ndarray:
-        fn = self._caller(call.model, [a.shape[1] for a in args])
+        fn = self._caller(call)
         X = self._tensor(call, args)
         with grad_enabled(True):
             J = torch.autograd.functional.jacobian(fn, X)
@@ -227,19 +251,17 @@ class TorchBackend(Backend):
 
     @contextmanager
     def preserved(self, model):
-        if not isinstance(model, torch.nn.Module):
-            yield
-            return
-        saved = [(b, b.detach().clone()) for b in model.buffers()]
-        modes = [(m, m.training) for m in model.modules()]
+        """Every torch module of the model (or held by a wrapper: a lambda, partial, bound
+        method, closure) is put back as it was: training flags, buffers and parameters (also
+        when written inside forward), ``.grad`` and ``requires_grad``. A lazy module not yet
+        initialised is refused first (its first call would initialise it for good)."""
+        roots = _modules_of(model)
+        _refuse_uninitialised(roots)
+        saved = _TorchState(roots)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for b, value in saved:
-                    b.copy_(value)
-            for m, mode in modes:
-                m.training = mode
+            saved.restore()
 
     def block_rows(self, call):
         """About 2**18 values of the widest layer, so that one block's intermediates stay in
@@ -277,7 +299,7 @@ class TorchBackend(Backend):
             return []
         n = args[0].shape[0]
         hits = np.zeros(n, dtype=bool)
-        fn = self._caller(call.model, [a.shape[1] for a in args])
+        fn = self._caller(call)
         with grad_enabled(False):
             for s in range(0, n, chunk):
                 part = [a[s:s + chunk] for a in args]
@@ -288,10 +310,12 @@ class TorchBackend(Backend):
         return np.flatnonzero(hits).tolist()
 
     def layer_summary(self, model) -> dict:
-        if not isinstance(model, torch.nn.Module):
-            return {"activations": [], "train_mode": [], "opaque": True}
-        activations, train_mode, opaque = [], [], False
-        for name, module in model.named_modules():
+        """Activations, layers in training mode and opacity of the model, or of every torch
+        module a wrapper holds (a wrapper is always opaque: it may do anything around them)."""
+        roots = _modules_of(model)
+        activations, train_mode = [], []
+        opaque = not isinstance(model, torch.nn.Module)
+        for name, module in _named_modules(roots):
             cls = type(module)
             kind = cls.__name__
             if kind in _ACTIVATION_NAMES:
@@ -305,17 +329,20 @@ class TorchBackend(Backend):
         return {"activations": activations, "train_mode": train_mode, "opaque": opaque}
 
     def input_width(self, model):
-        if not isinstance(model, torch.nn.Module):
-            return None
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
-                raise OptionError("the model has a lazy layer, which its first call would "
-                                  "initialise for whatever width it sees. Fix: pass d_in= "
-                                  "(the number of input features).")
-            width = getattr(module, "in_features", None)
-            if isinstance(width, int) and width > 0:
-                return width
-        return None
+        """The first layer's ``in_features`` of the model, or of the torch modules a wrapper
+        holds when they all agree; None if unknown."""
+        widths = set()
+        for root in _modules_of(model):
+            for module in root.modules():
+                if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
+                    raise OptionError("the model has a lazy layer, which its first call would "
+                                      "initialise for whatever width it sees. Fix: pass d_in= "
+                                      "(the number of input features).")
+            width = next((w for w in (getattr(m, "in_features", None) for m in root.modules())
+                          if isinstance(w, int) and w > 0), None)
+            if width is not None:
+                widths.add(width)
+        return widths.pop() if len(widths) == 1 else None
 
     @contextmanager
     def few_threads(self):
@@ -384,3 +411,89 @@ def _dense_widths(model):
 
 
 BACKEND = TorchBackend()
+
+
+# -- wrapped models and the state kept as it was (issues 17, 18) ------------------------------
+def _modules_of(model) -> list:
+    """The root torch modules of ``model``: ``[model]`` for an ``nn.Module``, else the modules
+    a wrapper holds (:func:`nbderiv.wrapped.objects_inside`) that are no submodule of another."""
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    if not callable(model):
+        return []
+    roots = [o for o in objects_inside(model) if isinstance(o, torch.nn.Module)]
+    inner = {id(m) for r in roots for m in itertools.islice(r.modules(), 1, None)}
+    return [r for r in roots if id(r) not in inner]
+
+
+def _named_modules(roots):
+    """(name, module) over every module of the roots, each once; names prefixed with the
+    root's class when there are several roots."""
+    seen = set()
+    for root in roots:
+        prefix = type(root).__name__ if len(roots) > 1 else ""
+        for name, module in root.named_modules():
+            if id(module) not in seen:
+                seen.add(id(module))
+                yield (".".join(p for p in (prefix, name) if p), module)
+
+
+def _refuse_uninitialised(roots):
+    for name, module in _named_modules(roots):
+        if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and \
+                module.has_uninitialized_params():
+            from ..errors import ModelTypeError
+
+            raise ModelTypeError(
+                f"the model holds a lazy layer that is not initialised yet: {name or 'model'} "
+                f"({type(module).__name__}). Its first call would create its weights for "
+                "whatever input it sees, changing your model for good, and its derivatives "
+                "would be those of random new weights. Fix: run one forward pass on a real "
+                "batch first (model(x_batch)), or give the layer its input size "
+                "(torch.nn.Linear(in_features, out_features)).")
+
+
+class _TorchState:
+    """Training flags, parameters and buffers (values and the objects registered), ``.grad``
+    and ``requires_grad`` of every module of the roots, saved to be put back. Tensors are
+    written back only where they changed (no needless version-counter bumps)."""
+
+    def __init__(self, roots):
+        self.modes, self.tensors, self.params, copies = [], [], [], {}
+        for _, m in _named_modules(roots):
+            self.modes.append((m, m.training))
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    if t is None or isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+                        continue
+                    if id(t) not in copies:  # shared (tied) tensors are copied once
+                        copies[id(t)] = t.detach().clone()
+                        if isinstance(t, torch.nn.Parameter):
+                            grad = t.grad
+                            self.params.append((t, t.requires_grad, grad, None if grad is None
+                                                else grad.detach().clone()))
+                    self.tensors.append((store, name, t, copies[id(t)]))
+
+    def restore(self):
+        with torch.no_grad():
+            for store, name, t, value in self.tensors:
+                if store.get(name) is not t:  # replaced (or deleted) inside forward
+                    store[name] = t
+                _put_back(t, value)
+            for p, requires_grad, grad, value in self.params:
+                if p.requires_grad != requires_grad:
+                    p.requires_grad_(requires_grad)
+                if p.grad is not grad:
+                    p.grad = grad
+                if grad is not None:
+                    _put_back(grad, value)
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def _put_back(t, value):
+    """``t`` holds ``value`` again (in place; its data replaced if its shape or dtype changed)."""
+    if t.shape != value.shape or t.dtype != value.dtype or t.device != value.device:
+        t.data = value
+    elif not torch.equal(t.detach(), value):
+        t.detach().copy_(value)

@@ -1,0 +1,148 @@
+"""What a wrapped model holds: the objects inside a lambda, ``functools.partial``, bound
+method, closure or callable object, so that ``lambda z: net(z.reshape(-1, 3, 8, 8))`` gets
+the same framework detection, findings and state restoration as ``net`` itself.
+
+Framework-free: it imports no framework and never looks inside a framework object (one
+whose class, or a base class, comes from ``torch``, ``tensorflow``, ``keras``, ...), whose
+own structure the backends know. Nothing is called; attributes are read from ``__dict__``
+and cells, never through ``__getattr__`` or properties.
+
+>>> import functools
+>>> class Net:  # stands for a torch / Keras model
+...     def __call__(self, x):
+...         return x
+>>> net = Net()
+>>> objects_inside(lambda z: net(z)) == [net]
+True
+>>> objects_inside(functools.partial(lambda m, z: m(z), net)) == [net]
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+
+# top-level packages whose objects are models, tensors or framework internals: returned when
+# found, never looked into (their backend knows their structure)
+FRAMEWORK_PACKAGES = frozenset({"torch", "tensorflow", "keras", "tf_keras", "jax", "jaxlib",
+                                "flax", "numpy"})
+_MAX_ITEMS = 64  # items of a list / tuple / dict looked at, per container
+
+_FUNCTIONS = (types.FunctionType, types.MethodType, functools.partial,
+              types.BuiltinFunctionType, types.BuiltinMethodType)
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+_SKIP = (types.ModuleType, type, types.CodeType, types.CellType, str, bytes, int, float,
+         complex, bool, type(None), type(Ellipsis))
+
+
+def is_framework_object(obj) -> bool:
+    """Whether ``obj``'s class or one of its base classes is defined in a framework package
+    (answered from the classes' ``__module__`` alone, without importing anything)."""
+    for cls in type(obj).__mro__:
+        root = (getattr(cls, "__module__", None) or "").split(".")[0]
+        if root in FRAMEWORK_PACKAGES:
+            return True
+    return False
+
+
+def _names(code) -> set:
+    """The global / attribute names a code object and the code nested in it use."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _function_parts(fn) -> list:
+    """A plain function's closure cells, default values, ``__wrapped__``, and the globals its
+    code names (looked up in its own globals; builtins are not)."""
+    parts = []
+    for cell in fn.__closure__ or ():
+        try:
+            parts.append(cell.cell_contents)
+        except ValueError:  # an empty cell (a name assigned later)
+            pass
+    parts += list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
+    own = vars(fn)
+    if "__wrapped__" in own:
+        parts.append(own["__wrapped__"])
+    g = fn.__globals__
+    parts += [g[name] for name in sorted(_names(fn.__code__)) if name in g]
+    return parts
+
+
+def _attributes(obj) -> list:
+    """The values in an object's own ``__dict__`` (not properties, not ``__getattr__``)."""
+    try:
+        own = object.__getattribute__(obj, "__dict__")
+    except (AttributeError, TypeError):
+        return []
+    return list(own.values())[:_MAX_ITEMS] if isinstance(own, dict) else []
+
+
+def _parts(obj, looked_into: bool) -> list:
+    """The objects directly inside ``obj``. ``looked_into``: ``obj`` is a callable object or a
+    bound method's ``__self__``, whose attributes count (one level)."""
+    if isinstance(obj, types.FunctionType):
+        return _function_parts(obj)
+    if isinstance(obj, types.MethodType):
+        return [obj.__self__, obj.__func__]
+    if isinstance(obj, functools.partial):
+        return [obj.func, *obj.args, *obj.keywords.values()]
+    if isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        owner = getattr(obj, "__self__", None)
+        return [] if owner is None or isinstance(owner, types.ModuleType) else [owner]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)[:_MAX_ITEMS]
+    if isinstance(obj, dict):
+        return list(obj.values())[:_MAX_ITEMS]
+    if not looked_into:
+        return []
+    parts = _attributes(obj)
+    call = inspect.getattr_static(type(obj), "__call__", None)
+    if isinstance(call, types.FunctionType):  # a class's own __call__: its globals, closure
+        parts.append(call)
+    return parts
+
+
+def objects_inside(fn, depth: int = 3) -> list:
+    """The objects that ``fn`` holds, up to ``depth`` steps in, each once (by identity), in
+    the order found: closure cells, default values, ``__self__`` (and the attributes of that
+    object), ``functools.partial`` func / args / keywords, ``__wrapped__``, the globals its
+    code names (nested functions included), the attributes of a callable object (one level),
+    and the items of lists, tuples and dicts among them. Functions, containers, modules,
+    classes and plain scalars are looked into or left out, never returned; framework objects
+    are returned but never looked into; nothing is imported.
+
+    >>> objects_inside(abs)
+    []
+    >>> class Net:
+    ...     pass
+    >>> nets = [Net(), 1.5]
+    >>> objects_inside(lambda x: x * nets[1]) == [nets[0]]
+    True
+    """
+    if is_framework_object(fn):
+        return []
+    found, seen = [], {id(fn)}
+    level = [(fn, True)]
+    for _ in range(max(0, depth)):
+        below = []
+        for obj, looked_into in level:
+            for i, part in enumerate(_parts(obj, looked_into)):
+                if id(part) in seen or isinstance(part, _SKIP):
+                    continue
+                seen.add(id(part))
+                if not isinstance(part, _FUNCTIONS + _CONTAINERS):  # looked into, not finds
+                    found.append(part)
+                if is_framework_object(part):
+                    continue
+                # a bound method's __self__ and callable objects: their attributes count
+                self_of_method = isinstance(obj, types.MethodType) and i == 0
+                below.append((part, self_of_method or (callable(part) and
+                                                       not isinstance(part, _FUNCTIONS))))
+        level = below
+    return found
