@@ -21,6 +21,15 @@ same magic. A range shorthand ``LOW:HIGH:COUNT`` on a model with two inputs is a
 grid, which the summary states; a grid too large for memory is refused before anything is
 allocated.
 
+``%%nnderiv explain [MODEL X] [--order K] [--wrt I,J]`` (also ``%%nbderiv``) is a cell magic:
+it runs the cell in the notebook's namespace as if it were run normally (its variables stay,
+its last value is shown), then explains what went wrong. A classic autograd error
+(:mod:`nbderiv.explain_errors`) is shown as what it means for this code, with the fix, instead
+of the traceback; any other error is shown unchanged. If the cell ran, every variable it
+created or changed that holds an array, a tensor or None of a derivative-like size for MODEL at
+X (and ``X.grad``, and the cell's last value) is explained with :func:`nbderiv.explain`. The
+magic displays each explanation once and returns them in a list.
+
 >>> from IPython.core.interactiveshell import InteractiveShell
 >>> shell = InteractiveShell.instance()
 >>> shell.run_line_magic("load_ext", "nbderiv")
@@ -32,11 +41,14 @@ allocated.
 
 from __future__ import annotations
 
+import ast
 import re
+import sys
+import warnings
 
 import numpy as np
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .errors import NbderivError
@@ -50,7 +62,7 @@ MAGIC_NAMES = ("nnderiv", "nbderiv")  # %nbderiv: the package's name, the same m
 HELP_NAMES = {f"{name}{marks}": marks for name in MAGIC_NAMES for marks in ("?", "??")}
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::(\d+))?$")
-_VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework"}
+_VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework", "--target"}
 _FLAG_OPTIONS = {"-p", "--plot", "--check", "--code", "--full", "--widget", "-q", "--quiet",
                  "-h", "--help"}
 _OPENING, _CLOSING = "([{", ")]}"
@@ -158,7 +170,12 @@ class NbderivMagics(Magics):
     @argument("x", nargs="?", default=None,
               help="the points: a name or expression (x, x[:100], torch.linspace(-2, 2, 200)) "
                    "or a range LOW:HIGH:N (N points for one input, an N x N grid for two)")
-    @argument("-o", "--order", type=int, default=2, help="highest derivative order (default 2)")
+    @argument("-o", "--order", type=int, default=None,
+              help="highest derivative order (default 2; 1 when each point of X is an image "
+                   "or a sequence)")
+    @argument("--target", default=None, metavar="T",
+              help="one output per point: an int or an expression in the notebook (e.g. "
+                   "labels), as derivatives(..., target=T); saliency maps with --plot")
     @argument("--wrt", default=None, metavar="I,J", help="differentiate w.r.t. these inputs only")
     @argument("-p", "--plot", action="store_true", help="draw y and its derivatives")
     @argument("--check", action="store_true", help="compare with finite differences")
@@ -186,6 +203,8 @@ class NbderivMagics(Magics):
             print(parser.format_help())
             return None
         args = parser.parse_args(_argv(tokens))
+        args.order_given = args.order is not None  # if not, X decides: 2, or 1 for images
+        args.order = 2 if args.order is None else args.order
         if args.order < 1:
             raise UsageError(f"--order must be 1 or more, got {args.order}.")
         extras = [name for name in ("plot", "check", "code", "full") if getattr(args, name)]
@@ -212,6 +231,151 @@ class NbderivMagics(Magics):
                              "full traceback.") from None
 
     line_magic("nbderiv")(nnderiv)  # the package's name: the same magic
+
+    @cell_magic("nnderiv")
+    def nnderiv_cell(self, line, cell):
+        """``%%nnderiv explain [MODEL X] [--order K] [--wrt I,J]``: run the cell, then explain
+        its autograd error, or the derivatives it computed (the variables it created or
+        changed), against nbderiv's own per-point derivatives of MODEL at X.
+
+        Returns the list of explanations (``Explanation`` / ``ErrorExplanation``: ``.code``,
+        ``.message``, ``.fix``), each displayed once. MODEL and X are optional when only an
+        error is to be explained.
+        """
+        return self._explain_cell(line, cell)
+
+    cell_magic("nbderiv")(nnderiv_cell)
+
+    def _explain_cell(self, line, cell):
+        mode, model_expr, x_expr, order, wrt = _parse_cell_line(line)
+        shell = self.shell
+        ns = shell.user_ns
+        before = dict(ns)
+        x_grad_before = self._x_grad(x_expr, quiet=True)
+        assigned = _assigned_names(shell, cell)
+        source = _transformed(shell, cell)
+        raised, seen = {}, []
+        own_showtraceback = shell.__dict__.get("showtraceback")
+        original = shell.showtraceback
+
+        def showtraceback(*args, **kwargs):
+            value = sys.exc_info()[1]
+            if value is not None and _classic(value):
+                raised["exc"], raised["tb"] = value, sys.exc_info()[2]
+                return None  # explained below, instead of the traceback
+            return original(*args, **kwargs)
+
+        shell.showtraceback = showtraceback
+        outer_result = getattr(shell.displayhook, "exec_result", None)
+        try:
+            with warnings.catch_warnings():
+                # torch warns once per line; here every time, so that it can be explained
+                warnings.filterwarnings("always", message=r"The \.grad attribute of a Tensor "
+                                        r"that is not a leaf Tensor")
+                shown_before = warnings.showwarning
+
+                def showwarning(message, category, filename, lineno, file=None, line=None):
+                    seen.append((str(message), lineno))
+                    return shown_before(message, category, filename, lineno, file, line)
+
+                warnings.showwarning = showwarning
+                result = shell.run_cell(cell, store_history=False)
+        finally:
+            shell.displayhook.exec_result = outer_result  # the nested run_cell cleared it
+            if own_showtraceback is None:
+                shell.__dict__.pop("showtraceback", None)
+            else:
+                shell.showtraceback = own_showtraceback
+        from .explain_errors import explain_error, explain_warning
+
+        out = Explanations()
+        if "exc" in raised:
+            lineno, text = _cell_line(raised["tb"], source)
+            out.append(explain_error(raised["exc"], source=source, line=text, lineno=lineno))
+        for message, lineno in seen:
+            text = _line_at(source, lineno) or _first_grad_line(source)
+            e = explain_warning(message, source=source, line=text,
+                                lineno=lineno if _line_at(source, lineno) else None)
+            if e is not None and not any(o.code == e.code for o in out):
+                out.append(e)
+        if result.success and model_expr is not None:
+            out.extend(self._explain_values(model_expr, x_expr, order, wrt, before, assigned,
+                                            x_grad_before, result.result, source))
+        display = self._display()
+        for e in out:
+            display(e)
+        return self._shown(out)
+
+    def _x_grad(self, x_expr, quiet=False):
+        if x_expr is None:
+            return None
+        try:
+            x = eval(x_expr, self.shell.user_global_ns, self.shell.user_ns)  # noqa: S307
+        except Exception:  # noqa: BLE001 - X may be created by the cell itself
+            if quiet:
+                return None
+            raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return getattr(x, "grad", None) if _framework_module(x) == "torch" else None
+
+    def _explain_values(self, model_expr, x_expr, order, wrt, before, assigned, x_grad_before,
+                        last_value, source):
+        from .api import derivatives
+        from .explain import explain, match, to_array
+
+        model = self._evaluate(model_expr, "MODEL")
+        x = self._evaluate(x_expr, "X")
+        try:
+            d = derivatives(model, x, order=1, wrt=wrt)
+        except NbderivError as exc:
+            raise UsageError(str(exc)) from None
+        n, d_out, n_in = d.y.shape[0], d.y.shape[1], d[1].shape[-1]
+        sizes = {n * d_out * n_in ** k for k in range(1, 4)} | {n * n_in ** k for k in range(1, 4)}
+        sizes.add(n * d_out * n * n_in)
+        candidates = []
+        ns = self.shell.user_ns
+        for name, value in list(ns.items()):
+            if name.startswith("_") or name in ("In", "Out", "exit", "quit", "get_ipython"):
+                continue
+            if name in before and before[name] is value and name not in assigned:
+                continue
+            candidates.append((name, value))
+        if _framework_module(x) == "torch":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                grad = getattr(x, "grad", None)
+            if grad is not x_grad_before or (grad is None and re.search(
+                    rf"{re.escape(x_expr)}\s*\.\s*grad\b", source)):
+                candidates.append((f"{x_expr}.grad", grad))
+        if last_value is not None and not any(v is last_value for _, v in candidates):
+            candidates.append(("the cell's value", last_value))
+        out = []
+        for name, value in candidates:
+            if value is model or value is x or _is_weight(value):
+                continue
+            if value is None:
+                if name == "the cell's value":
+                    continue
+            elif not _array_like(value):
+                continue
+            try:
+                arr = to_array(value)
+            except Exception:  # noqa: BLE001 - not numbers: not a derivative
+                continue
+            if arr is not None:
+                if arr.size not in sizes or arr.size == 0:
+                    continue
+                arr64 = arr.astype(np.float64) if arr.dtype != bool else arr
+                if (match(arr64, d.y, "float32") is not None
+                        or match(arr64, d.x, "float32") is not None):
+                    continue  # the outputs or the inputs themselves, not a derivative
+            try:
+                out.append(explain(value, model, x, order, wrt=wrt,
+                                   names=(name, model_expr, x_expr)))
+            except NbderivError as exc:
+                raise UsageError(f"explaining {name}: {exc}") from None
+        return out
 
     # -- pieces ----------------------------------------------------------------------------
     def _evaluate(self, expr, what):
@@ -270,8 +434,10 @@ class NbderivMagics(Magics):
                 raise UsageError(f"--full draws the N x N cross-sample Jacobian; N={n} points is "
                                  f"too many (at most {FULL_MAX_POINTS}). Fix: pass fewer points, "
                                  "e.g. x[:20].")
-        d = derivatives(model, x, order=args.order, wrt=_parse_wrt(args.wrt),
-                        framework=framework, check=args.check)
+        order = args.order if args.order_given or not _per_point_axes(x) else 1
+        target = None if args.target is None else self._evaluate(args.target, "--target")
+        d = derivatives(model, x, order=order, wrt=_parse_wrt(args.wrt),
+                        framework=framework, check=args.check, target=target)
         if note is not None:
             d.notes = [*getattr(d, "notes", ()), note]
         if args.quiet:
@@ -330,6 +496,131 @@ class NbderivMagics(Magics):
 
         self.shell.events.register("post_run_cell", forget)
         return obj
+
+
+class Explanations(list):
+    """The list ``%%nnderiv explain`` returns (a list that can be marked as shown)."""
+
+
+def _parse_cell_line(line):
+    """(mode, MODEL, X, order, wrt) of ``explain [MODEL X] [--order K] [--wrt I,J]``."""
+    tokens = split_line(line)
+    usage = ("usage: %%nnderiv explain [MODEL X] [--order K] [--wrt I,J], e.g. "
+             "%%nnderiv explain net x --order 2")
+    if not tokens or tokens[0] != "explain":
+        raise UsageError(f"the cell magic %%nnderiv takes 'explain' first; {usage}.")
+    order, wrt, positionals = None, None, []
+    it = iter(tokens[1:])
+    for t in it:
+        head, _, value = t.partition("=")
+        if head in ("-o", "--order") or re.fullmatch(r"-o\d+", t):
+            value = value or (t[2:] if re.fullmatch(r"-o\d+", t) else next(it, None))
+            try:
+                order = int(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"--order takes a positive integer, got {value!r}; "
+                                 f"{usage}.") from None
+            if order < 1:
+                raise UsageError(f"--order must be 1 or more, got {order}.")
+        elif head == "--wrt":
+            wrt = _parse_wrt(value or next(it, None))
+        elif t.startswith("--") or (t.startswith("-") and t[1:2].isalpha()
+                                    and len(t) == 2):
+            raise UsageError(f"unknown option {t}; {usage}.")
+        else:
+            positionals.append(t)
+    if len(positionals) == 1:
+        raise UsageError(f"MODEL {positionals[0]!r} given without X: say where the "
+                         f"derivatives were taken; {usage}.")
+    if len(positionals) > 2:
+        raise UsageError(f"too many arguments {positionals[2:]}; {usage}.")
+    model, x = (positionals + [None, None])[:2]
+    return "explain", model, x, order, wrt
+
+
+def _transformed(shell, cell) -> str:
+    try:
+        return shell.transform_cell(cell)
+    except Exception:  # noqa: BLE001 - IPython reports it when the cell runs
+        return cell
+
+
+def _assigned_names(shell, cell) -> set:
+    """Names the cell assigns (=, +=, for, with ... as, :=, import), whatever their values."""
+    try:
+        tree = ast.parse(_transformed(shell, cell))
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+    return names
+
+
+def _classic(exc) -> bool:
+    from .explain_errors import classify
+
+    code = classify(str(exc))
+    return code is not None and code != "non-leaf-grad"
+
+
+def _cell_line(tb, source):
+    """(line number, text) of the last traceback frame inside the cell itself."""
+    cell_file, found = None, (None, None)
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if cell_file is None and code.co_name == "<module>":
+            cell_file = code.co_filename
+        if cell_file is not None and code.co_filename == cell_file:
+            found = (tb.tb_lineno, _line_at(source, tb.tb_lineno))
+        tb = tb.tb_next
+    return found
+
+
+def _line_at(source, lineno):
+    lines = source.splitlines()
+    if lineno is not None and 1 <= lineno <= len(lines):
+        return lines[lineno - 1]
+    return None
+
+
+def _first_grad_line(source):
+    for line in source.splitlines():
+        if re.search(r"\.grad\b", line.split("#", 1)[0]):
+            return line
+    return None
+
+
+def _framework_module(obj):
+    mod = type(obj).__module__
+    return "torch" if mod.startswith("torch") else (
+        "tensorflow" if mod.startswith(("tensorflow", "keras")) else None)
+
+
+def _is_weight(value) -> bool:
+    """Model weights (torch Parameters, TensorFlow Variables) are never a student's result."""
+    names = {c.__name__ for c in type(value).__mro__}
+    return bool(names & {"Parameter", "Variable", "ResourceVariable", "KerasVariable"})
+
+
+def _array_like(value) -> bool:
+    if isinstance(value, np.ndarray) or _framework_module(value) is not None:
+        return hasattr(value, "shape")
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0
+    return False
+
+
+def _per_point_axes(x) -> bool:
+    """Whether each point of X has several axes (an image, a sequence): X of shape (N, *S)
+    with len(S) > 1, read from its shape only."""
+    if isinstance(x, tuple):
+        return False
+    shape = getattr(x, "shape", None)
+    return len(tuple(shape) if shape is not None else np.shape(x)) > 2
 
 
 def _count(n: int) -> str:
@@ -399,8 +690,9 @@ def _help_magic(marks):
 
 
 def load_ipython_extension(ipython):
-    """``%load_ext nbderiv``: register ``%nnderiv`` and ``%nbderiv``; imports no framework,
-    prints nothing."""
+    """``%load_ext nbderiv``: register ``%nnderiv`` and ``%nbderiv`` (line magics) and
+    ``%%nnderiv explain`` / ``%%nbderiv explain`` (cell magics); imports no framework, prints
+    nothing."""
     ipython.register_magics(NbderivMagics)
     for name, marks in HELP_NAMES.items():
         ipython.register_magic_function(_help_magic(marks), "line", name)
@@ -410,3 +702,5 @@ def unload_ipython_extension(ipython):
     """``%unload_ext nbderiv``: remove ``%nnderiv`` and ``%nbderiv``."""
     for name in (*MAGIC_NAMES, *HELP_NAMES):
         ipython.magics_manager.magics["line"].pop(name, None)
+    for name in MAGIC_NAMES:
+        ipython.magics_manager.magics["cell"].pop(name, None)

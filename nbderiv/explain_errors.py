@@ -1,0 +1,243 @@
+"""The classic autograd errors, explained for the code that raised them.
+
+:func:`explain_error` reads an exception (and, where given, the cell's source and the line
+that raised) and returns an :class:`ErrorExplanation` with a code, a message that names the
+student's own line and tensors, and the fix; ``None`` for any other error (shown unchanged).
+:func:`explain_warning` does the same for torch's warning about ``.grad`` of a non-leaf.
+
+Codes: ``no-grad-required``, ``non-scalar-backward``, ``unused-input``, ``graph-freed``,
+``inplace-modified``, ``numpy-requires-grad``, ``non-leaf-grad``, ``integer-dtype``.
+Nothing here imports a framework.
+
+>>> e = explain_error(RuntimeError("grad can be implicitly created only for scalar outputs"),
+...                   line="y.backward()")
+>>> e.code
+'non-scalar-backward'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# (code, pattern of the error's text)
+PATTERNS = (
+    ("no-grad-required", r"element 0 of tensors does not require grad"),
+    ("non-scalar-backward", r"grad can be implicitly created only for scalar outputs"),
+    ("unused-input", r"(One of the differentiated Tensors|The differentiated Tensor at index "
+                     r"\d+) appears to not have been used in the graph"),
+    ("graph-freed", r"Trying to backward through the graph a second time"),
+    ("inplace-modified", r"one of the variables needed for gradient computation has been "
+                         r"modified by an inplace operation"),
+    ("numpy-requires-grad", r"Can't call numpy\(\) on Tensor that requires grad"),
+    ("integer-dtype", r"only Tensors of floating point(?: and complex)? dtype can require "
+                      r"gradients|dtype of the watched tensor must be floating"),
+)
+NON_LEAF = r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+CODES = tuple(code for code, _ in PATTERNS) + ("non-leaf-grad",)
+
+
+@dataclass
+class ErrorExplanation:
+    """What a classic autograd error means for this code: ``code``, ``message`` (plain words,
+    naming the line that raised), ``fix`` (code), ``error`` (the original error's last line),
+    ``line`` (the student's line, where known)."""
+
+    code: str
+    message: str
+    fix: str
+    error: str = ""
+    line: str | None = None
+
+    def __repr__(self) -> str:
+        lines = [f"[{self.code}] {self.message}"]
+        if self.error:
+            lines.append(f"The error: {self.error}")
+        if self.fix:
+            lines.append("Fix:")
+            lines += ["    " + t for t in self.fix.splitlines()]
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        parts = [f'<div class="nbderiv-explain"><p><b style="color:#b30000">'
+                 f"[{escape(self.code)}]</b> {escape(self.message)}</p>"]
+        if self.error:
+            parts.append(f"<p>The error: <code>{escape(self.error)}</code></p>")
+        if self.fix:
+            parts.append(f"<p><b>Fix:</b></p><pre>{escape(self.fix)}</pre>")
+        return "".join(parts) + "</div>"
+
+
+def classify(text: str) -> str | None:
+    """The code of an error or warning text, or None."""
+    for code, pattern in PATTERNS:
+        if re.search(pattern, text):
+            return code
+    if re.search(NON_LEAF, text):
+        return "non-leaf-grad"
+    return None
+
+
+def _receiver(line: str, method: str) -> str | None:
+    """``'loss'`` for ``line = "loss.backward()"`` and method ``backward``."""
+    m = re.search(r"([A-Za-z_][\w\.\[\]\:\, ]*?)\s*\.\s*" + method + r"\s*\(", line or "")
+    return m.group(1).strip() if m else None
+
+
+def _grad_args(line: str):
+    """(outputs, inputs) of ``torch.autograd.grad(outputs, inputs, ...)`` in ``line``."""
+    m = re.search(r"grad\s*\(\s*([^,()]+(?:\([^()]*\))?)\s*,\s*([^,()]+(?:\([^()]*\))?)",
+                  line or "")
+    return (m.group(1).strip(), m.group(2).strip()) if m else (None, None)
+
+
+def _first_use(source: str, patterns) -> str | None:
+    """The first line of ``source`` matching the first pattern that matches any line."""
+    for p in patterns:
+        for raw in (source or "").splitlines():
+            if re.search(p, raw.split("#", 1)[0]):
+                return raw.strip()
+    return None
+
+
+def explain_error(exc, *, source: str = "", line: str | None = None,
+                  lineno: int | None = None) -> ErrorExplanation | None:
+    """Explain ``exc`` if it is one of the classic autograd errors, else None. ``source`` is
+    the cell, ``line`` the cell's line that raised (``lineno`` its number, 1-based)."""
+    text = str(exc)
+    code = classify(text)
+    if code is None or code == "non-leaf-grad":
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    error = f"{type(exc).__name__}: {first}"
+    where = f"line {lineno} (`{line.strip()}`)" if line and lineno else (
+        f"`{line.strip()}`" if line else "your cell")
+    return ErrorExplanation(code, *_WORDS[code](where, line or "", source or ""),
+                            error=error, line=line)
+
+
+def explain_warning(message: str, *, source: str = "", line: str | None = None,
+                    lineno: int | None = None) -> ErrorExplanation | None:
+    """``non-leaf-grad`` for torch's warning about ``.grad`` of a non-leaf tensor."""
+    if classify(str(message)) != "non-leaf-grad":
+        return None
+    where = f"line {lineno} (`{line.strip()}`)" if line and lineno else (
+        f"`{line.strip()}`" if line else "your cell")
+    m = re.search(r"([A-Za-z_][\w\.]*)\s*\.grad\b", line or "")
+    t = m.group(1) if m else "x"
+    made = _first_use(source, [rf"\b{re.escape(t)}\s*=.*\.(to|cuda|float|double)\(",
+                               rf"\b{re.escape(t)}\s*=.*requires_grad"])
+    how = (f" It was made by `{made}`: requires_grad was set on the tensor before that step, "
+           f"so {t} is the result of an operation, not a leaf." if made else "")
+    return ErrorExplanation(
+        "non-leaf-grad",
+        f"{where} reads {t}.grad, but {t} is not a leaf tensor (it was computed from another "
+        f"tensor that requires grad, e.g. by arithmetic, .to(device) or .float()), and torch "
+        f"fills .grad only for leaves: {t}.grad is None.{how}",
+        f"{t} = {t}.detach().requires_grad_(True)   # a leaf: make it the last step before "
+        f"the model\n# or: {t}.retain_grad() before backward(); or use torch.autograd.grad("
+        f"y, {t}, grad_outputs=torch.ones_like(y))",
+        error=f"UserWarning: {str(message).splitlines()[0][:200]}", line=line)
+
+
+# -- the words of each code ----------------------------------------------------------------------------
+def _no_grad(where, line, source):
+    t = _receiver(line, "backward") or _grad_args(line)[0] or "the output"
+    cause = None
+    for pattern, why in (
+            (r"no_grad\(", "it was computed under `torch.no_grad()`"),
+            (r"\.detach\(", "`.detach()` cut it from the graph"),
+            (r"\.data\b", "`.data` gives a tensor that is not tracked"),
+            (r"inference_mode\(", "it was computed under `torch.inference_mode()`"),
+            (r"torch\.(tensor|from_numpy|as_tensor)\(", "a tensor built from numbers "
+             "(torch.tensor / from_numpy) starts a new graph")):
+        use = _first_use(source, [pattern])
+        if use:
+            cause = f"{why} (`{use}`)"
+            break
+    if cause is None:
+        cause = ("nothing it was computed from has requires_grad=True: the input was created "
+                 "without requires_grad (torch.linspace/rand/tensor(...) default to False)")
+    return (f"{where} differentiates {t}, but {t} has no grad_fn: autograd did not record how it "
+            f"was computed, because {cause}. There is nothing to differentiate.",
+            "x = x.detach().requires_grad_(True)   # before the model sees x\n"
+            "y = model(x)                          # outside torch.no_grad(), no .detach()/.data\n"
+            "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y))")
+
+
+def _non_scalar(where, line, source):
+    t = _receiver(line, "backward") or _grad_args(line)[0] or "the output"
+    return (f"{where} asks for the gradient of {t}, which has more than one element: backward() "
+            f"and autograd.grad without grad_outputs only work on a scalar (one number), "
+            f"because the gradient of a vector is a Jacobian. For per-point derivatives pass "
+            f"grad_outputs=torch.ones_like({t}) (exact per point when the points are "
+            f"independent and {t} has one output column), or one column at a time.",
+            f"g, = torch.autograd.grad({t}, x, grad_outputs=torch.ones_like({t}))\n"
+            f"# or {t}.backward(torch.ones_like({t})); several outputs: one call per column "
+            f"{t}[:, j]")
+
+
+def _unused(where, line, source):
+    out, inp = _grad_args(line)
+    inp = inp or "an input"
+    return (f"{where} differentiates with respect to {inp}, but (one of) these tensors was not "
+            f"used to compute {out or 'the output'}: autograd found no path from it. Either the "
+            f"model ignores that input, or the output was computed from another tensor (a copy "
+            f"made by .detach(), torch.tensor(...), or a tensor re-created after the forward "
+            f"pass).",
+            f"y = model(x)           # computed from the very tensor you differentiate by\n"
+            f"g = torch.autograd.grad(y, {inp}, grad_outputs=torch.ones_like(y), "
+            "allow_unused=True, materialize_grads=True)   # zeros for an unused input")
+
+
+def _freed(where, line, source):
+    first = _first_use(source, [r"\.backward\(", r"autograd\.grad\("])
+    return (f"{where} differentiates through a graph whose saved values were already freed: "
+            f"the first backward/grad call"
+            + (f" (`{first}`)" if first and first != line.strip() else "")
+            + " releases the graph unless told otherwise. For a second derivative the first "
+              "call needs create_graph=True (which also keeps the graph); to differentiate the "
+              "same output twice, retain_graph=True, or recompute y = model(x).",
+            "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), create_graph=True)\n"
+            "g2, = torch.autograd.grad(g, x, grad_outputs=torch.ones_like(g))  # second derivative")
+
+
+def _inplace(where, line, source):
+    use = _first_use(source, [r"\w\s*(\+|-|\*|/)=", r"\[[^\]]*\]\s*=[^=]",
+                              r"\.(?!requires_grad_)\w+_\("])
+    return (f"{where} needs a tensor that autograd saved during the forward pass, but it was "
+            f"changed in place afterwards"
+            + (f" (e.g. `{use}`)" if use else "")
+            + ": `x += ...`, `x[...] = ...` or a method ending in `_` overwrite the values "
+              "autograd needs (it counts versions and refuses). Use out-of-place operations.",
+            "x = x + 1            # instead of x += 1 / x.add_(1)\n"
+            "y = torch.cat([y[:, :1], 2 * y[:, 1:]], dim=1)   # instead of y[:, 1:] *= 2\n"
+            "# or .clone() before changing a tensor in place")
+
+
+def _numpy(where, line, source):
+    t = _receiver(line, "numpy") or "the tensor"
+    return (f"{where} calls .numpy() on {t}, which requires grad: NumPy cannot record "
+            f"gradients, so torch refuses rather than silently cutting the graph. To look at the "
+            f"numbers, detach first; inside a model's forward use torch operations instead, "
+            f"or the derivative will be zero / None.",
+            f"{t}.detach().cpu().numpy()      # for printing or plotting\n"
+            "# inside forward: torch.sin(x) instead of np.sin(x.numpy())")
+
+
+def _integer(where, line, source):
+    return (f"{where} asks for gradients of an integer tensor: derivatives need floating point "
+            f"inputs (torch refuses requires_grad on integers; a TensorFlow tape ignores an "
+            f"integer tensor and gradient() returns None). torch.arange/tf.range of ints and "
+            f"integer NumPy arrays are the usual source.",
+            "x = torch.arange(5, dtype=torch.float32).requires_grad_(True)   # torch\n"
+            "x = tf.cast(x, tf.float32)                                      # TensorFlow")
+
+
+_WORDS = {"no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,
+          "unused-input": _unused, "graph-freed": _freed, "inplace-modified": _inplace,
+          "numpy-requires-grad": _numpy, "integer-dtype": _integer}

@@ -1,0 +1,584 @@
+"""``nbderiv.explain`` on students' own derivative code (torch and TensorFlow/Keras), and the
+``%%nnderiv explain`` cell magic through a real IPython shell.
+
+Every snippet is student code run as written; its expected code is fixed, and the truth
+nbderiv reports is checked against something independent: closed forms, float64 central
+differences, or ``torch.func`` (vmap of nested jacrev)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import nbderiv  # noqa: E402
+from nbderiv.explain import fix_code  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+# -- independent truths -------------------------------------------------------------------------
+def pair(X):  # y = x1**2 sin(x2), one output (case B)
+    return (X[:, 0] ** 2 * torch.sin(X[:, 1])).unsqueeze(1)
+
+
+def pair_d(X, k):
+    a, b = X[:, 0], X[:, 1]
+    if k == 1:
+        return np.stack([2 * a * np.sin(b), a ** 2 * np.cos(b)], 1)[:, None, :]
+    h = np.empty((len(X), 1, 2, 2))
+    h[:, 0, 0, 0] = 2 * np.sin(b)
+    h[:, 0, 0, 1] = h[:, 0, 1, 0] = 2 * a * np.cos(b)
+    h[:, 0, 1, 1] = -(a ** 2) * np.sin(b)
+    return h
+
+
+def two(X):  # two outputs of one input: (sin x, x**3)
+    return torch.cat([torch.sin(X), X ** 3], dim=1)
+
+
+def two_d(X, k):
+    x = X[:, 0]
+    d = {1: (np.cos(x), 3 * x ** 2), 2: (-np.sin(x), 6 * x), 3: (-np.cos(x), 6 + 0 * x)}[k]
+    return np.stack(d, 1).reshape((len(x), 2) + (1,) * k)
+
+
+def func_truth(model, x, k):
+    """torch.func: vmap of k nested jacrev, in float64 on a copy."""
+    import copy
+
+    m = copy.deepcopy(model).double() if isinstance(model, torch.nn.Module) else model
+    X = torch.as_tensor(np.asarray(x.detach() if hasattr(x, "detach") else x),
+                        dtype=torch.float64).reshape(len(x), -1)
+    f = lambda p: m(p.unsqueeze(0)).reshape(-1)  # noqa: E731
+    for _ in range(k):
+        f = torch.func.jacrev(f)
+    return torch.func.vmap(f)(X).detach().numpy()
+
+
+def central(model, x, h=1e-5):
+    """float64 central differences of the forward pass (order 1), (N, d_out, d_in), moving
+    one point at a time (the others fixed: right for models that couple points too)."""
+    X = np.asarray(x.detach() if hasattr(x, "detach") else x, dtype=np.float64).reshape(len(x), -1)
+    out = np.zeros((len(X), 1, X.shape[1]))
+    with torch.no_grad():
+        for n in range(len(X)):
+            for i in range(X.shape[1]):
+                e = np.zeros_like(X)
+                e[n, i] = h
+                up = model(torch.tensor(X + e)).numpy().reshape(len(X), -1)
+                dn = model(torch.tensor(X - e)).numpy().reshape(len(X), -1)
+                out[n, :, i] = (up[n] - dn[n]) / (2 * h)
+    return out
+
+
+SETUP = """
+import numpy as np, torch
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+net1 = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+relu = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+bn = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                         torch.nn.Linear(8, 1))
+X2 = torch.rand(12, 2, dtype=torch.float64) * 2 - 1
+x2 = torch.rand(12, 2) * 2 - 1
+x1 = torch.linspace(-1.5, 1.5, 15).reshape(-1, 1)
+x1d = torch.linspace(-1.5, 1.5, 15, dtype=torch.float64).reshape(-1, 1)
+
+class Cut(torch.nn.Module):          # a forward pass through NumPy: the graph is cut
+    def forward(self, x):
+        return torch.as_tensor(np.tanh(x.detach().numpy())) + 0 * x
+cut = Cut()
+"""
+
+# (id, model, x, student code defining `mine`, order, expected code, truth: "closed"/"func"/"fd")
+TORCH = [
+    ("ones-trick-one-output", "net1", "x1",
+     "x = x1.clone().requires_grad_(True); y = net1(x)\n"
+     "mine, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y))", None,
+     "correct-reshaped", "func"),
+    ("vmap-jacrev", "net", "x2", "mine = torch.func.vmap(torch.func.jacrev(net))(x2)", None,
+     "correct", "func"),
+    ("closed-form-grad-float64", "pair", "X2",
+     "x = X2.clone().requires_grad_(True); y = pair(x)\n"
+     "mine, = torch.autograd.grad(y, x, torch.ones_like(y))", 1, "correct-reshaped", "closed"),
+    ("closed-form-hessian", "pair", "X2",
+     "mine = torch.func.vmap(torch.func.hessian(lambda p: pair(p[None])[0, 0]))(X2)", 2,
+     "correct-reshaped", "closed"),
+    ("hessian-in-layout", "pair", "X2",
+     "mine = torch.func.vmap(torch.func.jacrev(torch.func.jacrev(lambda p: pair(p[None])[0])))"
+     "(X2)", None, "correct", "closed"),
+    ("ones-trick-3-outputs", "net", "x2",
+     "x = x2.clone().requires_grad_(True); y = net(x)\n"
+     "mine, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y))", None,
+     "summed-outputs", "func"),
+    ("backward-3-outputs", "net", "x2",
+     "x = x2.clone().requires_grad_(True); net(x).sum().backward(); mine = x.grad", 1,
+     "summed-outputs", "func"),
+    ("second-order-summed", "two", "x1d",
+     "x = x1d.clone().requires_grad_(True); y = two(x)\n"
+     "g, = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)\n"
+     "mine, = torch.autograd.grad(g, x, torch.ones_like(g))", 2, "summed-outputs", "closed"),
+    ("functional-jacobian", "net", "x2[:5]",
+     "mine = torch.autograd.functional.jacobian(net, x2[:5])", None,
+     "cross-sample-jacobian", "func"),
+    ("functional-jacobian-1d", "net1", "x1",
+     "mine = torch.autograd.functional.jacobian(lambda t: net1(t).squeeze(1), x1)"
+     ".squeeze(-1)", None, "cross-sample-jacobian", "func"),
+    ("inputs-first", "net", "x2",
+     "mine = torch.func.vmap(torch.func.jacrev(net))(x2).permute(0, 2, 1)", 1,
+     "axes-permuted", "func"),
+    ("stacked-per-output", "net", "x2",
+     "x = x2.clone().requires_grad_(True); y = net(x)\n"
+     "mine = torch.stack([torch.autograd.grad(y[:, j].sum(), x, retain_graph=True)[0]\n"
+     "                    for j in range(3)])", None, "axes-permuted", "func"),
+    ("first-called-second", "two", "x1d",
+     "x = x1d.clone().requires_grad_(True); y = two(x)\n"
+     "mine = torch.stack([torch.autograd.grad(y[:, j].sum(), x, retain_graph=True)[0]\n"
+     "                    for j in range(2)], 1)", 2, "wrong-order", "closed"),
+    ("second-called-first", "two", "x1d",
+     "f = lambda p: two(p[None])[0]\n"
+     "mine = torch.func.vmap(torch.func.jacrev(torch.func.jacrev(f)))(x1d).reshape(15, 2, 1, 1)",
+     1, "wrong-order", "closed"),
+    ("third-order-inferred", "two", "x1d",
+     "f = lambda p: two(p[None])[0]\n"
+     "mine = torch.func.vmap(torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(f))))(x1d)",
+     None, "correct", "closed"),
+    ("batchnorm-ones-trick", "bn", "x1",
+     "x = x1.clone().requires_grad_(True); y = bn(x)\n"
+     "mine, = torch.autograd.grad(y, x, torch.ones_like(y))", None, "coupled-samples", "fd"),
+    ("grad-of-detached-copy", "net1", "x1",
+     "x = x1.clone().requires_grad_(True); y = net1(x.detach())\n"
+     "mine = x.grad", None, "none", "func"),
+    ("not-requires-grad", "net1", "x1", "y = net1(x1); y.sum().backward(); mine = x1.grad", None,
+     "none", "func"),
+    ("allow-unused-materialized", "net1", "x1",
+     "x = x1.clone().requires_grad_(True); y = net1(x.detach() * 1.0)\n"
+     "mine = torch.zeros_like(x)  # what materialize_grads=True gives", None,
+     "zeros-graph-broken", "func"),
+    ("numpy-in-forward", "cut", "x1d",
+     "x = x1d.clone().requires_grad_(True)\n"
+     "mine, = torch.autograd.grad(cut(x).sum(), x)", None, "zeros-graph-broken", "fd"),
+    ("one-input-detached", "pair", "X2",
+     "x = X2.clone().requires_grad_(True)\n"
+     "y = pair(torch.stack([x[:, 0], x[:, 1].detach()], 1))\n"
+     "mine, = torch.autograd.grad(y.sum(), x)", 1, "zeros-graph-broken", "closed"),
+    ("chain-rule-factor", "net1", "x1",
+     "scale = 2.0   # the net was fed x / 2, the student forgot the factor 1/2\n"
+     "mine = 2.0 * torch.func.vmap(torch.func.jacrev(net1))(x1)", 1, "wrong", "func"),
+    ("relu-second-zero", "relu", "x1",
+     "mine = torch.zeros(15, 1, 1, 1)", 2, "correct", "func"),
+    ("float64-close-but-float32-off", "pair", "X2",
+     "mine = torch.tensor(pair_d(X2.numpy(), 1)) * (1 + 1e-5)", 1, "wrong", "closed"),
+    ("numpy-list", "pair", "X2", "mine = pair_d(X2.numpy(), 1).tolist()", 1, "correct",
+     "closed"),
+    ("outputs-not-derivative", "net1", "x1", "mine = net1(x1)", None, "wrong-order", "func"),
+]
+
+TF_SETUP = """
+import numpy as np, tensorflow as tf, keras
+keras.utils.set_random_seed(0)
+kmodel = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16, activation="tanh"),
+                           keras.layers.Dense(3)])
+kone = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16, activation="tanh"),
+                         keras.layers.Dense(1)])
+kx = tf.random.uniform((10, 2), -1, 1)
+kx1 = tf.reshape(tf.linspace(-1.0, 1.0, 10), (-1, 1))
+"""
+
+TF = [
+    ("tf-not-watched", "kmodel", "kx",
+     "with tf.GradientTape() as tape:\n    y = kmodel(kx)\nmine = tape.gradient(y, kx)", None,
+     "none"),
+    ("tf-gradient-multi-output", "kmodel", "kx",
+     "with tf.GradientTape() as tape:\n    tape.watch(kx)\n    y = kmodel(kx)\n"
+     "mine = tape.gradient(y, kx)", None, "summed-outputs"),
+    ("tf-batch-jacobian", "kmodel", "kx",
+     "with tf.GradientTape() as tape:\n    tape.watch(kx)\n    y = kmodel(kx)\n"
+     "mine = tape.batch_jacobian(y, kx)", None, "correct"),
+    ("tf-jacobian", "kone", "kx1",
+     "with tf.GradientTape() as tape:\n    tape.watch(kx1)\n    y = kone(kx1)\n"
+     "mine = tape.jacobian(y, kx1)", None, "cross-sample-jacobian"),
+    ("tf-one-output-gradient", "kone", "kx1",
+     "with tf.GradientTape() as tape:\n    tape.watch(kx1)\n    y = kone(kx1)\n"
+     "mine = tape.gradient(y, kx1)", 1, "correct-reshaped"),
+    ("tf-numpy-inside-tape", "kone", "kx1",
+     "with tf.GradientTape() as tape:\n    tape.watch(kx1)\n"
+     "    y = tf.constant(kone(kx1).numpy())\nmine = tape.gradient(y, kx1)", None, "none"),
+    ("tf-second-derivative", "kone", "kx1",
+     "with tf.GradientTape() as t2:\n    t2.watch(kx1)\n    with tf.GradientTape() as t1:\n"
+     "        t1.watch(kx1)\n        y = kone(kx1)\n    g = t1.gradient(y, kx1)\n"
+     "mine = t2.gradient(g, kx1)", 2, "correct-reshaped"),
+    ("tf-second-is-first", "kone", "kx1",
+     "with tf.GradientTape() as t1:\n    t1.watch(kx1)\n    y = kone(kx1)\n"
+     "mine = t1.gradient(y, kx1)", 2, "wrong-order"),
+    ("tf-integer-input", "kone", "tf.constant([[1], [2], [3]])",
+     "xi = tf.constant([[1], [2], [3]])\nwith tf.GradientTape() as tape:\n    tape.watch(xi)\n"
+     "    y = kone(xi)\nmine = tape.gradient(y, xi)", None, "none"),
+    ("tf-transposed", "kmodel", "kx",
+     "with tf.GradientTape() as tape:\n    tape.watch(kx)\n    y = kmodel(kx)\n"
+     "mine = tf.transpose(tape.batch_jacobian(y, kx), [0, 2, 1])", None, "axes-permuted"),
+    ("tf-stop-gradient", "kone", "kx1",
+     "with tf.GradientTape() as tape:\n    tape.watch(kx1)\n"
+     "    y = kone(tf.stop_gradient(kx1))\n"
+     "mine = tape.gradient(y, kx1, unconnected_gradients='zero')", None, "zeros-graph-broken"),
+]
+
+
+@pytest.fixture(scope="module")
+def tns():
+    ns = {"pair": pair, "two": two, "pair_d": pair_d}
+    exec(SETUP, ns)  # noqa: S102
+    return ns
+
+
+def _expected_first_line(e):
+    assert repr(e).startswith(f"[{e.code}] ") and f"[{e.code}]" in e._repr_html_()
+
+
+@pytest.mark.parametrize("case", TORCH, ids=[c[0] for c in TORCH])
+def test_torch_snippets(tns, case):
+    _, model_name, x_expr, code, order, expected, truth_kind = case
+    ns = dict(tns)
+    exec(code, ns)  # noqa: S102 - the student's code, as written
+    model, x = ns[model_name], eval(x_expr, ns)  # noqa: S307
+    e = nbderiv.explain(ns["mine"], model, x, order)
+    assert e.code == expected, repr(e)
+    _expected_first_line(e)
+    assert e.message and (e.fix or e.code == "correct")
+    k = e.order
+    X = np.asarray(x.detach(), dtype=np.float64).reshape(len(x), -1)
+    if truth_kind == "closed":
+        want = {"pair": pair_d, "two": two_d}[model_name](X, k)
+    elif truth_kind == "func":
+        want = func_truth(model, x, k)
+    else:  # fd: float64 central differences of the forward pass (order 1)
+        want = central(model.double() if hasattr(model, "double") else model, x)
+        if hasattr(model, "float"):
+            model.float()
+    tol = 1e-3 if e.truth.dtype == np.float32 else 1e-7
+    np.testing.assert_allclose(e.truth, want, rtol=tol, atol=tol * np.abs(want).max() + 1e-9)
+
+
+def test_torch_messages_name_shapes_and_numbers(tns):
+    ns = dict(tns)
+    exec(TORCH[5][3], ns)  # noqa: S102 - ones trick, 3 outputs
+    e = nbderiv.explain(ns["mine"], ns["net"], ns["x2"])
+    assert "(12, 2)" in e.message and "3 outputs" in e.message and "(12, 3, 2)" in e.message
+    # the numbers it quotes are the sum and the per-output values at that point
+    T = func_truth(ns["net"], ns["x2"], 1)
+    n = int(e.message.split("at point ")[1].split(":")[0])
+    quoted = float(e.message.split("yours ")[1].split(",")[0])
+    assert abs(quoted - T[n].sum(0)[np.abs(T - T[:, :1]).reshape(len(T), -1).argmax() % 2]) \
+        < 1e-3 or abs(quoted - T[n].sum(0)).min() < 1e-3
+
+    e = nbderiv.explain(2.0 * func_truth(ns["net1"], ns["x1"], 1), ns["net1"], ns["x1"], 1)
+    assert e.code == "wrong" and "2 times the truth" in e.message and "point" in e.message
+
+    e = nbderiv.explain(func_truth(ns["net1"], ns["x1"], 1).reshape(-1), ns["net1"], ns["x1"])
+    assert e.code == "correct-reshaped" and "reshape(15, 1, 1)" in e.message
+
+    e = nbderiv.explain(np.ones((7, 3)), ns["net1"], ns["x1"])
+    assert e.code == "wrong" and "(7, 3)" in e.message and "fits no derivative" in e.message
+
+
+def test_wrong_says_where_and_by_how_much(tns):
+    T = pair_d(tns["X2"].numpy(), 1)
+    mine = T.copy()
+    mine[4, 0, 1] += 0.5
+    e = nbderiv.explain(mine, pair, tns["X2"], 1)
+    assert e.code == "wrong"
+    assert "1 of 24 entries" in e.message and "point 4, output 0, input 1" in e.message
+    assert "0.5" in e.message
+
+
+def test_none_causes_fit_the_code(tns):
+    x = tns["x1"].clone()
+    e = nbderiv.explain(None, tns["net1"], x)
+    assert e.code == "none" and "requires_grad is False" in e.message
+    leaf = tns["x1"].clone().requires_grad_(True)
+    e = nbderiv.explain(None, tns["net1"], leaf * 2)
+    assert "not a leaf" in e.message and "retain_grad" in e.fix
+    e = nbderiv.explain(None, tns["net1"], np.linspace(0, 1, 5))
+    assert "not a torch tensor" in e.message
+    e = nbderiv.explain(None, lambda t: torch.ones(len(t), 1), torch.rand(4, 1), 1)
+    assert "does not depend" in e.message
+
+
+def test_order_and_mine_are_checked(tns):
+    with pytest.raises(ValueError, match="order"):
+        nbderiv.explain(np.zeros(3), tns["net1"], tns["x1"], 0)
+    with pytest.raises(TypeError, match="numbers"):
+        nbderiv.explain("abc", tns["net1"], tns["x1"])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_torch_fix_runs_and_gives_the_truth(tns, k):
+    ns = {"torch": torch, "model": tns["net"], "x": tns["x2"]}
+    exec(fix_code("torch", k), ns)  # noqa: S102
+    np.testing.assert_allclose(ns[f"d{k}"].detach().numpy(), func_truth(tns["net"], tns["x2"], k),
+                               rtol=1e-4, atol=1e-5)
+    ns = {"torch": torch, "model": tns["net"], "x": tns["x2"]}
+    exec(fix_code("torch", k, wrt=[1]), ns)  # noqa: S102
+    assert ns[f"d{k}"].shape == (12, 3) + (1,) * k
+
+
+def test_coupled_fix_switches_batch_statistics_off(tns):
+    ns = dict(tns)
+    exec(TORCH[15][3], ns)  # noqa: S102
+    e = nbderiv.explain(ns["mine"], ns["bn"], ns["x1"])
+    assert e.code == "coupled-samples" and ".eval()" in e.fix
+    # the numbers quoted: the ones trick vs the true per-point values
+    J = nbderiv.full_jacobian(ns["bn"], ns["x1"])
+    off = np.abs(J.sum(0).transpose(1, 0, 2) - e.truth).max()
+    assert f"{off:.4g}" in e.message
+    assert ns["bn"].training  # nbderiv changed nothing
+
+
+# -- TensorFlow / Keras ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tfns():
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("keras")
+    ns = {}
+    exec(TF_SETUP, ns)  # noqa: S102
+    return ns
+
+
+def keras_truth(model, x, k):
+    """Nested tapes in float64 on the same weights (an independent route: tape.jacobian of
+    one point at a time), k = 1 or 2."""
+    import tensorflow as tf
+
+    W = [w.numpy().astype(np.float64) for w in model.weights]
+    X = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+
+    def f(p):  # one point (d_in,) -> (d_out,), same weights, float64
+        h = tf.tanh(tf.linalg.matvec(tf.constant(W[0]), p, transpose_a=True) + W[1])
+        return tf.linalg.matvec(tf.constant(W[2]), h, transpose_a=True) + W[3]
+
+    out = []
+    for p in X:
+        p = tf.constant(p)
+        with tf.GradientTape() as t2:
+            t2.watch(p)
+            with tf.GradientTape() as t1:
+                t1.watch(p)
+                y = f(p)
+            j = t1.jacobian(y, p)
+        out.append(j.numpy() if k == 1 else t2.jacobian(j, p).numpy())
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("case", TF, ids=[c[0] for c in TF])
+def test_tensorflow_snippets(tfns, case):
+    _, model_name, x_expr, code, order, expected = case
+    ns = dict(tfns)
+    exec(code, ns)  # noqa: S102
+    model, x = ns[model_name], eval(x_expr, ns)  # noqa: S307
+    e = nbderiv.explain(ns["mine"], model, x, order)
+    assert e.code == expected, repr(e)
+    _expected_first_line(e)
+    want = keras_truth(model, np.asarray(x), e.order)
+    np.testing.assert_allclose(e.truth, want, rtol=1e-3, atol=1e-4 * np.abs(want).max() + 1e-7)
+
+
+def test_tensorflow_none_causes(tfns):
+    import tensorflow as tf
+
+    e = nbderiv.explain(None, tfns["kmodel"], tfns["kx"])
+    assert "tape.watch(x)" in e.fix and "constant tf.Tensor" in e.message
+    e = nbderiv.explain(None, tfns["kone"], tf.constant([[1], [2]]))
+    assert "integer dtype" in e.message and "tf.cast" in e.fix
+    e = nbderiv.explain(None, tfns["kone"], tf.Variable(tfns["kx1"]))
+    assert "outside" in e.message
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_tensorflow_fix_runs_and_gives_the_truth(tfns, k):
+    import tensorflow as tf
+
+    ns = {"tf": tf, "model": tfns["kmodel"], "x": tfns["kx"]}
+    exec(fix_code("tensorflow", k), ns)  # noqa: S102
+    want = keras_truth(tfns["kmodel"], np.asarray(tfns["kx"]), k)
+    np.testing.assert_allclose(ns[f"d{k}"].numpy(), want, rtol=1e-3, atol=1e-5)
+
+
+# -- the cell magic ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shell():
+    pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    ip = InteractiveShell.instance()
+    if "nbderiv" not in ip.extension_manager.loaded:
+        with capture_output():
+            ip.run_line_magic("load_ext", "nbderiv")
+    ip.run_cell(SETUP, store_history=False)
+    ip.user_ns.update(pair=pair, two=two, pair_d=pair_d)
+    return ip
+
+
+def cell(shell, source):
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as out:
+        result = shell.run_cell(textwrap.dedent(source), store_history=False)
+    return result, out
+
+
+def explained(shell, source):
+    result, out = cell(shell, source)
+    assert result.success, (result.error_in_exec, out.stderr)
+    return result.result, out
+
+
+ERRORS = [
+    ("no-grad-required", "x = x1.clone()\ny = net1(x)\nwith torch.no_grad():\n    z = net1(x)\n"
+     "torch.autograd.grad(z.sum(), x)\n", "torch.no_grad()"),
+    ("no-grad-required", "x = x1.clone()\ny = net1(x).detach()\ny.sum().backward()\n",
+     ".detach()"),
+    ("non-scalar-backward", "x = x1.clone().requires_grad_(True)\ny = net1(x)\ny.backward()\n",
+     "ones_like(y)"),
+    ("unused-input", "x = x1.clone().requires_grad_(True)\nt = x1.clone().requires_grad_(True)\n"
+     "y = net1(x)\ntorch.autograd.grad(y.sum(), [x, t])\n", "[x, t]"),
+    ("graph-freed", "x = x1.clone().requires_grad_(True)\ny = net1(x)\n"
+     "g, = torch.autograd.grad(y.sum(), x)\ng2, = torch.autograd.grad(y.sum(), x)\n",
+     "create_graph=True"),
+    ("inplace-modified", "x = x1.clone().requires_grad_(True)\nh = torch.sigmoid(x)\n"
+     "h += 1\nh.sum().backward()\n", "h += 1"),
+    ("numpy-requires-grad", "x = x1.clone().requires_grad_(True)\ny = net1(x)\n"
+     "arr = y.numpy()\n", "y.detach()"),
+    ("integer-dtype", "x = torch.arange(5).reshape(-1, 1)\nx.requires_grad_(True)\n",
+     "float32"),
+]
+
+
+@pytest.mark.parametrize("code, body, words", ERRORS, ids=[f"{e[0]}-{i}" for i, e in
+                                                         enumerate(ERRORS)])
+def test_cell_magic_explains_classic_errors(shell, code, body, words):
+    value, out = explained(shell, "%%nnderiv explain\n" + body)
+    assert [e.code for e in value] == [code], value
+    e = value[0]
+    assert words in e.message + e.fix, repr(e)
+    assert "line " in e.message and e.error and repr(e).startswith(f"[{code}]")
+    assert "Traceback" not in out.stdout + out.stderr  # explained instead
+    assert sum(f"[{code}]" in o.data.get("text/plain", "") for o in out.outputs) == 1
+
+
+def test_cell_magic_non_leaf_grad_warning(shell):
+    value, out = explained(shell, """\
+        %%nnderiv explain net1 x
+        x = x1.clone().requires_grad_(True) * 2
+        y = net1(x)
+        y.sum().backward()
+        g = x.grad
+        """)
+    codes = [e.code for e in value]
+    assert codes[0] == "non-leaf-grad" and "none" in codes
+    assert "line 4" in value[0].message
+    none = value[codes.index("none")]
+    assert "not a leaf" in none.message
+
+
+def test_cell_magic_other_errors_unchanged_and_state_kept(shell):
+    value, out = explained(shell, "%%nnderiv explain\nbefore_error = 41 + 1\n1 / 0\n")
+    assert value == [] and "ZeroDivisionError" in out.stdout + out.stderr
+    assert shell.user_ns["before_error"] == 42  # the cell's effects stay
+
+
+def test_cell_magic_explains_what_the_cell_computed(shell):
+    value, out = explained(shell, """\
+        %%nnderiv explain net x --order 1
+        x = x2.clone().requires_grad_(True)
+        y = net(x)
+        g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y))
+        J = torch.func.vmap(torch.func.jacrev(net))(x2)
+        unrelated = torch.zeros(5)
+        label = "not an array"
+        """)
+    assert [(e.name, e.code) for e in value] == [("g", "summed-outputs"), ("J", "correct")]
+    ns = shell.user_ns  # the cell ran in the user's namespace
+    assert ns["g"].shape == (12, 2) and ns["label"] == "not an array"
+    assert ns["y"].shape == (12, 3)  # y itself is not explained (it is the output)
+    np.testing.assert_allclose(value[1].truth, func_truth(ns["net"], ns["x2"], 1), rtol=1e-4,
+                               atol=1e-6)
+    texts = [o.data.get("text/plain", "") for o in out.outputs]
+    assert sum(t.startswith("[summed-outputs]") for t in texts) == 1  # displayed once
+    assert not any(t.startswith("[") and t.count("[summed-outputs]") > 1 for t in texts)
+
+
+def test_cell_magic_order_inferred_and_rerun_cells(shell):
+    src = """\
+        %%nbderiv explain two x
+        x = x1d.clone().requires_grad_(True)
+        g = None
+        """
+    value, _ = explained(shell, src)
+    assert [(e.name, e.code) for e in value] == [("g", "none")]
+    value, _ = explained(shell, src)  # run again: g is None again, still explained
+    assert [(e.name, e.code) for e in value] == [("g", "none")]
+    value, out = explained(shell, """\
+        %%nnderiv explain two x1d
+        f = lambda p: two(p[None])[0]
+        torch.func.vmap(torch.func.jacrev(torch.func.jacrev(f)))(x1d)
+        """)
+    assert [(e.name, e.code, e.order) for e in value] == [("the cell's value", "correct", 2)]
+    assert any("tensor(" in o.data.get("text/plain", "") for o in out.outputs) or \
+        "tensor(" in out.stdout  # IPython still shows the cell's last value
+
+
+def test_cell_magic_value_is_the_cells_last_result(shell):
+    result, out = cell(shell, "%%nnderiv explain net1 x1\nmine = torch.func.vmap("
+                              "torch.func.jacrev(net1))(x1)\n")
+    assert result.success and [e.code for e in result.result] == ["correct"]
+    texts = [o.data.get("text/plain", "") for o in out.outputs]
+    assert sum("[correct]" in t for t in texts) == 1
+
+
+def test_cell_magic_x_grad_is_explained(shell):
+    value, _ = explained(shell, """\
+        %%nnderiv explain net x
+        x = x2.clone().requires_grad_(True)
+        net(x).sum().backward()
+        """)
+    assert [(e.name, e.code) for e in value] == [("x.grad", "summed-outputs")]
+
+
+def test_cell_magic_tensorflow_none(shell, tfns):
+    for name, value in tfns.items():
+        if not name.startswith("__"):
+            shell.user_ns[name] = value
+    value, _ = explained(shell, """\
+        %%nnderiv explain kmodel kx
+        with tf.GradientTape() as tape:
+            y = kmodel(kx)
+        grad = tape.gradient(y, kx)
+        """)
+    assert [(e.name, e.code) for e in value] == [("grad", "none")]
+    assert "tape.watch(kx)" in value[0].fix
+
+
+def test_cell_magic_usage_errors(shell):
+    from IPython.core.error import UsageError
+
+    for line, words in [("%%nnderiv\n", "explain"), ("%%nnderiv bogus\n", "explain"),
+                        ("%%nnderiv explain net\n", "without X"),
+                        ("%%nnderiv explain net x1 --order 0\n", "1 or more"),
+                        ("%%nnderiv explain net x1 --order two\n", "positive integer"),
+                        ("%%nnderiv explain nope x1\n", "nope"),
+                        ("%%nnderiv explain net x1 --bogus\n", "unknown option")]:
+        result, out = cell(shell, line + "a = 1\n")
+        assert type(result.error_in_exec) is UsageError, (line, result.error_in_exec)
+        assert words in str(result.error_in_exec), (line, str(result.error_in_exec))
+
+
+def test_the_line_magic_still_works(shell):
+    d = shell.run_line_magic("nnderiv", "net1 x1 -q -o 1")
+    np.testing.assert_allclose(d[1], func_truth(shell.user_ns["net1"], shell.user_ns["x1"], 1),
+                               rtol=1e-4, atol=1e-6)
