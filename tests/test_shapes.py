@@ -1,0 +1,148 @@
+"""Per-point inputs of any shape, targets and extra model arguments (issue 17), against
+independent references (torch.func, a TensorFlow tape, closed forms)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch.func import hessian, jacrev, vmap  # noqa: E402
+
+import nbderiv  # noqa: E402
+from nbderiv.errors import InputTypeError, OptionError  # noqa: E402
+
+
+def _conv(d_out=5, seed=0):
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, d_out)).double().eval()
+
+
+def _per_point(fn, x, transform=jacrev):
+    return vmap(transform(lambda z: fn(z[None])[0]))(x).detach().numpy()
+
+
+def test_images_give_the_vmap_jacrev_layout_and_values():
+    net = _conv()
+    x = torch.rand(7, 3, 6, 6, dtype=torch.float64)
+    d = nbderiv.derivatives(net, x)
+    assert d[1].shape == (7, 5, 3, 6, 6) and d.y.shape == (7, 5) and d.x.shape == (7, 3, 6, 6)
+    np.testing.assert_allclose(d[1], _per_point(net, x), rtol=0, atol=1e-12)
+    assert d.axes(1) == ("point", "output", "input axis 1", "input axis 2", "input axis 3")
+    assert all(len(d.axes(k)) == d[k].ndim for k in range(2))
+    assert d.features.shape == (7, 108) and d.n_outputs == 5
+
+
+def test_sequences_at_order_two_and_outputs_with_several_axes():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(3, 2).double()
+    f = lambda z: torch.tanh(lin(z)).sum(dim=1)  # noqa: E731 - (N, T, F) -> (N, 2)
+    x = torch.rand(4, 5, 3, dtype=torch.float64)
+    d = nbderiv.derivatives(f, x, order=2)
+    assert d[2].shape == (4, 2, 5, 3, 5, 3)
+    np.testing.assert_allclose(d[2], _per_point(f, x, hessian_rows), rtol=0, atol=1e-12)
+    g = nbderiv.derivatives(lin, x)  # a sequence in, a sequence out: O = (5, 2)
+    assert g[1].shape == (4, 5, 2, 5, 3) and g.y.shape == (4, 5, 2)
+    np.testing.assert_allclose(g[1], _per_point(lin, x), rtol=0, atol=1e-12)
+    assert len(g.axes(1)) == 5 and g.axes(0) == ("point", "output axis 1", "output axis 2")
+
+
+def hessian_rows(fn):
+    return jacrev(jacrev(fn))
+
+
+def test_wrt_indexes_the_flattened_point_in_c_order():
+    net = _conv(d_out=2)
+    x = torch.rand(3, 3, 6, 6, dtype=torch.float64)
+    flat = [int(np.ravel_multi_index((c, h, w), (3, 6, 6))) for c, h, w in [(0, 1, 2), (2, 5, 5)]]
+    d = nbderiv.derivatives(net, x, wrt=flat)
+    ref = _per_point(net, x)
+    assert d[1].shape == (3, 2, 2)
+    np.testing.assert_allclose(d[1][:, :, 0], ref[:, :, 0, 1, 2], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d[1][:, :, 1], ref[:, :, 2, 5, 5], rtol=0, atol=1e-12)
+    assert d.inputs == ("x[0,1,2]", "x[2,5,5]")
+
+
+def test_target_selects_one_output_per_point():
+    net = _conv(d_out=10)
+    x = torch.rand(12, 3, 6, 6, dtype=torch.float64)
+    labels = torch.tensor([i % 10 for i in range(12)])
+    full = _per_point(net, x)
+    d = nbderiv.derivatives(net, x, target=labels)  # more points than the probe looks at
+    assert d[1].shape == (12, 1, 3, 6, 6)
+    np.testing.assert_allclose(d[1][:, 0], full[np.arange(12), labels.numpy()], atol=1e-12)
+    np.testing.assert_allclose(d.y[:, 0], net(x).detach().numpy()[np.arange(12), labels])
+    same = nbderiv.derivatives(net, x, target=7)
+    np.testing.assert_allclose(same[1][:, 0], full[:, 7], atol=1e-12)
+
+
+@pytest.mark.parametrize("target", [10, -1, [1, 2], 1.5, np.zeros(12, dtype=np.float32)])
+def test_bad_targets_are_refused_clearly(target):
+    x = torch.rand(12, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(OptionError, match="target"):
+        nbderiv.derivatives(_conv(d_out=10), x, target=target)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.lin = torch.nn.Linear(4, 2).double()
+
+    def forward(self, x, mask=None, scale=1.0):
+        return self.lin(torch.tanh(x) * mask) * scale
+
+
+def test_kwargs_per_point_arrays_are_sliced_with_the_points_and_constants_passed():
+    m = _Masked()
+    x = torch.rand(40, 4, dtype=torch.float64)
+    mask = torch.rand(40, 4) > 0.3
+    before = mask.clone()
+    d = nbderiv.derivatives(m, x, order=2, kwargs={"mask": mask, "scale": 2.0}, chunk_size=7)
+    ref = vmap(jacrev(lambda z, k: m(z[None], mask=k[None], scale=2.0)[0]))(x, mask)
+    np.testing.assert_allclose(d[1], ref.detach().numpy(), rtol=0, atol=1e-12)
+    ref2 = vmap(hessian(lambda z, k: m(z[None], mask=k[None], scale=2.0)[0]))(x, mask)
+    np.testing.assert_allclose(d[2], ref2.detach().numpy(), rtol=0, atol=1e-12)
+    assert d[1].shape == (40, 2, 4) and d.inputs == tuple(f"x[{i}]" for i in range(4))
+    assert torch.equal(mask, before) and d.codes == []  # no coupling claimed: masks stay put
+
+
+def test_a_dict_input_points_to_the_tuple_form():
+    with pytest.raises(InputTypeError, match="tuple"):
+        nbderiv.derivatives(torch.sin, {"x": np.zeros(3), "t": np.zeros(3)}, framework="torch")
+
+
+def test_keras_images_sequences_and_targets():
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+    keras.utils.set_random_seed(0)
+    cnn = keras.Sequential([keras.Input((6, 6, 3), dtype="float64"),
+                            keras.layers.Conv2D(4, 3, activation="tanh", dtype="float64"),
+                            keras.layers.Flatten(dtype="float64"),
+                            keras.layers.Dense(10, dtype="float64")])
+    x = np.random.default_rng(0).random((12, 6, 6, 3))
+    labels = np.arange(12) % 10
+    d = nbderiv.derivatives(cnn, x, target=labels)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = tf.gather(cnn(xt), labels, batch_dims=1)
+    assert d[1].shape == (12, 1, 6, 6, 3)
+    np.testing.assert_allclose(d[1][:, 0], tape.gradient(y, xt).numpy(), rtol=0, atol=1e-12)
+    lstm = keras.Sequential([keras.Input((5, 3), dtype="float64"),
+                             keras.layers.LSTM(4, dtype="float64"),
+                             keras.layers.Dense(1, dtype="float64")])
+    s = np.random.default_rng(1).random((3, 5, 3))
+    d = nbderiv.derivatives(lstm, s, order=2)
+    st = tf.constant(s)
+    with tf.GradientTape() as outer:
+        outer.watch(st)
+        with tf.GradientTape() as inner:
+            inner.watch(st)
+            y = lstm(st)
+        g = tf.reshape(inner.gradient(y, st), (3, -1))
+    H = outer.batch_jacobian(g, st).numpy().reshape(3, 15, 15)
+    assert d[2].shape == (3, 1, 5, 3, 5, 3)
+    np.testing.assert_allclose(d[2].reshape(3, 15, 15), H, rtol=0, atol=1e-10)
