@@ -345,7 +345,8 @@ class NbderivMagics(Magics):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 grad = getattr(x, "grad", None)
-            if grad is not x_grad_before or (grad is None and re.search(
+            if grad is not x_grad_before or (grad is None and all(
+                    v is not None for _, v in candidates) and re.search(
                     rf"{re.escape(x_expr)}\s*\.\s*grad\b", source)):
                 candidates.append((f"{x_expr}.grad", grad))
         if last_value is not None and not any(v is last_value for _, v in candidates):
