@@ -14,10 +14,18 @@ from __future__ import annotations
 import functools
 
 from . import findings as dg
-from .compute import block_rows, model_errors, open_call, per_point, probe, run_blocks
+from .compute import (
+    block_rows,
+    model_errors,
+    one_at_a_time,
+    open_call,
+    per_point,
+    probe,
+    run_blocks,
+)
 from .errors import MemoryBudgetError
 from .inputs import check_order, check_wrt
-from .options import byte_count, positive_int
+from .options import byte_count, flag, positive_int
 from .result import Derivatives
 
 DEFAULT_ORDER = 1
@@ -81,12 +89,14 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
     (20.0, 16.0)
     """
     order = check_order(order)
+    check = flag(check, "check")
+    progress = None if progress is None else flag(progress, "progress")
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, "chunk_size", example=4096)
     memory_budget = byte_count(memory_budget, "memory_budget")
     call = open_call(model, x, framework, target=target, kwargs=kwargs)
     wrt = check_wrt(wrt, call.input_width, call.names)
-    with call.backend.preserved(model):
+    with one_at_a_time(call):
         block, layers = _differentiate(call, order, wrt, chunk_size=chunk_size,
                                        memory_budget=memory_budget, progress=progress)
         y, ders = block.y, block.orders
@@ -145,7 +155,7 @@ def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
     order = check_order(order)
     call = open_call(model, x, framework)
     wrt = check_wrt(wrt, call.width, call.names)
-    with call.backend.preserved(model):
+    with one_at_a_time(call):
         verdict = probe(call)
         layers = _findings_before(call, order)
         few = call.with_args(call.rows(0, dg.PROBE_POINTS), verdict=verdict)
@@ -175,7 +185,7 @@ def full_jacobian(model, x, *, framework=None, memory_budget=DEFAULT_JACOBIAN_BU
     """
     memory_budget = byte_count(memory_budget, "memory_budget")
     call = open_call(model, x, framework)
-    with call.backend.preserved(model):
+    with one_at_a_time(call):
         d_out = probe(call).d_out
         size = call.n * d_out * call.n * call.width * call.dtype.itemsize
         if size > memory_budget:

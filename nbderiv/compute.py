@@ -16,6 +16,7 @@ per-point blocks).
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 
@@ -93,6 +94,23 @@ def _as_columns(a, dtype, what) -> np.ndarray:
         raise OptionError(f"{what} holds integers too large to pass exactly in {dtype}. "
                           "Fix: pass smaller indices.")
     return cols
+
+
+_LOCKS: dict = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def one_at_a_time(call: Call):
+    """Calls through the same backend run one after the other, the model's state kept as it
+    was around each (``backend.preserved``). Neither framework's autodiff is safe when two
+    threads differentiate one model at once (forward-mode dual tensors, BatchNorm running
+    statistics put back by one call while another runs), so nbderiv serialises them; a
+    call made from inside another (e.g. a check) re-enters freely."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(call.backend.name, threading.RLock())
+    with lock, call.backend.preserved(call.model):
+        yield
 
 
 @contextmanager

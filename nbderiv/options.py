@@ -34,6 +34,13 @@ def positive_int(value, name: str, minimum: int = 1, example=None) -> int:
     return int(value)
 
 
+def flag(value, name: str) -> bool:
+    """``value`` as a bool (True/False, or a NumPy bool), else a clear OptionError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise OptionError(f"{name} must be True or False, got {value!r}. Fix: {name}=True.")
+    return bool(value)
+
+
 def byte_count(value, name: str) -> int:
     """A positive number of bytes: an int, or a string such as ``"512MB"`` / ``"1GiB"``."""
     fix = f"Fix: e.g. {name}=2**30 or {name}='1GB'."

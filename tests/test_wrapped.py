@@ -418,3 +418,17 @@ def test_keras_wrapper_variables_for_snapshots():
     assert len(held) == len(model.variables) + 1
     assert {id(v) for v in model.variables} | {id(extra)} == {id(v) for v in held}
     assert model_variables(lambda z: z) == []
+
+
+def test_a_wrapped_model_is_computed_in_its_own_dtype():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    net = net.double()
+    x = np.linspace(0, 1, 5).astype("float32")  # float32 data, float64 model
+    d = nbderiv.derivatives(lambda z: net(z) * 2, x, order=2)
+    assert d[1].dtype == np.float64
+    ref = nbderiv.derivatives(net, x.astype("float64"), order=2)
+    np.testing.assert_allclose(d[2], 2 * ref[2], rtol=0, atol=1e-14)

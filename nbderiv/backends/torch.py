@@ -72,8 +72,10 @@ def _model_dtype(t) -> np.dtype:
 
 
 def _first_float_tensor(model):
-    if isinstance(model, torch.nn.Module):
-        for t in itertools.chain(model.parameters(), model.buffers()):  # stops at the first
+    """The first floating-point parameter or buffer of the model, or of the modules a wrapper
+    (lambda, partial, closure) holds: its dtype and device are the model's."""
+    for module in _modules_of(model):
+        for t in itertools.chain(module.parameters(), module.buffers()):  # stops at the first
             if t.is_floating_point():
                 return t
     return None
