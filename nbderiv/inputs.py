@@ -89,8 +89,9 @@ def prepare_inputs(x, *, to_numpy) -> PreparedInput:
         raise InputTypeError(
             f"x is a dict (keys {', '.join(map(repr, list(x)[:6]))}); nbderiv passes the model "
             "positional arguments. Fix: pass a tuple in the order the model takes them, e.g. "
-            "x=(x_values, t_values) for a model called as model(x, t) (for a Keras model with "
-            "named inputs, in the order of model.inputs).")
+            "x=(x_values, t_values) for a model called as model(x, t); for a Keras model whose "
+            f"inputs are a dict, the values in the sorted order of its keys: x=tuple(x[k] for k "
+            f"in sorted(x)) = ({', '.join(f'x[{k!r}]' for k in sorted(map(str, x))[:6])}).")
     arrays, shapes, reshaped, integer, point_shapes = [], [], False, False, []
     for i, part in enumerate(parts):
         what = f"x[{i}] (argument {i + 1} of the tuple)" if several else "x"

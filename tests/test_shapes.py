@@ -146,3 +146,26 @@ def test_keras_images_sequences_and_targets():
     H = outer.batch_jacobian(g, st).numpy().reshape(3, 15, 15)
     assert d[2].shape == (3, 1, 5, 3, 5, 3)
     np.testing.assert_allclose(d[2].reshape(3, 15, 15), H, rtol=0, atol=1e-10)
+
+
+def test_a_keras_dict_input_is_pointed_to_the_tuple_form_that_works():
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+    xi, ti = keras.Input((1,), name="x", dtype="float64"), keras.Input((1,), name="t",
+                                                                      dtype="float64")
+    h = keras.layers.Concatenate(dtype="float64")([xi, ti])
+    out = keras.layers.Dense(1, activation="tanh", dtype="float64")(h)
+    model = keras.Model({"x": xi, "t": ti}, out)
+    rng = np.random.default_rng(0)
+    given = {"x": rng.random((5, 1)), "t": rng.random((5, 1))}
+    with pytest.raises(InputTypeError, match=r"x\['t'\], x\['x'\]") as err:
+        nbderiv.derivatives(model, given)
+    assert "numeric" not in str(err.value)
+    d = nbderiv.derivatives(model, tuple(given[k] for k in sorted(given)))  # as the fix says
+    xt, tt = tf.constant(given["x"]), tf.constant(given["t"])
+    with tf.GradientTape() as tape:
+        tape.watch([xt, tt])
+        y = model({"x": xt, "t": tt})
+    gt, gx = tape.gradient(y, [tt, xt])
+    assert d.inputs == ("t", "x")
+    np.testing.assert_allclose(d[1][:, 0], np.concatenate([gt, gx], axis=1), atol=1e-12)
