@@ -38,7 +38,7 @@ MAKEFILE = ROOT / "Makefile"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 EXPECTED = {
     "00_tour", "01_relu_second_derivative", "02_grad_outputs_ones",
-    "03_second_derivative_scalar", "04_jacobian_shapes_pinn",
+    "03_second_derivative_scalar", "04_jacobian_shapes_pinn", "05_saliency_and_sequences",
 }
 IGNORE_TAGS = {"nbval-ignore-output", "nbval-skip"}
 IGNORE_COMMENTS = ("NBVAL_IGNORE_OUTPUT", "NBVAL_SKIP", "PYTEST_VALIDATE_IGNORE_OUTPUT")
@@ -81,6 +81,16 @@ FACTS = {
         "ReLU, nested jacobian  all zero: True", "x (3, 1) -> (3, 501, 3, 1)",
         "func.hessian:   (501, 1, 1)", "('point', 'output', 'input', 'input') (50, 501, 1, 1)",
         "d[2] equals vmap(hessian): True", "['piecewise-linear']",
+    ],
+    "05_saliency_and_sequences": [
+        "test accuracy: 1.00", "(64, 1, 3, 16, 16)",
+        "('point', 'output', 'input axis 1', 'input axis 2', 'input axis 3')",
+        "nbderiv equals autograd's x.grad: True",
+        "share of the saliency in the squares >= 0.5 for every image: True",
+        "a square pixel matters over 5x more than a noise pixel: True",
+        "(32, 1, 10, 3) equals nbderiv: True",
+        "two largest mean |dy/dx| at (t, f): [(2, 0), (7, 1)]",
+        "within 0.15 of the true gradient everywhere: True",
     ],
 }
 # Strings no output may contain: the post's wrong answers presented as results, errors.
@@ -129,7 +139,7 @@ def _ids(paths):
     return [p.stem for p in paths]
 
 
-def test_the_five_notebooks_exist():
+def test_the_six_notebooks_exist():
     assert {p.stem for p in PATHS} == EXPECTED
 
 
