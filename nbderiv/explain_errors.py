@@ -145,8 +145,31 @@ def explain_warning(message: str, *, source: str = "", line: str | None = None,
 
 
 # -- the words of each code ----------------------------------------------------------------------------
+def _grad_without_graph(t, source):
+    """The line that made ``t`` (e.g. ``u_x``, ``g[:, 0]``) with a grad call lacking
+    ``create_graph=True``, or None: such a result is plain numbers, with no grad_fn."""
+    m = re.match(r"[A-Za-z_]\w*", t or "")
+    if not m:
+        return None
+    made = _first_use(source, [rf"(^|[\s(,]){re.escape(m.group(0))}\s*[,)\]]*\s*=[^=].*"
+                               r"\b(autograd\.grad|grad|gradient)\s*\("])
+    return made if made and "create_graph=True" not in made else None
+
+
 def _no_grad(where, line, source):
     t = _receiver(line, "backward") or _grad_args(line)[0] or "the output"
+    made = _grad_without_graph(t, source)
+    if made:
+        kept = (" Its retain_graph=True keeps the graph of the output for another pass, but "
+                "builds none for the derivative." if "retain_graph=True" in made else "")
+        return (f"{where} differentiates {t}, but {t} has no grad_fn: it is the result of "
+                f"`{made}`, and a grad call returns plain numbers, with no graph of their own, "
+                f"unless it is given create_graph=True.{kept} There is nothing to "
+                f"differentiate.",
+                "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), "
+                "create_graph=True)\n"
+                "g2, = torch.autograd.grad(g, x, grad_outputs=torch.ones_like(g))  "
+                "# second derivative")
     cause = None
     for pattern, why in (
             (r"no_grad\(", "it was computed under `torch.no_grad()`"),

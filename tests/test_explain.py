@@ -443,6 +443,12 @@ ERRORS = [
      "torch.autograd.grad(z.sum(), x)\n", "torch.no_grad()"),
     ("no-grad-required", "x = x1.clone()\ny = net1(x).detach()\ny.sum().backward()\n",
      ".detach()"),
+    # the derivative of a grad result made without create_graph (retain_graph is not enough):
+    # that line is the cause, not an input created without requires_grad
+    ("no-grad-required", "x = x1.clone().requires_grad_(True)\ny = net1(x)\n"
+     "u_x, = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)\n"
+     "u_xx, = torch.autograd.grad(u_x, x, torch.ones_like(u_x))\n",
+     "retain_graph=True keeps the graph of the output"),
     ("non-scalar-backward", "x = x1.clone().requires_grad_(True)\ny = net1(x)\ny.backward()\n",
      "ones_like(y)"),
     ("unused-input", "x = x1.clone().requires_grad_(True)\nt = x1.clone().requires_grad_(True)\n"
