@@ -20,6 +20,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# changing a leaf that requires grad in place: the same code, its own words
+LEAF_INPLACE = (r"a (view of a )?leaf Variable that requires grad is being used in an in-place "
+                r"operation")
 # (code, pattern of the error's text)
 PATTERNS = (
     ("no-grad-required", r"element 0 of tensors does not require grad"),
@@ -29,12 +32,13 @@ PATTERNS = (
     ("graph-freed", r"Trying to backward through the graph a second time"),
     ("inplace-modified", r"one of the variables needed for gradient computation has been "
                          r"modified by an inplace operation"),
+    ("inplace-modified", LEAF_INPLACE),
     ("numpy-requires-grad", r"Can't call numpy\(\) on Tensor that requires grad"),
     ("integer-dtype", r"only Tensors of floating point(?: and complex)? dtype can require "
                       r"gradients|dtype of the watched tensor must be floating"),
 )
 NON_LEAF = r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
-CODES = tuple(code for code, _ in PATTERNS) + ("non-leaf-grad",)
+CODES = tuple(dict.fromkeys(code for code, _ in PATTERNS)) + ("non-leaf-grad",)
 
 
 @dataclass
@@ -116,7 +120,8 @@ def explain_error(exc, *, source: str = "", line: str | None = None,
     error = f"{type(exc).__name__}: {first}"
     where = f"line {lineno} (`{line.strip()}`)" if line and lineno else (
         f"`{line.strip()}`" if line else "your cell")
-    return ErrorExplanation(code, *_WORDS[code](where, line or "", source or ""),
+    words = _inplace_leaf if re.search(LEAF_INPLACE, text) else _WORDS[code]
+    return ErrorExplanation(code, *words(where, line or "", source or ""),
                             error=error, line=line)
 
 
@@ -240,6 +245,18 @@ def _inplace(where, line, source):
             "x = x + 1            # instead of x += 1 / x.add_(1)\n"
             "y = torch.cat([y[:, :1], 2 * y[:, 1:]], dim=1)   # instead of y[:, 1:] *= 2\n"
             "# or .clone() before changing a tensor in place")
+
+
+def _inplace_leaf(where, line, source):
+    m = re.search(r"([A-Za-z_][\w\.]*)\s*(\[[^\]]*\])?\s*(\+|-|\*|/|\*\*)?=[^=]", line or "") \
+        or re.search(r"([A-Za-z_][\w\.]*)\s*\.\s*\w+_\(", line or "")
+    t = m.group(1) if m else "x"
+    return (f"{where} changes {t} in place, but {t} is a leaf tensor that requires grad (or a "
+            f"view of one, such as a slice): it is the tensor you differentiate with respect "
+            f"to, so autograd needs its values to stay as they were, and torch refuses. Do the "
+            f"change out of place, or before requires_grad_.",
+            f"{t} = ({t} - {t}.mean()).detach().requires_grad_(True)   # e.g.: a new leaf, "
+            f"made out of place\n# or change the values first, then {t}.requires_grad_(True)")
 
 
 def _numpy(where, line, source):

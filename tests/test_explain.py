@@ -458,6 +458,9 @@ ERRORS = [
      "create_graph=True"),
     ("inplace-modified", "x = x1.clone().requires_grad_(True)\nh = torch.sigmoid(x)\n"
      "h += 1\nh.sum().backward()\n", "h += 1"),
+    # a leaf that requires grad changed in place (here: normalised after requires_grad_)
+    ("inplace-modified", "x = x1.clone().requires_grad_(True)\nx -= x.mean()\n",
+     "x is a leaf tensor that requires grad"),
     ("numpy-requires-grad", "x = x1.clone().requires_grad_(True)\ny = net1(x)\n"
      "arr = y.numpy()\n", "y.detach()"),
     ("integer-dtype", "x = torch.arange(5).reshape(-1, 1)\nx.requires_grad_(True)\n",
