@@ -273,18 +273,106 @@ def model_error_fix(exc: Exception, n_points: int) -> str:
             "equivalent, e.g. model(torch.as_tensor(x))) and fix the error it raises there.")
 
 
+_FREE_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # by the number of free axes
+
+
+def expected_input(expected) -> str | None:
+    """How the input a model expects per point reads in a message, from what the layer that
+    receives it says: an int (a vector of that many features) or a per-point shape with None
+    for free sizes. None when nothing is known.
+
+    >>> expected_input(16)
+    '16 input feature(s) per point, shape (N, 16)'
+    >>> expected_input((3, None, None))
+    'C=3 channels (shape (N, 3, H, W))'
+    >>> expected_input((None, None, 3))
+    'C=3 channels (shape (N, H, W, 3))'
+    >>> expected_input((None, 8))
+    'F=8 features per time step (shape (N, T, 8))'
+    >>> expected_input((20, 8))
+    'points of shape (20, 8) (shape (N, 20, 8))'
+    """
+    if expected is None:
+        return None
+    if isinstance(expected, (int, np.integer)) and not isinstance(expected, bool):
+        return f"{int(expected)} input feature(s) per point, shape (N, {int(expected)})"
+    shape = tuple(expected)
+    if not shape or all(s is None for s in shape):
+        return None
+    if len(shape) == 1:
+        return expected_input(shape[0])
+    known = [i for i, s in enumerate(shape) if s is not None]
+    if len(known) == len(shape):
+        return f"points of shape {shape} (shape (N, {', '.join(map(str, shape))}))"
+    if len(known) == 1 and known[0] in (0, len(shape) - 1):
+        at = known[0]
+        if len(shape) == 2 and at == 1:  # (T, F): a sequence of F features per step
+            return f"F={shape[1]} features per time step (shape (N, T, {shape[1]}))"
+        free = list(_FREE_AXES.get(len(shape) - 1, ("?",) * (len(shape) - 1)))
+        names = [str(shape[at])] + free if at == 0 else free + [str(shape[at])]
+        return f"C={shape[at]} channels (shape (N, {', '.join(names)}))"
+    names = [str(s) if s is not None else "?" for s in shape]
+    return f"points of shape ({', '.join(names)})"
+
+
+def fits_expected(expected, point_shape) -> bool:
+    """Whether a per-point shape agrees with what the model expects (see
+    :func:`expected_input`); True when nothing is known."""
+    if expected is None:
+        return True
+    point_shape = tuple(point_shape)
+    if isinstance(expected, (int, np.integer)) and not isinstance(expected, bool):
+        return point_shape[-1] == expected  # a Linear acts on the last axis
+    shape = tuple(expected)
+    if len(shape) != len(point_shape):
+        return False
+    return all(e is None or e == s for e, s in zip(shape, point_shape))
+
+
+def _reshape_hint(expected, point_shape) -> str:
+    """A concrete reshape or transpose when the given point shape holds the expected one's
+    values in another layout: flattened images, channels at the other end."""
+    if expected is None or isinstance(expected, (int, np.integer)):
+        return ""
+    shape, given = tuple(expected), tuple(point_shape)
+    if len(shape) != 3 or not (shape[0] is None) != (shape[2] is None):
+        return ""
+    first = shape[0] is not None
+    c = shape[0] if first else shape[2]
+    if len(given) == 1 and given[0] % c == 0:
+        side = int(round((given[0] // c) ** 0.5))
+        if side * side * c == given[0]:
+            target = (c, side, side) if first else (side, side, c)
+            return (f" x looks like flattened images: x.reshape(-1, {', '.join(map(str, target))})"
+                    " gives each point its shape back.")
+    if len(given) == 3 and given != shape:
+        if first and given[2] == c:
+            return " x has its channels last: x.permute(0, 3, 1, 2) puts them first."
+        if not first and given[0] == c:
+            return " x has its channels first: np.transpose(x, (0, 2, 3, 1)) puts them last."
+    return ""
+
+
 def model_rejected_input(exc: Exception, prepared: PreparedInput,
                          expected_width=None) -> InputShapeError | ModelCallError:
     """A readable error for a model that raised when first called on the prepared input:
-    :class:`InputShapeError` (fix: the trailing size) when the failure is about shapes or the
-    width differs from what the model expects, else :class:`ModelCallError` with a fix that
-    fits the cause."""
-    shapes = [tuple(a.shape) for a in prepared.arrays]
+    :class:`InputShapeError` when the failure is about shapes or the input differs from what
+    the model expects, else :class:`ModelCallError` with a fix that fits the cause.
+
+    ``expected_width`` is what the layer that receives the input expects per point: an int
+    (features of a vector), a per-point shape with None for free sizes (e.g. (3, None, None)
+    for a Conv2d), or None (unknown). The fix never says to flatten an input that has a
+    shape: nbderiv passes x of shape (N, *S) to the model as it is."""
+    given = prepared.original_shapes[0] if len(prepared.arrays) == 1 \
+        else tuple(prepared.original_shapes)
+    point_shape = prepared.point_shapes[0]
+    multi = len(prepared.arrays) == 1 and len(point_shape) > 1
+    shapes = [(prepared.n_points,) + tuple(s) for s in prepared.point_shapes]
     shown = shapes[0] if len(shapes) == 1 else tuple(shapes)
-    given = prepared.original_shapes[0] if len(shapes) == 1 else tuple(prepared.original_shapes)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    width_differs = expected_width is not None and expected_width != prepared.width
-    if not width_differs and model_error_cause(exc) != "shape":
+    expected = expected_width if not prepared.several else None
+    differs = expected is not None and not fits_expected(expected, point_shape)
+    if not differs and model_error_cause(exc) != "shape":
         return ModelCallError(
             f"the model raised {type(exc).__name__} when nbderiv first called it on x of shape "
             f"{given} (passed as {shown}): {text[:300].rstrip('.')}. "
@@ -293,13 +381,24 @@ def model_rejected_input(exc: Exception, prepared: PreparedInput,
     hint = ""
     if prepared.reshaped and not prepared.several:
         hint = " If x was meant as ONE point with several features, pass x.reshape(1, -1)."
+    described = expected_input(expected) if differs else None
     expects = ""
-    if width_differs:
-        expects = (f" The model expects {expected_width} input feature(s) per point, shape "
-                   f"(N, {expected_width}); x has {prepared.width}.")
+    if described:
+        each = (f"points of shape {point_shape}" if multi
+                else f"{prepared.width} feature(s) per point")
+        expects = f" The model expects {described}; x has {each}."
+    layout = "N points of shape S, as it is" if multi else "N points x d_in features"
+    if described and not isinstance(expected, (int, np.integer)):
+        fix = (f"Fix: pass each point with the shape the model takes, {described}."
+               f"{_reshape_hint(expected, point_shape)}")
+    elif multi or not described:
+        fix = ("Fix: pass x of shape (N, *S) with the per-point shape S the model takes for "
+               "one sample (e.g. (N, C, H, W) images, (N, T, F) sequences); nbderiv passes it "
+               "to the model as it is.")
+    else:
+        fix = "Fix: pass x with the trailing size the model expects."
     return InputShapeError(
         f"the model rejected the input: x of shape {given} was passed as {shown} "
-        f"(N points x d_in features) and the model raised {type(exc).__name__}: "
-        f"{text[:300].rstrip('.')}."
-        f"{expects} Fix: pass x with the trailing size the model expects.{hint}"
+        f"({layout}) and the model raised {type(exc).__name__}: "
+        f"{text[:300].rstrip('.')}.{expects} {fix}{hint}"
     )

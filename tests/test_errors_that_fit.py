@@ -1,0 +1,79 @@
+"""Errors that fit (issue 17): a model that rejects an input is told what the layer receiving
+it expects, as a shape when it needs one (never "flatten"), with a concrete reshape or
+transpose when x holds the right values in another layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nbderiv.errors import InputShapeError, ModelCallError
+from nbderiv.inputs import (
+    expected_input,
+    fits_expected,
+    model_rejected_input,
+    prepare_inputs,
+)
+
+
+def _rejected(x, expected, message="size mismatch"):
+    prepared = prepare_inputs(np.asarray(x, dtype=np.float32), to_numpy=np.asarray)
+    return model_rejected_input(RuntimeError(message), prepared, expected)
+
+
+@pytest.mark.parametrize("expected, text", [
+    (16, "16 input feature(s) per point, shape (N, 16)"),
+    ((16,), "16 input feature(s) per point, shape (N, 16)"),
+    ((3, None, None), "C=3 channels (shape (N, 3, H, W))"),
+    ((None, None, 3), "C=3 channels (shape (N, H, W, 3))"),
+    ((4, None), "C=4 channels (shape (N, 4, L))"),
+    ((None, 8), "F=8 features per time step (shape (N, T, 8))"),
+    ((32, 32, 3), "points of shape (32, 32, 3) (shape (N, 32, 32, 3))"),
+    (None, None), ((None, None), None),
+])
+def test_expected_input_reads_the_receiving_layer(expected, text):
+    assert expected_input(expected) == text
+
+
+def test_fits_expected():
+    assert fits_expected((3, None, None), (3, 32, 32))
+    assert not fits_expected((3, None, None), (32, 32, 3))
+    assert not fits_expected((3, None, None), (3072,))
+    assert fits_expected(8, (20, 8)) and not fits_expected(8, (20, 4))
+    assert fits_expected(None, (5,))
+
+
+def test_flattened_images_are_told_the_shape_and_the_reshape_never_to_flatten():
+    err = _rejected(np.zeros((4, 192)), (3, None, None),
+                    "Expected 3D (unbatched) or 4D (batched) input to conv2d")
+    assert isinstance(err, InputShapeError)
+    text = str(err)
+    assert "C=3 channels (shape (N, 3, H, W))" in text
+    assert "x.reshape(-1, 3, 8, 8)" in text
+    assert "flatten" not in text.replace("flattened", "")
+    assert "192 feature(s) per point" in text
+
+
+def test_channels_last_images_for_a_channels_first_model_get_the_permute():
+    err = _rejected(np.zeros((4, 8, 8, 3)), (3, None, None), "expected input to have 3 channels")
+    text = str(err)
+    assert "passed as (4, 8, 8, 3) (N points of shape S, as it is)" in text
+    assert "x.permute(0, 3, 1, 2)" in text
+    err = _rejected(np.zeros((4, 3, 8, 8)), (None, None, 3), "incompatible shape")
+    assert "np.transpose(x, (0, 2, 3, 1))" in str(err)
+
+
+def test_sequences_and_unknown_expectations_never_say_flatten():
+    err = _rejected(np.zeros((4, 7, 4)), (None, 3), "input.size(-1) must be equal to input_size")
+    assert "F=3 features per time step (shape (N, T, 3))" in str(err)
+    assert "points of shape (7, 4)" in str(err)
+    err = _rejected(np.zeros((4, 7, 4)), None, "shape mismatch")
+    assert "per-point shape S" in str(err) and "flatten" not in str(err)
+
+
+def test_vectors_keep_the_trailing_size_message_and_other_causes_their_fix():
+    err = _rejected(np.zeros((4, 5)), 3, "mat1 and mat2 shapes cannot be multiplied")
+    assert "The model expects 3 input feature(s) per point, shape (N, 3); x has 5" in str(err)
+    assert "trailing size" in str(err)
+    assert isinstance(_rejected(np.zeros((4, 3)), 3, "boom"), ModelCallError)
+    assert isinstance(_rejected(np.zeros((4, 3, 8, 8)), (3, None, None), "boom"), ModelCallError)
