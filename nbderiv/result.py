@@ -240,7 +240,7 @@ class Derivatives:
         w2 = max(len(r[2]) for r in rows)
         lines = [self._header()]
         lines += [f"  {a:<{w0}}  {b:<{w1}}  {c:<{w2}}  {s}" for a, b, c, s in rows]
-        lines.append("  inputs: " + ", ".join(self.inputs))
+        lines.append("  inputs: " + self._inputs_text())
         lines += [f"  {note}" for note in getattr(self, "notes", ())]
         if self.check is not None:
             lines.append("  check: " + self.check.summary())
@@ -252,6 +252,16 @@ class Derivatives:
         else:
             lines.append("  findings: none")
         return "\n".join(lines)
+
+    def _inputs_text(self, most: int = 8) -> str:
+        """The differentiated inputs' names; a long list (images, sequences) shortened to its
+        ends and what it is."""
+        names = self.inputs
+        if len(names) <= most:
+            return ", ".join(names)
+        shape = f"; each point of shape {self.in_shape}" if len(self.in_shape) > 1 else ""
+        return (", ".join(names[:3]) + ", ..., " + ", ".join(names[-2:])
+                + f" ({len(names)} features{shape})")
 
     def _reference_text(self) -> str:
         return "; ".join(f"order {k}: max abs err {a:.2g}, rel {r:.2g}"
@@ -274,7 +284,7 @@ class Derivatives:
             f"<p><b>{esc(self._header_start())}{method}]</b></p>",
             "<table><thead><tr><th>array</th><th>shape</th><th>axes</th><th>values</th>"
             f"</tr></thead><tbody>{body}</tbody></table>",
-            f"<p>inputs: {esc(', '.join(self.inputs))}</p>",
+            f"<p>inputs: {esc(self._inputs_text())}</p>",
         ]
         parts += [f"<p>{esc(note)}</p>" for note in getattr(self, "notes", ())]
         if self.check is not None:

@@ -59,7 +59,7 @@ def input_dim(model, *, framework=None, d_in=None) -> int:
         from .backends import get_backend
 
         width = get_backend(fw).input_width(model)
-        if width is not None:
+        if isinstance(width, int):  # a per-point shape (images, sequences) is no slider's
             return width
     if fw is None:
         raise OptionError("cannot tell which framework runs this callable. Fix: pass "

@@ -169,3 +169,11 @@ def test_a_keras_dict_input_is_pointed_to_the_tuple_form_that_works():
     gt, gx = tape.gradient(y, [tt, xt])
     assert d.inputs == ("t", "x")
     np.testing.assert_allclose(d[1][:, 0], np.concatenate([gt, gx], axis=1), atol=1e-12)
+
+
+def test_the_summary_of_an_image_result_names_a_few_inputs_not_all():
+    d = nbderiv.derivatives(_conv(), torch.rand(2, 3, 6, 6, dtype=torch.float64))
+    text = repr(d)
+    assert "x[0,0,0], x[0,0,1], x[0,0,2], ..., x[2,5,4], x[2,5,5] (108 features; each point " \
+           "of shape (3, 6, 6))" in text
+    assert "x[1,2,3]" not in text and "x[1,2,3]" not in d._repr_html_()

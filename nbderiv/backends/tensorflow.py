@@ -384,9 +384,12 @@ class TensorFlowBackend(Backend):
             raise OptionError("cannot read the input width of this Keras model without building "
                               "it (it has no Input). Fix: pass d_in= (the number of input "
                               "features).")
-        if len(inputs) == 1 and tuple(inputs[0].shape)[-1] is not None:
-            return int(tuple(inputs[0].shape)[-1])
-        return None
+        if len(inputs) != 1:
+            return None
+        shape = tuple(inputs[0].shape)[1:]  # each point's shape, None where free
+        if len(shape) == 1:
+            return None if shape[0] is None else int(shape[0])
+        return tuple(None if s is None else int(s) for s in shape) or None
 
     def float64_copy(self, model):
         state.before_writing()  # the copy is compared with the model by eager calls

@@ -215,16 +215,18 @@ class TorchBackend(Backend):
                 y, ders = taylor_derivatives(plan, X, order, wrt[0])
             return Block(to_numpy(y), [to_numpy(d) for d in ders], "taylor")
         fn = self._caller(call)
-        with grad_enabled(True), exact_norms(order):
-            if call.d_out > len(wrt):
+        batch = _batched_backward_pays(call)
+        forward = call.d_out > len(wrt)
+        with grad_enabled(True), exact_norms(order, forward=forward):
+            if forward:
                 try:
                     y, values = nested_forward(fn, X, order, wrt)
                     method = "forward-jvp"
                 except (RuntimeError, NotImplementedError):
-                    y, values = nested_reverse(fn, X, order, wrt)
+                    y, values = nested_reverse(fn, X, order, wrt, batch)
                     method = "reverse-ones"
             else:
-                y, values = nested_reverse(fn, X, order, wrt)
+                y, values = nested_reverse(fn, X, order, wrt, batch)
                 method = "reverse-ones"
         return Block(y, assemble(values, y, order, len(wrt)), method)
 
@@ -331,20 +333,32 @@ class TorchBackend(Backend):
         return {"activations": activations, "train_mode": train_mode, "opaque": opaque}
 
     def input_width(self, model):
-        """The first layer's ``in_features`` of the model, or of the torch modules a wrapper
-        holds when they all agree; None if unknown."""
-        widths = set()
-        for root in _modules_of(model):
-            for module in root.modules():
-                if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
-                    raise OptionError("the model has a lazy layer, which its first call would "
-                                      "initialise for whatever width it sees. Fix: pass d_in= "
-                                      "(the number of input features).")
-            width = next((w for w in (getattr(m, "in_features", None) for m in root.modules())
-                          if isinstance(w, int) and w > 0), None)
-            if width is not None:
-                widths.add(width)
-        return widths.pop() if len(widths) == 1 else None
+        """What the layer that receives the input expects, read without calling the model:
+        an int (features, for a Linear), a per-point shape with None for free sizes (a Conv
+        layer: (C, None, None); a batch-first RNN: (None, F)), or None when unknown. Only a
+        layer that surely comes first counts: the head of an ``nn.Sequential`` chain, or the
+        first Linear of a module built from Linear layers and activations alone. A wrapper
+        (lambda, partial): what the modules it holds expect, when they agree."""
+        if not isinstance(model, torch.nn.Module):
+            roots = _modules_of(model)
+            _refuse_lazy(roots)
+            claims = {repr(self.input_width(root)): self.input_width(root) for root in roots}
+            return claims.popitem()[1] if len(claims) == 1 else None
+        _refuse_lazy([model])
+        first = model
+        while isinstance(first, torch.nn.Sequential) and len(first):
+            first = first[0]
+        if first is not model or not list(model.children()):
+            return _expected_by(first)
+        if all(type(m).__module__.startswith("torch.nn.modules.") and
+               isinstance(m, (torch.nn.Linear, torch.nn.Sequential, torch.nn.Dropout,
+                              torch.nn.Identity, torch.nn.Flatten)) or
+               type(m).__module__ == "torch.nn.modules.activation"
+               for m in itertools.islice(model.modules(), 1, None)):
+            width = next((m.in_features for m in model.modules()
+                          if isinstance(m, torch.nn.Linear)), None)
+            return width
+        return None
 
     @contextmanager
     def few_threads(self):
@@ -398,6 +412,18 @@ def _plain_modules(model, allowed) -> bool:
             continue
         return False
     return True
+
+
+def _batched_backward_pays(call) -> bool:
+    """Whether the backward passes of a level should run batched over their cotangents
+    (:func:`~nbderiv.backends.torch_autodiff.nested_reverse`): yes, except for models with
+    convolutions on the CPU, whose vmapped backward measured 1.3-2x slower than one pass per
+    cotangent (a residual CNN at 3x32x32 with 10 and 100 outputs, benchmarks/real_models.py)."""
+    if getattr(call.device, "type", "cpu") != "cpu":
+        return True
+    conv = torch.nn.modules.conv._ConvNd
+    return not any(isinstance(m, conv) for root in _modules_of(call.model)
+                   for m in root.modules())
 
 
 def _kink_free(model) -> bool:
@@ -499,3 +525,24 @@ def _put_back(t, value):
         t.data = value
     elif not torch.equal(t.detach(), value):
         t.detach().copy_(value)
+
+
+def _refuse_lazy(roots) -> None:
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
+                raise OptionError("the model has a lazy layer, which its first call would "
+                                  "initialise for whatever width it sees. Fix: pass d_in= "
+                                  "(the number of input features).")
+
+
+def _expected_by(first):
+    """What one layer expects of each point: an int, a shape with None for free sizes, or
+    None."""
+    if isinstance(first, torch.nn.Linear):
+        return first.in_features
+    if isinstance(first, torch.nn.modules.conv._ConvNd):
+        return (first.in_channels,) + (None,) * len(first.kernel_size)
+    if isinstance(first, torch.nn.RNNBase) and first.batch_first:
+        return (None, first.input_size)
+    return None
