@@ -62,7 +62,7 @@ MAGIC_NAMES = ("nnderiv", "nbderiv")  # %nbderiv: the package's name, the same m
 HELP_NAMES = {f"{name}{marks}": marks for name in MAGIC_NAMES for marks in ("?", "??")}
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::(\d+))?$")
-_VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework", "--target"}
+_VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework", "--target", "--reference"}
 _FLAG_OPTIONS = {"-p", "--plot", "--check", "--code", "--full", "--widget", "-q", "--quiet",
                  "-h", "--help"}
 _OPENING, _CLOSING = "([{", ")]}"
@@ -177,6 +177,9 @@ class NbderivMagics(Magics):
               help="one output per point: an int or an expression in the notebook (e.g. "
                    "labels), as derivatives(..., target=T); saliency maps with --plot")
     @argument("--wrt", default=None, metavar="I,J", help="differentiate w.r.t. these inputs only")
+    @argument("--reference", default=None, metavar="F",
+              help="a known truth: a NumPy function of x giving y (e.g. np.sin), or a dict "
+                   "{k: f_k} of closed-form derivatives; the error per order is shown")
     @argument("-p", "--plot", action="store_true", help="draw y and its derivatives")
     @argument("--check", action="store_true", help="compare with finite differences")
     @argument("--code", action="store_true", help="print the equivalent framework code")
@@ -437,8 +440,11 @@ class NbderivMagics(Magics):
                                  "e.g. x[:20].")
         order = args.order if args.order_given or not _per_point_axes(x) else 1
         target = None if args.target is None else self._evaluate(args.target, "--target")
+        reference = None if args.reference is None else \
+            self._evaluate(args.reference, "--reference")
         d = derivatives(model, x, order=order, wrt=_parse_wrt(args.wrt),
-                        framework=framework, check=args.check, target=target)
+                        framework=framework, check=args.check, target=target,
+                        reference=reference)
         if note is not None:
             d.notes = [*getattr(d, "notes", ()), note]
         if args.quiet:

@@ -292,6 +292,11 @@ class _Explorer:
             f"max |{_plain_label(k, y, name)}| = {float(np.nanmax(np.abs(v))):.4g}"
             for k, v in data["y"].items())
         parts = [head, maxima]
+        if data["reference"] is not None:  # the error against the known truth, per order
+            errors = " · ".join(
+                f"{_plain_label(k, y, name)}: {float(np.nanmax(np.abs(v - data['reference'][k]))):.2g}"
+                for k, v in data["y"].items() if k >= 1)
+            parts.append("max error vs reference: " + errors)
         if data["fd_shown"] and d.check is not None:
             parts.append("finite differences: " + _esc(d.check.summary()))
         if d.findings:

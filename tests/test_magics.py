@@ -403,3 +403,11 @@ def test_quiet_check_and_framework_option(shell):
     np.testing.assert_allclose(d[1][:, 0, 0], np.cos(np.linspace(0, 1, 5)), atol=1e-6)
     with pytest.raises(UsageError, match="framework"):
         shell.run_line_magic("nnderiv", "torch.sin xs -q")
+
+
+def test_reference_option_shows_the_error_per_order(shell):
+    shell.run_cell("import numpy as np, torch\nxs = torch.linspace(0, 1, 9)")
+    d = shell.run_line_magic("nnderiv", "torch.sin xs --order 2 --reference np.sin -q")
+    assert set(d.reference_errors) >= {1, 2}
+    assert all(rel < 1e-5 for _, rel in d.reference_errors.values())
+    assert "vs reference: " in repr(d)

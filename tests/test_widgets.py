@@ -243,3 +243,14 @@ def test_domain_pair():
     assert domain_pair(np.array([0, 1])) == (0.0, 1.0)
     with pytest.raises(OptionError, match="Fix: e.g. domain="):
         domain_pair((0, float("nan")))
+
+
+def test_the_readout_shows_the_error_against_the_reference_per_order():
+    w = nbderiv.explore(tanh_unit(), domain=(-3, 3), n=50, reference=torch.tanh)
+    data = w.last_data
+    line = w.readout.value.split("max error vs reference: ")[1].split("<br>")[0]
+    for k in (1, 2):
+        err = float(np.max(np.abs(data["y"][k] - data["reference"][k])))
+        assert err > 1e-3 and f"{err:.2g}" in line  # the unit is not tanh itself
+    plain = nbderiv.explore(tanh_unit(), domain=(-3, 3), n=50)
+    assert "vs reference" not in plain.readout.value
