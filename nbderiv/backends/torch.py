@@ -197,7 +197,9 @@ class TorchBackend(Backend):
         fn = self._caller(call, flat=False)
         stacked = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
         with grad_enabled(False):
-            ys = [fn(part) for part in torch.split(stacked, batches[0][0].shape[0])]
+            # each batch in fresh memory: a view at an odd offset of the stacked rows can take
+            # another BLAS path and round differently, which would read as randomness
+            ys = [fn(part.clone()) for part in torch.split(stacked, batches[0][0].shape[0])]
             return np.split(to_numpy(torch.cat(ys)), len(batches))
 
     def derivatives(self, call, args, order, wrt, out=None) -> Block:
