@@ -36,10 +36,16 @@ NOTEBOOKS = ROOT / "notebooks"
 SANITIZE = NOTEBOOKS / "sanitize.cfg"
 MAKEFILE = ROOT / "Makefile"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+GALLERY = {  # the questions students ask most (issue 19), each explained by %%nnderiv explain
+    "06_element_0_does_not_require_grad", "07_tape_gradient_is_none",
+    "08_grad_of_non_scalar_output", "09_grad_is_none_on_non_leaf", "10_numpy_inside_forward",
+    "11_grad_outputs_ones_sums_outputs", "12_backward_through_the_graph_twice",
+    "13_inplace_modification", "14_vanishing_input_gradients", "15_pinn_normalised_inputs",
+}
 EXPECTED = {
     "00_tour", "01_relu_second_derivative", "02_grad_outputs_ones",
     "03_second_derivative_scalar", "04_jacobian_shapes_pinn", "05_saliency_and_sequences",
-}
+} | GALLERY
 IGNORE_TAGS = {"nbval-ignore-output", "nbval-skip"}
 IGNORE_COMMENTS = ("NBVAL_IGNORE_OUTPUT", "NBVAL_SKIP", "PYTEST_VALIDATE_IGNORE_OUTPUT")
 
@@ -92,6 +98,30 @@ FACTS = {
         "two largest mean |dy/dx| at (t, f): [(2, 0), (7, 1)]",
         "within 0.15 of the true gradient everywhere: True",
     ],
+    # the gallery: the code %%nnderiv explain names, and the check of the fix
+    "06_element_0_does_not_require_grad": [
+        "[no-grad-required]", "names the cause: True", "autograd matches the chain rule by hand: True"],
+    "07_tape_gradient_is_none": [
+        "[none]", "dydx is None: True", "tape.gradient matches the chain rule by hand: True"],
+    "08_grad_of_non_scalar_output": [
+        "[non-scalar-backward]", "[summed-outputs]",
+        "g = sum over the outputs of the true Jacobian: True", "matches the chain rule by hand: True"],
+    "09_grad_is_none_on_non_leaf": [
+        "[non-leaf-grad]", "x.grad matches the chain rule by hand: True"],
+    "10_numpy_inside_forward": [
+        "[numpy-requires-grad]", "[zeros-graph-broken]", "graph-broken",
+        "autograd matches the derivative by hand: True"],
+    "11_grad_outputs_ones_sums_outputs": [
+        "[summed-outputs]", "grads = du/d(x,t) + dv/d(x,t): True",
+        "per-output derivatives match float64 central differences: True"],
+    "12_backward_through_the_graph_twice": [
+        "[graph-freed]", "first and second derivative match float64 central differences: True"],
+    "13_inplace_modification": [
+        "[inplace-modified]", "matches float64 central differences: True"],
+    "14_vanishing_input_gradients": [
+        "saturated", "saliency matches float64 central differences: True"],
+    "15_pinn_normalised_inputs": [
+        "[wrong]", "du/dz / sigma                           True", "nbderiv d[1] = cos x"],
 }
 # Strings no output may contain: the post's wrong answers presented as results, errors.
 FORBIDDEN = ["d2y/dx2 = 12", "Traceback (most recent call last)"]
@@ -139,7 +169,7 @@ def _ids(paths):
     return [p.stem for p in paths]
 
 
-def test_the_six_notebooks_exist():
+def test_the_tutorials_and_the_gallery_exist():
     assert {p.stem for p in PATHS} == EXPECTED
 
 
