@@ -485,12 +485,14 @@ class _Context:
                     f"tolerance (largest difference {_num(np.abs(M - T).max())}).", k,
                     fix="", truth=T)
             to = _reshape_code(name, kind, perm, M.shape, T.shape, self.orig_framework)
+            # x.grad = x.grad.reshape(...) would fail (a .grad keeps its tensor's shape)
+            target = name if name.isidentifier() else f"d{k}"
             if kind == "reshape":
                 return self.result(
                     "correct-reshaped",
                     f"{name} has the right values: {self.what(k)}; only the shape differs: "
                     f"yours is {_shape(M.shape)}. The same numbers in nbderiv's layout: {to}.",
-                    k, fix=f"{name} = {to}      # {_layout(k)}", truth=T)
+                    k, fix=f"{target} = {to}      # {_layout(k)}", truth=T)
             names = [a for a, s in zip(_axis_names(k), T.shape) if s != 1]
             yours = [names[perm.index(a)] for a in range(len(perm))]
             return self.result(
@@ -499,7 +501,7 @@ class _Context:
                 f"{self.what(k)}, but with the axes in another order: yours run "
                 f"({', '.join(yours)}), nbderiv's layout is ({', '.join(names)})"
                 f"{' (axes of size 1 left out)' if len(names) < T.ndim else ''}. Put them "
-                f"back with {to}.", k, fix=f"{name} = {to}      # {_layout(k)}\n# or compute it "
+                f"back with {to}.", k, fix=f"{target} = {to}      # {_layout(k)}\n# or compute it "
                 f"directly:\n" + self.fix(k), truth=T)
         if d_out > 1:
             S = T.sum(axis=1)
@@ -678,7 +680,7 @@ class _Context:
     def none(self, k):
         causes = none_causes(self.model, self.x, self.truth, self.framework, self.xname,
                              self.mname)
-        T = self.truth.get(k)
+        T = self.truth_k(k)  # central differences where the model cuts its own graph
         head = (f"{self.name} is None: autodiff returned no gradient at all (the true "
                 f"{_ordinal(k)} derivative has shape {_shape(T.shape)}, largest value "
                 f"{_num(np.abs(T).max()) if T.size else 0}).")

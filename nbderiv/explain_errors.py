@@ -25,7 +25,8 @@ LEAF_INPLACE = (r"a (view of a )?leaf Variable that requires grad is being used 
                 r"operation")
 # (code, pattern of the error's text)
 PATTERNS = (
-    ("no-grad-required", r"element 0 of tensors does not require grad"),
+    ("no-grad-required", r"element 0 of tensors does not require grad|One of the "
+                         r"differentiated Tensors does not require grad"),
     ("non-scalar-backward", r"grad can be implicitly created only for scalar outputs"),
     ("unused-input", r"(One of the differentiated Tensors|The differentiated Tensor at index "
                      r"\d+) appears to not have been used in the graph"),
@@ -37,6 +38,8 @@ PATTERNS = (
     ("integer-dtype", r"only Tensors of floating point(?: and complex)? dtype can require "
                       r"gradients|dtype of the watched tensor must be floating"),
 )
+# torch.autograd.grad(y, x) where y has a graph (the weights) but x does not require grad
+INPUT_NO_GRAD = r"One of the differentiated Tensors does not require grad"
 NON_LEAF = r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
 CODES = tuple(dict.fromkeys(code for code, _ in PATTERNS)) + ("non-leaf-grad",)
 
@@ -120,7 +123,8 @@ def explain_error(exc, *, source: str = "", line: str | None = None,
     error = f"{type(exc).__name__}: {first}"
     where = f"line {lineno} (`{line.strip()}`)" if line and lineno else (
         f"`{line.strip()}`" if line else "your cell")
-    words = _inplace_leaf if re.search(LEAF_INPLACE, text) else _WORDS[code]
+    words = (_inplace_leaf if re.search(LEAF_INPLACE, text) else
+             _input_no_grad if re.search(INPUT_NO_GRAD, text) else _WORDS[code])
     return ErrorExplanation(code, *words(where, line or "", source or ""),
                             error=error, line=line)
 
@@ -187,6 +191,12 @@ def _no_grad(where, line, source):
         if use:
             cause = f"{why} (`{use}`)"
             break
+    asked = _first_use(source, [r"requires_grad_\(\s*(True)?\s*\)|requires_grad\s*=\s*True"])
+    if cause is None and asked:
+        cause = (f"the graph was cut on the way: the input does require grad (`{asked}`), so "
+                 "the function or model called on it loses the connection inside, e.g. a "
+                 "forward that uses .detach(), .numpy() or NumPy functions, torch.tensor(...) / "
+                 "torch.from_numpy, or .item()")
     if cause is None:
         cause = ("nothing it was computed from has requires_grad=True: the input was created "
                  "without requires_grad (torch.linspace/rand/tensor(...) default to False)")
@@ -260,7 +270,16 @@ def _inplace_leaf(where, line, source):
 
 
 def _numpy(where, line, source):
-    t = _receiver(line, "numpy") or "the tensor"
+    t = _receiver(line, "numpy")
+    if t is None:  # .numpy() is called inside a function or model that this line calls
+        return (f"{where} calls a function or model whose code calls .numpy() on a tensor "
+                f"that requires grad (the input, or a result computed from it): NumPy cannot "
+                f"record gradients, so torch refuses rather than silently cutting the graph. "
+                f"Inside a model's forward use torch operations instead; .detach().numpy() "
+                f"there would run, but the derivative would then be zero / None.",
+                "# inside forward: torch operations throughout, e.g.\n"
+                "z = torch.sin(x)                    # instead of np.sin(x.numpy())\n"
+                "# NumPy only after differentiating: g.detach().cpu().numpy()")
     return (f"{where} calls .numpy() on {t}, which requires grad: NumPy cannot record "
             f"gradients, so torch refuses rather than silently cutting the graph. To look at the "
             f"numbers, detach first; inside a model's forward use torch operations instead, "
@@ -276,6 +295,18 @@ def _integer(where, line, source):
             f"integer NumPy arrays are the usual source.",
             "x = torch.arange(5, dtype=torch.float32).requires_grad_(True)   # torch\n"
             "x = tf.cast(x, tf.float32)                                      # TensorFlow")
+
+
+def _input_no_grad(where, line, source):
+    out, inp = _grad_args(line)
+    inp, out = inp or "x", out or "the output"
+    return (f"{where} differentiates with respect to {inp}, but {inp}.requires_grad is False: "
+            f"autograd only tracks tensors that ask for it (torch.linspace/rand/tensor(...) "
+            f"default to False). {out} does have a graph, through the model's weights, but "
+            f"none that starts at {inp}.",
+            f"{inp} = {inp}.detach().requires_grad_(True)   # before the model sees {inp}\n"
+            f"y = model({inp})\n"
+            f"g, = torch.autograd.grad(y, {inp}, grad_outputs=torch.ones_like(y))")
 
 
 _WORDS = {"no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,

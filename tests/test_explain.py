@@ -309,6 +309,24 @@ def test_none_causes_fit_the_code(tns):
     assert "does not depend" in e.message
 
 
+def test_none_of_a_model_that_cuts_its_graph_states_the_true_size(tns):
+    """The truth quoted for None is the central-difference one (autodiff says 0 there)."""
+    x = tns["x1"].clone().requires_grad_(True)
+    e = nbderiv.explain(None, tns["cut"], x)
+    assert e.code == "none" and "cuts the graph" in e.message
+    np.testing.assert_allclose(e.truth, central(tns["cut"], x), rtol=1e-4, atol=1e-6)
+    assert f"largest value {float(np.abs(e.truth).max()):.4g})" in e.message
+
+
+def test_reshape_fix_of_x_grad_assigns_a_new_name(tns):
+    """x.grad = x.grad.reshape(N, 1, 1) would raise: a .grad keeps its tensor's shape."""
+    x = tns["x1"].clone().requires_grad_(True)
+    tns["net1"](x).sum().backward()
+    e = nbderiv.explain(x.grad, tns["net1"], x, names=("x.grad", "net1", "x"))
+    assert e.code == "correct-reshaped" and e.fix.startswith("d1 = x.grad.reshape(15, 1, 1)")
+    tns["net1"].zero_grad(set_to_none=True)
+
+
 def test_order_and_mine_are_checked(tns):
     with pytest.raises(ValueError, match="order"):
         nbderiv.explain(np.zeros(3), tns["net1"], tns["x1"], 0)
@@ -449,6 +467,9 @@ ERRORS = [
      "u_x, = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)\n"
      "u_xx, = torch.autograd.grad(u_x, x, torch.ones_like(u_x))\n",
      "retain_graph=True keeps the graph of the output"),
+    # autograd.grad with respect to an input without requires_grad (the weights have a graph)
+    ("no-grad-required", "x = x1.clone()\ng, = torch.autograd.grad(net1(x).sum(), x)\n",
+     "x.requires_grad is False"),
     ("non-scalar-backward", "x = x1.clone().requires_grad_(True)\ny = net1(x)\ny.backward()\n",
      "ones_like(y)"),
     ("unused-input", "x = x1.clone().requires_grad_(True)\nt = x1.clone().requires_grad_(True)\n"
@@ -478,6 +499,27 @@ def test_cell_magic_explains_classic_errors(shell, code, body, words):
     assert "line " in e.message and e.error and repr(e).startswith(f"[{code}]")
     assert "Traceback" not in out.stdout + out.stderr  # explained instead
     assert sum(f"[{code}]" in o.data.get("text/plain", "") for o in out.outputs) == 1
+
+
+def test_cell_magic_graph_cut_inside_a_model_defined_elsewhere(shell):
+    """.numpy() inside a forward defined in another cell: the cell's line calls the model;
+    no 'input created without requires_grad' when the cell asked for it."""
+    cell(shell, "class ViaNumpy(torch.nn.Module):\n"
+                "    def forward(self, x):\n"
+                "        return torch.from_numpy(np.tanh(x.numpy()))\n"
+                "class ViaNumpyDetached(torch.nn.Module):\n"
+                "    def forward(self, x):\n"
+                "        return torch.from_numpy(np.tanh(x.detach().numpy()))\n"
+                "via_numpy, via_detached = ViaNumpy(), ViaNumpyDetached()\n")
+    value, _ = explained(shell, "%%nnderiv explain\nx = x1.clone().requires_grad_(True)\n"
+                                "y = via_numpy(x)\n")
+    assert [e.code for e in value] == ["numpy-requires-grad"]
+    assert "function or model" in value[0].message and "the tensor.detach" not in value[0].fix
+    value, _ = explained(shell, "%%nnderiv explain\nx = x1.clone().requires_grad_(True)\n"
+                                "y = via_detached(x)\ny.sum().backward()\n")
+    assert [e.code for e in value] == ["no-grad-required"]
+    assert "cut on the way" in value[0].message
+    assert "created without requires_grad" not in value[0].message
 
 
 def test_cell_magic_non_leaf_grad_warning(shell):
