@@ -302,8 +302,8 @@ def _input_no_grad(where, line, source):
     inp, out = inp or "x", out or "the output"
     return (f"{where} differentiates with respect to {inp}, but {inp}.requires_grad is False: "
             f"autograd only tracks tensors that ask for it (torch.linspace/rand/tensor(...) "
-            f"default to False). {out} does have a graph, through the model's weights, but "
-            f"none that starts at {inp}.",
+            f"default to False). There is a graph ({out} is computed through the model's "
+            f"weights), but none that starts at {inp}.",
             f"{inp} = {inp}.detach().requires_grad_(True)   # before the model sees {inp}\n"
             f"y = model({inp})\n"
             f"g, = torch.autograd.grad(y, {inp}, grad_outputs=torch.ones_like(y))")
