@@ -60,7 +60,10 @@ from .tensorflow_keras import (  # noqa: E402
     model_variables,
 )
 from .tensorflow_math import (  # noqa: E402
+    BATCHED,
+    REVERSE,
     ZERO,
+    batched_keys,
     builder,
     caller,
     choose_methods,
@@ -121,6 +124,28 @@ def _declared_input_dtype(model):
         return None
     dt = dtypes.pop()
     return np.dtype(dt.as_numpy_dtype) if dt.is_floating and dt != tf.bfloat16 else None
+
+
+def _batched_rows(method, call, order, wrt):
+    """Points per traced run of the batched strategy, whose backward passes hold one copy of
+    the graph's values per cotangent of the largest level: at most 2**15 cotangent-rows and
+    2**26 cotangent-values at the input; None (one run) for the other strategies."""
+    if method != BATCHED:
+        return None
+    cotangents = call.d_out * math.comb(len(wrt) + order - 2, order - 1)
+    return max(1, min((1 << 15) // cotangents, (1 << 26) // (cotangents * call.width)))
+
+
+def _run_in_parts(traced, X, rows):
+    """{key: numpy array} of the traced computation on X, in runs of at most ``rows`` points
+    (equal sizes, so that one traced shape serves them all)."""
+    n = X.shape[0]
+    if rows is None or n <= rows:
+        return {key: np.asarray(v) for key, v in traced(X).items()}
+    parts = -(-n // rows)
+    size = -(-n // parts)
+    runs = [traced(X[s:s + size]) for s in range(0, n, size)]
+    return {key: np.concatenate([np.asarray(r[key]) for r in runs]) for key in runs[0]}
 
 
 class TensorFlowBackend(Backend):
@@ -262,7 +287,7 @@ class TensorFlowBackend(Backend):
                 continue
             try:
                 with exact_moments():
-                    values = {idx: np.asarray(v) for idx, v in traced(X).items()}
+                    values = _run_in_parts(traced, X, _batched_rows(method, call, order, wrt))
                 break
             except Exception:
                 traced.broken = True  # e.g. no forward-mode rule for some op: next strategy
@@ -274,6 +299,11 @@ class TensorFlowBackend(Backend):
             y = np.array(y)
         if y.shape[0] != X.shape[0]:
             check_output(y.shape, True, "", X.shape[0])
+        if method == BATCHED:  # each level came as one (n, L_k, d_out) array
+            for k, keys in enumerate(batched_keys(order, len(wrt)), start=1):
+                level = values.pop(("level", k))
+                values.update((key, level[:, i]) for i, key in enumerate(keys))
+            method = REVERSE
         method += " (XLA)" if traced.last_compiled else ""
         return Block(y, assemble(values, y, order, len(wrt)), method)
 
