@@ -1,7 +1,9 @@
 """The ``%nnderiv`` line magic (``%load_ext nbderiv``): derivatives in one line of a notebook.
 
-The only nbderiv module that imports IPython. Loading the extension registers the magic and
-does nothing else: no framework, no matplotlib, no widgets are imported, nothing is printed.
+With :mod:`nbderiv.magic_explain` (the ``%%nnderiv explain`` machinery), the only nbderiv
+module that imports IPython; the lines are read by :mod:`nbderiv.magic_parsing`. Loading the
+extension registers the magic and does nothing else: no framework, no matplotlib, no widgets
+are imported, nothing is printed.
 
 Display: the magic displays the ``Derivatives`` summary itself and returns the object, so
 ``d = %nnderiv net x`` shows the summary and keeps ``d``. When the magic is the last line of
@@ -41,128 +43,35 @@ magic displays each explanation once and returns them in a list.
 
 from __future__ import annotations
 
-import ast
-import re
-import sys
-import warnings
-
 import numpy as np
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .errors import NbderivError
+from .magic_explain import ExplainCell
+from .magic_parsing import (
+    RANGE_POINTS,
+    LineError,
+    _argv,
+    _count,
+    _parse_cell_line,
+    _parse_wrt,
+    check_grid_size,
+    parse_range,
+    split_line,
+)
 
 FULL_MAX_POINTS = 100   # --full draws an (N*d_out) x (N*d_in) image: small N only
-RANGE_POINTS = {1: 200, 2: 50}  # points (per side) of a range without a count
-RANGE_MAX_BYTES = 2 * 2**30  # a range's points and their derivatives may take this much
 MAGIC_NAMES = ("nnderiv", "nbderiv")  # %nbderiv: the package's name, the same magic
 # '%nnderiv?  # all options': IPython sends '%nnderiv?' alone to pinfo, but with a trailing
 # comment it looks up a magic named 'nnderiv?', so the help answers under those names too
 HELP_NAMES = {f"{name}{marks}": marks for name in MAGIC_NAMES for marks in ("?", "??")}
-_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::(\d+))?$")
-_VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework", "--target", "--reference"}
-_FLAG_OPTIONS = {"-p", "--plot", "--check", "--code", "--full", "--widget", "-q", "--quiet",
-                 "-h", "--help"}
-_OPENING, _CLOSING = "([{", ")]}"
-
-
-# -- parsing ----------------------------------------------------------------------------------
-def split_line(line: str) -> list:
-    """Split a magic's line on blanks outside brackets and quotes, so that
-    ``torch.linspace(-2, 2, 200)`` stays one argument; ``#`` outside quotes starts a comment,
-    as in Python.
-
-    >>> split_line("net torch.linspace(-2, 2, 200) -o 3   # three orders")
-    ['net', 'torch.linspace(-2, 2, 200)', '-o', '3']
-    """
-    tokens, current, stack, quote = [], [], [], None
-    escaped = False
-    for ch in line:
-        if quote:
-            current.append(ch)
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch == "#":
-            break  # a comment, to the end of the line
-        elif ch in "'\"":
-            quote = ch
-            current.append(ch)
-        elif ch in _OPENING:
-            stack.append(_CLOSING[_OPENING.index(ch)])
-            current.append(ch)
-        elif ch in _CLOSING:
-            if not stack or stack.pop() != ch:
-                raise UsageError(f"unbalanced {ch!r} in: {line.strip()}")
-            current.append(ch)
-        elif ch.isspace() and not stack:
-            if current:
-                tokens.append("".join(current))
-                current = []
-        else:
-            current.append(ch)
-    if quote or stack:
-        missing = quote or stack[-1]
-        raise UsageError(f"unclosed expression (missing {missing!r}) in: {line.strip()}")
-    if current:
-        tokens.append("".join(current))
-    return tokens
-
-
-def _argv(tokens: list) -> list:
-    """Options first, then ``--`` and the positionals: a leading minus sign (``-2:2:200``,
-    ``-x``) never turns an expression into an option."""
-    options, positionals = [], []
-    it = iter(tokens)
-    for t in it:
-        head = t.split("=", 1)[0]
-        if t in _VALUE_OPTIONS:
-            options.append(t)
-            nxt = next(it, None)
-            if nxt is not None:
-                options.append(nxt)
-        elif head in _VALUE_OPTIONS and "=" in t and t.startswith("--"):
-            options.append(t)
-        elif re.fullmatch(r"-o\d+", t) or t in _FLAG_OPTIONS or re.fullmatch(r"-[pqh]{2,}", t):
-            options.append(t)
-        elif t.startswith("--"):
-            options.append(t)  # unknown: argparse reports it
-        else:
-            positionals.append(t)
-    return options + ["--"] + positionals
-
-
-def parse_range(text: str):
-    """``"-2:2:200"`` -> (-2.0, 2.0, 200); ``"0:1"`` -> (0.0, 1.0, None); else None."""
-    m = _RANGE.match(text.strip())
-    if m is None:
-        return None
-    lo, hi, n = float(m.group(1)), float(m.group(2)), m.group(3)
-    if not lo < hi:
-        raise UsageError(f"range {text!r} needs low < high, e.g. -2:2:200.")
-    if n is not None and int(n) < 2:
-        raise UsageError(f"range {text!r} needs at least 2 points, e.g. -2:2:200.")
-    return lo, hi, None if n is None else int(n)
-
-
-def _parse_wrt(text):
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part != ""] or None
-    except ValueError:
-        raise UsageError(f"--wrt takes input indices separated by commas (e.g. --wrt 0,1), got "
-                         f"{text!r}.") from None
 
 
 # -- the magic ---------------------------------------------------------------------------------
 @magics_class
-class NbderivMagics(Magics):
+class NbderivMagics(ExplainCell, Magics):
     """``%nnderiv`` (also ``%nbderiv``): see :meth:`nnderiv`."""
 
     @magic_arguments()
@@ -201,7 +110,7 @@ class NbderivMagics(Magics):
         inputs is an N x N grid (the summary says how many points).
         """
         parser = self.nnderiv.parser
-        tokens = split_line(line)
+        tokens = _usage(split_line, line)
         if {"-h", "--help"} & set(tokens):
             print(parser.format_help())
             return None
@@ -223,7 +132,7 @@ class NbderivMagics(Magics):
                                      f"--{extras[0]}.")
                 return self._widget(model, args)
             return self._derivatives(model, args)
-        except NbderivError as exc:
+        except (NbderivError, LineError) as exc:
             raise UsageError(str(exc)) from None
         except UsageError:
             raise
@@ -245,141 +154,9 @@ class NbderivMagics(Magics):
         ``.message``, ``.fix``), each displayed once. MODEL and X are optional when only an
         error is to be explained.
         """
-        return self._explain_cell(line, cell)
+        return self._explain_cell(_usage(_parse_cell_line, line), cell)
 
     cell_magic("nbderiv")(nnderiv_cell)
-
-    def _explain_cell(self, line, cell):
-        mode, model_expr, x_expr, order, wrt = _parse_cell_line(line)
-        shell = self.shell
-        ns = shell.user_ns
-        before = dict(ns)
-        x_grad_before = self._x_grad(x_expr, quiet=True)
-        assigned = _assigned_names(shell, cell)
-        source = _transformed(shell, cell)
-        raised, seen = {}, []
-        own_showtraceback = shell.__dict__.get("showtraceback")
-        original = shell.showtraceback
-
-        def showtraceback(*args, **kwargs):
-            value = sys.exc_info()[1]
-            if value is not None and _classic(value):
-                raised["exc"], raised["tb"] = value, sys.exc_info()[2]
-                return None  # explained below, instead of the traceback
-            return original(*args, **kwargs)
-
-        shell.showtraceback = showtraceback
-        outer_result = getattr(shell.displayhook, "exec_result", None)
-        try:
-            with warnings.catch_warnings():
-                # torch warns once per line; here every time, so that it can be explained
-                warnings.filterwarnings("always", message=r"The \.grad attribute of a Tensor "
-                                        r"that is not a leaf Tensor")
-                shown_before = warnings.showwarning
-
-                def showwarning(message, category, filename, lineno, file=None, line=None):
-                    seen.append((str(message), lineno))
-                    return shown_before(message, category, filename, lineno, file, line)
-
-                warnings.showwarning = showwarning
-                result = shell.run_cell(cell, store_history=False)
-        finally:
-            shell.displayhook.exec_result = outer_result  # the nested run_cell cleared it
-            if own_showtraceback is None:
-                shell.__dict__.pop("showtraceback", None)
-            else:
-                shell.showtraceback = own_showtraceback
-        from .explain_errors import explain_error, explain_warning
-
-        out = Explanations()
-        if "exc" in raised:
-            lineno, text = _cell_line(raised["tb"], source)
-            out.append(explain_error(raised["exc"], source=source, line=text, lineno=lineno))
-        for message, lineno in seen:
-            text = _line_at(source, lineno) or _first_grad_line(source)
-            e = explain_warning(message, source=source, line=text,
-                                lineno=lineno if _line_at(source, lineno) else None)
-            if e is not None and not any(o.code == e.code for o in out):
-                out.append(e)
-        if result.success and model_expr is not None:
-            out.extend(self._explain_values(model_expr, x_expr, order, wrt, before, assigned,
-                                            x_grad_before, result.result, source))
-        display = self._display()
-        for e in out:
-            display(e)
-        return self._shown(out)
-
-    def _x_grad(self, x_expr, quiet=False):
-        if x_expr is None:
-            return None
-        try:
-            x = eval(x_expr, self.shell.user_global_ns, self.shell.user_ns)  # noqa: S307
-        except Exception:  # noqa: BLE001 - X may be created by the cell itself
-            if quiet:
-                return None
-            raise
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return getattr(x, "grad", None) if _framework_module(x) == "torch" else None
-
-    def _explain_values(self, model_expr, x_expr, order, wrt, before, assigned, x_grad_before,
-                        last_value, source):
-        from .api import derivatives
-        from .explain import explain, match, to_array
-
-        model = self._evaluate(model_expr, "MODEL")
-        x = self._evaluate(x_expr, "X")
-        try:
-            d = derivatives(model, x, order=1, wrt=wrt)
-        except NbderivError as exc:
-            raise UsageError(str(exc)) from None
-        n, d_out, n_in = d.y.shape[0], d.y.shape[1], d[1].shape[-1]
-        sizes = {n * d_out * n_in ** k for k in range(1, 4)} | {n * n_in ** k for k in range(1, 4)}
-        sizes.add(n * d_out * n * n_in)
-        candidates = []
-        ns = self.shell.user_ns
-        for name, value in list(ns.items()):
-            if name.startswith("_") or name in ("In", "Out", "exit", "quit", "get_ipython"):
-                continue
-            if name in before and before[name] is value and name not in assigned:
-                continue
-            candidates.append((name, value))
-        if _framework_module(x) == "torch":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                grad = getattr(x, "grad", None)
-            if grad is not x_grad_before or (grad is None and all(
-                    v is not None for _, v in candidates) and re.search(
-                    rf"{re.escape(x_expr)}\s*\.\s*grad\b", source)):
-                candidates.append((f"{x_expr}.grad", grad))
-        if last_value is not None and not any(v is last_value for _, v in candidates):
-            candidates.append(("the cell's value", last_value))
-        out = []
-        for name, value in candidates:
-            if value is model or value is x or _is_weight(value):
-                continue
-            if value is None:
-                if name == "the cell's value":
-                    continue
-            elif not _array_like(value):
-                continue
-            try:
-                arr = to_array(value)
-            except Exception:  # noqa: BLE001 - not numbers: not a derivative
-                continue
-            if arr is not None:
-                if arr.size not in sizes or arr.size == 0:
-                    continue
-                arr64 = arr.astype(np.float64) if arr.dtype != bool else arr
-                if (match(arr64, d.y, "float32") is not None
-                        or match(arr64, d.x, "float32") is not None):
-                    continue  # the outputs or the inputs themselves, not a derivative
-            try:
-                out.append(explain(value, model, x, order, wrt=wrt,
-                                   names=(name, model_expr, x_expr)))
-            except NbderivError as exc:
-                raise UsageError(f"explaining {name}: {exc}") from None
-        return out
 
     # -- pieces ----------------------------------------------------------------------------
     def _evaluate(self, expr, what):
@@ -505,120 +282,14 @@ class NbderivMagics(Magics):
         return obj
 
 
-class Explanations(list):
-    """The list ``%%nnderiv explain`` returns (a list that can be marked as shown)."""
 
-
-def _parse_cell_line(line):
-    """(mode, MODEL, X, order, wrt) of ``explain [MODEL X] [--order K] [--wrt I,J]``."""
-    tokens = split_line(line)
-    usage = ("usage: %%nnderiv explain [MODEL X] [--order K] [--wrt I,J], e.g. "
-             "%%nnderiv explain net x --order 2")
-    if not tokens or tokens[0] != "explain":
-        raise UsageError(f"the cell magic %%nnderiv takes 'explain' first; {usage}.")
-    order, wrt, positionals = None, None, []
-    it = iter(tokens[1:])
-    for t in it:
-        head, _, value = t.partition("=")
-        if head in ("-o", "--order") or re.fullmatch(r"-o\d+", t):
-            value = value or (t[2:] if re.fullmatch(r"-o\d+", t) else next(it, None))
-            try:
-                order = int(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"--order takes a positive integer, got {value!r}; "
-                                 f"{usage}.") from None
-            if order < 1:
-                raise UsageError(f"--order must be 1 or more, got {order}.")
-        elif head == "--wrt":
-            wrt = _parse_wrt(value or next(it, None))
-        elif t.startswith("--") or (t.startswith("-") and t[1:2].isalpha()
-                                    and len(t) == 2):
-            raise UsageError(f"unknown option {t}; {usage}.")
-        else:
-            positionals.append(t)
-    if len(positionals) == 1:
-        raise UsageError(f"MODEL {positionals[0]!r} given without X: say where the "
-                         f"derivatives were taken; {usage}.")
-    if len(positionals) > 2:
-        raise UsageError(f"too many arguments {positionals[2:]}; {usage}.")
-    model, x = (positionals + [None, None])[:2]
-    return "explain", model, x, order, wrt
-
-
-def _transformed(shell, cell) -> str:
+def _usage(parse, line):
+    """``parse(line)``, a :class:`LineError` raised as ``UsageError`` (exactly that class, which
+    IPython prints as one line)."""
     try:
-        return shell.transform_cell(cell)
-    except Exception:  # noqa: BLE001 - IPython reports it when the cell runs
-        return cell
-
-
-def _assigned_names(shell, cell) -> set:
-    """Names the cell assigns (=, +=, for, with ... as, :=, import), whatever their values."""
-    try:
-        tree = ast.parse(_transformed(shell, cell))
-    except SyntaxError:
-        return set()
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            names.add(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-            names.add(node.name)
-    return names
-
-
-def _classic(exc) -> bool:
-    from .explain_errors import classify
-
-    code = classify(str(exc))
-    return code is not None and code != "non-leaf-grad"
-
-
-def _cell_line(tb, source):
-    """(line number, text) of the last traceback frame inside the cell itself."""
-    cell_file, found = None, (None, None)
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if cell_file is None and code.co_name == "<module>":
-            cell_file = code.co_filename
-        if cell_file is not None and code.co_filename == cell_file:
-            found = (tb.tb_lineno, _line_at(source, tb.tb_lineno))
-        tb = tb.tb_next
-    return found
-
-
-def _line_at(source, lineno):
-    lines = source.splitlines()
-    if lineno is not None and 1 <= lineno <= len(lines):
-        return lines[lineno - 1]
-    return None
-
-
-def _first_grad_line(source):
-    for line in source.splitlines():
-        if re.search(r"\.grad\b", line.split("#", 1)[0]):
-            return line
-    return None
-
-
-def _framework_module(obj):
-    mod = type(obj).__module__
-    return "torch" if mod.startswith("torch") else (
-        "tensorflow" if mod.startswith(("tensorflow", "keras")) else None)
-
-
-def _is_weight(value) -> bool:
-    """Model weights (torch Parameters, TensorFlow Variables) are never a student's result."""
-    names = {c.__name__ for c in type(value).__mro__}
-    return bool(names & {"Parameter", "Variable", "ResourceVariable", "KerasVariable"})
-
-
-def _array_like(value) -> bool:
-    if isinstance(value, np.ndarray) or _framework_module(value) is not None:
-        return hasattr(value, "shape")
-    if isinstance(value, (list, tuple)):
-        return len(value) > 0
-    return False
+        return parse(line)
+    except LineError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _per_point_axes(x) -> bool:
@@ -628,51 +299,6 @@ def _per_point_axes(x) -> bool:
         return False
     shape = getattr(x, "shape", None)
     return len(tuple(shape) if shape is not None else np.shape(x)) > 2
-
-
-def _count(n: int) -> str:
-    """``40000`` -> ``'40 000'``."""
-    return f"{n:,}".replace(",", " ")
-
-
-def _bytes(b: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if b < 1024 or unit == "TiB":
-            return f"{b:.0f} {unit}" if unit == "bytes" else f"{b:.3g} {unit}"
-        b /= 1024
-    return ""  # unreachable
-
-
-def grid_bytes(n: int, d_in: int, order: int) -> int:
-    """A lower bound on the memory of a range's points and their derivatives: N = n**d_in
-    float32 points (d_in coordinates, built through d_in meshgrid arrays) and, for one output,
-    y and every derivative up to ``order`` (1 + d_in + ... + d_in**order numbers per point).
-
-    >>> grid_bytes(200, 2, 2)   # 40 000 points, 2 + 2 + 1 + 2 + 4 floats each
-    1760000
-    """
-    per_point = 2 * d_in + sum(d_in ** k for k in range(order + 1))
-    return n ** d_in * 4 * per_point
-
-
-def check_grid_size(text: str, n: int, d_in: int, order: int, budget: int = RANGE_MAX_BYTES):
-    """Refuse a range whose grid would not fit (``UsageError`` naming the size and the fix)."""
-    need = grid_bytes(n, d_in, order)
-    if need <= budget:
-        return
-    per_point = need / n ** d_in
-    side = int((budget / per_point) ** (1 / d_in))
-    scale = 10 ** (len(str(side)) - 1)
-    side = max(2, side // scale * scale)  # a round suggestion
-    lo, _, _ = text.rpartition(":")
-    shape = " x ".join([_count(n)] * d_in)
-    grid = (f"a {shape} grid = {_count(n ** d_in)} points" if d_in > 1
-            else f"{_count(n)} points")
-    raise UsageError(
-        f"the range {text} on a model with {d_in} input(s) is {grid}: about {_bytes(need)} for "
-        f"the points and their derivatives up to order {order}, more than the "
-        f"{_bytes(budget)} a range may take. Fix: fewer points, e.g. {lo}:{side} "
-        f"({_count(side ** d_in)} points), or pass your own X.")
 
 
 def _as_numpy(x) -> np.ndarray:

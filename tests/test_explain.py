@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import nbderiv  # noqa: E402
-from nbderiv.explain import fix_code  # noqa: E402
+from nbderiv.explain_fix import fix_code  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -327,6 +327,29 @@ def test_reshape_fix_of_x_grad_assigns_a_new_name(tns):
     tns["net1"].zero_grad(set_to_none=True)
 
 
+def test_axes_permuted_fix_of_a_list_stacks_it(tns):
+    """A Python list of per-output gradients has no .permute: the fix stacks it, in the
+    framework of its elements, on the axis where the outputs belong."""
+    net, x2 = tns["net"], tns["x2"]
+    x = x2.clone().requires_grad_(True)
+    y = net(x)
+    columns = [torch.autograd.grad(y[:, j].sum(), x, retain_graph=True)[0] for j in range(3)]
+    e = nbderiv.explain(columns, net, x2, names=("columns", "net", "x2"))
+    assert e.code == "axes-permuted", repr(e)
+    assert e.fix.startswith("columns = torch.stack(columns, dim=1)"), e.fix
+    assert "torch.stack(columns, dim=1)" in e.message and ".permute" not in e.message
+    ns = {"torch": torch, "np": np, "columns": columns}
+    exec(e.fix.splitlines()[0], ns)  # noqa: S102 - the suggested fix runs on the list
+    np.testing.assert_allclose(ns["columns"].numpy(), func_truth(net, x2, 1), rtol=1e-4,
+                               atol=1e-6)
+    cols = [c.numpy() for c in columns]  # a list of NumPy arrays: np.stack
+    e = nbderiv.explain(cols, net, x2, names=("cols", "net", "x2"))
+    assert e.code == "axes-permuted" and e.fix.startswith("cols = np.stack(cols, axis=1)")
+    ns = {"np": np, "cols": cols}
+    exec(e.fix.splitlines()[0], ns)  # noqa: S102
+    np.testing.assert_allclose(ns["cols"], e.truth, rtol=1e-4, atol=1e-6)
+
+
 def test_order_and_mine_are_checked(tns):
     with pytest.raises(ValueError, match="order"):
         nbderiv.explain(np.zeros(3), tns["net1"], tns["x1"], 0)
@@ -535,6 +558,29 @@ def test_cell_magic_non_leaf_grad_warning(shell):
     assert "line 4" in value[0].message
     none = value[codes.index("none")]
     assert "not a leaf" in none.message
+
+
+def test_cell_magic_explained_warning_is_not_printed_too(shell):
+    """torch's non-leaf .grad warning is explained, not also printed (as for tracebacks);
+    any other warning is shown as usual."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value, out = explained(shell, """\
+            %%nnderiv explain
+            import warnings
+            x = x1.clone().requires_grad_(True) * 2
+            x.sum().backward()
+            g = x.grad
+            warnings.warn("an unrelated warning")
+            """)
+    assert [e.code for e in value] == ["non-leaf-grad"]
+    texts = [str(w.message) for w in caught]
+    assert not any("not a leaf Tensor" in t for t in texts), texts
+    assert "an unrelated warning" in texts
+    assert "not a leaf Tensor" not in out.stdout + out.stderr
+    assert sum("[non-leaf-grad]" in o.data.get("text/plain", "") for o in out.outputs) == 1
 
 
 def test_cell_magic_other_errors_unchanged_and_state_kept(shell):

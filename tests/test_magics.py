@@ -17,7 +17,7 @@ from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from IPython.utils.capture import capture_output  # noqa: E402
 
 import nbderiv  # noqa: E402
-from nbderiv.magics import split_line  # noqa: E402
+from nbderiv.magic_parsing import LineError, split_line  # noqa: E402
 
 HEADER = "Derivatives of"
 
@@ -266,7 +266,7 @@ def test_a_grid_says_how_many_points_it_has(shell):
 
 
 def test_a_grid_too_large_is_refused_before_anything_is_allocated(shell, monkeypatch):
-    from nbderiv import magics
+    from nbderiv import magic_parsing, magics
 
     def no_linspace(*a, **k):
         raise AssertionError("the grid was being built")
@@ -281,10 +281,11 @@ def test_a_grid_too_large_is_refused_before_anything_is_allocated(shell, monkeyp
     assert "10 000 000 000 points" in msg and "Fix:" in msg
     monkeypatch.undo()
     side = int(msg.split("e.g. 0:1:")[1].split()[0])  # the suggestion itself fits
-    assert magics.grid_bytes(side, 1, 4) <= magics.RANGE_MAX_BYTES
+    assert magic_parsing.grid_bytes(side, 1, 4) <= magic_parsing.RANGE_MAX_BYTES
     msg = usage_error(shell, "lin2 -2:2:100000")
     side = int(msg.split("e.g. -2:2:")[1].split()[0])
-    assert 1000 <= side and magics.grid_bytes(side, 2, 2) <= magics.RANGE_MAX_BYTES
+    assert 1000 <= side and magic_parsing.grid_bytes(side, 2, 2) <= \
+        magic_parsing.RANGE_MAX_BYTES
 
 
 def test_expressions_with_spaces_and_minus_signs(shell):
@@ -304,7 +305,7 @@ def test_split_line():
     assert split_line("net torch.linspace(-2, 2, 200)") == ["net", "torch.linspace(-2, 2, 200)"]
     assert split_line(' f(x["a b"], [1, (2, 3)])  -o 2 ') == ['f(x["a b"], [1, (2, 3)])', "-o", "2"]
     for bad in ("net f(x", "net x]", "net 'x"):
-        with pytest.raises(UsageError):
+        with pytest.raises(LineError):  # the magic shows it as exactly UsageError
             split_line(bad)
 
 

@@ -1,0 +1,345 @@
+"""Which code a student's array is (``correct``, ``summed-outputs``, ``wrong-order``, ...):
+the rules behind :func:`nbderiv.explain`, each with its message and fix.
+
+:class:`_Context` holds the names and the truth of one call; :meth:`_Context.classify` tries
+the codes in turn and returns the explanation built by ``make`` (the ``Explanation`` class of
+:mod:`nbderiv.explain`, passed in so that this module does not import it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .explain_causes import none_causes
+from .explain_fix import _layout, _reshape_code, _shape, fix_code
+from .explain_match import RTOL, _close, _dtype_name, _looser, match
+
+MAX_ORDER = 3          # orders tried when none is given
+
+
+def _num(v) -> str:
+    return f"{float(v):.4g}"
+
+
+def _ordinal(k) -> str:
+    return {0: "zeroth", 1: "first", 2: "second", 3: "third"}.get(k, f"order-{k}")
+
+
+def _axis_names(k) -> list:
+    return ["point", "output"] + (["input"] if k == 1 else
+                                  [f"input {i + 1}" for i in range(k)])
+
+
+class _Context:
+    def __init__(self, name, mname, xname, framework, truth, wrt, mine, x, model, *, make):
+        self.make = make  # builds the result: nbderiv.explain.Explanation
+        self.name, self.mname, self.xname = name, mname, xname
+        self.framework, self.truth, self.wrt = framework, truth, wrt
+        self.mine, self.x, self.model = mine, x, model
+        self.orig_framework = framework
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def result(self, code, message, k, fix=None, truth=None):
+        d = self.truth.d
+        if fix is None:
+            fix = self.fix(k)
+        if truth is None:
+            truth = self.truth.get(k) if k else self.truth.get(1)
+        return self.make(code=code, message=message, fix=fix, truth=truth,
+                         findings=list(d.findings), order=k, name=self.name,
+                         framework=self.framework)
+
+    def fix(self, k, eval_first=False):
+        return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=self.wrt,
+                        eval_first=eval_first, dtype=str(self.truth.get(1).dtype))
+
+    def dims(self):
+        t = self.truth
+        return t.n, t.d_out, t.n_wrt
+
+    def what(self, k):
+        n, d_out, n_in = self.dims()
+        T = self.truth.get(k)
+        return (f"the {_ordinal(k)} derivative{'s' if k else ''} of {self.mname} at the {n} "
+                f"points of {self.xname}, shape {_shape(T.shape)} = {_layout(k)}")
+
+    def dtype_for(self, M, k):
+        return _looser(_dtype_name(M), _dtype_name(self.truth.get(max(k, 1))))
+
+    def truth_k(self, k):
+        """The truth to compare with: autodiff, or central differences of the forward pass
+        where the model cuts its own graph (autodiff says 0 there)."""
+        if k == 1 and "graph-broken" in self.truth.codes:
+            return self.truth.fd_first()
+        return self.truth.get(k)
+
+    def preferred_orders(self, M):
+        n, d_out, n_in = self.dims()
+        orders = list(range(1, MAX_ORDER + 1))
+
+        def rank(k):
+            size = n * d_out * n_in ** k
+            exact = M.shape == (n, d_out) + (n_in,) * k
+            return (not exact, M.size != size and M.size != n * n_in ** k,
+                    M.ndim != 2 + k, k)
+        return sorted(orders, key=rank)
+
+    # -- the codes ---------------------------------------------------------------------------------
+    def classify(self, M, order):
+        name = self.name
+        if "graph-broken" in self.truth.codes and M.size and not np.any(M):
+            return self.zeros_graph_broken(M, order or 1, self.truth_k(order or 1))
+        orders = [order] if order is not None else self.preferred_orders(M)
+        for k in orders:
+            found = self.match_order(M, k)
+            if found is not None:
+                return found
+        n, d_out, n_in = self.dims()
+        if order is not None:
+            for k in [j for j in range(0, MAX_ORDER + 1) if j != order]:
+                T = self.truth.get(k)
+                how = match(M, T, self.dtype_for(M, k))
+                if how is not None:
+                    return self.wrong_order(M, order, k, how)
+        else:
+            T = self.truth.get(0)
+            how = match(M, T, self.dtype_for(M, 0))
+            if how is not None:
+                return self.result(
+                    "wrong-order",
+                    f"{name} (shape {_shape(M.shape)}) holds the outputs y = {self.mname}"
+                    f"({self.xname}) themselves (shape {_shape(T.shape)}), not a derivative: "
+                    "nothing was differentiated.", 1)
+        k = order if order is not None else orders[0]
+        T = self.truth_k(k)
+        if M.size and not np.any(M) and np.any(~_close(np.zeros_like(T, dtype=float),
+                                                       T.astype(float), self.dtype_for(M, k))):
+            if M.size in (T.size, T.size // max(d_out, 1)):
+                return self.zeros_graph_broken(M, k, T)
+        if M.size == T.size:
+            Mv = M.reshape(T.shape).astype(np.float64)
+            bad = ~_close(Mv, T.astype(np.float64), self.dtype_for(M, k))
+            if bad.any() and np.all(Mv[bad] == 0) and np.all(T[bad] != 0):
+                return self.zeros_graph_broken(M, k, T, partial=bad)
+        return self.wrong(M, k, T)
+
+    def match_order(self, M, k):
+        name, (n, d_out, n_in) = self.name, self.dims()
+        T = self.truth_k(k)
+        dtype = self.dtype_for(M, k)
+        how = match(M, T, dtype)
+        if how is not None:
+            kind, perm = how
+            if kind == "same":
+                return self.result(
+                    "correct", f"{name} is correct: {self.what(k)}, within {dtype} "
+                    f"tolerance (largest difference {_num(np.abs(M - T).max())}).", k,
+                    fix="", truth=T)
+            to = _reshape_code(name, kind, perm, M.shape, T.shape, self.orig_framework,
+                               self.mine)
+            # x.grad = x.grad.reshape(...) would fail (a .grad keeps its tensor's shape)
+            target = name if name.isidentifier() else f"d{k}"
+            if kind == "reshape":
+                return self.result(
+                    "correct-reshaped",
+                    f"{name} has the right values: {self.what(k)}; only the shape differs: "
+                    f"yours is {_shape(M.shape)}. The same numbers in nbderiv's layout: {to}.",
+                    k, fix=f"{target} = {to}      # {_layout(k)}", truth=T)
+            names = [a for a, s in zip(_axis_names(k), T.shape) if s != 1]
+            yours = [names[perm.index(a)] for a in range(len(perm))]
+            return self.result(
+                "axes-permuted",
+                f"{name} (shape {_shape(M.shape)}) holds the right values of "
+                f"{self.what(k)}, but with the axes in another order: yours run "
+                f"({', '.join(yours)}), nbderiv's layout is ({', '.join(names)})"
+                f"{' (axes of size 1 left out)' if len(names) < T.ndim else ''}. Put them "
+                f"back with {to}.", k, fix=f"{target} = {to}      # {_layout(k)}\n# or compute it "
+                f"directly:\n" + self.fix(k), truth=T)
+        if d_out > 1:
+            S = T.sum(axis=1)
+            how = match(M, S, dtype)
+            if how is not None:
+                j = np.unravel_index(np.argmax(np.abs(T - T[:, :1]).reshape(-1)), T.shape)
+                return self.result(
+                    "summed-outputs",
+                    f"{name} (shape {_shape(M.shape)}) is the SUM over the {d_out} outputs of "
+                    f"the per-point {_ordinal(k)} derivative, not each output's own: "
+                    f"grad_outputs=ones_like(y) (or tape.gradient of a model with several "
+                    f"outputs) adds the outputs' derivatives together. E.g. at point "
+                    f"{j[0]}: yours {_num(S[j[0]][(...,) + tuple(j[2:])])}, outputs "
+                    + ", ".join(_num(T[(j[0], o) + tuple(j[2:])]) for o in range(min(d_out, 4)))
+                    + (", ..." if d_out > 4 else "")
+                    + f". Take one derivative per output, shape {_shape(T.shape)} = "
+                    f"{_layout(k)}.", k)
+        if k == 1 and M.size == n * d_out * n * n_in and n > 1:
+            J = self.truth.jacobian()
+            how = match(M, J, dtype)
+            if how is not None:
+                off = J.copy()
+                idx = np.arange(n)
+                off[idx, :, idx, :] = 0
+                return self.result(
+                    "cross-sample-jacobian",
+                    f"{name} (shape {_shape(M.shape)}) is the full cross-sample Jacobian "
+                    f"dy[n]/dx[m] over all pairs of the {n} points, shape "
+                    f"{_shape(J.shape)} = (N, d_out, N, n_inputs): it is {n}x larger than "
+                    f"needed. Its block diagonal (m = n) holds the per-point derivatives "
+                    + ("(the off-diagonal blocks are all zero: the points are independent)"
+                       if not np.any(off) else
+                       f"(off-diagonal blocks up to {_num(np.abs(off).max())}: this model "
+                       "couples points)")
+                    + f": J = {name}.reshape{_shape(J.shape)}; J[i, :, i, :] with "
+                    f"i = arange({n}) gives {_shape(T.shape)}.", 1,
+                    fix=(f"J = {name}.reshape{_shape(J.shape)}\n"
+                         f"i = {'torch.arange' if self.orig_framework == 'torch' else 'np.arange'}"
+                         f"({n})\nd1 = J[i, :, i, :]      # (N, d_out, n_inputs): the diagonal"
+                         " blocks\n# cheaper, without the N x N Jacobian:\n" + self.fix(1)))
+        if k == 1 and self.truth.coupled:
+            J = self.truth.jacobian()
+            C = J.sum(axis=0).transpose(1, 0, 2)  # (N, d_out, n): column sums
+            how = match(M, C, dtype)
+            summed = False
+            if how is None and d_out > 1:
+                how, summed = match(M, C.sum(axis=1), dtype), True
+            if how is not None:
+                diff = np.abs(C - T)
+                return self.result(
+                    "coupled-samples",
+                    f"{name} (shape {_shape(M.shape)}) is what the grad_outputs=ones trick "
+                    f"gives{' (summed over the outputs too)' if summed else ''}: the column "
+                    f"sums of the N x N Jacobian, sum over n of dy[n]/dx[m]. That equals the "
+                    f"per-point derivative only when each point's output depends on its own "
+                    f"input alone, and this model couples the points (batch statistics, e.g. "
+                    f"BatchNorm in training mode): here the cross-terms make it off by up to "
+                    f"{_num(diff.max())} against true per-point values of at most "
+                    f"{_num(np.abs(T).max())}.", 1, fix=self.fix(1, eval_first=True))
+        return None
+
+    def wrong_order(self, M, order, k, how):
+        name = self.name
+        kind, perm = how
+        T = self.truth.get(k)
+        if k == 0:
+            what = f"the outputs y = {self.mname}({self.xname}) themselves (order 0)"
+        else:
+            what = f"the {_ordinal(k)} derivative (shape {_shape(T.shape)})"
+        as_code = _reshape_code(name, kind, perm, M.shape, T.shape, self.orig_framework,
+                                self.mine)
+        shape_note = "" if kind == "same" else f" (as {as_code})"
+        return self.result(
+            "wrong-order",
+            f"{name} (shape {_shape(M.shape)}) was meant to be the {_ordinal(order)} "
+            f"derivative, but it holds {what}{shape_note}. "
+            + ("For a derivative of order 2 or more, the first derivative must be "
+               "differentiated again: create_graph=True on the first torch.autograd.grad (or "
+               "a nested GradientTape), then the gradient of each of its entries. "
+               if order > k else "It went one differentiation too far. ")
+            + f"The {_ordinal(order)} derivative has shape {_shape(self.truth.get(order).shape)}"
+            f" = {_layout(order)}.", order)
+
+    def zeros_graph_broken(self, M, k, T, partial=None):
+        name = self.name
+        where = ""
+        if partial is not None:
+            n_bad = int(partial.sum())
+            where = (f" {n_bad} of its {T.size} entries are exactly 0 where the truth is not "
+                     f"(the rest are right)")
+            axes = np.argwhere(partial)
+            if T.ndim >= 3 and len(np.unique(axes[:, -1])) < T.shape[-1]:
+                cols = sorted({int(c) for c in axes[:, -1]})
+                where += f", all in input column(s) {cols}"
+            where += "."
+        else:
+            where = f" All its {M.size} entries are exactly 0."
+        big = np.unravel_index(np.argmax(np.abs(T)), T.shape)
+        model_cut = "graph-broken" in self.truth.codes
+        because = (f"{self.mname} itself cuts the graph inside its forward pass (nbderiv's "
+                   "finding graph-broken: the output changes with the input, but autodiff sees "
+                   "no path), so every autodiff route gives 0; the true values here are "
+                   "float64 central differences of the forward pass."
+                   if model_cut else
+                   "Autodiff returns 0 for an input it sees no path to: the graph was cut "
+                   "between the input and the output (.detach(), .numpy() or NumPy functions, "
+                   ".item(), torch.no_grad(), tf.stop_gradient, an integer cast, or "
+                   "allow_unused=True / unconnected_gradients='zero' on a tensor that was "
+                   "replaced by a copy).")
+        fix = self.fix(k)
+        if model_cut:
+            fix = ("# inside forward/call: keep framework operations throughout, e.g.\n"
+                   "# torch.tanh(x) instead of np.tanh(x.detach().numpy()); no .detach(), "
+                   ".item(), tf.stop_gradient\n" + fix)
+        return self.result(
+            "zeros-graph-broken",
+            f"{name} (shape {_shape(M.shape)}) is zero where the true {_ordinal(k)} derivative "
+            f"is not.{where} The truth reaches {_num(T[big])} at point {big[0]}. {because}",
+            k, fix=fix, truth=T)
+
+    def wrong(self, M, k, T):
+        name, (n, d_out, n_in) = self.name, self.dims()
+        dtype = self.dtype_for(M, k)
+        Tf = T.astype(np.float64)
+        note = ""
+        if self.truth.coupled:
+            note = (" Note: this model couples the points (finding coupled-samples), so any "
+                    "per-point trick over the whole batch (grad_outputs=ones) mixes points.")
+        if M.size != T.size and d_out > 1 and M.size == T.size // d_out:
+            for j in range(d_out):
+                if match(M, T[:, j:j + 1], dtype) is not None:
+                    return self.result(
+                        "wrong",
+                        f"{name} (shape {_shape(M.shape)}) holds the {_ordinal(k)} derivative "
+                        f"of output {j} alone, which is right for that output; the other "
+                        f"{d_out - 1} output(s) of {self.mname} are missing: the full "
+                        f"{_ordinal(k)} derivative has shape {_shape(T.shape)} = {_layout(k)}."
+                        + note, k)
+        if M.size != T.size:
+            sizes = {f"order {j}": n * d_out * n_in ** j for j in range(1, MAX_ORDER + 1)}
+            return self.result(
+                "wrong",
+                f"{name} has shape {_shape(M.shape)} ({M.size} numbers), which fits no "
+                f"derivative of {self.mname} at these points: the {_ordinal(k)} derivative "
+                f"has shape {_shape(T.shape)} = {_layout(k)} ({T.size} numbers; "
+                + ", ".join(f"{a}: {b}" for a, b in sizes.items()) + ")." + note, k)
+        Mv = M.reshape(T.shape).astype(np.float64)
+        bad = ~_close(Mv, Tf, dtype)
+        diff = np.abs(Mv - Tf)
+        diff[~np.isfinite(diff)] = np.inf
+        at = np.unravel_index(np.argmax(np.where(bad, diff, -1)), T.shape)
+        idx = ", ".join([f"point {at[0]}", f"output {at[1]}"]
+                        + [f"input {i}" for i in at[2:]])
+        scale = float(np.abs(Tf).max()) or 1.0
+        rel = float(diff[at]) / scale
+        ratio = ""
+        nz = np.abs(Tf) > RTOL[dtype] * scale
+        if nz.any():
+            r = Mv[nz] / Tf[nz]
+            c = float(np.median(r))
+            if c != 0 and abs(c - 1) > 10 * RTOL[dtype] and np.allclose(
+                    Mv, c * Tf, rtol=10 * RTOL[dtype], atol=10 * RTOL[dtype] * scale):
+                ratio = (f" Everywhere, yours is {_num(c)} times the truth: a constant factor "
+                         "is missing or extra (a chain-rule factor such as the scale of "
+                         "normalised inputs, or a wrong sign).")
+        shape_note = "" if M.shape == T.shape else \
+            f" (compared as {name}.reshape{_shape(T.shape)})"
+        return self.result(
+            "wrong",
+            f"{name} differs from {self.what(k)}{shape_note}: {int(bad.sum())} of {T.size} "
+            f"entries are off beyond {dtype} tolerance; the largest difference, "
+            f"{_num(diff[at])} ({100 * rel:.3g}% of the largest true value "
+            f"{_num(scale)}), is at {idx}: yours {_num(Mv[at])}, truth {_num(Tf[at])}."
+            + ratio + note, k, truth=T)
+
+    # -- None --------------------------------------------------------------------------------------
+    def none(self, k):
+        causes = none_causes(self.model, self.x, self.truth, self.framework, self.xname,
+                             self.mname)
+        T = self.truth_k(k)  # central differences where the model cuts its own graph
+        head = (f"{self.name} is None: autodiff returned no gradient at all (the true "
+                f"{_ordinal(k)} derivative has shape {_shape(T.shape)}, largest value "
+                f"{_num(np.abs(T).max()) if T.size else 0}).")
+        first = causes[0]
+        message = f"{head} The cause that fits {self.mname} and {self.xname}: {first[1]}"
+        if len(causes) > 1:
+            message += " Other possible causes: " + " ".join(c[1] for c in causes[1:3])
+        fix = first[2] + "\n# the per-point derivative itself:\n" + self.fix(k)
+        return self.result("none", message, k, fix=fix, truth=T)

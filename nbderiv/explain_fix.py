@@ -1,0 +1,147 @@
+"""The code :func:`nbderiv.explain` suggests: short, runnable code in the student's framework.
+
+:func:`fix_code` computes the per-point derivative of an order in nbderiv's layout
+``(N, d_out) + (n_inputs,) * order``; :func:`_reshape_code` turns the student's own array
+(or list of arrays) into that layout.
+
+>>> print(fix_code("numpy", 2))
+d = nbderiv.derivatives(model, x, order=2)
+d2 = d[2]
+"""
+
+from __future__ import annotations
+
+from .explain_match import _squeezed_shape
+
+
+def _framework_of(obj) -> str | None:
+    mod = type(obj).__module__
+    if mod.startswith("torch"):
+        return "torch"
+    if mod.startswith(("tensorflow", "keras", "tf_keras")):
+        return "tensorflow"
+    return None
+
+
+def _shape(s) -> str:
+    s = tuple(int(v) for v in s)
+    return f"({s[0]},)" if len(s) == 1 else str(s)
+
+
+def _layout(k) -> str:
+    return "(N, d_out" + ", n_inputs" * k + ")"
+
+
+# how a list of each framework's arrays is stacked: (function, keyword of the new axis)
+_STACK = {"torch": ("torch.stack", "dim"), "tensorflow": ("tf.stack", "axis"),
+          None: ("np.stack", "axis")}
+
+
+def _reshape_code(name, how, perm, src_shape, dst_shape, framework, mine=None) -> str:
+    """Code that turns ``name`` (shape src_shape) into nbderiv's layout dst_shape. When the
+    student's object ``mine`` is a list or tuple (read as its elements stacked on a new first
+    axis), the code stacks it first, in the elements' framework, and a permutation that only
+    moves the list's axis becomes a stack on that axis.
+
+    >>> _reshape_code("cols", "permute", (1, 0, 2), (3, 10, 2), (10, 3, 2), "torch")
+    'cols.permute(1, 0, 2)'
+    >>> import torch
+    >>> cols = [torch.zeros(10, 2) for _ in range(3)]
+    >>> _reshape_code("cols", "permute", (1, 0, 2), (3, 10, 2), (10, 3, 2), "torch", cols)
+    'torch.stack(cols, dim=1)'
+    """
+    dst = _shape(dst_shape)
+    if how in ("same", None):
+        return name
+    if isinstance(mine, (list, tuple)) and len(mine) > 0:
+        framework = _framework_of(mine[0])
+        if len(mine) == 1 and framework is not None:
+            name = f"{name}[0]"  # a one-tensor list (autograd.grad's tuple) is read as it
+        else:
+            fn, kw = _STACK[framework]
+            p = tuple(int(v) for v in perm) if how == "permute" else ()
+            plain = (tuple(src_shape) == _squeezed_shape(src_shape)
+                     and tuple(dst_shape) == _squeezed_shape(dst_shape))
+            if p and plain and [a for a in p if a != 0] == list(range(1, len(p))):
+                return f"{fn}({name}, {kw}={p.index(0)})"
+            name = f"{fn}({name})"
+    if how == "reshape":
+        return f"{name}.reshape{dst}" if framework != "tensorflow" else \
+            f"tf.reshape({name}, {dst})"
+    sq = _shape(_squeezed_shape(src_shape))
+    expr = name
+    if tuple(src_shape) != _squeezed_shape(src_shape):
+        expr = f"{expr}.reshape{sq}" if framework != "tensorflow" else f"tf.reshape({expr}, {sq})"
+    p = tuple(int(v) for v in perm)
+    if framework == "torch":
+        expr = f"{expr}.permute{p}"
+    elif framework == "tensorflow":
+        expr = f"tf.transpose({expr}, {list(p)})"
+    else:
+        expr = f"np.transpose({expr}, {p})"
+    if _squeezed_shape(dst_shape) != tuple(dst_shape):
+        expr = f"{expr}.reshape{dst}" if framework != "tensorflow" else f"tf.reshape({expr}, {dst})"
+    return expr
+
+
+def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=False,
+             dtype="float32") -> str:
+    """Short, runnable code computing the per-point derivative of ``order`` in nbderiv's
+    layout (N, d_out) + (n_inputs,) * order, in the student's framework."""
+    order = max(int(order or 1), 1)
+    name = f"d{order}"
+    keep = ""
+    if wrt is not None:
+        cols = [int(c) for c in wrt]
+        if framework == "tensorflow":
+            keep = "".join(f"\n{name} = tf.gather({name}, {cols}, axis={2 + i})"
+                           for i in range(order)).lstrip("\n")
+        else:
+            keep = f"{name} = {name}" + "".join(f"[{':, ' * (2 + i)}{cols}]"
+                                                for i in range(order))
+        keep += "      # only the inputs in wrt"
+    if framework == "tensorflow":
+        tfdtype = "tf.float64" if dtype == "float64" else "tf.float32"
+        lines = [f"x_ = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, 'tensorflow')}, -1))"
+                 "      # (N, d_in) floats"]
+        if eval_first:
+            lines.append(f"# {model}(x_, training=False): batch statistics off")
+        call = f"{model}(x_, training=False)" if eval_first else f"{model}(x_)"
+        indent = ""
+        for k in range(order, 0, -1):
+            lines.append(f"{indent}with tf.GradientTape() as tape{k}:")
+            indent += "    "
+            lines.append(f"{indent}tape{k}.watch(x_)")
+        lines.append(f"{indent}y = tf.reshape({call}, ({_len(x, 'tensorflow')}, -1))"
+                     "      # (N, d_out)")
+        prev = "y"
+        for k in range(1, order + 1):
+            indent = indent[:-4]
+            lines.append(f"{indent}d{k} = tape{k}.batch_jacobian({prev}, x_)"
+                         f"      # {_layout(k)}")
+            prev = f"d{k}"
+        if keep:
+            lines.append(keep)
+        return "\n".join(lines)
+    if framework == "torch":
+        tdtype = "torch.float64" if dtype == "float64" else "torch.float32"
+        lines = []
+        if eval_first:
+            lines.append(f"{model}.eval()                      # batch statistics off: points "
+                         "independent")
+        lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
+                     "  # (N, d_in)")
+        lines.append(f"f = lambda p: {model}(p.unsqueeze(0)).reshape(-1)"
+                     "      # one point (d_in,) -> (d_out,)")
+        inner = "f"
+        for _ in range(order):
+            inner = f"torch.func.jacrev({inner})"
+        lines.append(f"{name} = torch.func.vmap({inner})(x_)      # {_layout(order)}")
+        if keep:
+            lines.append(keep)
+        return "\n".join(lines)
+    return f"d = nbderiv.derivatives({model}, {x}, order={order})\n{name} = d[{order}]"
+
+
+def _len(x, framework):
+    return f"len({x})" if framework != "tensorflow" else f"tf.shape({x})[0]"
