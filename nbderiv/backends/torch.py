@@ -26,9 +26,7 @@ import numpy as np
 import torch
 
 from ..call import Verdict
-from ..errors import OptionError
 from ..inputs import check_output, check_target
-from ..wrapped import objects_inside
 from .base import Backend, Block, assemble
 from .torch_autodiff import (
     KinkWatcher,
@@ -39,7 +37,20 @@ from .torch_autodiff import (
     to_numpy,
 )
 from .torch_code import torch_code
-from .torch_taylor import global_hooks, runs_class_forward, taylor_derivatives, taylor_plan
+from .torch_state import (
+    DENSE,
+    TorchState,
+    batched_backward_pays,
+    dense_widths,
+    expected_by,
+    kink_free,
+    modules_of,
+    named_modules,
+    plain_modules,
+    refuse_lazy,
+    refuse_uninitialised,
+)
+from .torch_taylor import taylor_derivatives, taylor_plan
 
 _ACTIVATION_NAMES = {
     "ReLU", "LeakyReLU", "ReLU6", "PReLU", "RReLU", "Hardtanh", "Hardshrink", "Softshrink",
@@ -74,7 +85,7 @@ def _model_dtype(t) -> np.dtype:
 def _first_float_tensor(model):
     """The first floating-point parameter or buffer of the model, or of the modules a wrapper
     (lambda, partial, closure) holds: its dtype and device are the model's."""
-    for module in _modules_of(model):
+    for module in modules_of(model):
         for t in itertools.chain(module.parameters(), module.buffers()):  # stops at the first
             if t.is_floating_point():
                 return t
@@ -163,13 +174,13 @@ class TorchBackend(Backend):
         return fn
 
     def known_verdict(self, call):
-        """For a plain stack of per-point layers (:data:`_DENSE`, no hooks) taking one input
+        """For a plain stack of per-point layers (:data:`DENSE`, no hooks) taking one input
         whose width fits its first layer: d_out from the Linear layers, stochastic only with an
         active Dropout, never coupled. Else None, and the probe runs (it also reports an input
         the model rejects)."""
         model = call.model
         if len(call.args) != 1 or len(call.point_shapes[0]) != 1 \
-                or not _plain_modules(model, _DENSE):
+                or not plain_modules(model, DENSE):
             return None
         width, stochastic = call.width, False
         for m in model.modules():
@@ -217,7 +228,7 @@ class TorchBackend(Backend):
                 y, ders = taylor_derivatives(plan, X, order, wrt[0])
             return Block(to_numpy(y), [to_numpy(d) for d in ders], "taylor")
         fn = self._caller(call)
-        batch = _batched_backward_pays(call)
+        batch = batched_backward_pays(call)
         forward = call.d_out > len(wrt)
         with grad_enabled(True), exact_norms(order, forward=forward):
             if forward:
@@ -261,9 +272,9 @@ class TorchBackend(Backend):
         method, closure) is put back as it was: training flags, buffers and parameters (also
         when written inside forward), ``.grad`` and ``requires_grad``. A lazy module not yet
         initialised is refused first (its first call would initialise it for good)."""
-        roots = _modules_of(model)
-        _refuse_uninitialised(roots)
-        saved = _TorchState(roots)
+        roots = modules_of(model)
+        refuse_uninitialised(roots)
+        saved = TorchState(roots)
         try:
             yield
         finally:
@@ -274,14 +285,14 @@ class TorchBackend(Backend):
         cache (measured 1.3-2x faster per point than one batch of 10**5 on a 2-core CPU).
         Only for plain stacks of per-point layers on the CPU; otherwise no limit (a GPU wants
         large batches)."""
-        widths = _dense_widths(call.model)
+        widths = dense_widths(call.model)
         if not widths or getattr(call.device, "type", "cpu") != "cpu":
             return None
         return int(min(8192, max(1024, 2 ** 18 // max(widths))))
 
     def bytes_per_point(self, call, order, m):
         model, width, d_out = call.model, call.width, call.d_out
-        if _dense_widths(model) and getattr(call.device, "type", "cpu") == "cpu":
+        if dense_widths(model) and getattr(call.device, "type", "cpu") == "cpu":
             # the work runs in blocks of block_rows rows (a few MB whatever N is), so only the
             # inputs (a numpy array and a tensor) grow with the number of points
             return 16 * width
@@ -301,7 +312,7 @@ class TorchBackend(Backend):
 
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, call, args, chunk=65536):
-        if _kink_free(call.model):  # no layer that can call a piecewise-linear function
+        if kink_free(call.model):  # no layer that can call a piecewise-linear function
             return []
         n = args[0].shape[0]
         hits = np.zeros(n, dtype=bool)
@@ -318,10 +329,10 @@ class TorchBackend(Backend):
     def layer_summary(self, model) -> dict:
         """Activations, layers in training mode and opacity of the model, or of every torch
         module a wrapper holds (a wrapper is always opaque: it may do anything around them)."""
-        roots = _modules_of(model)
+        roots = modules_of(model)
         activations, train_mode = [], []
         opaque = not isinstance(model, torch.nn.Module)
-        for name, module in _named_modules(roots):
+        for name, module in named_modules(roots):
             cls = type(module)
             kind = cls.__name__
             if kind in _ACTIVATION_NAMES:
@@ -342,16 +353,16 @@ class TorchBackend(Backend):
         first Linear of a module built from Linear layers and activations alone. A wrapper
         (lambda, partial): what the modules it holds expect, when they agree."""
         if not isinstance(model, torch.nn.Module):
-            roots = _modules_of(model)
-            _refuse_lazy(roots)
+            roots = modules_of(model)
+            refuse_lazy(roots)
             claims = {repr(self.input_width(root)): self.input_width(root) for root in roots}
             return claims.popitem()[1] if len(claims) == 1 else None
-        _refuse_lazy([model])
+        refuse_lazy([model])
         first = model
         while isinstance(first, torch.nn.Sequential) and len(first):
             first = first[0]
         if first is not model or not list(model.children()):
-            return _expected_by(first)
+            return expected_by(first)
         if all(type(m).__module__.startswith("torch.nn.modules.") and
                isinstance(m, (torch.nn.Linear, torch.nn.Sequential, torch.nn.Dropout,
                               torch.nn.Identity, torch.nn.Flatten)) or
@@ -378,173 +389,4 @@ class TorchBackend(Backend):
         return model
 
 
-# Layers whose forward never calls a piecewise-linear function (exact classes: a subclass
-# may override forward). A model built only from these needs no kink search.
-_KINK_FREE = (
-    torch.nn.Linear, torch.nn.Bilinear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
-    torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Dropout,
-    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.LayerNorm,
-    torch.nn.GroupNorm, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.SiLU,
-    torch.nn.GELU, torch.nn.ELU, torch.nn.CELU, torch.nn.SELU, torch.nn.Mish, torch.nn.Softsign,
-    torch.nn.Tanhshrink, torch.nn.LogSigmoid, torch.nn.Softmax, torch.nn.LogSoftmax,
-)
-# Layers that act on each point's feature vector alone (no batch statistics), with sizes
-# that the Linear layers tell: their work can be split into blocks of rows.
-_DENSE = (
-    torch.nn.Linear, torch.nn.Identity, torch.nn.Flatten, torch.nn.Dropout, torch.nn.LayerNorm,
-    torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.SiLU, torch.nn.GELU,
-    torch.nn.ELU, torch.nn.CELU, torch.nn.SELU, torch.nn.Mish, torch.nn.Softsign,
-    torch.nn.Tanhshrink, torch.nn.LogSigmoid, torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.ReLU6,
-    torch.nn.Hardtanh, torch.nn.PReLU,
-)
-
-
-def _plain_modules(model, allowed) -> bool:
-    """Every module is an exact instance of ``allowed`` or a plain nn.Sequential, no hooks."""
-    if not isinstance(model, torch.nn.Module):
-        return False
-    if global_hooks():
-        return False
-    for m in model.modules():
-        if not runs_class_forward(m):  # hooked, or its forward replaced on the instance
-            return False
-        if type(m) in allowed:
-            continue
-        if isinstance(m, torch.nn.Sequential) and type(m).forward is torch.nn.Sequential.forward:
-            continue
-        return False
-    return True
-
-
-def _batched_backward_pays(call) -> bool:
-    """Whether the backward passes of a level should run batched over their cotangents
-    (:func:`~nbderiv.backends.torch_autodiff.nested_reverse`): yes, except for models with
-    convolutions on the CPU, whose vmapped backward measured 1.3-2x slower than one pass per
-    cotangent (a residual CNN at 3x32x32 with 10 and 100 outputs, benchmarks/real_models.py)."""
-    if getattr(call.device, "type", "cpu") != "cpu":
-        return True
-    conv = torch.nn.modules.conv._ConvNd
-    return not any(isinstance(m, conv) for root in _modules_of(call.model)
-                   for m in root.modules())
-
-
-def _kink_free(model) -> bool:
-    return _plain_modules(model, _KINK_FREE)
-
-
-def _dense_widths(model):
-    """The Linear layers' widths if the model is a plain stack of per-point layers, else []."""
-    if not _plain_modules(model, _DENSE):
-        return []
-    return [max(m.in_features, m.out_features) for m in model.modules()
-            if isinstance(m, torch.nn.Linear)]
-
-
 BACKEND = TorchBackend()
-
-
-# -- wrapped models and the state kept as it was (issues 17, 18) ------------------------------
-def _modules_of(model) -> list:
-    """The root torch modules of ``model``: ``[model]`` for an ``nn.Module``, else the modules
-    a wrapper holds (:func:`nbderiv.wrapped.objects_inside`) that are no submodule of another."""
-    if isinstance(model, torch.nn.Module):
-        return [model]
-    if not callable(model):
-        return []
-    roots = [o for o in objects_inside(model) if isinstance(o, torch.nn.Module)]
-    inner = {id(m) for r in roots for m in itertools.islice(r.modules(), 1, None)}
-    return [r for r in roots if id(r) not in inner]
-
-
-def _named_modules(roots):
-    """(name, module) over every module of the roots, each once; names prefixed with the
-    root's class when there are several roots."""
-    seen = set()
-    for root in roots:
-        prefix = type(root).__name__ if len(roots) > 1 else ""
-        for name, module in root.named_modules():
-            if id(module) not in seen:
-                seen.add(id(module))
-                yield (".".join(p for p in (prefix, name) if p), module)
-
-
-def _refuse_uninitialised(roots):
-    for name, module in _named_modules(roots):
-        if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and \
-                module.has_uninitialized_params():
-            from ..errors import ModelTypeError
-
-            raise ModelTypeError(
-                f"the model holds a lazy layer that is not initialised yet: {name or 'model'} "
-                f"({type(module).__name__}). Its first call would create its weights for "
-                "whatever input it sees, changing your model for good, and its derivatives "
-                "would be those of random new weights. Fix: run one forward pass on a real "
-                "batch first (model(x_batch)), or give the layer its input size "
-                "(torch.nn.Linear(in_features, out_features)).")
-
-
-class _TorchState:
-    """Training flags, parameters and buffers (values and the objects registered), ``.grad``
-    and ``requires_grad`` of every module of the roots, saved to be put back. Tensors are
-    written back only where they changed (no needless version-counter bumps)."""
-
-    def __init__(self, roots):
-        self.modes, self.tensors, self.params, copies = [], [], [], {}
-        for _, m in _named_modules(roots):
-            self.modes.append((m, m.training))
-            for store in (m._parameters, m._buffers):
-                for name, t in store.items():
-                    if t is None or isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
-                        continue
-                    if id(t) not in copies:  # shared (tied) tensors are copied once
-                        copies[id(t)] = t.detach().clone()
-                        if isinstance(t, torch.nn.Parameter):
-                            grad = t.grad
-                            self.params.append((t, t.requires_grad, grad, None if grad is None
-                                                else grad.detach().clone()))
-                    self.tensors.append((store, name, t, copies[id(t)]))
-
-    def restore(self):
-        with torch.no_grad():
-            for store, name, t, value in self.tensors:
-                if store.get(name) is not t:  # replaced (or deleted) inside forward
-                    store[name] = t
-                _put_back(t, value)
-            for p, requires_grad, grad, value in self.params:
-                if p.requires_grad != requires_grad:
-                    p.requires_grad_(requires_grad)
-                if p.grad is not grad:
-                    p.grad = grad
-                if grad is not None:
-                    _put_back(grad, value)
-        for m, mode in self.modes:
-            m.training = mode
-
-
-def _put_back(t, value):
-    """``t`` holds ``value`` again (in place; its data replaced if its shape or dtype changed)."""
-    if t.shape != value.shape or t.dtype != value.dtype or t.device != value.device:
-        t.data = value
-    elif not torch.equal(t.detach(), value):
-        t.detach().copy_(value)
-
-
-def _refuse_lazy(roots) -> None:
-    for root in roots:
-        for module in root.modules():
-            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
-                raise OptionError("the model has a lazy layer, which its first call would "
-                                  "initialise for whatever width it sees. Fix: pass d_in= "
-                                  "(the number of input features).")
-
-
-def _expected_by(first):
-    """What one layer expects of each point: an int, a shape with None for free sizes, or
-    None."""
-    if isinstance(first, torch.nn.Linear):
-        return first.in_features
-    if isinstance(first, torch.nn.modules.conv._ConvNd):
-        return (first.in_channels,) + (None,) * len(first.kernel_size)
-    if isinstance(first, torch.nn.RNNBase) and first.batch_first:
-        return (None, first.input_size)
-    return None

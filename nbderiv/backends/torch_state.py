@@ -1,0 +1,186 @@
+"""The torch model state nbderiv keeps as it was, and the modules a model is made of:
+the root modules of a model or of a wrapper around modules (lambda, partial, closure),
+every module once, lazy layers refused before their first call, and what the layer that
+receives the input expects.
+
+>>> import torch
+>>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+>>> [type(m).__name__ for m in modules_of(lambda z: net(z) * 2)], expected_by(net[0])
+(['Sequential'], 3)
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..errors import ModelTypeError, OptionError
+from ..wrapped import objects_inside
+from .torch_taylor import global_hooks, runs_class_forward
+
+
+def modules_of(model) -> list:
+    """The root torch modules of ``model``: ``[model]`` for an ``nn.Module``, else the modules
+    a wrapper holds (:func:`nbderiv.wrapped.objects_inside`) that are no submodule of another."""
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    if not callable(model):
+        return []
+    roots = [o for o in objects_inside(model) if isinstance(o, torch.nn.Module)]
+    inner = {id(m) for r in roots for m in itertools.islice(r.modules(), 1, None)}
+    return [r for r in roots if id(r) not in inner]
+
+
+def named_modules(roots):
+    """(name, module) over every module of the roots, each once; names prefixed with the
+    root's class when there are several roots."""
+    seen = set()
+    for root in roots:
+        prefix = type(root).__name__ if len(roots) > 1 else ""
+        for name, module in root.named_modules():
+            if id(module) not in seen:
+                seen.add(id(module))
+                yield (".".join(p for p in (prefix, name) if p), module)
+
+
+def refuse_uninitialised(roots):
+    for name, module in named_modules(roots):
+        if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and \
+                module.has_uninitialized_params():
+            raise ModelTypeError(
+                f"the model holds a lazy layer that is not initialised yet: {name or 'model'} "
+                f"({type(module).__name__}). Its first call would create its weights for "
+                "whatever input it sees, changing your model for good, and its derivatives "
+                "would be those of random new weights. Fix: run one forward pass on a real "
+                "batch first (model(x_batch)), or give the layer its input size "
+                "(torch.nn.Linear(in_features, out_features)).")
+
+
+class TorchState:
+    """Training flags, parameters and buffers (values and the objects registered), ``.grad``
+    and ``requires_grad`` of every module of the roots, saved to be put back. Tensors are
+    written back only where they changed (no needless version-counter bumps)."""
+
+    def __init__(self, roots):
+        self.modes, self.tensors, self.params, copies = [], [], [], {}
+        for _, m in named_modules(roots):
+            self.modes.append((m, m.training))
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    if t is None or isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+                        continue
+                    if id(t) not in copies:  # shared (tied) tensors are copied once
+                        copies[id(t)] = t.detach().clone()
+                        if isinstance(t, torch.nn.Parameter):
+                            grad = t.grad
+                            self.params.append((t, t.requires_grad, grad, None if grad is None
+                                                else grad.detach().clone()))
+                    self.tensors.append((store, name, t, copies[id(t)]))
+
+    def restore(self):
+        with torch.no_grad():
+            for store, name, t, value in self.tensors:
+                if store.get(name) is not t:  # replaced (or deleted) inside forward
+                    store[name] = t
+                _put_back(t, value)
+            for p, requires_grad, grad, value in self.params:
+                if p.requires_grad != requires_grad:
+                    p.requires_grad_(requires_grad)
+                if p.grad is not grad:
+                    p.grad = grad
+                if grad is not None:
+                    _put_back(grad, value)
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def _put_back(t, value):
+    """``t`` holds ``value`` again (in place; its data replaced if its shape or dtype changed)."""
+    if t.shape != value.shape or t.dtype != value.dtype or t.device != value.device:
+        t.data = value
+    elif not torch.equal(t.detach(), value):
+        t.detach().copy_(value)
+
+
+def refuse_lazy(roots) -> None:
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
+                raise OptionError("the model has a lazy layer, which its first call would "
+                                  "initialise for whatever width it sees. Fix: pass d_in= "
+                                  "(the number of input features).")
+
+
+def expected_by(first):
+    """What one layer expects of each point: an int, a shape with None for free sizes, or
+    None."""
+    if isinstance(first, torch.nn.Linear):
+        return first.in_features
+    if isinstance(first, torch.nn.modules.conv._ConvNd):
+        return (first.in_channels,) + (None,) * len(first.kernel_size)
+    if isinstance(first, torch.nn.RNNBase) and first.batch_first:
+        return (None, first.input_size)
+    return None
+
+
+# Layers whose forward never calls a piecewise-linear function (exact classes: a subclass
+# may override forward). A model built only from these needs no kink search.
+KINK_FREE = (
+    torch.nn.Linear, torch.nn.Bilinear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+    torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Dropout,
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.LayerNorm,
+    torch.nn.GroupNorm, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.SiLU,
+    torch.nn.GELU, torch.nn.ELU, torch.nn.CELU, torch.nn.SELU, torch.nn.Mish, torch.nn.Softsign,
+    torch.nn.Tanhshrink, torch.nn.LogSigmoid, torch.nn.Softmax, torch.nn.LogSoftmax,
+)
+# Layers that act on each point's feature vector alone (no batch statistics), with sizes
+# that the Linear layers tell: their work can be split into blocks of rows.
+DENSE = (
+    torch.nn.Linear, torch.nn.Identity, torch.nn.Flatten, torch.nn.Dropout, torch.nn.LayerNorm,
+    torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.SiLU, torch.nn.GELU,
+    torch.nn.ELU, torch.nn.CELU, torch.nn.SELU, torch.nn.Mish, torch.nn.Softsign,
+    torch.nn.Tanhshrink, torch.nn.LogSigmoid, torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.ReLU6,
+    torch.nn.Hardtanh, torch.nn.PReLU,
+)
+
+
+def plain_modules(model, allowed) -> bool:
+    """Every module is an exact instance of ``allowed`` or a plain nn.Sequential, no hooks."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    if global_hooks():
+        return False
+    for m in model.modules():
+        if not runs_class_forward(m):  # hooked, or its forward replaced on the instance
+            return False
+        if type(m) in allowed:
+            continue
+        if isinstance(m, torch.nn.Sequential) and type(m).forward is torch.nn.Sequential.forward:
+            continue
+        return False
+    return True
+
+
+def batched_backward_pays(call) -> bool:
+    """Whether the backward passes of a level should run batched over their cotangents
+    (:func:`~nbderiv.backends.torch_autodiff.nested_reverse`): yes, except for models with
+    convolutions on the CPU, whose vmapped backward measured 1.3-2x slower than one pass per
+    cotangent (a residual CNN at 3x32x32 with 10 and 100 outputs, benchmarks/real_models.py)."""
+    if getattr(call.device, "type", "cpu") != "cpu":
+        return True
+    conv = torch.nn.modules.conv._ConvNd
+    return not any(isinstance(m, conv) for root in modules_of(call.model)
+                   for m in root.modules())
+
+
+def kink_free(model) -> bool:
+    return plain_modules(model, KINK_FREE)
+
+
+def dense_widths(model):
+    """The Linear layers' widths if the model is a plain stack of per-point layers, else []."""
+    if not plain_modules(model, DENSE):
+        return []
+    return [max(m.in_features, m.out_features) for m in model.modules()
+            if isinstance(m, torch.nn.Linear)]
