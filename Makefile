@@ -16,7 +16,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 LAB_ARGS ?=
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: install lab test test-unit test-notebooks test-browser browser-deps notebooks bench binder-check lint clean
+.PHONY: install lab test test-unit test-notebooks test-browser browser-deps notebooks bench bench-real binder-check lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,9 @@ notebooks: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+bench-real: install
+	$(BIN)/python benchmarks/real_models.py
 
 binder-check:
 	bash binder/check.sh

@@ -1,0 +1,372 @@
+"""Real architectures: nbderiv against the fastest hand-written idiom of its framework.
+
+    python benchmarks/real_models.py            # = make bench-real; writes results/real.md/.json
+    python benchmarks/real_models.py --framework torch --reps 3
+
+Models: a small residual CNN with BatchNorm (eval) at 3x32x32 with 10 and 100 outputs, an LSTM
+regressor on (N, 20, 8), a TransformerEncoder with a mean-pooling head on (N, 10, 16) (torch);
+a Keras CNN (Conv2D, BatchNormalization) at 32x32x3 and a Keras LSTM regressor on (N, 20, 8).
+Warm calls: one process per framework, one thread, every competitor warmed up, then ``reps``
+rounds over the competitors (each round starting one later), medians; the ratio is nbderiv's
+median over the fastest idiom's (only idioms that ran and agree with nbderiv compete). First
+calls: each in a fresh subprocess (model built and points made first; imports not counted),
+the first call of nbderiv against the first call of the idiom that was fastest warm.
+Targets: order 1 <= 1.2x, order 2 <= 1.5x, first call <= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# (name, framework, model, order, N)
+CASES = [
+    ("torch-cnn10", "torch", "cnn10", 1, 64),
+    ("torch-cnn100", "torch", "cnn100", 1, 32),
+    ("torch-lstm-o1", "torch", "lstm", 1, 256),
+    ("torch-lstm-o2", "torch", "lstm", 2, 64),
+    ("torch-transformer-o1", "torch", "transformer", 1, 128),
+    ("torch-transformer-o2", "torch", "transformer", 2, 32),
+    ("keras-cnn10", "tensorflow", "kcnn", 1, 128),
+    ("keras-lstm-o1", "tensorflow", "klstm", 1, 256),
+    ("keras-lstm-o2", "tensorflow", "klstm", 2, 64),
+]
+TARGET = {1: 1.2, 2: 1.5}
+FIRST_TARGET = 2.0
+
+
+# -- torch ----------------------------------------------------------------------------------
+def torch_model(name):
+    import torch
+
+    torch.manual_seed(0)
+
+    class Residual(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.b1 = torch.nn.BatchNorm2d(c)
+            self.c2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.b2 = torch.nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+    class LSTMRegressor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(8, 32, batch_first=True)
+            self.head = torch.nn.Linear(32, 1)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.rnn(x)[0][:, -1]))
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    if name.startswith("cnn"):
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU(), Residual(16), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            torch.nn.ReLU(), Residual(32), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+            torch.nn.Linear(32, int(name[3:])))
+        shape = (3, 32, 32)
+    elif name == "lstm":
+        net, shape = LSTMRegressor(), (20, 8)
+    else:
+        net, shape = Encoder(), (10, 16)
+    for m in net.modules():  # BatchNorm statistics that are not the defaults
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval(), shape
+
+
+def torch_idioms(net, X, order):
+    """The hand-written idioms: {name: fn() -> (N, d_out, D, ...)}."""
+    import torch
+    from torch.func import hessian, jacrev, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n, D = X.shape[0], X[0].numel()
+
+    def flat(Z):
+        return net(Z).reshape(Z.shape[0], -1)
+
+    def loop():  # nested autograd.grad, one backward pass per output / input column
+        with sdpa_kernel([SDPBackend.MATH]):
+            Z = X.detach().requires_grad_(True)
+            Y = flat(Z)
+            cols = [torch.autograd.grad(Y[:, j].sum(), Z, create_graph=order > 1,
+                                        retain_graph=True)[0]
+                    .reshape(n, D) for j in range(Y.shape[1])]
+            G = torch.stack(cols, 1)
+            if order == 1:
+                return G
+            return torch.stack([torch.stack(
+                [torch.autograd.grad(G[:, j, i].sum(), Z, retain_graph=True)[0].reshape(n, D)
+                 for i in range(D)], 1) for j in range(G.shape[1])], 1)
+
+    def batched():  # autograd.grad with is_grads_batched over one-hot cotangents
+        with sdpa_kernel([SDPBackend.MATH]):
+            Z = X.detach().requires_grad_(True)
+            Y = flat(Z)
+            d = Y.shape[1]
+            if order == 1:
+                E = torch.eye(d).unsqueeze(1).expand(d, n, d)
+                return torch.autograd.grad(Y, Z, E, is_grads_batched=True)[0] \
+                    .reshape(d, n, D).movedim(0, 1)
+            g = torch.autograd.grad(Y.sum(), Z, create_graph=True)[0].reshape(n, D)
+            E = torch.eye(D).unsqueeze(1).expand(D, n, D)
+            H = torch.autograd.grad(g, Z, E, is_grads_batched=True)[0].reshape(D, n, D)
+            return H.movedim(0, 1)[:, None]
+
+    def functional():  # vmap(jacrev) / vmap(hessian)
+        with sdpa_kernel([SDPBackend.MATH]):
+            one = (lambda x: flat(x[None])[0]) if order == 1 else (lambda x: flat(x[None])[0, 0])
+            if order == 1:
+                return vmap(jacrev(one))(X).reshape(n, -1, D)
+            return vmap(hessian(one))(X).reshape(n, 1, D, D)
+
+    names = {"autograd.grad loop": loop, "autograd.grad is_grads_batched": batched,
+             "vmap(jacrev)" if order == 1 else "vmap(hessian)": functional}
+    if order == 2:
+        names.pop("autograd.grad loop")  # one backward pass per input: 160 / 160 (10x slower)
+    return names
+
+
+def torch_setup(model, n):
+    import torch
+
+    torch.set_num_threads(1)
+    net, shape = torch_model(model)
+    X = torch.randn((n,) + shape, generator=torch.Generator().manual_seed(1))
+    return net, X
+
+
+# -- TensorFlow / Keras ---------------------------------------------------------------------
+def keras_model(name):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if name == "kcnn":
+        layers = [keras.Input((32, 32, 3)),
+                  keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+                  keras.layers.BatchNormalization(),
+                  keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
+                  keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+        return keras.Sequential(layers), (32, 32, 3)
+    return keras.Sequential([keras.Input((20, 8)), keras.layers.LSTM(32),
+                             keras.layers.Dense(1)]), (20, 8)
+
+
+def tf_setup(model, n):
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    net, shape = keras_model(model)
+    X = np.random.default_rng(1).standard_normal((n,) + shape).astype("float32")
+    return net, X
+
+
+def tf_idioms(net, X, order):
+    import tensorflow as tf
+
+    spec = [tf.TensorSpec((None,) + X.shape[1:], tf.float32)]
+    n, D = X.shape[0], X[0].size
+
+    def bj(Z):
+        with tf.GradientTape() as outer:
+            outer.watch(Z)
+            with tf.GradientTape() as inner:
+                inner.watch(Z)
+                y = net(Z, training=False)
+            g = tf.reshape(inner.batch_jacobian(y, Z), (tf.shape(Z)[0], -1))
+        if order == 1:
+            return g
+        return outer.batch_jacobian(g, Z)
+
+    traced = tf.function(bj, input_signature=spec)
+    Xt = tf.constant(X)
+    return {"tf.function(batch_jacobian)": lambda: tf.reshape(traced(Xt), (n, -1) + (D,) * order)}
+
+
+# -- measuring ------------------------------------------------------------------------------
+def setup(framework, model, n):
+    return torch_setup(model, n) if framework == "torch" else tf_setup(model, n)
+
+
+def idioms(framework, net, X, order):
+    return torch_idioms(net, X, order) if framework == "torch" else tf_idioms(net, X, order)
+
+
+def _array(v):
+    import numpy as np
+
+    return np.asarray(v.detach() if hasattr(v, "detach") else v)
+
+
+def warm_case(name, framework, model, order, n, reps):
+    import numpy as np
+
+    import nbderiv
+
+    net, X = setup(framework, model, n)
+    comps = {"nbderiv": lambda: nbderiv.derivatives(net, X, order=order, progress=False)}
+    comps.update(idioms(framework, net, X, order))
+    d = comps["nbderiv"]()
+    comps["nbderiv"]()
+    ok, errors = {}, {}
+    ref = d[order].reshape(n, -1)
+    for key, fn in list(comps.items())[1:]:
+        try:
+            v = _array(fn()).reshape(n, -1)
+            fn()
+            errors[key] = float(np.abs(v - ref).max() / max(np.abs(ref).max(), 1e-30))
+            ok[key] = errors[key] < 1e-3
+        except Exception as exc:  # e.g. no forward-mode rule for the LSTM kernel
+            errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            ok[key] = False
+    running = ["nbderiv"] + [k for k in ok if ok[k]]
+    times = {k: [] for k in running}
+    for r in range(reps):
+        for k in running[r % len(running):] + running[:r % len(running)]:
+            t = time.perf_counter()
+            comps[k]()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = min((k for k in running if k != "nbderiv"), key=med.get)
+    return {"case": name, "framework": framework, "model": model, "order": order, "n": n,
+            "method": d.method, "median_s": med, "errors": errors, "best_idiom": best,
+            "ratio": med["nbderiv"] / med[best], "target": TARGET[order]}
+
+
+def first_call(framework, model, order, n, who):
+    """In a fresh process: the seconds of the first call of ``who``."""
+    net, X = setup(framework, model, n)
+    if who == "nbderiv":
+        import nbderiv
+
+        fn = lambda: nbderiv.derivatives(net, X, order=order, progress=False)  # noqa: E731
+    else:
+        fn = idioms(framework, net, X, order)[who]
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def first_calls(row):
+    out = {}
+    for who in ("nbderiv", row["best_idiom"]):
+        cmd = [sys.executable, __file__, "--first", row["case"], "--who", who]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("FIRST ")]
+        out[who] = float(lines[-1].split()[1]) if lines else float("nan")
+    row["first_s"] = out
+    row["first_ratio"] = out["nbderiv"] / out[row["best_idiom"]]
+    return row
+
+
+def render(rows, meta) -> str:
+    lines = ["# Real architectures: nbderiv against the fastest hand-written idiom", "",
+             f"{meta['machine']}; torch {meta['torch']}, tensorflow {meta['tensorflow']}, "
+             f"one thread per framework; medians of {meta['reps']} interleaved rounds; "
+             f"first calls in fresh subprocesses. Generated by `benchmarks/real_models.py`.", "",
+             "| case | order | N | nbderiv (method) | fastest idiom | ratio (target) | "
+             "first call nbderiv / idiom | first ratio (<= 2) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        med, best = r["median_s"], r["best_idiom"]
+        first = r.get("first_s", {})
+        lines.append(
+            f"| {r['case']} | {r['order']} | {r['n']} | {med['nbderiv'] * 1e3:.1f} ms "
+            f"({r['method']}) | {best}: {med[best] * 1e3:.1f} ms | **{r['ratio']:.2f}** "
+            f"({'ok' if r['ratio'] <= r['target'] else 'MISSED'} <= {r['target']}) | "
+            + (f"{first['nbderiv']:.2f} s / {first[best]:.2f} s | **{r['first_ratio']:.2f}** "
+               f"({'ok' if r['first_ratio'] <= FIRST_TARGET else 'MISSED'}) |"
+               if first else "- | - |"))
+    lines += ["", "Idioms per case (median ms, or why it did not compete; relative error "
+              "against nbderiv):", ""]
+    for r in rows:
+        parts = []
+        for k, e in r["errors"].items():
+            t = r["median_s"].get(k)
+            parts.append(f"{k}: " + (f"{t * 1e3:.1f} ms (err {e:.1e})" if t is not None
+                                     else f"did not compete ({e})"))
+        lines.append(f"- {r['case']}: " + "; ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--framework", choices=["torch", "tensorflow"])
+    p.add_argument("--cases", nargs="*")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-first", action="store_true", help="skip the first-call subprocesses")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--first", help=argparse.SUPPRESS)
+    p.add_argument("--who", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(HERE))
+    table = {c[0]: c for c in CASES}
+    if a.first:
+        _, fw, model, order, n = table[a.first]
+        print("FIRST", first_call(fw, model, order, n, a.who))
+        return
+    if a.worker:  # one framework's warm cases in this process
+        rows = [warm_case(*table[c], a.reps) for c in a.worker.split(",")]
+        print("ROWS", json.dumps(rows))
+        return
+    chosen = [c for c in CASES if (not a.cases or c[0] in a.cases)
+              and (not a.framework or c[1] == a.framework)]
+    rows = []
+    for fw in ("torch", "tensorflow"):
+        names = [c[0] for c in chosen if c[1] == fw]
+        if not names:
+            continue
+        print(f"[real] {fw}: {len(names)} cases (warm)", flush=True)
+        res = subprocess.run([sys.executable, __file__, "--worker", ",".join(names),
+                              "--reps", str(a.reps)], capture_output=True, text=True)
+        out = [ln for ln in res.stdout.splitlines() if ln.startswith("ROWS ")]
+        if not out:
+            sys.exit(f"{fw} worker failed:\n{res.stderr[-3000:]}")
+        rows += json.loads(out[-1][5:])
+    if not a.no_first:
+        for r in rows:
+            print(f"[real] first calls: {r['case']}", flush=True)
+            first_calls(r)
+    import platform
+
+    import tensorflow as tf
+    import torch
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.node()})",
+            "torch": torch.__version__, "tensorflow": tf.__version__, "reps": a.reps}
+    text = render(rows, meta)
+    print(text)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "real.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(a.out, "real.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
