@@ -123,6 +123,37 @@ class _Context:
                 return self.zeros_graph_broken(M, k, T, partial=bad)
         return self.wrong(M, k, T)
 
+    def selected_outputs(self, M, k, T, dtype):
+        """``selected-outputs``: for each point, the derivative of one output (the same one
+        for all points, or one per point: a saliency map for each point's label)."""
+        name, (n, d_out, n_in) = self.name, self.dims()
+        Tf = T.reshape(n, d_out, -1).astype(np.float64)
+        Mf = M.reshape(n, -1).astype(np.float64)
+        close = np.stack([_close(Mf, Tf[:, j], dtype).all(axis=1) for j in range(d_out)], 1)
+        if not close.any(axis=1).all():
+            return None
+        picks = close.argmax(axis=1)
+        truth = T[np.arange(n), picks][:, None]
+        if (picks == picks[0]).all():
+            j = int(picks[0])
+            message = (f"{name} (shape {_shape(M.shape)}) is the {_ordinal(k)} derivative of "
+                       f"output {j} alone, right for that output; the model has {d_out} "
+                       f"outputs. All of them: shape {_shape(T.shape)} = {_layout(k)}.")
+            fix = (f"d = nbderiv.derivatives({self.mname}, {self.xname}, order={k}, "
+                   f"target={j})   # output {j}: d[{k}] has shape {_shape(truth.shape)}\n"
+                   f"# every output:\n" + self.fix(k))
+        else:
+            shown = ", ".join(map(str, picks[:8].tolist())) + (", ..." if n > 8 else "")
+            message = (f"{name} (shape {_shape(M.shape)}) holds, for each point, the "
+                       f"{_ordinal(k)} derivative of one of the {d_out} outputs: outputs "
+                       f"[{shown}] for points 0, 1, ... (a saliency map for each point's own "
+                       f"target, e.g. its label): right for those outputs. nbderiv gives the "
+                       f"same with target=.")
+            fix = (f"targets = [{', '.join(map(str, picks.tolist()))}]   # e.g. the labels\n"
+                   f"d = nbderiv.derivatives({self.mname}, {self.xname}, order={k}, "
+                   f"target=targets)   # d[{k}]: shape {_shape(truth.shape)}")
+        return self.result("selected-outputs", message, k, fix=fix, truth=truth)
+
     def match_order(self, M, k):
         name, (n, d_out, n_in) = self.name, self.dims()
         T = self.truth_k(k)
@@ -171,6 +202,10 @@ class _Context:
                     + (", ..." if d_out > 4 else "")
                     + f". Take one derivative per output, shape {_shape(T.shape)} = "
                     f"{_layout(k)}.", k)
+        if d_out > 1 and M.size == n * n_in ** k and n_in ** k > 1:
+            found = self.selected_outputs(M, k, T, dtype)
+            if found is not None:
+                return found
         if k == 1 and M.size == n * d_out * n * n_in and n > 1:
             J = self.truth.jacobian()
             how = match(M, J, dtype)

@@ -679,3 +679,28 @@ def test_the_line_magic_still_works(shell):
     d = shell.run_line_magic("nnderiv", "net1 x1 -q -o 1")
     np.testing.assert_allclose(d[1], func_truth(shell.user_ns["net1"], shell.user_ns["x1"], 1),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_selected_outputs_saliency_for_each_points_label_and_one_output():
+    """x.grad after scores.gather(1, labels).sum().backward() is a saliency map per point:
+    right for each point's own output (checked against vmap(jacrev) picked by label)."""
+    import torch
+    from torch.func import jacrev, vmap
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 3)).double()
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 2, 1, 2, 0, 1])
+    net(x).gather(1, labels[:, None]).sum().backward()
+    e = nbderiv.explain(x.grad, net, x.detach())
+    assert e.code == "selected-outputs" and "outputs [0, 2, 1, 2, 0, 1]" in e.message
+    full = vmap(jacrev(lambda z: net(z[None])[0]))(x.detach()).detach().numpy()
+    np.testing.assert_allclose(e.truth[:, 0], full[np.arange(6), labels.numpy()], atol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), e.truth[:, 0], atol=1e-12)
+    x.grad = None
+    net(x)[:, 2].sum().backward()
+    one = nbderiv.explain(x.grad, net, x.detach())
+    assert one.code == "selected-outputs" and "output 2 alone" in one.message
+    wrong = nbderiv.explain(x.grad * 1.5, net, x.detach())
+    assert wrong.code == "wrong"
