@@ -569,3 +569,30 @@ def test_a_dropout_that_drops_everything_is_not_random():
     model = nn.Sequential(nn.Linear(2, 4), nn.Dropout(1.0), nn.Linear(4, 1)).train()
     probed, known = _probed_and_known(model, torch.rand(6, 2))
     assert known == probed == Verdict(1, False, False)
+
+
+def test_kinks_are_found_beyond_the_first_points_and_skipped_without_relu():
+    """The kink search looks at 8 points first: it goes on over all points when the model
+    calls a ReLU-type function, and stops at once when it calls none."""
+    import nbderiv
+    from nbderiv.compute import open_call, probe
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.ReLU()).double()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.fill_(-0.5)  # kink at x = 0.5
+    x = torch.linspace(-1, 0.4, 30, dtype=torch.float64).reshape(-1, 1)
+    x[25] = 0.5
+    call = open_call(net, x, None)
+    probe(call)
+    assert call.backend.kink_points(call, call.args) == [25]
+    calls = []
+    smooth = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh()).double()
+    smooth.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    call = open_call(smooth, x, None)
+    probe(call)
+    calls.clear()
+    assert call.backend.kink_points(call, call.args) == []
+    assert calls == [8]  # one look at 8 points, no pass over all 30
+    assert "at-kink" in nbderiv.derivatives(net, x, order=1).codes

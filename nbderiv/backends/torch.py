@@ -318,6 +318,12 @@ class TorchBackend(Backend):
         hits = np.zeros(n, dtype=bool)
         fn = self._caller(call)
         with grad_enabled(False):
+            if n > 16:  # a look at a few points first: no ReLU-type call at all, no search
+                few = KinkWatcher(8)
+                with few:
+                    fn(self._tensor(call, [a[:8] for a in args]))
+                if not few.calls:
+                    return []
             for s in range(0, n, chunk):
                 part = [a[s:s + chunk] for a in args]
                 watcher = KinkWatcher(part[0].shape[0])

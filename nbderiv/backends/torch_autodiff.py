@@ -233,10 +233,12 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
     def __init__(self, n):
         super().__init__()
         self.hits = np.zeros(n, dtype=bool)
+        self.calls = 0  # piecewise-linear function calls seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kinks = _kink_values(func, args, kwargs)
+        self.calls += kinks is not None
         inp = args[0] if args else kwargs.get("input")
         if kinks is not None and isinstance(inp, torch.Tensor) and inp.ndim >= 1 \
                 and inp.shape[0] == len(self.hits):
