@@ -33,7 +33,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30          # working memory for derivatives, bytes
 DEFAULT_JACOBIAN_BUDGET = 256 * 2 ** 20  # full cross-sample Jacobian, bytes
 
 
-def _findings_before(call, order) -> tuple:
+def _findings_before(call, order) -> dict:
     """The layer summary and the findings that need no derivatives (structure, randomness)."""
     layers = call.backend.layer_summary(call.model)
     call.findings += dg.structural_findings(layers, order)
@@ -78,7 +78,7 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
     ``kwargs``: extra keyword arguments for the model, never differentiated; arrays whose
     first axis has length N (e.g. an attention mask) are sliced with the points.
 
-    ``reference`` (issue 18), a known truth: a function of NumPy float64 arrays giving y
+    ``reference``, a known truth: a function of NumPy float64 arrays giving y
     (``f(x)``, x of shape (N, d_in); ``f(x, t)`` for a tuple input), differentiated by
     float64 central differences, or a dict ``{k: f_k}`` of closed-form d[k] (0: y). Then
     ``d.reference_errors = {k: (max_abs, max_rel)}`` (see :mod:`nbderiv.reference`).
@@ -117,7 +117,7 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
             if result.check.low_precision:
                 result.findings.append(dg.low_precision_finding(
                     result.check.errors, call.dtype, result.check.low_precision_orders))
-    if reference is not None:  # issue 18: error against a known truth, per order
+    if reference is not None:  # the error against a known truth, per order
         from .reference import reference_errors
 
         result.reference_errors = reference_errors(reference, call, result)
