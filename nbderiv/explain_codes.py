@@ -126,7 +126,7 @@ class _Context:
     def selected_outputs(self, M, k, T, dtype):
         """``selected-outputs``: for each point, the derivative of one output (the same one
         for all points, or one per point: a saliency map for each point's label)."""
-        name, (n, d_out, n_in) = self.name, self.dims()
+        name, (n, d_out, _) = self.name, self.dims()
         Tf = T.reshape(n, d_out, -1).astype(np.float64)
         Mf = M.reshape(n, -1).astype(np.float64)
         close = np.stack([_close(Mf, Tf[:, j], dtype).all(axis=1) for j in range(d_out)], 1)
