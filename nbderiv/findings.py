@@ -368,21 +368,48 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip) ->
     return out
 
 
+def _size(y: np.ndarray) -> np.ndarray:
+    """max |y| + the range of y, per output (column), without a temporary as large as y."""
+    y = y.reshape(y.shape[0], -1)
+    top, low = y.max(axis=0).astype(np.float64), y.min(axis=0).astype(np.float64)
+    return np.maximum(top, -low) + (top - low)
+
+
+def _scaled_max(d1: np.ndarray, x_size: np.ndarray, values: int = 1 << 22) -> np.ndarray:
+    """max over points and inputs of |d1[n, j, i]| * x_size[i], per output j, in blocks of
+    rows (a result of 200 MB must not cost a gigabyte of temporaries)."""
+    n, d_out = d1.shape[:2]
+    d1 = d1.reshape(n, d_out, -1)
+    out = np.zeros(d_out)
+    if d1.shape[2] <= 16:  # a few inputs: max and min of each, no temporary at all
+        for i in range(d1.shape[2]):
+            top = np.maximum(d1[:, :, i].max(axis=0), -d1[:, :, i].min(axis=0))
+            np.maximum(out, top.astype(np.float64) * x_size[i], out=out)
+        return out
+    rows = max(1, values // max(d1[0].size, 1))
+    for s in range(0, n, rows):
+        block = np.abs(d1[s:s + rows], dtype=np.float64)
+        np.maximum(out, (block * x_size).max(axis=(0, 2)), out=out)
+    return out
+
+
 def _saturation(call, layers, y, d1, wrt, out_names, check) -> Finding | None:
     """``saturated`` where max |dy/dx| * (size of x) / (size of y) < SATURATED_BELOW for an
     output whose derivative is not exactly 0 (a dead ReLU region is no saturation), in a model
     that is not piecewise linear, with the finite differences confirming the small slopes."""
     if structurally_piecewise(layers) or check["fd_max"] is None:
         return None
-    x = call.features()[:d1.shape[0]][:, list(wrt)].astype(np.float64)
-    finite = np.isfinite(x).all(axis=1) & np.isfinite(d1.reshape(d1.shape[0], -1)).all(axis=1)
-    if finite.sum() == 0:
+    n = d1.shape[0]
+    x = call.features()[:n][:, list(wrt)].astype(np.float64)
+    bad = set(non_finite_points(x, d1, y))
+    finite = np.array([i not in bad for i in range(n)]) if bad else slice(None)
+    if bad and len(bad) == n:
         return None
-    x, g, yy = x[finite], np.abs(d1[finite]).astype(np.float64), y[finite].astype(np.float64)
+    x = x[finite]
     x_size = np.maximum(np.ptp(x, axis=0), np.abs(x).max(axis=0))
     x_size = np.where(x_size > 0, x_size, 1.0)                         # (m,)
-    y_size = np.abs(yy).max(axis=0) + np.ptp(yy, axis=0)               # (d_out,)
-    change = (g * x_size).max(axis=(0, 2))                             # (d_out,)
+    y_size = _size(y[finite] if bad else y)                            # (d_out,)
+    change = _scaled_max(d1[finite] if bad else d1, x_size)            # (d_out,)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = change / y_size
     # the differences' slopes are per unit of a step scaled by 1 + |x|
