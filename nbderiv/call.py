@@ -29,6 +29,7 @@ class Verdict:
     stochastic: bool = False
     coupled: bool = False
     out_shape: tuple = None  # each point's output shape O (prod(O) == d_out)
+    structural: bool = False  # settled by the model's structure (a plain stack of layers)
 
     def __post_init__(self):
         if self.out_shape is None:

@@ -214,7 +214,9 @@ def probe(call: Call) -> Verdict:
     points). Sets ``call.verdict``. The probe is the model's first call, so a failure here
     means that the model rejects this input: it is reported as such."""
     verdict = call.backend.known_verdict(call)
-    if verdict is None:
+    if verdict is not None:
+        verdict.structural = True
+    else:
         batches, moved = probe_batches(call)
         try:
             outputs = call.backend.forwards(call, batches)
