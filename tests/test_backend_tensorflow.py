@@ -689,10 +689,10 @@ def test_randomness_from_seeded_ops_and_writes_from_python_functions_are_seen():
 
 @pytest.mark.parametrize("order", [1, 2])
 def test_a_warm_call_is_one_traced_run(monkeypatch, order):
-    """The derivatives are one traced run over all points; the only other run is the small
-    forward pass that confirms autodiff against the model's own central differences (the
-    graph-broken check, a few points), never a second pass over the points (a never-tried
-    fallback strategy must not count as holding seeded random ops)."""
+    """A warm call on a plain Sequential is one traced run: no probe (its structure settles
+    the verdict), no finite-difference confirmation of its graph (its layers cannot cut it),
+    no second pass over the points (a never-tried fallback strategy must not count as
+    holding seeded random ops)."""
     model = mlp([1, 8, 1], seed=27)
     x = np.linspace(0, 1, 50).astype("float32")
     nbderiv.derivatives(model, x, order=order)
@@ -701,7 +701,7 @@ def test_a_warm_call_is_one_traced_run(monkeypatch, order):
     monkeypatch.setattr(graphs.Traced, "__call__",
                         lambda self, X: runs.append(X.shape[0]) or original(self, X))
     nbderiv.derivatives(model, x, order=order)
-    assert runs[0] == 50 and len(runs) == 2 and runs[1] <= 32, runs
+    assert runs == [50]
 
 
 MODEL_LIFETIME = textwrap.dedent("""
