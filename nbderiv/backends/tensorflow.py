@@ -378,10 +378,10 @@ class TensorFlowBackend(Backend):
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, call, args, chunk=65536):
         shapes = _shapes(call)
-        X = self._tensor(call, args)
 
         def build():
-            fn = caller(call, self._ready(call, X, shapes))
+            fn = caller(call, self._ready(call, self._tensor(call, [a[:2] for a in args]),
+                                          shapes))
 
             def hits(Xs):
                 h, count = kink_hits(fn, Xs)
@@ -394,6 +394,7 @@ class TensorFlowBackend(Backend):
             return []
         if not traced.facts.get("kink_ops"):
             return []  # no ReLU-type operation in the model
+        X = self._tensor(call, args)
         hits = np.concatenate([traced(X[s:s + chunk]).numpy()
                                for s in range(0, X.shape[0], chunk)])
         return np.flatnonzero(hits).tolist()
