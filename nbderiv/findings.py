@@ -315,10 +315,12 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
         out.append(f)
     out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
     in_names = [call.names[i] for i in wrt]
+    bad_first = set(non_finite_points(y, ders[0]))  # rows of y or d1 with a NaN or inf
     out += _dependence_findings(call, layers, y, ders[0], wrt, out_names, in_names,
-                                skip=candidates)
+                                skip=candidates, bad_rows=bad_first)
     bad_x = set(non_finite_points(*args) if call.non_finite_x is None else call.non_finite_x)
-    bad = [n for n in non_finite_points(y, *ders) if n not in bad_x]
+    bad_all = bad_first.union(non_finite_points(*ders[1:])) if len(ders) > 1 else bad_first
+    bad = [n for n in sorted(bad_all) if n not in bad_x]
     f = non_finite_finding("the model's output or its derivatives (where x is finite)", bad)
     if f is not None:
         out.append(f)
@@ -332,7 +334,8 @@ def _zero_pairs(d1: np.ndarray) -> np.ndarray:
     return ~np.any(d1, axis=0)
 
 
-def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip) -> list:
+def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
+                         bad_rows=None) -> list:
     """``graph-broken`` (confirmed with central differences of the forward pass), then
     ``no-input-dependence`` for the zero pairs the forward pass confirms, then
     ``saturated``."""
@@ -367,7 +370,7 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip) ->
     if f is not None:
         out.append(f)
     if not out:
-        f = _saturation(call, layers, y, d1, wrt, out_names, check)
+        f = _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows)
         if f is not None:
             out.append(f)
     return out
@@ -401,7 +404,7 @@ def _scaled_max(d1: np.ndarray, x_size: np.ndarray, values: int = 1 << 22) -> np
     return out
 
 
-def _saturation(call, layers, y, d1, wrt, out_names, check) -> Finding | None:
+def _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows=None) -> Finding | None:
     """``saturated`` where max |dy/dx| * (size of x) / (size of y) < SATURATED_BELOW for an
     output whose derivative is not exactly 0 (a dead ReLU region is no saturation), in a model
     that is not piecewise linear, with the finite differences confirming the small slopes."""
@@ -409,7 +412,9 @@ def _saturation(call, layers, y, d1, wrt, out_names, check) -> Finding | None:
         return None
     n = d1.shape[0]
     x = call.features()[:n][:, list(wrt)].astype(np.float64)
-    bad = set(non_finite_points(x, d1, y))
+    # rows of y and d1 with a NaN or inf are known to the caller; x's are looked for here
+    bad = set(non_finite_points(x)) | (set(non_finite_points(d1, y)) if bad_rows is None
+                                       else set(bad_rows))
     finite = np.array([i not in bad for i in range(n)]) if bad else slice(None)
     if bad and len(bad) == n:
         return None

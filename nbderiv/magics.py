@@ -180,9 +180,10 @@ class NbderivMagics(ExplainCell, Magics):
         rng = parse_range(text)
         if rng is None:
             return self._evaluate(text, "X"), None, None
-        from .widgets import input_dim, resolve_framework
+        from .backends import framework_name
+        from .widgets import input_dim
 
-        framework = resolve_framework(model, framework)
+        framework = framework_name(model, framework=framework)
         if framework is None:
             raise UsageError("a range needs to know the model's framework, and this callable "
                              "does not say. Fix: pass X as a tensor, e.g. "
@@ -239,9 +240,10 @@ class NbderivMagics(ExplainCell, Magics):
         return self._shown(d)
 
     def _widget(self, model, args):
-        from .widgets import explore, resolve_framework
+        from .backends import framework_name
+        from .widgets import explore
 
-        domain, n, framework = (-3.0, 3.0), 200, resolve_framework(model, args.framework)
+        domain, n, framework = (-3.0, 3.0), 200, framework_name(model, framework=args.framework)
         if args.x is not None:
             rng = parse_range(args.x)
             if rng is not None:
