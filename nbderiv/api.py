@@ -23,7 +23,7 @@ from .compute import (
     probe,
     run_blocks,
 )
-from .errors import MemoryBudgetError
+from .errors import MemoryBudgetError, OptionError
 from .inputs import check_order, check_wrt
 from .options import byte_count, flag, positive_int
 from .result import Derivatives
@@ -88,6 +88,29 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
     >>> float(d[1][0, 0, 0]), float(d[2][0, 0, 0, 0])
     (20.0, 16.0)
     """
+    return derivatives_and_jacobian(model, x, order, wrt=wrt, framework=framework, check=check,
+                                    chunk_size=chunk_size, memory_budget=memory_budget,
+                                    progress=progress, reference=reference, target=target,
+                                    kwargs=kwargs)[0]
+
+
+def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, jacobian_budget=None,
+                             **options) -> tuple:
+    """(:func:`derivatives` of ``model`` at ``x``, the :func:`full_jacobian` or None) from one
+    call: one probe, one set of findings (what ``%nnderiv --full`` shows). The Jacobian is
+    computed when ``jacobian_budget`` (bytes) is given.
+
+    >>> import torch
+    >>> d, J = derivatives_and_jacobian(torch.sin, torch.zeros(3, 1), jacobian_budget=2**20)
+    >>> d[1].shape, J.shape
+    ((3, 1, 1), (3, 1, 3, 1))
+    """
+    return _derivatives(model, x, order, jacobian_budget=jacobian_budget, **options)
+
+
+def _derivatives(model, x, order, *, wrt=None, framework=None, check=False, chunk_size=None,
+                 memory_budget=DEFAULT_MEMORY_BUDGET, progress=None, reference=None,
+                 target=None, kwargs=None, jacobian_budget=None) -> tuple:
     order = check_order(order)
     check = flag(check, "check")
     progress = None if progress is None else flag(progress, "progress")
@@ -117,6 +140,8 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
             if result.check.low_precision:
                 result.findings.append(dg.low_precision_finding(
                     result.check.errors, call.dtype, result.check.low_precision_orders))
+        J = None if jacobian_budget is None else _full_of(call, byte_count(
+            jacobian_budget, "jacobian_budget"))
     if reference is not None:  # the error against a known truth, per order
         from .reference import reference_errors
 
@@ -126,7 +151,7 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
                                      bool(call.extras or call.constants))
     result._present(call.verdict.out_shape,
                     call.point_shapes[0] if call.n_inputs == 1 else None)
-    return result
+    return result, J
 
 
 def _code_for(backend, widths, order, wrt, coupled=False, extras=False):
@@ -186,16 +211,25 @@ def full_jacobian(model, x, *, framework=None, memory_budget=DEFAULT_JACOBIAN_BU
     memory_budget = byte_count(memory_budget, "memory_budget")
     call = open_call(model, x, framework)
     with one_at_a_time(call):
-        d_out = probe(call).d_out
-        size = call.n * d_out * call.n * call.width * call.dtype.itemsize
-        if size > memory_budget:
-            raise MemoryBudgetError(
-                f"the full Jacobian for N={call.n} points would be shape "
-                f"({call.n}, {d_out}, {call.n}, {call.width}) = {size / 2**20:.1f} MB, "
-                f"over the budget of {memory_budget / 2**20:.1f} MB; it grows like N**2. "
-                "Fix: use nbderiv.derivatives(model, x) for the per-point blocks, pass fewer points, "
-                "or raise memory_budget=."
-            )
-        with model_errors(call, "building the full Jacobian"):
-            J = call.backend.full_jacobian(call, call.args)
+        probe(call)
+        return _full_of(call, memory_budget)
+
+
+def _full_of(call, memory_budget):
+    """The cross-sample Jacobian of a probed call, refused past ``memory_budget`` bytes."""
+    if call.extras:
+        raise OptionError("the full Jacobian is taken of the model's own outputs, without "
+                          "target= or kwargs=. Fix: call nbderiv.full_jacobian(model, x).")
+    d_out = call.d_out
+    size = call.n * d_out * call.n * call.width * call.dtype.itemsize
+    if size > memory_budget:
+        raise MemoryBudgetError(
+            f"the full Jacobian for N={call.n} points would be shape "
+            f"({call.n}, {d_out}, {call.n}, {call.width}) = {size / 2**20:.1f} MB, "
+            f"over the budget of {memory_budget / 2**20:.1f} MB; it grows like N**2. "
+            "Fix: use nbderiv.derivatives(model, x) for the per-point blocks, pass fewer points, "
+            "or raise memory_budget=."
+        )
+    with model_errors(call, "building the full Jacobian"):
+        J = call.backend.full_jacobian(call, call.args)
     return J.reshape(call.n, d_out, call.n, call.width)

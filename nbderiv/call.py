@@ -4,6 +4,8 @@ The api opens one :class:`Call` per public call; the probe, the chunk loop, the 
 the finite-difference check and the backends all read it (and only the core writes it).
 
 >>> import numpy as np
+
+from .memo import Facts, recall
 >>> from nbderiv.call import Call
 >>> from nbderiv.inputs import prepare_inputs
 >>> inputs = prepare_inputs(np.zeros((5, 2)), to_numpy=np.asarray)
@@ -19,6 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .memo import Facts, recall
 
 
 @dataclass
@@ -69,6 +73,18 @@ class Call:
     verdict: Verdict | None = None
     findings: list = field(default_factory=list)
     non_finite_x: list | None = None  # rows of x with a NaN or inf, once looked for
+    known: Facts | None = None  # see ``facts``
+    state: tuple = (None, ())  # the model's state key when the facts were looked up
+    kink_rows: list | None = None  # points at a kink, when the derivative pass looked
+
+    @property
+    def facts(self) -> Facts:
+        """What earlier calls on this very model state, with points of this shape, established
+        (:mod:`nbderiv.memo`), looked up on first use: a call that needs none of it (a plain
+        stack of layers, settled by its structure) never reads the model's state key."""
+        if self.known is None:
+            self.known = recall(self)
+        return self.known
 
     @property
     def n(self) -> int:
@@ -122,5 +138,7 @@ class Call:
 
     def with_args(self, args, **changes) -> Call:
         """A copy of this call on other points (same model unless ``changes`` say)."""
+        if "model" in changes or "dtype" in changes:  # another model: nothing is known yet
+            changes.setdefault("known", Facts())
         return dataclasses.replace(self, args=list(args), findings=[], non_finite_x=None,
-                                   **changes)
+                                   kink_rows=None, **changes)

@@ -16,6 +16,7 @@ per-point blocks).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import findings as dg
+from . import memo
 from .backends import select_backend
 from .backends.base import Block, block_starts, equal_block_size
 from .call import Call, Extra, Verdict
@@ -109,8 +111,10 @@ def one_at_a_time(call: Call):
     call made from inside another (e.g. a check) re-enters freely."""
     with _LOCKS_GUARD:
         lock = _LOCKS.setdefault(call.backend.name, threading.RLock())
-    with lock, call.backend.preserved(call.model):
-        yield
+    with lock:
+        with call.backend.preserved(call.model):
+            yield
+        memo.remember(call)  # only after a call that succeeded
 
 
 @contextmanager
@@ -193,8 +197,11 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
     if not stochastic and y1.shape[0] >= 2:
         scale = 1 + np.fmax.reduce(np.abs(y1), axis=None, initial=0)
         tol = 100 * np.finfo(call.dtype).eps * scale
-        compare = [(y, np.setdiff1d(np.arange(y1.shape[0]), rows))
-                   for y, rows in zip(ys[2:], moved[2:])]
+        compare = []
+        for y, rows in zip(ys[2:], moved[2:]):
+            keep = np.ones(y1.shape[0], dtype=bool)  # (np.setdiff1d would load numpy.ma)
+            keep[list(rows)] = False
+            compare.append((y, np.flatnonzero(keep)))
         if fewer is not None:
             compare.append((np.concatenate([fewer, y1[-1:]]), np.arange(y1.shape[0] - 1)))
         for y, keep in compare:
@@ -216,6 +223,8 @@ def probe(call: Call) -> Verdict:
     verdict = call.backend.known_verdict(call)
     if verdict is not None:
         verdict.structural = True
+    elif call.facts.verdict is not None:  # probed before, on this very model state
+        verdict = dataclasses.replace(call.facts.verdict)
     else:
         batches, moved = probe_batches(call)
         try:
@@ -226,6 +235,7 @@ def probe(call: Call) -> Verdict:
             raise model_rejected_input(exc, call.inputs, _expected_width(call)) from None
         fewer = _fewer_points(call, batches[0], outputs[0])
         verdict = verdict_of(call, outputs, moved, fewer)
+        call.facts.verdict = dataclasses.replace(verdict)
     call.verdict = verdict
     return verdict
 
@@ -315,12 +325,15 @@ def run_blocks(call: Call, order: int, wrt, rows: int, progress=False) -> Block:
     block, and later blocks are written into it."""
     starts = block_starts(call.n, rows)
     full, methods = None, []
+    kinks = np.zeros(call.n, dtype=bool)
     with model_errors(call, f"differentiating it (order {order})"):
         for s in _progress(starts, progress):
             args = call.rows(s, s + rows)
             if full is None:  # the first block tells the shapes of the full result
                 part = call.backend.derivatives(call, args, order, wrt)
+                kinks = _kinks_of(part, kinks, s)
                 if len(starts) == 1:
+                    call.kink_rows = None if kinks is None else np.flatnonzero(kinks).tolist()
                     return part
                 full = Block(result_array((call.n,) + part.y.shape[1:], part.y.dtype),
                              [result_array((call.n,) + d.shape[1:], d.dtype)
@@ -329,12 +342,23 @@ def run_blocks(call: Call, order: int, wrt, rows: int, progress=False) -> Block:
             else:
                 view = Block(full.y[s:s + rows], [d[s:s + rows] for d in full.orders], "")
                 part = call.backend.derivatives(call, args, order, wrt, out=view)
+                kinks = _kinks_of(part, kinks, s)
             methods.append(part.method)
             if view is None or part.y is not view.y:  # else written in place by the backend
                 full.y[s:s + rows] = part.y
                 for dst, d in zip(full.orders, part.orders):
                     dst[s:s + rows] = d
+    call.kink_rows = None if kinks is None else np.flatnonzero(kinks).tolist()
     return Block(full.y, full.orders, _one_method(methods))
+
+
+def _kinks_of(part: Block, kinks, start):
+    """``kinks`` (n,) with the block's points at a kink marked; None once a block did not
+    look (then the findings look themselves)."""
+    if kinks is None or part.kinks is None:
+        return None
+    kinks[start:start + len(part.kinks)] |= part.kinks
+    return kinks
 
 
 def _one_method(methods) -> str:

@@ -205,7 +205,7 @@ class _Diffs(NamedTuple):
 
 def _differences(compute, at, X, order, wrt, step, dtype):
     """Shift every point at once along each wrt direction (points are independent)."""
-    y, autos, _ = compute(at(X), order)
+    y, autos = compute(at(X), order)[:2]
     lower_order = max(order - 1, 1)
     plus, minus, halves = [], [], []
     for i in wrt:
@@ -213,8 +213,8 @@ def _differences(compute, at, X, order, wrt, step, dtype):
         e[:, i] = step
         Xp, Xm = (X + e).astype(dtype), (X - e).astype(dtype)  # the points really used
         halves.append((Xp[:, i].astype(np.float64) - Xm[:, i]) / 2)
-        yp, dp, _ = compute(at(Xp), lower_order)
-        ym, dm, _ = compute(at(Xm), lower_order)
+        yp, dp = compute(at(Xp), lower_order)[:2]
+        ym, dm = compute(at(Xm), lower_order)[:2]
         plus.append([yp] + list(dp))
         minus.append([ym] + list(dm))
     lowers = [np.asarray(y, dtype=np.float64)] + [np.asarray(a, dtype=np.float64) for a in autos]
@@ -236,7 +236,7 @@ def _differences(compute, at, X, order, wrt, step, dtype):
 def _coupled_differences(backend, at, X, order, wrt, step, dtype):
     """Shift one point at a time, the others held fixed, for the first few points."""
     base = at(X)
-    y, ders, _ = backend.per_point_derivatives(base, base.args, order, wrt)
+    y, ders = backend.per_point_derivatives(base, base.args, order, wrt)[:2]
     n_check = min(X.shape[0], COUPLED_POINTS)
     lower_order = max(order - 1, 1)
     refs = {k: np.full(ders[k - 1].shape, np.nan) for k in range(1, order + 1)}
@@ -247,7 +247,7 @@ def _coupled_differences(backend, at, X, order, wrt, step, dtype):
                 Xs = X.copy()
                 Xs[n, i] += sign * step
                 c = at(Xs)
-                ys, ds, _ = backend.per_point_derivatives(c, c.args, lower_order, wrt)
+                ys, ds = backend.per_point_derivatives(c, c.args, lower_order, wrt)[:2]
                 vals.append([ys[n]] + [d[n] for d in ds])
             for k in range(1, order + 1):
                 refs[k][n, ..., p] = (vals[0][k - 1] - vals[1][k - 1]) / (2 * step)

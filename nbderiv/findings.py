@@ -309,7 +309,13 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
         f = piecewise_finding(layers, ders, order, wider)
         if f is not None:
             out.append(f)
-    candidates = backend.kink_points(call, args)
+    if call.kink_rows is not None:  # looked for during the derivative pass
+        candidates = call.kink_rows
+    elif call.known is not None and call.known.kink_free:
+        # an earlier call saw this model state call no ReLU-type function
+        candidates = []
+    else:
+        candidates = backend.kink_points(call, args)
     f = kink_finding(confirm.kinks_confirmed(call, candidates, wrt) if candidates else [])
     if f is not None:
         out.append(f)
@@ -349,8 +355,16 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         # a plain stack of the framework's own layers: its graph cannot be cut, and autodiff
         # needs no confirmation by finite differences
         check = {"moves": {}, "disagree": [], "checked": [], "fd_max": TRUSTED, "noise": 0.0}
+    elif not zero_inputs and tuple(wrt) in call.facts.graph_agrees:
+        # an earlier call on this very model state confirmed autodiff (and no zero
+        # derivative asks for a look): its differences' slopes stand for saturation
+        fd_max, noise = call.facts.graph_agrees[tuple(wrt)]
+        check = {"moves": {}, "disagree": [], "checked": [], "fd_max": fd_max, "noise": noise}
     else:
         check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip))
+        if check["checked"] and check["fd_max"] is not None and not check["moves"] \
+                and not check["disagree"]:
+            call.facts.graph_agrees[tuple(wrt)] = (check["fd_max"], check["noise"])
     broken = np.zeros_like(zero)
     moved, slope = [], 0.0
     for i, (points, outputs, top) in check["moves"].items():

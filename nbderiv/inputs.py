@@ -13,6 +13,7 @@ framework tensors into numpy first (``Backend.to_numpy``) and call
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,9 +128,16 @@ def input_names(prepared: PreparedInput, argument_names=None) -> tuple:
         arg_names = list(argument_names or [])
         if len(arg_names) != len(prepared.arrays) or len(set(arg_names)) != len(arg_names):
             arg_names = [f"arg{i}" for i in range(len(prepared.arrays))]
-    names = []
     shapes = prepared.point_shapes or [(w,) for w in prepared.widths]
-    for name, width, shape in zip(arg_names, prepared.widths, shapes):
+    return _feature_names(tuple(arg_names), tuple(prepared.widths),
+                          tuple(tuple(s) for s in shapes))
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_names(arg_names, widths, shapes) -> tuple:
+    """The names for these arguments and shapes (remembered: an image has thousands)."""
+    names = []
+    for name, width, shape in zip(arg_names, widths, shapes):
         if width == 1:
             names.append(name)
         elif len(shape) == 1:

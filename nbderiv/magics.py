@@ -220,9 +220,17 @@ class NbderivMagics(ExplainCell, Magics):
         target = None if args.target is None else self._evaluate(args.target, "--target")
         reference = None if args.reference is None else \
             self._evaluate(args.reference, "--reference")
-        d = derivatives(model, x, order=order, wrt=_parse_wrt(args.wrt),
-                        framework=framework, check=args.check, target=target,
-                        reference=reference)
+        # --full: the cross-sample Jacobian from the same call (one probe, one set of checks)
+        J = None
+        options = dict(wrt=_parse_wrt(args.wrt), framework=framework, check=args.check,
+                       target=target, reference=reference)
+        if args.full and target is None:
+            from .api import DEFAULT_JACOBIAN_BUDGET, derivatives_and_jacobian
+
+            d, J = derivatives_and_jacobian(model, x, order, **options,
+                                            jacobian_budget=DEFAULT_JACOBIAN_BUDGET)
+        else:
+            d = derivatives(model, x, order=order, **options)
         if note is not None:
             d.notes = [*getattr(d, "notes", ()), note]
         if args.quiet:
@@ -232,9 +240,10 @@ class NbderivMagics(ExplainCell, Magics):
         if args.plot:
             display(d.plot())
         if args.full:
-            from .plot import plot_jacobian
+            from .plot import draw_jacobian, plot_jacobian
 
-            display(plot_jacobian(model, x, framework=framework, max_points=FULL_MAX_POINTS))
+            display(draw_jacobian(J) if J is not None else
+                    plot_jacobian(model, x, framework=framework, max_points=FULL_MAX_POINTS))
         if args.code:
             print(d.code)
         return self._shown(d)

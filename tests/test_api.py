@@ -331,3 +331,21 @@ def test_one_million_points_order_2_bounded_memory():
     assert info["finite"]
     assert info["rss_kb"] < 2 * 1024 * 1024, f"peak RSS {info['rss_kb'] / 1024:.0f} MB >= 2 GB"
     assert info["err1"] < 1e-4 and info["err2"] < 1e-3  # float32 model
+
+
+def test_derivatives_and_jacobian_agree_with_the_two_separate_calls():
+    from nbderiv.api import derivatives_and_jacobian
+    from nbderiv.errors import OptionError
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    net = net.double()
+    X = torch.rand(6, 2, dtype=torch.float64)
+    d, J = derivatives_and_jacobian(net, X, 2, jacobian_budget=1 << 20)
+    ref = torch.autograd.functional.jacobian(net, X).numpy()  # (6, 3, 6, 2)
+    np.testing.assert_allclose(J, ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(d[1], nbderiv.derivatives(net, X)[1], rtol=1e-12)
+    d, J = derivatives_and_jacobian(net, X, 1)
+    assert J is None
+    with pytest.raises(OptionError, match="target"):
+        derivatives_and_jacobian(net, X, 1, target=0, jacobian_budget=1 << 20)

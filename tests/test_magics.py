@@ -412,3 +412,30 @@ def test_reference_option_shows_the_error_per_order(shell):
     assert set(d.reference_errors) >= {1, 2}
     assert all(rel < 1e-5 for _, rel in d.reference_errors.values())
     assert "vs reference: " in repr(d)
+
+
+def test_full_takes_the_jacobian_from_the_same_call(shell):
+    # a lambda is probed on every call (nbderiv cannot see the state it reads), so the count
+    # shows whether --full runs one pipeline or two
+    run(shell, "calls = [0]\n"
+               "def counted(X):\n"
+               "    calls[0] += 1\n"
+               "    return torch.sin(X) * X\n")
+    count = lambda: shell.user_ns["calls"][0]  # noqa: E731
+    start = count()
+    magic(shell, "counted x[:6] -q")
+    alone = count() - start
+    start = count()
+    J_alone = nbderiv.full_jacobian(shell.user_ns["counted"], shell.user_ns["x"][:6])
+    jacobian_alone = count() - start
+    start = count()
+    d, out = magic(shell, "counted x[:6] --full")
+    both = count() - start
+    assert both < alone + jacobian_alone, (both, alone, jacobian_alone)
+    fig = out.outputs[1]
+    assert "image/png" in fig.data
+    # and the picture is of the same Jacobian: diagonal blocks = d[1], zero elsewhere
+    x6 = shell.user_ns["x"][:6].numpy()
+    np.testing.assert_allclose(np.diagonal(J_alone[:, 0, :, 0]), np.cos(x6) * x6 + np.sin(x6),
+                               rtol=1e-12)
+    np.testing.assert_allclose(d[1][:, 0, 0], np.cos(x6) * x6 + np.sin(x6), rtol=1e-12)

@@ -23,6 +23,7 @@ what a backend offers is declared, never probed with ``hasattr``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -33,7 +34,7 @@ from ..result_memory import owned, result_array
 
 OPTIONAL = frozenset({
     "begin", "device", "argument_names", "known_verdict", "block_rows", "bytes_per_point",
-    "kink_points", "input_width", "few_threads",
+    "kink_points", "input_width", "few_threads", "state_key",
 })
 
 
@@ -43,6 +44,8 @@ class Block(NamedTuple):
     y: np.ndarray        # (n, d_out)
     orders: list         # [d1, ..., d_order], d_k of shape (n, d_out) + (m,) * k
     method: str          # how they were computed (see the README's method tags)
+    kinks: np.ndarray | None = None  # (n,) bool: the point is at a ReLU-type kink, when
+    #                                  the backend looked during the pass (else None)
 
 
 class Backend:
@@ -139,12 +142,21 @@ class Backend:
         return 8 * (call.width + (call.d_out or 1)) * (3 ** order) * max(m, 1) * 64
 
     def kink_points(self, call, args) -> list:
-        """Indices of points where a piecewise-linear activation's input is exactly at a kink."""
+        """Indices of points where a piecewise-linear activation's input is exactly at a kink.
+        A backend that finds the model calls no piecewise-linear function at all may set
+        ``call.facts.kink_free`` (later calls on the same model state then skip the look)."""
         return []
 
     def input_width(self, model):
         """The number of input features the model expects, read without calling it, or None."""
         return None
+
+    def state_key(self, model) -> tuple:
+        """(key, objects): a hashable key that changes whenever the model may behave
+        differently (its structure, settings, parameters, buffers), and the objects the key
+        names by identity (held weakly by :mod:`nbderiv.memo`); (None, ()) to have the model
+        probed on every call (the default)."""
+        return None, ()
 
     @contextmanager
     def few_threads(self):
@@ -167,6 +179,9 @@ def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> n
         if owned(v) and v.flags.writeable and v.flags.c_contiguous \
                 and v.dtype == dtype and v.shape == (n, d_out):
             return v.reshape((n, d_out) + (1,) * k)
+    keys = sorted_multi_indices(m, k)
+    if len(values) == len(keys):  # every partial: one level array, filled in one pass
+        return fill_level(np.stack([values[key] for key in keys], axis=1), m, k, dtype)
     out = result_array((n, d_out) + (m,) * k, dtype)
     for idx, v in values.items():
         for perm in set(itertools.permutations(idx)):
@@ -174,11 +189,54 @@ def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> n
     return out
 
 
+def fill_level(level: np.ndarray, m: int, k: int, dtype) -> np.ndarray:
+    """The (n, d_out) + (m,)*k array from one level array (n, L, d_out) holding the L
+    distinct partials in the order of :func:`sorted_multi_indices` (one gather, however many
+    inputs: an image's 3 072 first derivatives are one copy, not 3 072).
+
+    >>> level = np.arange(6.0).reshape(1, 3, 2)           # n=1, (0,0), (0,1), (1,1); d_out=2
+    >>> fill_level(level, 2, 2, "float64")[0, 1].tolist()  # output 1: symmetric 2 x 2
+    [[1.0, 3.0], [3.0, 5.0]]
+    """
+    n, _, d_out = level.shape
+    v = level[:, 0]
+    if m == 1 and owned(v) and v.flags.writeable and v.flags.c_contiguous and v.dtype == dtype:
+        return v.reshape((n, d_out) + (1,) * k)  # one direction: the caller's array itself
+    out = result_array((n, d_out) + (m,) * k, np.dtype(dtype))
+    flat = out.reshape(n, d_out, m ** k)
+    if k == 1 or m == 1:
+        np.copyto(flat, level.transpose(0, 2, 1))
+    else:
+        places, sources = _symmetric_places(m, k)
+        flat[:, :, places] = level[:, sources].transpose(0, 2, 1)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _symmetric_places(m: int, k: int) -> tuple:
+    """(flat places in (m,)*k, the sorted multi-index each one copies) for every ordering."""
+    places, sources = [], []
+    for s, idx in enumerate(sorted_multi_indices(m, k)):
+        for perm in set(itertools.permutations(idx)):
+            places.append(int(np.ravel_multi_index(perm, (m,) * k)))
+            sources.append(s)
+    return np.array(places), np.array(sources)
+
+
 def assemble(values: dict, y: np.ndarray, order: int, m: int) -> list:
-    """[d1, ..., d_order] from {sorted multi-index: (n, d_out) values}."""
+    """[d1, ..., d_order] from {sorted multi-index: (n, d_out) values}, or, for a level k,
+    from ``values[("level", k)]``: all its partials as one (n, L_k, d_out) array."""
     n, d_out = y.shape
-    return [fill_symmetric({idx: v for idx, v in values.items() if len(idx) == k},
-                           n, d_out, m, k, y.dtype) for k in range(1, order + 1)]
+    out = []
+    for k in range(1, order + 1):
+        level = values.get(("level", k))
+        if level is not None:
+            out.append(fill_level(level, m, k, y.dtype))
+        else:
+            out.append(fill_symmetric({idx: v for idx, v in values.items()
+                                       if len(idx) == k and idx[0] != "level"},
+                                      n, d_out, m, k, y.dtype))
+    return out
 
 
 def equal_block_size(n: int, most: int) -> int:

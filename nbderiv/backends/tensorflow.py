@@ -58,12 +58,12 @@ from .tensorflow_keras import (  # noqa: E402
     is_keras_layer,
     layer_summary,
     model_variables,
+    state_key,
 )
 from .tensorflow_math import (  # noqa: E402
     BATCHED,
     REVERSE,
     ZERO,
-    batched_keys,
     builder,
     caller,
     choose_methods,
@@ -151,7 +151,7 @@ def _run_in_parts(traced, X, rows):
 class TensorFlowBackend(Backend):
     name = "tensorflow"
     optional = frozenset({"begin", "argument_names", "known_verdict", "block_rows",
-                          "bytes_per_point", "kink_points", "input_width"})
+                          "bytes_per_point", "kink_points", "input_width", "state_key"})
 
     # -- conversion and placement ------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -299,10 +299,7 @@ class TensorFlowBackend(Backend):
             y = np.array(y)
         if y.shape[0] != X.shape[0]:
             check_output(y.shape, True, "", X.shape[0])
-        if method == BATCHED:  # each level came as one (n, L_k, d_out) array
-            for k, keys in enumerate(batched_keys(order, len(wrt)), start=1):
-                level = values.pop(("level", k))
-                values.update((key, level[:, i]) for i, key in enumerate(keys))
+        if method == BATCHED:  # each level came as one (n, L_k, d_out) array (see assemble)
             method = REVERSE
         method += " (XLA)" if traced.last_compiled else ""
         return Block(y, assemble(values, y, order, len(wrt)), method)
@@ -398,6 +395,9 @@ class TensorFlowBackend(Backend):
         hits = np.concatenate([traced(X[s:s + chunk]).numpy()
                                for s in range(0, X.shape[0], chunk)])
         return np.flatnonzero(hits).tolist()
+
+    def state_key(self, model) -> tuple:
+        return state_key(model)
 
     def layer_summary(self, model) -> dict:
         if not is_keras_layer(model):  # a wrapper: the layers it holds may change, no cache

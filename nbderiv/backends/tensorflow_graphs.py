@@ -19,7 +19,8 @@ import weakref
 
 import tensorflow as tf
 
-from .tensorflow_keras import StructureWatch, structure_key
+from ..memo import StructureWatch
+from .tensorflow_keras import structure_key
 from .tensorflow_quiet import quiet_tf_logs
 from .tensorflow_state import (
     before_writing,
@@ -162,6 +163,7 @@ class Traced:
         # a partial has no __code__: TensorFlow then counts retracing per function, not per
         # source line (shared lambdas would trigger its "frequent retracing" warning)
         self.traced = tf.function(functools.partial(python_fn), reduce_retracing=True,
+                                  autograph=False,
                                   input_signature=signature)
         self.concrete = None
         self.eager = False    # tracing failed: run the Python function as it is

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import sys
 import weakref
 
@@ -116,7 +117,7 @@ def structure_key(model):
     values: its layers, their activations, their variables (by identity) and their public
     scalar settings (``Rescaling.scale``, ``LeakyReLU.negative_slope``, ``lora_enabled``, ...).
     ``key`` holds the identities as numbers; ``objects`` are the objects behind them, which a
-    :class:`StructureWatch` holds weakly so that a freed object's address reused by a new one
+    :class:`~nbderiv.memo.StructureWatch` holds weakly so that a freed object's address reused by a new one
     still counts as a change. A model edited in place gets a new key, so its old traces are
     dropped. (None, []) for anything that is not a Keras layer."""
     if not is_keras_layer(model):
@@ -138,38 +139,22 @@ def structure_key(model):
     return tuple(parts), objects
 
 
-class StructureWatch:
-    """A stored structure key and the objects it names, held weakly where they can be (others,
-    such as None or numbers, are kept as they are): while all of them live, equal keys mean
-    the very same objects; once one of them is freed, :meth:`same` is False for any key.
+_FINGERPRINT_MAX = 1 << 22  # variable values read for a state key, at most
 
-    >>> import keras
-    >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2)])
-    >>> watch = StructureWatch(*structure_key(model))
-    >>> watch.same(structure_key(model)[0])
-    True
-    >>> model.layers[0].activation = keras.activations.tanh
-    >>> watch.same(structure_key(model)[0])
-    False
-    """
 
-    __slots__ = ("key", "held", "freed")
-
-    def __init__(self, key, objects):
-        self.key, self.held, self.freed = key, [], [False]
-        freed = self.freed
-
-        def on_free(_ref, freed=freed):  # no reference back to the watch: no cycle
-            freed[0] = True
-
-        for obj in objects:
-            try:
-                self.held.append(weakref.ref(obj, on_free))
-            except TypeError:  # None, numbers, builtins: kept as they are
-                self.held.append(obj)
-
-    def same(self, key) -> bool:
-        return not self.freed[0] and key == self.key
+def state_key(model) -> tuple:
+    """(key, objects) for :mod:`nbderiv.memo`: the :func:`structure_key` of a Keras model and
+    a fingerprint of its variables' values (Keras variables keep no version counter: a
+    training step is seen in the values). (None, ()) for anything else, and for models with
+    more than ``_FINGERPRINT_MAX`` values (reading them all would cost more than it saves)."""
+    key, objects = structure_key(model)
+    if key is None:
+        return None, ()
+    variables = model_variables(model)
+    if sum(math.prod(v.shape) for v in variables) > _FINGERPRINT_MAX:
+        return None, ()
+    values = hash(tuple(hash(np.asarray(v.numpy()).tobytes()) for v in variables))
+    return (key, values), objects
 
 
 _SETTING_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

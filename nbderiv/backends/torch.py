@@ -49,6 +49,7 @@ from .torch_state import (
     plain_modules,
     refuse_lazy,
     refuse_uninitialised,
+    state_key,
 )
 from .torch_taylor import taylor_derivatives, taylor_plan
 
@@ -95,7 +96,8 @@ def _first_float_tensor(model):
 class TorchBackend(Backend):
     name = "torch"
     optional = frozenset({"device", "argument_names", "known_verdict", "block_rows",
-                          "bytes_per_point", "kink_points", "input_width", "few_threads"})
+                          "bytes_per_point", "kink_points", "input_width", "few_threads",
+                          "state_key"})
 
     # -- conversion and placement ------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -230,18 +232,24 @@ class TorchBackend(Backend):
         fn = self._caller(call)
         batch = batched_backward_pays(call)
         forward = call.d_out > len(wrt)
+        # reverse mode runs the model once: the kinks are looked for in that same pass
+        watcher = None if kink_free(call.model) or call.facts.kink_free \
+            else KinkWatcher(X.shape[0])
         with grad_enabled(True), exact_norms(order, forward=forward):
             if forward:
                 try:
                     y, values = nested_forward(fn, X, order, wrt)
-                    method = "forward-jvp"
+                    method, watcher = "forward-jvp", None
                 except (RuntimeError, NotImplementedError):
-                    y, values = nested_reverse(fn, X, order, wrt, batch)
+                    y, values = nested_reverse(_watched(fn, watcher), X, order, wrt, batch)
                     method = "reverse-ones"
             else:
-                y, values = nested_reverse(fn, X, order, wrt, batch)
+                y, values = nested_reverse(_watched(fn, watcher), X, order, wrt, batch)
                 method = "reverse-ones"
-        return Block(y, assemble(values, y, order, len(wrt)), method)
+        if watcher is not None and not watcher.calls:
+            call.facts.kink_free = True
+        return Block(y, assemble(values, y, order, len(wrt)), method,
+                     None if watcher is None else watcher.hits)
 
     def per_point_derivatives(self, call, args, order, wrt) -> Block:
         fn = self._caller(call)
@@ -323,6 +331,7 @@ class TorchBackend(Backend):
                 with few:
                     fn(self._tensor(call, [a[:8] for a in args]))
                 if not few.calls:
+                    call.facts.kink_free = True  # not worth another look on this state
                     return []
             for s in range(0, n, chunk):
                 part = [a[s:s + chunk] for a in args]
@@ -350,6 +359,9 @@ class TorchBackend(Backend):
                     torch.nn.Sequential.forward:
                 opaque = True
         return {"activations": activations, "train_mode": train_mode, "opaque": opaque}
+
+    def state_key(self, model) -> tuple:
+        return state_key(model)
 
     def input_width(self, model):
         """What the layer that receives the input expects, read without calling the model:
@@ -393,6 +405,17 @@ class TorchBackend(Backend):
         if isinstance(model, torch.nn.Module):
             return copy.deepcopy(model).to(torch.float64)
         return model
+
+
+def _watched(fn, watcher):
+    """``fn`` run under ``watcher`` (a :class:`KinkWatcher`; None: ``fn`` itself)."""
+    if watcher is None:
+        return fn
+
+    def watched(X):
+        with watcher:
+            return fn(X)
+    return watched
 
 
 BACKEND = TorchBackend()

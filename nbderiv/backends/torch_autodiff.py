@@ -5,7 +5,7 @@ kink watcher (which points sit exactly on a ReLU-type kink).
 >>> import torch
 >>> from nbderiv.backends.torch_autodiff import nested_reverse
 >>> y, values = nested_reverse(torch.sin, torch.zeros(2, 1, dtype=torch.float64), 1, (0,))
->>> values[(0,)][:, 0].tolist()
+>>> values[("level", 1)][:, 0, 0].tolist()  # (n, partials, outputs)
 [1.0, 1.0]
 """
 
@@ -136,8 +136,8 @@ def nested_reverse(fn, X, order, wrt, batch=False):
         rows = [f for f, _ in pairs]
         cols = [wrt[p] for _, p in pairs]
         new_keys = [keys[f] + (p,) for f, p in pairs]
-        picked = to_numpy(G)[rows, :, :, cols]  # (L, n, d_out)
-        values.update(zip(new_keys, picked))
+        # level k: (n, L, d_out), the L partials in the order of new_keys
+        values[("level", k)] = to_numpy(G)[rows, :, :, cols].transpose(1, 0, 2)
         if create:
             S = G[torch.tensor(rows), :, :, torch.tensor(cols)]
         keys = new_keys
@@ -155,8 +155,9 @@ def _looped_level(T, X, create):
         Tj = T[:, j]
         g = None
         if Tj.requires_grad:
-            g = torch.autograd.grad(Tj, X, grad_outputs=torch.ones_like(Tj),
-                                    create_graph=create, retain_graph=True,
+            # the sum's gradient is the ones cotangent; passing it as grad_outputs instead
+            # makes torch import sympy on its first use (0.4 s of a first call)
+            g = torch.autograd.grad(Tj.sum(), X, create_graph=create, retain_graph=True,
                                     allow_unused=True)[0]
         cols.append(torch.zeros_like(X) if g is None else g)
     return torch.stack(cols, dim=1)

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ModelTypeError, OptionError
 from ..wrapped import objects_inside
-from .torch_taylor import global_hooks, runs_class_forward
+from .torch_taylor import _GLOBAL_HOOKS, global_hooks, runs_class_forward
 
 
 def modules_of(model) -> list:
@@ -184,3 +184,60 @@ def dense_widths(model):
         return []
     return [max(m.in_features, m.out_features) for m in model.modules()
             if isinstance(m, torch.nn.Linear)]
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+_OWN = ("_parameters", "_buffers", "_modules")
+# what every nn.Module holds that cannot change its forward pass (state-dict and backward
+# hooks, bookkeeping); the forward hooks are kept under their own names
+_IGNORED = frozenset(vars(torch.nn.Module())) - {
+    "training", "_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"}
+
+
+def state_key(model) -> tuple:
+    """(key, objects) for :mod:`nbderiv.memo`: for an ``nn.Module``, every submodule with its
+    class, training flag and plain settings (``p`` of a Dropout, ``eps``, a float attribute
+    of your own), its hooks and anything set on the instance (a replaced ``forward``, a
+    function), every parameter and buffer by identity, shape and version (an optimizer step
+    or ``load_state_dict`` changes it), and the global module hooks. (None, ()) for anything
+    else (a wrapper may read state nbderiv cannot see)."""
+    if not isinstance(model, torch.nn.Module):
+        return None, ()
+    try:
+        return _module_state(model)
+    except Exception:  # e.g. inference tensors keep no version counter: nothing remembered
+        return None, ()
+
+
+def _module_state(model) -> tuple:
+    module = torch.nn.modules.module
+    parts = [tuple(tuple(getattr(module, name, None) or ()) for name in _GLOBAL_HOOKS)]
+    objects = []
+    for m in model.modules():
+        settings = []
+        for name, value in vars(m).items():
+            if name in _IGNORED:
+                continue
+            if isinstance(value, _PLAIN):
+                settings.append((name, value))
+            elif isinstance(value, torch.Tensor):
+                settings.append((name, id(value), value._version))
+                objects.append(value)
+            elif isinstance(value, dict) and (name in _OWN or "hooks" in name):
+                # parameters, buffers, submodules, hooks
+                settings.append((name, tuple(
+                    (k, id(v), v._version, v.data_ptr(), tuple(v.shape))
+                    if isinstance(v, torch.Tensor) else (k, id(v)) for k, v in value.items())))
+                objects.extend(v for v in value.values() if v is not None)
+            elif isinstance(value, (list, tuple)) and len(value) <= 64:
+                settings.append((name, tuple(v if isinstance(v, _PLAIN) else id(v)
+                                             for v in value)))
+                objects.extend(v for v in value if not isinstance(v, _PLAIN))
+            else:  # a function, an object of your own, a large container: by identity
+                # (an object edited in place keeps its identity: see nbderiv.memo)
+                settings.append((name, id(value)))
+                objects.append(value)
+        parts.append((id(m), type(m), tuple(settings)))
+        objects.append(m)
+    return tuple(parts), objects
+

@@ -1,0 +1,135 @@
+"""What earlier calls established about a model, kept while the model stays exactly as it was.
+
+A call probes the model with a few forward passes (outputs per point, randomness, coupling),
+compares autodiff with central differences of the forward pass, and looks for ReLU-type
+calls. On the same model, in the same state, with points of the same shape, the answers are
+the same, so a later call reuses them (:class:`Facts`) instead of running those forward
+passes again: repeated calls (an explorer's slider, a loop over batches) cost little more
+than the derivatives themselves.
+
+"The same state" is what the backend's ``state_key`` says: for a torch module, its
+submodules, their training flags and plain settings, hooks, and every parameter and buffer
+by identity and version (an optimizer step, ``load_state_dict`` or an in-place edit changes
+the version); for a Keras model its layers, activations, settings and variables. Anything
+else, and any model the backend gives no key for (a lambda or other wrapper), is probed
+every time. The facts are held per model object, weakly: they go with the model.
+
+>>> from nbderiv.memo import StructureWatch
+>>> class Thing: ...
+>>> a = Thing()
+>>> watch = StructureWatch(("key", id(a)), [a])
+>>> watch.same(("key", id(a)))
+True
+>>> del a
+>>> watch.same(("key", id(Thing())))  # the object is gone: nothing counts as the same
+False
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Facts:
+    """What calls on one model, in one state, with points of one shape, have established."""
+
+    verdict: object = None   # the probe's Verdict, from forward passes (None: not yet probed)
+    # {wrt: (fd_max, noise)} where autodiff matched the forward pass's central differences
+    # (the differences' largest slopes and their rounding level, see confirm.graph_consistency)
+    graph_agrees: dict = field(default_factory=dict)
+    kink_free: bool = False  # a forward pass called no piecewise-linear function
+
+
+class StructureWatch:
+    """A stored key and the objects it names, held weakly where they can be (others, such as
+    None or numbers, are kept as they are): while all of them live, equal keys mean the very
+    same objects; once one of them is freed, :meth:`same` is False for any key (a freed
+    object's address may be reused by a new one)."""
+
+    __slots__ = ("key", "held", "freed")
+
+    def __init__(self, key, objects):
+        self.key, self.held, self.freed = key, [], [False]
+        freed = self.freed
+
+        def on_free(_ref, freed=freed):  # no reference back to the watch: no cycle
+            freed[0] = True
+
+        for obj in objects:
+            try:
+                self.held.append(weakref.ref(obj, on_free))
+            except TypeError:  # None, numbers, builtins: kept as they are
+                self.held.append(obj)
+
+    def same(self, key) -> bool:
+        return not self.freed[0] and key == self.key
+
+
+# model -> (StructureWatch of its state, {call shape key: Facts})
+_REMEMBERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _call_key(call) -> tuple:
+    """What of the call, besides the model, the facts depend on: each point's shape, the
+    dtype, the extras, whether the probe could see several points, the device."""
+    from .findings import PROBE_POINTS
+
+    return (tuple(map(tuple, call.point_shapes)), call.dtype.str, call.n_inputs, call.extras,
+            min(call.n, PROBE_POINTS), str(call.device))
+
+
+def _state(call):
+    """(key, objects) of the model's state, or (None, ()) when there is nothing to remember
+    by: the backend cannot say, or keyword arguments are passed as they are (objects the
+    facts may depend on)."""
+    if call.constants:
+        return None, ()
+    return call.backend.state_key(call.model)
+
+
+def recall(call) -> Facts:
+    """The facts earlier calls established for this model state and call shape, or new ones
+    (which the call fills in and :func:`remember` keeps). Reads the model's state key once
+    (``call.facts`` calls this on first use, before the forward passes that need it)."""
+    call.state = _state(call)
+    key = call.state[0]
+    if key is None:
+        return Facts()
+    try:
+        entry = _REMEMBERED.get(call.model)
+    except TypeError:  # not weakly referenceable or not hashable
+        return Facts()
+    if entry is not None and entry[0].same(key):
+        return entry[1].setdefault(_call_key(call), Facts())
+    return Facts()
+
+
+def remember(call) -> None:
+    """Keep ``call.facts`` under the state key read before the call (a model that changed
+    itself during the call, beyond what nbderiv puts back, reads as another state next time:
+    it is probed again)."""
+    if call.known is None:  # nothing was looked up, so nothing was learnt
+        return
+    key, objects = call.state
+    if key is None:
+        return
+    try:
+        entry = _REMEMBERED.get(call.model)
+        if entry is not None and entry[0].same(key):
+            entry[1][_call_key(call)] = call.facts
+        else:
+            _REMEMBERED[call.model] = (StructureWatch(key, objects),
+                                       {_call_key(call): call.facts})
+    except TypeError:  # not weakly referenceable or not hashable
+        pass
+
+
+def forget(model=None) -> None:
+    """Drop what was remembered about ``model`` (every model when None); the next call
+    probes again."""
+    if model is None:
+        _REMEMBERED.clear()
+    else:
+        _REMEMBERED.pop(model, None)
