@@ -153,31 +153,28 @@ def probe_points(call: Call) -> list:
 
 def probe_batches(call: Call, points=None) -> tuple:
     """(batches, moved): the probe's batches on ``points`` (default :func:`probe_points`): the
-    points twice (randomness), with point 0 moved, and with the points holding each feature's
-    extremes in the batch moved halfway to the middle (does any other point's output change?).
-    ``moved[b]`` lists the rows moved in batch b (for the coupling test)."""
+    points twice (randomness), then once with point 0 moved a little and the points holding
+    each feature's extremes in the batch moved halfway to the middle (does any other point's
+    output change?). ``moved[b]`` lists the rows moved in batch b (for the coupling test)."""
     points = probe_points(call) if points is None else points
     first = [a[points].copy() for a in call.args]
     k = len(points)
-    moved = [a.copy() for a in first]
-    for a in moved[:call.n_inputs]:  # extras (labels, masks) stay as they are
-        a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
-    extremes = set()
     inputs = first[:call.n_inputs]
     X = np.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
+    extremes = set()
     with np.errstate(invalid="ignore"):
         finite = np.where(np.isfinite(X), X, 0)
         for i in range(min(X.shape[1], dg.PROBE_POINTS)):
             extremes |= {int(finite[:, i].argmax()), int(finite[:, i].argmin()),
                          int(np.abs(finite[:, i]).argmax())}
-    if len(extremes) >= k:  # keep one point still to watch
-        extremes = set(sorted(extremes)[:k - 1])
+    extremes = sorted(extremes - {0})[:max(k - 2, 0)]  # keep a point still to watch
     out = [a.copy() for a in first]
-    for a in out[:call.n_inputs]:
+    for a in out[:call.n_inputs]:  # extras (labels, masks) stay as they are
         centre = a.mean(axis=0)
         for n in extremes:  # halfway to the middle: inside the data's range, never beyond it
             a[n] = (a[n] + (centre - a[n]) / 2).astype(a.dtype)
-    return [first, first, moved, out], [[], [], [0], sorted(extremes)]
+        a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
+    return [first, first, out], [[], [], [0] + extremes]
 
 
 def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
