@@ -241,3 +241,15 @@ def test_a_plain_stack_settled_by_its_structure_never_reads_a_state_key():
     d = nbderiv.derivatives(net, X[:, :1], order=2)
     assert d.method == "taylor"
     assert net not in memo._REMEMBERED
+
+
+def test_a_model_holding_containers_that_name_it_is_still_freed():
+    net = Counting().double()
+    net.registry = {"me": net, "parts": [net.a, net.b]}  # a dict and a list: not weakly held
+    net.many = list(range(100))
+    calls_of(net)
+    calls_of(net)
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None

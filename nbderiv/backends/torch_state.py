@@ -228,16 +228,22 @@ def _module_state(model) -> tuple:
                 settings.append((name, tuple(
                     (k, id(v), v._version, v.data_ptr(), tuple(v.shape))
                     if isinstance(v, torch.Tensor) else (k, id(v)) for k, v in value.items())))
-                objects.extend(v for v in value.values() if v is not None)
+                objects.extend(v for v in value.values() if _weak(v))
             elif isinstance(value, (list, tuple)) and len(value) <= 64:
                 settings.append((name, tuple(v if isinstance(v, _PLAIN) else id(v)
                                              for v in value)))
-                objects.extend(v for v in value if not isinstance(v, _PLAIN))
+                objects.extend(v for v in value if _weak(v))
             else:  # a function, an object of your own, a large container: by identity
                 # (an object edited in place keeps its identity: see nbderiv.memo)
-                settings.append((name, id(value)))
-                objects.append(value)
+                settings.append((name, type(value).__name__, id(value)))
+                if _weak(value):
+                    objects.append(value)
         parts.append((id(m), type(m), tuple(settings)))
         objects.append(m)
     return tuple(parts), objects
 
+
+def _weak(value) -> bool:
+    """Whether ``value`` can be held weakly: the others (lists, dicts, numbers) are named in
+    the key by identity and never held, so that nothing in the memo keeps a model alive."""
+    return type(value).__weakrefoffset__ != 0
