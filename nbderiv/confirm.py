@@ -134,6 +134,17 @@ def kinks_confirmed(call, candidates, wrt=None, limit: int = KINK_CHECKS,
     return [n for n, c in zip(candidates, confirmed) if c]
 
 
+def graph_points(call, d1, skip=(), points: int = GRAPH_POINTS) -> list:
+    """The points :func:`graph_consistency` looks at: the first rows where x and d1 are
+    finite, leaving out ``skip`` (points at a kink)."""
+    X_all = call.features()
+    skip = set(skip)
+    look = min(d1.shape[0], points + len(skip) + 64)  # the first rows hold enough candidates
+    ok = np.isfinite(X_all[:look]).all(axis=1) & np.isfinite(
+        d1[:look].reshape(look, -1)).all(axis=1)
+    return [int(n) for n in np.flatnonzero(ok) if n not in skip][:points]
+
+
 def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAPH_POINTS):
     """Autodiff against central differences of the forward pass, at up to ``points`` of the
     first rows of ``d1`` ((n, d_out, m), rows = points 0..n-1), in the model's dtype.
@@ -147,11 +158,7 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     the input's size; ``noise`` (d_out,) the rounding level of that estimate."""
     n_rows = d1.shape[0]
     X_all = call.features()
-    skip = set(skip)
-    look = min(n_rows, points + len(skip) + 64)  # the first rows hold enough candidates
-    ok = np.isfinite(X_all[:look]).all(axis=1) & np.isfinite(
-        d1[:look].reshape(look, -1)).all(axis=1)
-    pts = [int(n) for n in np.flatnonzero(ok) if n not in skip][:points]
+    pts = graph_points(call, d1, skip, points)
     result = {"moves": {}, "disagree": [], "checked": pts, "fd_max": None, "noise": None}
     if not pts:
         return result

@@ -355,16 +355,23 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         # a plain stack of the framework's own layers: its graph cannot be cut, and autodiff
         # needs no confirmation by finite differences
         check = {"moves": {}, "disagree": [], "checked": [], "fd_max": TRUSTED, "noise": 0.0}
-    elif not zero_inputs and tuple(wrt) in call.facts.graph_agrees:
-        # an earlier call on this very model state confirmed autodiff (and no zero
-        # derivative asks for a look): its differences' slopes stand for saturation
-        fd_max, noise = call.facts.graph_agrees[tuple(wrt)]
-        check = {"moves": {}, "disagree": [], "checked": [], "fd_max": fd_max, "noise": noise}
     else:
-        check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip))
-        if check["checked"] and check["fd_max"] is not None and not check["moves"] \
-                and not check["disagree"]:
-            call.facts.graph_agrees[tuple(wrt)] = (check["fd_max"], check["noise"])
+        # an earlier call on this very model state, at these very points, confirmed
+        # autodiff (its differences' slopes stand for saturation): no need to look again
+        pts = confirm.graph_points(call, d1, skip)
+        seen = (tuple(wrt), tuple(pts), call.features()[pts].tobytes())
+        if not zero_inputs and seen in call.facts.graph_agrees:
+            fd_max, noise = call.facts.graph_agrees[seen]
+            check = {"moves": {}, "disagree": [], "checked": [], "fd_max": fd_max,
+                     "noise": noise}
+        else:
+            check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip))
+            if check["checked"] and check["fd_max"] is not None and not check["moves"] \
+                    and not check["disagree"]:
+                agrees = call.facts.graph_agrees
+                agrees[seen] = (check["fd_max"], check["noise"])
+                while len(agrees) > 16:  # a loop over many batches: keep the latest
+                    del agrees[next(iter(agrees))]
     broken = np.zeros_like(zero)
     moved, slope = [], 0.0
     for i, (points, outputs, top) in check["moves"].items():

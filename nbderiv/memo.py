@@ -1,18 +1,24 @@
 """What earlier calls established about a model, kept while the model stays exactly as it was.
 
 A call probes the model with a few forward passes (outputs per point, randomness, coupling),
-compares autodiff with central differences of the forward pass, and looks for ReLU-type
-calls. On the same model, in the same state, with points of the same shape, the answers are
-the same, so a later call reuses them (:class:`Facts`) instead of running those forward
-passes again: repeated calls (an explorer's slider, a loop over batches) cost little more
-than the derivatives themselves.
+compares autodiff with central differences of the forward pass at a few points, and looks for
+ReLU-type calls. On the same model in the same state the answers are the same, so a later
+call reuses them (:class:`Facts`) instead of running those forward passes again: the probe's
+verdict for points of the same shape, the comparison for the very same points (new data is
+looked at again: saturation and broken graphs can depend on where you look), the absence of
+ReLU-type calls. Repeated calls (an explorer redrawn, a benchmark, a loop) then cost little
+more than the derivatives themselves.
 
 "The same state" is what the backend's ``state_key`` says: for a torch module, its
-submodules, their training flags and plain settings, hooks, and every parameter and buffer
-by identity and version (an optimizer step, ``load_state_dict`` or an in-place edit changes
-the version); for a Keras model its layers, activations, settings and variables. Anything
-else, and any model the backend gives no key for (a lambda or other wrapper), is probed
-every time. The facts are held per model object, weakly: they go with the model.
+submodules (also those kept in plain lists and dicts), their training flags and settings,
+forward and backward hooks, and every parameter and buffer by identity, version and a
+fingerprint of its values (an optimizer step, fused or not, ``load_state_dict`` or an edit
+through ``.data`` changes it); for a Keras model its layers, activations, settings and
+variable values. Not seen: state outside the model (a global variable its ``forward``
+reads, a method patched on the class, an object of your own edited in place); any model the
+backend gives no key for (a lambda or other wrapper) is probed every time, and
+:func:`forget` drops what was remembered. The facts are held per model object, weakly: they
+go with the model.
 
 >>> from nbderiv.memo import StructureWatch
 >>> class Thing: ...
@@ -36,8 +42,9 @@ class Facts:
     """What calls on one model, in one state, with points of one shape, have established."""
 
     verdict: object = None   # the probe's Verdict, from forward passes (None: not yet probed)
-    # {wrt: (fd_max, noise)} where autodiff matched the forward pass's central differences
-    # (the differences' largest slopes and their rounding level, see confirm.graph_consistency)
+    # {(wrt, points, their x): (fd_max, noise)} where autodiff matched the forward pass's
+    # central differences at those points (the differences' largest slopes and their rounding
+    # level, see confirm.graph_consistency): the same points again need no new look
     graph_agrees: dict = field(default_factory=dict)
     kink_free: bool = False  # a forward pass called no piecewise-linear function
 

@@ -11,6 +11,7 @@ receives the input expects.
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import torch
@@ -188,19 +189,35 @@ def dense_widths(model):
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 _OWN = ("_parameters", "_buffers", "_modules")
-# what every nn.Module holds that cannot change its forward pass (state-dict and backward
-# hooks, bookkeeping); the forward hooks are kept under their own names
+# what every nn.Module holds that cannot change its forward pass or its autodiff (state-dict
+# hooks, bookkeeping); forward and backward hooks are kept
 _IGNORED = frozenset(vars(torch.nn.Module())) - {
-    "training", "_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"}
+    "training", "_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+    "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook"}
+# hooks registered for every module: forward ones change outputs, backward ones gradients
+_GLOBAL = _GLOBAL_HOOKS + ("_global_backward_hooks", "_global_backward_pre_hooks",
+                           "_global_forward_hooks_with_kwargs")
+_PLAIN_TYPES = frozenset(_PLAIN)
+_CONTAINERS = frozenset({dict, list, tuple, collections.OrderedDict})
+_CONTAINER_MAX = 64  # lists and dicts of settings compared by value up to this size
 
 
 def state_key(model) -> tuple:
-    """(key, objects) for :mod:`nbderiv.memo`: for an ``nn.Module``, every submodule with its
-    class, training flag and plain settings (``p`` of a Dropout, ``eps``, a float attribute
-    of your own), its hooks and anything set on the instance (a replaced ``forward``, a
-    function), every parameter and buffer by identity, shape and version (an optimizer step
-    or ``load_state_dict`` changes it), and the global module hooks. (None, ()) for anything
-    else (a wrapper may read state nbderiv cannot see)."""
+    """(key, objects) for :mod:`nbderiv.memo`: for an ``nn.Module``, every submodule (also
+    those kept in plain lists or dicts) with its class, training flag and settings (``p`` of
+    a Dropout, ``eps``, numbers, lists and dicts of your own), its forward and backward hooks
+    and anything set on the instance (a replaced ``forward``, a function), every parameter
+    and buffer by identity, version, storage and values (two norms of each: fused optimizers
+    and edits through ``.data`` leave the version as it was), and the global
+    module hooks. (None, ()) for anything else (a wrapper may read state nbderiv cannot see).
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> key = state_key(net)[0]
+    >>> net.weight.data[0, 0] += 1  # no version bump, but another value
+    >>> state_key(net)[0] == key
+    False
+    """
     if not isinstance(model, torch.nn.Module):
         return None, ()
     try:
@@ -211,36 +228,69 @@ def state_key(model) -> tuple:
 
 def _module_state(model) -> tuple:
     module = torch.nn.modules.module
-    parts = [tuple(tuple(getattr(module, name, None) or ()) for name in _GLOBAL_HOOKS)]
-    objects = []
-    for m in model.modules():
+    parts = [tuple(tuple(getattr(module, name, None) or ()) for name in _GLOBAL)]
+    objects, tensors = [], {}
+    todo, seen = list(model.modules()), set()
+    while todo:
+        m = todo.pop(0)
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
         settings = []
         for name, value in vars(m).items():
-            if name in _IGNORED:
-                continue
-            if isinstance(value, _PLAIN):
+            kind = type(value)
+            if kind in _PLAIN_TYPES:  # the common cases first: a number, a flag, an empty dict
                 settings.append((name, value))
-            elif isinstance(value, torch.Tensor):
-                settings.append((name, id(value), value._version))
-                objects.append(value)
-            elif isinstance(value, dict) and (name in _OWN or "hooks" in name):
-                # parameters, buffers, submodules, hooks
-                settings.append((name, tuple(
-                    (k, id(v), v._version, v.data_ptr(), tuple(v.shape))
-                    if isinstance(v, torch.Tensor) else (k, id(v)) for k, v in value.items())))
-                objects.extend(v for v in value.values() if _weak(v))
-            elif isinstance(value, (list, tuple)) and len(value) <= 64:
-                settings.append((name, tuple(v if isinstance(v, _PLAIN) else id(v)
-                                             for v in value)))
-                objects.extend(v for v in value if _weak(v))
-            else:  # a function, an object of your own, a large container: by identity
-                # (an object edited in place keeps its identity: see nbderiv.memo)
-                settings.append((name, type(value).__name__, id(value)))
-                if _weak(value):
-                    objects.append(value)
+            elif name not in _IGNORED:
+                settings.append((name, kind.__name__) if kind in _CONTAINERS and not value
+                                else _setting(name, value, objects, tensors, todo))
         parts.append((id(m), type(m), tuple(settings)))
         objects.append(m)
+    parts.append(_values(list(tensors.values())))
     return tuple(parts), objects
+
+
+def _setting(name, value, objects, tensors, todo):
+    """One attribute of a module as part of the key (tensors also gathered for their values,
+    modules found in containers queued to be walked too)."""
+    if isinstance(value, _PLAIN):
+        return name, value
+    if isinstance(value, torch.Tensor):
+        tensors[id(value)] = value
+        objects.append(value)
+        return name, id(value), value._version, value.data_ptr(), tuple(value.shape)
+    if isinstance(value, torch.nn.Module):
+        todo.append(value)
+        objects.append(value)
+        return name, id(value)
+    if isinstance(value, dict) and (name in _OWN or "hooks" in name
+                                    or len(value) <= _CONTAINER_MAX):
+        return name, tuple((k if isinstance(k, _PLAIN) else id(k),
+                            _setting("", v, objects, tensors, todo)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and len(value) <= _CONTAINER_MAX:
+        return name, type(value).__name__, tuple(_setting("", v, objects, tensors, todo)
+                                                 for v in value)
+    # a function, an object of your own, a large container: by identity (an object edited
+    # in place keeps its identity: see nbderiv.memo)
+    if _weak(value):
+        objects.append(value)
+    return name, type(value).__name__, id(value)
+
+
+def _values(tensors) -> tuple:
+    """A fingerprint of the tensors' values: the 1-norm and 2-norm of each floating-point
+    tensor (two fused reductions over all of them, no copy), the sum of each other one."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    others = [t.detach() for t in tensors if not t.is_floating_point() and t.numel()]
+    out = ()
+    if floats:
+        with torch.no_grad():
+            norms = [n for p in (1, 2) for n in torch._foreach_norm(floats, p)]
+            try:
+                out = tuple(torch.stack(norms).tolist())
+            except RuntimeError:  # several dtypes
+                out = tuple(n.item() for n in norms)
+    return out + tuple(t.sum().item() for t in others if not t.is_complex())
 
 
 def _weak(value) -> bool:
