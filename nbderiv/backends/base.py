@@ -179,6 +179,9 @@ def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> n
         if owned(v) and v.flags.writeable and v.flags.c_contiguous \
                 and v.dtype == dtype and v.shape == (n, d_out):
             return v.reshape((n, d_out) + (1,) * k)
+        out = result_array((n, d_out) + (1,) * k, dtype)
+        out.reshape(n, d_out)[...] = v  # one copy (e.g. of a read-only framework buffer)
+        return out
     keys = sorted_multi_indices(m, k)
     if len(values) == len(keys):  # every partial: one level array, filled in one pass
         return fill_level(np.stack([values[key] for key in keys], axis=1), m, k, dtype)
