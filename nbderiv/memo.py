@@ -80,11 +80,10 @@ _REMEMBERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _call_key(call) -> tuple:
     """What of the call, besides the model, the facts depend on: each point's shape, the
-    dtype, the extras, whether the probe could see several points, the device."""
-    from .findings import PROBE_POINTS
-
+    dtype, the extras, whether the probe could see several points (one point cannot show
+    coupling), the device."""
     return (tuple(map(tuple, call.point_shapes)), call.dtype.str, call.n_inputs, call.extras,
-            min(call.n, PROBE_POINTS), str(call.device))
+            min(call.n, 2), str(call.device))
 
 
 def _state(call):
