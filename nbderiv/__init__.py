@@ -30,9 +30,13 @@ _EXPORTS = {
     "compare_activations": "nbderiv.teaching",
 }
 __all__ = sorted(_EXPORTS) + ["load_ipython_extension", "unload_ipython_extension"]
+# submodules the README names as ``nbderiv.<name>`` (framework-free, loaded on first use)
+_SUBMODULES = ("memo", "result_memory")
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"nbderiv.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'nbderiv' has no attribute {name!r}")

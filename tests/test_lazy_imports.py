@@ -97,3 +97,16 @@ def test_the_notebook_layer_imports_its_libraries_only_when_used():
     heavy = set(HEAVY + ("IPython",))
     assert not set(r["loaded"]) & heavy, sorted(set(r["loaded"]) & heavy)
     assert "PyTorch" in r["refused"] and not set(r["after"]) & heavy
+
+
+SUBMODULES = """
+import json, sys
+import nbderiv
+forget, keep = nbderiv.memo.forget, nbderiv.result_memory.keep  # as the README writes them
+print(json.dumps({"modules": sorted(m.split(".")[0] for m in sys.modules)}))
+"""
+
+
+def test_the_submodules_the_readme_names_work_right_after_import():
+    loaded = set(_run(SUBMODULES)["modules"])
+    assert not loaded & set(HEAVY + ("IPython",)), sorted(loaded & set(HEAVY + ("IPython",)))
