@@ -94,8 +94,10 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
                                     kwargs=kwargs)[0]
 
 
-def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, jacobian_budget=None,
-                             **options) -> tuple:
+def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None,
+                             check=False, chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET,
+                             progress=None, reference=None, target=None, kwargs=None,
+                             jacobian_budget=None) -> tuple:
     """(:func:`derivatives` of ``model`` at ``x``, the :func:`full_jacobian` or None) from one
     call: one probe, one set of findings (what ``%nnderiv --full`` shows). The Jacobian is
     computed when ``jacobian_budget`` (bytes) is given.
@@ -105,12 +107,6 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, jacobian_budget=N
     >>> d[1].shape, J.shape
     ((3, 1, 1), (3, 1, 3, 1))
     """
-    return _derivatives(model, x, order, jacobian_budget=jacobian_budget, **options)
-
-
-def _derivatives(model, x, order, *, wrt=None, framework=None, check=False, chunk_size=None,
-                 memory_budget=DEFAULT_MEMORY_BUDGET, progress=None, reference=None,
-                 target=None, kwargs=None, jacobian_budget=None) -> tuple:
     order = check_order(order)
     check = flag(check, "check")
     progress = None if progress is None else flag(progress, "progress")
