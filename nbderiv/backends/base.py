@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -182,9 +183,9 @@ def fill_symmetric(values: dict, n: int, d_out: int, m: int, k: int, dtype) -> n
         out = result_array((n, d_out) + (1,) * k, dtype)
         out.reshape(n, d_out)[...] = v  # one copy (e.g. of a read-only framework buffer)
         return out
-    keys = sorted_multi_indices(m, k)
-    if len(values) == len(keys):  # every partial: one level array, filled in one pass
-        return fill_level(np.stack([values[key] for key in keys], axis=1), m, k, dtype)
+    if len(values) == math.comb(m + k - 1, k):  # every partial: one level, one gather
+        return fill_level(np.stack([values[key] for key in sorted_multi_indices(m, k)],
+                                   axis=1), m, k, dtype)
     out = result_array((n, d_out) + (m,) * k, dtype)
     for idx, v in values.items():
         for perm in set(itertools.permutations(idx)):
@@ -202,12 +203,11 @@ def fill_level(level: np.ndarray, m: int, k: int, dtype) -> np.ndarray:
     [[1.0, 3.0], [3.0, 5.0]]
     """
     n, _, d_out = level.shape
-    v = level[:, 0]
-    if m == 1 and owned(v) and v.flags.writeable and v.flags.c_contiguous and v.dtype == dtype:
-        return v.reshape((n, d_out) + (1,) * k)  # one direction: the caller's array itself
+    if m == 1:  # one direction: the caller's array itself where it can be, else one copy
+        return fill_symmetric({(0,) * k: level[:, 0]}, n, d_out, 1, k, np.dtype(dtype))
     out = result_array((n, d_out) + (m,) * k, np.dtype(dtype))
     flat = out.reshape(n, d_out, m ** k)
-    if k == 1 or m == 1:
+    if k == 1:
         np.copyto(flat, level.transpose(0, 2, 1))
     else:
         places, sources = _symmetric_places(m, k)
