@@ -75,7 +75,7 @@ class Call:
     non_finite_x: list | None = None  # rows of x with a NaN or inf, once looked for
     known: Facts | None = None  # see ``facts``
     state: tuple = (None, ())  # the model's state key when the facts were looked up
-    kink_rows: list | None = None  # points at a kink, when the derivative pass looked
+    kink_rows: list | None = None  # points at a kink, once looked for (or known: memo)
 
     @property
     def facts(self) -> Facts:

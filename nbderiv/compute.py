@@ -322,6 +322,9 @@ def run_blocks(call: Call, order: int, wrt, rows: int, progress=False) -> Block:
     block, and later blocks are written into it."""
     starts = block_starts(call.n, rows)
     full, methods = None, []
+    # points seen before on this model state: their kinks are known (the backend need not look)
+    known = None if call.known is None else call.known.kink_rows_at(call.features())
+    call.kink_rows = known
     kinks = np.zeros(call.n, dtype=bool)
     with model_errors(call, f"differentiating it (order {order})"):
         for s in _progress(starts, progress):
@@ -330,7 +333,7 @@ def run_blocks(call: Call, order: int, wrt, rows: int, progress=False) -> Block:
                 part = call.backend.derivatives(call, args, order, wrt)
                 kinks = _kinks_of(part, kinks, s)
                 if len(starts) == 1:
-                    call.kink_rows = None if kinks is None else np.flatnonzero(kinks).tolist()
+                    _set_kink_rows(call, known, kinks)
                     return part
                 full = Block(result_array((call.n,) + part.y.shape[1:], part.y.dtype),
                              [result_array((call.n,) + d.shape[1:], d.dtype)
@@ -345,8 +348,13 @@ def run_blocks(call: Call, order: int, wrt, rows: int, progress=False) -> Block:
                 full.y[s:s + rows] = part.y
                 for dst, d in zip(full.orders, part.orders):
                     dst[s:s + rows] = d
-    call.kink_rows = None if kinks is None else np.flatnonzero(kinks).tolist()
+    _set_kink_rows(call, known, kinks)
     return Block(full.y, full.orders, _one_method(methods))
+
+
+def _set_kink_rows(call: Call, known, kinks) -> None:
+    if known is None:  # else kept: the backend did not look
+        call.kink_rows = None if kinks is None else np.flatnonzero(kinks).tolist()
 
 
 def _kinks_of(part: Block, kinks, start):

@@ -315,7 +315,7 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
         # an earlier call saw this model state call no ReLU-type function
         candidates = []
     else:
-        candidates = backend.kink_points(call, args)
+        candidates = call.kink_rows = backend.kink_points(call, args)
     f = kink_finding(confirm.kinks_confirmed(call, candidates, wrt) if candidates else [])
     if f is not None:
         out.append(f)
@@ -407,22 +407,16 @@ def _size(y: np.ndarray) -> np.ndarray:
     return np.maximum(top, -low) + (top - low)
 
 
-def _scaled_max(d1: np.ndarray, x_size: np.ndarray, values: int = 1 << 22) -> np.ndarray:
-    """max over points and inputs of |d1[n, j, i]| * x_size[i], per output j, in blocks of
-    rows (a result of 200 MB must not cost a gigabyte of temporaries)."""
+def _scaled_max(d1: np.ndarray, x_size: np.ndarray) -> np.ndarray:
+    """max over points and inputs of |d1[n, j, i]| * x_size[i], per output j: the largest
+    |d1| of each (output, input) pair first (two passes, no temporary as large as d1), then
+    scaled (x_size >= 0, so the order of the two maxima does not matter)."""
     n, d_out = d1.shape[:2]
     d1 = d1.reshape(n, d_out, -1)
-    out = np.zeros(d_out)
-    if d1.shape[2] <= 16:  # a few inputs: max and min of each, no temporary at all
-        for i in range(d1.shape[2]):
-            top = np.maximum(d1[:, :, i].max(axis=0), -d1[:, :, i].min(axis=0))
-            np.maximum(out, top.astype(np.float64) * x_size[i], out=out)
-        return out
-    rows = max(1, values // max(d1[0].size, 1))
-    for s in range(0, n, rows):
-        block = np.abs(d1[s:s + rows], dtype=np.float64)
-        np.maximum(out, (block * x_size).max(axis=(0, 2)), out=out)
-    return out
+    if n == 0:
+        return np.zeros(d_out)
+    top = np.maximum(d1.max(axis=0), -d1.min(axis=0)).astype(np.float64)  # (d_out, m)
+    return (top * x_size).max(axis=1)
 
 
 def _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows=None) -> Finding | None:
@@ -432,15 +426,19 @@ def _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows=None) -> Fi
     if structurally_piecewise(layers) or check["fd_max"] is None:
         return None
     n = d1.shape[0]
-    x = call.features()[:n][:, list(wrt)].astype(np.float64)
+    x = call.features()[:n]
+    x = x if len(wrt) == x.shape[1] and tuple(wrt) == tuple(range(len(wrt))) \
+        else x[:, list(wrt)]
     # rows of y and d1 with a NaN or inf are known to the caller; x's are looked for here
-    bad = set(non_finite_points(x)) | (set(non_finite_points(d1, y)) if bad_rows is None
-                                       else set(bad_rows))
+    # (unless x is known to be finite everywhere)
+    bad_x = [] if call.non_finite_x == [] else non_finite_points(x)
+    bad = set(bad_x) | (set(non_finite_points(d1, y)) if bad_rows is None else set(bad_rows))
     finite = np.array([i not in bad for i in range(n)]) if bad else slice(None)
     if bad and len(bad) == n:
         return None
     x = x[finite]
-    x_size = np.maximum(np.ptp(x, axis=0), np.abs(x).max(axis=0))
+    x_top, x_low = x.max(axis=0).astype(np.float64), x.min(axis=0).astype(np.float64)
+    x_size = np.maximum(x_top - x_low, np.maximum(x_top, -x_low))     # range or max |x|
     x_size = np.where(x_size > 0, x_size, 1.0)                         # (m,)
     y_size = _size(y[finite] if bad else y)                            # (d_out,)
     change = _scaled_max(d1[finite] if bad else d1, x_size)            # (d_out,)

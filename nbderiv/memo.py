@@ -2,12 +2,13 @@
 
 A call probes the model with a few forward passes (outputs per point, randomness, coupling),
 compares autodiff with central differences of the forward pass at a few points, and looks for
-ReLU-type calls. On the same model in the same state the answers are the same, so a later
-call reuses them (:class:`Facts`) instead of running those forward passes again: the probe's
-verdict for points of the same shape, the comparison for the very same points (new data is
-looked at again: saturation and broken graphs can depend on where you look), the absence of
-ReLU-type calls. Repeated calls (an explorer redrawn, a benchmark, a loop) then cost little
-more than the derivatives themselves.
+points at a ReLU-type kink. On the same model in the same state the answers are the same, so
+a later call reuses them (:class:`Facts`) instead of running those forward passes again: the
+probe's verdict for points of the same shape, the layer summary, the absence of ReLU-type
+calls, and for the very same points (new data is looked at again: saturation, broken graphs
+and kinks depend on where you look) the comparison and the points at a kink. Repeated calls
+(an explorer redrawn, a benchmark, a loop) then cost little more than the derivatives
+themselves.
 
 "The same state" is what the backend's ``state_key`` says: for a torch module, its
 submodules (also those kept in plain lists and dicts), their training flags and settings,
@@ -18,7 +19,7 @@ variable values. Not seen: state outside the model (a global variable its ``forw
 reads, a method patched on the class, an object of your own edited in place); any model the
 backend gives no key for (a lambda or other wrapper) is probed every time, and
 :func:`forget` drops what was remembered. The facts are held per model object, weakly: they
-go with the model.
+go with the model (with a copy of the last points seen, up to :data:`KINKS_BYTES`).
 
 >>> from nbderiv.memo import StructureWatch
 >>> class Thing: ...
@@ -36,6 +37,8 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class Facts:
@@ -47,6 +50,24 @@ class Facts:
     # level, see confirm.graph_consistency): the same points again need no new look
     graph_agrees: dict = field(default_factory=dict)
     kink_free: bool = False  # a forward pass called no piecewise-linear function
+    layers: dict = None      # the backend's layer_summary (activations, training flags)
+    # (a copy of the points, the rows among them at a ReLU-type kink): the very same points
+    # again need no new look (kept for inputs up to KINKS_BYTES)
+    kinks: tuple = None
+    structure: dict = field(default_factory=dict)  # a backend's answers: see kept()
+
+    def kink_rows_at(self, features) -> list | None:
+        """The rows at a kink found earlier at exactly these points (all columns, targets and
+        per-point keyword arguments included), or None."""
+        if self.kinks is None:
+            return None
+        seen, rows = self.kinks
+        same = seen.shape == features.shape and seen.dtype == features.dtype \
+            and np.array_equal(seen, features)
+        return rows if same else None
+
+
+KINKS_BYTES = 1 << 22  # points larger than this (4 MB) are looked at for kinks on every call
 
 
 class StructureWatch:
@@ -118,11 +139,18 @@ def remember(call) -> None:
     it is probed again)."""
     if call.known is None:  # nothing was looked up, so nothing was learnt
         return
+    kinks = call.known.kinks
+    if call.kink_rows is not None and (kinks is None or call.kink_rows is not kinks[1]):
+        features = call.features()  # (the rows recalled from kinks are that very list)
+        if features.nbytes <= KINKS_BYTES:
+            call.known.kinks = (features.copy(), call.kink_rows)
     key, objects = call.state
     if key is None:
         return
     try:
         entry = _REMEMBERED.get(call.model)
+        if entry is not None and entry[1].get(_call_key(call)) is call.facts:
+            return  # recalled from this very entry: kept already
         if entry is not None and entry[0].same(key):
             entry[1][_call_key(call)] = call.facts
         else:
@@ -130,6 +158,19 @@ def remember(call) -> None:
                                        {_call_key(call): call.facts})
     except TypeError:  # not weakly referenceable or not hashable
         pass
+
+
+def kept(call, name, compute):
+    """``compute()``, kept under ``name`` with the call's facts when they were looked up
+    already (never looked up just for this): for answers a backend reads from the model's
+    structure alone (its layer widths, whether it convolves), which its state key covers."""
+    known = call.known
+    if known is None:
+        return compute()
+    value = known.structure.get(name)
+    if value is None:
+        value = known.structure[name] = compute()
+    return value
 
 
 def forget(model=None) -> None:

@@ -213,6 +213,36 @@ def test_points_at_a_kink_are_found_in_the_derivative_pass_in_every_block(chunk_
     assert "at-kink" in d.codes
 
 
+def test_kinks_of_the_very_same_points_are_recalled_and_other_points_looked_at(monkeypatch):
+    from nbderiv.backends import torch as torch_backend
+
+    made = []
+
+    class CountingWatcher(torch_backend.KinkWatcher):
+        def __init__(self, n):
+            super().__init__(n)
+            made.append(n)
+
+    monkeypatch.setattr(torch_backend, "KinkWatcher", CountingWatcher)
+    net = CustomRelu().double()
+    x = (torch.arange(21, dtype=torch.float64).reshape(-1, 1) - 10) / 10  # x[10] == 0
+    first = nbderiv.derivatives(net, x, order=1)
+    assert made and "at index 10:" in first.findings[0].message, [str(f) for f in first.findings]
+    made.clear()
+    again = nbderiv.derivatives(net, x, order=1)  # the same points: recalled, not looked for
+    assert not made and [str(f) for f in again.findings] == [str(f) for f in first.findings]
+    x[10], x[4] = 0.05, 0.0  # the same tensor edited in place: other points, a new look
+    moved = nbderiv.derivatives(net, x, order=1)
+    kink = [f for f in moved.findings if f.code == "at-kink"]
+    assert made and kink and "at index 4:" in kink[0].message
+    made.clear()
+    with torch.no_grad():
+        net.lin.bias.fill_(-0.4)  # another model state: x[4] is off the kink now, x[14] on it
+    d = nbderiv.derivatives(net, x, order=1)
+    kink = [f for f in d.findings if f.code == "at-kink"]
+    assert made and kink and "at index 14:" in kink[0].message
+
+
 def test_a_model_without_relu_is_remembered_as_kink_free():
     net = Counting().double()
     calls_of(net)

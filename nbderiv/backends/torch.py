@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..call import Verdict
+from ..memo import kept
 from ..inputs import check_output, check_target
 from .base import Backend, Block, assemble
 from .torch_autodiff import (
@@ -48,7 +49,6 @@ from .torch_state import (
     named_modules,
     plain_modules,
     refuse_lazy,
-    refuse_uninitialised,
     state_key,
 )
 from .torch_taylor import taylor_derivatives, taylor_plan
@@ -230,11 +230,11 @@ class TorchBackend(Backend):
                 y, ders = taylor_derivatives(plan, X, order, wrt[0])
             return Block(to_numpy(y), [to_numpy(d) for d in ders], "taylor")
         fn = self._caller(call)
-        batch = batched_backward_pays(call)
+        batch = kept(call, "batched", lambda: batched_backward_pays(call))
         forward = call.d_out > len(wrt)
         # reverse mode runs the model once: the kinks are looked for in that same pass
-        watcher = None if kink_free(call.model) or call.facts.kink_free \
-            else KinkWatcher(X.shape[0])
+        watcher = None if call.kink_rows is not None or kink_free(call.model) \
+            or call.facts.kink_free else KinkWatcher(X.shape[0])
         with grad_enabled(True), exact_norms(order, forward=forward):
             if forward:
                 try:
@@ -280,9 +280,7 @@ class TorchBackend(Backend):
         method, closure) is put back as it was: training flags, buffers and parameters (also
         when written inside forward), ``.grad`` and ``requires_grad``. A lazy module not yet
         initialised is refused first (its first call would initialise it for good)."""
-        roots = modules_of(model)
-        refuse_uninitialised(roots)
-        saved = TorchState(roots)
+        saved = TorchState(modules_of(model))  # (refuses an uninitialised lazy layer)
         try:
             yield
         finally:
@@ -306,7 +304,8 @@ class TorchBackend(Backend):
             return 16 * width
         hidden = 64
         if isinstance(model, torch.nn.Module):
-            hidden = sum(p.shape[0] for p in model.parameters() if p.ndim >= 2) or 64
+            hidden = kept(call, "hidden", lambda: sum(
+                p.shape[0] for p in model.parameters() if p.ndim >= 2) or 64)
         item = call.dtype.itemsize
         values = hidden + width + d_out  # one row of every layer's output
         if m == 1 and taylor_plan(model, [width]) is not None:

@@ -137,7 +137,10 @@ def nested_reverse(fn, X, order, wrt, batch=False):
         cols = [wrt[p] for _, p in pairs]
         new_keys = [keys[f] + (p,) for f, p in pairs]
         # level k: (n, L, d_out), the L partials in the order of new_keys
-        values[("level", k)] = to_numpy(G)[rows, :, :, cols].transpose(1, 0, 2)
+        if len(keys) == 1 and cols == list(range(G.shape[-1])):  # all of G: a view, no gather
+            values[("level", k)] = to_numpy(G[0]).transpose(0, 2, 1)
+        else:
+            values[("level", k)] = to_numpy(G)[rows, :, :, cols].transpose(1, 0, 2)
         if create:
             S = G[torch.tensor(rows), :, :, torch.tensor(cols)]
         keys = new_keys

@@ -45,27 +45,28 @@ def named_modules(roots):
                 yield (".".join(p for p in (prefix, name) if p), module)
 
 
-def refuse_uninitialised(roots):
-    for name, module in named_modules(roots):
-        if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and \
-                module.has_uninitialized_params():
-            raise ModelTypeError(
-                f"the model holds a lazy layer that is not initialised yet: {name or 'model'} "
-                f"({type(module).__name__}). Its first call would create its weights for "
-                "whatever input it sees, changing your model for good, and its derivatives "
-                "would be those of random new weights. Fix: run one forward pass on a real "
-                "batch first (model(x_batch)), or give the layer its input size "
-                "(torch.nn.Linear(in_features, out_features)).")
+def _uninitialised(name, module) -> ModelTypeError:
+    return ModelTypeError(
+        f"the model holds a lazy layer that is not initialised yet: {name or 'model'} "
+        f"({type(module).__name__}). Its first call would create its weights for "
+        "whatever input it sees, changing your model for good, and its derivatives "
+        "would be those of random new weights. Fix: run one forward pass on a real "
+        "batch first (model(x_batch)), or give the layer its input size "
+        "(torch.nn.Linear(in_features, out_features)).")
 
 
 class TorchState:
     """Training flags, parameters and buffers (values and the objects registered), ``.grad``
     and ``requires_grad`` of every module of the roots, saved to be put back. Tensors are
-    written back only where they changed (no needless version-counter bumps)."""
+    written back only where they changed (no needless version-counter bumps). A lazy module
+    not yet initialised is refused (its first call would initialise it for good)."""
 
     def __init__(self, roots):
         self.modes, self.tensors, self.params, copies = [], [], [], {}
-        for _, m in named_modules(roots):
+        lazy = torch.nn.modules.lazy.LazyModuleMixin
+        for name, m in named_modules(roots):
+            if isinstance(m, lazy) and m.has_uninitialized_params():
+                raise _uninitialised(name, m)
             self.modes.append((m, m.training))
             for store in (m._parameters, m._buffers):
                 for name, t in store.items():
