@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..call import Verdict
-from ..memo import kept
 from ..inputs import check_output, check_target
+from ..memo import kept
 from .base import Backend, Block, assemble
 from .torch_autodiff import (
     KinkWatcher,
