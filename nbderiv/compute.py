@@ -323,7 +323,7 @@ def run_blocks(call: Call, order: int, wrt, rows: int, progress=False) -> Block:
     starts = block_starts(call.n, rows)
     full, methods = None, []
     # points seen before on this model state: their kinks are known (the backend need not look)
-    known = None if call.known is None else call.known.kink_rows_at(call.features())
+    known = memo.recalled_kinks(call)
     call.kink_rows = known
     kinks = np.zeros(call.n, dtype=bool)
     with model_errors(call, f"differentiating it (order {order})"):

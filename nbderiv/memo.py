@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (kinks holds an array)
 class Facts:
     """What calls on one model, in one state, with points of one shape, have established."""
 
@@ -52,19 +52,35 @@ class Facts:
     kink_free: bool = False  # a forward pass called no piecewise-linear function
     layers: dict = None      # the backend's layer_summary (activations, training flags)
     # (a copy of the points, the rows among them at a ReLU-type kink): the very same points
-    # again need no new look (kept for inputs up to KINKS_BYTES)
+    # again need no new look (points up to KINKS_BYTES; one copy per model, see remember)
     kinks: tuple = None
     structure: dict = field(default_factory=dict)  # a backend's answers: see kept()
 
-    def kink_rows_at(self, features) -> list | None:
-        """The rows at a kink found earlier at exactly these points (all columns, targets and
-        per-point keyword arguments included), or None."""
-        if self.kinks is None:
-            return None
-        seen, rows = self.kinks
-        same = seen.shape == features.shape and seen.dtype == features.dtype \
-            and np.array_equal(seen, features)
-        return rows if same else None
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The array's bits as unsigned integers (NaN equals the same NaN, -0.0 differs from 0.0)."""
+    return a.reshape(-1).view(f"u{a.dtype.itemsize}")
+
+
+def _kinks_apply(call) -> bool:
+    """Whether the kink memo is used for this call: facts looked up, a model whose verdict came
+    from the probe or the facts (a plain stack settled by its structure reads no facts before
+    its blocks run), one that may call a ReLU-type function, points small enough to keep."""
+    known = call.known
+    return known is not None and call.verdict is not None and not call.verdict.structural \
+        and not known.kink_free and sum(a.nbytes for a in call.args) <= KINKS_BYTES
+
+
+def recalled_kinks(call) -> list | None:
+    """The rows at a kink that an earlier call found at exactly these points (every column:
+    targets and per-point keyword arguments included) on this model state, or None."""
+    if not _kinks_apply(call) or call.known.kinks is None:
+        return None
+    seen, rows = call.known.kinks
+    features = call.features()
+    same = seen.shape == features.shape and seen.dtype == features.dtype \
+        and np.array_equal(_bits(seen), _bits(features))
+    return rows if same else None
 
 
 KINKS_BYTES = 1 << 22  # points larger than this (4 MB) are looked at for kinks on every call
@@ -139,25 +155,33 @@ def remember(call) -> None:
     it is probed again)."""
     if call.known is None:  # nothing was looked up, so nothing was learnt
         return
-    kinks = call.known.kinks
-    if call.kink_rows is not None and (kinks is None or call.kink_rows is not kinks[1]):
-        features = call.features()  # (the rows recalled from kinks are that very list)
-        if features.nbytes <= KINKS_BYTES:
-            call.known.kinks = (features.copy(), call.kink_rows)
     key, objects = call.state
     if key is None:
         return
     try:
-        entry = _REMEMBERED.get(call.model)
-        if entry is not None and entry[1].get(_call_key(call)) is call.facts:
-            return  # recalled from this very entry: kept already
-        if entry is not None and entry[0].same(key):
-            entry[1][_call_key(call)] = call.facts
-        else:
-            _REMEMBERED[call.model] = (StructureWatch(key, objects),
-                                       {_call_key(call): call.facts})
+        entry, shape = _REMEMBERED.get(call.model), _call_key(call)
+        recalled = entry is not None and entry[1].get(shape) is call.facts
+        if entry is None or not (recalled or entry[0].same(key)):
+            entry = _REMEMBERED[call.model] = (StructureWatch(key, objects), {})
+        entry[1][shape] = call.facts
+        _keep_kinks(call, entry[1])
     except TypeError:  # not weakly referenceable or not hashable
         pass
+
+
+def _keep_kinks(call, facts_of_model: dict) -> None:
+    """The points and the rows at a kink among them, kept for the next call on the same points;
+    one copy of points per model (the other point shapes' copies are dropped)."""
+    kinks = call.known.kinks
+    if call.kink_rows is None or not _kinks_apply(call) \
+            or (kinks is not None and call.kink_rows is kinks[1]):  # recalled: kept already
+        return
+    features = call.features()
+    call.known.kinks = (features.copy() if features is call.args[0] else features,
+                        call.kink_rows)
+    for other in facts_of_model.values():
+        if other is not call.known:
+            other.kinks = None
 
 
 def kept(call, name, compute):

@@ -243,6 +243,18 @@ def test_kinks_of_the_very_same_points_are_recalled_and_other_points_looked_at(m
     assert made and kink and "at index 14:" in kink[0].message
 
 
+def test_one_copy_of_points_per_model_and_none_for_a_model_without_relu():
+    net = CustomRelu().double()
+    x = (torch.arange(21, dtype=torch.float64).reshape(-1, 1) - 10) / 10
+    nbderiv.derivatives(net, x)
+    nbderiv.derivatives(net, x, target=0)  # another call shape (a target column): its own facts
+    facts = list(memo._REMEMBERED[net][1].values())
+    assert len(facts) == 2 and sum(f.kinks is not None for f in facts) == 1
+    smooth = Counting().double()
+    nbderiv.derivatives(smooth, X)
+    assert all(f.kinks is None for f in memo._REMEMBERED[smooth][1].values())
+
+
 def test_a_model_without_relu_is_remembered_as_kink_free():
     net = Counting().double()
     calls_of(net)
