@@ -596,3 +596,48 @@ def test_kinks_are_found_beyond_the_first_points_and_skipped_without_relu():
     assert call.backend.kink_points(call, call.args) == []
     assert calls == [8]  # one look at 8 points, no pass over all 30
     assert "at-kink" in nbderiv.derivatives(net, x, order=1).codes
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_forward_passes_without_gradients_take_the_derivative_passes_kernels(monkeypatch,
+                                                                             fast_path):
+    """The probe, the differences and the kink search run the encoder's plain layers, as the
+    derivative pass does: PyTorch's fused encoder kernel (taken when no gradient is recorded)
+    hides the ReLU inside it from the kink search, which then took a ReLU model for kink-free.
+    The user's fast-path setting is put back."""
+    from nbderiv import memo
+
+    fused = []
+    real = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd",
+                        lambda *a, **k: fused.append(1) or real(*a, **k))
+    net = _Encoder().eval()
+    x = torch.randn(20, 5, 8, generator=torch.Generator().manual_seed(1))
+    assert net(x).shape == (20, 1)
+    with torch.no_grad():
+        net(x)
+    assert fused  # the fused kernel is there to be taken, without gradients
+    fused.clear()
+    torch.backends.mha.set_fastpath_enabled(fast_path)
+    try:
+        nbderiv.diagnose(net, x, order=1)
+        assert not any(f.kink_free for f in memo._REMEMBERED[net][1].values())
+        d = nbderiv.derivatives(net, x, order=1)
+        assert torch.backends.mha.get_fastpath_enabled() is fast_path
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert not fused
+    ref = vmap(jacrev(lambda p: net(p[None])[0]))(x).detach().numpy()
+    assert_close(d[1], ref, 1e-5, "encoder d1")

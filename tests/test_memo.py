@@ -78,7 +78,8 @@ def test_a_model_that_changes_its_own_settings_is_probed_every_time():
 
 
 @pytest.mark.parametrize("change", ["train-dropout", "step", "load_state_dict", "setting",
-                                    "new-layer", "hook"])
+                                    "new-layer", "hook", "sign-through-data",
+                                    "swap-through-data"])
 def test_any_change_to_the_model_makes_the_next_call_probe_again(change):
     net = Counting().double()
     calls_of(net)
@@ -97,6 +98,10 @@ def test_any_change_to_the_model_makes_the_next_call_probe_again(change):
         net.act = nn.Sigmoid()
     elif change == "hook":
         net.b.register_forward_hook(lambda m, i, o: o * 2)
+    elif change == "sign-through-data":  # no version bump, the same norms
+        net.a.weight.data.neg_()
+    elif change == "swap-through-data":  # no version bump, the same norms and sum
+        net.a.weight.data[[0, 1]] = net.a.weight.data[[1, 0]].clone()
     _, after = calls_of(net)
     assert after > 1, change
 
@@ -295,3 +300,18 @@ def test_a_model_holding_containers_that_name_it_is_still_freed():
     del net
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_the_value_fingerprint_sees_a_sign_flipped_through_data(monkeypatch, side_by_side):
+    from nbderiv.backends import torch_state
+
+    if not side_by_side:  # a model too large to copy side by side: per-tensor reductions
+        monkeypatch.setattr(torch_state, "_SIDE_BY_SIDE", 0)
+    net = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.25, 3.0, -1.0]]))
+    key = torch_state.state_key(net)[0]
+    assert torch_state.state_key(net)[0] == key
+    net.weight.data.neg_()
+    assert torch_state.state_key(net)[0] != key

@@ -22,8 +22,33 @@ from .base import sorted_multi_indices
 
 @contextmanager
 def grad_enabled(flag: bool):
+    """Gradients recorded or not (also inside the user's ``inference_mode``); without them,
+    through the kernels the derivative pass uses (:func:`no_fast_path`)."""
     with torch.inference_mode(False), torch.set_grad_enabled(flag):
+        if flag:
+            yield
+        else:
+            with no_fast_path():
+                yield
+
+
+@contextmanager
+def no_fast_path():
+    """PyTorch's ``TransformerEncoder`` / ``MultiheadAttention`` take a fused "fast path" when
+    no gradient is recorded: other kernels than the derivative pass runs (a probe or a finite
+    difference would look at another computation), a one-time set-up of ~10 ms on first use,
+    and a kink watcher cannot see the ReLU inside it. Switched off meanwhile; the user's
+    setting (``torch.backends.mha.set_fastpath_enabled``) is put back."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 class _PlainNorms(torch.overrides.TorchFunctionMode):
@@ -212,7 +237,7 @@ def nested_forward(fn, X, order, wrt):
             for p in idx:
                 g = along(g, basis[p])
             values[idx] = to_numpy(g(X))
-    with torch.no_grad():
+    with grad_enabled(False):
         y = to_numpy(fn(X))
     return y, values
 

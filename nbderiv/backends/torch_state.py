@@ -208,14 +208,19 @@ def state_key(model) -> tuple:
     those kept in plain lists or dicts) with its class, training flag and settings (``p`` of
     a Dropout, ``eps``, numbers, lists and dicts of your own), its forward and backward hooks
     and anything set on the instance (a replaced ``forward``, a function), every parameter
-    and buffer by identity, version, storage and values (two norms of each: fused optimizers
-    and edits through ``.data`` leave the version as it was), and the global
-    module hooks. (None, ()) for anything else (a wrapper may read state nbderiv cannot see).
+    and buffer by identity, version, storage and a fingerprint of its values (:func:`_values`:
+    fused optimizers and edits through ``.data`` leave the version as it was), and the
+    global module hooks. (None, ()) for anything else (a wrapper may read state nbderiv
+    cannot see).
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
     >>> key = state_key(net)[0]
     >>> net.weight.data[0, 0] += 1  # no version bump, but another value
+    >>> state_key(net)[0] == key
+    False
+    >>> key = state_key(net)[0]
+    >>> _ = net.weight.data.neg_()  # the same norms, another sign
     >>> state_key(net)[0] == key
     False
     """
@@ -279,19 +284,35 @@ def _setting(name, value, objects, tensors, todo):
 
 
 def _values(tensors) -> tuple:
-    """A fingerprint of the tensors' values: the 1-norm and 2-norm of each floating-point
-    tensor (two fused reductions over all of them, no copy), the sum of each other one."""
+    """A fingerprint of the tensors' values. Up to :data:`_SIDE_BY_SIDE` floating-point values
+    (most models taught in a notebook): all of them side by side in float64 (one copy per dtype
+    and device), the sum of their running sums (sum of (n - i) * x_i: a sign flipped or values
+    swapped through ``.data`` change it, as any edit does) and the sum of their squares; beyond
+    that, no copy: three fused reductions per tensor (1-norm, 2-norm, max). Other tensors by
+    their sums."""
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
     others = [t.detach() for t in tensors if not t.is_floating_point() and t.numel()]
     out = ()
-    if floats:
-        with torch.no_grad():
-            norms = [n for p in (1, 2) for n in torch._foreach_norm(floats, p)]
+    with torch.no_grad():
+        if floats and sum(t.numel() for t in floats) <= _SIDE_BY_SIDE:
+            groups = {}
+            for t in floats:
+                groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
+            sums = []
+            for flat in (torch.cat(group).to(torch.float64) for group in groups.values()):
+                sums += [flat.cumsum(0).sum(), flat.dot(flat)]
+            out = tuple(float(v) for v in sums)
+        elif floats:
+            sums = [n for p in (1, 2) for n in torch._foreach_norm(floats, p)]
+            sums += list(torch._foreach_max(floats)) if hasattr(torch, "_foreach_max") else []
             try:
-                out = tuple(torch.stack(norms).tolist())
+                out = tuple(torch.stack(sums).tolist())
             except RuntimeError:  # several dtypes
-                out = tuple(n.item() for n in norms)
+                out = tuple(n.item() for n in sums)
     return out + tuple(t.sum().item() for t in others if not t.is_complex())
+
+
+_SIDE_BY_SIDE = 1 << 20  # float values fingerprinted side by side (8 MB in float64)
 
 
 def _weak(value) -> bool:
