@@ -154,21 +154,22 @@ def nested_reverse(fn, X, order, wrt, batch=False):
             except (RuntimeError, NotImplementedError):
                 batch = False  # no batching rule somewhere in the backward pass
         if G is None:
-            G = torch.stack([_looped_level(T, X, create) for T in S.unbind(0)])
+            G = _stacked([_looped_level(T, X, create) for T in S.unbind(0)], 0)
         # G: (F, n, d_out, D); keep the distinct partials idx + (p,), p >= idx[-1]
-        pairs = [(f, p) for f, idx in enumerate(keys)
-                 for p in range(idx[-1] if idx else 0, len(wrt))]
-        rows = [f for f, _ in pairs]
-        cols = [wrt[p] for _, p in pairs]
-        new_keys = [keys[f] + (p,) for f, p in pairs]
-        # level k: (n, L, d_out), the L partials in the order of new_keys
-        if len(keys) == 1 and cols == list(range(G.shape[-1])):  # all of G: a view, no gather
-            values[("level", k)] = to_numpy(G[0]).transpose(0, 2, 1)
+        if len(keys) == 1 and list(wrt) == list(range(G.shape[-1])):  # every input, in order
+            pairs = None  # (0, p) for every p
+            level = G[0].movedim(-1, 0)  # all of G: a view, no gather
         else:
-            values[("level", k)] = to_numpy(G)[rows, :, :, cols].transpose(1, 0, 2)
+            pairs = [(f, p) for f, idx in enumerate(keys)
+                     for p in range(idx[-1] if idx else 0, len(wrt))]
+            level = G[torch.tensor([f for f, _ in pairs]), :, :,
+                      torch.tensor([wrt[p] for _, p in pairs])]
+        # level k: (L, n, d_out), the L partials in the order of the new keys
+        values[("level", k)] = to_numpy(level).transpose(1, 0, 2)
         if create:
-            S = G[torch.tensor(rows), :, :, torch.tensor(cols)]
-        keys = new_keys
+            S = level
+            keys = [keys[0] + (p,) for p in range(len(wrt))] if pairs is None \
+                else [keys[f] + (p,) for f, p in pairs]
     return to_numpy(Y), values
 
 
@@ -188,7 +189,12 @@ def _looped_level(T, X, create):
             g = torch.autograd.grad(Tj.sum(), X, create_graph=create, retain_graph=True,
                                     allow_unused=True)[0]
         cols.append(torch.zeros_like(X) if g is None else g)
-    return torch.stack(cols, dim=1)
+    return _stacked(cols, 1)
+
+
+def _stacked(tensors, dim):
+    """``torch.stack(tensors, dim)``; one tensor is not copied (a view with a new axis)."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim=dim)
 
 
 def _batched_level(S, X, create):
