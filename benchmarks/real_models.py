@@ -18,6 +18,7 @@ Targets: order 1 <= 1.2x, order 2 <= 1.5x, first call <= 2x.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -109,11 +110,14 @@ def torch_idioms(net, X, order):
 
     n, D = X.shape[0], X[0].numel()
 
+    def kernels():  # the fused CPU attention kernel has no double backward: math from order 2
+        return sdpa_kernel([SDPBackend.MATH]) if order > 1 else contextlib.nullcontext()
+
     def flat(Z):
         return net(Z).reshape(Z.shape[0], -1)
 
     def loop():  # nested autograd.grad, one backward pass per output / input column
-        with sdpa_kernel([SDPBackend.MATH]):
+        with kernels():
             Z = X.detach().requires_grad_(True)
             Y = flat(Z)
             cols = [torch.autograd.grad(Y[:, j].sum(), Z, create_graph=order > 1,
@@ -127,7 +131,7 @@ def torch_idioms(net, X, order):
                  for i in range(D)], 1) for j in range(G.shape[1])], 1)
 
     def batched():  # autograd.grad with is_grads_batched over one-hot cotangents
-        with sdpa_kernel([SDPBackend.MATH]):
+        with kernels():
             Z = X.detach().requires_grad_(True)
             Y = flat(Z)
             d = Y.shape[1]
@@ -141,7 +145,7 @@ def torch_idioms(net, X, order):
             return H.movedim(0, 1)[:, None]
 
     def functional():  # vmap(jacrev) / vmap(hessian)
-        with sdpa_kernel([SDPBackend.MATH]):
+        with kernels():
             one = (lambda x: flat(x[None])[0]) if order == 1 else (lambda x: flat(x[None])[0, 0])
             if order == 1:
                 return vmap(jacrev(one))(X).reshape(n, -1, D)
