@@ -27,6 +27,7 @@ from .errors import MemoryBudgetError, OptionError
 from .inputs import check_order, check_wrt
 from .options import byte_count, flag, positive_int
 from .result import Derivatives
+from .result_checks import result_findings
 
 DEFAULT_ORDER = 1
 DEFAULT_MEMORY_BUDGET = 1 << 30          # working memory for derivatives, bytes
@@ -125,7 +126,7 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
                                        memory_budget=memory_budget, progress=progress)
         y, ders = block.y, block.orders
         with model_errors(call, "checking its findings (kinks, finite differences)"):
-            call.findings += dg.result_findings(call, layers, y, ders, order, wrt,
+            call.findings += result_findings(call, layers, y, ders, order, wrt,
                                                 call.findings)
         result = Derivatives(x=call.input_features(), y=y, orders=ders,
                              framework=call.backend.name,
@@ -193,7 +194,7 @@ def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
             with model_errors(few, f"differentiating it (order {min(order, 2)})"):
                 block = call.backend.derivatives(few, few.args, min(order, 2), wrt)
         with model_errors(call, "checking its findings (kinks, finite differences)"):
-            call.findings += dg.result_findings(call, layers, block.y, block.orders, order,
+            call.findings += result_findings(call, layers, block.y, block.orders, order,
                                                 wrt, call.findings)
     return call.findings
 

@@ -614,9 +614,9 @@ class _Encoder(nn.Module):
 def test_forward_passes_without_gradients_take_the_derivative_passes_kernels(monkeypatch,
                                                                              fast_path):
     """The probe, the differences and the kink search run the encoder's plain layers, as the
-    derivative pass does: PyTorch's fused encoder kernel (taken when no gradient is recorded)
-    hides the ReLU inside it from the kink search, which then took a ReLU model for kink-free.
-    The user's fast-path setting is put back."""
+    derivative pass does, not PyTorch's fused encoder kernel (taken when no gradient is
+    recorded: other rounding, and ~10 ms of set-up in a first call). The user's fast-path
+    setting is put back."""
     from nbderiv import memo
 
     fused = []

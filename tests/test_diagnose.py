@@ -118,7 +118,9 @@ def test_piecewise_linear_from_a_wider_probe_when_one_point_cannot_show_a_changi
     def no_probe(*args, **kwargs):
         raise RuntimeError("probe disabled")
 
-    monkeypatch.setattr(dg, "wide_probe_points", no_probe)  # the probe is what found it
+    from nbderiv import result_checks
+
+    monkeypatch.setattr(result_checks, "wide_probe_points", no_probe)  # what found it
     assert "piecewise-linear" not in nbderiv.derivatives(model, x, order=2).codes
 
 
@@ -643,7 +645,7 @@ def test_documented_keras_example_runs(keras):
 @pytest.mark.parametrize("m", [1, 3, 40])
 def test_saturation_sizes_equal_the_plain_formulas(m):
     """The reductions behind `saturated` against the plain numpy formulas."""
-    from nbderiv.findings import _scaled_max, _size
+    from nbderiv.result_checks import _scaled_max, _size
 
     rng = np.random.default_rng(m)
     d1 = rng.normal(size=(70, 5, m)).astype(np.float32)

@@ -36,9 +36,9 @@ def grad_enabled(flag: bool):
 def no_fast_path():
     """PyTorch's ``TransformerEncoder`` / ``MultiheadAttention`` take a fused "fast path" when
     no gradient is recorded: other kernels than the derivative pass runs (a probe or a finite
-    difference would look at another computation), a one-time set-up of ~10 ms on first use,
-    and a kink watcher cannot see the ReLU inside it. Switched off meanwhile; the user's
-    setting (``torch.backends.mha.set_fastpath_enabled``) is put back."""
+    difference would look at another computation, rounded otherwise) and a one-time set-up of
+    ~10 ms on first use. Switched off meanwhile; the user's setting
+    (``torch.backends.mha.set_fastpath_enabled``) is put back."""
     mha = getattr(torch.backends, "mha", None)
     if mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield

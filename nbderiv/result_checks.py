@@ -1,0 +1,188 @@
+"""The findings that need the computed derivatives: ``piecewise-linear`` (numerically),
+``at-kink``, ``graph-broken``, ``no-input-dependence``, ``saturated`` and ``non-finite``
+(outputs). Each is confirmed at the points it names before it is raised
+(:mod:`nbderiv.confirm`); :mod:`nbderiv.findings` words them.
+
+>>> import numpy as np
+>>> _scaled_max(np.array([[[1.0, -3.0]], [[2.0, 0.5]]]), np.array([1.0, 2.0])).tolist()
+[6.0]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import confirm
+from .findings import (
+    SATURATED_BELOW,
+    graph_broken_finding,
+    kink_finding,
+    no_dependence_finding,
+    non_finite_finding,
+    non_finite_points,
+    piecewise_finding,
+    saturated_finding,
+    structurally_piecewise,
+    wide_probe_points,
+)
+from .result import Finding
+
+
+def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
+    """The findings that need the results: ``piecewise-linear``, ``at-kink``,
+    ``graph-broken``, ``no-input-dependence``, ``saturated`` and ``non-finite`` (outputs).
+    ``call`` is the :class:`~nbderiv.call.Call`; ``ders`` belong to its first rows."""
+    backend, args = call.backend, call.args
+    out = []
+    codes = {f.code for f in earlier}
+    if "piecewise-linear" not in codes:
+        def wider():
+            wide = wide_probe_points(args)
+            orders = backend.derivatives(call.with_args(wide), wide, 2, wrt).orders
+            return orders[0], orders[1]
+        f = piecewise_finding(layers, ders, order, wider)
+        if f is not None:
+            out.append(f)
+    if call.kink_rows is not None:  # looked for during the derivative pass
+        candidates = call.kink_rows
+    elif call.known is not None and call.known.kink_free:
+        # an earlier call saw this model state call no ReLU-type function
+        candidates = []
+    else:
+        candidates = call.kink_rows = backend.kink_points(call, args)
+    f = kink_finding(confirm.kinks_confirmed(call, candidates, wrt) if candidates else [])
+    if f is not None:
+        out.append(f)
+    out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
+    in_names = [call.names[i] for i in wrt]
+    bad_first = set(non_finite_points(y, ders[0]))  # rows of y or d1 with a NaN or inf
+    out += _dependence_findings(call, layers, y, ders[0], wrt, out_names, in_names,
+                                skip=candidates, bad_rows=bad_first)
+    bad_x = set(non_finite_points(*args) if call.non_finite_x is None else call.non_finite_x)
+    bad_all = bad_first.union(non_finite_points(*ders[1:])) if len(ders) > 1 else bad_first
+    bad = [n for n in sorted(bad_all) if n not in bad_x]
+    f = non_finite_finding("the model's output or its derivatives (where x is finite)", bad)
+    if f is not None:
+        out.append(f)
+    return out
+
+
+def _zero_pairs(d1: np.ndarray) -> np.ndarray:
+    """(d_out, m): True where the derivative is exactly 0 at every point (NaN is not 0)."""
+    if d1.shape[0] == 0 or d1.all():
+        return np.zeros(d1.shape[1:], dtype=bool)
+    return ~np.any(d1, axis=0)
+
+
+def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
+                         bad_rows=None) -> list:
+    """``graph-broken`` (confirmed with central differences of the forward pass), then
+    ``no-input-dependence`` for the zero pairs the forward pass confirms, then
+    ``saturated``."""
+    zero = _zero_pairs(d1)
+    verdict = call.verdict
+    if verdict is not None and verdict.stochastic:  # random outputs: no differences to trust
+        f = no_dependence_finding(d1, out_names, in_names)
+        return [f] if f is not None else []
+    zero_inputs = [int(i) for i in np.flatnonzero(zero.any(axis=0))]
+    if verdict is not None and verdict.structural:
+        # a plain stack of the framework's own layers: its graph cannot be cut, and autodiff
+        # needs no confirmation by finite differences
+        check = {"moves": {}, "disagree": [], "checked": [], "fd_max": TRUSTED, "noise": 0.0}
+    else:
+        # an earlier call on this very model state, at these very points, confirmed
+        # autodiff (its differences' slopes stand for saturation): no need to look again
+        pts = confirm.graph_points(call, d1, skip)
+        seen = (tuple(wrt), tuple(pts), call.features()[pts].tobytes())
+        if not zero_inputs and seen in call.facts.graph_agrees:
+            fd_max, noise = call.facts.graph_agrees[seen]
+            check = {"moves": {}, "disagree": [], "checked": [], "fd_max": fd_max,
+                     "noise": noise}
+        else:
+            check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip))
+            if check["checked"] and check["fd_max"] is not None and not check["moves"] \
+                    and not check["disagree"]:
+                agrees = call.facts.graph_agrees
+                agrees[seen] = (check["fd_max"], check["noise"])
+                while len(agrees) > 16:  # a loop over many batches: keep the latest
+                    del agrees[next(iter(agrees))]
+    broken = np.zeros_like(zero)
+    moved, slope = [], 0.0
+    for i, (points, outputs, top) in check["moves"].items():
+        broken[:, i] = zero[:, i] & outputs
+        moved += points
+        slope = max(slope, float(top))
+    disagree = check["disagree"]
+    if len(disagree) < min(2, len(check["checked"])):
+        disagree = []
+    out = []
+    if broken.any() or disagree:
+        pairs = [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(broken),
+                                                                     strict=True)]
+        out.append(graph_broken_finding(pairs, moved, disagree, slope))
+    remaining = np.where(zero & ~broken, 0.0, 1.0)[None]  # the zero pairs nothing contradicts
+    f = no_dependence_finding(remaining, out_names, in_names) if (zero & ~broken).any() else None
+    if f is not None:
+        out.append(f)
+    if not out:
+        f = _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows)
+        if f is not None:
+            out.append(f)
+    return out
+
+
+TRUSTED = "trusted"  # check["fd_max"] of a model whose autodiff needs no confirmation
+
+
+def _size(y: np.ndarray) -> np.ndarray:
+    """max |y| + the range of y, per output (column), without a temporary as large as y."""
+    y = y.reshape(y.shape[0], -1)
+    top, low = y.max(axis=0).astype(np.float64), y.min(axis=0).astype(np.float64)
+    return np.maximum(top, -low) + (top - low)
+
+
+def _scaled_max(d1: np.ndarray, x_size: np.ndarray) -> np.ndarray:
+    """max over points and inputs of |d1[n, j, i]| * x_size[i], per output j: the largest
+    |d1| of each (output, input) pair first (two passes, no temporary as large as d1), then
+    scaled (x_size >= 0, so the order of the two maxima does not matter)."""
+    n, d_out = d1.shape[:2]
+    d1 = d1.reshape(n, d_out, -1)
+    if n == 0:
+        return np.zeros(d_out)
+    top = np.maximum(d1.max(axis=0), -d1.min(axis=0)).astype(np.float64)  # (d_out, m)
+    return (top * x_size).max(axis=1)
+
+
+def _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows=None) -> Finding | None:
+    """``saturated`` where max |dy/dx| * (size of x) / (size of y) < SATURATED_BELOW for an
+    output whose derivative is not exactly 0 (a dead ReLU region is no saturation), in a model
+    that is not piecewise linear, with the finite differences confirming the small slopes."""
+    if structurally_piecewise(layers) or check["fd_max"] is None:
+        return None
+    n = d1.shape[0]
+    x = call.features()[:n]
+    x = x if len(wrt) == x.shape[1] and tuple(wrt) == tuple(range(len(wrt))) \
+        else x[:, list(wrt)]
+    # rows of y and d1 with a NaN or inf are known to the caller; x's are looked for here
+    # (unless x is known to be finite everywhere)
+    bad_x = [] if call.non_finite_x == [] else non_finite_points(x)
+    bad = set(bad_x) | (set(non_finite_points(d1, y)) if bad_rows is None else set(bad_rows))
+    finite = np.array([i not in bad for i in range(n)]) if bad else slice(None)
+    if bad and len(bad) == n:
+        return None
+    x = x[finite]
+    x_top, x_low = x.max(axis=0).astype(np.float64), x.min(axis=0).astype(np.float64)
+    x_size = np.maximum(x_top - x_low, np.maximum(x_top, -x_low))     # range or max |x|
+    x_size = np.where(x_size > 0, x_size, 1.0)                         # (m,)
+    y_size = _size(y[finite] if bad else y)                            # (d_out,)
+    change = _scaled_max(d1[finite] if bad else d1, x_size)            # (d_out,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = change / y_size
+    # the differences' slopes are per unit of a step scaled by 1 + |x|
+    fd_ok = True if check["fd_max"] is TRUSTED else \
+        check["fd_max"] <= 10 * SATURATED_BELOW * y_size * (1 + x_size.max()) + 8 * check["noise"]
+    low = (change > 0) & (y_size > 0) & (ratio < SATURATED_BELOW) & fd_ok
+    if not low.any():
+        return None
+    return saturated_finding([out_names[j] for j in np.flatnonzero(low)],
+                             float(ratio[low].max()))
