@@ -37,7 +37,7 @@ else:  # pragma: no cover - depends on what the user imported first
 
 # after the quiet import: these modules import TensorFlow themselves
 from ..call import Verdict  # noqa: E402
-from ..errors import InputTypeError, ModelTypeError, OptionError  # noqa: E402
+from ..errors import InputTypeError, OptionError  # noqa: E402
 from ..inputs import check_output  # noqa: E402
 from ..result_memory import owned  # noqa: E402
 from . import tensorflow_state as state  # noqa: E402
@@ -54,7 +54,6 @@ from .tensorflow_graphs import (  # noqa: E402
 from .tensorflow_keras import (  # noqa: E402
     argument_names,
     float64_copy,
-    graph_kind,
     is_keras_layer,
     layer_summary,
     model_variables,
@@ -91,39 +90,6 @@ def _flat_widths(call):
     if call.extras or call.constants or not all(len(s) == 1 for s in shapes):
         return None
     return [s[0] for s in shapes]
-
-
-def _variables_dtype(model):
-    """The dtype of the model's first float variable (float16 included), or None; bfloat16
-    variables are refused clearly (NumPy has no bfloat16). A mixed_bfloat16 policy keeps
-    float32 variables: such a model is fed float32, and computes in bfloat16 inside."""
-    for v in model_variables(model):
-        dt = tf.as_dtype(v.dtype)
-        if dt == tf.bfloat16:
-            raise ModelTypeError(
-                "the model's variables are bfloat16, which nbderiv cannot compute in (its "
-                "arrays are NumPy's, which has no bfloat16); bfloat16 keeps about 3 significant "
-                "digits, too few for derivatives in any case. Fix: build the model with "
-                "dtype='float32' (or keras.config.set_dtype_policy('float32')) and copy the "
-                "weights over, or use float64 for higher orders.")
-        if dt.is_floating:
-            return np.dtype(dt.as_numpy_dtype)
-    return None
-
-
-def _declared_input_dtype(model):
-    """The float dtype all Keras ``Input``s of a Sequential / functional model declare, or
-    None (no declared inputs, or several dtypes)."""
-    if graph_kind(model) is None:
-        return None
-    try:
-        dtypes = {tf.as_dtype(t.dtype) for t in model.inputs}
-    except Exception:  # a Sequential without an Input has no inputs yet
-        return None
-    if len(dtypes) != 1:
-        return None
-    dt = dtypes.pop()
-    return np.dtype(dt.as_numpy_dtype) if dt.is_floating and dt != tf.bfloat16 else None
 
 
 def _batched_rows(method, call, order, wrt):
@@ -175,8 +141,8 @@ class TensorFlowBackend(Backend):
         (a float64 ``Input`` before float32 layers is fed and differentiated in float64;
         what the layers then compute in is the model's own business), else the model's
         dtype, else x's float dtype, else Keras' floatx."""
-        own = remembered(model, ("dtype",), lambda: _variables_dtype(model))
-        declared = remembered(model, ("input dtype",), lambda: _declared_input_dtype(model))
+        own = remembered(model, ("dtype",), lambda: state.variables_dtype(model))
+        declared = remembered(model, ("input dtype",), lambda: state.declared_input_dtype(model))
         if declared is not None and (own is None or declared.itemsize > own.itemsize):
             return declared
         if own is not None:

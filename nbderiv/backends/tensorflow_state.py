@@ -1,7 +1,7 @@
-"""Keeping a TensorFlow model's variables as they were: snapshots taken lazily (only
-before something that may write them runs) and restored when nbderiv's call ends, and the
-inspection of traced graphs that tells whether they may write variables or draw seeded
-random numbers.
+"""A TensorFlow model's variables: the dtype they make nbderiv compute in, and keeping them
+as they were: snapshots taken lazily (only before something that may write them runs) and
+restored when nbderiv's call ends, and the inspection of traced graphs that tells whether
+they may write variables or draw seeded random numbers.
 
 >>> import keras
 >>> net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2)])
@@ -18,9 +18,46 @@ import contextlib
 import re
 
 import numpy as np
+import tensorflow as tf
 from tensorflow.python.framework import op_def_registry  # op types' flags
 
-from .tensorflow_keras import model_variables
+from ..errors import ModelTypeError
+from .tensorflow_keras import graph_kind, model_variables
+
+
+# -- the dtype to compute in ---------------------------------------------------------------
+def variables_dtype(model):
+    """The dtype of the model's first float variable (float16 included), or None; bfloat16
+    variables are refused clearly (NumPy has no bfloat16). A mixed_bfloat16 policy keeps
+    float32 variables: such a model is fed float32, and computes in bfloat16 inside."""
+    for v in model_variables(model):
+        dt = tf.as_dtype(v.dtype)
+        if dt == tf.bfloat16:
+            raise ModelTypeError(
+                "the model's variables are bfloat16, which nbderiv cannot compute in (its "
+                "arrays are NumPy's, which has no bfloat16); bfloat16 keeps about 3 significant "
+                "digits, too few for derivatives in any case. Fix: build the model with "
+                "dtype='float32' (or keras.config.set_dtype_policy('float32')) and copy the "
+                "weights over, or use float64 for higher orders.")
+        if dt.is_floating:
+            return np.dtype(dt.as_numpy_dtype)
+    return None
+
+
+def declared_input_dtype(model):
+    """The float dtype all Keras ``Input``s of a Sequential / functional model declare, or
+    None (no declared inputs, or several dtypes)."""
+    if graph_kind(model) is None:
+        return None
+    try:
+        dtypes = {tf.as_dtype(t.dtype) for t in model.inputs}
+    except Exception:  # a Sequential without an Input has no inputs yet
+        return None
+    if len(dtypes) != 1:
+        return None
+    dt = dtypes.pop()
+    return np.dtype(dt.as_numpy_dtype) if dt.is_floating and dt != tf.bfloat16 else None
+
 
 # -- keeping the user's variables as they were -----------------------------------------
 _OPEN_SNAPSHOTS: list = []  # one per preserved() block now open, innermost last
