@@ -44,9 +44,12 @@ from .torch_state import (
     batched_backward_pays,
     dense_widths,
     expected_by,
+    first_float_tensor,
     kink_free,
+    model_dtype,
     modules_of,
     named_modules,
+    np_dtype,
     plain_modules,
     refuse_lazy,
     state_key,
@@ -59,38 +62,6 @@ _ACTIVATION_NAMES = {
     "Hardswish", "Hardsigmoid", "Tanhshrink", "LogSigmoid", "Softsign", "Softmax", "LogSoftmax",
 }
 _STOCHASTIC_OR_BATCH = ("Dropout", "BatchNorm", "InstanceNorm", "SyncBatchNorm", "AlphaDropout")
-
-
-def _np_dtype(torch_dtype) -> np.dtype:
-    """The NumPy dtype of a torch float dtype; bfloat16 (which NumPy lacks) as float32, for
-    inputs only: a bfloat16 *model* is refused by :func:`_model_dtype`."""
-    return np.dtype(str(torch_dtype).replace("torch.", "")) if torch_dtype != torch.bfloat16 \
-        else np.dtype(np.float32)
-
-
-def _model_dtype(t) -> np.dtype:
-    """The dtype to differentiate a model whose first float tensor is ``t`` in: its own,
-    float16 included; bfloat16 is refused clearly (NumPy has no bfloat16, and feeding the
-    model float32 would fail inside it and be blamed on the input)."""
-    if t.dtype == torch.bfloat16:
-        from ..errors import ModelTypeError
-
-        raise ModelTypeError(
-            "the model's parameters are bfloat16, which nbderiv cannot compute in (its arrays "
-            "are NumPy's, which has no bfloat16); bfloat16 keeps about 3 significant digits, "
-            "too few for derivatives in any case. Fix: differentiate a float32 copy, "
-            "nbderiv.derivatives(copy.deepcopy(model).float(), x), or float64 for higher orders.")
-    return _np_dtype(t.dtype)
-
-
-def _first_float_tensor(model):
-    """The first floating-point parameter or buffer of the model, or of the modules a wrapper
-    (lambda, partial, closure) holds: its dtype and device are the model's."""
-    for module in modules_of(model):
-        for t in itertools.chain(module.parameters(), module.buffers()):  # stops at the first
-            if t.is_floating_point():
-                return t
-    return None
 
 
 class TorchBackend(Backend):
@@ -109,15 +80,15 @@ class TorchBackend(Backend):
         return np.asarray(x)
 
     def compute_dtype(self, model, x_dtype) -> np.dtype:
-        t = _first_float_tensor(model)
+        t = first_float_tensor(model)
         if t is not None:
-            return _model_dtype(t)
+            return model_dtype(t)
         if x_dtype is not None and np.dtype(x_dtype).kind == "f":
             return np.dtype(x_dtype)
-        return _np_dtype(torch.get_default_dtype())
+        return np_dtype(torch.get_default_dtype())
 
     def device(self, model, x):
-        t = _first_float_tensor(model)
+        t = first_float_tensor(model)
         if t is not None:
             return t.device
         first = x[0] if isinstance(x, tuple) and x else x

@@ -1,7 +1,7 @@
-"""The torch model state nbderiv keeps as it was, and the modules a model is made of:
-the root modules of a model or of a wrapper around modules (lambda, partial, closure),
-every module once, lazy layers refused before their first call, and what the layer that
-receives the input expects.
+"""The torch model state nbderiv keeps as it was, the dtype it computes in, and the modules a
+model is made of: the root modules of a model or of a wrapper around modules (lambda,
+partial, closure), every module once, lazy layers refused before their first call, and what
+the layer that receives the input expects.
 
 >>> import torch
 >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import itertools
 
+import numpy as np
 import torch
 
 from ..errors import ModelTypeError, OptionError
@@ -31,6 +32,36 @@ def modules_of(model) -> list:
     roots = [o for o in objects_inside(model) if isinstance(o, torch.nn.Module)]
     inner = {id(m) for r in roots for m in itertools.islice(r.modules(), 1, None)}
     return [r for r in roots if id(r) not in inner]
+
+
+def np_dtype(torch_dtype) -> np.dtype:
+    """The NumPy dtype of a torch float dtype; bfloat16 (which NumPy lacks) as float32, for
+    inputs only: a bfloat16 *model* is refused by :func:`model_dtype`."""
+    return np.dtype(str(torch_dtype).replace("torch.", "")) if torch_dtype != torch.bfloat16 \
+        else np.dtype(np.float32)
+
+
+def model_dtype(t) -> np.dtype:
+    """The dtype to differentiate a model whose first float tensor is ``t`` in: its own,
+    float16 included; bfloat16 is refused clearly (NumPy has no bfloat16, and feeding the
+    model float32 would fail inside it and be blamed on the input)."""
+    if t.dtype == torch.bfloat16:
+        raise ModelTypeError(
+            "the model's parameters are bfloat16, which nbderiv cannot compute in (its arrays "
+            "are NumPy's, which has no bfloat16); bfloat16 keeps about 3 significant digits, "
+            "too few for derivatives in any case. Fix: differentiate a float32 copy, "
+            "nbderiv.derivatives(copy.deepcopy(model).float(), x), or float64 for higher orders.")
+    return np_dtype(t.dtype)
+
+
+def first_float_tensor(model):
+    """The first floating-point parameter or buffer of the model, or of the modules a wrapper
+    (lambda, partial, closure) holds: its dtype and device are the model's."""
+    for module in modules_of(model):
+        for t in itertools.chain(module.parameters(), module.buffers()):  # stops at the first
+            if t.is_floating_point():
+                return t
+    return None
 
 
 def named_modules(roots):
