@@ -79,7 +79,7 @@ def test_a_model_that_changes_its_own_settings_is_probed_every_time():
 
 @pytest.mark.parametrize("change", ["train-dropout", "step", "load_state_dict", "setting",
                                     "new-layer", "hook", "sign-through-data",
-                                    "swap-through-data"])
+                                    "swap-through-data", "mirrored-swap-through-data"])
 def test_any_change_to_the_model_makes_the_next_call_probe_again(change):
     net = Counting().double()
     calls_of(net)
@@ -102,6 +102,11 @@ def test_any_change_to_the_model_makes_the_next_call_probe_again(change):
         net.a.weight.data.neg_()
     elif change == "swap-through-data":  # no version bump, the same norms and sum
         net.a.weight.data[[0, 1]] = net.a.weight.data[[1, 0]].clone()
+    elif change == "mirrored-swap-through-data":  # also the same sum of positions per value
+        w = net.a.weight.data  # (8, 2): rows 0 and 1 of the identity pattern, swapped
+        w[:2] = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=w.dtype)
+        calls_of(net)  # (remembered in this state first)
+        w[:2] = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=w.dtype)
     _, after = calls_of(net)
     assert after > 1, change
 

@@ -317,10 +317,12 @@ def _setting(name, value, objects, tensors, todo):
 def _values(tensors) -> tuple:
     """A fingerprint of the tensors' values. Up to :data:`_SIDE_BY_SIDE` floating-point values
     (most models taught in a notebook): all of them side by side in float64 (one copy per dtype
-    and device), the sum of their running sums (sum of (n - i) * x_i: a sign flipped or values
-    swapped through ``.data`` change it, as any edit does) and the sum of their squares; beyond
-    that, no copy: three fused reductions per tensor (1-norm, 2-norm, max). Other tensors by
-    their sums."""
+    and device), their sum weighted by fixed pseudo-random weights in [0, 1) (seed 0: a sign
+    flipped or values swapped or permuted through ``.data`` change it, as any edit does;
+    regular weights such as i or frac(i * golden ratio) miss swaps that keep the sum of
+    positions) and the sum of their squares; beyond that, no copy: three
+    fused reductions per tensor (1-norm, 2-norm, max), which a permutation inside one tensor
+    leaves as they were. Other tensors by their sums."""
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
     others = [t.detach() for t in tensors if not t.is_floating_point() and t.numel()]
     out = ()
@@ -331,7 +333,9 @@ def _values(tensors) -> tuple:
                 groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
             sums = []
             for flat in (torch.cat(group).to(torch.float64) for group in groups.values()):
-                sums += [flat.cumsum(0).sum(), flat.dot(flat)]
+                weights = torch.rand(flat.numel(), dtype=torch.float64,
+                                     generator=torch.Generator().manual_seed(0))
+                sums += [flat.dot(weights.to(flat.device)), flat.dot(flat)]
             out = tuple(float(v) for v in sums)
         elif floats:
             sums = [n for p in (1, 2) for n in torch._foreach_norm(floats, p)]
@@ -343,7 +347,7 @@ def _values(tensors) -> tuple:
     return out + tuple(t.sum().item() for t in others if not t.is_complex())
 
 
-_SIDE_BY_SIDE = 1 << 20  # float values fingerprinted side by side (8 MB in float64)
+_SIDE_BY_SIDE = 1 << 18  # float values fingerprinted side by side (2 MB in float64, ~4 ms at most)
 
 
 def _weak(value) -> bool:
