@@ -641,3 +641,28 @@ def test_forward_passes_without_gradients_take_the_derivative_passes_kernels(mon
     assert not fused
     ref = vmap(jacrev(lambda p: net(p[None])[0]))(x).detach().numpy()
     assert_close(d[1], ref, 1e-5, "encoder d1")
+
+
+class _ScaledTanh(nn.Tanh):  # LeCun's 1.7159 tanh(2x/3): a Tanh with a forward of its own
+    def forward(self, x):
+        return 1.7159 * torch.tanh(2.0 / 3.0 * x)
+
+
+class _Squared(nn.Identity):
+    def forward(self, x):
+        return x * x
+
+
+@pytest.mark.parametrize("layer", [_ScaledTanh, _Squared])
+def test_a_subclassed_layer_with_its_own_forward_is_not_taken_for_its_parent(layer):
+    """Taylor mode knows torch's own layers; a subclass that overrides forward computes
+    something else (it was differentiated as plain tanh / identity, and the finite-difference
+    check then blamed the user's graph)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), layer(), nn.Linear(8, 1)).double()
+    x = torch.linspace(-1, 1, 7, dtype=torch.float64).reshape(-1, 1)
+    d = nbderiv.derivatives(net, x, order=2)
+    one = lambda p: net(p[None])[0]  # noqa: E731
+    assert_close(d[1], vmap(jacrev(one))(x).detach().numpy(), 1e-10, "d1")
+    assert_close(d[2], vmap(hessian(one))(x).detach().numpy(), 1e-10, "d2")
+    assert "graph-broken" not in d.codes

@@ -124,26 +124,32 @@ def _generic(value_and_derivs):
     return lambda c, order: _apply_act(value_and_derivs, c, order)
 
 
+def _plain(module, cls) -> bool:
+    """``module`` is a ``cls`` that runs ``cls``'s own forward: a subclass with a forward of
+    its own (a scaled tanh, an always-on dropout) computes something else."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
 def _activation(module):
     """A function (coefficients, order) -> coefficients for an elementwise activation."""
-    if isinstance(module, nn.Tanh):
+    if _plain(module, nn.Tanh):
         return _quadratic_ode(torch.tanh, 0, torch.ops.aten.tanh_backward)
-    if isinstance(module, nn.Sigmoid):
+    if _plain(module, nn.Sigmoid):
         return _quadratic_ode(torch.sigmoid, 1, torch.ops.aten.sigmoid_backward)
     vd = _value_and_derivs(module)
     return None if vd is None else _generic(vd)
 
 
 def _value_and_derivs(module):
-    if isinstance(module, nn.Softplus):
+    if _plain(module, nn.Softplus):
         return _softplus(module)
-    if isinstance(module, nn.ReLU):
+    if _plain(module, nn.ReLU):
         return _piecewise_linear(F.relu, lambda x: (x > 0).to(x.dtype))
-    if isinstance(module, nn.LeakyReLU):
+    if _plain(module, nn.LeakyReLU):
         s = module.negative_slope
         return _piecewise_linear(lambda x: F.leaky_relu(x, s),
                                  lambda x: torch.where(x > 0, 1.0, torch.full_like(x, s)))
-    if isinstance(module, nn.Hardtanh):  # includes ReLU6
+    if _plain(module, nn.Hardtanh):  # includes ReLU6 (which keeps Hardtanh's forward)
         lo, hi = module.min_val, module.max_val
         return _piecewise_linear(lambda x: F.hardtanh(x, lo, hi),
                                  lambda x: ((x > lo) & (x < hi)).to(x.dtype))
@@ -209,7 +215,7 @@ def taylor_plan(model, widths):
         return None
     plan = []
     for m in modules:
-        if isinstance(m, _IDENTITY) or (isinstance(m, nn.Dropout) and not m.training):
+        if any(_plain(m, cls) for cls in _IDENTITY) or (_plain(m, nn.Dropout) and not m.training):
             continue
         if type(m) is nn.Linear:
             plan.append(("linear", m))
