@@ -193,7 +193,7 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
     coupled = False
     if not stochastic and y1.shape[0] >= 2:
         scale = 1 + np.fmax.reduce(np.abs(y1), axis=None, initial=0)
-        tol = 100 * np.finfo(call.dtype).eps * scale
+        tol = 100 * _output_eps(y1, call.dtype) * scale
         compare = []
         for y, rows in zip(ys[2:], moved[2:]):
             keep = np.ones(y1.shape[0], dtype=bool)  # (np.setdiff1d would load numpy.ma)
@@ -209,6 +209,18 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
             # (fewer points: other summation orders may change the last bits; allow more)
             coupled |= bool(change > (tol if y is not ys[-1] or fewer is None else 1e3 * tol))
     return Verdict(int(y1.shape[1]), stochastic, coupled, out_shape)
+
+
+def _output_eps(y: np.ndarray, dtype) -> float:
+    """The rounding step of the model's outputs: the compute dtype's, or a coarser one when
+    every output is a value of it (float64 points fed to float32 layers come back rounded to
+    float32, and summing in another order moves their last float32 bit)."""
+    eps = np.finfo(dtype).eps if np.dtype(dtype).kind == "f" else np.finfo(np.float64).eps
+    if y.dtype == np.float64 and eps < np.finfo(np.float32).eps:
+        finite = y[np.isfinite(y)]
+        if finite.size and np.array_equal(finite.astype(np.float32).astype(np.float64), finite):
+            eps = np.finfo(np.float32).eps
+    return float(eps)
 
 
 def probe(call: Call) -> Verdict:
@@ -232,6 +244,11 @@ def probe(call: Call) -> Verdict:
             raise model_rejected_input(exc, call.inputs, _expected_width(call)) from None
         fewer = _fewer_points(call, batches[0], outputs[0])
         verdict = verdict_of(call, outputs, moved, fewer)
+        if verdict.stochastic:  # random: does it still couple points, with its randomness repeated?
+            seeded = call.backend.seeded_forwards(call, batches)
+            again = None if seeded is None else verdict_of(call, seeded, moved)
+            if again is not None and not again.stochastic:
+                verdict.coupled = again.coupled
         call.facts.verdict = dataclasses.replace(verdict)
     call.verdict = verdict
     return verdict

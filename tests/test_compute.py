@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import nbderiv  # noqa: E402
 from nbderiv import compute  # noqa: E402
 
 
@@ -96,3 +97,37 @@ def test_progress_is_silent_for_quick_work_and_shown_when_asked_or_slow(monkeypa
     assert "nbderiv" in _bar_output(range(5), True, monkeypatch)
     ticks = iter(range(0, 1000, 3))  # every look at the clock: 3 s later
     assert "nbderiv" in _bar_output(range(5), None, monkeypatch, clock=lambda: next(ticks))
+
+
+class _TinyNoise(torch.nn.Module):  # randomness too small to move the numbers
+    def forward(self, x):
+        return x + 1e-9 * torch.randn_like(x) if self.training else x
+
+
+def test_a_random_model_with_train_mode_batchnorm_is_still_found_coupled():
+    """Randomness (two identical calls differ) used to skip the coupling test, and a train-mode
+    BatchNorm next to Dropout or noise got the grad_outputs=ones column sums: the probe now
+    repeats the randomness (seeded, the user's generator state put back) to test coupling."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                              _TinyNoise(), torch.nn.Linear(8, 2)).double()  # train mode
+    x = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(net, x)
+    assert "coupled-samples" in d.codes and d.method.startswith("per-point"), d.codes
+    assert net.training and net[1].num_batches_tracked.item() == 0  # put back by nbderiv
+    quiet = torch.nn.Sequential(*[m for m in net if not isinstance(m, _TinyNoise)])
+    J = torch.autograd.functional.jacobian(quiet, x)  # (N, 2, N, 3): the blocks on the diagonal
+    blocks = np.stack([J[n, :, n].numpy() for n in range(10)])
+    np.testing.assert_allclose(d[1], blocks, atol=1e-6)
+
+
+def test_float64_points_before_float32_layers_are_not_taken_for_coupled():
+    """A Keras model with a float64 Input and float32 layers: its outputs are float32 values,
+    whose last bit may move with the number of points; the coupling tolerance follows them."""
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 3), dtype="float64"), keras.layers.GRU(5),
+                              keras.layers.Dense(2)])
+    x = np.random.default_rng(0).normal(size=(4, 6, 3))
+    d = nbderiv.derivatives(model, x)
+    assert "coupled-samples" not in d.codes and not d.method.startswith("per-point"), d.codes

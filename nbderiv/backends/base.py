@@ -35,7 +35,7 @@ from ..result_memory import owned, result_array
 
 OPTIONAL = frozenset({
     "begin", "device", "argument_names", "known_verdict", "block_rows", "bytes_per_point",
-    "kink_points", "input_width", "few_threads", "state_key",
+    "kink_points", "input_width", "few_threads", "state_key", "seeded_forwards",
 })
 
 
@@ -126,6 +126,13 @@ class Backend:
 
     def argument_names(self, model, n_args: int):
         """Names of the model's positional arguments (for ``d.inputs``), or None."""
+        return None
+
+    def seeded_forwards(self, call, batches):
+        """:meth:`forwards` with the framework's random number generators seeded alike before
+        each batch (the user's generator state put back), so that a model with randomness
+        (Dropout next to a train-mode BatchNorm) repeats it and the probe can still see
+        whether points influence each other; None (the default) where it cannot."""
         return None
 
     def known_verdict(self, call):

@@ -68,7 +68,7 @@ class TorchBackend(Backend):
     name = "torch"
     optional = frozenset({"device", "argument_names", "known_verdict", "block_rows",
                           "bytes_per_point", "kink_points", "input_width", "few_threads",
-                          "state_key"})
+                          "state_key", "seeded_forwards"})
 
     # -- conversion and placement ------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -184,6 +184,17 @@ class TorchBackend(Backend):
             # each batch in fresh memory: a view at an odd offset of the stacked rows can take
             # another BLAS path and round differently, which would read as randomness
             ys = [fn(part.clone()) for part in torch.split(stacked, batches[0][0].shape[0])]
+            return np.split(to_numpy(torch.cat(ys)), len(batches))
+
+    def seeded_forwards(self, call, batches) -> list:
+        fn = self._caller(call, flat=False)
+        stacked = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
+        cuda = [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
+        ys = []
+        with torch.random.fork_rng(devices=cuda), grad_enabled(False):
+            for part in torch.split(stacked, batches[0][0].shape[0]):
+                torch.manual_seed(0)
+                ys.append(fn(part.clone()))
             return np.split(to_numpy(torch.cat(ys)), len(batches))
 
     def derivatives(self, call, args, order, wrt, out=None) -> Block:
