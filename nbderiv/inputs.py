@@ -255,12 +255,15 @@ def check_target(largest: int, d_out: int) -> None:
 
 def model_error_cause(exc: Exception) -> str:
     """'graph' (the forward leaves the framework), 'batchnorm-one' (BatchNorm training on one
-    point), 'shape' (about shapes or sizes) or 'other', from the exception's message."""
+    point), 'tokens' (an embedding given floats), 'shape' (about shapes or sizes) or 'other',
+    from the exception's message."""
     text = f"{type(exc).__name__}: {exc}".lower()
     if any(w in text for w in _GRAPH_WORDS):
         return "graph"
     if "more than 1 value per channel" in text:
         return "batchnorm-one"
+    if "'indices'" in text and "embedding" in text:
+        return "tokens"
     if any(w in text for w in _SHAPE_WORDS):
         return "shape"
     return "other"
@@ -277,8 +280,14 @@ def model_error_fix(exc: Exception, n_points: int) -> str:
     if cause == "batchnorm-one":
         return (f"BatchNorm in training mode cannot normalise {n_points} point(s) on their "
                 "own. Fix: pass more points, or call model.eval() (training=False in Keras).")
+    if cause == "tokens":
+        return ("An embedding layer takes integer token ids, and nbderiv differentiates with "
+                "respect to floating-point inputs (a token id has no derivative). Fix: "
+                "differentiate with respect to the embeddings, e.g. e = model.embedding(tokens) "
+                "and nbderiv.derivatives(lambda e: rest_of_model(e), e).")
     return ("Fix: run the model on that input with plain framework code (d.code shows the "
-            "equivalent, e.g. model(torch.as_tensor(x))) and fix the error it raises there.")
+            "equivalent: model(torch.as_tensor(x)) in PyTorch, model(tf.constant(x)) in Keras) "
+            "and fix the error it raises there.")
 
 
 _FREE_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # by the number of free axes

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import nbderiv
 from nbderiv.errors import InputShapeError, ModelCallError
 from nbderiv.inputs import (
     expected_input,
@@ -77,3 +78,18 @@ def test_vectors_keep_the_trailing_size_message_and_other_causes_their_fix():
     assert "trailing size" in str(err)
     assert isinstance(_rejected(np.zeros((4, 3)), 3, "boom"), ModelCallError)
     assert isinstance(_rejected(np.zeros((4, 3, 8, 8)), (3, None, None), "boom"), ModelCallError)
+
+
+def test_an_embedding_given_token_ids_points_to_the_embeddings():
+    torch = pytest.importorskip("torch")
+    from nbderiv.errors import NbderivError
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(20, 6), torch.nn.Flatten(),
+                              torch.nn.Linear(30, 1))
+    tokens = torch.randint(0, 20, (10, 5))
+    with pytest.raises(NbderivError, match=r"token id has no derivative.*embeddings"):
+        nbderiv.derivatives(net, tokens)
+    e = net[0](tokens).detach()  # what the message suggests works
+    d = nbderiv.derivatives(lambda z: net[2](net[1](z)), e)
+    assert d[1].shape == (10, 1, 5, 6)
