@@ -25,6 +25,7 @@ from .compute import (
 )
 from .errors import MemoryBudgetError, OptionError
 from .inputs import check_order, check_wrt
+from .memo import kept
 from .options import byte_count, flag, positive_int
 from .result import Derivatives
 from .result_checks import result_findings
@@ -36,12 +37,7 @@ DEFAULT_JACOBIAN_BUDGET = 256 * 2 ** 20  # full cross-sample Jacobian, bytes
 
 def _findings_before(call, order) -> dict:
     """The layer summary and the findings that need no derivatives (structure, randomness)."""
-    known = call.known  # looked up already (never looked up just for this)
-    layers = None if known is None else known.layers
-    if layers is None:
-        layers = call.backend.layer_summary(call.model)
-        if known is not None:
-            known.layers = layers
+    layers = kept(call, "layers", lambda: call.backend.layer_summary(call.model))
     call.findings += dg.structural_findings(layers, order)
     if call.verdict.stochastic and not any(f.code == "train-mode" for f in call.findings):
         call.findings.append(dg.stochastic_finding())

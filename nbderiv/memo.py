@@ -50,11 +50,11 @@ class Facts:
     # level, see confirm.graph_consistency): the same points again need no new look
     graph_agrees: dict = field(default_factory=dict)
     kink_free: bool = False  # a forward pass called no piecewise-linear function
-    layers: dict = None      # the backend's layer_summary (activations, training flags)
     # (a copy of the points, the rows among them at a ReLU-type kink): the very same points
     # again need no new look (points up to KINKS_BYTES; one copy per model, see remember)
     kinks: tuple = None
-    structure: dict = field(default_factory=dict)  # a backend's answers: see kept()
+    # answers read from the model's structure (the layer summary, a backend's own): see kept()
+    structure: dict = field(default_factory=dict)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -186,8 +186,9 @@ def _keep_kinks(call, facts_of_model: dict) -> None:
 
 def kept(call, name, compute):
     """``compute()``, kept under ``name`` with the call's facts when they were looked up
-    already (never looked up just for this): for answers a backend reads from the model's
-    structure alone (its layer widths, whether it convolves), which its state key covers."""
+    already (never looked up just for this): for answers read from the model's structure
+    alone (the layer summary, its layer widths, whether it convolves), which the backend's
+    state key covers."""
     known = call.known
     if known is None:
         return compute()

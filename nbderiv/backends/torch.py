@@ -175,27 +175,26 @@ class TorchBackend(Backend):
                 stochastic |= m.training and 0 < m.p < 1
         return Verdict(width, stochastic, False)
 
-    def forwards(self, call, batches) -> list:
+    def forwards(self, call, batches, seed=None) -> list:
         """Separate model calls on slices of one tensor: one copy to the device and one back
-        (each copy waits for the GPU)."""
+        (each copy waits for the GPU). ``seed``: torch's generators seeded with it before each
+        batch (see :meth:`seeded_forwards`)."""
         fn = self._caller(call, flat=False)
         stacked = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
+        ys = []
         with grad_enabled(False):
             # each batch in fresh memory: a view at an odd offset of the stacked rows can take
             # another BLAS path and round differently, which would read as randomness
-            ys = [fn(part.clone()) for part in torch.split(stacked, batches[0][0].shape[0])]
+            for part in torch.split(stacked, batches[0][0].shape[0]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                ys.append(fn(part.clone()))
             return np.split(to_numpy(torch.cat(ys)), len(batches))
 
     def seeded_forwards(self, call, batches) -> list:
-        fn = self._caller(call, flat=False)
-        stacked = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
         cuda = [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
-        ys = []
-        with torch.random.fork_rng(devices=cuda), grad_enabled(False):
-            for part in torch.split(stacked, batches[0][0].shape[0]):
-                torch.manual_seed(0)
-                ys.append(fn(part.clone()))
-            return np.split(to_numpy(torch.cat(ys)), len(batches))
+        with torch.random.fork_rng(devices=cuda):  # the user's generator state put back
+            return self.forwards(call, batches, seed=0)
 
     def derivatives(self, call, args, order, wrt, out=None) -> Block:
         X = self._tensor(call, args)
