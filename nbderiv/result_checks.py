@@ -43,7 +43,7 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
         f = piecewise_finding(layers, ders, order, wider)
         if f is not None:
             out.append(f)
-    if call.kink_rows is not None:  # looked for during the derivative pass
+    if call.kink_rows is not None:  # looked for in the derivative pass, or known (memo)
         candidates = call.kink_rows
     elif call.known is not None and call.known.kink_free:
         # an earlier call saw this model state call no ReLU-type function
