@@ -38,9 +38,9 @@ from .torch_autodiff import (
     to_numpy,
 )
 from .torch_code import torch_code
+from .torch_snapshot import TorchState, state_key
 from .torch_state import (
     DENSE,
-    TorchState,
     batched_backward_pays,
     dense_widths,
     expected_by,
@@ -52,7 +52,6 @@ from .torch_state import (
     np_dtype,
     plain_modules,
     refuse_lazy,
-    state_key,
 )
 from .torch_taylor import taylor_derivatives, taylor_plan
 
@@ -69,6 +68,9 @@ class TorchBackend(Backend):
     optional = frozenset({"device", "argument_names", "known_verdict", "block_rows",
                           "bytes_per_point", "kink_points", "input_width", "few_threads",
                           "state_key", "seeded_forwards"})
+
+    def __init__(self):
+        self._saved = []  # (model, TorchState) of the calls under way, innermost last
 
     # -- conversion and placement ------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -262,9 +264,11 @@ class TorchBackend(Backend):
         when written inside forward), ``.grad`` and ``requires_grad``. A lazy module not yet
         initialised is refused first (its first call would initialise it for good)."""
         saved = TorchState(modules_of(model))  # (refuses an uninitialised lazy layer)
+        self._saved.append((model, saved))
         try:
             yield
         finally:
+            self._saved.remove((model, saved))
             saved.restore()
 
     def block_rows(self, call):
@@ -341,6 +345,10 @@ class TorchBackend(Backend):
         return {"activations": activations, "train_mode": train_mode, "opaque": opaque}
 
     def state_key(self, model) -> tuple:
+        """The model's state key; inside :meth:`preserved`, the key of the state saved when
+        the innermost call began (the same walk and copy of the values)."""
+        if self._saved and self._saved[-1][0] is model and isinstance(model, torch.nn.Module):
+            return self._saved[-1][1].key()
         return state_key(model)
 
     def input_width(self, model):
