@@ -203,3 +203,26 @@ def test_forward_and_nbderiv_are_never_skipped():
         c = SimpleNamespace(kind=kind, scaling=1.0, mem_scaling=1.0, units_at=None,
                             bytes_at=None)
         assert bool(run._skip_reason(args, c, 1_000_000, slow_previous, 0.1)) is skipped, kind
+
+
+def test_versions_imports_another_revision_beside_this_one(tmp_path):
+    """benchmarks/versions.py: the base revision is its own package, not this checkout's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    try:
+        import versions
+    finally:
+        sys.path.pop(0)
+    base_api = versions.import_revision("HEAD", tmp_path)
+    import nbderiv.api
+
+    assert base_api is not nbderiv.api and base_api.__name__ == "nbderiv_base.api"
+    assert Path(base_api.__file__).is_relative_to(tmp_path)
+    torch = pytest.importorskip("torch")
+    d = base_api.derivatives(lambda x: x ** 3, torch.tensor([2.0]), order=2)
+    assert float(d[2][0, 0, 0, 0]) == 12.0
+    for name in [m for m in sys.modules if m.split(".")[0] == "nbderiv_base"]:
+        del sys.modules[name]
+    sys.path.remove(str(tmp_path))
