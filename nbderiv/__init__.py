@@ -23,6 +23,7 @@ _EXPORTS = {
     "Derivatives": "nbderiv.result",
     "Finding": "nbderiv.result",
     "NbderivError": "nbderiv.errors",
+    "shared": "nbderiv.inputs",
     "plot_derivatives": "nbderiv.plot",
     "plot_jacobian": "nbderiv.plot",
     "plot_saliency": "nbderiv.plot_maps",

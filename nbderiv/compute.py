@@ -60,12 +60,20 @@ def open_call(model, x, framework, *, target=None, kwargs=None) -> Call:
 
 
 def _extras(backend, n, target, kwargs, dtype) -> tuple:
-    """(Extra specs, their (n, width) arrays in ``dtype``, constant kwargs)."""
-    specs, arrays, constants = [], [], {}
+    """(Extra specs, their (n, width) arrays in ``dtype``, constant kwargs). A value wrapped
+    in :func:`nbderiv.shared` is a constant whatever its shape; the names and shapes of the
+    sliced ones are noted for the messages of model failures."""
+    from .inputs import Shared, note_sliced_kwargs
+
+    specs, arrays, constants, sliced = [], [], {}, []
+    note_sliced_kwargs(n, ())
     if kwargs is not None and not isinstance(kwargs, dict):
         raise OptionError(f"kwargs must be a dict of keyword arguments for the model, got "
                           f"{type(kwargs).__name__}. Fix: kwargs={{'attention_mask': mask}}.")
     for name, value in (kwargs or {}).items():
+        if isinstance(value, Shared):  # the same for every point: passed as it is
+            constants[name] = value.value
+            continue
         try:
             a = np.asarray(backend.to_numpy(value))
         except Exception:
@@ -75,6 +83,8 @@ def _extras(backend, n, target, kwargs, dtype) -> tuple:
             continue
         specs.append(Extra(str(name), tuple(a.shape[1:]), a.dtype.name))
         arrays.append(_as_columns(a, dtype, f"kwargs[{name!r}]"))
+        sliced.append((str(name), tuple(a.shape)))
+    note_sliced_kwargs(n, sliced)
     if target is not None:
         t = np.asarray(backend.to_numpy(target))
         if t.ndim == 0:

@@ -13,6 +13,7 @@ framework tensors into numpy first (``Backend.to_numpy``) and call
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from .errors import (
     OutputError,
 )
 from .result import Finding
+from .wrapped import is_framework_object, user_frames
 
 
 @dataclass
@@ -40,6 +42,7 @@ class PreparedInput:
     was_integer: bool      # some argument was integer/bool and will be cast
     original_shapes: list
     point_shapes: list = None  # S_i, each point's shape per argument ((1,) for (N,) inputs)
+    list_items: tuple = ()     # x was a list of arrays / tensors: their shapes (read as points)
 
     def __post_init__(self):
         if self.point_shapes is None:
@@ -68,9 +71,16 @@ def _as_array(x, to_numpy, what: str) -> np.ndarray:
     except NbderivError:  # the backend's own clear message (e.g. another framework's tensor)
         raise
     except Exception as exc:  # e.g. ragged nested lists, strings
+        items = _array_items(x) if what == "x" else []
+        fix = ("Fix: pass a numpy array, a nested list of numbers, or a framework tensor."
+               if not items else
+               f"{what} is a list of {len(items)} arrays / tensors, which nbderiv reads as "
+               "points, like np.array(x). Fix: if they are separate arguments of the model, "
+               "pass them as a tuple, x=tuple(x) (e.g. (x, t) rather than [x, t]); if they are "
+               "points, pass one array of shape (N, *S), e.g. torch.stack(x) or np.stack(x).")
         raise InputTypeError(
-            f"{what} could not be read as a numeric array ({type(x).__name__}: {exc}). "
-            "Fix: pass a numpy array, a nested list of numbers, or a framework tensor."
+            f"{what} could not be read as a numeric array ({type(x).__name__}: "
+            f"{str(exc).strip().rstrip('.')}). {fix}"
         ) from None
     if a.dtype.kind not in "biuf":
         raise InputTypeError(
@@ -80,9 +90,70 @@ def _as_array(x, to_numpy, what: str) -> np.ndarray:
     return a
 
 
+def _shape_of(obj) -> tuple | None:
+    """The shape of a numpy array or framework tensor (read, nothing converted); None for
+    anything else, a model's weights and a shape that is not known yet."""
+    if not is_framework_object(obj) or {c.__name__ for c in type(obj).__mro__} & _WEIGHTS:
+        return None
+    try:
+        return tuple(int(s) for s in obj.shape)
+    except Exception:  # no shape, or a symbolic one
+        return None
+
+
+_MAX_ARGUMENTS = 8  # a longer list of arrays is taken for points only, never for arguments
+_WEIGHTS = {"Parameter", "UninitializedParameter", "Variable", "ResourceVariable",
+            "KerasVariable"}
+
+
+def _array_items(x) -> list:
+    """The shapes of a list's items when every item is an array or tensor, else [] (and for
+    a list too long to be a model's separate arguments)."""
+    if not isinstance(x, list) or len(x) > _MAX_ARGUMENTS:
+        return []
+    shapes = [_shape_of(item) for item in x]
+    return shapes if shapes and all(s is not None for s in shapes) else []
+
+
+class Shared:
+    """A keyword argument passed to the model as it is, the same for every point (see
+    :func:`shared`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        shape = _shape_of(self.value)
+        return f"nbderiv.shared({type(self.value).__name__}" + \
+            (f" of shape {shape})" if shape is not None else ")")
+
+
+def shared(value) -> Shared:
+    """Marks a value in ``kwargs=`` as the same for every point: it is passed to the model as
+    it is, never sliced with the points (nbderiv otherwise slices every array whose first
+    axis has length N). For an attention mask of shape (T, T) when there are N == T points:
+    ``kwargs={"mask": nbderiv.shared(mask)}``.
+
+    >>> import torch, nbderiv
+    >>> w = torch.tensor([1.0, 2.0, 3.0])  # three weights, and three points
+    >>> d = nbderiv.derivatives(lambda x, w: x ** 2 @ w[:, None], torch.ones(3, 3), order=1,
+    ...                         kwargs={"w": nbderiv.shared(w)})
+    >>> d[1][0, 0].tolist()
+    [2.0, 4.0, 6.0]
+    """
+    return value if isinstance(value, Shared) else Shared(value)
+
+
 def prepare_inputs(x, *, to_numpy) -> PreparedInput:
     """Validate ``x`` (array-like, or a tuple of array-likes = several arguments)."""
     several = isinstance(x, tuple)
+    if any(isinstance(p, Shared) for p in (x if several else (x,))):
+        raise InputTypeError("nbderiv.shared(...) marks a keyword argument in kwargs= that is "
+                             "the same for every point; x is what nbderiv differentiates. "
+                             "Fix: pass x itself, and shared values as kwargs={'name': "
+                             "nbderiv.shared(value)}.")
     parts = list(x) if several else [x]
     if several and not parts:
         raise InputShapeError("x is an empty tuple. Fix: pass (x, t, ...) with one array per argument.")
@@ -117,7 +188,8 @@ def prepare_inputs(x, *, to_numpy) -> PreparedInput:
             f"the arguments in the tuple have different numbers of points {[a.shape[0] for a in arrays]}. "
             "Fix: give every argument the same first dimension N."
         )
-    return PreparedInput(arrays, several, reshaped, integer, shapes, point_shapes)
+    return PreparedInput(arrays, several, reshaped, integer, shapes, point_shapes,
+                         () if several else tuple(_array_items(x)))
 
 
 def input_names(prepared: PreparedInput, argument_names=None) -> tuple:
@@ -269,8 +341,107 @@ def model_error_cause(exc: Exception) -> str:
     return "other"
 
 
-def model_error_fix(exc: Exception, n_points: int) -> str:
-    """The ``Fix: ...`` line that fits what the model's error says."""
+# What the call opened last in this context slices with its points: (N, ((name, shape), ...))
+# for each array of kwargs= whose first axis has length N (set by compute._extras for every
+# call it opens), so that a model failure can name them.
+_SLICED = contextvars.ContextVar("nbderiv_sliced_kwargs", default=(0, ()))
+
+
+def note_sliced_kwargs(n_points: int, sliced) -> None:
+    """Record the kwargs= arrays, ``(name, shape)``, that the call being opened slices with
+    its ``n_points`` points (none: ``()``), for the messages of model failures."""
+    _SLICED.set((int(n_points), tuple(sliced)))
+
+
+def _with_context(fix: str, n_points: int, prepared: PreparedInput | None = None) -> str:
+    """``fix``, preceded by how nbderiv read what it was given, where that may be the cause:
+    x given as a list of arrays / tensors (read as points; the tuple form is separate
+    arguments), and the arrays of kwargs= that the call being run slices with its
+    ``n_points`` points (:func:`shared` passes one as it is)."""
+    said, options = [], []
+    items = () if prepared is None or prepared.several else prepared.list_items
+    if items:
+        shapes = f"shape {items[0]}" if len(set(items)) == 1 else \
+            f"shapes {', '.join(map(str, items))}"
+        count = prepared.n_points
+        said.append(f"x was a list of {len(items)} arrays / tensors of {shapes}, which nbderiv "
+                    f"reads as {count} point{'s' if count != 1 else ''} of shape "
+                    f"{prepared.point_shapes[0]}, like np.array(x); a tuple is read as "
+                    "separate arguments.")
+        options.append(("they are separate arguments of the model (a Keras model with several "
+                        "inputs too)", "pass them as a tuple, x=tuple(x) (e.g. (x, t) rather "
+                        "than [x, t])"))
+    n, sliced = _SLICED.get()
+    if sliced and n == n_points:
+        one = len(sliced) == 1
+        named = " and ".join(f"kwargs[{name!r}] (shape {tuple(shape)})" for name, shape in sliced)
+        name = sliced[0][0]
+        value = name if name.isidentifier() else "value"
+        said.append(f"{named} {'has' if one else 'have'} a first axis of length {n}, the number "
+                    f"of points, so nbderiv slices {'it' if one else 'them'} with the points: "
+                    "each model call gets only the rows of its own points.")
+        options.append((f"{'it is' if one else 'one of them is'} the same for every point (e.g. "
+                        "an attention mask of shape (T, T) with T == N)",
+                        f"pass it as it is: kwargs={{{name!r}: nbderiv.shared({value})}}"))
+    if not options:
+        return fix
+    rest = fix[len("Fix: "):] if fix.startswith("Fix: ") else fix
+    return (" ".join(said) + " Fix: " + "; ".join(f"if {c}, {a}" for c, a in options)
+            + f". Otherwise: {rest}")
+
+
+def _held_note(exc: Exception, n_points: int) -> str:
+    """The fix for a model that holds per-point data itself: a function of the user's, called
+    on a subset of the points, whose closure or globals hold an array with one row per point
+    (``lambda z: net(z, mask)``, ``lambda z: net(z)[torch.arange(N), labels]``). "" when
+    none does, or when the function got all N points."""
+    try:
+        running = user_frames(exc.__traceback__)
+    except Exception:  # only for the message: never let it hide the real error
+        return ""
+    # the points it was called on: the first array among the arguments of the outermost
+    # function that got one (the model nbderiv called, or a forward it runs)
+    batch = next((s[0] for r in running for s in (_shape_of(v) for _, v in r.arguments) if s),
+                 None)
+    if batch is None or batch == n_points:
+        return ""
+    for r in running:
+        for name, obj in r.held:
+            shape = _shape_of(obj)
+            if not shape or shape[0] != n_points:
+                continue
+            params = ", ".join([n for n, _ in r.arguments] + [name])
+            example = f"lambda {params}: ..." if r.function == "the lambda" else \
+                f"{r.function[:-2].split('.')[-1]}({params})"
+            fix = (f"Fix: take {name} as a keyword argument ({example}) and pass "
+                   f"kwargs={{{name!r}: {name}}}: nbderiv slices it with the points.")
+            if len(shape) == 1 and "int" in str(getattr(obj, "dtype", "")):
+                fix += (f" If {name} picks one output per point (y[arange(N), {name}]), "
+                        f"return the whole output y and pass target={name} instead.")
+            return (f"{r.function[0].upper()}{r.function[1:]} uses {name} "
+                    f"({type(obj).__name__} of shape {shape}), whose "
+                    f"first axis has the length of x ({n_points} points), but nbderiv calls the "
+                    f"model on subsets of the points (here {batch} of them), so its rows no "
+                    f"longer line up with the points. {fix}")
+    return ""
+
+
+def per_point_data_failed(exc: Exception, n_points: int) -> bool:
+    """Whether a failure of the model on some of the ``n_points`` points may come from
+    per-point data that does not follow the points: an array with one row per point held by
+    the failing function itself, or arrays of kwargs= that the call slices (then
+    :func:`model_rejected_input` says which, and how to pass them)."""
+    n, sliced = _SLICED.get()
+    return bool(sliced and n == n_points) or bool(_held_note(exc, n_points))
+
+
+def model_error_fix(exc: Exception, n_points: int, prepared: PreparedInput | None = None) -> str:
+    """The ``Fix: ...`` line that fits what the model's error says; when the model holds
+    per-point data of its own, or got arrays of kwargs= sliced with the points, or x was a
+    list of arrays (``prepared``), it says so first."""
+    held = _held_note(exc, n_points)
+    if held:
+        return held
     cause = model_error_cause(exc)
     if cause == "graph":
         return ("The forward pass leaves the framework (.numpy() or a NumPy function on a "
@@ -285,9 +456,10 @@ def model_error_fix(exc: Exception, n_points: int) -> str:
                 "respect to floating-point inputs (a token id has no derivative). Fix: "
                 "differentiate with respect to the embeddings, e.g. e = model.embedding(tokens) "
                 "and nbderiv.derivatives(lambda e: rest_of_model(e), e).")
-    return ("Fix: run the model on that input with plain framework code (d.code shows the "
-            "equivalent: model(torch.as_tensor(x)) in PyTorch, model(tf.constant(x)) in Keras) "
-            "and fix the error it raises there.")
+    return _with_context(
+        "Fix: run the model on that input with plain framework code (d.code shows the "
+        "equivalent: model(torch.as_tensor(x)) in PyTorch, model(tf.constant(x)) in Keras) "
+        "and fix the error it raises there.", n_points, prepared)
 
 
 _FREE_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # by the number of free axes
@@ -393,7 +565,7 @@ def model_rejected_input(exc: Exception, prepared: PreparedInput,
         return ModelCallError(
             f"the model raised {type(exc).__name__} when nbderiv first called it on x of shape "
             f"{given} (passed as {shown}): {text[:300].rstrip('.')}. "
-            f"{model_error_fix(exc, prepared.n_points)}"
+            f"{model_error_fix(exc, prepared.n_points, prepared)}"
         )
     hint = ""
     if prepared.reshaped and not prepared.several:
@@ -414,6 +586,11 @@ def model_rejected_input(exc: Exception, prepared: PreparedInput,
                "to the model as it is.")
     else:
         fix = "Fix: pass x with the trailing size the model expects."
+    held = _held_note(exc, prepared.n_points)
+    if held:
+        fix, hint = held, ""
+    else:
+        fix = _with_context(fix, prepared.n_points, prepared)
     return InputShapeError(
         f"the model rejected the input: x of shape {given} was passed as {shown} "
         f"({layout}) and the model raised {type(exc).__name__}: "

@@ -16,13 +16,19 @@ and cells, never through ``__getattr__`` or properties.
 True
 >>> objects_inside(functools.partial(lambda m, z: m(z), net)) == [net]
 True
+
+:func:`user_frames` reads the same things (closure cells, globals) from the frames of a
+traceback, for the messages of a model that failed.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
+import sys
 import types
+from typing import NamedTuple
 
 # top-level packages whose objects are models, tensors or framework internals: returned when
 # found, never looked into (their backend knows their structure)
@@ -146,3 +152,51 @@ def objects_inside(fn, depth: int = 3) -> list:
                                                        not isinstance(part, _FUNCTIONS))))
         level = below
     return found
+
+
+# packages whose frames are not the user's own code when a model call fails (nbderiv's own
+# frames are told by their file, so that code in its docstrings counts as the user's)
+_NOT_USER = FRAMEWORK_PACKAGES | frozenset(getattr(sys, "stdlib_module_names", ()))
+_NBDERIV = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_frames(tb) -> list:
+    """The user's own functions that were running when an exception was raised, outermost
+    first, from its traceback ``tb``: each a :class:`Running` (how to name the function, the
+    positional arguments it got and the objects its code names through closure cells and
+    globals, each by name). Frames of nbderiv, the frameworks and the standard library are
+    left out; nothing is called.
+
+    >>> mask = [1, 2]
+    >>> def model(z):
+    ...     return z + mask
+    >>> try:
+    ...     model(None)
+    ... except TypeError as exc:
+    ...     running = user_frames(exc.__traceback__)[-1]
+    >>> running.function, running.arguments, running.held
+    ('model()', [('z', None)], [('mask', [1, 2])])
+    """
+    found = []
+    while tb is not None:
+        frame, tb = tb.tb_frame, tb.tb_next
+        module = str(frame.f_globals.get("__name__") or "").split(".")[0]
+        if module in _NOT_USER or frame.f_code.co_filename.startswith(_NBDERIV):
+            continue
+        code, values = frame.f_code, frame.f_locals
+        arguments = [(n, values[n]) for n in code.co_varnames[:code.co_argcount] if n in values]
+        held = [(n, values[n]) for n in code.co_freevars if n in values]
+        g = frame.f_globals
+        held += [(n, g[n]) for n in sorted(_names(code)) if n in g and n not in values]
+        name = getattr(code, "co_qualname", code.co_name)
+        found.append(Running("the lambda" if code.co_name == "<lambda>" else f"{name}()",
+                             arguments, [(n, v) for n, v in held if not isinstance(v, _SKIP)]))
+    return found
+
+
+class Running(NamedTuple):
+    """One of the user's functions in a traceback (see :func:`user_frames`)."""
+
+    function: str     # how a message names it: 'the lambda', 'forward()', 'Net.forward()'
+    arguments: list   # (name, object): the positional arguments it got
+    held: list        # (name, object): its closure cells and the globals its code names
