@@ -78,7 +78,8 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
     ``target``: one int, or one int per point, selects one output per point before
     differentiating (saliency: d score[label] / d image); the output axis then has length 1.
     ``kwargs``: extra keyword arguments for the model, never differentiated; arrays whose
-    first axis has length N (e.g. an attention mask) are sliced with the points.
+    first axis has length N (e.g. a padding mask) are sliced with the points, and a value
+    wrapped in :func:`nbderiv.shared` is passed as it is (a causal (T, T) mask when N == T).
 
     ``reference``, a known truth: a function of NumPy float64 arrays giving y
     (``f(x)``, x of shape (N, d_in); ``f(x, t)`` for a tuple input), differentiated by

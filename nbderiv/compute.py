@@ -29,12 +29,12 @@ from .backends import select_backend
 from .backends.base import Block, block_starts, equal_block_size
 from .call import Call, Extra, Verdict
 from .errors import ModelCallError, NbderivError, OptionError, OutputError
-from .inputs import (
-    input_findings,
-    input_names,
+from .inputs import Shared, input_findings, input_names, prepare_inputs
+from .model_errors import (
     model_error_fix,
     model_rejected_input,
-    prepare_inputs,
+    per_point_data_failed,
+    sliced_kwargs,
 )
 from .result_memory import result_array
 
@@ -61,12 +61,8 @@ def open_call(model, x, framework, *, target=None, kwargs=None) -> Call:
 
 def _extras(backend, n, target, kwargs, dtype) -> tuple:
     """(Extra specs, their (n, width) arrays in ``dtype``, constant kwargs). A value wrapped
-    in :func:`nbderiv.shared` is a constant whatever its shape; the names and shapes of the
-    sliced ones are noted for the messages of model failures."""
-    from .inputs import Shared, note_sliced_kwargs
-
-    specs, arrays, constants, sliced = [], [], {}, []
-    note_sliced_kwargs(n, ())
+    in :func:`nbderiv.shared` is a constant whatever its shape."""
+    specs, arrays, constants = [], [], {}
     if kwargs is not None and not isinstance(kwargs, dict):
         raise OptionError(f"kwargs must be a dict of keyword arguments for the model, got "
                           f"{type(kwargs).__name__}. Fix: kwargs={{'attention_mask': mask}}.")
@@ -83,8 +79,6 @@ def _extras(backend, n, target, kwargs, dtype) -> tuple:
             continue
         specs.append(Extra(str(name), tuple(a.shape[1:]), a.dtype.name))
         arrays.append(_as_columns(a, dtype, f"kwargs[{name!r}]"))
-        sliced.append((str(name), tuple(a.shape)))
-    note_sliced_kwargs(n, sliced)
     if target is not None:
         t = np.asarray(backend.to_numpy(target))
         if t.ndim == 0:
@@ -139,7 +133,7 @@ def model_errors(call: Call, doing: str):
         shapes = ", ".join(str(tuple(a.shape)) for a in call.args)
         raise ModelCallError(
             f"the model raised {type(exc).__name__} while nbderiv was {doing} on input of shape "
-            f"{shapes}: {text}. {model_error_fix(exc, call.n)}"
+            f"{shapes}: {text}. {model_error_fix(exc, call.n, sliced=sliced_kwargs(call))}"
         ) from None
 
 
@@ -251,7 +245,8 @@ def probe(call: Call) -> Verdict:
         except NbderivError:
             raise
         except Exception as exc:
-            raise model_rejected_input(exc, call.inputs, _expected_width(call)) from None
+            raise model_rejected_input(exc, call.inputs, _expected_width(call),
+                                       sliced_kwargs(call)) from None
         fewer = _fewer_points(call, batches[0], outputs[0])
         verdict = verdict_of(call, outputs, moved, fewer)
         if verdict.stochastic:  # random: does it still couple points, with its randomness repeated?
@@ -274,6 +269,10 @@ def _fewer_points(call: Call, first, y_first):
     try:
         (y,) = call.backend.forwards(call, [fewer])
     except Exception as exc:
+        if per_point_data_failed(exc, call.n, sliced_kwargs(call)):
+            # a mask or labels that do not follow the points, not an output's first axis
+            raise model_rejected_input(exc, call.inputs, _expected_width(call),
+                                       sliced_kwargs(call)) from None
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         text = text.split(" Fix:")[0].split("; nbderiv needs")[0][:200]
         raise OutputError(

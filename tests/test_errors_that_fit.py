@@ -9,12 +9,8 @@ import pytest
 
 import nbderiv
 from nbderiv.errors import InputShapeError, ModelCallError
-from nbderiv.inputs import (
-    expected_input,
-    fits_expected,
-    model_rejected_input,
-    prepare_inputs,
-)
+from nbderiv.inputs import prepare_inputs
+from nbderiv.model_errors import expected_input, fits_expected, model_rejected_input
 
 
 def _rejected(x, expected, message="size mismatch"):

@@ -18,7 +18,12 @@ from torch.func import jacrev, vmap  # noqa: E402
 import nbderiv  # noqa: E402
 from nbderiv.compute import open_call  # noqa: E402
 from nbderiv.errors import InputShapeError, InputTypeError, ModelCallError, NbderivError  # noqa: E402
-from nbderiv.inputs import Shared, model_error_fix, per_point_data_failed  # noqa: E402
+from nbderiv.inputs import Shared  # noqa: E402
+from nbderiv.model_errors import (  # noqa: E402
+    model_error_fix,
+    per_point_data_failed,
+    sliced_kwargs,
+)
 from nbderiv.wrapped import user_frames  # noqa: E402
 
 
@@ -74,14 +79,15 @@ def test_the_sliced_kwargs_are_named_only_for_the_call_that_slices_them():
     net = nn.Linear(3, 2).double()
     x = torch.zeros(20, 3, dtype=torch.float64)
     call = open_call(lambda z, w: net(z) * w, x, None, kwargs={"w": torch.ones(20, 2)})
-    fix = model_error_fix(RuntimeError("size mismatch"), call.n)  # a failure past the probe
+    assert sliced_kwargs(call) == (("w", (20, 2)),)
+    fix = model_error_fix(RuntimeError("size mismatch"), call.n, sliced=sliced_kwargs(call))
     assert "kwargs['w'] (shape (20, 2))" in fix and "nbderiv.shared(w)" in fix
     assert fix.endswith("and fix the error it raises there.")
-    assert "nbderiv.shared" not in model_error_fix(RuntimeError("size mismatch"), 7)
     # a kwarg that is not sliced (another first axis, or shared) is not named
-    open_call(lambda z, w: net(z) * w, x, None, kwargs={"w": torch.ones(5, 2)})
-    assert "nbderiv.shared" not in model_error_fix(RuntimeError("size mismatch"), 20)
-    open_call(lambda z, w: net(z), x, None, kwargs={"w": nbderiv.shared(torch.ones(20, 2))})
+    other = open_call(lambda z, w: net(z) * w, x, None, kwargs={"w": torch.ones(5, 2)})
+    marked = open_call(lambda z, w: net(z), x, None,
+                       kwargs={"w": nbderiv.shared(torch.ones(20, 2))})
+    assert sliced_kwargs(other) == sliced_kwargs(marked) == ()
     assert "nbderiv.shared" not in model_error_fix(RuntimeError("size mismatch"), 20)
     # a later call without kwargs that fails is not told about an earlier call's kwargs
     with pytest.raises(InputShapeError) as info:
@@ -89,8 +95,6 @@ def test_the_sliced_kwargs_are_named_only_for_the_call_that_slices_them():
     assert "kwargs" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="needs compute._fewer_points to hand a failure that "
-                   "per_point_data_failed explains to model_rejected_input (asked for)")
 def test_a_sliced_mask_is_named_when_the_probe_takes_every_point():
     enc, mask, x = _encoder(8)  # the probe runs all 8 points, then the first 7 alone
     with _quiet(), pytest.raises(InputShapeError) as info:
@@ -101,10 +105,8 @@ def test_a_sliced_mask_is_named_when_the_probe_takes_every_point():
 def test_per_point_data_failed_says_when_a_failure_on_fewer_points_has_that_cause():
     net = nn.Linear(3, 2).double()
     x = torch.zeros(20, 3, dtype=torch.float64)
-    open_call(lambda z, w: net(z) * w, x, None, kwargs={"w": torch.ones(20, 2)})
-    assert per_point_data_failed(RuntimeError("size mismatch"), 20)
-    assert not per_point_data_failed(RuntimeError("size mismatch"), 19)
-    open_call(net, x, None)
+    call = open_call(lambda z, w: net(z) * w, x, None, kwargs={"w": torch.ones(20, 2)})
+    assert per_point_data_failed(RuntimeError("size mismatch"), 20, sliced_kwargs(call))
     assert not per_point_data_failed(RuntimeError("size mismatch"), 20)
     mask = torch.ones(20, 2)
     try:
@@ -280,3 +282,13 @@ def test_a_list_for_a_two_input_keras_model_is_told_about_the_tuple():
     assert "x was a list of 2 arrays / tensors of shape (20, 1)" in str(info.value)
     assert "x=tuple(x)" in str(info.value)
     assert nbderiv.derivatives(model, (xs, ts), order=1)[1].shape == (20, 1, 2)
+
+
+def test_a_plain_function_given_a_list_of_tensors_is_run_by_torch_and_told_about_tuples():
+    x, t = torch.rand(20, 1, dtype=torch.float64), torch.rand(20, 1, dtype=torch.float64)
+    with pytest.raises(NbderivError) as info:
+        nbderiv.derivatives(lambda x, t: torch.sin(x) * t, [x, t])
+    assert "cannot tell which framework" not in str(info.value)
+    assert "pass them as a tuple, x=tuple(x)" in str(info.value)
+    d = nbderiv.derivatives(lambda x, t: torch.sin(x) * t, (x, t))
+    assert np.allclose(d[1][:, 0, 0], (torch.cos(x) * t)[:, 0].numpy(), rtol=1e-12)

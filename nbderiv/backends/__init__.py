@@ -92,9 +92,12 @@ def framework_of_model(model) -> str | None:
 
 
 def framework_of_input(x) -> str | None:
-    """'tensorflow', 'torch', or None, from the type of x (or of the first element of a tuple)."""
+    """'tensorflow', 'torch', or None, from the type of x (or of the first element of a tuple
+    that tells, or of a list's first item: a list of tensors)."""
     if isinstance(x, tuple) and x:
         return next((f for f in map(framework_of_input, x) if f), None)
+    if isinstance(x, list) and x:
+        return framework_of_input(x[0])
     if _isinstance_loaded(x, ("torch", "Tensor")):
         return "torch"
     if _isinstance_loaded(x, ("tensorflow", "Tensor"), ("tensorflow", "Variable")):
