@@ -90,8 +90,8 @@ def _attributes(obj) -> list:
 
 
 def _parts(obj, looked_into: bool) -> list:
-    """The objects directly inside ``obj``. ``looked_into``: ``obj`` is a callable object or a
-    bound method's ``__self__``, whose attributes count (one level)."""
+    """The objects directly inside ``obj``. ``looked_into``: ``obj`` is an object of the
+    user's (not a function), whose own attributes count."""
     if isinstance(obj, types.FunctionType):
         return _function_parts(obj)
     if isinstance(obj, types.MethodType):
@@ -116,10 +116,10 @@ def _parts(obj, looked_into: bool) -> list:
 
 def objects_inside(fn, depth: int = 3) -> list:
     """The objects that ``fn`` holds, up to ``depth`` steps in, each once (by identity), in
-    the order found: closure cells, default values, ``__self__`` (and the attributes of that
-    object), ``functools.partial`` func / args / keywords, ``__wrapped__``, the globals its
-    code names (nested functions included), the attributes of a callable object (one level),
-    and the items of lists, tuples and dicts among them. Functions, containers, modules,
+    the order found: closure cells, default values, ``__self__``, ``functools.partial`` func /
+    args / keywords, ``__wrapped__``, the globals its code names (nested functions included),
+    the attributes of the objects of your own among them (``self.net`` in ``lambda z:
+    self.net(z)``, ``trainer.model``), and the items of lists, tuples and dicts. Functions, containers, modules,
     classes and plain scalars are looked into or left out, never returned; framework objects
     are returned but never looked into; nothing is imported.
 
@@ -138,7 +138,7 @@ def objects_inside(fn, depth: int = 3) -> list:
     for _ in range(max(0, depth)):
         below = []
         for obj, looked_into in level:
-            for i, part in enumerate(_parts(obj, looked_into)):
+            for part in _parts(obj, looked_into):
                 if id(part) in seen or isinstance(part, _SKIP):
                     continue
                 seen.add(id(part))
@@ -146,10 +146,9 @@ def objects_inside(fn, depth: int = 3) -> list:
                     found.append(part)
                 if is_framework_object(part):
                     continue
-                # a bound method's __self__ and callable objects: their attributes count
-                self_of_method = isinstance(obj, types.MethodType) and i == 0
-                below.append((part, self_of_method or (callable(part) and
-                                                       not isinstance(part, _FUNCTIONS))))
+                # objects of your own (a bound method's __self__, a callable object, a
+                # trainer or config object a closure or global holds): their attributes count
+                below.append((part, not isinstance(part, _FUNCTIONS)))
         level = below
     return found
 

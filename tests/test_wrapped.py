@@ -55,6 +55,21 @@ def test_closure_cells_partial_and_defaults():
     assert objects_inside(lambda x, m=a: m(x)) == [a]
 
 
+def test_attributes_of_plain_objects_a_closure_or_global_holds():
+    model = Box()
+
+    class Config:  # neither callable nor a bound method's __self__
+        pass
+
+    trainer = Config()
+    trainer.model = model
+    assert model in objects_inside(lambda x: trainer.model(x))
+    settings = Config()
+    settings.inner = Config()
+    settings.inner.net = model
+    assert model in objects_inside(lambda x: settings.inner.net(x))
+
+
 def test_bound_method_self_and_its_attributes():
     model = Box()
 
@@ -181,8 +196,23 @@ def _closure(net):
     return fn
 
 
+class Trainer:  # a plain object of the user's, holding the model as an attribute
+    def __init__(self, net):
+        self.model = net
+
+    def wrapped(self):  # the usual form inside a method: a lambda over self
+        return lambda z: self.model(z.reshape(-1, 3, 8, 8))
+
+
+def _through_an_attribute(net):
+    trainer = Trainer(net)
+    return lambda z: trainer.model(z.reshape(-1, 3, 8, 8))
+
+
 WRAPPERS = {
     "lambda": lambda net: (lambda z: net(z.reshape(-1, 3, 8, 8))),
+    "attribute of an object": _through_an_attribute,
+    "lambda over self": lambda net: Trainer(net).wrapped(),
     "partial": lambda net: functools.partial(_reshaped, net),
     "bound method": lambda net: Holder(net).predict,
     "closure": _closure,
@@ -432,3 +462,17 @@ def test_a_wrapped_model_is_computed_in_its_own_dtype():
     assert d[1].dtype == np.float64
     ref = nbderiv.derivatives(net, x.astype("float64"), order=2)
     np.testing.assert_allclose(d[2], 2 * ref[2], rtol=0, atol=1e-14)
+
+
+def test_keras_model_held_by_a_plain_object_keeps_its_variables():
+    _keras()
+    import nbderiv
+
+    model = keras_bn_model()
+    trainer = Trainer(model)
+    before = [np.array(v.numpy(), copy=True) for v in model.variables]
+    x = np.random.default_rng(4).normal(size=(6, 3)).astype(np.float32)
+    d = nbderiv.derivatives(lambda z: trainer.model(z, training=True), x)
+    assert d.framework == "tensorflow" and d.finding("coupled-samples") is not None
+    for v, value in zip(model.variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), value, err_msg=v.path)
