@@ -53,12 +53,12 @@ def is_framework_object(obj) -> bool:
     return False
 
 
-def _names(code) -> set:
+def code_names(code) -> set:
     """The global / attribute names a code object and the code nested in it use."""
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _names(const)
+            names |= code_names(const)
     return names
 
 
@@ -76,7 +76,7 @@ def _function_parts(fn) -> list:
     if "__wrapped__" in own:
         parts.append(own["__wrapped__"])
     g = fn.__globals__
-    parts += [g[name] for name in sorted(_names(fn.__code__)) if name in g]
+    parts += [g[name] for name in sorted(code_names(fn.__code__)) if name in g]
     return parts
 
 
@@ -186,7 +186,7 @@ def user_frames(tb) -> list:
         arguments = [(n, values[n]) for n in code.co_varnames[:code.co_argcount] if n in values]
         held = [(n, values[n]) for n in code.co_freevars if n in values]
         g = frame.f_globals
-        held += [(n, g[n]) for n in sorted(_names(code)) if n in g and n not in values]
+        held += [(n, g[n]) for n in sorted(code_names(code)) if n in g and n not in values]
         name = getattr(code, "co_qualname", code.co_name)
         found.append(Running("the lambda" if code.co_name == "<lambda>" else f"{name}()",
                              arguments, [(n, v) for n, v in held if not isinstance(v, _SKIP)]))

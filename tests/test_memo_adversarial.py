@@ -14,8 +14,8 @@ Detectors of a stale fact:
   inputs in [8, 12] or for weights scaled by 10; a stale finite-difference slope hides
   ``saturated``.
 
-Cases marked xfail(strict=True) are limits the state key documents (objects of your own or
-global code, seen by identity only, or not at all).
+Cases marked xfail(strict=True) are limits the state key documents (a private attribute of a
+custom Keras layer).
 """
 
 import copy
@@ -625,14 +625,12 @@ def test_requires_grad_frozen_between_calls():
     assert_like_truth_and_fresh(model, expect="coupled-samples")
 
 
-# -- documented limits: state nbderiv cannot see ----------------------------------------------
+# -- state outside the module's own attributes ------------------------------------------------
 class Options:
     center = False
 
 
-@pytest.mark.xfail(strict=True, reason="limit: an object of your own is held by identity only; "
-                   "editing it in place is not seen (nbderiv.memo docstring)")
-def test_limit_an_object_of_your_own_edited_in_place():
+def test_an_object_of_your_own_edited_in_place():
     class WithOptions(Gated):
         def __init__(self):
             super().__init__()
@@ -651,9 +649,7 @@ def test_limit_an_object_of_your_own_edited_in_place():
 CENTER = False
 
 
-@pytest.mark.xfail(strict=True, reason="limit: a global Python variable read in forward is not "
-                   "part of the model's state key")
-def test_limit_a_global_variable_read_in_forward():
+def test_a_global_variable_read_in_forward():
     class Global(Gated):
         def forward(self, x):
             h = torch.tanh(self.a(x))
@@ -670,9 +666,7 @@ def test_limit_a_global_variable_read_in_forward():
         CENTER = False
 
 
-@pytest.mark.xfail(strict=True, reason="limit: the class is in the key by identity; a forward "
-                   "patched on the class (not the instance) is global code")
-def test_limit_forward_patched_on_the_class():
+def test_forward_patched_on_the_class():
     class Patched(Gated):
         pass
 

@@ -14,10 +14,13 @@ tells :mod:`nbderiv.memo` whether the model is still exactly as it was (:func:`s
 from __future__ import annotations
 
 import collections
+import functools
+import types
 
 import torch
 
 from ..errors import ModelTypeError
+from ..wrapped import FRAMEWORK_PACKAGES, code_names, is_framework_object
 from .torch_taylor import _GLOBAL_HOOKS
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
@@ -129,6 +132,8 @@ def _walk(state, found) -> list:
                 settings.append((name, kind.__name__))
             else:
                 settings.append(_setting(name, value, objects, found, todo))
+        if _own_classes(type(m)):
+            settings.append(("class code", _code_state(type(m), objects, found, todo)))
         parts.append((id(m), type(m), tuple(settings)))
         objects.append(m)
     return parts
@@ -186,9 +191,10 @@ def _uninitialised(roots, module) -> ModelTypeError:
         "(torch.nn.Linear(in_features, out_features)).")
 
 
-def _setting(name, value, objects, tensors, todo):
+def _setting(name, value, objects, tensors, todo, depth=3):
     """One attribute of a module as part of the key (tensors also gathered for their values,
-    modules found in containers queued to be walked too)."""
+    modules found in containers queued to be walked too). Lists, dicts and objects of your
+    own (a config, an ``argparse.Namespace``) are taken by value, ``depth`` levels down."""
     if isinstance(value, _PLAIN):
         return name, value
     if isinstance(value, torch.Tensor):
@@ -199,18 +205,82 @@ def _setting(name, value, objects, tensors, todo):
         todo.append(value)
         objects.append(value)
         return name, id(value)
-    if isinstance(value, dict) and (name in _OWN or "hooks" in name
-                                    or len(value) <= _CONTAINER_MAX):
-        return name, tuple((k if isinstance(k, _PLAIN) else id(k),
-                            _setting("", v, objects, tensors, todo)) for k, v in value.items())
-    if isinstance(value, (list, tuple)) and len(value) <= _CONTAINER_MAX:
-        return name, type(value).__name__, tuple(_setting("", v, objects, tensors, todo)
-                                                 for v in value)
-    # a function, an object of your own, a large container: by identity (an object edited
-    # in place keeps its identity: see nbderiv.memo)
+    if depth > 0:
+        inner = depth - 1
+        if isinstance(value, dict) and (name in _OWN or "hooks" in name
+                                        or len(value) <= _CONTAINER_MAX):
+            return name, tuple((k if isinstance(k, _PLAIN) else id(k),
+                                _setting("", v, objects, tensors, todo, inner))
+                               for k, v in value.items())
+        if isinstance(value, (list, tuple)) and len(value) <= _CONTAINER_MAX:
+            return name, type(value).__name__, tuple(_setting("", v, objects, tensors, todo,
+                                                              inner) for v in value)
+        attributes = _own_attributes(value)
+        if attributes is not None:
+            if _weak(value):
+                objects.append(value)
+            return name, type(value).__name__, id(value), tuple(
+                (k, _setting("", v, objects, tensors, todo, inner)) for k, v in attributes)
+    # a function, a framework object, a large container: by identity
     if _weak(value):
         objects.append(value)
     return name, type(value).__name__, id(value)
+
+
+_NOT_BY_VALUE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType,
+                 types.ModuleType, type, functools.partial)
+
+
+def _own_attributes(value):
+    """The attributes (``__dict__`` items) of an object of your own with at most
+    :data:`_CONTAINER_MAX` of them, else None (functions, classes, modules, framework
+    objects: taken by identity)."""
+    if isinstance(value, _NOT_BY_VALUE) or is_framework_object(value):
+        return None
+    try:
+        attributes = object.__getattribute__(value, "__dict__")
+    except (AttributeError, TypeError):
+        return None
+    if not isinstance(attributes, dict) or len(attributes) > _CONTAINER_MAX:
+        return None
+    return list(attributes.items())
+
+
+def _code_state(cls, objects, tensors, todo) -> tuple:
+    """A model class of your own as part of the key: its functions (and those of its base
+    classes of your own) by identity, so that a method patched on the class counts, and the
+    module-level variables their code reads by value (a flag ``CENTER = True`` read in
+    ``forward``); framework classes (``nn.Linear``, ...) add nothing."""
+    parts = []
+    for c in _own_classes(cls):
+        for name, fn in list(vars(c).items()):
+            if not isinstance(fn, types.FunctionType):
+                continue
+            objects.append(fn)
+            parts.append((name, id(fn)))
+            g = fn.__globals__
+            for global_name in _global_names(fn.__code__):
+                value = g.get(global_name, _MISSING)
+                if value is _MISSING or isinstance(value, (types.ModuleType, type)):
+                    continue
+                parts.append(_setting(global_name, value, objects, tensors, todo, depth=2))
+    return tuple(parts)
+
+
+_MISSING = object()
+
+
+@functools.lru_cache(maxsize=512)
+def _own_classes(cls) -> tuple:
+    """The classes of ``cls``'s MRO that are not a framework's (nor ``object``)."""
+    return tuple(c for c in cls.__mro__ if c is not object and
+                 (getattr(c, "__module__", "") or "").split(".")[0] not in FRAMEWORK_PACKAGES)
+
+
+@functools.lru_cache(maxsize=2048)
+def _global_names(code) -> tuple:
+    """The names a function's code (and the code nested in it) looks up, sorted."""
+    return tuple(sorted(code_names(code)))
 
 
 def _weak(value) -> bool:
