@@ -278,7 +278,12 @@ def _option_error(message):
 
 
 def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_name: str = "") -> tuple:
-    """Validate a model output's shape/dtype; return the (N, d_out) shape it is read as."""
+    """Validate a model output's shape/dtype; return the (N, d_out) shape it is read as.
+    ``n_points`` is the number of points in the batch the model was called on.
+
+    >>> check_output((5, 2, 3), True, "float32", 5)
+    (5, 6)
+    """
     if shape is None:
         raise OutputError(
             f"the model returned {type_name or 'a non-tensor'}, not a tensor. "
@@ -298,10 +303,15 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
             "Fix: do not round or cast the output to an integer/bool type inside the model."
         )
     if len(shape) == 0 or shape[0] != n_points:
+        # n_points is the size of the batch this call got (the probe's few points, a block of
+        # points, or all of x), not necessarily the N of x
         raise OutputError(
-            f"the model returned shape {tuple(shape)} for {n_points} input point(s); nbderiv needs one "
-            f"output row per point, shape ({n_points}, d_out) or ({n_points},). "
-            "Fix: do not reduce over the batch inside the model (no sum/mean over points)."
+            f"the model returned shape {tuple(shape)} when nbderiv called it on a batch of "
+            f"{n_points} point{'s' if n_points != 1 else ''}; nbderiv needs one output row per "
+            f"point of the batch, here shape ({n_points}, d_out) or ({n_points},), and it calls "
+            "the model on batches of points (some or all of the points of x). Fix: do not reduce "
+            "over the points inside the model (no sum or mean over the first axis, such as "
+            "y.sum() or y.mean(0)); return one row per point and reduce outside the model."
         )
     d_out = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     return (n_points, d_out)

@@ -8,6 +8,7 @@ before anything is allocated.
 
 from __future__ import annotations
 
+import ast
 import re
 
 RANGE_POINTS = {1: 200, 2: 50}  # points (per side) of a range without a count
@@ -82,8 +83,10 @@ def _argv(tokens: list) -> list:
             options.append(t)
             nxt = next(it, None)
             if nxt is not None:
+                _whole_value(t, nxt)
                 options.append(nxt)
         elif head in _VALUE_OPTIONS and "=" in t and t.startswith("--"):
+            _whole_value(head, t.split("=", 1)[1])
             options.append(t)
         elif re.fullmatch(r"-o\d+", t) or t in _FLAG_OPTIONS or re.fullmatch(r"-[pqh]{2,}", t):
             options.append(t)
@@ -92,6 +95,39 @@ def _argv(tokens: list) -> list:
         else:
             positionals.append(t)
     return options + ["--"] + positionals
+
+
+def _whole_value(option: str, value: str) -> None:
+    """Refuse an option's value that is the start of a lambda cut at its first blank
+    (``--reference lambda x: x**2``): the line splits on blanks outside quotes and brackets,
+    so the rest of the lambda would be read as other arguments."""
+    if re.match(r"lambda\b", value):
+        try:
+            compile(value, "<magic>", "eval")
+        except SyntaxError:
+            raise LineError(f"{option} got {value!r}, the start of a lambda: the magic "
+                            "splits its line at blanks outside quotes and brackets, so a "
+                            "lambda written without quotes is cut at its first blank. Fix: "
+                            f"put it in quotes, e.g. {option} 'lambda x: x**2'.") from None
+
+
+def unquoted(text: str) -> str:
+    """The expression inside ``text`` when ``text`` is one quoted string (the way to pass an
+    expression holding blanks, such as a lambda), else ``text`` as it is.
+
+    >>> unquoted("'lambda x: x**2'")
+    'lambda x: x**2'
+    >>> unquoted("np.sin")
+    'np.sin'
+    """
+    text = text.strip()
+    if len(text) < 2 or text[0] not in "'\"" or text[-1] != text[0]:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        return text
+    return value if isinstance(value, str) else text
 
 
 def parse_range(text: str):

@@ -60,6 +60,7 @@ from .magic_parsing import (
     check_grid_size,
     parse_range,
     split_line,
+    unquoted,
 )
 
 FULL_MAX_POINTS = 100   # --full draws an (N*d_out) x (N*d_in) image: small N only
@@ -87,8 +88,9 @@ class NbderivMagics(ExplainCell, Magics):
                    "labels), as derivatives(..., target=T); saliency maps with --plot")
     @argument("--wrt", default=None, metavar="I,J", help="differentiate w.r.t. these inputs only")
     @argument("--reference", default=None, metavar="F",
-              help="a known truth: a NumPy function of x giving y (e.g. np.sin), or a dict "
-                   "{k: f_k} of closed-form derivatives; the error per order is shown")
+              help="a known truth: a NumPy function of x giving y (e.g. np.sin, or "
+                   "'lambda x: x**2' in quotes), or a dict {k: f_k} of closed-form "
+                   "derivatives; the error per order is shown")
     @argument("-p", "--plot", action="store_true", help="draw y and its derivatives")
     @argument("--check", action="store_true", help="compare with finite differences")
     @argument("--code", action="store_true", help="print the equivalent framework code")
@@ -114,7 +116,7 @@ class NbderivMagics(ExplainCell, Magics):
         if {"-h", "--help"} & set(tokens):
             print(parser.format_help())
             return None
-        args = parser.parse_args(_argv(tokens))
+        args = parser.parse_args(_usage(_argv, tokens))
         args.order_given = args.order is not None  # if not, X decides: 2, or 1 for images
         args.order = 2 if args.order is None else args.order
         if args.order < 1:
@@ -171,6 +173,21 @@ class NbderivMagics(ExplainCell, Magics):
             raise UsageError(f"evaluating {what} {expr!r} raised {type(exc).__name__}: "
                              f"{exc}") from None
 
+    def _reference(self, text):
+        """--reference F: a name or expression in the notebook, or one in quotes (a lambda,
+        which holds blanks: --reference 'lambda x: x**2'); it must give a function of x or a
+        dict {k: f_k}."""
+        expr = unquoted(text)
+        value = self._evaluate(expr, "--reference")
+        if callable(value) or isinstance(value, dict):
+            return value
+        raise UsageError(
+            f"--reference {text} gave {type(value).__name__} {_short(value)}, not a function "
+            "or a dict. Fix: pass a function of x giving y, by name (--reference np.sin, "
+            "--reference f) or as an expression in quotes (--reference 'lambda x: x**2'), or "
+            "a dict of closed-form derivatives (--reference '{1: np.cos, 2: lambda x: "
+            "-np.sin(x)}').")
+
     def _points(self, model, text, framework=None, order=2):
         """(x, framework, note) for the X argument: a range shorthand or an expression; the
         note says how many points a grid has (None for one input or an expression)."""
@@ -218,8 +235,7 @@ class NbderivMagics(ExplainCell, Magics):
                                  "e.g. x[:20].")
         order = args.order if args.order_given or not _per_point_axes(x) else 1
         target = None if args.target is None else self._evaluate(args.target, "--target")
-        reference = None if args.reference is None else \
-            self._evaluate(args.reference, "--reference")
+        reference = None if args.reference is None else self._reference(args.reference)
         # --full: the cross-sample Jacobian from the same call (one probe, one set of checks)
         J = None
         options = dict(wrt=_parse_wrt(args.wrt), framework=framework, check=args.check,
@@ -310,6 +326,12 @@ def _per_point_axes(x) -> bool:
         return False
     shape = getattr(x, "shape", None)
     return len(tuple(shape) if shape is not None else np.shape(x)) > 2
+
+
+def _short(value) -> str:
+    """``value`` as a message shows it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -1,5 +1,6 @@
 """What nbderiv says when the model fails on the input it was given: the cause its error
-message points to (shapes, a graph that leaves the framework, a BatchNorm training on one
+message points to (shapes, a graph that leaves the framework, a tensor changed in place, an
+operation the framework cannot differentiate to the order asked, a BatchNorm training on one
 point, token ids), the fix that fits it, what the layer that receives the input expects, and
 what may not line up with the points (arrays of ``kwargs=`` sliced with them, per-point data a
 function of yours holds itself, a list of arrays read as points).
@@ -14,9 +15,12 @@ True
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .errors import InputShapeError, ModelCallError
+from .explain_errors import LEAF_INPLACE
 from .inputs import PreparedInput, shape_of
 from .wrapped import user_frames
 
@@ -28,11 +32,48 @@ _GRAPH_WORDS = ("numpy()", "requires grad", "symbolic", "is only available when 
                 "cannot convert a symbolic", "non-eager", "__array__")
 
 
+# torch refusing a tensor changed in place: the input (a leaf that requires grad, or a view
+# of it such as x[:, 0] or one part of a split), or a value its backward pass saved
+_INPLACE = (LEAF_INPLACE, r"modified by an inplace operation",
+            r"(is being|has been) modified inplace")
+# an operation the framework has no derivative for: (pattern whose group 1 names it, framework)
+_NO_DERIVATIVE = (
+    (r"derivative for '([^']+)' is not implemented", "PyTorch"),
+    (r"derivative for (\S+) is not implemented", "PyTorch"),
+    (r"forward AD with (\S+) that does not support it", "PyTorch"),
+    (r"gradient registry has no entry for: ?(\w+)", "TensorFlow"),
+    (r"no gradient defined for operation\s*'[^']*'\s*\(op type: (\w+)\)", "TensorFlow"),
+)
+# activations whose higher derivatives are zero wherever they exist (names lower case, no _)
+_PIECEWISE = {"hardsigmoid": "linear", "hardtanh": "linear", "relu6": "linear",
+              "relu": "linear", "leakyrelu": "linear", "rrelu": "linear", "prelu": "linear",
+              "hardshrink": "linear", "softshrink": "linear", "threshold": "linear",
+              "hardswish": "quadratic", "hardsilu": "quadratic"}
+
+
 def model_error_cause(exc: Exception) -> str:
-    """'graph' (the forward leaves the framework), 'batchnorm-one' (BatchNorm training on one
-    point), 'tokens' (an embedding given floats), 'shape' (about shapes or sizes) or 'other',
-    from the exception's message."""
-    text = f"{type(exc).__name__}: {exc}".lower()
+    """'inplace' (a tensor autodiff needs was changed in place: the input, or a value saved for
+    the backward pass), 'no-derivative' (the framework has no derivative, or none of the order
+    asked, for one of the model's operations), 'graph' (the forward leaves the framework),
+    'batchnorm-one' (BatchNorm training on one point), 'tokens' (an embedding given floats),
+    'shape' (about shapes or sizes) or 'other', from the exception's message.
+
+    >>> model_error_cause(RuntimeError("a view of a leaf Variable that requires grad is being "
+    ...                                "used in an in-place operation."))
+    'inplace'
+    >>> model_error_cause(RuntimeError("Can't call numpy() on Tensor that requires grad."))
+    'graph'
+    >>> model_error_cause(LookupError("gradient registry has no entry for: SoftsignGrad"))
+    'no-derivative'
+    """
+    message = f"{type(exc).__name__}: {exc}"
+    text = message.lower()
+    # before 'graph' (torch's words for a leaf say "requires grad") and 'shape' (an
+    # operation's name may hold "sizes", e.g. split_with_sizes_backward)
+    if any(re.search(p, message, re.IGNORECASE) for p in _INPLACE):
+        return "inplace"
+    if _no_derivative(exc) is not None:
+        return "no-derivative"
     if any(w in text for w in _GRAPH_WORDS):
         return "graph"
     if "more than 1 value per channel" in text:
@@ -42,6 +83,74 @@ def model_error_cause(exc: Exception) -> str:
     if any(w in text for w in _SHAPE_WORDS):
         return "shape"
     return "other"
+
+
+def _no_derivative(exc: Exception):
+    """(framework, operation, base, orders) when the error says the framework cannot
+    differentiate an operation, else None: ``operation`` as the message names it
+    (aten::hardsigmoid_backward, SoftsignGrad), ``base`` the function it is the derivative of
+    (hardsigmoid, Softsign) and ``orders`` how many derivatives of ``base`` the framework does
+    have (0 when the operation is not itself a derivative).
+
+    >>> _no_derivative(RuntimeError("derivative for aten::hardsigmoid_backward is not "
+    ...                             "implemented"))
+    ('PyTorch', 'aten::hardsigmoid_backward', 'hardsigmoid', 1)
+    >>> _no_derivative(NotImplementedError("the derivative for 'igamma: input' is not "
+    ...                                    "implemented."))
+    ('PyTorch', 'igamma', 'igamma', 0)
+    >>> _no_derivative(LookupError("gradient registry has no entry for: SoftsignGrad"))
+    ('TensorFlow', 'SoftsignGrad', 'Softsign', 1)
+    """
+    text = str(exc)
+    for pattern, framework in _NO_DERIVATIVE:
+        m = re.search(pattern, text, re.IGNORECASE)
+        if m is None:
+            continue
+        operation = m.group(1).split(": ")[0].rstrip(".,;")
+        base, orders = operation.split("::")[-1], 0
+        while True:  # a backward op is the derivative of the op it is named after
+            for suffix in ("_backward", "Grad"):
+                if base.endswith(suffix) and len(base) > len(suffix):
+                    base, orders = base[:-len(suffix)], orders + 1
+                    break
+            else:
+                break
+        return framework, operation, base, orders
+    return None
+
+
+def _no_derivative_fix(exc: Exception) -> str:
+    """What the framework lacks and the fix: a lower order where the missing derivative is
+    that of a derivative, or operations it does differentiate (written out for softsign; for
+    a piecewise activation, what its higher derivatives are anyway)."""
+    framework, operation, base, orders = _no_derivative(exc)
+    if orders == 0:
+        return (f"{framework} has no derivative for {operation}, an operation the model "
+                f"uses, so autodiff cannot go through it. Fix: replace it with operations "
+                f"{framework} can differentiate, or move it out of the part of the model you "
+                "differentiate.")
+    name = base.strip("_")
+    times = "once" if orders == 1 else "twice" if orders == 2 else f"{orders} times"
+    said = (f"{framework} can differentiate {name} only {times}: it has no derivative for "
+            f"{operation}, the derivative of order {orders} it computes for {name}, so it "
+            f"gives this model's derivatives up to order {orders} only (the forward pass and "
+            f"order{'s 1 to ' if orders > 1 else ' '}{orders} work).")
+    fix = (f"Fix: ask for order={orders}, or replace {name} with operations that "
+           f"{framework} differentiates to any order (for an activation, another one).")
+    key = name.lower().replace("_", "")
+    if key in _PIECEWISE:
+        degree = _PIECEWISE[key]
+        zero = 2 if degree == "linear" else 3  # the first order that is zero on every piece
+        fix += (f" {name} is piecewise {degree}: its derivatives of order {zero} and higher "
+                "are zero wherever they exist (everywhere but where its pieces meet)"
+                + (", so a higher order would tell you nothing new" if orders + 1 >= zero
+                   else "") + "; a smooth activation (e.g. SiLU, sigmoid, tanh) has nonzero "
+                "higher derivatives, but is another model.")
+    elif key == "softsign":
+        fix += (" softsign(x) is x / (1 + |x|): written out that way (Keras: "
+                "activation=lambda t: t / (1 + keras.ops.abs(t)); PyTorch: x / (1 + x.abs())) "
+                "it is the same function, which the framework differentiates to any order.")
+    return f"{said} {fix}"
 
 
 def sliced_kwargs(call) -> tuple:
@@ -141,6 +250,21 @@ def model_error_fix(exc: Exception, n_points: int, prepared: PreparedInput | Non
     if held:
         return held
     cause = model_error_cause(exc)
+    if cause == "inplace":
+        out_of_place = ("use out-of-place operations: x = x * 2 rather than x *= 2 or "
+                        "x.mul_(2), nn.ReLU() rather than nn.ReLU(inplace=True), and torch.cat "
+                        "or torch.where to change some columns, e.g. x = torch.cat([x[:, :1] / "
+                        "10, x[:, 1:]], dim=1) rather than x[:, 0] = x[:, 0] / 10")
+        if re.search(LEAF_INPLACE, str(exc), re.IGNORECASE):
+            return ("The model changes its input in place (or a slice of it): that input is "
+                    "the tensor nbderiv differentiates with respect to, whose values autodiff "
+                    "needs as they were, so it refuses. Fix: work on a copy, x = x.clone() at "
+                    f"the start of forward, or {out_of_place}.")
+        return ("The model changes a tensor in place that autodiff still needs as it was (its "
+                "input, a part of it, or a value saved for the backward pass), so it refuses. "
+                f"Fix: {out_of_place}; or change a copy (x = x.clone() first).")
+    if cause == "no-derivative":
+        return _no_derivative_fix(exc)
     if cause == "graph":
         return ("The forward pass leaves the framework (.numpy() or a NumPy function on a "
                 "tensor), which autodiff cannot follow (the graph is broken). Fix: use "
@@ -155,9 +279,10 @@ def model_error_fix(exc: Exception, n_points: int, prepared: PreparedInput | Non
                 "differentiate with respect to the embeddings, e.g. e = model.embedding(tokens) "
                 "and nbderiv.derivatives(lambda e: rest_of_model(e), e).")
     return _with_context(
-        "Fix: run the model on that input with plain framework code (d.code shows the "
-        "equivalent: model(torch.as_tensor(x)) in PyTorch, model(tf.constant(x)) in Keras) "
-        "and fix the error it raises there.", n_points, prepared, sliced)
+        "Fix: call the model yourself on that input the plain way, model(torch.as_tensor(x)) "
+        "in PyTorch or model(tf.constant(x)) in Keras (with torch.autograd.grad or "
+        "tf.GradientTape around it when the error came while differentiating), and fix the "
+        "error it raises there.", n_points, prepared, sliced)
 
 
 _FREE_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # by the number of free axes

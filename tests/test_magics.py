@@ -414,6 +414,32 @@ def test_reference_option_shows_the_error_per_order(shell):
     assert "vs reference: " in repr(d)
 
 
+@pytest.mark.parametrize("given", ["'lambda x: np.sin(x)'", '"lambda x: np.sin(x)"',
+                                   "='lambda x: np.sin(x)'", "'np.sin'",
+                                   "'{1: np.cos, 2: lambda x: -np.sin(x)}'"])
+def test_reference_takes_a_quoted_expression_such_as_a_lambda(shell, given):
+    shell.run_cell("import numpy as np, torch\nxs = torch.linspace(0, 1, 9, dtype=torch.float64)")
+    sep = "" if given.startswith("=") else " "
+    d = shell.run_line_magic("nnderiv", f"torch.sin xs --order 2 --reference{sep}{given} -q")
+    assert set(d.reference_errors) >= {1, 2}
+    assert all(rel < 1e-5 for _, rel in d.reference_errors.values())
+
+
+def test_reference_that_is_no_function_or_dict_is_one_clear_line(shell):
+    shell.run_cell("import numpy as np, torch\nxs = torch.linspace(0, 1, 9)\nthree = 3")
+    text = usage_error(shell, "torch.sin xs --reference three -q")
+    assert "--reference three gave int 3, not a function or a dict" in text
+    assert "--reference 'lambda x: x**2'" in text
+    text = usage_error(shell, "torch.sin xs --reference '[np.sin]' -q")
+    assert "gave list [<ufunc 'sin'>], not a function or a dict" in text
+    # a lambda without quotes is cut at its first blank: told to quote it
+    text = usage_error(shell, "torch.sin xs --reference lambda x: np.sin(x) -q")
+    assert "--reference got 'lambda'" in text and "put it in quotes" in text
+    assert "unrecognized arguments" not in text
+    text = usage_error(shell, "torch.sin xs --reference 'no_such_name' -q")
+    assert "--reference 'no_such_name'" in text and "is not defined" in text
+
+
 def test_full_takes_the_jacobian_from_the_same_call(shell):
     # a lambda is probed on every call (nbderiv cannot see the state it reads), so the count
     # shows whether --full runs one pipeline or two
