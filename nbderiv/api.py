@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from . import findings as dg
 from .compute import (
     block_rows,
@@ -21,6 +23,7 @@ from .compute import (
     open_call,
     per_point,
     probe,
+    probe_points,
     run_blocks,
 )
 from .errors import MemoryBudgetError, OptionError
@@ -52,8 +55,14 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
     layers = _findings_before(call, order)
     if verdict.coupled:
         block, ones_error = per_point(call, order, wrt)
-        call.findings.append(dg.coupling_finding(
-            ones_error, float(abs(block.orders[0]).max()), call.n))
+        diag = float(abs(block.orders[0]).max())
+        if ones_error <= 64 * float(np.finfo(call.dtype).eps) * diag:
+            # the forward pass couples points, autodiff sees none of it (.item(), .detach(),
+            # or a coupling the probe's moves set off that is not active at these points):
+            # the result checks compare with the forward pass where it may act
+            call.hidden_coupling = (probe_points(call), ones_error, diag)
+        else:
+            call.findings.append(dg.coupling_finding(ones_error, diag, call.n))
         return block, layers
     rows, chunked = block_rows(call, order, len(wrt), chunk_size, memory_budget)
     block = run_blocks(call, order, wrt, rows, progress)

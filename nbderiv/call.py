@@ -76,6 +76,10 @@ class Call:
     known: Facts | None = None  # see ``facts``
     state: tuple = (None, ())  # the model's state key when the facts were looked up
     kink_rows: list | None = None  # points at a kink, once looked for (or known: memo)
+    # a model whose forward pass couples points where autodiff sees no coupling: (the points
+    # to compare autodiff with the forward pass at besides the first ones, the coupling
+    # finding's numbers); see api._differentiate and result_checks
+    hidden_coupling: tuple | None = None
 
     @property
     def facts(self) -> Facts:

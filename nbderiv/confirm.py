@@ -134,18 +134,24 @@ def kinks_confirmed(call, candidates, wrt=None, limit: int = KINK_CHECKS,
     return [n for n, c in zip(candidates, confirmed) if c]
 
 
-def graph_points(call, d1, skip=(), points: int = GRAPH_POINTS) -> list:
+def graph_points(call, d1, skip=(), points: int = GRAPH_POINTS, extra=()) -> list:
     """The points :func:`graph_consistency` looks at: the first rows where x and d1 are
-    finite, leaving out ``skip`` (points at a kink)."""
+    finite, leaving out ``skip`` (points at a kink), then those of ``extra`` that are."""
     X_all = call.features()
     skip = set(skip)
     look = min(d1.shape[0], points + len(skip) + 64)  # the first rows hold enough candidates
     ok = np.isfinite(X_all[:look]).all(axis=1) & np.isfinite(
         d1[:look].reshape(look, -1)).all(axis=1)
-    return [int(n) for n in np.flatnonzero(ok) if n not in skip][:points]
+    chosen = [int(n) for n in np.flatnonzero(ok) if n not in skip][:points]
+    for n in extra:
+        if n < d1.shape[0] and n not in skip and n not in chosen and \
+                np.isfinite(X_all[n]).all() and np.isfinite(d1[n]).all():
+            chosen.append(int(n))
+    return chosen
 
 
-def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAPH_POINTS):
+def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAPH_POINTS,
+                      extra=()):
     """Autodiff against central differences of the forward pass, at up to ``points`` of the
     first rows of ``d1`` ((n, d_out, m), rows = points 0..n-1), in the model's dtype.
 
@@ -158,7 +164,7 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     the input's size; ``noise`` (d_out,) the rounding level of that estimate."""
     n_rows = d1.shape[0]
     X_all = call.features()
-    pts = graph_points(call, d1, skip, points)
+    pts = graph_points(call, d1, skip, points, extra)
     result = {"moves": {}, "disagree": [], "checked": pts, "fd_max": None, "noise": None}
     if not pts:
         return result

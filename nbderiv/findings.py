@@ -235,11 +235,21 @@ GRAPH_CAUSES = ("a tensor taken out of the graph: .detach(), .data, .numpy() or 
                 "type, code under torch.no_grad(), or tf.stop_gradient")
 
 
-def graph_broken_finding(pairs, moved_points, disagree_points, slope) -> Finding:
+def graph_broken_finding(pairs, moved_points, disagree_points, slope,
+                         hidden_coupling=False) -> Finding:
     """``graph-broken``: autodiff says 0 for ``pairs`` ("y/x" names) while the forward pass
     changes with that input at ``moved_points``, and/or autodiff disagrees with central
-    differences of the forward pass at ``disagree_points``."""
+    differences of the forward pass at ``disagree_points``, and/or (``hidden_coupling``) the
+    forward pass makes points depend on each other where autodiff sees no such dependence."""
     parts = []
+    if hidden_coupling:
+        parts.append(
+            "the forward pass makes points depend on each other (moving one point changed "
+            "other points' outputs), yet autodiff sees no such dependence (its cross-terms "
+            "dy_n/dx_m add up to 0): the coupling goes through a step autodiff cannot follow, as "
+            ".item(), float(...), .detach() or a NumPy round trip (e.g. x / x.abs().max()"
+            ".item()), so each point's derivative misses the part that runs through the "
+            "other points' values, wherever that part is not 0")
     if pairs:
         parts.append(
             f"autodiff says {', '.join(pairs[:_MAX_LISTED])} {'is' if len(pairs) == 1 else 'are'} "

@@ -15,6 +15,7 @@ import numpy as np
 from . import confirm
 from .findings import (
     SATURATED_BELOW,
+    coupling_finding,
     graph_broken_finding,
     kink_finding,
     no_dependence_finding,
@@ -82,8 +83,10 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
     zero = _zero_pairs(d1)
     verdict = call.verdict
     if verdict is not None and verdict.stochastic:  # random outputs: no differences to trust
+        out = [coupling_finding(*call.hidden_coupling[1:], call.n)] if call.hidden_coupling \
+            else []
         f = no_dependence_finding(d1, out_names, in_names)
-        return [f] if f is not None else []
+        return out + ([f] if f is not None else [])
     zero_inputs = [int(i) for i in np.flatnonzero(zero.any(axis=0))]
     if verdict is not None and verdict.structural:
         # a plain stack of the framework's own layers: its graph cannot be cut, and autodiff
@@ -92,14 +95,16 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
     else:
         # an earlier call on this very model state, at these very points, confirmed
         # autodiff (its differences' slopes stand for saturation): no need to look again
-        pts = confirm.graph_points(call, d1, skip)
+        hidden = call.hidden_coupling[0] if call.hidden_coupling else ()  # (extremes too)
+        pts = confirm.graph_points(call, d1, skip, extra=hidden)
         seen = (tuple(wrt), tuple(pts), call.features()[pts].tobytes())
         if not zero_inputs and seen in call.facts.graph_agrees:
             fd_max, noise = call.facts.graph_agrees[seen]
             check = {"moves": {}, "disagree": [], "checked": [], "fd_max": fd_max,
                      "noise": noise}
         else:
-            check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip))
+            check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip),
+                                              extra=hidden)
             if check["checked"] and check["fd_max"] is not None and not check["moves"] \
                     and not check["disagree"]:
                 agrees = call.facts.graph_agrees
@@ -113,13 +118,18 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         moved += points
         slope = max(slope, float(top))
     disagree = check["disagree"]
-    if len(disagree) < min(2, len(check["checked"])):
+    # one point alone may sit within a step of a kink, unless the forward pass couples points
+    # where autodiff sees no coupling: then one disagreeing point confirms the cut
+    hidden = call.hidden_coupling is not None and bool(disagree)
+    if len(disagree) < min(2, len(check["checked"])) and not hidden:
         disagree = []
     out = []
+    if call.hidden_coupling is not None and not hidden:  # autodiff is right where it looked
+        out.append(coupling_finding(call.hidden_coupling[1], call.hidden_coupling[2], call.n))
     if broken.any() or disagree:
         pairs = [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(broken),
                                                                      strict=True)]
-        out.append(graph_broken_finding(pairs, moved, disagree, slope))
+        out.append(graph_broken_finding(pairs, moved, disagree, slope, hidden_coupling=hidden))
     remaining = np.where(zero & ~broken, 0.0, 1.0)[None]  # the zero pairs nothing contradicts
     f = no_dependence_finding(remaining, out_names, in_names) if (zero & ~broken).any() else None
     if f is not None:
