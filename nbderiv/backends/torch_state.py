@@ -103,13 +103,14 @@ def expected_by(first):
 
 
 # Layers whose forward never calls a piecewise-linear function (exact classes: a subclass
-# may override forward). A model built only from these needs no kink search.
+# may override forward). A model built only from these needs no kink search. Not SELU (slopes
+# 1.76 and 1.05 meet at 0) nor ELU (a kink at 0 unless alpha = 1): the watcher looks at those.
 KINK_FREE = (
     torch.nn.Linear, torch.nn.Bilinear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Dropout,
     torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.LayerNorm,
     torch.nn.GroupNorm, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.SiLU,
-    torch.nn.GELU, torch.nn.ELU, torch.nn.CELU, torch.nn.SELU, torch.nn.Mish, torch.nn.Softsign,
+    torch.nn.GELU, torch.nn.CELU, torch.nn.Mish, torch.nn.Softsign,
     torch.nn.Tanhshrink, torch.nn.LogSigmoid, torch.nn.Softmax, torch.nn.LogSoftmax,
 )
 # Layers that act on each point's feature vector alone (no batch statistics), with sizes
