@@ -139,18 +139,20 @@ def wide_probe_points(args, n_points: int = WIDE_PROBE_POINTS, seed: int = 0) ->
 
 # -- kinks, coupling, dependence, non-finite values ---------------------------------------------
 def kink_finding(points) -> Finding | None:
-    """``at-kink`` at ``points``: candidates (a ReLU-type input exactly 0) where the output's
-    one-sided slopes were found to differ (:func:`nbderiv.confirm.kinks_confirmed`)."""
+    """``at-kink`` at ``points``: candidates (an input of a piecewise function exactly at its
+    kink) where the output's one-sided slopes were found to differ
+    (:func:`nbderiv.confirm.kinks_confirmed`)."""
     points = list(points)
     if not points:
         return None
     return Finding(
         "at-kink", "warning",
-        f"{len(points)} point(s) sit exactly on a kink at index {_listed(points)}: a ReLU-type "
-        "pre-activation is exactly 0 there, and the output's slopes just left and just right of "
-        "the point differ (checked with one-sided finite differences). The derivative there is "
-        "the framework's convention for the kink (e.g. relu'(0) = 0), not a true derivative: "
-        "it does not exist there.",
+        f"{len(points)} point(s) sit exactly on a kink at index {_listed(points)}: an input of "
+        "a piecewise function (ReLU, clamp, max / min, abs, hardtanh, ...) is exactly at its "
+        "kink there (a ReLU's pre-activation exactly 0), and the output's slopes just left and "
+        "just right of the point differ (checked with one-sided finite differences). The "
+        "derivative there is the framework's convention for the kink (e.g. relu'(0) = 0), not "
+        "a true derivative: it does not exist there.",
         "move the points slightly off the kink (e.g. x + 1e-6), or use a smooth activation.",
         points=tuple(points),
     )

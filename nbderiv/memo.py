@@ -2,10 +2,10 @@
 
 A call probes the model with a few forward passes (outputs per point, randomness, coupling),
 compares autodiff with central differences of the forward pass at a few points, and looks for
-points at a ReLU-type kink. On the same model in the same state the answers are the same, so
-a later call reuses them (:class:`Facts`) instead of running those forward passes again: the
-probe's verdict for points of the same shape, the layer summary, the absence of ReLU-type
-calls, and for the very same points (new data is looked at again: saturation, broken graphs
+points at a kink (ReLU, clamp, abs, ...). On the same model in the same state the answers are
+the same, so a later call reuses them (:class:`Facts`) instead of running those forward passes
+again: the probe's verdict for points of the same shape, the layer summary, the absence of
+calls to piecewise functions, and for the very same points (new data is looked at again: saturation, broken graphs
 and kinks depend on where you look) the comparison and the points at a kink. Repeated calls
 (an explorer redrawn, a benchmark, a loop) then cost little more than the derivatives
 themselves.
@@ -53,7 +53,7 @@ class Facts:
     # level, see confirm.graph_consistency): the same points again need no new look
     graph_agrees: dict = field(default_factory=dict)
     kink_free: bool = False  # a forward pass called no piecewise-linear function
-    # (a copy of the points, the rows among them at a ReLU-type kink): the very same points
+    # (a copy of the points, the rows among them at a kink (ReLU, clamp, abs, ...)): the very same points
     # again need no new look (points up to KINKS_BYTES; one copy per model, see remember)
     kinks: tuple = None
     # answers read from the model's structure (the layer summary, a backend's own): see kept()
@@ -68,7 +68,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def _kinks_apply(call) -> bool:
     """Whether the kink memo is used for this call: facts looked up, a model whose verdict came
     from the probe or the facts (a plain stack settled by its structure reads no facts before
-    its blocks run), one that may call a ReLU-type function, points small enough to keep."""
+    its blocks run), one that may call a piecewise function, points small enough to keep."""
     known = call.known
     return known is not None and call.verdict is not None and not call.verdict.structural \
         and not known.kink_free and sum(a.nbytes for a in call.args) <= KINKS_BYTES

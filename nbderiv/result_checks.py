@@ -47,7 +47,7 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     if call.kink_rows is not None:  # looked for in the derivative pass, or known (memo)
         candidates = call.kink_rows
     elif call.known is not None and call.known.kink_free:
-        # an earlier call saw this model state call no ReLU-type function
+        # an earlier call saw this model state call no piecewise function (ReLU, clamp, abs, ...)
         candidates = []
     else:
         candidates = call.kink_rows = backend.kink_points(call, args)
