@@ -762,6 +762,28 @@ def test_kink_points_dense_activation_layers_and_conv():
     assert nbderiv.derivatives(smooth, np.array([0.0, 1.0])).finding("at-kink") is None
 
 
+@pytest.mark.parametrize("name", ["abs", "maximum", "minimum", "clip", "relu-max-value", "selu"])
+def test_at_kink_for_other_spellings_of_a_kink(name):
+    """A kink written as abs, maximum / minimum, clip, relu with max_value or selu: found like
+    Relu's, at exactly the points on it (x = 0; x = 1 also reaches clip's upper bound)."""
+    from keras import ops
+
+    act = {"abs": ops.abs, "maximum": lambda h: ops.maximum(h, 0.0),
+           "minimum": lambda h: ops.minimum(h, 0.0), "clip": lambda h: ops.clip(h, 0.0, 1.0),
+           "relu-max-value": lambda h: keras.activations.relu(h, max_value=1.0),
+           "selu": keras.activations.selu}[name]
+    inp = keras.Input((1,))
+    h = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(
+        [[1.0, -2.0, 0.5, 3.0]]), bias_initializer="zeros")(inp)
+    out = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(
+        [[1.0], [2.0], [-1.0], [0.5]]))(keras.layers.Lambda(act)(h))
+    d = nbderiv.derivatives(keras.Model(inp, out), np.array([-1.0, 0.0, 1.0, 0.0, 0.3]))
+    upper = name in ("clip", "relu-max-value")  # h = 1.0 at x = 1: the upper bound
+    assert d.finding("at-kink").points == ((1, 2, 3) if upper else (1, 3))
+    off = nbderiv.derivatives(keras.Model(inp, out), np.array([-1.0, 0.01, 1.01, 0.3]))
+    assert off.finding("at-kink") is None
+
+
 def test_layer_summary_names_activations_and_opacity():
     seq = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, "relu"),
                             keras.layers.Activation("tanh"), keras.layers.LeakyReLU(),

@@ -25,7 +25,10 @@ from .tensorflow_keras import invoke
 from .tensorflow_taylor import taylor_values
 
 ZERO = tf.UnconnectedGradients.ZERO
-KINKS = {"Relu": (0.0,), "LeakyRelu": (0.0,), "Relu6": (0.0, 6.0)}
+# operations whose first derivative jumps, and where (values of the first input; Maximum /
+# Minimum: where the inputs tie; ClipByValue: at its bounds)
+KINKS = {"Relu": (0.0,), "LeakyRelu": (0.0,), "Relu6": (0.0, 6.0), "Abs": (0.0,),
+         "Selu": (0.0,), "Maximum": (), "Minimum": (), "ClipByValue": ()}
 FORWARD = "forward-jvp"
 REVERSE = "reverse-ones"
 BATCHED = "reverse-batched"  # nested reverse mode, a level's cotangents at once (tag: REVERSE)
@@ -161,23 +164,35 @@ def forward_values(fn, X, order, wrt):
 
 
 def kink_hits(fn, X):
-    """Inside a trace: (True for points where a Relu / LeakyRelu / Relu6 input is at a kink,
-    the number of such operations applied to the points)."""
+    """Inside a trace: (True for points where an input of a piecewise operation is at its
+    kink (:data:`KINKS`: Relu, Abs, Maximum / Minimum ties, clip bounds, ...), the number of
+    such operations applied to floating-point values of the points)."""
     graph = tf.compat.v1.get_default_graph()
     seen = {id(op) for op in graph.get_operations()}
     fn(X)
     hits, count = tf.zeros(tf.shape(X)[:1], dtype=tf.bool), 0
     for op in graph.get_operations():
-        if id(op) in seen or op.type not in KINKS:
+        if id(op) in seen or op.type not in KINKS or not op.inputs[0].dtype.is_floating:
             continue
-        z = op.inputs[0]
-        if z.shape.rank is None or z.shape.rank < 1 or z.shape[0] is not None:
+        at = _at_kink(op)
+        if at.shape.rank is None or at.shape.rank < 1 or at.shape[0] is not None:
             continue  # not batch-major (e.g. a constraint on weights)
-        flat = tf.reshape(z, (tf.shape(z)[0], -1))
         count += 1
-        for k in KINKS[op.type]:
-            hits = tf.logical_or(hits, tf.reduce_any(tf.equal(flat, k), axis=1))
+        hits = tf.logical_or(hits, tf.reduce_any(tf.reshape(at, (tf.shape(at)[0], -1)), axis=1))
     return hits, count
+
+
+def _at_kink(op):
+    """Where the operation's input sits at its kink (a bool tensor shaped like its output)."""
+    z = op.inputs[0]
+    if op.type in ("Maximum", "Minimum"):  # a tie between the two inputs
+        return tf.equal(z, op.inputs[1])
+    if op.type == "ClipByValue":  # at either bound
+        return tf.logical_or(tf.equal(z, op.inputs[1]), tf.equal(z, op.inputs[2]))
+    at = tf.zeros_like(z, dtype=tf.bool)
+    for k in KINKS[op.type]:
+        at = tf.logical_or(at, tf.equal(z, tf.cast(k, z.dtype)))
+    return at
 
 
 def caller(call, d_out=None, raw=False):
