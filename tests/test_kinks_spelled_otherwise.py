@@ -20,7 +20,7 @@ from torch.func import jacrev, vmap  # noqa: E402
 
 import nbderiv  # noqa: E402
 from nbderiv import memo  # noqa: E402
-from nbderiv.backends.torch_autodiff import KinkWatcher  # noqa: E402
+from nbderiv.backends.torch_kinks import KinkWatcher  # noqa: E402
 from nbderiv.backends.torch_state import KINK_FREE  # noqa: E402
 
 

@@ -312,9 +312,10 @@ def test_a_model_holding_containers_that_name_it_is_still_freed():
 @pytest.mark.parametrize("side_by_side", [True, False])
 def test_the_value_fingerprint_sees_a_sign_flipped_through_data(monkeypatch, side_by_side):
     from nbderiv.backends import torch_snapshot as torch_state
+    from nbderiv.backends import torch_state_key as fingerprint
 
     if not side_by_side:  # a model too large to copy side by side: per-tensor reductions
-        monkeypatch.setattr(torch_state, "_SIDE_BY_SIDE", 0)
+        monkeypatch.setattr(fingerprint, "_SIDE_BY_SIDE", 0)
     net = nn.Linear(3, 2).double()
     with torch.no_grad():
         net.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.25, 3.0, -1.0]]))

@@ -30,7 +30,6 @@ from ..inputs import check_output, check_target
 from ..memo import kept
 from .base import Backend, Block, assemble
 from .torch_autodiff import (
-    KinkWatcher,
     exact_norms,
     grad_enabled,
     nested_forward,
@@ -38,6 +37,7 @@ from .torch_autodiff import (
     to_numpy,
 )
 from .torch_code import torch_code
+from .torch_kinks import KinkWatcher
 from .torch_snapshot import TorchState, state_key
 from .torch_state import (
     DENSE,

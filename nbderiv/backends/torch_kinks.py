@@ -1,0 +1,207 @@
+"""The torch kink watcher: which points sit exactly where a piecewise function of the model
+(ReLU, clamp, max / min, abs, hardtanh, ...) has a kink, seen in the very forward pass the
+derivatives use (a ``TorchFunctionMode``).
+
+>>> import torch
+>>> with KinkWatcher(3) as watcher:
+...     _ = torch.relu(torch.tensor([[1.0], [0.0], [-2.0]]))
+>>> watcher.hits.tolist(), watcher.calls
+([False, True, False], 1)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+# -- kinks --------------------------------------------------------------------------------
+# Where a function's first derivative jumps (or its value: Threshold, Hardshrink), read from
+# the arguments of one call: each function maps (args, kwargs) to its kink locations (numbers,
+# or tensors that broadcast against the input), or None where this call has no kink (ELU
+# with alpha = 1, torch.max as a reduction). Inputs exactly at a location sit on the kink.
+def _arg(args, kwargs, i, name, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _at(*locations):
+    return lambda args, kwargs: locations
+
+
+def _bounds(low, high, low_default=None, high_default=None):
+    """clamp(input, min, max) and hardtanh(input, min_val, max_val): either bound may be
+    absent (None), a number or a tensor."""
+    def where(args, kwargs):
+        found = (_arg(args, kwargs, 1, low, low_default),
+                 _arg(args, kwargs, 2, high, high_default))
+        return tuple(v for v in found if v is not None) or None
+    return where
+
+
+def _one(name):
+    """clamp_min(input, min), clamp_max(input, max), threshold(input, threshold, value): a
+    jump where value != threshold, which autodiff meets as it meets a kink."""
+    def where(args, kwargs):
+        v = _arg(args, kwargs, 1, name)
+        return None if v is None else (v,)
+    return where
+
+
+def _other(args, kwargs):
+    """maximum / minimum / fmax / fmin (input, other), and max / min with a tensor as second
+    argument (with a dim, or none, they are reductions: not looked at)."""
+    other = _arg(args, kwargs, 1, "other")
+    return (other,) if isinstance(other, torch.Tensor) else None
+
+
+def _shrink(args, kwargs):
+    lambd = _arg(args, kwargs, 1, "lambd", 0.5)
+    return (lambd, -lambd)
+
+
+def _elu(args, kwargs):
+    """elu(input, alpha, scale, input_scale): slopes scale * alpha * input_scale left of 0
+    and scale right of it; alpha = 1 (the default) joins them smoothly: no first-order kink
+    (CELU never has one)."""
+    alpha, input_scale = _arg(args, kwargs, 1, "alpha", 1.0), _arg(args, kwargs, 3,
+                                                                   "input_scale", 1.0)
+    return None if float(alpha) * float(input_scale) == 1.0 else (0.0,)
+
+
+def _kink_table() -> dict:
+    F, T, nn = torch.nn.functional, torch.Tensor, torch._C._nn
+    zero, bounds = _at(0.0), _bounds("min", "max")
+    spelled = [
+        # ReLU and its relatives, functions, in-place versions and methods
+        (zero, ["relu", "relu_", "prelu", "rrelu", "rrelu_", "selu", "selu_"],
+         [F.relu, F.leaky_relu, F.leaky_relu_, F.prelu, F.rrelu, F.rrelu_, F.selu],
+         ["relu", "relu_", "prelu"], ["leaky_relu", "leaky_relu_"]),
+        (_at(0.0, 6.0), [], [F.relu6], [], ["relu6"]),
+        (_bounds("min_val", "max_val", -1.0, 1.0), [], [F.hardtanh, F.hardtanh_], [],
+         ["hardtanh", "hardtanh_"]),
+        (_at(-3.0, 3.0), [], [F.hardsigmoid, F.hardswish], [],
+         ["hardsigmoid", "hardsigmoid_", "hardswish", "hardswish_"]),
+        (_elu, [], [F.elu, F.elu_], [], ["elu", "elu_"]),
+        # the same kinks spelled otherwise: clamp, max / min of two tensors, abs
+        (bounds, ["clamp", "clamp_", "clip", "clip_"], [], ["clamp", "clamp_", "clip", "clip_"],
+         []),
+        (_one("min"), ["clamp_min", "clamp_min_"], [], ["clamp_min", "clamp_min_"], []),
+        (_one("max"), ["clamp_max", "clamp_max_"], [], ["clamp_max", "clamp_max_"], []),
+        (_other, ["maximum", "minimum", "fmax", "fmin", "max", "min"], [],
+         ["maximum", "minimum", "fmax", "fmin", "max", "min"], []),
+        (zero, ["abs", "abs_", "absolute"], [], ["abs", "abs_", "absolute", "absolute_"], []),
+        (_one("threshold"), ["threshold", "threshold_"], [F.threshold, F.threshold_], [], []),
+        (_shrink, ["hardshrink"], [F.hardshrink, F.softshrink], ["hardshrink"],
+         ["softshrink"]),
+    ]
+    table = {}
+    for where, in_torch, functions, methods, in_nn in spelled:
+        found = [getattr(torch, n, None) for n in in_torch] + functions \
+            + [getattr(T, n, None) for n in methods] + [getattr(nn, n, None) for n in in_nn]
+        table.update((f, where) for f in found if f is not None)
+    return table
+
+
+_KINKS = _kink_table()
+
+
+def _kink_values(func, args, kwargs):
+    """The kink locations of a call of a piecewise torch function (numbers, or tensors that
+    broadcast against its input), or None: no such function, or no kink in this call.
+
+    >>> import torch
+    >>> h = torch.zeros(2, 3)
+    >>> _kink_values(torch.Tensor.clamp, (h,), {"min": 0}), _kink_values(torch.sin, (h,), {})
+    ((0,), None)
+    """
+    try:
+        where = _KINKS.get(func)
+    except TypeError:  # not hashable: none of ours
+        return None
+    return None if where is None else where(args, kwargs)
+
+
+_functorch = getattr(torch._C, "_functorch", None)
+
+
+def _unwrapped(t):
+    """The tensor inside torch.func's wrappers (``torch.func.grad`` / ``jacrev`` inside the
+    model); None inside ``vmap`` (its batch axis is hidden: the first axis seen there is not
+    the points')."""
+    if _functorch is None or not isinstance(t, torch.Tensor):
+        return t
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return None
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+class KinkWatcher(torch.overrides.TorchFunctionMode):
+    """Which of ``n`` points sit exactly on a kink of a piecewise function while the model
+    runs under it: a ReLU-type input (relu, leaky_relu, prelu, rrelu, relu6, hardtanh,
+    hardsigmoid, hardswish, selu, elu with alpha != 1), or the same kink spelled otherwise
+    (clamp / clip, maximum / minimum / max / min of two tensors, abs, threshold, hardshrink /
+    softshrink), as functions, in-place versions or Tensor methods. A call's rows are the
+    points where the first axis of its input (broadcast against tensor locations) has the
+    points' length ``n``; ``calls`` counts the calls of such functions on floating-point
+    inputs (none: the model is kink-free). The caught function is looked up in a dict first.
+
+    >>> import torch
+    >>> h = torch.tensor([[0.0, 1.0], [2.0, 3.0], [-1.0, 0.0]])
+    >>> with KinkWatcher(3) as w:
+    ...     _ = h.clamp(min=0), torch.maximum(h, torch.full_like(h, 3.0)), torch.sin(h)
+    >>> w.hits.tolist(), w.calls
+    ([True, True, True], 2)
+    """
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+        self.calls = 0  # calls of piecewise functions seen
+        self._rows = None  # (n,) bool, on the device of the first call seen
+
+    @property
+    def hits(self) -> np.ndarray:
+        """(n,) bool: the points with an input exactly at a kink."""
+        if self._rows is None:
+            return np.zeros(self.n, dtype=bool)
+        return self._rows.cpu().numpy()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            where = _KINKS.get(func)
+        except TypeError:  # not hashable: none of ours
+            where = None
+        if where is not None:  # before the call: an in-place one changes its input
+            self._look(where, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _look(self, where, args, kwargs):
+        inp = args[0] if args else kwargs.get("input")
+        if not isinstance(inp, torch.Tensor) or not inp.is_floating_point():
+            return
+        locations = where(args, kwargs)
+        if locations is None:
+            return
+        self.calls += 1
+        inp = _unwrapped(inp)
+        if inp is None or inp.ndim == 0:
+            return
+        shape = inp.shape
+        if any(isinstance(k, torch.Tensor) for k in locations):
+            locations = [_unwrapped(k) for k in locations]
+            if any(k is None for k in locations):
+                return
+            shape = torch.broadcast_shapes(shape, *(k.shape for k in locations
+                                                    if isinstance(k, torch.Tensor)))
+        if len(shape) == 0 or shape[0] != self.n:
+            return
+        mask = None
+        for k in locations:
+            at = inp.detach() == (k.detach() if isinstance(k, torch.Tensor) else k)
+            mask = at if mask is None else mask | at
+        rows = mask.reshape(shape[0], -1).any(dim=1)
+        self._rows = rows if self._rows is None else \
+            torch.logical_or(self._rows, rows.to(self._rows.device))
