@@ -30,12 +30,8 @@ from .backends.base import Block, block_starts, equal_block_size
 from .call import Call, Extra, Verdict
 from .errors import ModelCallError, NbderivError, OptionError, OutputError
 from .inputs import Shared, input_findings, input_names, prepare_inputs
-from .model_errors import (
-    model_error_fix,
-    model_rejected_input,
-    per_point_data_failed,
-    sliced_kwargs,
-)
+from .model_errors import model_error_fix, model_rejected_input
+from .model_errors_points import per_point_data_failed, sliced_kwargs
 from .result_memory import result_array
 
 

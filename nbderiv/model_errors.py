@@ -21,8 +21,8 @@ import numpy as np
 
 from .errors import InputShapeError, ModelCallError
 from .explain_errors import LEAF_INPLACE
-from .inputs import PreparedInput, shape_of
-from .wrapped import user_frames
+from .inputs import PreparedInput
+from .model_errors_points import held_data_note, with_context
 
 # What a model's error message says about its cause (lower case).
 _SHAPE_WORDS = ("shape", "size mismatch", "sizes", "dimension", "incompatible", "mat1 and mat2",
@@ -153,100 +153,12 @@ def _no_derivative_fix(exc: Exception) -> str:
     return f"{said} {fix}"
 
 
-def sliced_kwargs(call) -> tuple:
-    """((name, shape), ...) of the arrays of ``kwargs=`` that ``call`` slices with its points
-    (first axis N), for the messages of model failures."""
-    return tuple((e.name, (call.n,) + tuple(e.shape)) for e in call.extras if e.name)
-
-
-def _with_context(fix: str, n_points: int, prepared: PreparedInput | None = None,
-                  sliced=()) -> str:
-    """``fix``, preceded by how nbderiv read what it was given, where that may be the cause:
-    x given as a list of arrays / tensors (read as points; the tuple form is separate
-    arguments), and the arrays of kwargs= that the call being run slices with its
-    ``n_points`` points (:func:`shared` passes one as it is)."""
-    said, options = [], []
-    items = () if prepared is None or prepared.several else prepared.list_items
-    if items:
-        shapes = f"shape {items[0]}" if len(set(items)) == 1 else \
-            f"shapes {', '.join(map(str, items))}"
-        count = prepared.n_points
-        said.append(f"x was a list of {len(items)} arrays / tensors of {shapes}, which nbderiv "
-                    f"reads as {count} point{'s' if count != 1 else ''} of shape "
-                    f"{prepared.point_shapes[0]}, like np.array(x); a tuple is read as "
-                    "separate arguments.")
-        options.append(("they are separate arguments of the model (a Keras model with several "
-                        "inputs too)", "pass them as a tuple, x=tuple(x) (e.g. (x, t) rather "
-                        "than [x, t])"))
-    if sliced:
-        n = n_points
-        one = len(sliced) == 1
-        named = " and ".join(f"kwargs[{name!r}] (shape {tuple(shape)})" for name, shape in sliced)
-        name = sliced[0][0]
-        value = name if name.isidentifier() else "value"
-        said.append(f"{named} {'has' if one else 'have'} a first axis of length {n}, the number "
-                    f"of points, so nbderiv slices {'it' if one else 'them'} with the points: "
-                    "each model call gets only the rows of its own points.")
-        options.append((f"{'it is' if one else 'one of them is'} the same for every point (e.g. "
-                        "an attention mask of shape (T, T) with T == N)",
-                        f"pass it as it is: kwargs={{{name!r}: nbderiv.shared({value})}}"))
-    if not options:
-        return fix
-    rest = fix[len("Fix: "):] if fix.startswith("Fix: ") else fix
-    return (" ".join(said) + " Fix: " + "; ".join(f"if {c}, {a}" for c, a in options)
-            + f". Otherwise: {rest}")
-
-
-def _held_note(exc: Exception, n_points: int) -> str:
-    """The fix for a model that holds per-point data itself: a function of the user's, called
-    on a subset of the points, whose closure or globals hold an array with one row per point
-    (``lambda z: net(z, mask)``, ``lambda z: net(z)[torch.arange(N), labels]``). "" when
-    none does, or when the function got all N points."""
-    try:
-        running = user_frames(exc.__traceback__)
-    except Exception:  # only for the message: never let it hide the real error
-        return ""
-    # the points it was called on: the first array among the arguments of the outermost
-    # function that got one (the model nbderiv called, or a forward it runs)
-    batch = next((s[0] for r in running for s in (shape_of(v) for _, v in r.arguments) if s),
-                 None)
-    if batch is None or batch == n_points:
-        return ""
-    for r in running:
-        for name, obj in r.held:
-            shape = shape_of(obj)
-            if not shape or shape[0] != n_points:
-                continue
-            params = ", ".join([n for n, _ in r.arguments] + [name])
-            example = f"lambda {params}: ..." if r.function == "the lambda" else \
-                f"{r.function[:-2].split('.')[-1]}({params})"
-            fix = (f"Fix: take {name} as a keyword argument ({example}) and pass "
-                   f"kwargs={{{name!r}: {name}}}: nbderiv slices it with the points.")
-            if len(shape) == 1 and "int" in str(getattr(obj, "dtype", "")):
-                fix += (f" If {name} picks one output per point (y[arange(N), {name}]), "
-                        f"return the whole output y and pass target={name} instead.")
-            return (f"{r.function[0].upper()}{r.function[1:]} uses {name} "
-                    f"({type(obj).__name__} of shape {shape}), whose "
-                    f"first axis has the length of x ({n_points} points), but nbderiv calls the "
-                    f"model on subsets of the points (here {batch} of them), so its rows no "
-                    f"longer line up with the points. {fix}")
-    return ""
-
-
-def per_point_data_failed(exc: Exception, n_points: int, sliced=()) -> bool:
-    """Whether a failure of the model on some of the ``n_points`` points may come from
-    per-point data that does not follow the points: an array with one row per point held by
-    the failing function itself, or arrays of kwargs= that the call slices (then
-    :func:`model_rejected_input` says which, and how to pass them)."""
-    return bool(sliced) or bool(_held_note(exc, n_points))
-
-
 def model_error_fix(exc: Exception, n_points: int, prepared: PreparedInput | None = None,
                     sliced=()) -> str:
     """The ``Fix: ...`` line that fits what the model's error says; when the model holds
     per-point data of its own, or got arrays of kwargs= sliced with the points, or x was a
     list of arrays (``prepared``), it says so first."""
-    held = _held_note(exc, n_points)
+    held = held_data_note(exc, n_points)
     if held:
         return held
     cause = model_error_cause(exc)
@@ -278,7 +190,7 @@ def model_error_fix(exc: Exception, n_points: int, prepared: PreparedInput | Non
                 "respect to floating-point inputs (a token id has no derivative). Fix: "
                 "differentiate with respect to the embeddings, e.g. e = model.embedding(tokens) "
                 "and nbderiv.derivatives(lambda e: rest_of_model(e), e).")
-    return _with_context(
+    return with_context(
         "Fix: call the model yourself on that input the plain way, model(torch.as_tensor(x)) "
         "in PyTorch or model(tf.constant(x)) in Keras (with torch.autograd.grad or "
         "tf.GradientTape around it when the error came while differentiating), and fix the "
@@ -409,11 +321,11 @@ def model_rejected_input(exc: Exception, prepared: PreparedInput, expected_width
                "to the model as it is.")
     else:
         fix = "Fix: pass x with the trailing size the model expects."
-    held = _held_note(exc, prepared.n_points)
+    held = held_data_note(exc, prepared.n_points)
     if held:
         fix, hint = held, ""
     else:
-        fix = _with_context(fix, prepared.n_points, prepared, sliced)
+        fix = with_context(fix, prepared.n_points, prepared, sliced)
     return InputShapeError(
         f"the model rejected the input: x of shape {given} was passed as {shown} "
         f"({layout}) and the model raised {type(exc).__name__}: "

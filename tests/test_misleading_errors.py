@@ -19,11 +19,8 @@ import nbderiv  # noqa: E402
 from nbderiv.compute import open_call  # noqa: E402
 from nbderiv.errors import InputShapeError, InputTypeError, ModelCallError, NbderivError  # noqa: E402
 from nbderiv.inputs import Shared  # noqa: E402
-from nbderiv.model_errors import (  # noqa: E402
-    model_error_fix,
-    per_point_data_failed,
-    sliced_kwargs,
-)
+from nbderiv.model_errors import model_error_fix  # noqa: E402
+from nbderiv.model_errors_points import per_point_data_failed, sliced_kwargs  # noqa: E402
 from nbderiv.wrapped import user_frames  # noqa: E402
 
 

@@ -1,0 +1,103 @@
+"""What may not line up with the points when a model fails on some of them: arrays of
+``kwargs=`` that nbderiv slices with the points (:func:`sliced_kwargs`; ``nbderiv.shared``
+passes one as it is), per-point data a function of yours holds itself (read from the
+traceback, :func:`nbderiv.wrapped.user_frames`), and x given as a list of arrays (read as
+points; a tuple is separate arguments). :mod:`nbderiv.model_errors` puts these in front of
+its fix.
+
+>>> print(with_context("Fix: check the model.", 20, sliced=(("mask", (20, 20)),))[:73])
+kwargs['mask'] (shape (20, 20)) has a first axis of length 20, the number
+"""
+
+from __future__ import annotations
+
+from .inputs import PreparedInput, shape_of
+from .wrapped import user_frames
+
+
+def sliced_kwargs(call) -> tuple:
+    """((name, shape), ...) of the arrays of ``kwargs=`` that ``call`` slices with its points
+    (first axis N), for the messages of model failures."""
+    return tuple((e.name, (call.n,) + tuple(e.shape)) for e in call.extras if e.name)
+
+
+def with_context(fix: str, n_points: int, prepared: PreparedInput | None = None,
+                  sliced=()) -> str:
+    """``fix``, preceded by how nbderiv read what it was given, where that may be the cause:
+    x given as a list of arrays / tensors (read as points; the tuple form is separate
+    arguments), and the arrays of kwargs= that the call being run slices with its
+    ``n_points`` points (:func:`shared` passes one as it is)."""
+    said, options = [], []
+    items = () if prepared is None or prepared.several else prepared.list_items
+    if items:
+        shapes = f"shape {items[0]}" if len(set(items)) == 1 else \
+            f"shapes {', '.join(map(str, items))}"
+        count = prepared.n_points
+        said.append(f"x was a list of {len(items)} arrays / tensors of {shapes}, which nbderiv "
+                    f"reads as {count} point{'s' if count != 1 else ''} of shape "
+                    f"{prepared.point_shapes[0]}, like np.array(x); a tuple is read as "
+                    "separate arguments.")
+        options.append(("they are separate arguments of the model (a Keras model with several "
+                        "inputs too)", "pass them as a tuple, x=tuple(x) (e.g. (x, t) rather "
+                        "than [x, t])"))
+    if sliced:
+        n = n_points
+        one = len(sliced) == 1
+        named = " and ".join(f"kwargs[{name!r}] (shape {tuple(shape)})" for name, shape in sliced)
+        name = sliced[0][0]
+        value = name if name.isidentifier() else "value"
+        said.append(f"{named} {'has' if one else 'have'} a first axis of length {n}, the number "
+                    f"of points, so nbderiv slices {'it' if one else 'them'} with the points: "
+                    "each model call gets only the rows of its own points.")
+        options.append((f"{'it is' if one else 'one of them is'} the same for every point (e.g. "
+                        "an attention mask of shape (T, T) with T == N)",
+                        f"pass it as it is: kwargs={{{name!r}: nbderiv.shared({value})}}"))
+    if not options:
+        return fix
+    rest = fix[len("Fix: "):] if fix.startswith("Fix: ") else fix
+    return (" ".join(said) + " Fix: " + "; ".join(f"if {c}, {a}" for c, a in options)
+            + f". Otherwise: {rest}")
+
+
+def held_data_note(exc: Exception, n_points: int) -> str:
+    """The fix for a model that holds per-point data itself: a function of the user's, called
+    on a subset of the points, whose closure or globals hold an array with one row per point
+    (``lambda z: net(z, mask)``, ``lambda z: net(z)[torch.arange(N), labels]``). "" when
+    none does, or when the function got all N points."""
+    try:
+        running = user_frames(exc.__traceback__)
+    except Exception:  # only for the message: never let it hide the real error
+        return ""
+    # the points it was called on: the first array among the arguments of the outermost
+    # function that got one (the model nbderiv called, or a forward it runs)
+    batch = next((s[0] for r in running for s in (shape_of(v) for _, v in r.arguments) if s),
+                 None)
+    if batch is None or batch == n_points:
+        return ""
+    for r in running:
+        for name, obj in r.held:
+            shape = shape_of(obj)
+            if not shape or shape[0] != n_points:
+                continue
+            params = ", ".join([n for n, _ in r.arguments] + [name])
+            example = f"lambda {params}: ..." if r.function == "the lambda" else \
+                f"{r.function[:-2].split('.')[-1]}({params})"
+            fix = (f"Fix: take {name} as a keyword argument ({example}) and pass "
+                   f"kwargs={{{name!r}: {name}}}: nbderiv slices it with the points.")
+            if len(shape) == 1 and "int" in str(getattr(obj, "dtype", "")):
+                fix += (f" If {name} picks one output per point (y[arange(N), {name}]), "
+                        f"return the whole output y and pass target={name} instead.")
+            return (f"{r.function[0].upper()}{r.function[1:]} uses {name} "
+                    f"({type(obj).__name__} of shape {shape}), whose "
+                    f"first axis has the length of x ({n_points} points), but nbderiv calls the "
+                    f"model on subsets of the points (here {batch} of them), so its rows no "
+                    f"longer line up with the points. {fix}")
+    return ""
+
+
+def per_point_data_failed(exc: Exception, n_points: int, sliced=()) -> bool:
+    """Whether a failure of the model on some of the ``n_points`` points may come from
+    per-point data that does not follow the points: an array with one row per point held by
+    the failing function itself, or arrays of kwargs= that the call slices (then
+    :func:`model_rejected_input` says which, and how to pass them)."""
+    return bool(sliced) or bool(held_data_note(exc, n_points))
