@@ -158,9 +158,17 @@ def kink_finding(points) -> Finding | None:
     )
 
 
-def coupling_finding(ones_error: float, diag: float, n_points: int | None = None) -> Finding:
+def coupling_finding(ones_error: float, diag: float, n_points: int | None = None,
+                     unseen: bool = False) -> Finding:
     """``ones_error``: largest |sum of the cross-terms dy_n/dx_m, m != n| over the points
-    (what the ones trick adds); ``diag``: largest |dy_n/dx_n|."""
+    (what the ones trick adds); ``diag``: largest |dy_n/dx_n|. ``unseen``: autodiff sees none
+    of the coupling and the forward pass could not be compared with it here."""
+    unseen_note = (
+        " Autodiff sees none of that coupling (its cross-terms add up to 0): either it is not "
+        "active at these points, or it runs through a step autodiff cannot follow (.item(), "
+        ".detach(), a NumPy round trip), and then the blocks miss it. nbderiv could not compare "
+        "them with the model's own outputs here (too many points for that, or random outputs); "
+        "a call on a few dozen points, without randomness, would.") if unseen else ""
     return Finding(
         "coupled-samples", "warning",
         "one point's output depends on other points' inputs (batch statistics, BatchNorm in "
@@ -170,7 +178,7 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
         f"{ones_error:.3g} per point, next to per-point values up to {diag:.3g}: that is how "
         "far the grad_outputs=ones trick (column sums of the N x N Jacobian) would be off. "
         "nbderiv returned the true per-point blocks dy_n/dx_n with the other points held fixed "
-        "(cost grows like N**2); the model's running statistics were put back.",
+        "(cost grows like N**2); the model's running statistics were put back." + unseen_note,
         "call model.eval() (or training=False) so each point is processed on its own, or "
         "remove the batch-coupling layers; nbderiv.full_jacobian(model, x) shows the cross-terms.",
     )

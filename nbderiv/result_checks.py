@@ -83,8 +83,8 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
     zero = _zero_pairs(d1)
     verdict = call.verdict
     if verdict is not None and verdict.stochastic:  # random outputs: no differences to trust
-        out = [coupling_finding(*call.hidden_coupling[1:], call.n)] if call.hidden_coupling \
-            else []
+        out = [coupling_finding(*call.hidden_coupling[1:], call.n, unseen=True)] \
+            if call.hidden_coupling else []
         f = no_dependence_finding(d1, out_names, in_names)
         return out + ([f] if f is not None else [])
     zero_inputs = [int(i) for i in np.flatnonzero(zero.any(axis=0))]
@@ -95,8 +95,8 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
     else:
         # an earlier call on this very model state, at these very points, confirmed
         # autodiff (its differences' slopes stand for saturation): no need to look again
-        hidden = call.hidden_coupling[0] if call.hidden_coupling else ()  # (extremes too)
-        pts = confirm.graph_points(call, d1, skip, extra=hidden)
+        extremes = call.hidden_coupling[0] if call.hidden_coupling else ()
+        pts = confirm.graph_points(call, d1, skip, extra=extremes)
         seen = (tuple(wrt), tuple(pts), call.features()[pts].tobytes())
         if not zero_inputs and seen in call.facts.graph_agrees:
             fd_max, noise = call.facts.graph_agrees[seen]
@@ -104,7 +104,7 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
                      "noise": noise}
         else:
             check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip),
-                                              extra=hidden)
+                                              extra=extremes)
             if check["checked"] and check["fd_max"] is not None and not check["moves"] \
                     and not check["disagree"]:
                 agrees = call.facts.graph_agrees
@@ -125,7 +125,8 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         disagree = []
     out = []
     if call.hidden_coupling is not None and not hidden:  # autodiff is right where it looked
-        out.append(coupling_finding(call.hidden_coupling[1], call.hidden_coupling[2], call.n))
+        out.append(coupling_finding(*call.hidden_coupling[1:], call.n,
+                                    unseen=check["fd_max"] is None))
     if broken.any() or disagree:
         pairs = [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(broken),
                                                                      strict=True)]

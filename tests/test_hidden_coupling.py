@@ -91,3 +91,14 @@ def test_a_coupling_that_is_not_active_at_these_points_is_no_broken_graph():
     np.testing.assert_allclose(d[1], per_point_differences(model, x), rtol=1e-6, atol=1e-8)
     assert "graph-broken" not in d.codes
     assert "coupled-samples" in d.codes
+
+
+def test_too_many_points_to_compare_says_what_the_blocks_may_miss():
+    """At 600 points the comparison with the forward pass (every query a whole batch) is not
+    run: the coupling finding then says that autodiff sees none of the coupling."""
+    model = ByTheLargest()
+    x = torch.randn(600, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d = nbderiv.derivatives(model, x)
+    f = d.finding("coupled-samples")
+    assert f is not None and "Autodiff sees none of that coupling" in f.message
+    assert "graph-broken" not in d.codes
