@@ -310,19 +310,23 @@ class TorchBackend(Backend):
         hits = np.zeros(n, dtype=bool)
         fn = self._caller(call)
         with grad_enabled(False):
-            if n > 16:  # a look at a few points first: no ReLU-type call at all, no search
+            if n > 16:  # a look at a few points first: no piecewise call at all, no search
                 few = KinkWatcher(8)
                 with few:
                     fn(self._tensor(call, [a[:8] for a in args]))
                 if not few.calls:
                     call.facts.kink_free = True  # not worth another look on this state
                     return []
+            calls = 0
             for s in range(0, n, chunk):
                 part = [a[s:s + chunk] for a in args]
                 watcher = KinkWatcher(part[0].shape[0])
                 with watcher:
                     fn(self._tensor(call, part))
                 hits[s:s + chunk] = watcher.hits
+                calls += watcher.calls
+            if not calls:
+                call.facts.kink_free = True
         return np.flatnonzero(hits).tolist()
 
     def layer_summary(self, model) -> dict:
