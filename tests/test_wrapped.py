@@ -476,3 +476,39 @@ def test_keras_model_held_by_a_plain_object_keeps_its_variables():
     assert d.framework == "tensorflow" and d.finding("coupled-samples") is not None
     for v, value in zip(model.variables, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), value, err_msg=v.path)
+
+
+def test_a_wrapper_holding_models_of_both_frameworks_runs_on_the_one_x_belongs_to():
+    torch = _torch()
+    keras = _keras()
+    import nbderiv
+
+    class Both:  # a notebook comparing the same network in the two frameworks
+        def __init__(self):
+            self.torch_net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(),
+                                                 torch.nn.Linear(4, 1)).double()
+            self.keras_net = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+    both = Both()
+    x = torch.rand(5, 2, dtype=torch.float64)
+    d = nbderiv.derivatives(lambda z: both.torch_net(z), x)
+    assert d.framework == "torch"
+    truth = torch.func.vmap(torch.func.jacrev(both.torch_net))(x).detach().numpy()
+    np.testing.assert_allclose(d[1], truth, rtol=1e-12)
+
+
+def test_an_attribute_read_is_no_global_of_that_name():
+    """`s.net` in a function loads the global `s`, not a global `net` (an unrelated model in
+    the notebook would be saved and put back on every call, and name the framework)."""
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.net = Box()
+    global net
+    net = Box()
+    try:
+        found = objects_inside(lambda z: holder.net(z))
+        assert holder.net in found and net not in found
+    finally:
+        del net

@@ -86,9 +86,24 @@ def framework_of_model(model) -> str | None:
     """
     kind = _framework_kind(model)
     if kind is None and callable(model):
-        kinds = {k for k in map(_framework_kind, objects_inside(model)) if k is not None}
+        kinds = _wrapper_kinds(model)
         kind = next((k for k in ("keras", "tensorflow", "torch") if k in kinds), None)
     return _keras_framework() if kind == "keras" else kind
+
+
+def _of_model_or_input(model, x) -> str | None:
+    """The model's framework, else x's; for a wrapper holding models of both frameworks, the
+    one x belongs to."""
+    name, from_x = framework_of_model(model), framework_of_input(x)
+    if name is not None and from_x is not None and from_x != name \
+            and _framework_kind(model) is None and len(_wrapper_kinds(model)) > 1:
+        return from_x
+    return name or from_x
+
+
+def _wrapper_kinds(model) -> set:
+    """The framework kinds of the models a wrapper holds ('keras', 'tensorflow', 'torch')."""
+    return {k for k in map(_framework_kind, objects_inside(model)) if k is not None}
 
 
 def framework_of_input(x) -> str | None:
@@ -140,7 +155,7 @@ def framework_name(model, x=None, framework=None) -> str | None:
             raise OptionError(f"unknown framework {framework!r}. "
                               "Fix: use framework='torch' or framework='tensorflow'.")
         return name
-    name = framework_of_model(model) or framework_of_input(x)
+    name = _of_model_or_input(model, x)
     if name is None:
         loaded = [n for n in _MODULES if n in sys.modules]
         name = loaded[0] if len(loaded) == 1 else None
@@ -151,7 +166,7 @@ def select_backend(model, x, framework=None):
     """The backend for this model and input, by :func:`framework_name`."""
     if framework is not None:
         return get_backend(framework_name(model, x, framework))
-    name = framework_of_model(model)
+    name = _of_model_or_input(model, x) if callable(model) else framework_of_model(model)
     if name is None:
         if not callable(model):
             raise ModelTypeError(
