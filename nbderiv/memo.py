@@ -12,16 +12,18 @@ themselves.
 
 "The same state" is what the backend's ``state_key`` says: for a torch module, its
 submodules (also those kept in plain lists and dicts), their training flags and settings
-(objects of your own such as a config or an ``argparse.Namespace`` by value, a few levels
-down), forward and backward hooks, the methods of its classes of your own (a ``forward``
-patched on the class counts) and the module-level variables their code reads (a flag
+(objects of your own such as a config, an ``argparse.Namespace`` or a slots dataclass by
+value, a few levels down), forward and backward hooks, the methods and class attributes of
+its classes of your own (a ``forward`` or a flag set on the class counts) and the
+module-level variables their code reads, also through a helper function it calls (a flag
 ``CENTER = True``), and every parameter and buffer by identity, version and a fingerprint
 of its values (an optimizer step, fused or not, ``load_state_dict`` or an edit through
 ``.data`` changes it); for a Keras model its layers, activations, settings and variable
-values. Not seen: what the model's code reaches only through a function of yours (a helper
-function's own globals or closure, a hook's closure), a private attribute of a custom Keras
-layer; any model the backend gives no key for (a lambda or other wrapper) is probed every
-time, and :func:`forget` drops what was remembered. The facts are held per model object, weakly: they
+values. Not seen: a setting inside a list or dict of more than 64 items, or four levels
+down; what a function reaches through its closure (a hook's, a helper's) or two helper calls
+away; a private attribute of a custom Keras layer. Any model the backend gives no key for (a
+lambda or other wrapper) is probed every time, and :func:`forget` drops what was
+remembered. The facts are held per model object, weakly: they
 go with the model (with a copy of the last points seen, up to :data:`KINKS_BYTES`).
 
 >>> from nbderiv.memo import StructureWatch

@@ -681,6 +681,79 @@ def test_forward_patched_on_the_class():
     assert_like_truth_and_fresh(model, expect="coupled-samples")
 
 
+HELPER_CENTER = False
+
+
+def _maybe_centred(h):  # a helper function of yours, reading a global of its own
+    return h - h.mean(0) if HELPER_CENTER else h
+
+
+def test_a_global_read_by_a_helper_function_forward_calls():
+    class Helped(Gated):
+        def forward(self, x):
+            return self.b(_maybe_centred(torch.tanh(self.a(x))))
+
+    global HELPER_CENTER
+    model = Helped().double()
+    warm(model)
+    HELPER_CENTER = True
+    try:
+        assert_like_truth_and_fresh(model, expect="coupled-samples")
+    finally:
+        HELPER_CENTER = False
+
+
+def test_a_static_method_patched_on_the_class():
+    class Static(Gated):
+        @staticmethod
+        def mix(h):
+            return h
+
+        def forward(self, x):
+            return self.b(self.mix(torch.tanh(self.a(x))))
+
+    model = Static().double()
+    warm(model)
+    Static.mix = staticmethod(lambda h: h - h.mean(0))
+    assert_like_truth_and_fresh(model, expect="coupled-samples")
+
+
+def test_a_class_attribute_set_on_the_class():
+    class Flagged(Gated):
+        center = False
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h - h.mean(0) if self.center else h)
+
+    model = Flagged().double()
+    warm(model)
+    Flagged.center = True
+    assert_like_truth_and_fresh(model, expect="coupled-samples")
+
+
+def test_a_slots_config_edited_in_place():
+    class Config:
+        __slots__ = ("center",)
+
+        def __init__(self):
+            self.center = False
+
+    class WithSlots(Gated):
+        def __init__(self):
+            super().__init__()
+            self.cfg = Config()
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h - h.mean(0) if self.cfg.center else h)
+
+    model = WithSlots().double()
+    warm(model)
+    model.cfg.center = True
+    assert_like_truth_and_fresh(model, expect="coupled-samples")
+
+
 # -- Keras ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def keras():

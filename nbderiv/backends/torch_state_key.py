@@ -24,7 +24,7 @@ _CONTAINER_MAX = 64  # lists and dicts of settings compared by value up to this 
 _SIDE_BY_SIDE = 1 << 18  # float values fingerprinted side by side (2 MB in float64, ~4 ms at most)
 
 
-def _setting(name, value, objects, tensors, todo, depth=3):
+def _setting(name, value, objects, tensors, todo, depth=4):
     """One attribute of a module as part of the key (tensors also gathered for their values,
     modules found in containers queued to be walked too). Lists, dicts and objects of your
     own (a config, an ``argparse.Namespace``) are taken by value, ``depth`` levels down."""
@@ -65,39 +65,90 @@ _NOT_BY_VALUE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType
 
 
 def _own_attributes(value):
-    """The attributes (``__dict__`` items) of an object of your own with at most
-    :data:`_CONTAINER_MAX` of them, else None (functions, classes, modules, framework
-    objects: taken by identity)."""
+    """The attributes (``__dict__`` items, or ``__slots__`` values) of an object of your own
+    with at most :data:`_CONTAINER_MAX` of them, else None (functions, classes, modules,
+    framework objects: taken by identity)."""
     if isinstance(value, _NOT_BY_VALUE) or is_framework_object(value):
         return None
     try:
         attributes = object.__getattribute__(value, "__dict__")
     except (AttributeError, TypeError):
-        return None
+        attributes = _slot_values(value)
     if not isinstance(attributes, dict) or len(attributes) > _CONTAINER_MAX:
         return None
     return list(attributes.items())
 
 
+def _slot_values(value):
+    """{slot: value} of an object whose class declares ``__slots__`` (a
+    ``dataclass(slots=True)``), or None."""
+    names = []
+    for c in type(value).__mro__:
+        slots = c.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    names = [n for n in names if n not in ("__dict__", "__weakref__")]
+    if not names:
+        return None
+    out = {}
+    for name in names:
+        try:
+            out[name] = object.__getattribute__(value, name)
+        except AttributeError:  # a slot never set
+            pass
+    return out
+
+
 def _code_state(cls, objects, tensors, todo) -> tuple:
     """A model class of your own as part of the key: its functions (and those of its base
-    classes of your own) by identity, so that a method patched on the class counts, and the
-    module-level variables their code reads by value (a flag ``CENTER = True`` read in
-    ``forward``); framework classes (``nn.Linear``, ...) add nothing."""
-    parts = []
+    classes of your own; static and class methods, properties) by identity, so that a method
+    patched on the class counts; its other class attributes by value (``Net.center = True``);
+    and the module-level variables their code reads by value (a flag ``CENTER = True`` read in
+    ``forward``), also those read by a function of yours that it calls (one level);
+    framework classes (``nn.Linear``, ...) add nothing."""
+    parts, seen = [], set()
     for c in _own_classes(cls):
-        for name, fn in list(vars(c).items()):
-            if not isinstance(fn, types.FunctionType):
-                continue
-            objects.append(fn)
-            parts.append((name, id(fn)))
-            g = fn.__globals__
-            for global_name in _global_names(fn.__code__):
-                value = g.get(global_name, _MISSING)
-                if value is _MISSING or isinstance(value, (types.ModuleType, type)):
-                    continue
-                parts.append(_setting(global_name, value, objects, tensors, todo, depth=2))
+        for name, member in list(vars(c).items()):
+            functions = _functions_of(member)
+            if functions:
+                for fn in functions:
+                    objects.append(fn)
+                    parts.append((name, id(fn)))
+                    parts += _globals_read(fn, objects, tensors, todo, seen, helpers=1)
+            elif not (name.startswith("__") and name.endswith("__")):
+                parts.append(_setting(name, member, objects, tensors, todo, depth=2))
     return tuple(parts)
+
+
+def _functions_of(member) -> list:
+    """The plain functions behind a class member: a function, a static or class method, a
+    property's getter and setter; [] for anything else."""
+    if isinstance(member, (staticmethod, classmethod)):
+        member = member.__func__
+    if isinstance(member, property):
+        return [f for f in (member.fget, member.fset) if isinstance(f, types.FunctionType)]
+    return [member] if isinstance(member, types.FunctionType) else []
+
+
+def _globals_read(fn, objects, tensors, todo, seen, helpers) -> list:
+    """The module-level variables ``fn``'s code reads, by value; the functions among them
+    (``helpers`` levels down) by identity and their own globals too."""
+    if id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    parts = []
+    g = fn.__globals__
+    for global_name in _global_names(fn.__code__):
+        value = g.get(global_name, _MISSING)
+        if value is _MISSING or isinstance(value, (types.ModuleType, type)):
+            continue
+        if isinstance(value, types.FunctionType):
+            objects.append(value)
+            parts.append((global_name, id(value)))
+            if helpers > 0:
+                parts += _globals_read(value, objects, tensors, todo, seen, helpers - 1)
+            continue
+        parts.append(_setting(global_name, value, objects, tensors, todo, depth=2))
+    return parts
 
 
 _MISSING = object()
