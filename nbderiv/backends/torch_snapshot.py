@@ -141,14 +141,20 @@ def _store(state, store, objects, found) -> tuple:
             continue
         out.append((name, id(t), t._version, t.data_ptr(), t.shape))
         objects.append(t)
-        if id(t) not in found:  # shared (tied) tensors are saved once
-            found[id(t)] = t
-            if isinstance(t, torch.nn.Parameter):
-                grad = t.grad
-                state.params.append((t, t.requires_grad, grad,
-                                     None if grad is None else grad.detach().clone()))
-        state.registered.append((store, name, t))
+        _register(state, store, name, t, found)
     return tuple(out)
+
+
+def _register(state, store, name, t, found) -> None:
+    """One registered tensor to put back: where it is registered, and for a parameter its
+    ``requires_grad`` and ``.grad`` (shared, tied tensors are saved once)."""
+    if id(t) not in found:
+        found[id(t)] = t
+        if isinstance(t, torch.nn.Parameter):
+            grad = t.grad
+            state.params.append((t, t.requires_grad, grad,
+                                 None if grad is None else grad.detach().clone()))
+    state.registered.append((store, name, t))
 
 
 def _plain_walk(state, found) -> None:
@@ -162,15 +168,9 @@ def _plain_walk(state, found) -> None:
                 state.modes.append((m, m.training))
                 for store in (m._parameters, m._buffers):
                     for name, t in store.items():
-                        if t is None or isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
-                            continue
-                        if id(t) not in found:
-                            found[id(t)] = t
-                            if isinstance(t, torch.nn.Parameter):
-                                grad = t.grad
-                                state.params.append((t, t.requires_grad, grad, None if grad is None
-                                                     else grad.detach().clone()))
-                        state.registered.append((store, name, t))
+                        if t is not None and not isinstance(
+                                t, torch.nn.parameter.UninitializedTensorMixin):
+                            _register(state, store, name, t, found)
 
 
 def _uninitialised(roots, module) -> ModelTypeError:
@@ -198,9 +198,8 @@ class _Saved:
                 self.others.append((t, t.detach().clone()))
         self.groups = []
         for ts in groups.values():
-            flat = torch.cat([t.detach().reshape(-1) for t in ts]) if len(ts) > 1 \
-                else ts[0].detach().reshape(-1).clone()
-            self.groups.append((ts, [t.shape for t in ts], flat))
+            flat = _flat(ts)
+            self.groups.append((ts, [t.shape for t in ts], flat.clone() if len(ts) == 1 else flat))
 
     def covers(self, tensors) -> bool:
         """Whether the float copies hold exactly ``tensors``' float values, in that order."""
@@ -214,14 +213,18 @@ class _Saved:
         for ts, shapes, flat in self.groups:
             same_layout = [t.shape for t in ts] == shapes and all(
                 t.dtype == flat.dtype and t.device == flat.device for t in ts)
-            if same_layout and torch.equal(
-                    torch.cat([t.detach().reshape(-1) for t in ts]) if len(ts) > 1
-                    else ts[0].detach().reshape(-1), flat):
+            if same_layout and torch.equal(_flat(ts), flat):
                 continue
             for t, shape, value in zip(ts, shapes, flat.split([s.numel() for s in shapes])):
                 _put_back(t, value.view(shape))
         for t, value in self.others:
             _put_back(t, value)
+
+
+def _flat(ts):
+    """The tensors' values side by side, flat: one ``torch.cat`` (a view of one tensor)."""
+    return torch.cat([t.detach().reshape(-1) for t in ts]) if len(ts) > 1 \
+        else ts[0].detach().reshape(-1)
 
 
 def _put_back(t, value):
