@@ -630,11 +630,19 @@ class Options:
     center = False
 
 
-def test_an_object_of_your_own_edited_in_place():
+class SlotsOptions:
+    __slots__ = ("center",)
+
+    def __init__(self):
+        self.center = False
+
+
+@pytest.mark.parametrize("options", [Options, SlotsOptions], ids=["dict", "slots"])
+def test_an_object_of_your_own_edited_in_place(options):
     class WithOptions(Gated):
         def __init__(self):
             super().__init__()
-            self.options = Options()
+            self.options = options()
 
         def forward(self, x):
             h = torch.tanh(self.a(x))
@@ -729,28 +737,6 @@ def test_a_class_attribute_set_on_the_class():
     model = Flagged().double()
     warm(model)
     Flagged.center = True
-    assert_like_truth_and_fresh(model, expect="coupled-samples")
-
-
-def test_a_slots_config_edited_in_place():
-    class Config:
-        __slots__ = ("center",)
-
-        def __init__(self):
-            self.center = False
-
-    class WithSlots(Gated):
-        def __init__(self):
-            super().__init__()
-            self.cfg = Config()
-
-        def forward(self, x):
-            h = torch.tanh(self.a(x))
-            return self.b(h - h.mean(0) if self.cfg.center else h)
-
-    model = WithSlots().double()
-    warm(model)
-    model.cfg.center = True
     assert_like_truth_and_fresh(model, expect="coupled-samples")
 
 
