@@ -762,16 +762,33 @@ def test_kink_points_dense_activation_layers_and_conv():
     assert nbderiv.derivatives(smooth, np.array([0.0, 1.0])).finding("at-kink") is None
 
 
-@pytest.mark.parametrize("name", ["abs", "maximum", "minimum", "clip", "relu-max-value", "selu"])
+def test_pieces_that_join_smoothly_are_no_kink_in_tensorflow():
+    """tf.where(h > 0, h**2, -h**2): the comparison makes x = 0 a candidate, but the one-sided
+    slopes agree there (both 0), so no at-kink is claimed; d1 = 2|h| * w as GradientTape has
+    it."""
+    f = lambda x: tf.where(x > 0, x ** 2, -x ** 2)  # noqa: E731
+    x = np.array([[-1.0], [0.0], [0.5]])
+    d = nbderiv.derivatives(f, x, framework="tensorflow")
+    assert "at-kink" not in d.codes, [str(g) for g in d.findings]
+    np.testing.assert_allclose(d[1][:, 0, 0], 2 * np.abs(x[:, 0]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["abs", "maximum", "minimum", "clip", "relu-max-value", "selu",
+                                  "h * (h > 0)", "where(h >= 0)", "where(0 < h)", "h * sign(h)"])
 def test_at_kink_for_other_spellings_of_a_kink(name):
-    """A kink written as abs, maximum / minimum, clip, relu with max_value or selu: found like
-    Relu's, at exactly the points on it (x = 0; x = 1 also reaches clip's upper bound)."""
+    """A kink written as abs, maximum / minimum, clip, relu with max_value or selu, or by hand
+    (the comparison that picks the pieces, sign): found like Relu's, at exactly the points on
+    it (x = 0; x = 1 also reaches clip's upper bound)."""
     from keras import ops
 
     act = {"abs": ops.abs, "maximum": lambda h: ops.maximum(h, 0.0),
            "minimum": lambda h: ops.minimum(h, 0.0), "clip": lambda h: ops.clip(h, 0.0, 1.0),
            "relu-max-value": lambda h: keras.activations.relu(h, max_value=1.0),
-           "selu": keras.activations.selu}[name]
+           "selu": keras.activations.selu,
+           "h * (h > 0)": lambda h: h * tf.cast(h > 0, h.dtype),
+           "where(h >= 0)": lambda h: tf.where(h >= 0, h, 0.1 * h),
+           "where(0 < h)": lambda h: tf.where(tf.math.less(0.0, h), h, -0.5 * h),
+           "h * sign(h)": lambda h: h * tf.sign(h)}[name]
     inp = keras.Input((1,))
     h = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(
         [[1.0, -2.0, 0.5, 3.0]]), bias_initializer="zeros")(inp)

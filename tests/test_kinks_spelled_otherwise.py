@@ -80,6 +80,16 @@ SPELLED = [
     ("F.elu, alpha 0.5", lambda h: F.elu(h, alpha=0.5), 0.0),
     ("F.selu", lambda h: F.selu(h), 0.0),
     ("torch.selu", lambda h: torch.selu(h), 0.0),
+    # written by hand: the comparisons that pick the pieces, and step functions
+    ("h * (h > 0)", lambda h: h * (h > 0), 0.0),
+    ("torch.where(h > 0, h, 0.1 h)", lambda h: torch.where(h > 0, h, 0.1 * h), 0.0),
+    ("torch.where(h.ge(0.5), h, 0.5)", lambda h: torch.where(h.ge(0.5), h, 0.5), 0.5),
+    ("h * (tensor(0) < h)", lambda h: h * (torch.tensor(0.0, dtype=h.dtype) < h), 0.0),
+    ("torch.where(torch.le(h, -0.25), ...)",
+     lambda h: torch.where(torch.le(h, -0.25), -0.25 + 0.0 * h, h), -0.25),
+    ("h * torch.sign(h)", lambda h: h * torch.sign(h), 0.0),
+    ("h * torch.heaviside(h.detach(), 1/2)", lambda h: h * torch.heaviside(
+        h.detach(), torch.tensor(0.5, dtype=h.dtype)), 0.0),
 ]
 X = torch.tensor([[-1.0], [0.0], [0.3], [0.0], [0.7]], dtype=torch.float64)  # kinks: 1, 3
 OFF = torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool)
@@ -164,6 +174,16 @@ def test_layers_with_a_kink_in_a_plain_stack(layer):
     d = nbderiv.derivatives(net, X, order=1)
     assert d.finding("at-kink") is not None and d.finding("at-kink").points == (1, 3)
     assert nbderiv.derivatives(net, X + 1e-3, order=1).finding("at-kink") is None
+
+
+def test_pieces_that_join_smoothly_are_no_kink():
+    """A hand-written piecewise function whose first derivative is continuous where the
+    pieces meet (h**2 and -h**2 at 0: both slopes 0) is only a candidate there: the one-sided
+    slopes agree, so nothing is claimed; its first derivative elsewhere as torch.func has it."""
+    model = Shifted(lambda h: torch.where(h > 0, h ** 2, -h ** 2)).double()
+    d = nbderiv.derivatives(model, X, order=1)
+    assert "at-kink" not in d.codes, [str(g) for g in d.findings]
+    assert_close(d[1], reference_d1(model, X), 1e-12, "d1")
 
 
 @pytest.mark.parametrize("act", [nn.ELU, nn.CELU, nn.GELU, nn.Softplus])

@@ -26,9 +26,12 @@ from .tensorflow_taylor import taylor_values
 
 ZERO = tf.UnconnectedGradients.ZERO
 # operations whose first derivative jumps, and where (values of the first input; Maximum /
-# Minimum: where the inputs tie; ClipByValue: at its bounds)
+# Minimum: where the inputs tie; ClipByValue: at its bounds; the comparisons that pick the
+# pieces of a hand-written piecewise function, tf.where(h > 0, h, 0.1 * h): where the two
+# sides are equal, a candidate that the one-sided slopes confirm or not)
+TIES = ("Maximum", "Minimum", "Greater", "GreaterEqual", "Less", "LessEqual")
 KINKS = {"Relu": (0.0,), "LeakyRelu": (0.0,), "Relu6": (0.0, 6.0), "Abs": (0.0,),
-         "Selu": (0.0,), "Maximum": (), "Minimum": (), "ClipByValue": ()}
+         "Selu": (0.0,), "Sign": (0.0,), "ClipByValue": (), **{t: () for t in TIES}}
 FORWARD = "forward-jvp"
 REVERSE = "reverse-ones"
 BATCHED = "reverse-batched"  # nested reverse mode, a level's cotangents at once (tag: REVERSE)
@@ -165,8 +168,8 @@ def forward_values(fn, X, order, wrt):
 
 def kink_hits(fn, X):
     """Inside a trace: (True for points where an input of a piecewise operation is at its
-    kink (:data:`KINKS`: Relu, Abs, Maximum / Minimum ties, clip bounds, ...), the number of
-    such operations applied to floating-point values of the points)."""
+    kink (:data:`KINKS`: Relu, Abs, Maximum / Minimum ties, clip bounds, comparisons, ...),
+    the number of such operations applied to floating-point values of the points)."""
     graph = tf.compat.v1.get_default_graph()
     seen = {id(op) for op in graph.get_operations()}
     fn(X)
@@ -185,7 +188,7 @@ def kink_hits(fn, X):
 def _at_kink(op):
     """Where the operation's input sits at its kink (a bool tensor shaped like its output)."""
     z = op.inputs[0]
-    if op.type in ("Maximum", "Minimum"):  # a tie between the two inputs
+    if op.type in TIES:  # a tie between the two inputs
         return tf.equal(z, op.inputs[1])
     if op.type == "ClipByValue":  # at either bound
         return tf.logical_or(tf.equal(z, op.inputs[1]), tf.equal(z, op.inputs[2]))

@@ -54,6 +54,15 @@ def _other(args, kwargs):
     return (other,) if isinstance(other, torch.Tensor) else None
 
 
+def _compared(args, kwargs):
+    """gt / ge / lt / le (input, other), the comparisons a hand-written piecewise function is
+    made of (``h * (h > 0)``, ``torch.where(h > 0, h, 0.1 * h)``): a point where the two
+    sides are equal sits where the function switches pieces. Only a candidate: at-kink is
+    raised where the one-sided slopes really differ (:func:`nbderiv.confirm.kinks_confirmed`)."""
+    other = _arg(args, kwargs, 1, "other")
+    return None if other is None else (other,)
+
+
 def _shrink(args, kwargs):
     lambd = _arg(args, kwargs, 1, "lambd", 0.5)
     return (lambd, -lambd)
@@ -66,6 +75,9 @@ def _elu(args, kwargs):
     alpha, input_scale = _arg(args, kwargs, 1, "alpha", 1.0), _arg(args, kwargs, 3,
                                                                    "input_scale", 1.0)
     return None if float(alpha) * float(input_scale) == 1.0 else (0.0,)
+
+
+_COMPARISONS = ["gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal"]
 
 
 def _kink_table() -> dict:
@@ -93,6 +105,11 @@ def _kink_table() -> dict:
         (_one("threshold"), ["threshold", "threshold_"], [F.threshold, F.threshold_], [], []),
         (_shrink, ["hardshrink"], [F.hardshrink, F.softshrink], ["hardshrink"],
          ["softshrink"]),
+        # a piecewise function written by hand: the comparisons that pick its pieces, and the
+        # step functions
+        (_compared, _COMPARISONS, [], _COMPARISONS, []),
+        (zero, ["sign", "sgn", "heaviside"], [], ["sign", "sign_", "sgn", "sgn_", "heaviside"],
+         []),
     ]
     table = {}
     for where, in_torch, functions, methods, in_nn in spelled:
@@ -142,7 +159,9 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
     runs under it: a ReLU-type input (relu, leaky_relu, prelu, rrelu, relu6, hardtanh,
     hardsigmoid, hardswish, selu, elu with alpha != 1), or the same kink spelled otherwise
     (clamp / clip, maximum / minimum / max / min of two tensors, abs, threshold, hardshrink /
-    softshrink), as functions, in-place versions or Tensor methods. A call's rows are the
+    softshrink), or written by hand (the comparisons gt / ge / lt / le that pick the pieces of
+    ``h * (h > 0)`` or ``torch.where(h > 0, h, 0.1 * h)``, sign, heaviside), as functions,
+    in-place versions or Tensor methods. A call's rows are the
     points where the first axis of its input (broadcast against tensor locations) has the
     points' length ``n``; ``calls`` counts the calls of such functions on floating-point
     inputs (none: the model is kink-free). The caught function is looked up in a dict first.
@@ -180,10 +199,15 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
 
     def _look(self, where, args, kwargs):
         inp = args[0] if args else kwargs.get("input")
-        if not isinstance(inp, torch.Tensor) or not inp.is_floating_point():
+        if not isinstance(inp, torch.Tensor):
             return
         locations = where(args, kwargs)
         if locations is None:
+            return
+        if inp.ndim == 0 and len(locations) == 1 and isinstance(locations[0], torch.Tensor) \
+                and locations[0].ndim > 0:  # torch.tensor(0.0) < h: the points are on the right
+            inp, locations = locations[0], (inp,)
+        if not inp.is_floating_point():
             return
         self.calls += 1
         inp = _unwrapped(inp)
