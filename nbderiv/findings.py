@@ -49,6 +49,19 @@ def structural_findings(layers: dict, order: int) -> list:
     if not layers.get("train_mode"):
         return []
     names = ", ".join(layers["train_mode"][:6])
+    outside = layers.get("outside_tree")
+    if outside:  # kept in a plain list or dict: model.eval() never reaches them
+        kept_in = ", ".join(outside[:6])
+        return [Finding(
+            "train-mode", "warning",
+            f"layers that behave differently in training are in training mode: {names}. "
+            f"{kept_in} {'is' if len(outside) == 1 else 'are'} kept in a plain Python list "
+            "or dict, outside the model's module tree, so model.eval(), model.parameters() "
+            f"and model.to() do not reach {'it' if len(outside) == 1 else 'them'}. Dropout "
+            "makes derivatives random; batch statistics couple the points to each other.",
+            "keep the layers in torch.nn.ModuleList / torch.nn.ModuleDict (or set each as an "
+            "attribute of the model), then call model.eval(); or call .eval() on each of them.",
+        )]
     return [Finding(
         "train-mode", "warning",
         f"layers that behave differently in training are in training mode: {names}. Dropout "

@@ -666,3 +666,77 @@ def test_a_subclassed_layer_with_its_own_forward_is_not_taken_for_its_parent(lay
     assert_close(d[1], vmap(jacrev(one))(x).detach().numpy(), 1e-10, "d1")
     assert_close(d[2], vmap(hessian(one))(x).detach().numpy(), 1e-10, "d2")
     assert "graph-broken" not in d.codes
+
+
+class _InAList(torch.nn.Module):
+    """The classic slip: layers kept in a plain list (not nn.ModuleList), so model.eval()
+    never reaches them; a Dropout kept in a dict and a Sequential in a tuple too."""
+
+    def __init__(self, where="list"):
+        super().__init__()
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(2, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                  torch.nn.Linear(8, 1)]
+        self.where = where
+        if where == "list":
+            self.layers = layers
+        elif where == "dict":
+            self.layers = dict(enumerate(layers))
+        else:  # a Sequential in a tuple: the BatchNorm one level further down
+            self.layers = (torch.nn.Sequential(*layers),)
+
+    def forward(self, x):
+        layers = self.layers.values() if isinstance(self.layers, dict) else \
+            self.layers if self.where == "list" else self.layers[0]
+        for layer in layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("where", ["list", "dict", "tuple"])
+def test_train_mode_of_a_layer_kept_outside_the_module_tree(where):
+    """model.eval() does not reach a BatchNorm kept in a plain list, dict or tuple: train-mode
+    names it, says why eval() did not help and gives the ModuleList fix; the statistics are
+    put back, and each point's block is the Jacobian of its output with the other points held
+    fixed (torch.autograd.functional.jacobian, point by point)."""
+    net = _InAList(where).eval()
+    bn = next(m for m in (net.layers.values() if where == "dict" else
+                          net.layers if where == "list" else net.layers[0])
+              if isinstance(m, torch.nn.BatchNorm1d))
+    assert bn.training  # eval() did not reach it
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(net, x)
+    f = d.finding("train-mode")
+    assert f is not None and "BatchNorm1d" in f.message and "plain Python list" in f.message
+    assert "ModuleList" in f.fix
+    assert "coupled-samples" in d.codes
+    assert int(bn.num_batches_tracked) == 0 and bn.running_mean.abs().max() == 0
+    for n in range(5):  # the block of point n, the other points held fixed
+        def one(z, n=n):
+            return net(torch.cat([x[:n], z[None], x[n + 1:]]))[n]
+        ref = torch.autograd.functional.jacobian(one, x[n]).numpy()
+        np.testing.assert_allclose(d[1][n], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_in_a_list_in_eval_mode_raise_no_train_mode():
+    net = _InAList("list")
+    for layer in net.layers:
+        layer.eval()
+    d = nbderiv.derivatives(net, torch.randn(4, 2))
+    assert "train-mode" not in d.codes and "coupled-samples" not in d.codes
+    assert [n for n, _ in nbderiv.backends.torch_state.held_outside([net])] == \
+        ["layers[0]", "layers[1]", "layers[2]", "layers[3]"]
+
+
+def test_a_model_whose_layers_are_all_in_a_list_computes_in_their_dtype():
+    """No registered parameter: the dtype and device come from the layers in the list (not
+    from x, which would feed float64 into float32 weights and blame the input's shape), and
+    check=True's float64 copy converts them too."""
+    net = _InAList("list")
+    for layer in net.layers:
+        layer.eval()
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    d = nbderiv.derivatives(net, x, order=2, check=True)
+    assert d[1].dtype == np.float32 and d.check.dtype == "float64" and d.check.passed
+    ref = vmap(jacrev(lambda p: net(p[None])[0]))(x.float()).detach().numpy()
+    assert_close(d[1], ref, 1e-5, "d1")

@@ -45,6 +45,7 @@ from .torch_state import (
     dense_widths,
     expected_by,
     first_float_tensor,
+    held_outside,
     kink_free,
     model_dtype,
     modules_of,
@@ -333,9 +334,11 @@ class TorchBackend(Backend):
         """Activations, layers in training mode and opacity of the model, or of every torch
         module a wrapper holds (a wrapper is always opaque: it may do anything around them)."""
         roots = modules_of(model)
-        activations, train_mode = [], []
+        activations, train_mode, outside = [], [], []
         opaque = not isinstance(model, torch.nn.Module)
-        for name, module in named_modules(roots):
+        extra = held_outside(roots)  # in plain lists or dicts: outside the module tree
+        held = {id(m) for _, m in extra}
+        for name, module in list(named_modules(roots)) + extra:
             cls = type(module)
             kind = cls.__name__
             if kind in _ACTIVATION_NAMES:
@@ -343,10 +346,15 @@ class TorchBackend(Backend):
             if module.training and any(kind.startswith(p) for p in _STOCHASTIC_OR_BATCH):
                 if not (kind.startswith("Dropout") and getattr(module, "p", 1) == 0):
                     train_mode.append(f"{name or 'model'} ({kind})")
+                    if id(module) in held:  # model.eval() does not reach it
+                        outside.append(name)
             if not cls.__module__.startswith("torch.nn") and type(module).forward is not \
                     torch.nn.Sequential.forward:
                 opaque = True
-        return {"activations": activations, "train_mode": train_mode, "opaque": opaque}
+        summary = {"activations": activations, "train_mode": train_mode, "opaque": opaque}
+        if outside:
+            summary["outside_tree"] = outside
+        return summary
 
     def state_key(self, model) -> tuple:
         """The model's state key; inside :meth:`preserved`, the key of the state saved when
@@ -394,8 +402,13 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
 
     def float64_copy(self, model):
+        """A float64 copy of the model, layers kept in plain lists or dicts included (which
+        ``.to()`` does not reach)."""
         if isinstance(model, torch.nn.Module):
-            return copy.deepcopy(model).to(torch.float64)
+            twin = copy.deepcopy(model).to(torch.float64)
+            for _, held in held_outside([twin]):
+                held.to(torch.float64)
+            return twin
         return model
 
 

@@ -56,8 +56,10 @@ def model_dtype(t) -> np.dtype:
 
 def first_float_tensor(model):
     """The first floating-point parameter or buffer of the model, or of the modules a wrapper
-    (lambda, partial, closure) holds: its dtype and device are the model's."""
-    for root in modules_of(model):
+    (lambda, partial, closure) holds, or else of the layers it keeps in plain lists or dicts
+    (:func:`held_outside`): its dtype and device are the model's."""
+    roots = modules_of(model)
+    for root in roots:
         for store in ("_parameters", "_buffers"):  # the order of parameters(), then buffers()
             todo = [root]  # depth first, children in order, without torch's generators
             while todo:
@@ -66,6 +68,10 @@ def first_float_tensor(model):
                     if t is not None and t.is_floating_point():
                         return t
                 todo.extend(c for c in reversed(m._modules.values()) if c is not None)
+    for _, held in held_outside(roots):
+        for t in itertools.chain(held._parameters.values(), held._buffers.values()):
+            if t is not None and t.is_floating_point():
+                return t
     return None
 
 
@@ -79,6 +85,51 @@ def named_modules(roots):
             if id(module) not in seen:
                 seen.add(id(module))
                 yield (".".join(p for p in (prefix, name) if p), module)
+
+
+def held_outside(roots) -> list:
+    """(name, module) for the modules a model keeps outside its module tree: in plain Python
+    lists, tuples or dicts (instead of ``nn.ModuleList`` / ``nn.ModuleDict``), with their own
+    submodules; each once. ``model.eval()``, ``.parameters()`` and ``.to()`` do not reach
+    them (nbderiv still saves and puts back their state).
+
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.layers = [torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)]
+    >>> [name for name, _ in held_outside([Net()])]
+    ['layers[0]', 'layers[1]']
+    """
+    tree = {id(m) for root in roots for m in root.modules()}
+    seen, out = set(tree), []
+    todo = list(named_modules(roots))
+    while todo:
+        owner, module = todo.pop(0)
+        for attribute, value in vars(module).items():
+            if attribute in ("_parameters", "_buffers", "_modules") or "hooks" in attribute:
+                continue
+            for name, held in _modules_in(value, attribute):
+                if id(held) in seen:
+                    continue
+                for inner, sub in held.named_modules():
+                    if id(sub) not in seen:
+                        seen.add(id(sub))
+                        full = ".".join(p for p in (owner, name, inner) if p)
+                        out.append((full, sub))
+                        todo.append((full, sub))
+    return out
+
+
+def _modules_in(value, name, depth=3):
+    """(name, module) for the modules in a plain list, tuple or dict, ``depth`` levels down."""
+    if isinstance(value, torch.nn.Module):
+        yield name, value
+    elif depth > 0 and type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            yield from _modules_in(v, f"{name}[{i}]", depth - 1)
+    elif depth > 0 and isinstance(value, dict) and not isinstance(value, torch.nn.Module):
+        for k, v in value.items():
+            yield from _modules_in(v, f"{name}[{k!r}]", depth - 1)
 
 
 def refuse_lazy(roots) -> None:
