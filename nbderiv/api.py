@@ -62,7 +62,8 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
             # the result checks compare with the forward pass where it may act
             call.hidden_coupling = (probe_points(call), ones_error, diag)
         else:
-            call.findings.append(dg.coupling_finding(ones_error, diag, call.n))
+            call.findings.append(dg.coupling_finding(ones_error, diag, call.n,
+                                                     outside=layers.get("outside_tree", ())))
         return block, layers
     rows, chunked = block_rows(call, order, len(wrt), chunk_size, memory_budget)
     block = run_blocks(call, order, wrt, rows, progress)
@@ -195,7 +196,8 @@ def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
         if verdict.coupled:
             block, ones_error = per_point(few, min(order, 2), wrt)
             call.findings.append(dg.coupling_finding(
-                ones_error, float(abs(block.orders[0]).max()), few.n))
+                ones_error, float(abs(block.orders[0]).max()), few.n,
+                outside=layers.get("outside_tree", ())))
         else:
             with model_errors(few, f"differentiating it (order {min(order, 2)})"):
                 block = call.backend.derivatives(few, few.args, min(order, 2), wrt)

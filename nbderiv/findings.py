@@ -172,10 +172,11 @@ def kink_finding(points) -> Finding | None:
 
 
 def coupling_finding(ones_error: float, diag: float, n_points: int | None = None,
-                     unseen: bool = False) -> Finding:
+                     unseen: bool = False, outside: tuple = ()) -> Finding:
     """``ones_error``: largest |sum of the cross-terms dy_n/dx_m, m != n| over the points
     (what the ones trick adds); ``diag``: largest |dy_n/dx_n|. ``unseen``: autodiff sees none
-    of the coupling and the forward pass could not be compared with it here."""
+    of the coupling and the forward pass could not be compared with it here. ``outside``: the
+    layers in training mode that ``model.eval()`` does not reach (kept in a plain list)."""
     unseen_note = (
         " Autodiff sees none of that coupling (its cross-terms add up to 0): either it is not "
         "active at these points, or it runs through a step autodiff cannot follow (.item(), "
@@ -192,7 +193,10 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
         "far the grad_outputs=ones trick (column sums of the N x N Jacobian) would be off. "
         "nbderiv returned the true per-point blocks dy_n/dx_n with the other points held fixed "
         "(cost grows like N**2); the model's running statistics were put back." + unseen_note,
-        "call model.eval() (or training=False) so each point is processed on its own, or "
+        ("call .eval() on " + ", ".join(outside[:6]) + ", kept in a plain list or dict where "
+         "model.eval() does not reach (better: keep them in torch.nn.ModuleList), " if outside
+         else "call model.eval() (or training=False) ") +
+        "so each point is processed on its own, or "
         "remove the batch-coupling layers; nbderiv.full_jacobian(model, x) shows the cross-terms.",
     )
 

@@ -709,7 +709,11 @@ def test_train_mode_of_a_layer_kept_outside_the_module_tree(where):
     f = d.finding("train-mode")
     assert f is not None and "BatchNorm1d" in f.message and "plain Python list" in f.message
     assert "ModuleList" in f.fix
-    assert "coupled-samples" in d.codes
+    coupled = d.finding("coupled-samples")
+    assert coupled is not None and "plain list" in coupled.fix and "BatchNorm" not in coupled.fix
+    assert "layers[1]" in coupled.fix or "layers[0].1" in coupled.fix, coupled.fix
+    assert [f.code for f in nbderiv.diagnose(net, x)] == ["train-mode", "coupled-samples"]
+    assert "plain list" in nbderiv.diagnose(net, x)[1].fix
     assert int(bn.num_batches_tracked) == 0 and bn.running_mean.abs().max() == 0
     for n in range(5):  # the block of point n, the other points held fixed
         def one(z, n=n):
