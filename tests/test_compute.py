@@ -131,3 +131,29 @@ def test_float64_points_before_float32_layers_are_not_taken_for_coupled():
     x = np.random.default_rng(0).normal(size=(4, 6, 3))
     d = nbderiv.derivatives(model, x)
     assert "coupled-samples" not in d.codes and not d.method.startswith("per-point"), d.codes
+
+
+def test_outputs_one_rounding_step_apart_are_not_random():
+    """The probe's two identical batches may come back one last bit apart (a copy at another
+    memory alignment takes another vectorised path: tf.sin did): that is no randomness, so
+    no stochastic verdict (which would raise a false train-mode and switch off the coupling
+    and result checks); outputs that differ by more than rounding, or in where they are NaN,
+    are random."""
+    verdict_of = compute.verdict_of
+    call = compute.open_call(np.sin, np.linspace(0, 1, 5)[:, None].astype("float32"), "torch")
+    y = np.sin(np.linspace(0, 1, 5)).astype("float32")[:, None]
+    bumped = np.nextafter(y, np.float32(2))  # one float32 step up, every row
+    assert not verdict_of(call, [y, bumped, y]).stochastic
+    assert verdict_of(call, [y, y * 1.01, y]).stochastic  # dropout-sized changes
+    with_nan = y.copy()
+    with_nan[2] = np.nan
+    assert verdict_of(call, [y, with_nan, y]).stochastic
+    assert not verdict_of(call, [with_nan, with_nan.copy(), with_nan]).stochastic
+
+
+def test_a_deterministic_tensorflow_function_is_not_called_random():
+    tf = pytest.importorskip("tensorflow")
+    x = tf.constant(np.linspace(0, 1, 5).reshape(-1, 1).astype("float32"))
+    d = nbderiv.derivatives(lambda z: tf.sin(z), x)
+    assert d.codes == [], [str(f) for f in d.findings]
+    np.testing.assert_allclose(d[1][:, 0, 0], np.cos(x.numpy()[:, 0]), rtol=1e-6)
