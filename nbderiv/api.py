@@ -155,17 +155,24 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
         from .reference import reference_errors
 
         result.reference_errors = reference_errors(reference, call, result)
+    # what plain nested autodiff needs besides for this model (a kernel, a formula)
+    result._code_notes = call.backend.code_notes(call, order)
     result._code = functools.partial(_code_for, call.backend, call.widths[:call.n_inputs],
                                      order, wrt, call.verdict.coupled,
-                                     bool(call.extras or call.constants))
+                                     bool(call.extras or call.constants),
+                                     shapes=call.point_shapes[:call.n_inputs],
+                                     out_shape=call.verdict.out_shape,
+                                     notes=result._code_notes)
     result._present(call.verdict.out_shape,
                     call.point_shapes[0] if call.n_inputs == 1 else None)
     return result, J
 
 
-def _code_for(backend, widths, order, wrt, coupled=False, extras=False):
+def _code_for(backend, widths, order, wrt, coupled=False, extras=False, shapes=None,
+              out_shape=None, notes=()):
     wrt = None if wrt == tuple(range(sum(widths))) else wrt
-    code = backend.equivalent_code(order=order, wrt=wrt, widths=widths)
+    code = backend.equivalent_code(order=order, wrt=wrt, widths=widths, shapes=shapes,
+                                   out_shape=out_shape, notes=notes)
     if extras:
         code = ("# NOTE: this call used target= and/or kwargs=; the code below calls model(x)\n"
                 "# alone: pass the same keyword arguments and select the target outputs yourself.\n"

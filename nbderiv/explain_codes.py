@@ -16,6 +16,29 @@ from .explain_match import RTOL, _close, _dtype_name, _looser, match
 
 MAX_ORDER = 3          # orders tried when none is given
 
+MOMENTS_NOTE = (
+    " Cause: the model's Keras normalization layers (LayerNormalization, GroupNormalization) "
+    "take the variance from tf.nn.moments, which stops the gradient through the mean inside "
+    "it: right for first derivatives, wrong from the second on, whatever the dtype. The truth "
+    "here uses the plain variance formula; the fix below does the same while it "
+    "differentiates.")
+MOMENTS_FIX_HEAD = """\
+import keras.src.backend.tensorflow.nn as keras_tf_nn
+
+
+def plain_moments(x, axes, keepdims):  # the variance with its gradient through the mean
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+    return mean, variance
+
+
+original_moments = keras_tf_nn._compute_moments
+keras_tf_nn._compute_moments = plain_moments
+"""
+MOMENTS_FIX_TAIL = "\nkeras_tf_nn._compute_moments = original_moments      # put Keras' own back\n"
+
 
 def _num(v) -> str:
     return f"{float(v):.4g}"
@@ -356,13 +379,17 @@ class _Context:
                          "normalised inputs, or a wrong sign).")
         shape_note = "" if M.shape == T.shape else \
             f" (compared as {name}.reshape{_shape(T.shape)})"
+        fix = None
+        if k >= 2 and "moments" in self.truth.d._code_notes:
+            note += MOMENTS_NOTE
+            fix = MOMENTS_FIX_HEAD + self.fix(k) + MOMENTS_FIX_TAIL
         return self.result(
             "wrong",
             f"{name} differs from {self.what(k)}{shape_note}: {int(bad.sum())} of {T.size} "
             f"entries are off beyond {dtype} tolerance; the largest difference, "
             f"{_num(diff[at])} ({100 * rel:.3g}% of the largest true value "
             f"{_num(scale)}), is at {idx}: yours {_num(Mv[at])}, truth {_num(Tf[at])}."
-            + ratio + note, k, truth=T)
+            + ratio + note, k, fix=fix, truth=T)
 
     # -- None --------------------------------------------------------------------------------------
     def none(self, k):

@@ -214,3 +214,84 @@ def test_torch_code_for_models_whose_derivatives_stop_depending_on_x(order):
         for k in range(1, order + 1):
             np.testing.assert_allclose(np.asarray(namespace[f"d{k}"]).reshape(d[k].shape), d[k],
                                        rtol=1e-6, atol=1e-12)
+
+
+# -- points of any shape, outputs of any shape, kernels nested autograd needs (issue 17) ----
+def _image_cnn(d_out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, d_out)).eval()
+
+
+@pytest.mark.parametrize("order, wrt", [(1, None), (2, [0, 5, 191]), (1, [7, 64])])
+def test_torch_code_for_images_has_the_layout_of_d(order, wrt):
+    """(N, C, H, W) images: the code keeps X's shape, so d1 is (N, d_out, C, H, W) as d[1]
+    (it used to reshape to (N, d_out, C) and fail); wrt indexes the flattened image."""
+    model, x = _image_cnn(), torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(model, x, order=order, wrt=wrt)
+    ns = assert_reproduces(d, model, x)
+    assert ns[f"d{order}"].shape == d[order].shape
+
+
+def test_torch_code_for_sequence_maps_and_attention_at_order_2():
+    """A TransformerEncoder returning (N, T, F): each point's output axes O = (T, F) are kept,
+    and the code runs under the math attention kernel (the fused one has no second
+    derivative: the code used to fail there)."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0,
+                                                           batch_first=True), 1,
+                                enable_nested_tensor=False).eval()
+    x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(2))
+    d = nbderiv.derivatives(enc, x, order=2, wrt=[0, 9])
+    assert "sdpa_kernel([SDPBackend.MATH])" in d.code
+    ns = assert_reproduces(d, enc, x)
+    assert ns["d2"].shape == d[2].shape == (4, 3, 8, 2, 2)
+    assert "sdpa_kernel" not in nbderiv.derivatives(enc, x, order=1).code
+
+
+def test_torch_code_for_two_arguments_of_several_axes():
+    torch.manual_seed(0)
+    lin = nn.Linear(6 + 2, 2)
+    model = lambda img, t: torch.tanh(lin(torch.cat([img.flatten(1), t], 1)))  # noqa: E731
+    x = (torch.randn(5, 2, 3), torch.randn(5, 2))
+    d = nbderiv.derivatives(model, x, order=2)
+    assert_reproduces(d, model, x)
+
+
+@needs_keras
+@pytest.mark.parametrize("order, wrt", [(1, None), (2, [0, 5, 191])])
+def test_keras_code_for_channels_last_images(keras, order, wrt):
+    keras.utils.set_random_seed(0)
+    cnn = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="tanh"),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).random((5, 8, 8, 3)).astype("float32")
+    d = nbderiv.derivatives(cnn, x, order=order, wrt=wrt)
+    ns = assert_reproduces(d, cnn, x)
+    assert ns[f"d{order}"].shape == d[order].shape
+
+
+@needs_keras
+def test_keras_code_with_layer_normalization_at_order_2(keras):
+    """LayerNormalization's variance comes from tf.nn.moments, which stops the gradient through
+    the mean: plain nested tapes give a wrong d2 (off by half its size here). The code replaces
+    Keras' helper by the plain formula while it differentiates, and puts it back; d[2] itself
+    agrees with float64 central differences of the model."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.LayerNormalization(),
+                              keras.layers.Dense(1)])
+    x = np.random.default_rng(0).random((4, 3)).astype("float32")
+    d = nbderiv.derivatives(model, x, order=2)
+    assert "plain_moments" in d.code
+    import keras.src.backend.tensorflow.nn as keras_tf_nn
+
+    before = keras_tf_nn._compute_moments
+    assert_reproduces(d, model, x)
+    assert keras_tf_nn._compute_moments is before
+    h = 1e-3  # float64 differences of the float32 model: second differences along axis 0
+    x64 = x.astype(np.float64)
+    e = np.zeros(3)
+    e[0] = h
+    f = lambda z: np.asarray(model(z.astype("float32")), dtype=np.float64)[:, 0]  # noqa: E731
+    fd = (f(x64 + e) - 2 * f(x64) + f(x64 - e)) / h ** 2
+    np.testing.assert_allclose(d[2][:, 0, 0, 0], fd, rtol=0.05, atol=0.05 * np.abs(fd).max())
+    assert "plain_moments" not in nbderiv.derivatives(model, x, order=1).code

@@ -449,6 +449,44 @@ def test_the_tensorflow_fix_runs_and_gives_the_truth(tfns, k):
     np.testing.assert_allclose(ns[f"d{k}"].numpy(), want, rtol=1e-3, atol=1e-5)
 
 
+def test_wrong_second_derivative_through_keras_layer_normalization(tfns):
+    """Nested tapes through LayerNormalization give a wrong d2 (tf.nn.moments stops the
+    gradient through the mean): explain names that cause, and its fix, run as given, gives
+    the truth, which float64 central differences of the model confirm; Keras' helper is put
+    back afterwards."""
+    import keras
+    import keras.src.backend.tensorflow.nn as keras_tf_nn
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.LayerNormalization(),
+                              keras.layers.Dense(1)])
+    x = np.random.default_rng(0).random((4, 3)).astype("float32")
+    X = tf.constant(x)
+    with tf.GradientTape() as t2:
+        t2.watch(X)
+        with tf.GradientTape() as t1:
+            t1.watch(X)
+            y = model(X)
+        g = t1.gradient(y, X)
+    mine = t2.batch_jacobian(g, X)
+    e = nbderiv.explain(mine, model, x)
+    assert e.code == "wrong" and "tf.nn.moments" in e.message
+    before = keras_tf_nn._compute_moments
+    ns = {"tf": tf, "model": model, "x": x}
+    exec(e.fix, ns)  # noqa: S102
+    assert keras_tf_nn._compute_moments is before
+    np.testing.assert_allclose(np.asarray(ns["d2"]), e.truth, rtol=1e-3,
+                               atol=1e-4 * np.abs(e.truth).max())
+    h, i = 1e-3, 1  # float64 second differences along input 1
+    f = lambda z: np.asarray(model(z.astype("float32")), dtype=np.float64)[:, 0]  # noqa: E731
+    step = np.zeros(3)
+    step[i] = h
+    x64 = x.astype(np.float64)
+    fd = (f(x64 + step) - 2 * f(x64) + f(x64 - step)) / h ** 2
+    np.testing.assert_allclose(e.truth[:, 0, i, i], fd, atol=0.05 * np.abs(fd).max())
+
+
 # -- the cell magic ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shell():

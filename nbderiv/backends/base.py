@@ -35,7 +35,7 @@ from ..result_memory import owned, result_array
 
 OPTIONAL = frozenset({
     "begin", "device", "argument_names", "known_verdict", "block_rows", "bytes_per_point",
-    "kink_points", "input_width", "few_threads", "state_key", "seeded_forwards",
+    "kink_points", "input_width", "few_threads", "state_key", "seeded_forwards", "code_notes",
 })
 
 
@@ -105,9 +105,12 @@ class Backend:
         """{'activations': [names], 'train_mode': [layer descriptions], 'opaque': bool}"""
         raise NotImplementedError
 
-    def equivalent_code(self, *, order: int, wrt, widths: list) -> str:
+    def equivalent_code(self, *, order: int, wrt, widths: list, shapes=None, out_shape=None,
+                        notes=()) -> str:
         """Plain framework code that computes the same derivatives, for a namespace holding
-        ``model`` and ``x``; it leaves numpy arrays ``d1`` ... ``d<order>``."""
+        ``model`` and ``x``; it leaves numpy arrays ``d1`` ... ``d<order>`` in the layout of
+        ``d[k]``: (N,) + ``out_shape`` + S * k for one argument of per-point shape S
+        (``shapes``, default ``(width,)`` each). ``notes``: :meth:`code_notes`."""
         raise NotImplementedError
 
     def float64_copy(self, model):
@@ -158,6 +161,12 @@ class Backend:
     def input_width(self, model):
         """The number of input features the model expects, read without calling it, or None."""
         return None
+
+    def code_notes(self, call, order: int) -> tuple:
+        """What the plain code for this model must do besides nested autodiff to give the same
+        numbers (e.g. a normalization whose framework kernel has a wrong higher derivative),
+        as names :meth:`equivalent_code` knows; () when nothing."""
+        return ()
 
     def state_key(self, model) -> tuple:
         """(key, objects): a hashable key that changes whenever the model may behave

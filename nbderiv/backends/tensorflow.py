@@ -54,6 +54,7 @@ from .tensorflow_graphs import (  # noqa: E402
 from .tensorflow_keras import (  # noqa: E402
     argument_names,
     float64_copy,
+    held_layers,
     is_keras_layer,
     layer_summary,
     model_variables,
@@ -114,10 +115,15 @@ def _run_in_parts(traced, X, rows):
     return {key: np.concatenate([np.asarray(r[key]) for r in runs]) for key in runs[0]}
 
 
+# Keras layers whose variance comes from tf.nn.moments (see tensorflow_math.exact_moments)
+_MOMENTS_LAYERS = frozenset({"LayerNormalization", "GroupNormalization", "BatchNormalization"})
+
+
 class TensorFlowBackend(Backend):
     name = "tensorflow"
     optional = frozenset({"begin", "argument_names", "known_verdict", "block_rows",
-                          "bytes_per_point", "kink_points", "input_width", "state_key"})
+                          "bytes_per_point", "kink_points", "input_width", "state_key",
+                          "code_notes"})
 
     # -- conversion and placement ------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -335,8 +341,24 @@ class TensorFlowBackend(Backend):
         # nested tapes: each level keeps the graph below it and roughly triples it
         return int(values * item * 6 * (3 ** order) * max(1, min(m, 4)))
 
-    def equivalent_code(self, *, order, wrt, widths):
-        return tensorflow_code(order=order, wrt=wrt, widths=widths)
+    def equivalent_code(self, *, order, wrt, widths, shapes=None, out_shape=None, notes=()):
+        return tensorflow_code(order=order, wrt=wrt, widths=widths, shapes=shapes,
+                               out_shape=out_shape, notes=notes)
+
+    def code_notes(self, call, order):
+        """("moments",) from order 2 for a model with a Keras normalization layer that takes
+        its variance from ``tf.nn.moments`` (see :func:`exact_moments`)."""
+        if order < 2:
+            return ()
+        model = call.model
+
+        def normalizes():
+            layers = [model] if is_keras_layer(model) else list(held_layers(model))
+            return any(type(sub).__name__ in _MOMENTS_LAYERS for layer in layers
+                       for sub in layer._flatten_layers(include_self=True, recursive=True))
+        moments = remembered(model, ("moments",), normalizes) if is_keras_layer(model) \
+            else normalizes()
+        return ("moments",) if moments else ()
 
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, call, args, chunk=65536):

@@ -10,13 +10,14 @@ import numpy as np
 
 from __future__ import annotations
 
+import math
+
 from .base import code_index_wrt, code_keeping_wrt
 
 _CODE_HEAD = '''\
 import numpy as np
 import tensorflow as tf
 
-# One row per point: X has shape (N, d_in).
 {make_x}
 # Differentiate in the model's own float dtype: a tape gives None for an int tensor.
 weights = getattr(model, "weights", None) or getattr(model, "variables", None)
@@ -48,30 +49,77 @@ def up_to(order):
     # The gradient of a column (summed over points) is each point's own gradient,
     # because point n's output depends only on X[n]. "zero": no dependence gives 0.
     grads = [tape.gradient(col, X, unconnected_gradients="zero") for col in columns]
-    new = tf.reshape(tf.stack(grads, axis=1), top.shape + (X.shape[1],))
+    new = tf.reshape(tf.stack(grads, axis=1), top.shape + X.shape[1:])   # + the point's axes
     return lower + [new]
 
 
-results = up_to({order})
+'''
+
+_MOMENTS = '''\
+# Keras' normalization layers (LayerNormalization, GroupNormalization) take the variance from
+# tf.nn.moments, which stops the gradient through the mean inside it: right for d1, WRONG from
+# d2 on. While differentiating, Keras' helper is replaced by the plain formula (and put back).
+import keras.src.backend.tensorflow.nn as keras_tf_nn
+
+
+def plain_moments(x, axes, keepdims):
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+    return mean, variance
+
+
+original_moments = keras_tf_nn._compute_moments
+keras_tf_nn._compute_moments = plain_moments
+try:
+    results = up_to({order})
+finally:
+    keras_tf_nn._compute_moments = original_moments
 '''
 
 
-def tensorflow_code(*, order, wrt, widths):
-    if len(widths) == 1:
-        make_x = ("X = np.asarray(x)\n"
-                  "if X.ndim < 2:\n"
-                  "    X = X.reshape(-1, 1)                     # (N,) = N points of one feature")
+def tensorflow_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
+    """The code for ``order`` derivatives; ``shapes``: each argument's per-point shape
+    (default ``(width,)``), ``out_shape``: each point's output shape O (default (d_out,)):
+    the code's ``d<k>`` then has nbderiv's layout (N,) + O + S * k. ``notes``: "moments" for
+    a model whose normalization layers need the plain variance formula (order >= 2)."""
+    shapes = [tuple(s) for s in shapes] if shapes else [(w,) for w in widths]
+    many = len(shapes) == 1 and len(shapes[0]) > 1
+    if len(shapes) == 1:
+        make_x = ("# One row per point: X has shape (N, *S), S each point's own shape.\n"
+                  if many else "# One row per point: X has shape (N, d_in).\n") + \
+            ("X = np.asarray(x)\n"
+             "if X.ndim < 2:\n"
+             "    X = X.reshape(-1, 1)                     # (N,) = N points of one feature")
         call = "model(X)"
     else:
-        make_x = ("# x is a tuple of separate arguments; put their features side by side.\n"
+        make_x = ("# One row per point: X has shape (N, d_in).\n"
+                  "# x is a tuple of separate arguments; put their features side by side.\n"
                   "X = np.concatenate([np.reshape(a, (len(a), -1)) for a in x], axis=1)\n"
-                  f"widths = {list(widths)}")
-        call = ("model(tf.split(X, widths, axis=1)) if hasattr(model, \"inputs\") \\\n"
-                "        else model(*tf.split(X, widths, axis=1))"
+                  f"widths = {[math.prod(s) for s in shapes]}")
+        parts = "tf.split(X, widths, axis=1)"
+        if any(len(s) > 1 for s in shapes):
+            make_x += f"\nshapes = {shapes}   # each argument's own per-point shape"
+            parts = ("[tf.reshape(p, (-1,) + s) for p, s in zip(tf.split(X, widths, axis=1), "
+                     "shapes)]")
+        call = (f"model({parts}) if hasattr(model, \"inputs\") \\\n"
+                f"        else model(*{parts})"
                 "   # a functional Keras model takes a list")
-    lines = [_CODE_HEAD.format(make_x=make_x, call=call, order=order)]
+    lines = [_CODE_HEAD.format(make_x=make_x, call=call)]
+    lines.append(_MOMENTS.format(order=order) if "moments" in notes and order >= 2
+                 else f"results = up_to({order})\n")
     lines += code_keeping_wrt(wrt)
+    if wrt is not None and many:
+        lines.append("# (wrt counts each point's features in C order: flatten S first)")
     lines.append("# Plain numpy arrays.")
     for k in range(1, order + 1):
-        lines.append(f"d{k} = results[{k}].numpy(){code_index_wrt(k, wrt)}")
+        value = f"results[{k}].numpy()"
+        if wrt is not None and many:
+            value += f".reshape(len(X), -1{', int(np.prod(X.shape[1:]))' * k})"
+        value += code_index_wrt(k, wrt)
+        if out_shape is not None and len(out_shape) > 1:  # the output's own axes O
+            tail = f"{len(wrt)}, " * k if wrt is not None else "*X.shape[1:], " * k
+            value += f".reshape(len(X), {', '.join(map(str, out_shape))}, {tail.rstrip(', ')})"
+        lines.append(f"d{k} = {value}")
     return "\n".join(lines) + "\n"

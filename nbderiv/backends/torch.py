@@ -61,6 +61,8 @@ _ACTIVATION_NAMES = {
     "Threshold", "Tanh", "Sigmoid", "Softplus", "SiLU", "GELU", "ELU", "CELU", "SELU", "Mish",
     "Hardswish", "Hardsigmoid", "Tanhshrink", "LogSigmoid", "Softsign", "Softmax", "LogSoftmax",
 }
+_ATTENTION = frozenset({"MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
+                        "Transformer", "TransformerEncoder", "TransformerDecoder"})
 _STOCHASTIC_OR_BATCH = ("Dropout", "BatchNorm", "InstanceNorm", "SyncBatchNorm", "AlphaDropout")
 
 
@@ -68,7 +70,7 @@ class TorchBackend(Backend):
     name = "torch"
     optional = frozenset({"device", "argument_names", "known_verdict", "block_rows",
                           "bytes_per_point", "kink_points", "input_width", "few_threads",
-                          "state_key", "seeded_forwards"})
+                          "state_key", "seeded_forwards", "code_notes"})
 
     def __init__(self):
         self._saved = []  # (model, TorchState) of the calls under way, innermost last
@@ -300,8 +302,27 @@ class TorchBackend(Backend):
         # nested autograd: each level keeps the graph below it and roughly triples it
         return int(values * item * 6 * (3 ** (order - 1)) * max(1, min(m, 4)))
 
-    def equivalent_code(self, *, order, wrt, widths):
-        return torch_code(order=order, wrt=wrt, widths=widths)
+    def equivalent_code(self, *, order, wrt, widths, shapes=None, out_shape=None, notes=()):
+        return torch_code(order=order, wrt=wrt, widths=widths, shapes=shapes,
+                          out_shape=out_shape, notes=notes)
+
+    def code_notes(self, call, order):
+        """What plain nested autograd needs besides for this model (see
+        :func:`~nbderiv.backends.torch_autodiff.exact_norms`): "attention" from order 2 (the
+        fused attention kernel has no second derivative: the math kernel), "norms" from order
+        3 (PyTorch's fused layer / batch norm kernels give wrong third derivatives)."""
+        if order < 2:
+            return ()
+
+        def kinds():
+            return {type(m).__name__ for _, m in named_modules(modules_of(call.model))}
+        found = kept(call, "module kinds", kinds)
+        notes = ()
+        if found & _ATTENTION:
+            notes += ("attention",)
+        if order >= 3 and any(k.startswith(("LayerNorm", "BatchNorm", "GroupNorm")) for k in found):
+            notes += ("norms",)
+        return notes
 
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, call, args, chunk=65536):
