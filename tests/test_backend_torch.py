@@ -744,3 +744,38 @@ def test_a_model_whose_layers_are_all_in_a_list_computes_in_their_dtype():
     assert d[1].dtype == np.float32 and d.check.dtype == "float64" and d.check.passed
     ref = vmap(jacrev(lambda p: net(p[None])[0]))(x.float()).detach().numpy()
     assert_close(d[1], ref, 1e-5, "d1")
+
+
+class _InstanceNormed(nn.Module):
+    def __init__(self, d_out, track=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.o = nn.Linear(1, 12), nn.Linear(12, d_out)
+        self.n = nn.InstanceNorm1d(4, affine=True, track_running_stats=track)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.n(self.l(x).reshape(-1, 4, 3))).flatten(1))
+
+
+@pytest.mark.parametrize("d_out, order", [(1, 3), (5, 2)], ids=["reverse order 3",
+                                                             "forward-jvp order 2"])
+def test_instance_norm_higher_derivatives_are_exact(d_out, order):
+    """PyTorch's fused instance_norm has wrong higher derivatives (order 3 reverse, order 2
+    forward-over-forward: 12-80% off): nbderiv runs the plain formula, so d[order] matches
+    float64 central differences; in training mode without running statistics it behaves as
+    in eval mode, so no train-mode finding."""
+    m = _InstanceNormed(d_out).double()
+    with torch.no_grad():
+        m.n.weight.uniform_(0.5, 1.5)
+        m.n.bias.uniform_(-0.5, 0.5)
+    X = torch.linspace(-2, 2, 7, dtype=torch.float64).reshape(-1, 1)
+    d = nbderiv.derivatives(m, X, order=order)
+    f = lambda z: m(z).detach().numpy()  # noqa: E731
+    h = 1e-3
+    fd = {2: (f(X + h) - 2 * f(X) + f(X - h)) / h ** 2,
+          3: (f(X + 2 * h) - 2 * f(X + h) + 2 * f(X - h) - f(X - 2 * h)) / (2 * h ** 3)}[order]
+    got = d[order].reshape(7, d_out)
+    np.testing.assert_allclose(got, fd, rtol=1e-3, atol=1e-4 * np.abs(fd).max())
+    assert "train-mode" not in d.codes, [str(f) for f in d.findings]
+    tracked = _InstanceNormed(d_out, track=True).double()  # train mode: running stats move
+    assert "train-mode" in nbderiv.derivatives(tracked, X).codes

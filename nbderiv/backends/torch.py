@@ -320,7 +320,7 @@ class TorchBackend(Backend):
         notes = ()
         if found & _ATTENTION:
             notes += ("attention",)
-        if order >= 3 and any(k.startswith(("LayerNorm", "BatchNorm", "GroupNorm")) for k in found):
+        if order >= 3 and any(k.startswith(("LayerNorm", "BatchNorm", "InstanceNorm")) for k in found):
             notes += ("norms",)
         return notes
 
@@ -365,7 +365,10 @@ class TorchBackend(Backend):
             if kind in _ACTIVATION_NAMES:
                 activations.append(kind)
             if module.training and any(kind.startswith(p) for p in _STOCHASTIC_OR_BATCH):
-                if not (kind.startswith("Dropout") and getattr(module, "p", 1) == 0):
+                same_in_eval = (kind.startswith("Dropout") and getattr(module, "p", 1) == 0) or (
+                    kind.startswith("InstanceNorm")  # its own statistics in either mode
+                    and not getattr(module, "track_running_stats", False))
+                if not same_in_eval:
                     train_mode.append(f"{name or 'model'} ({kind})")
                     if id(module) in held:  # model.eval() does not reach it
                         outside.append(name)

@@ -52,7 +52,8 @@ def no_fast_path():
 
 
 class _PlainNorms(torch.overrides.TorchFunctionMode):
-    """Layer norm and batch-statistics batch norm written as plain tensor operations.
+    """Layer norm, instance norm and batch-statistics batch norm written as plain tensor
+    operations.
 
     PyTorch's fused kernels for these give wrong higher derivatives (order >= 3 in reverse
     mode, already order 2 in forward-over-forward mode); the plain
@@ -65,6 +66,13 @@ class _PlainNorms(torch.overrides.TorchFunctionMode):
         F = torch.nn.functional
         if func in (F.layer_norm, torch.layer_norm):
             return _layer_norm(*args, **kwargs)
+        if func in (F.instance_norm, torch.instance_norm):
+            names = ("input", "running_mean", "running_var", "weight", "bias",
+                     "use_input_stats", "momentum", "eps")
+            bound = dict(zip(names, args, strict=False), **kwargs)
+            if bound.get("use_input_stats", True):  # each sample's own statistics
+                return _instance_norm_own_stats(bound["input"], bound.get("weight"),
+                                                bound.get("bias"), bound.get("eps", 1e-5))
         if func is F.batch_norm:
             names = ("input", "running_mean", "running_var", "weight", "bias", "training",
                      "momentum", "eps")
@@ -84,6 +92,18 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if weight is not None:
         out = out * weight
     return out + bias if bias is not None else out
+
+
+def _instance_norm_own_stats(input, weight, bias, eps):
+    """Instance norm with each sample's own statistics, per channel over the other axes."""
+    dims = tuple(range(2, input.ndim))
+    shape = (1, -1) + (1,) * (input.ndim - 2)
+    mean = input.mean(dim=dims, keepdim=True)
+    var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
+    out = (input - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    return out + bias.reshape(shape) if bias is not None else out
 
 
 def _batch_norm_batch_stats(input, weight, bias, eps):

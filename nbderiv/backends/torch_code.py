@@ -46,7 +46,7 @@ def differentiate(t):
 '''
 
 _NORMS = '''\
-# CAUTION: PyTorch's fused layer / batch norm kernels give wrong derivatives from order 3
+# CAUTION: PyTorch's fused layer / batch / instance norm kernels give wrong derivatives from order 3
 # on; nbderiv computes them with the plain formula, so this code's d3 (and higher) may differ.
 '''
 
