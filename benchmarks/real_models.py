@@ -4,7 +4,9 @@
     python benchmarks/real_models.py --framework torch --reps 3
 
 Models: a small residual CNN with BatchNorm (eval) at 3x32x32 with 10 and 100 outputs, an LSTM
-regressor on (N, 20, 8), a TransformerEncoder with a mean-pooling head on (N, 10, 16) (torch);
+regressor on (N, 20, 8), a TransformerEncoder with a mean-pooling head on (N, 10, 16), a PINN
+field (x, y, t) -> (u, v, p) and a 12 -> 12 tanh MLP at order 2 (several inputs and outputs;
+torch);
 a Keras CNN (Conv2D, BatchNormalization) at 32x32x3 and a Keras LSTM regressor on (N, 20, 8).
 Warm calls: one process per framework, one thread, every competitor warmed up, then ``reps``
 rounds (at least 15 for calls under 50 ms) over the competitors (each round starting one later), medians; the ratio is nbderiv's
@@ -39,6 +41,8 @@ CASES = [
     ("torch-transformer-o1", "torch", "transformer", 1, 128),
     ("torch-transformer-o1-n1024", "torch", "transformer", 1, 1024),
     ("torch-transformer-o2", "torch", "transformer", 2, 32),
+    ("torch-pinn3-o2", "torch", "pinn3", 2, 1000),
+    ("torch-mlp12-o2", "torch", "mlp12", 2, 1000),
     ("keras-cnn10", "tensorflow", "kcnn", 1, 128),
     ("keras-lstm-o1", "tensorflow", "klstm", 1, 256),
     ("keras-lstm-o1-n2048", "tensorflow", "klstm", 1, 2048),
@@ -84,6 +88,18 @@ def torch_model(name):
         def forward(self, x):
             return self.head(self.enc(x).mean(1))
 
+    class Field(torch.nn.Module):  # a PINN's field: (x, y, t) -> (u, v, p), or 12 -> 12
+        def __init__(self, d):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(d, 64), torch.nn.Linear(64, 64),
+                                      torch.nn.Linear(64, d))
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    if name in ("pinn3", "mlp12"):
+        d = int(name[4:]) if name.startswith("pinn") else 12
+        return Field(d).eval(), (d,)
     if name.startswith("cnn"):
         net = torch.nn.Sequential(
             torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16),
@@ -139,21 +155,25 @@ def torch_idioms(net, X, order):
                 E = torch.eye(d).unsqueeze(1).expand(d, n, d)
                 return torch.autograd.grad(Y, Z, E, is_grads_batched=True)[0] \
                     .reshape(d, n, D).movedim(0, 1)
-            g = torch.autograd.grad(Y.sum(), Z, create_graph=True)[0].reshape(n, D)
             E = torch.eye(D).unsqueeze(1).expand(D, n, D)
-            H = torch.autograd.grad(g, Z, E, is_grads_batched=True)[0].reshape(D, n, D)
-            return H.movedim(0, 1)[:, None]
+            hessians = []
+            for j in range(Y.shape[1]):  # each output's Hessian: one batched pass on its graph
+                g = torch.autograd.grad(Y[:, j].sum(), Z, create_graph=True)[0].reshape(n, D)
+                H = torch.autograd.grad(g, Z, E, is_grads_batched=True,
+                                        retain_graph=True)[0].reshape(D, n, D)
+                hessians.append(H.movedim(0, 1))
+            return torch.stack(hessians, 1)
 
     def functional():  # vmap(jacrev) / vmap(hessian)
         with kernels():
-            one = (lambda x: flat(x[None])[0]) if order == 1 else (lambda x: flat(x[None])[0, 0])
+            one = lambda x: flat(x[None])[0]  # noqa: E731
             if order == 1:
                 return vmap(jacrev(one))(X).reshape(n, -1, D)
-            return vmap(hessian(one))(X).reshape(n, 1, D, D)
+            return vmap(hessian(one))(X).reshape(n, -1, D, D)
 
     names = {"autograd.grad loop": loop, "autograd.grad is_grads_batched": batched,
              "vmap(jacrev)" if order == 1 else "vmap(hessian)": functional}
-    if order == 2:
+    if order == 2 and D > 32:
         names.pop("autograd.grad loop")  # one backward pass per input: 160 / 160 (10x slower)
     return names
 

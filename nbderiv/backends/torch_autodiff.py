@@ -153,9 +153,14 @@ def nested_reverse(fn, X, order, wrt, batch=False):
     """Nested reverse mode with the ones trick: grad(sum_n T[n]) = per-point gradients,
     valid because point n's output depends only on point n's input.
 
-    ``batch=True``: the backward passes of a level run as one vmapped backward pass with a
-    batch of one-hot cotangents (``is_grads_batched``) where a level has at least
-    :data:`BATCH_MIN` of them; a model without batching rules for its backward falls back to
+    Each partial is differentiated through the graph of the one backward pass that made it
+    (never through a stack of several: a backward pass through a stack walks every stacked
+    graph, with zero gradients, which made 12 outputs x 12 inputs at order 2 70x slower than
+    the hand-written loop). ``batch=True``: the backward passes of the last level that share
+    one graph run as one vmapped backward pass over one-hot cotangents
+    (``is_grads_batched``) where there are at least :data:`BATCH_MIN` of them; only the last
+    level, whose graph is not differentiated again (a graph made under vmap is slow to
+    differentiate once more). A model without batching rules for its backward falls back to
     one pass per cotangent. Measured on 2 CPU cores (``benchmarks/real_models.py``): 3-4x
     faster for an LSTM's Hessian (160 inputs) and 2x for a TransformerEncoder's, 2.5x for
     an LSTM's 20 outputs at order 1; convolutions run slower batched on the CPU (the caller
@@ -163,83 +168,72 @@ def nested_reverse(fn, X, order, wrt, batch=False):
     X = X.detach().requires_grad_(True)
     Y = fn(X)
     n, d_out = Y.shape
-    keys, S = [()], Y[None]  # the frontier: the partials of the last level, (F, n, d_out)
+    m = len(wrt)
+    every = list(wrt) == list(range(X.shape[1]))  # every input, in order: slices, no gather
+    index = torch.tensor(list(wrt), device=X.device)
+    # the frontier: groups of partials that are columns of one tensor made by one pass,
+    # each (tensor (n, C), [(multi-index, output j, column c)])
+    groups = [(Y, [((), j, j) for j in range(d_out)])]
     values = {}
     for k in range(1, order + 1):
         create = k < order
-        G = None
-        if batch and len(keys) * d_out >= BATCH_MIN:
-            try:
-                G = _batched_level(S, X, create)
-            except (RuntimeError, NotImplementedError):
-                batch = False  # no batching rule somewhere in the backward pass
-        if G is None:
-            G = _stacked([_looped_level(T, X, create) for T in S.unbind(0)], 0)
-        # G: (F, n, d_out, D); keep the distinct partials idx + (p,), p >= idx[-1]
-        if len(keys) == 1 and list(wrt) == list(range(G.shape[-1])):  # every input, in order
-            pairs = None  # (0, p) for every p
-            level = G[0].movedim(-1, 0)  # all of G: a view, no gather
-        else:
-            pairs = [(f, p) for f, idx in enumerate(keys)
-                     for p in range(idx[-1] if idx else 0, len(wrt))]
-            level = G[torch.tensor([f for f, _ in pairs]), :, :,
-                      torch.tensor([wrt[p] for _, p in pairs])]
-        # level k: (L, n, d_out), the L partials in the order of the new keys
-        values[("level", k)] = to_numpy(level).transpose(1, 0, 2)
-        if create:
-            S = level
-            keys = [keys[0] + (p,) for p in range(len(wrt))] if pairs is None \
-                else [keys[f] + (p,) for f, p in pairs]
+        blocks, next_groups = {}, []  # blocks: multi-index of order k-1 -> {j: (n, L) partials}
+        for G, entries in groups:
+            grads = None
+            if batch and not create and len(entries) >= BATCH_MIN:
+                try:
+                    grads = _batched_grads(G, X, [c for _, _, c in entries])
+                except (RuntimeError, NotImplementedError):
+                    batch = False  # no batching rule somewhere in the backward pass
+            if grads is None:
+                grads = [_grad(G[:, c], X, create) for _, _, c in entries]
+            for (idx, j, _), g in zip(entries, grads):
+                start = idx[-1] if idx else 0  # the distinct partials: p >= the last index
+                blocks.setdefault(idx, {})[j] = g[:, start:] if every else g[:, index[start:]]
+                if create:
+                    next_groups.append((g, [(idx + (p,), j, wrt[p]) for p in range(start, m)]))
+        # level k as one (n, L_k, d_out) array, its partials in sorted_multi_indices order
+        parts = [torch.stack([blocks[idx][j] for j in range(d_out)], 2)
+                 for idx in sorted_multi_indices(m, k - 1)]
+        values[("level", k)] = to_numpy(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
+        groups = next_groups
     return to_numpy(Y), values
 
 
-BATCH_MIN = 8          # fewer cotangents in a level: one backward pass each is as fast
+BATCH_MIN = 8          # fewer cotangents on one graph: one backward pass each is as fast
 BATCH_ROWS = 1 << 15   # cotangents x points per vmapped backward pass (bounds its memory)
 
 
-def _looped_level(T, X, create):
-    """(n, d_out, D): the gradient of each column of T (n, d_out), one backward pass each."""
-    cols = []
-    for j in range(T.shape[1]):
-        Tj = T[:, j]
-        g = None
-        if Tj.requires_grad:
-            # the sum's gradient is the ones cotangent; passing it as grad_outputs instead
-            # makes torch import sympy on its first use (0.4 s of a first call)
-            g = torch.autograd.grad(Tj.sum(), X, create_graph=create, retain_graph=True,
-                                    allow_unused=True)[0]
-        cols.append(torch.zeros_like(X) if g is None else g)
-    return _stacked(cols, 1)
+def _grad(T, X, create):
+    """d T / d X (n, *X's axes) for a column T (n,) of per-point values, one backward pass
+    (zeros where T does not depend on X)."""
+    if not T.requires_grad:
+        return torch.zeros_like(X)
+    # the sum's gradient is the ones cotangent; passing it as grad_outputs instead makes
+    # torch import sympy on its first use (0.4 s of a first call)
+    g = torch.autograd.grad(T.sum(), X, create_graph=create, retain_graph=True,
+                            allow_unused=True)[0]
+    return torch.zeros_like(X) if g is None else g
 
 
-def _stacked(tensors, dim):
-    """``torch.stack(tensors, dim)``; one tensor is not copied (a view with a new axis)."""
-    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim=dim)
-
-
-def _batched_level(S, X, create):
-    """(F, n, d_out, D): the gradients of every column of S (F, n, d_out), by vmapped
-    backward passes over one-hot cotangents, in groups of at most ``BATCH_ROWS // n``."""
-    F, n, d_out = S.shape
-    if not S.requires_grad:
-        return torch.zeros((F, n, d_out) + X.shape[1:], dtype=X.dtype, device=X.device)
-    count = F * d_out
-    step = max(1, min(count, BATCH_ROWS // max(n, 1)))
-    parts = []
-    for start in range(0, count, step):
-        c = min(step, count - start)
-        E = torch.zeros((c, count), dtype=S.dtype, device=S.device)
-        E[torch.arange(c), torch.arange(start, start + c)] = 1
-        E = E.reshape(c, F, 1, d_out).expand(c, F, n, d_out)
+def _batched_grads(G, X, columns):
+    """[d G[:, c] / d X for c in columns]: vmapped backward passes over one-hot cotangents
+    (groups of at most ``BATCH_ROWS // n``), without a graph."""
+    n = G.shape[0]
+    if not G.requires_grad:
+        return [torch.zeros_like(X) for _ in columns]
+    step = max(1, min(len(columns), BATCH_ROWS // max(n, 1)))
+    out = []
+    for start in range(0, len(columns), step):
+        part = columns[start:start + step]
+        E = torch.zeros((len(part),) + tuple(G.shape), dtype=G.dtype, device=G.device)
+        E[torch.arange(len(part)), :, torch.tensor(part)] = 1
         with warnings.catch_warnings():  # vmap's "performance drop" notes on unbatched ops
             warnings.filterwarnings("ignore", message=".*[Pp]erformance drop")
-            g = torch.autograd.grad(S, X, grad_outputs=E, is_grads_batched=True,
-                                    create_graph=create, retain_graph=True,
-                                    allow_unused=True)[0]
-        parts.append(torch.zeros((c,) + X.shape, dtype=X.dtype, device=X.device)
-                     if g is None else g)
-    G = torch.cat(parts).reshape((F, d_out) + X.shape)  # (F, d_out, n, D)
-    return G.movedim(2, 1)
+            g = torch.autograd.grad(G, X, grad_outputs=E, is_grads_batched=True,
+                                    retain_graph=True, allow_unused=True)[0]
+        out += [torch.zeros_like(X)] * len(part) if g is None else list(g.unbind(0))
+    return out
 
 
 def nested_forward(fn, X, order, wrt):
