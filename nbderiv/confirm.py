@@ -158,7 +158,9 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     Along ``zero_inputs`` (indices into ``wrt`` where autodiff says the output does not depend
     on that input) and two random directions, at steps h and h/4. Returns a dict:
     ``moves[i]`` = (points, outputs (d_out,) bool, largest slope) where input wrt[i] (one of
-    ``zero_inputs``) changes the output beyond rounding; ``disagree`` = points where the differences (converged: the same at both
+    ``zero_inputs``) changes the output beyond rounding; ``varies[i]`` = outputs (d_out,) bool
+    that change with input wrt[i] without a slope (a stationary point: the change shrinks like
+    h**2 or faster, so d1 = 0 is right there); ``disagree`` = points where the differences (converged: the same at both
     steps) and autodiff disagree; ``checked`` = the points looked at; ``fd_max`` (d_out,) the
     largest |finite-difference slope| per unit step along the random directions, scaled by
     the input's size; ``noise`` (d_out,) the rounding level of that estimate."""
@@ -179,7 +181,7 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
         v[wrt[i]] = 1.0
         dirs.append(("zero", i, v))
     dirs += [("random", None, v) for v in _directions(call.width, wrt, 2, seed=1)]
-    rows, at = [], []
+    rows, at = [X], list(pts)  # the points themselves first: f0
     for _, _, v in dirs:
         for h in steps:
             for sign in (1.0, -1.0):
@@ -191,6 +193,8 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     P = len(pts)
     y = y.reshape(len(rows), P, -1)
     eps = _effective_eps(call, y)
+    f0, y = y[0], y[1:]
+    result["varies"] = {}
     fd_max = np.zeros(y.shape[2])
     noise_max = np.zeros(y.shape[2])
     disagree = np.zeros(P, dtype=bool)
@@ -211,6 +215,19 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
             hits = [pts[p] for p in np.flatnonzero(moving.any(axis=1))]
             if hits:
                 result["moves"][i] = (hits, moving.any(axis=0), np.nanmax(np.abs(fd2)))
+            # no slope, but the output changes (z**2 or z**3 at 0: a stationary point, where
+            # d1 = 0 is right): the output depends on this input
+            # (a change that shrinks with the step at least like h**2; a jump does not shrink)
+            changes = []
+            for back in (4, 2):  # the larger step, then the smaller one
+                plus, minus = y[r - back], y[r - back + 1]
+                change = np.fmax(np.abs(plus - f0), np.abs(minus - f0))
+                noise = 8 * 32 * eps * (np.abs(plus) + np.abs(minus) + np.abs(f0)) + 1e-300
+                changes.append((change, change > noise))
+            (c1, seen1), (c2, seen2) = changes
+            varies = np.nan_to_num(seen1 & seen2 & (c2 <= 0.25 * c1))
+            if varies.any():
+                result["varies"][i] = varies.any(axis=0)
         else:
             off = (np.abs(fd2 - g) > 8 * noise2 + 0.01 * (np.abs(g) + np.abs(fd2))) & converged
             disagree |= np.nan_to_num(off).any(axis=1)

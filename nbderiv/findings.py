@@ -252,8 +252,10 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding 
     return Finding(
         "no-input-dependence", "info",
         f"{what}. nbderiv reports zeros there (plain autodiff may give None or raise).",
-        "if a dependence is expected, check that forward really uses that input (and that the "
-        "points are not all in a dead ReLU region or where tanh/sigmoid units saturate).",
+        "if a dependence is expected, check that forward really uses that input and does not "
+        "round it or cast it to an integer on the way (a piecewise-constant function: its "
+        "derivative is 0 wherever it exists), and that the points are not all in a dead ReLU "
+        "region or where tanh/sigmoid units saturate.",
     )
 
 

@@ -111,12 +111,14 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
                 agrees[seen] = (check["fd_max"], check["noise"])
                 while len(agrees) > 16:  # a loop over many batches: keep the latest
                     del agrees[next(iter(agrees))]
-    broken = np.zeros_like(zero)
+    broken, varies = np.zeros_like(zero), np.zeros_like(zero)
     moved, slope = [], 0.0
     for i, (points, outputs, top) in check["moves"].items():
         broken[:, i] = zero[:, i] & outputs
         moved += points
         slope = max(slope, float(top))
+    for i, outputs in check.get("varies", {}).items():  # stationary points: d1 = 0 is right
+        varies[:, i] = zero[:, i] & outputs & ~broken[:, i]
     disagree = check["disagree"]
     # one point alone may sit within a step of a kink, unless the forward pass couples points
     # where autodiff sees no coupling: then one disagreeing point confirms the cut
@@ -131,8 +133,9 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         pairs = [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(broken),
                                                                      strict=True)]
         out.append(graph_broken_finding(pairs, moved, disagree, slope, hidden_coupling=hidden))
-    remaining = np.where(zero & ~broken, 0.0, 1.0)[None]  # the zero pairs nothing contradicts
-    f = no_dependence_finding(remaining, out_names, in_names) if (zero & ~broken).any() else None
+    unmoved = zero & ~broken & ~varies  # the zero pairs nothing contradicts
+    remaining = np.where(unmoved, 0.0, 1.0)[None]
+    f = no_dependence_finding(remaining, out_names, in_names) if unmoved.any() else None
     if f is not None:
         out.append(f)
     if not out:

@@ -654,3 +654,21 @@ def test_saturation_sizes_equal_the_plain_formulas(m):
                                (np.abs(d1.astype(np.float64)) * x_size).max(axis=(0, 2)))
     y = rng.normal(size=(70, 5))
     np.testing.assert_allclose(_size(y), np.abs(y).max(axis=0) + np.ptp(y, axis=0))
+
+
+def test_a_stationary_point_is_no_lack_of_dependence():
+    """At a stationary point the first derivative is 0 and right, and the output still
+    changes with the input (like h**2 or h**3): no no-input-dependence (it said the output
+    did not depend on the input), the derivatives as the closed form has them; an input the
+    model ignores, and a constant output, still get the finding."""
+    d = nbderiv.derivatives(lambda z: (z ** 2).sum(1, keepdim=True), torch.zeros(4, 2), order=2)
+    assert "no-input-dependence" not in d.codes, [str(f) for f in d.findings]
+    np.testing.assert_array_equal(d[1], 0.0)
+    np.testing.assert_array_equal(d[2][:, 0], np.broadcast_to(2 * np.eye(2), (4, 2, 2)))
+    d = nbderiv.derivatives(lambda z: z ** 3, torch.zeros(3, 1), order=3)
+    assert "no-input-dependence" not in d.codes and np.all(d[3] == 6.0)
+    ignored = nbderiv.derivatives(lambda z: torch.sin(z[:, :1]), torch.rand(5, 2))
+    assert ignored.finding("no-input-dependence") is not None
+    assert "y/x[1]" in ignored.finding("no-input-dependence").message
+    constant = nbderiv.derivatives(lambda z: z[:, :1] * 0 + 1.0, torch.rand(5, 2))
+    assert constant.codes == ["no-input-dependence"]
