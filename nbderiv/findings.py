@@ -79,11 +79,19 @@ def structurally_piecewise(layers: dict) -> list:
 
 
 def stochastic_finding() -> Finding:
+    """Two forward passes differed and no layer in training mode explains it."""
     return Finding(
         "train-mode", "warning",
-        "two forward passes on the same input gave different outputs: the model is stochastic "
-        "(dropout or similar in training mode), so its derivatives are random too.",
-        "call model.eval() (torch) or pass training=False (Keras) before differentiating.",
+        "two forward passes on the same input gave different outputs, and no layer in training "
+        "mode explains it: the model is stochastic, it draws random numbers itself "
+        "(torch.randn or F.dropout(x, training=True) in forward, a noise layer, Keras layers "
+        "called with "
+        "training=True). Where the noise is only added to the output, the derivatives are not "
+        "affected; where it multiplies or feeds later layers, they are random too. nbderiv's "
+        "checks that compare outputs are off for this model.",
+        "make forward deterministic while you differentiate: switch the noise off (a flag, or "
+        "self.training checks with model.eval()), or seed it (torch.manual_seed / "
+        "keras.utils.set_random_seed) before each call.",
     )
 
 

@@ -672,3 +672,30 @@ def test_a_stationary_point_is_no_lack_of_dependence():
     assert "y/x[1]" in ignored.finding("no-input-dependence").message
     constant = nbderiv.derivatives(lambda z: z[:, :1] * 0 + 1.0, torch.rand(5, 2))
     assert constant.codes == ["no-input-dependence"]
+
+
+def test_random_numbers_drawn_in_forward_of_an_eval_model():
+    """Noise added in forward (the model in eval mode): train-mode says that no layer in
+    training mode explains the randomness, does not tell to call model.eval() alone, and the
+    derivatives are those of the deterministic part (jacrev)."""
+    torch.manual_seed(0)
+    lin, out = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = lin, out
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.l(x))) + 0.01 * torch.randn(len(x), 1)
+
+    m = Noisy().eval()
+    x = torch.rand(6, 4)
+    d = nbderiv.derivatives(m, x)
+    f = d.finding("train-mode")
+    assert f is not None and "no layer in training mode" in f.message
+    assert "manual_seed" in f.fix
+    from torch.func import jacrev, vmap
+
+    ref = vmap(jacrev(lambda p: out(torch.tanh(lin(p)))))(x).detach().numpy()
+    np.testing.assert_allclose(d[1], ref, rtol=1e-5, atol=1e-7)
