@@ -55,6 +55,9 @@ class Facts:
     # level, see confirm.graph_consistency): the same points again need no new look
     graph_agrees: dict = field(default_factory=dict)
     kink_free: bool = False  # a forward pass called no piecewise-linear function
+    # forward mode's derivatives agreed with reverse mode's at a few points (True), or did not
+    # (False: an operation with a wrong forward-mode rule, so reverse mode is used)
+    forward_agrees: bool | None = None
     # (a copy of the points, the rows among them at a kink (ReLU, clamp, abs, ...)): the very same points
     # again need no new look (points up to KINKS_BYTES; one copy per model, see remember)
     kinks: tuple = None

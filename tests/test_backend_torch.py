@@ -805,3 +805,39 @@ def test_nested_reverse_many_inputs_and_outputs_orders_1_to_3(batch, wrt):
         for axis in range(2, 2 + k):
             ref = np.take(ref, keep, axis=axis)
         assert_close(got, ref, 1e-10, f"order {k}")
+
+
+@pytest.mark.parametrize("bad", [10, np.array([3, 3, 3, 3, 10])], ids=["one", "last point"])
+def test_a_target_out_of_range_after_a_valid_call_is_refused_as_on_a_fresh_model(bad):
+    from nbderiv.errors import OptionError
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    images = torch.rand(5, 3, 8, 8)
+    for order in (1, 2):
+        nbderiv.derivatives(cnn, images, order=order, target=3)
+        with pytest.raises(OptionError, match=r"target 10 is out of range: .* 0\.\.9"):
+            nbderiv.derivatives(cnn, images, order=order, target=bad)
+
+
+def test_forward_mode_is_checked_against_reverse_mode():
+    """torch.linalg.det has a wrong forward-over-forward rule (torch 2.13): with more outputs
+    than inputs nbderiv would pick forward mode and return a second derivative 3x off. Forward
+    mode is compared with reverse mode at a few points first (once per model state): here it
+    disagrees, so reverse mode gives d2 = 2 det(B), the closed form, at every point; a model
+    whose forward mode is right keeps it."""
+    torch.manual_seed(0)
+    A, B = torch.randn(2, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    weights = torch.arange(1, 6, dtype=torch.float64)
+
+    class Det(nn.Module):
+        def forward(self, x):
+            return torch.linalg.det(A + x[:, :, None] * B)[:, None] * weights
+
+    x = torch.linspace(-1, 1, 4, dtype=torch.float64).reshape(-1, 1)
+    d = nbderiv.derivatives(Det(), x, order=2)
+    assert d.method == "reverse-ones"
+    want = 2 * torch.linalg.det(B).item() * weights.numpy()
+    np.testing.assert_allclose(d[2][:, :, 0, 0], np.broadcast_to(want, (4, 5)), rtol=1e-10)
+    smooth = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    assert nbderiv.derivatives(lambda z: smooth(z) * 1.0, x, order=2).method == "forward-jvp"

@@ -31,6 +31,7 @@ from ..memo import kept
 from .base import Backend, Block, assemble
 from .torch_autodiff import (
     exact_norms,
+    forward_agrees,
     grad_enabled,
     nested_forward,
     nested_reverse,
@@ -222,16 +223,22 @@ class TorchBackend(Backend):
         watcher = None if call.kink_rows is not None or kink_free(call.model) \
             or call.facts.kink_free else KinkWatcher(X.shape[0])
         with grad_enabled(True), exact_norms(order, forward=forward):
-            if forward:
+            y = None
+            if forward and call.facts.forward_agrees is not False:
                 try:
                     y, values = nested_forward(fn, X, order, wrt)
-                    method, watcher = "forward-jvp", None
-                except (RuntimeError, NotImplementedError):
-                    y, values = nested_reverse(_watched(fn, watcher), X, order, wrt, batch)
-                    method = "reverse-ones"
-            else:
+                    method = "forward-jvp"
+                    if call.facts.forward_agrees is None and order > 1:
+                        # a wrong forward-mode rule (torch.linalg.det) is not reverse mode's
+                        call.facts.forward_agrees = forward_agrees(fn, X, order, wrt, values)
+                        y = y if call.facts.forward_agrees else None
+                except (RuntimeError, NotImplementedError):  # no forward-mode rule
+                    y = None
+            if y is None:
                 y, values = nested_reverse(_watched(fn, watcher), X, order, wrt, batch)
                 method = "reverse-ones"
+            else:
+                watcher = None  # forward mode ran the model under no watcher
         if watcher is not None and not watcher.calls:
             call.facts.kink_free = True
         return Block(y, assemble(values, y, order, len(wrt)), method,

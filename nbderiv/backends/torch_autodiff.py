@@ -236,6 +236,27 @@ def _batched_grads(G, X, columns):
     return out
 
 
+def forward_agrees(fn, X, order, wrt, values, rows=2, outputs=8) -> bool:
+    """Whether nested forward mode's ``values`` ({multi-index: (n, d_out)}) agree with nested
+    reverse mode at the first ``rows`` points and ``outputs`` outputs, every order: a few
+    operations have wrong forward-over-forward rules (``torch.linalg.det`` gave a second
+    derivative 3x the true one in torch 2.13), which reverse mode does not share. The
+    tolerance is far above rounding (100 sqrt(eps) of each order's largest value)."""
+    Z = X[:rows]
+    cut = lambda T: fn(T)[:, :outputs]  # noqa: E731
+    _, reverse = nested_reverse(cut, Z, order, wrt)
+    eps = float(torch.finfo(X.dtype).eps)
+    for k in range(1, order + 1):
+        rev = reverse[("level", k)]  # (rows, L_k, outputs)
+        fwd = np.stack([values[idx][:rows, :outputs] for idx in sorted_multi_indices(len(wrt), k)],
+                       axis=1)
+        scale = max(float(np.nanmax(np.abs(rev), initial=0.0)), 1e-30)
+        with np.errstate(invalid="ignore"):
+            if np.nanmax(np.abs(fwd - rev), initial=0.0) > 100 * eps ** 0.5 * scale:
+                return False
+    return True
+
+
 def nested_forward(fn, X, order, wrt):
     """Nested forward mode: each distinct partial is a chain of directional derivatives."""
     from torch.func import jvp
