@@ -236,3 +236,47 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     result["disagree"] = [pts[p] for p in np.flatnonzero(disagree)]
     result["fd_max"], result["noise"] = fd_max, noise_max
     return result
+
+
+def jumps_only(call, points, inputs, wrt, reach: float = 0.5, steps: int = 24) -> dict:
+    """{i: outputs (d_out,) bool} for the inputs wrt[i] (of ``inputs``, where autodiff says 0
+    and small steps change nothing) along which the output changes in isolated jumps only: a
+    sweep of 2 * ``steps`` + 1 evaluations over +-``reach`` * (1 + |x|) at ``points`` finds a
+    few changes between neighbours, each between two stretches where the output stays exactly
+    the same (rounding, an integer cast, argmax: piecewise constant; a ReLU waking up changes
+    at every step after its kink, a saturating tanh by less and less). Empty when the model
+    fails on the swept points."""
+    if not points or not inputs:
+        return {}
+    X = call.features()[points].astype(np.float64)
+    scale = 1.0 + np.abs(X)
+    ts = np.linspace(-reach, reach, 2 * steps + 1)
+    rows, at = [], []
+    for i in inputs:
+        v = np.zeros(call.width)
+        v[wrt[i]] = 1.0
+        for t in ts:
+            rows.append(X + t * v * scale)
+            at += list(points)
+    try:
+        y = _forward_rows(call, np.concatenate(rows).astype(call.dtype), at)
+    except Exception:  # e.g. an index moved out of an embedding's range
+        return {}
+    if y is None:
+        return {}
+    eps = _effective_eps(call, y)
+    y = y.reshape(len(inputs), len(ts), len(points), -1)
+    found = {}
+    for i, yi in zip(inputs, y):
+        step = np.abs(np.diff(yi, axis=0))                      # (2 steps, P, d_out)
+        noise = 32 * eps * (np.abs(yi[1:]) + np.abs(yi[:-1]))
+        changed = np.nan_to_num(step > 8 * noise + 1e-300)
+        count = changed.sum(axis=0)                             # (P, d_out)
+        # each jump between two exactly flat stretches (a saturating tanh also changes less
+        # than rounding next to its last visible step, but not by exactly 0)
+        flat = np.pad(step == 0, ((1, 1), (0, 0), (0, 0)), constant_values=True)
+        jumps_alone = ~(changed & ~(flat[:-2] & flat[2:])).any(axis=0)
+        stairs = (count >= 1) & (count <= steps // 3) & jumps_alone
+        if stairs.any():
+            found[i] = stairs.any(axis=0)
+    return found

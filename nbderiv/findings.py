@@ -1,8 +1,9 @@
 """Findings: the classic derivative pitfalls, recognised and explained.
 
 The codes are a stable contract (see the README): ``piecewise-linear``, ``at-kink``,
-``coupled-samples``, ``train-mode``, ``graph-broken``, ``no-input-dependence``, ``saturated``,
-``input-reshaped``, ``integer-input``, ``low-precision``, ``non-finite``. Findings that can be
+``coupled-samples``, ``train-mode``, ``graph-broken``, ``no-input-dependence``,
+``piecewise-constant``, ``saturated``, ``input-reshaped``, ``integer-input``, ``low-precision``,
+``non-finite``. Findings that can be
 checked numerically are confirmed at the points they name first (:mod:`nbderiv.confirm`). This module builds them; the
 public entry points are :func:`nbderiv.derivatives` (``d.findings``) and
 :func:`nbderiv.diagnose`. (It is not called ``diagnose`` so that the submodule never
@@ -270,6 +271,23 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding 
 GRAPH_CAUSES = ("a tensor taken out of the graph: .detach(), .data, .numpy() or a NumPy "
                 "function (np.sin, np.exp) applied to a tensor, .item(), a cast to an integer "
                 "type, code under torch.no_grad(), or tf.stop_gradient")
+
+
+def piecewise_constant_finding(pairs) -> Finding:
+    """``piecewise-constant``: autodiff says 0 for ``pairs`` ("dy/dx" names), small steps
+    change nothing, and a wider sweep finds the output changing in isolated jumps only."""
+    return Finding(
+        "piecewise-constant", "warning",
+        f"{', '.join(pairs[:_MAX_LISTED])} {'is' if len(pairs) == 1 else 'are'} 0 at every "
+        "point, yet the output does change with that input, in jumps only (a sweep of the "
+        "input finds it flat between jumps): the model rounds on the way (round, floor, a "
+        "cast to an integer type, argmax, a comparison). Its derivative is 0 wherever it "
+        "exists, so autodiff's zeros are right, and they say nothing about how the output "
+        "responds to the input.",
+        "differentiate before the rounding, or replace it with a smooth stand-in while you "
+        "differentiate (x itself instead of round(x), softmax instead of argmax, a sigmoid "
+        "instead of a step).",
+    )
 
 
 def graph_broken_finding(pairs, moved_points, disagree_points, slope,

@@ -21,6 +21,7 @@ from .findings import (
     no_dependence_finding,
     non_finite_finding,
     non_finite_points,
+    piecewise_constant_finding,
     piecewise_finding,
     saturated_finding,
     structurally_piecewise,
@@ -134,6 +135,16 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
                                                                      strict=True)]
         out.append(graph_broken_finding(pairs, moved, disagree, slope, hidden_coupling=hidden))
     unmoved = zero & ~broken & ~varies  # the zero pairs nothing contradicts
+    stairs = np.zeros_like(zero)
+    if unmoved.any() and check["checked"]:  # changes in jumps only: piecewise constant
+        inputs = [int(i) for i in np.flatnonzero(unmoved.any(axis=0))]
+        for i, outputs in confirm.jumps_only(call, check["checked"], inputs, wrt).items():
+            stairs[:, i] = unmoved[:, i] & outputs
+        if stairs.any():
+            out.append(piecewise_constant_finding(
+                [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(stairs),
+                                                                     strict=True)]))
+        unmoved &= ~stairs
     remaining = np.where(unmoved, 0.0, 1.0)[None]
     f = no_dependence_finding(remaining, out_names, in_names) if unmoved.any() else None
     if f is not None:

@@ -23,7 +23,7 @@ from nbderiv import findings as dg  # noqa: E402
 
 CODES = ("piecewise-linear", "at-kink", "coupled-samples", "train-mode", "no-input-dependence",
          "input-reshaped", "integer-input", "low-precision", "non-finite", "graph-broken",
-         "saturated")
+         "saturated", "piecewise-constant")
 
 
 def tanh_net(d_in=2, d_out=1, width=16, dtype=torch.float32, seed=0):
@@ -699,3 +699,28 @@ def test_random_numbers_drawn_in_forward_of_an_eval_model():
 
     ref = vmap(jacrev(lambda p: out(torch.tanh(lin(p)))))(x).detach().numpy()
     np.testing.assert_allclose(d[1], ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, model, zero_pairs", [
+    ("round", lambda z: torch.round(3 * z), None),
+    ("integer cast", lambda z: (3 * z).long().float(), None),
+    ("argmax", lambda z: torch.stack([z[:, 0], 1 - z[:, 0]], 1).argmax(1, keepdim=True).float()
+     + 0 * z[:, 1:], "y/x[1]"),
+], ids=["round", "integer cast", "argmax"])
+def test_piecewise_constant_models(name, model, zero_pairs):
+    """Rounding inside the model: every derivative 0, the output changing in jumps only. It
+    is piecewise-constant (it was no-input-dependence, "does not depend on the input"); an
+    input the model really ignores keeps no-input-dependence; a dead ReLU region (the output
+    starts to change at every step once a unit wakes up) is no piecewise-constant."""
+    x = torch.rand(7, 2, generator=torch.Generator().manual_seed(3))
+    d = nbderiv.derivatives(model, x)
+    np.testing.assert_array_equal(d[1], 0.0)
+    assert "piecewise-constant" in d.codes, [str(f) for f in d.findings]
+    if zero_pairs:
+        assert zero_pairs in d.finding("no-input-dependence").message
+    torch.manual_seed(0)
+    dead = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        dead[0].weight.fill_(1.0)
+        dead[0].bias.fill_(-2.5)  # off for x in [0, 1]^2, on a little further out
+    assert nbderiv.derivatives(dead, x).codes == ["no-input-dependence"]
