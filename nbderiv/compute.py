@@ -76,14 +76,9 @@ def _extras(backend, n, target, kwargs, dtype) -> tuple:
         specs.append(Extra(str(name), tuple(a.shape[1:]), a.dtype.name))
         arrays.append(_as_columns(a, dtype, f"kwargs[{name!r}]"))
     if target is not None:
-        t = np.asarray(backend.to_numpy(target))
-        if t.ndim == 0:
-            t = np.full(n, t)
-        if t.shape != (n,) or t.dtype.kind not in "biu" or (t.size and t.min() < 0):
-            raise OptionError(
-                f"target must be one non-negative int, or one int per point (shape ({n},)), "
-                f"got {'shape ' + str(t.shape) if t.ndim else repr(target)} of dtype {t.dtype}. "
-                "Fix: e.g. target=3 (the same output for every point) or target=labels.")
+        from .inputs import target_values
+
+        t = target_values(target, n, backend.to_numpy)
         specs.append(Extra("", (), "int64"))
         arrays.append(_as_columns(t, dtype, "target"))
     return tuple(specs), arrays, constants

@@ -156,12 +156,7 @@ def prepare_inputs(x, *, to_numpy) -> PreparedInput:
     if several and not parts:
         raise InputShapeError("x is an empty tuple. Fix: pass (x, t, ...) with one array per argument.")
     if isinstance(x, dict):
-        raise InputTypeError(
-            f"x is a dict (keys {', '.join(map(repr, list(x)[:6]))}); nbderiv passes the model "
-            "positional arguments. Fix: pass a tuple in the order the model takes them, e.g. "
-            "x=(x_values, t_values) for a model called as model(x, t); for a Keras model whose "
-            f"inputs are a dict, the values in the sorted order of its keys: x=tuple(x[k] for k "
-            f"in sorted(x)) = ({', '.join(f'x[{k!r}]' for k in sorted(map(str, x))[:6])}).")
+        raise InputTypeError(_dict_message(x))
     arrays, shapes, reshaped, integer, point_shapes = [], [], False, False, []
     for i, part in enumerate(parts):
         what = f"x[{i}] (argument {i + 1} of the tuple)" if several else "x"
@@ -188,6 +183,22 @@ def prepare_inputs(x, *, to_numpy) -> PreparedInput:
         )
     return PreparedInput(arrays, several, reshaped, integer, shapes, point_shapes,
                          () if several else tuple(_array_items(x)))
+
+
+def _dict_message(x: dict) -> str:
+    """What to pass instead of a dict: its one value, or its values as a tuple."""
+    keys = list(x)
+    if len(keys) == 1:
+        return (f"x is a dict (key {keys[0]!r}); nbderiv passes the model positional arguments. "
+                f"Fix: pass the array itself, x=x[{keys[0]!r}] (a Keras model built on a dict "
+                "of one input takes it that way too).")
+    ordered = sorted(keys, key=str)
+    shown = ", ".join(f"x[{k!r}]" for k in ordered[:6]) + (", ..." if len(keys) > 6 else "")
+    return (f"x is a dict (keys {', '.join(map(repr, keys[:6]))}{', ...' if len(keys) > 6 else ''}"
+            "); nbderiv passes the model positional arguments. Fix: pass a tuple in the order "
+            "the model takes them, e.g. x=(x_values, t_values) for a model called as "
+            "model(x, t); for a Keras model whose inputs are a dict, the values in the sorted "
+            f"order of its keys: x=tuple(x[k] for k in sorted(x)) = ({shown}).")
 
 
 def input_names(prepared: PreparedInput, argument_names=None) -> tuple:
@@ -246,29 +257,78 @@ def check_order(order) -> int:
 
 
 def check_wrt(wrt, width: int, names) -> tuple:
+    """``wrt=`` as indices 0..width-1 of the input features: one index, or a list, array or
+    integer tensor of them (``names``: one name per feature, a few of them shown in errors).
+
+    >>> check_wrt(np.array([2, -1]), 4, ("x[0]", "x[1]", "x[2]", "x[3]"))
+    (2, 3)
+    """
     if wrt is None:
         return tuple(range(width))
-    if isinstance(wrt, (int, np.integer)) and not isinstance(wrt, bool):
+    wrt = _plain(wrt)
+    if isinstance(wrt, np.ndarray):
+        if wrt.dtype.kind == "b":
+            raise _option_error(f"wrt is an array of bools (shape {wrt.shape}); wrt lists the "
+                                "indices of inputs. Fix: for a mask, wrt=np.flatnonzero(mask).")
+        if wrt.ndim > 1:
+            raise _option_error(f"wrt must be a flat list of input indices, got an array of shape "
+                                f"{wrt.shape}. Fix: for points of several axes, flat indices "
+                                "in C order, e.g. np.ravel_multi_index((c, h, w), S).")
+        wrt = wrt[()] if wrt.ndim == 0 else wrt
+    if isinstance(wrt, (int, np.integer)) and not isinstance(wrt, (bool, np.bool_)):
         wrt = [wrt]
     try:
-        items = list(wrt)
+        items = [_plain(i) for i in wrt]
     except TypeError:
-        raise _option_error(f"wrt must be a list of input indices, got {wrt!r}. Fix: e.g. wrt=[0].") from None
+        raise _option_error(f"wrt must be a list of input indices, got {_short(wrt)}. "
+                            "Fix: e.g. wrt=[0].") from None
     if not items:
         raise _option_error("wrt is empty. Fix: list at least one input index, or leave wrt=None for all.")
     out = []
     for i in items:
+        if isinstance(i, np.ndarray) and i.ndim == 0:
+            i = i[()]
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise _option_error(f"wrt entries must be ints, got {i!r}. Fix: e.g. wrt=[0, 1].")
+            raise _option_error(f"wrt entries must be ints, got {_short(i)}. Fix: e.g. wrt=[0, 1].")
         if not -width <= i < width:
+            several = width > 1 and "," in str(names[0])
             raise _option_error(
-                f"wrt index {i} is out of range: the input has {width} feature(s) "
-                f"({', '.join(names)}). Fix: use indices 0..{width - 1}."
-            )
+                f"wrt index {int(i)} is out of range: the input has {width} feature(s) "
+                f"({_some(names)}). Fix: use indices 0..{width - 1}"
+                + (" (for points of several axes, the flat index in C order, "
+                   "np.ravel_multi_index((c, h, w), S))." if several else "."))
         out.append(int(i) % width)
     if len(set(out)) != len(out):
-        raise _option_error(f"wrt has repeated indices {items}. Fix: list each input once.")
+        again = next(items[k] for k, i in enumerate(out) if i in out[:k])
+        raise _option_error(f"wrt has input {int(again) % width} more than once. "
+                            "Fix: list each input once.")
     return tuple(out)
+
+
+def _plain(obj):
+    """A framework tensor as a numpy array, anything else as it is (no framework imported)."""
+    if isinstance(obj, np.ndarray) or shape_of(obj) is None:
+        return obj
+    try:
+        if callable(getattr(obj, "detach", None)):  # torch: off the graph and the device
+            obj = obj.detach().cpu()
+        return np.asarray(obj)
+    except Exception:
+        return obj
+
+
+def _some(names, most: int = 6) -> str:
+    """The names, or the first and last few of a long list."""
+    names = [str(n) for n in names]
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"
+
+
+def _short(value, most: int = 80) -> str:
+    """``repr(value)``, cut short."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 5] + " ...)"
 
 
 def _option_error(message):
@@ -315,6 +375,46 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
         )
     d_out = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     return (n_points, d_out)
+
+
+def target_values(target, n: int, to_numpy) -> np.ndarray:
+    """``target=`` read as the output index of each of the ``n`` points (shape (n,)): one
+    int for every point, or one int per point.
+
+    >>> target_values(3, 2, np.asarray).tolist()
+    [3, 3]
+    """
+    fix = (f"Fix: e.g. target=3 (the same output for every point) or target=labels (one int "
+           f"per point, shape ({n},)).")
+    if isinstance(target, (bool, np.bool_)):
+        raise OptionError(f"target={target!r} is a bool, not the index of an output. {fix}")
+    try:
+        t = np.asarray(to_numpy(target))
+    except NbderivError:  # the backend's own clear message (e.g. another framework's tensor)
+        raise
+    except Exception:
+        raise OptionError(f"target could not be read as ints ({type(target).__name__}). "
+                          f"{fix}") from None
+    if t.dtype.kind == "b":
+        raise OptionError(f"target holds bools (dtype {t.dtype}), not the indices of outputs. "
+                          f"{fix}")
+    if t.dtype.kind not in "iu":
+        got = f"{target!r}" if t.ndim == 0 else f"dtype {t.dtype}"
+        raise OptionError(f"target must hold ints, the indices of outputs, got {got}. Fix: "
+                          "pass integer labels, e.g. target=labels.astype(int) (numpy) or "
+                          "target=labels.long() (torch).")
+    if t.ndim == 0:
+        t = np.full(n, t)
+    if t.shape != (n,):
+        raise OptionError(f"target must be one int, or one int per point (shape ({n},)), got "
+                          f"shape {t.shape}. {fix}")
+    if t.size and t.min() < 0:
+        at = int(np.argmax(t < 0))
+        where = "" if np.ndim(target) == 0 else f" (at point {at})"
+        raise OptionError(f"target {int(t[at])}{where} is negative: targets are the indices of "
+                          "the model's outputs, 0..d_out-1, and a negative one does not count "
+                          f"from the end here. {fix}")
+    return t
 
 
 def check_target(largest: int, d_out: int) -> None:

@@ -1,7 +1,8 @@
 """What nbderiv says when the model fails on the input it was given: the cause its error
 message points to (shapes, a graph that leaves the framework, a tensor changed in place, an
 operation the framework cannot differentiate to the order asked, a BatchNorm training on one
-point, token ids), the fix that fits it, what the layer that receives the input expects, and
+point, token ids, another number of inputs than the model takes, a keyword argument it does not
+take), the fix that fits it, what the layer that receives the input expects, and
 what may not line up with the points (arrays of ``kwargs=`` sliced with them, per-point data a
 function of yours holds itself, a list of arrays read as points).
 
@@ -19,10 +20,11 @@ import re
 
 import numpy as np
 
-from .errors import InputShapeError, ModelCallError
+from .errors import InputShapeError, ModelCallError, NbderivError, OptionError
 from .explain_errors import LEAF_INPLACE
 from .inputs import PreparedInput
 from .model_errors_points import held_data_note, with_context
+from .wrapped import user_frames
 
 # What a model's error message says about its cause (lower case).
 _SHAPE_WORDS = ("shape", "size mismatch", "sizes", "dimension", "incompatible", "mat1 and mat2",
@@ -44,6 +46,12 @@ _NO_DERIVATIVE = (
     (r"gradient registry has no entry for: ?(\w+)", "TensorFlow"),
     (r"no gradient defined for operation\s*'[^']*'\s*\(op type: (\w+)\)", "TensorFlow"),
 )
+# the model's own signature refusing the arguments nbderiv passed (Python's words, Keras')
+_TOO_FEW = (r"missing (\d+) required positional arguments?", r"missing a (required) argument")
+_TOO_MANY = r"(\S+)\(\) takes (\d+) positional arguments? but (\d+) (?:was|were) given"
+_KERAS_INPUTS = r"expects (\d+) (?:named )?input\(s\).*?received (\d+) input tensors?"
+_KEYWORD = (r"got an unexpected keyword argument '([^']+)'",
+            r"unrecognized keyword arguments?[^:]*: \W*'([^']+)'")
 # activations whose higher derivatives are zero wherever they exist (names lower case, no _)
 _PIECEWISE = {"hardsigmoid": "linear", "hardtanh": "linear", "relu6": "linear",
               "relu": "linear", "leakyrelu": "linear", "rrelu": "linear", "prelu": "linear",
@@ -56,7 +64,10 @@ def model_error_cause(exc: Exception) -> str:
     the backward pass), 'no-derivative' (the framework has no derivative, or none of the order
     asked, for one of the model's operations), 'graph' (the forward leaves the framework),
     'batchnorm-one' (BatchNorm training on one point), 'tokens' (an embedding given floats),
-    'shape' (about shapes or sizes) or 'other', from the exception's message.
+    'arguments' (the model takes another number of inputs than x gives it), 'keyword' (the
+    model takes no keyword argument of that name), 'shape' (about shapes or sizes) or
+    'other', from the exception's message ('arguments' and 'keyword' only where its traceback
+    holds none of the user's code: the model's own signature refused the call).
 
     >>> model_error_cause(RuntimeError("a view of a leaf Variable that requires grad is being "
     ...                                "used in an in-place operation."))
@@ -65,6 +76,8 @@ def model_error_cause(exc: Exception) -> str:
     'graph'
     >>> model_error_cause(LookupError("gradient registry has no entry for: SoftsignGrad"))
     'no-derivative'
+    >>> model_error_cause(TypeError("forward() missing 1 required positional argument: 't'"))
+    'arguments'
     """
     message = f"{type(exc).__name__}: {exc}"
     text = message.lower()
@@ -80,9 +93,101 @@ def model_error_cause(exc: Exception) -> str:
         return "batchnorm-one"
     if "'indices'" in text and "embedding" in text:
         return "tokens"
+    if _keyword(exc) is not None:
+        return "keyword"
+    if _inputs_taken(exc, 1) is not None:
+        return "arguments"
     if any(w in text for w in _SHAPE_WORDS):
         return "shape"
     return "other"
+
+
+def _at_the_call(exc: Exception) -> bool:
+    """Whether the exception came from the model's own signature, before any code of the
+    user's ran (a call inside the user's code that failed the same way is theirs to fix)."""
+    try:
+        return not user_frames(exc.__traceback__)
+    except Exception:  # only for the message: never let it hide the real error
+        return False
+
+
+def _keyword(exc: Exception):
+    """The keyword argument the model refused to take, else None."""
+    for pattern in _KEYWORD:
+        m = re.search(pattern, str(exc), re.IGNORECASE)
+        if m and _at_the_call(exc):
+            return m.group(1)
+    return None
+
+
+def _inputs_taken(exc: Exception, given: int | None):
+    """(inputs the model takes, inputs it got) when its signature refused the ``given``
+    positional arguments nbderiv passed, else None; a count is None where the message does not
+    tell it and ``given`` is None (not known).
+
+    >>> _inputs_taken(ValueError('Layer "functional" expects 2 input(s), but it received 1 '
+    ...                          'input tensors.'), 1)
+    (2, 1)
+    """
+    text = str(exc)
+    if not _at_the_call(exc):
+        return None
+    m = re.search(_KERAS_INPUTS, text, re.IGNORECASE | re.DOTALL)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    if not isinstance(exc, TypeError):
+        return None
+    for pattern in _TOO_FEW:
+        m = re.search(pattern, text)
+        if m:
+            missing = 1 if m.group(1) == "required" else int(m.group(1))
+            return (None if given is None else given + missing), given
+    m = re.search(_TOO_MANY, text)
+    if m:  # a method counts self among its positional arguments
+        name, takes, got = m.group(1), int(m.group(2)), int(m.group(3))
+        method = "." in name and not name.rsplit(".", 1)[0].endswith(">")
+        return takes - method, got - method
+    return None
+
+
+def _arguments_error(exc: Exception, prepared: PreparedInput | None, given: int | None) -> str:
+    """Why the model refused x's arguments, and the tuple that fits (cause 'arguments')."""
+    takes, got = _inputs_taken(exc, given)
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = text.split(" Pass inputs as a dict")[0][:300].rstrip(".")  # nbderiv takes no dict
+    if takes is None:
+        return (f"The model takes more inputs than x gives it ({text}). Fix: pass one array "
+                "per input as a tuple, x=(x1, x2, ...); nbderiv passes a tuple's arrays as the "
+                "model's separate arguments (and reads a list as points).")
+    names = ", ".join(f"x{i + 1}" for i in range(takes))
+    several = prepared is not None and prepared.several
+    if takes > got:
+        had = (f"x is a tuple of {got} arrays, one per argument" if several else
+               "x is one array, which nbderiv passes as the model's only argument")
+        split = ""
+        if not several and prepared is not None and prepared.point_shapes[0] == (takes,):
+            columns = ", ".join(f"x[:, {i}:{i + 1}]" for i in range(takes))
+            split = f" (one input per column of this x: x=({columns}))"
+        fix = (f"Fix: pass one array per input as a tuple, x=({names}){split}; nbderiv "
+               "passes a tuple's arrays as the model's separate arguments (and reads a list as "
+               "points).")
+        if prepared is not None:  # x given as a list of arrays: said first
+            fix = with_context(fix, prepared.n_points, prepared)
+        return f"The model takes {takes} inputs and got {got}: {had} ({text}). {fix}"
+    one = "one array" if takes == 1 else f"a tuple of {takes} arrays, x=({names})"
+    return (f"The model takes {takes} input{'s' if takes != 1 else ''} and got {got}: x is a "
+            f"tuple of {got} arrays, which nbderiv passes as separate arguments ({text}). Fix: "
+            f"pass {one}, one array per input (arrays that together make one input go side by "
+            "side in one array, e.g. np.concatenate((a, b), axis=1)).")
+
+
+def _keyword_fix(exc: Exception) -> str:
+    """The fix for a keyword argument the model does not take (cause 'keyword')."""
+    name = _keyword(exc)
+    return (f"The model takes no keyword argument {name!r}: nbderiv passes every entry of "
+            "kwargs= to the model under its name. Fix: use the names of the model's own "
+            f"keyword arguments (those of forward in PyTorch, of call in Keras), or leave "
+            f"{name!r} out of kwargs=.")
 
 
 def _no_derivative(exc: Exception):
@@ -190,11 +295,25 @@ def model_error_fix(exc: Exception, n_points: int, prepared: PreparedInput | Non
                 "respect to floating-point inputs (a token id has no derivative). Fix: "
                 "differentiate with respect to the embeddings, e.g. e = model.embedding(tokens) "
                 "and nbderiv.derivatives(lambda e: rest_of_model(e), e).")
+    if cause == "keyword":
+        return _keyword_fix(exc)
+    if cause == "arguments":
+        return _arguments_error(exc, prepared, len(prepared.arrays) if prepared else None)
     return with_context(
         "Fix: call the model yourself on that input the plain way, model(torch.as_tensor(x)) "
         "in PyTorch or model(tf.constant(x)) in Keras (with torch.autograd.grad or "
         "tf.GradientTape around it when the error came while differentiating), and fix the "
-        "error it raises there.", n_points, prepared, sliced)
+        "error it raises there.", n_points, prepared, _may_be_sliced(exc, cause, sliced))
+
+
+def _may_be_sliced(exc: Exception, cause: str, sliced) -> tuple:
+    """``sliced`` (the kwargs= arrays cut with the points) where the failure may come from
+    them: an error about shapes or sizes, or one of no known cause; () for errors about names,
+    attributes or types, which rows cut from an array do not cause."""
+    if cause == "shape" or not isinstance(exc, (NameError, AttributeError, ImportError,
+                                                TypeError)):
+        return tuple(sliced)
+    return ()
 
 
 _FREE_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # by the number of free axes
@@ -278,10 +397,12 @@ def _reshape_hint(expected, point_shape) -> str:
 
 
 def model_rejected_input(exc: Exception, prepared: PreparedInput, expected_width=None,
-                         sliced=()) -> InputShapeError | ModelCallError:
+                         sliced=()) -> NbderivError:
     """A readable error for a model that raised when first called on the prepared input:
-    :class:`InputShapeError` when the failure is about shapes or the input differs from what
-    the model expects, else :class:`ModelCallError` with a fix that fits the cause.
+    :class:`InputShapeError` when the failure is about shapes, the input differs from what
+    the model expects or x gives it another number of inputs than it takes,
+    :class:`OptionError` for a keyword argument it does not take, else
+    :class:`ModelCallError` with a fix that fits the cause.
 
     ``expected_width`` is what the layer that receives the input expects per point: an int
     (features of a vector), a per-point shape with None for free sizes (e.g. (3, None, None)
@@ -294,9 +415,16 @@ def model_rejected_input(exc: Exception, prepared: PreparedInput, expected_width
     shapes = [(prepared.n_points,) + tuple(s) for s in prepared.point_shapes]
     shown = shapes[0] if len(shapes) == 1 else tuple(shapes)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cause = model_error_cause(exc)
+    if cause == "arguments":  # x's arguments, not their shapes
+        message = _arguments_error(exc, prepared, len(prepared.arrays))
+        return InputShapeError(message[0].lower() + message[1:])
+    if cause == "keyword":
+        return OptionError(f"the model refused kwargs= ({text[:300].rstrip('.')}). "
+                           f"{_keyword_fix(exc)}")
     expected = expected_width if not prepared.several else None
     differs = expected is not None and not fits_expected(expected, point_shape)
-    if not differs and model_error_cause(exc) != "shape":
+    if not differs and cause != "shape":
         return ModelCallError(
             f"the model raised {type(exc).__name__} when nbderiv first called it on x of shape "
             f"{given} (passed as {shown}): {text[:300].rstrip('.')}. "
@@ -325,7 +453,7 @@ def model_rejected_input(exc: Exception, prepared: PreparedInput, expected_width
     if held:
         fix, hint = held, ""
     else:
-        fix = with_context(fix, prepared.n_points, prepared, sliced)
+        fix = with_context(fix, prepared.n_points, prepared, _may_be_sliced(exc, cause, sliced))
     return InputShapeError(
         f"the model rejected the input: x of shape {given} was passed as {shown} "
         f"({layout}) and the model raised {type(exc).__name__}: "

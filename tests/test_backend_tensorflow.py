@@ -1201,3 +1201,45 @@ def test_an_activation_method_does_not_drop_the_cached_traces():
     np.testing.assert_allclose(again[1][:, 0, 0], 1 - t**2, rtol=1e-5)
     np.testing.assert_allclose(again[2][:, 0, 0, 0], -2 * t * (1 - t**2), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(again[1], first[1])
+
+# -- target= out of range, whatever is cached ----------------------------------------------
+def _classifier():
+    return keras.Sequential([keras.Input((8, 8, 3)),
+                             keras.layers.Conv2D(4, 3, activation="tanh"),
+                             keras.layers.Flatten(), dense(10)])
+
+
+def test_a_target_out_of_range_is_refused_for_every_point_not_only_the_first_ones():
+    from nbderiv.errors import OptionError
+
+    images = np.random.default_rng(0).random((5, 8, 8, 3)).astype("float32")
+    with pytest.raises(OptionError, match=r"target 10 is out of range: the model has 10 "
+                                          r"output\(s\) per point. Fix: use targets 0\.\.9"):
+        nbderiv.derivatives(_classifier(), images, target=np.array([3, 3, 3, 3, 10]))
+
+
+def test_check_targets_refuses_a_target_out_of_range_once_the_outputs_are_counted():
+    """What a traced computation, built once, cannot check on its own later runs."""
+    from nbderiv.errors import OptionError
+
+    cnn, images = _classifier(), np.random.default_rng(0).random((5, 8, 8, 3)).astype("float32")
+    unknown = compute.open_call(cnn, images, None, target=10)
+    tfmath.check_targets(unknown)  # the outputs are not counted yet: the eager call checks
+    nbderiv.derivatives(cnn, images, target=3)
+    tfmath.check_targets(compute.open_call(cnn, images, None, target=9))
+    with pytest.raises(OptionError, match="target 10 is out of range"):
+        tfmath.check_targets(compute.open_call(cnn, images, None, target=10))
+    with pytest.raises(OptionError, match="target 10 is out of range"):
+        tfmath.caller(compute.open_call(cnn, images, None, target=[0, 0, 0, 0, 10]), 1)
+
+
+@pytest.mark.xfail(strict=True, reason="TensorFlowBackend.derivatives (tensorflow.py) must call "
+                   "tensorflow_math.check_targets(call) first: its cached traces check nothing")
+def test_a_target_out_of_range_after_a_valid_call_is_refused_as_on_a_fresh_model():
+    from nbderiv.errors import OptionError
+
+    cnn, images = _classifier(), np.random.default_rng(0).random((5, 8, 8, 3)).astype("float32")
+    nbderiv.derivatives(cnn, images, target=3)
+    with pytest.raises(OptionError, match="target 10 is out of range"):
+        nbderiv.derivatives(cnn, images, target=10)
+

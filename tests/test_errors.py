@@ -174,6 +174,34 @@ def test_wrt_out_of_range_names_the_valid_range():
     assert "2" in msg and re.search(r"0\s*\.\.\s*1|0 to 1|0, 1|range", msg)
 
 
+def test_wrt_out_of_range_on_images_names_the_range_and_a_few_features_only():
+    images = torch.rand(2, 3, 224, 224)
+    msg = raises(errors.OptionError, nbderiv.derivatives, nn.Conv2d(3, 1, 3), images,
+                 wrt=[150528])
+    assert len(msg) < 500
+    assert "the input has 150528 feature(s) (x[0,0,0], x[0,0,1], x[0,0,2], ..., x[2,223,222], " \
+           "x[2,223,223]). Fix: use indices 0..150527" in msg
+    assert "np.ravel_multi_index" in msg
+
+
+def test_wrt_takes_integer_tensors_like_integer_arrays():
+    d = nbderiv.derivatives(net(3), torch.rand(4, 3), wrt=torch.tensor([2, 0]))
+    assert d.inputs == ("x[2]", "x[0]")
+    assert nbderiv.derivatives(net(3), torch.rand(4, 3), wrt=torch.tensor(1)).inputs == ("x[1]",)
+    mask = torch.tensor([True, False, True])
+    msg = raises(errors.OptionError, nbderiv.derivatives, net(3), torch.rand(4, 3), wrt=mask)
+    assert "wrt=np.flatnonzero(mask)" in msg
+    msg = raises(errors.OptionError, nbderiv.derivatives, net(3), torch.rand(4, 3),
+                 wrt=torch.tensor([0.0]))
+    assert "wrt entries must be ints" in msg
+
+
+def test_wrt_takes_tensorflow_integer_tensors_too():
+    tf = pytest.importorskip("tensorflow")
+    d = nbderiv.derivatives(net(3), torch.rand(4, 3), wrt=tf.constant([1, 2]))
+    assert d.inputs == ("x[1]", "x[2]")
+
+
 @pytest.mark.parametrize("chunk", [0, -5, 2.5, True])
 def test_chunk_size_bad(chunk):
     raises(errors.OptionError, nbderiv.derivatives, net(2), torch.rand(3, 2), chunk_size=chunk)

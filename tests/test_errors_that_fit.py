@@ -89,3 +89,58 @@ def test_an_embedding_given_token_ids_points_to_the_embeddings():
     e = net[0](tokens).detach()  # what the message suggests works
     d = nbderiv.derivatives(lambda z: net[2](net[1](z)), e)
     assert d[1].shape == (10, 1, 5, 6)
+
+
+# -- a model of several inputs given one array ------------------------------------------------
+def _two_inputs_said(text):
+    assert "takes 2 inputs and got 1: x is one array" in text
+    assert "Fix: pass one array per input as a tuple, x=(x1, x2) (one input per column of " \
+           "this x: x=(x[:, 0:1], x[:, 1:2]))" in text
+    assert "torch.as_tensor" not in text and "Pass inputs as a dict" not in text
+
+
+def test_a_keras_model_of_two_inputs_given_one_array_is_told_to_pass_a_tuple():
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    a, b = keras.Input((1,)), keras.Input((1,))
+    two = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    x = np.random.default_rng(0).random((5, 2)).astype("float32")
+    with pytest.raises(InputShapeError) as info:
+        nbderiv.derivatives(two, x)
+    _two_inputs_said(str(info.value))
+    d = nbderiv.derivatives(two, (x[:, 0:1], x[:, 1:2]))  # what it says works
+    assert d[1].shape == (5, 1, 2)
+
+
+def test_a_torch_module_of_two_arguments_given_one_array_is_told_to_pass_a_tuple():
+    torch = pytest.importorskip("torch")
+
+    class TwoArguments(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def forward(self, x, t):
+            return self.lin(torch.cat([x, t], dim=1))
+
+    net, x = TwoArguments(), torch.rand(5, 2)
+    with pytest.raises(InputShapeError) as info:
+        nbderiv.derivatives(net, x)
+    _two_inputs_said(str(info.value))
+    assert nbderiv.derivatives(net, (x[:, 0:1], x[:, 1:2])).inputs == ("x", "t")
+    with pytest.raises(InputShapeError, match=r"takes 2 inputs and got 3: x is a tuple of 3"):
+        nbderiv.derivatives(net, (x[:, :1], x[:, :1], x[:, 1:]))
+
+
+def test_a_wrong_call_inside_the_model_is_not_taken_for_its_inputs():
+    torch = pytest.importorskip("torch")
+
+    def helper(a, b):
+        return a * b
+
+    def model(x):
+        return helper(x)
+
+    with pytest.raises(ModelCallError) as info:
+        nbderiv.derivatives(model, torch.rand(5, 2))
+    assert "takes 2 inputs" not in str(info.value)

@@ -196,3 +196,37 @@ def test_requires_grad_input_is_accepted():
     x = torch.linspace(0, 1, 4, dtype=torch.float64, requires_grad=True)
     d = nbderiv.derivatives(lambda z: z**2, x, order=1)
     np.testing.assert_allclose(d[1][:, 0, 0], 2 * x.detach().numpy(), rtol=1e-15)
+
+
+# -- target= and a dict x -----------------------------------------------------------------------
+@pytest.mark.parametrize("target, said", [
+    (-1, "target -1 is negative"),
+    (np.array([1, -2, 0, 0, 1]), "target -2 (at point 1) is negative"),
+    (True, "target=True is a bool, not the index of an output"),
+    (np.ones(5, dtype=bool), "target holds bools (dtype bool)"),
+    (torch.tensor(False), "target holds bools"),
+    (np.zeros(5, dtype=np.float32), "target must hold ints, the indices of outputs, got dtype "
+                                    "float32"),
+    ([1, 2], "got shape (2,)"),
+])
+def test_a_bad_target_is_refused_for_what_is_wrong_with_it(target, said):
+    from nbderiv.errors import OptionError
+
+    net = nn.Linear(3, 2)
+    with pytest.raises(OptionError) as info:
+        nbderiv.derivatives(net, torch.rand(5, 3), target=target)
+    assert said in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_a_dict_of_one_array_is_told_to_pass_the_array_and_of_several_a_tuple():
+    from nbderiv.errors import InputTypeError
+
+    x = torch.rand(4, 1)
+    with pytest.raises(InputTypeError) as info:
+        nbderiv.derivatives(nn.Linear(1, 1), {"a": x})
+    assert "Fix: pass the array itself, x=x['a']" in str(info.value)
+    assert "(x['a'])" not in str(info.value)
+    with pytest.raises(InputTypeError) as info:
+        nbderiv.derivatives(nn.Linear(1, 1), {"t": x, "s": x})
+    assert "= (x['s'], x['t'])." in str(info.value)
+    assert nbderiv.derivatives(nn.Linear(1, 1), x)[1].shape == (4, 1, 1)  # what it says works

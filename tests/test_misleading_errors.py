@@ -289,3 +289,24 @@ def test_a_plain_function_given_a_list_of_tensors_is_run_by_torch_and_told_about
     assert "pass them as a tuple, x=tuple(x)" in str(info.value)
     d = nbderiv.derivatives(lambda x, t: torch.sin(x) * t, (x, t))
     assert np.allclose(d[1][:, 0, 0], (torch.cos(x) * t)[:, 0].numpy(), rtol=1e-12)
+
+
+# -- 4. a keyword argument the model does not take ------------------------------------------
+@pytest.mark.parametrize("mask", [torch.ones(5, 3), torch.ones(2, 3)],
+                         ids=["sliced", "as-it-is"])
+def test_a_keyword_the_model_does_not_take_is_named_and_shared_is_not_suggested(mask):
+    with pytest.raises(NbderivError) as info:
+        nbderiv.derivatives(nn.Linear(3, 1), torch.rand(5, 3), kwargs={"mask": mask})
+    text = str(info.value)
+    assert "unexpected keyword argument 'mask'" in text
+    assert "The model takes no keyword argument 'mask'" in text
+    assert "leave 'mask' out of kwargs=" in text
+    assert "shared" not in text
+
+
+def test_shared_is_suggested_for_a_sliced_array_only_when_the_failure_may_be_its_rows():
+    sliced = (("w", (20, 2)),)
+    assert "nbderiv.shared(w)" in model_error_fix(RuntimeError("boom"), 20, sliced=sliced)
+    for exc in (NameError("name 'np' is not defined"),
+                AttributeError("'Tensor' object has no attribute 'foo'")):
+        assert "shared" not in model_error_fix(exc, 20, sliced=sliced)

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from ..inputs import check_output, check_target
 from .base import sorted_multi_indices
-from .tensorflow_graphs import model_ref
+from .tensorflow_graphs import cache_for, cache_key, model_ref
 from .tensorflow_keras import invoke
 from .tensorflow_taylor import taylor_values
 
@@ -206,6 +206,8 @@ def caller(call, d_out=None, raw=False):
     ref = model_ref(call.model)
     shapes = [tuple(s) for s in call.point_shapes]
     n_in, extras, constants = call.n_inputs, call.extras, dict(call.constants)
+    check_targets(call)  # a trace is built once: its own runs check nothing
+    largest, width_key = _largest_target(call), _outputs_key(call)  # (fn holds no call)
 
     def fn(X):
         parts = _split(X, shapes)
@@ -221,8 +223,9 @@ def caller(call, d_out=None, raw=False):
         out = invoke(ref(), parts[:n_in], kwargs)
         if d_out is None:
             out = _as_output(out, X.shape[0], raw and target is None)
-            if target is not None:
-                check_target(int(tf.reduce_max(target)), int(out.shape[1]))
+            if target is not None:  # every target of the call, not only this batch's
+                cache_for(ref())[width_key] = int(out.shape[1])
+                check_target(max(int(tf.reduce_max(target)), largest), int(out.shape[1]))
         elif target is None:
             out = tf.reshape(tf.convert_to_tensor(out), (-1, d_out))
         else:  # the model's own outputs, one row per point, before the target picks one
@@ -231,6 +234,34 @@ def caller(call, d_out=None, raw=False):
             out = tf.gather(tf.reshape(out, (tf.shape(out)[0], -1)), target, batch_dims=1)[:, None]
         return tf.cast(out, X.dtype) if out.dtype.is_floating and out.dtype != X.dtype else out
     return fn
+
+
+def check_targets(call) -> None:
+    """Every target of ``call`` names one of the model's own outputs, as far as an eager call
+    on these input shapes has counted them (a traced computation cannot check: it is built
+    once and reused with other targets, and ``tf.gather`` fails deep inside the graph on the
+    CPU, or gives zeros on a GPU)."""
+    largest = _largest_target(call)
+    width = cache_for(call.model).get(_outputs_key(call)) if largest >= 0 else None
+    if width is not None:
+        check_target(largest, width)
+
+
+def _largest_target(call) -> int:
+    """The largest target of the call's points, -1 without ``target=``."""
+    for extra, column in zip(call.extras, call.args[call.n_inputs:]):
+        if not extra.name and column.size:
+            return int(column.max())
+    return -1
+
+
+def _outputs_key(call):
+    """Where the number of the model's own outputs (before the target picks one) is kept:
+    it follows the inputs' shapes and the keyword arguments."""
+    shapes = tuple(tuple(s) for s in call.point_shapes[:call.n_inputs])
+    named = tuple(e for e in call.extras if e.name)
+    constants = tuple((k, id(v)) for k, v in sorted(call.constants.items()))
+    return cache_key(call.model, "own outputs", shapes, named, constants, call.dtype.name)
 
 
 def _as_output(out, n, raw=False):
