@@ -1202,6 +1202,7 @@ def test_an_activation_method_does_not_drop_the_cached_traces():
     np.testing.assert_allclose(again[2][:, 0, 0, 0], -2 * t * (1 - t**2), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(again[1], first[1])
 
+
 # -- target= out of range, whatever is cached ----------------------------------------------
 def _classifier():
     return keras.Sequential([keras.Input((8, 8, 3)),
