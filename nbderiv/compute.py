@@ -31,7 +31,7 @@ from .call import Call, Extra, Verdict
 from .errors import ModelCallError, NbderivError, OptionError, OutputError
 from .inputs import Shared, input_findings, input_names, prepare_inputs
 from .model_errors import model_error_fix, model_rejected_input
-from .model_errors_points import per_point_data_failed, sliced_kwargs
+from .model_errors_points import moved_points_error, per_point_data_failed, sliced_kwargs
 from .result_memory import result_array
 
 
@@ -252,6 +252,8 @@ def probe(call: Call) -> Verdict:
         except NbderivError:
             raise
         except Exception as exc:
+            if _takes_unmoved(call, batches[0]):  # only the moved points fail: not continuous
+                raise moved_points_error(exc, call.inputs) from None
             raise model_rejected_input(exc, call.inputs, _expected_width(call),
                                        sliced_kwargs(call)) from None
         fewer = _fewer_points(call, batches[0], outputs[0])
@@ -264,6 +266,16 @@ def probe(call: Call) -> Verdict:
         call.facts.verdict = dataclasses.replace(verdict)
     call.verdict = verdict
     return verdict
+
+
+def _takes_unmoved(call: Call, points) -> bool:
+    """Whether the model takes the probe's points as they are (when the probe batches,
+    moved points among them, failed)."""
+    try:
+        call.backend.forwards(call, [points])
+    except Exception:
+        return False
+    return True
 
 
 def _fewer_points(call: Call, first, y_first):

@@ -245,7 +245,10 @@ def input_findings(prepared: PreparedInput, dtype) -> list:
             "integer-input", "info",
             f"x was an integer array; it was cast to {np.dtype(dtype).name} before differentiation "
             "(autodiff needs floating-point inputs; TensorFlow silently returns None for int tensors).",
-            f"Pass floats yourself, e.g. x.astype('{np.dtype(dtype).name}').",
+            f"Pass floats yourself, e.g. x.astype('{np.dtype(dtype).name}'). If x holds token "
+            "ids or indices (an embedding's input), they have no derivative: differentiate "
+            "with respect to the embeddings instead (e = embedding(tokens), then "
+            "nbderiv.derivatives(lambda e: rest_of_model(e), e)).",
         ))
     return findings
 

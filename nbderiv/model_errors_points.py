@@ -11,6 +11,7 @@ kwargs['mask'] (shape (20, 20)) has a first axis of length 20, the number
 
 from __future__ import annotations
 
+from .errors import ModelCallError
 from .inputs import PreparedInput, shape_of
 from .wrapped import user_frames
 
@@ -101,3 +102,18 @@ def per_point_data_failed(exc: Exception, n_points: int, sliced=()) -> bool:
     the failing function itself, or arrays of kwargs= that the call slices (then
     :func:`model_rejected_input` says which, and how to pass them)."""
     return bool(sliced) or bool(held_data_note(exc, n_points))
+
+
+def moved_points_error(exc: Exception, prepared: PreparedInput) -> ModelCallError:
+    """The model takes x, but fails once a point moves a little (the probe moves points by
+    0.1 (1 + |x|) to see whether points depend on each other; differentiating needs the same
+    of any step): x is not a continuous quantity, e.g. token ids or indices."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200].rstrip(".")
+    return ModelCallError(
+        f"the model takes x of shape {prepared.original_shapes[0]}, but raised "
+        f"{type(exc).__name__} ({text}) once nbderiv moved a point a little (by "
+        "0.1 * (1 + |x|), to see whether points depend on each other). A derivative needs "
+        "the model defined near x: x looks like indices or token ids (an embedding's "
+        "vocabulary, a table lookup), which have no derivative. Fix: differentiate with "
+        "respect to a continuous input, e.g. the embeddings: e = embedding(tokens), then "
+        "nbderiv.derivatives(lambda e: rest_of_model(e), e).")

@@ -310,3 +310,22 @@ def test_shared_is_suggested_for_a_sliced_array_only_when_the_failure_may_be_its
     for exc in (NameError("name 'np' is not defined"),
                 AttributeError("'Tensor' object has no attribute 'foo'")):
         assert "shared" not in model_error_fix(exc, 20, sliced=sliced)
+
+
+def test_a_model_that_fails_once_a_point_moves_gets_told_why():
+    """Token ids as floats into an embedding: the model takes x itself, but the probe's
+    point moved by 0.1 (1 + |x|) leaves the vocabulary. The error says that, and that
+    indices have no derivative (it said to fix x's shape, which was right)."""
+    from nbderiv.errors import ModelCallError
+
+    emb, head = torch.nn.Embedding(20, 4), torch.nn.Linear(12, 1)
+
+    def model(ids):
+        return head(emb(ids.long()).flatten(1))
+
+    tokens = torch.tensor([[19.0, 3.0, 5.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert model(tokens).shape == (3, 1)
+    with pytest.raises(ModelCallError) as info:
+        nbderiv.derivatives(model, tokens)
+    text = str(info.value)
+    assert "moved a point" in text and "embeddings" in text and "shape (N" not in text
