@@ -56,7 +56,9 @@ class FiniteDifferenceCheck:
     autodiff disagrees with the differences, ``kink_points`` those of them where a kink
     was confirmed (one one-sided difference agrees with autodiff, the other does not);
     ``dtype`` is the dtype the differences were computed in ("float64" unless no float64
-    copy could be made, which ``note`` then says); ``note`` explains."""
+    copy could be made, which ``note`` then says), ``result_dtype`` the precision the checked
+    results were computed in (the result's dtype, or float32 for a model that takes float64
+    input but rounds to float32 inside, which ``note`` then says); ``note`` explains."""
 
     step: float
     errors: dict = field(default_factory=dict)
@@ -68,6 +70,7 @@ class FiniteDifferenceCheck:
     nonsmooth_points: tuple = ()
     kink_points: tuple = ()
     dtype: str = "float64"
+    result_dtype: str = ""
     note: str = ""
 
     def summary(self) -> str:
@@ -106,9 +109,13 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         def compute(c, k):
             return c.backend.derivatives(c, c.args, k, wrt)
     X = np.concatenate([a.astype(np.float64) for a in call.args], axis=1)
-    model64, why = _float64_model(call, result, X)
+    model64, why, precision = _float64_model(call, result, X)
+    # dtype: what the points are fed in; precision: what the model computes in (float32 for
+    # a model that takes float64 input but rounds to float32 inside), which sets the step
+    # and the tolerance of a check that has no float64 copy
     model, dtype = (model64, np.dtype(np.float64)) if model64 is not None else \
         (call.model, call.dtype)
+    ref_precision = np.dtype(np.float64) if model64 is not None else precision
     widths = call.widths
 
     def at(Xs):
@@ -123,7 +130,7 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
             return _not_run("the model is random (dropout or similar in training mode): "
                             "finite differences of a random function mean nothing")
         finite = X[np.isfinite(X)]
-        step = STEP.get(dtype.name, RELATIVE_STEP) * max(
+        step = STEP.get(ref_precision.name, RELATIVE_STEP) * max(
             1.0, float(np.abs(finite).max()) if finite.size else 1.0)
         if coupled:
             if X.shape[0] > COUPLED_MAX_N:
@@ -142,12 +149,15 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         layers = {}
     piecewise = bool({"piecewise-linear", "at-kink"} & set(result.codes)
                      or structurally_piecewise(layers))
-    check = _compare(result, diffs, step, piecewise, dtype)
+    check = _compare(result, diffs, step, piecewise, ref_precision,
+                     precision if precision != call.dtype else None)
     if why:
         check.note = _join(f"no float64 copy of this model could be made ({why}): checked "
-                           f"in its own dtype {dtype.name}, with a step h={step:.1g} suited to "
-                           f"{dtype.name}, so only errors above rel. {check.tolerance:.0e} "
-                           "show", check.note)
+                           f"in its own precision {ref_precision.name}, with a step "
+                           f"h={step:.1g} suited to {ref_precision.name}, so only errors above "
+                           f"rel. {check.tolerance:.0e} show", check.note)
+    if precision != call.dtype:
+        check.note = _join(_rounds_inside(call.dtype, precision, check.tolerance), check.note)
     if coupled and diffs.rows.sum() < X.shape[0]:
         check.note = _join(check.note, f"the model couples points: checked at the first "
                                        f"{int(diffs.rows.sum())} point(s), one at a time")
@@ -159,40 +169,82 @@ def _first_line(exc) -> str:
     return type(exc).__name__ + (": " + text.splitlines()[0][:200] if text else "")
 
 
+def _rounds_inside(dtype, precision, tolerance) -> str:
+    return (f"the model takes {dtype.name} input but computes in {precision.name} inside (an "
+            f"input change below {precision.name}'s resolution leaves its output unchanged), "
+            f"so its results have {precision.name} precision and are checked with "
+            f"{precision.name}'s tolerance, rel. {tolerance:.0e}: a cast inside the model does "
+            "this, and so do Keras layers made after keras.config.set_floatx('float64') once "
+            "Keras was in use, which changes the Inputs but leaves the layers' dtype policy "
+            "float32 (keras.config.set_dtype_policy('float64') changes both)")
+
+
 def _float64_model(call, result, X):
-    """(float64 copy, None), or (None, why not): the copy must compute in float64 and
+    """(model, None, precision): a model that computes in float64 (the model itself when it
+    already does, else a float64 copy of it), or (None, why not, precision). ``precision`` is
+    the dtype the model computes its results in: ``call.dtype``, or float32 for a model that
+    takes float64 input but rounds to float32 inside. A copy must compute in float64 and
     reproduce the model's outputs at the first points."""
+    precision = call.dtype
     if call.dtype == np.float64:
-        return call.model, None
+        try:
+            _, resolves = _sensitivity(call, call.model, X)
+        except Exception:  # the check itself will say what fails
+            resolves = True
+        if resolves is not False:
+            return call.model, None, precision
+        precision = np.dtype(np.float32)
     try:
         model64 = call.backend.float64_copy(call.model)
     except Exception as exc:
-        return None, f"copying failed: {_first_line(exc)}"
-    n = min(8, X.shape[0])
-    P = X[:n]
-    # where |x| is small a float32 could resolve the nudge below: move those points away
-    base = np.where(np.abs(P) < 0.25, P + 0.5, P)
-    nudged = base * (1 + 2e-8 * np.where(np.arange(P.shape[1]) % 2, -1.0, 1.0))
-    moved = base + 1e-3 * (1 + np.abs(base))
-    split = np.cumsum(call.widths)[:-1]
-    batches = [[np.ascontiguousarray(a) for a in np.split(B, split, axis=1)]
-               for B in (P, base, nudged, moved)]
+        return None, f"copying failed: {_first_line(exc)}", precision
     try:
-        c = call.with_args(batches[0], model=model64, dtype=np.dtype(np.float64))
-        y, y_base, y_nudged, y_moved = (np.asarray(v, dtype=np.float64).reshape(len(v), -1)
-                                        for v in call.backend.forwards(c, batches))
+        y, resolves = _sensitivity(call, model64, X)
     except Exception as exc:
-        return None, f"it fails in float64: {_first_line(exc)}"
-    if np.array_equal(y_base, y_nudged) and not np.array_equal(y_base, y_moved):
+        return None, f"it fails in float64: {_first_line(exc)}", precision
+    if resolves is False:
         return None, ("its float64 version still computes in lower precision somewhere (an "
-                      "input change below float32's resolution leaves the output unchanged)")
-    own = np.asarray(result.y[:n], dtype=np.float64)
-    ok = np.isfinite(own) & np.isfinite(y)
-    scale = float(np.abs(own[ok]).max(initial=0.0))
-    if own.shape != y.shape or (ok.any() and np.abs(y[ok] - own[ok]).max()
-                                > COPY_AGREEMENT * scale + 1e-30):
-        return None, "its float64 copy does not reproduce the model's outputs"
-    return model64, None
+                      "input change below float32's resolution leaves the output unchanged)"), \
+            precision
+    own = np.asarray(result.y[:len(y)], dtype=np.float64)
+    differs = own.shape != y.shape
+    if not differs:
+        ok = np.isfinite(own) & np.isfinite(y)
+        scale = float(np.abs(own[ok]).max(initial=0.0))
+        differs = ok.any() and np.abs(y[ok] - own[ok]).max() > COPY_AGREEMENT * scale + 1e-30
+    if differs:
+        return None, "its float64 copy does not reproduce the model's outputs", precision
+    return model64, None, precision
+
+
+def _sensitivity(call, model, X):
+    """(y, resolves): ``model``'s float64 outputs at the first points, and whether it
+    computes in float64: an input change below float32's resolution (an eighth of a float32
+    spacing, at points float32 represents exactly, so that float32 sees no change at all)
+    moves its output, where a change of 1e-3 does (None when neither moves it: nothing to
+    tell). Only the differentiated inputs are moved, not the extras (targets, keyword
+    arguments)."""
+    n, D = min(8, X.shape[0]), call.input_width
+    P = X[:n]
+    # at (or next to) 0 a float32 spacing is too fine to move the output: 1e-3 away instead
+    cols = P[:, :D]
+    cols = np.where(np.abs(cols) < 1e-3, np.where(cols < 0, -1e-3, 1e-3), cols)
+    cols = cols.astype(np.float32).astype(np.float64)
+    spacing = np.spacing(np.abs(cols).astype(np.float32)).astype(np.float64)
+    sign = np.where(np.arange(D) % 2, -1.0, 1.0)
+    batches = [P]
+    for moved in (cols, cols + sign * spacing / 8, cols + 1e-3 * (1 + np.abs(cols))):
+        B = P.copy()
+        B[:, :D] = moved
+        batches.append(B)
+    split = np.cumsum(call.widths)[:-1]
+    parts = [[np.ascontiguousarray(a) for a in np.split(B, split, axis=1)] for B in batches]
+    c = call.with_args(parts[0], model=model, dtype=np.dtype(np.float64))
+    y, y_base, y_nudged, y_moved = (np.asarray(v, dtype=np.float64).reshape(len(v), -1)
+                                    for v in call.backend.forwards(c, parts))
+    if np.array_equal(y_base, y_moved, equal_nan=True):
+        return y, None
+    return y, not np.array_equal(y_base, y_nudged, equal_nan=True)
 
 
 class _Diffs(NamedTuple):
@@ -262,10 +314,13 @@ def _per_point_max(a: np.ndarray) -> np.ndarray:
     return np.abs(a).reshape(a.shape[0], -1).max(axis=1, initial=0.0)
 
 
-def _compare(result, diffs, step, piecewise, ref_dtype) -> FiniteDifferenceCheck:
-    dtype = result.y.dtype
+def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None) -> FiniteDifferenceCheck:
+    """``dtype``: the precision ``result`` was computed in (its arrays' dtype unless the model
+    rounds to a lower one inside)."""
+    dtype = np.dtype(result.y.dtype if dtype is None else dtype)
     tol = max(TOLERANCE.get(dtype.name, 1e-6), TOLERANCE.get(ref_dtype.name, 1e-6))
-    check = FiniteDifferenceCheck(step=step, tolerance=tol, dtype=ref_dtype.name)
+    check = FiniteDifferenceCheck(step=step, tolerance=tol, dtype=ref_dtype.name,
+                                  result_dtype=dtype.name)
     # rounding of the difference quotient: a wide margin in float64, a narrower one for a
     # lower-precision reference (whose step is chosen for it)
     eps = float(np.finfo(ref_dtype).eps)
@@ -350,4 +405,4 @@ def _shown(points) -> str:
 
 
 def _join(a: str, b: str) -> str:
-    return f"{a}; {b}" if a else b
+    return "; ".join(part for part in (a, b) if part)

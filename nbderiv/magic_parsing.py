@@ -15,6 +15,7 @@ RANGE_POINTS = {1: 200, 2: 50}  # points (per side) of a range without a count
 RANGE_MAX_BYTES = 2 * 2**30  # a range's points and their derivatives may take this much
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _RANGE = re.compile(rf"^({_NUMBER}):({_NUMBER})(?::(\d+))?$")
+_RANGE_ANY_COUNT = re.compile(rf"^({_NUMBER}):({_NUMBER}):(\S+)$")  # a count that is no int
 _VALUE_OPTIONS = {"-o", "--order", "--wrt", "--framework", "--target", "--reference"}
 _FLAG_OPTIONS = {"-p", "--plot", "--check", "--code", "--full", "--widget", "-q", "--quiet",
                  "-h", "--help"}
@@ -131,9 +132,19 @@ def unquoted(text: str) -> str:
 
 
 def parse_range(text: str):
-    """``"-2:2:200"`` -> (-2.0, 2.0, 200); ``"0:1"`` -> (0.0, 1.0, None); else None."""
+    """``"-2:2:200"`` -> (-2.0, 2.0, 200); ``"0:1"`` -> (0.0, 1.0, None); else None. A count
+    that is not a whole number written in digits (``0:1:1e3``, ``0:1:2.5``) is refused.
+
+    >>> parse_range("-2:2:200")
+    (-2.0, 2.0, 200)
+    >>> parse_range("0:1:1e3")
+    Traceback (most recent call last):
+    ...
+    nbderiv.magic_parsing.LineError: range '0:1:1e3': the number of points must be an int written in digits, got '1e3'. Fix: 0:1:1000.
+    """
     m = _RANGE.match(text.strip())
     if m is None:
+        _refuse_count(text.strip())
         return None
     lo, hi, n = float(m.group(1)), float(m.group(2)), m.group(3)
     if not lo < hi:
@@ -141,6 +152,26 @@ def parse_range(text: str):
     if n is not None and int(n) < 2:
         raise LineError(f"range {text!r} needs at least 2 points, e.g. -2:2:200.")
     return lo, hi, None if n is None else int(n)
+
+
+def _refuse_count(text: str) -> None:
+    """Refuse ``LOW:HIGH:COUNT`` whose COUNT is not an int in digits (``1e9``, ``2.5``,
+    ``-5``): without this the line would be read as a Python expression, which says only
+    "invalid syntax"."""
+    m = _RANGE_ANY_COUNT.match(text)
+    if m is None:
+        return
+    lo, hi, count = m.groups()
+    try:
+        value = float(count)
+    except ValueError:
+        value = None
+    if value is not None and value.is_integer() and 2 <= value <= 10**12:
+        fix = f"{lo}:{hi}:{int(value)}"
+    else:
+        fix = f"a count of 2 or more, e.g. {lo}:{hi}:200"
+    raise LineError(f"range {text!r}: the number of points must be an int written in digits, "
+                    f"got {count!r}. Fix: {fix}.")
 
 
 def _parse_wrt(text):

@@ -20,8 +20,9 @@ The line reads like Python: ``# ...`` outside quotes is a comment, ``%nnderiv?``
 help with or without a trailing comment (IPython then looks for a magic named ``nnderiv?``,
 which nbderiv registers), and ``%nbderiv`` (the package's name) is the
 same magic. A range shorthand ``LOW:HIGH:COUNT`` on a model with two inputs is a COUNT x COUNT
-grid, which the summary states; a grid too large for memory is refused before anything is
-allocated.
+grid, which the summary states: two features of one argument, or two separate inputs of one
+feature each (a torch ``forward(x, t)``, a Keras model of two ``Input``s), passed as the tuple
+``(x, t)``; a grid too large for memory is refused before anything is allocated.
 
 ``%%nnderiv explain [MODEL X] [--order K] [--wrt I,J]`` (also ``%%nbderiv``) is a cell magic:
 it runs the cell in the notebook's namespace as if it were run normally (its variables stay,
@@ -79,7 +80,8 @@ class NbderivMagics(ExplainCell, Magics):
     @argument("model", help="the network: a name or expression in the notebook (e.g. net)")
     @argument("x", nargs="?", default=None,
               help="the points: a name or expression (x, x[:100], torch.linspace(-2, 2, 200)) "
-                   "or a range LOW:HIGH:N (N points for one input, an N x N grid for two)")
+                   "or a range LOW:HIGH:N (N points for one input, an N x N grid for two: "
+                   "two features, or two separate inputs such as forward(x, t))")
     @argument("-o", "--order", type=int, default=None,
               help="highest derivative order (default 2; 1 when each point of X is an image "
                    "or a sequence)")
@@ -198,18 +200,25 @@ class NbderivMagics(ExplainCell, Magics):
         if rng is None:
             return self._evaluate(text, "X"), None, None
         from .backends import framework_name
-        from .widgets import input_dim
 
         framework = framework_name(model, framework=framework)
         if framework is None:
             raise UsageError("a range needs to know the model's framework, and this callable "
                              "does not say. Fix: pass X as a tensor, e.g. "
                              "torch.linspace(-2, 2, 200).")
-        d_in = input_dim(model, framework=framework)
-        if d_in not in RANGE_POINTS:
-            raise UsageError(f"a range like {text} makes points for models with 1 or 2 inputs; "
-                             f"this one takes {d_in}. Fix: pass an array of shape (N, {d_in}).")
         lo, hi, n = rng
+        separate = _separate_inputs(model, framework)
+        if separate is not None:  # forward(x, t), a Keras model of several Inputs
+            d_in = len(separate)
+            _one_feature_each(text, separate)
+        else:
+            d_in = _input_width(model, framework, _RANGE_FIX)
+        if d_in not in RANGE_POINTS:
+            what = "separate inputs" if separate is not None else "inputs"
+            example = (f"a tuple of {d_in} arrays of shape (N, 1), one per input"
+                       if separate is not None else f"an array of shape (N, {d_in})")
+            raise UsageError(f"a range like {text} makes points for models with 1 or 2 inputs; "
+                             f"this one takes {d_in} {what}. Fix: pass X as {example}.")
         n = n or RANGE_POINTS[d_in]
         check_grid_size(text, n, d_in, order)  # before anything is allocated
         g = np.linspace(lo, hi, n, dtype=np.float32)
@@ -218,6 +227,8 @@ class NbderivMagics(ExplainCell, Magics):
         a, b = np.meshgrid(g, g)
         note = (f"grid: {_count(n)} x {_count(n)} = {_count(n ** d_in)} points ({text} on each "
                 f"of the {d_in} inputs)")
+        if separate is not None:  # one argument each, as derivatives() reads a tuple
+            return (a.reshape(-1, 1), b.reshape(-1, 1)), framework, note
         return np.stack([a.ravel(), b.ravel()], axis=1), framework, note
 
     def _derivatives(self, model, args):
@@ -269,6 +280,13 @@ class NbderivMagics(ExplainCell, Magics):
         from .widgets import explore
 
         domain, n, framework = (-3.0, 3.0), 200, framework_name(model, framework=args.framework)
+        separate = None if framework is None else _separate_inputs(model, framework)
+        if separate is not None:
+            names = ", ".join(name for name, _ in separate)
+            raise UsageError(f"--widget explores a model of one argument; this one takes "
+                             f"{len(separate)} separate inputs ({names}). Fix: plot it on a grid "
+                             f"over them instead, e.g. %nnderiv {args.model} -2:2:50 --plot.")
+        d_in = None if framework is None else _input_width(model, framework, _WIDGET_FIX)
         if args.x is not None:
             rng = parse_range(args.x)
             if rng is not None:
@@ -280,7 +298,7 @@ class NbderivMagics(ExplainCell, Magics):
                                      "distinct values. Fix: pass a range such as -2:2:200.")
                 domain, n = (float(values.min()), float(values.max())), max(len(values), 2)
         w = explore(model, domain=domain, n=n, framework=framework, order=min(args.order, 4),
-                    max_order=max(args.order, 4))
+                    max_order=max(args.order, 4), d_in=d_in)
         self._display()(w)
         return self._shown(w)
 
@@ -308,6 +326,91 @@ class NbderivMagics(ExplainCell, Magics):
         self.shell.events.register("post_run_cell", forget)
         return obj
 
+
+
+_RANGE_FIX = ("Fix: pass X as an array of shape (N, d_in) instead of a range, e.g. "
+              "np.linspace(-2, 2, 200).reshape(-1, 1) for one input feature.")
+_WIDGET_FIX = ("Fix: open the explorer with the width given, "
+               "nbderiv.explore(model, d_in=...) (the number of input features).")
+
+
+_EXPLORER_FIX = "Fix: pass d_in= (the number of input features)."
+
+
+def _input_width(model, framework, fix) -> int:
+    """The number of input features, as the explorer reads it (:func:`nbderiv.widgets.input_dim`);
+    where it can tell only by ``d_in=``, which the explorer takes and the magic does not, the
+    refusal ends with the magic's own ``fix`` instead."""
+    from .errors import OptionError
+    from .widgets import input_dim
+
+    try:
+        return input_dim(model, framework=framework)
+    except OptionError as exc:
+        text = str(exc)
+        if text.endswith(_EXPLORER_FIX):
+            text = f"{text[:-len(_EXPLORER_FIX)]}{fix}"
+        raise UsageError(text) from None
+
+
+def _required_positional(fn, skip=()) -> list | None:
+    """The names of ``fn``'s positional parameters without a default, or None when its
+    signature cannot be read."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is p.empty and p.name not in skip]
+
+
+def _separate_inputs(model, framework) -> list | None:
+    """[(name, per-point shape or None)] for a model that takes several separate inputs (a
+    Keras model of several ``Input``s, a torch ``forward(x, t)``, a Keras layer's
+    ``call(x, t)``, a function ``f(x, t)``), from its structure alone; None for a model of
+    one input (or one the magic cannot read)."""
+    if framework == "tensorflow":
+        from .backends.tensorflow_keras import graph_kind, is_keras_layer
+
+        if graph_kind(model) == "functional":
+            inputs = list(model.inputs)
+            if len(inputs) < 2:
+                return None
+            if isinstance(model.input, dict):  # passed in the order of their sorted keys
+                names = sorted(model.input)
+                inputs = [model.input[k] for k in names]
+            else:  # named as d.inputs names them: automatic names are arg0, arg1, ...
+                names = [getattr(t, "name", None) or "" for t in inputs]
+                if any(not nm or nm.startswith(("keras_tensor", "input_layer"))
+                       for nm in names):
+                    names = [f"arg{i}" for i in range(len(inputs))]
+            return [(nm, tuple(t.shape[1:])) for nm, t in zip(names, inputs)]
+        if graph_kind(model) is not None:
+            return None
+        fn = model.call if is_keras_layer(model) else model
+        names = _required_positional(fn, skip=("training", "mask"))
+    elif framework == "torch":
+        forward = getattr(model, "forward", None)
+        names = _required_positional(forward if forward is not None else model)
+    else:
+        return None
+    return [(nm, None) for nm in names] if names and len(names) >= 2 else None
+
+
+def _one_feature_each(text, separate) -> None:
+    """Refuse a range for separate inputs whose Keras ``Input`` holds more than one feature
+    (a range gives each input one coordinate)."""
+    wide = [(name, shape) for name, shape in separate if shape is not None and shape != (1,)]
+    if wide:
+        name, shape = wide[0]
+        names = ", ".join(nm for nm, _ in separate)
+        dims = ", ".join(map(str, shape))
+        raise UsageError(f"a range like {text} gives each input one feature, but input {name} "
+                         f"takes points of shape {shape}. Fix: pass X as a tuple of arrays, one "
+                         f"per input, ({names}), with {name} of shape (N, {dims}).")
 
 
 def _usage(parse, line):

@@ -1244,3 +1244,105 @@ def test_a_target_out_of_range_after_a_valid_call_is_refused_as_on_a_fresh_model
     with pytest.raises(OptionError, match="target 10 is out of range"):
         nbderiv.derivatives(cnn, images, target=10)
 
+
+# -- the float64 copy of models with wrapper layers ------------------------------------------
+def _fd_float64(f, X, h=1e-6):
+    """d[1] of f (float64 numpy, (N, *S) -> (N, d_out)) at X by float64 central differences,
+    shape (N, d_out) + S."""
+    X = np.asarray(X, np.float64)
+    cols = []
+    for idx in np.ndindex(*X.shape[1:]):
+        e = np.zeros_like(X)
+        e[(slice(None),) + idx] = h
+        cols.append((f(X + e) - f(X - e)) / (2 * h))
+    return np.stack(cols, axis=-1).reshape((X.shape[0], -1) + X.shape[1:])
+
+
+def _bidirectional(dtype=None):
+    return keras.Sequential([
+        keras.Input((6, 3), dtype=dtype),
+        keras.layers.Bidirectional(keras.layers.LSTM(4, dtype=dtype), dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype)])
+
+
+def test_float64_copy_makes_the_layers_inside_bidirectional_float64():
+    """The copy left Bidirectional's LSTMs in float32: the "float64" reference was off by 4e-4,
+    the check failed and blamed kinks at points 0 and 2. Truth: the same network built here
+    in float64 layer by layer, differentiated by float64 central differences."""
+    keras.utils.set_random_seed(0)
+    model = _bidirectional()
+    x = np.random.default_rng(0).random((4, 6, 3)).astype("float32")
+    copy = tfb.BACKEND.float64_copy(model)
+    for layer in copy._flatten_layers(include_self=False, recursive=True):
+        if layer.weights:
+            assert layer.compute_dtype == "float64", layer.name
+            assert all(str(w.dtype) == "float64" for w in layer.weights), layer.name
+    twin = _bidirectional("float64")
+    twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    assert all(str(w.dtype) == "float64" for w in twin.weights)
+    truth = _fd_float64(keras_fn(twin), x)
+    d = nbderiv.derivatives(model, x, check=True)
+    c = d.check
+    assert c.passed and c.dtype == "float64" and c.kink_points == () and not c.note, \
+        c.summary()
+    assert_close(c.reference[1].reshape(truth.shape), truth, 1e-7, "the check's float64 reference")
+    assert_close(d[1], truth, 1e-5, "float32 autodiff")
+    assert all(str(w.dtype) == "float32" for w in model.weights)  # the model is untouched
+
+
+def test_float64_copy_makes_the_layer_inside_timedistributed_float64():
+    """TimeDistributed(Dense(3, tanh)), Flatten, Dense(1): d[1] against its closed form
+    dy/dx[t, i] = sum_j v[3t + j] (1 - h[t, j]**2) W[i, j]."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((5, 2)),
+                              keras.layers.TimeDistributed(keras.layers.Dense(3, "tanh")),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    W, b, v, _ = (w.astype(np.float64) for w in model.get_weights())
+    x = np.random.default_rng(1).normal(size=(6, 5, 2)).astype("float32")
+    h = np.tanh(x.astype(np.float64) @ W + b)                       # (N, T, 3)
+    closed = np.einsum("ntj,ij->nti", (1 - h ** 2) * v[:, 0].reshape(5, 3), W)[:, None]
+    copy = tfb.BACKEND.float64_copy(model)
+    assert all(str(w.dtype) == "float64" for w in copy.weights)
+    assert copy.layers[0].layer.compute_dtype == "float64"
+    d = nbderiv.derivatives(model, x, check=True)
+    c = d.check
+    assert c.passed and c.dtype == "float64" and c.kink_points == (), c.summary()
+    assert_close(c.reference[1].reshape(closed.shape), closed, 1e-7, "the check's float64 reference")
+    assert_close(d[1], closed, 1e-5, "float32 autodiff")
+
+
+def test_a_copy_that_keeps_a_layer_below_float64_is_refused_and_the_check_says_so(monkeypatch):
+    """Where no copy is float64 all through, the check runs in the model's own dtype (with a
+    step for it) and says why, instead of comparing with a float32-ish "float64" reference."""
+    from nbderiv.backends import tensorflow_keras as tk
+
+    keras.utils.set_random_seed(0)
+    model = _bidirectional()
+    x = np.random.default_rng(0).random((4, 6, 3)).astype("float32")
+    # a clone whose inner layers keep their float32 config, as before, and no deep copy
+    monkeypatch.setattr(tk, "_float64_config", lambda config: config)
+    monkeypatch.setattr(tk, "_deepcopy_float64", lambda m: m)
+    with pytest.raises(ValueError, match="forward_lstm.*stay below float64"):
+        tk.float64_copy(model)
+    c = nbderiv.derivatives(model, x, check=True).check
+    assert c.passed and c.dtype == "float32" and c.step == pytest.approx(5e-3), c.summary()
+    assert "no float64 copy" in c.note and "stay below float64" in c.note
+    assert c.kink_points == () and "kink" not in c.note
+    twin = _bidirectional("float64")
+    twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    truth = _fd_float64(keras_fn(twin), x)
+    assert_close(c.reference[1].reshape(truth.shape), truth, 2e-3, "float32 reference")
+
+
+def test_lower_precision_layers_names_the_layers_nested_in_wrappers():
+    from nbderiv.backends.tensorflow_keras import lower_precision_layers
+
+    mixed = keras.Sequential([
+        keras.Input((4, 2), dtype="float64"),
+        keras.layers.TimeDistributed(keras.layers.Dense(3, dtype="float32", name="inner"),
+                                     dtype="float64"),
+        keras.layers.Flatten(dtype="float64"), keras.layers.Dense(1, dtype="float64")])
+    assert lower_precision_layers(mixed) == ["inner (Dense)"]
+    assert lower_precision_layers(mlp([1, 4, 1], dtype="float64")) == []
+    lower = lower_precision_layers(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    assert len(lower) == 2 and lower[0].startswith("the Input of")

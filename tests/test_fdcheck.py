@@ -141,6 +141,33 @@ def test_a_function_that_cannot_run_in_float64_is_checked_in_its_own_dtype_and_s
     np.testing.assert_allclose(c.reference[2], closed2, atol=5e-3)
 
 
+def test_a_float64_function_that_rounds_to_float32_inside_is_checked_in_float32():
+    """float64 in and out, float32 in between: the check ran float64 steps (h=1e-4) through
+    it and failed, blaming a cut graph or kinks; it now finds the float32 inside (an input
+    change below float32's resolution leaves the output unchanged) and, with no float64
+    copy of a function to make, checks with float32's step and tolerance, and says so."""
+    x = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    d = nbderiv.derivatives(lambda z: torch.sin(3 * z.float()).double(), x, order=2,
+                            check=True)
+    c = d.check
+    assert d[1].dtype == np.float64
+    assert c.passed and c.dtype == "float32" and c.result_dtype == "float32", c.summary()
+    assert c.step == pytest.approx(5e-3) and c.nonsmooth_points == ()
+    assert "computes in float32 inside" in c.note and "no float64 copy" in c.note
+    assert "cuts the graph" not in c.note and "kink" not in c.note
+    x64 = x.numpy()  # closed forms: 3 cos(3x), -9 sin(3x)
+    np.testing.assert_allclose(c.reference[1][:, 0, 0], 3 * np.cos(3 * x64), atol=2e-3 * 3)
+    np.testing.assert_allclose(c.reference[2][:, 0, 0, 0], -9 * np.sin(3 * x64), atol=2e-3 * 9)
+    np.testing.assert_allclose(d[1][:, 0, 0], 3 * np.cos(3 * x64), atol=1e-5)
+
+
+def test_a_float64_model_is_still_checked_in_float64():
+    x = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    c = nbderiv.derivatives(lambda z: torch.sin(3 * z), x, order=2, check=True).check
+    assert c.passed and c.dtype == "float64" and c.result_dtype == "float64" and not c.note
+    np.testing.assert_allclose(c.reference[1][:, 0, 0], 3 * np.cos(3 * x.numpy()), atol=1e-6)
+
+
 def test_a_half_detached_function_fails_without_blaming_kinks():
     W = torch.randn(2, 1, generator=torch.Generator().manual_seed(0))
 

@@ -391,7 +391,10 @@ def test_keras_model(shell):
     np.testing.assert_allclose(d.x[:, 0], np.linspace(-1, 1, 9), atol=1e-6)
     np.testing.assert_allclose(d[1][:, 0, 0], 1.5 * tanh_k(1.5 * d.x[:, 0] - 0.3, 1), atol=1e-5)
     result, _ = run(shell, "kseq = keras.Sequential([keras.layers.Dense(1)])")  # unbuilt
-    assert "d_in=" in usage_error(shell, "kseq -1:1:5")
+    msg = usage_error(shell, "kseq -1:1:5")
+    # fixes that exist (the magic has no d_in= option): build it, or pass the points
+    assert "Fix: pass d_in=" not in msg and "Fix: build it with one call" in msg
+    assert "an array of shape (N, d_in) (in %nnderiv instead of a range" in msg
     assert not shell.user_ns["kseq"].built  # never called, so never built for a wrong width
 
 
@@ -465,3 +468,167 @@ def test_full_takes_the_jacobian_from_the_same_call(shell):
     np.testing.assert_allclose(np.diagonal(J_alone[:, 0, :, 0]), np.cos(x6) * x6 + np.sin(x6),
                                rtol=1e-12)
     np.testing.assert_allclose(d[1][:, 0, 0], np.cos(x6) * x6 + np.sin(x6), rtol=1e-12)
+
+
+# -- ranges on models of several separate inputs ---------------------------------------------------
+def _keras_backend():
+    try:
+        import nbderiv.backends.tensorflow  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the Keras/TensorFlow backend is not importable: {exc}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _grid(lo, hi, n):
+    """The grid a range gives two inputs, as np.meshgrid lays it out (the first input varies
+    fastest)."""
+    g = np.linspace(lo, hi, n)
+    a, b = np.meshgrid(g, g)
+    return a.ravel(), b.ravel()
+
+
+def test_a_range_on_a_keras_model_of_two_inputs_is_a_grid_over_them(shell):
+    """%nnderiv two -2:2:10 on keras.Model([a, b], ...): a 10 x 10 grid passed as the tuple
+    (a, b), as derivatives() takes several inputs; it said "cannot tell how many inputs" and
+    named a d_in= option that does not exist."""
+    _keras_backend()
+    result, _ = run(shell,
+                    "import keras, numpy as np\n"
+                    "ka, kb = keras.Input((1,)), keras.Input((1,))\n"
+                    "kdense = keras.layers.Dense(1, activation='tanh')\n"
+                    "two = keras.Model([ka, kb], kdense(keras.layers.Concatenate()([ka, kb])))\n"
+                    "kdense.set_weights([np.array([[0.7], [-1.3]]), np.array([0.2])])\n")
+    assert result.success, result.error_in_exec
+    d, _ = magic(shell, "two -2:2:10 -q")
+    a, b = _grid(-2, 2, 10)
+    assert d.n_points == 100 and d.inputs == ("arg0", "arg1")
+    assert d.notes == ["grid: 10 x 10 = 100 points (-2:2:10 on each of the 2 inputs)"]
+    np.testing.assert_allclose(d.x, np.stack([a, b], axis=1), atol=1e-6)
+    z, w = 0.7 * a - 1.3 * b + 0.2, np.array([0.7, -1.3])  # y = tanh(z): closed forms
+    np.testing.assert_allclose(d[1][:, 0, :], tanh_k(z, 1)[:, None] * w, atol=1e-5)
+    np.testing.assert_allclose(d[2][:, 0], tanh_k(z, 2)[:, None, None] * np.outer(w, w),
+                               atol=1e-5)
+    d, _ = magic(shell, "two 0:1 -q -o 1")  # without a count: 50 per input, as for lin2
+    assert d.n_points == 2500
+    msg = usage_error(shell, "two --widget")  # the explorer takes one argument
+    assert "2 separate inputs (arg0, arg1)" in msg and "%nnderiv two -2:2:50 --plot" in msg
+
+
+def test_a_range_on_a_keras_model_of_named_inputs_and_wide_inputs(shell):
+    _keras_backend()
+    result, _ = run(shell,
+                    "import keras\n"
+                    "kx, kt = keras.Input((1,), name='x'), keras.Input((1,), name='t')\n"
+                    "xt = keras.Model({'x': kx, 't': kt}, keras.layers.Multiply()([kx, kt]))\n"
+                    "kw = keras.Input((2,), name='w')\n"
+                    "wide = keras.Model([kx, kw], keras.layers.Concatenate()([kx, kw]))\n"
+                    "k3 = keras.Model([kx, kt, keras.Input((1,), name='s')],\n"
+                    "                 keras.layers.Add()([kx, kt]))\n")
+    assert result.success, result.error_in_exec
+    d, _ = magic(shell, "xt -1:1:5 -q")  # a dict of Inputs: passed in sorted order (t, x)
+    t, x = _grid(-1, 1, 5)
+    assert d.inputs == ("t", "x")
+    np.testing.assert_allclose(d.y[:, 0], t * x, atol=1e-6)  # y = x t
+    np.testing.assert_allclose(d[1][:, 0, :], np.stack([x, t], axis=1), atol=1e-6)
+    np.testing.assert_allclose(d[2][:, 0], np.broadcast_to([[0, 1], [1, 0]], (25, 2, 2)),
+                               atol=1e-6)
+    msg = usage_error(shell, "wide -1:1:5")
+    assert "input w takes points of shape (2,)" in msg and "(x, w), with w of shape (N, 2)" \
+        in msg
+    msg = usage_error(shell, "k3 -1:1:5")
+    assert "takes 3 separate inputs" in msg and "a tuple of 3 arrays of shape (N, 1)" in msg
+
+
+def test_a_range_on_a_torch_forward_of_two_arguments_is_a_grid_over_them(shell):
+    """forward(x, t) (a PINN): the range gives x and t one grid coordinate each, as the
+    tuple (x, t); the magic passed an (N, 1) or (N, 2) array, and forward() lacked t."""
+    result, _ = run(shell,
+                    "class PINN(torch.nn.Module):\n"
+                    "    def __init__(self):\n"
+                    "        super().__init__()\n"
+                    "        self.a, self.b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)\n"
+                    "    def forward(self, x, t):\n"
+                    "        return torch.tanh(self.a(x) * self.b(t))\n"
+                    "pinn = PINN()\n"
+                    "with torch.no_grad():\n"
+                    "    _ = pinn.a.weight.fill_(1.5), pinn.a.bias.fill_(0.0)\n"
+                    "    _ = pinn.b.weight.fill_(-0.5), pinn.b.bias.fill_(1.0)\n"
+                    "three = lambda x, t, s: x * t * s\n")
+    assert result.success, result.error_in_exec
+    d, _ = magic(shell, "pinn -1:1:6 -q")
+    x, t = _grid(-1, 1, 6)
+    assert d.inputs == ("x", "t") and d.n_points == 36
+    assert d.notes == ["grid: 6 x 6 = 36 points (-1:1:6 on each of the 2 inputs)"]
+    u, v = 1.5 * x, 1 - 0.5 * t  # y = tanh(u v)
+    dy = tanh_k(u * v, 1)
+    np.testing.assert_allclose(d[1][:, 0, 0], dy * 1.5 * v, atol=1e-5)
+    np.testing.assert_allclose(d[1][:, 0, 1], dy * u * -0.5, atol=1e-5)
+    # d2y/dx dt = tanh''(uv) (1.5 v)(-0.5 u) + tanh'(uv) (1.5)(-0.5)
+    np.testing.assert_allclose(d[2][:, 0, 0, 1],
+                               tanh_k(u * v, 2) * 1.5 * v * -0.5 * u + dy * -0.75, atol=1e-5)
+    msg = usage_error(shell, "three -1:1:5 --framework torch")  # a function of three
+    assert "takes 3 separate inputs" in msg and "tuple of 3 arrays" in msg
+    assert "separate inputs (x, t)" in usage_error(shell, "pinn --widget")
+
+
+def test_a_range_count_must_be_an_int(shell):
+    msg = usage_error(shell, "tanh 0:1:1e9")  # it said "cannot parse X: invalid syntax"
+    assert "the number of points must be an int" in msg and "'1e9'" in msg
+    assert "invalid syntax" not in msg
+    assert "Fix: 0:1:1000." in usage_error(shell, "tanh 0:1:1e3")
+    assert "e.g. 0:1:200" in usage_error(shell, "tanh 0:1:2.5")
+    assert "e.g. -2:2:200" in usage_error(shell, "tanh -2:2:-5")
+    assert "must be an int" in usage_error(shell, "tanh 0:1:1e3 --widget")
+    assert magic(shell, "tanh 0:1:7 -q")[0].n_points == 7  # digits: as before
+
+
+def test_a_model_whose_width_cannot_be_read_names_fixes_the_magic_has(shell):
+    """The magic said "Fix: pass d_in= (the number of input features)", an option it does
+    not have (only nbderiv.explore takes d_in=)."""
+    result, _ = run(shell,
+                    "class Normed(torch.nn.Module):  # its width is not read from its layers\n"
+                    "    def __init__(self):\n"
+                    "        super().__init__()\n"
+                    "        self.norm, self.lin = torch.nn.LayerNorm(3), torch.nn.Linear(3, 1)\n"
+                    "    def forward(self, x):\n"
+                    "        return self.lin(self.norm(x))\n"
+                    "normed = Normed()\n"
+                    "lazy = torch.nn.Sequential(torch.nn.LazyLinear(1))\n")
+    assert result.success, result.error_in_exec
+    msg = usage_error(shell, "normed -1:1:5")
+    assert msg.startswith("cannot tell how many inputs the model takes")
+    assert "d_in=" not in msg and "Fix: pass X as an array of shape (N, d_in) instead of a " \
+        "range" in msg
+    msg = usage_error(shell, "normed --widget")
+    assert "Fix: open the explorer with the width given, nbderiv.explore(model, d_in=...)" in msg
+    msg = usage_error(shell, "lazy -1:1:5")
+    assert "Fix: pass d_in=" not in msg and "initialise it with one call" in msg
+    from torch.nn.parameter import UninitializedParameter
+    assert isinstance(shell.user_ns["lazy"][0].weight, UninitializedParameter)  # never run
+
+
+def test_a_range_on_a_built_subclassed_keras_model(shell):
+    """A subclassed Keras model has no Input even once built: the range tries one feature
+    (the model was built, so calling it builds nothing); it was refused as "not built"."""
+    _keras_backend()
+    result, _ = run(shell,
+                    "import keras, numpy as np\n"
+                    "class KSub(keras.Model):\n"
+                    "    def __init__(self):\n"
+                    "        super().__init__()\n"
+                    "        self.d = keras.layers.Dense(1, activation='tanh')\n"
+                    "    def call(self, x):\n"
+                    "        return self.d(x)\n"
+                    "ksub = KSub()\n"
+                    "_ = ksub(np.zeros((1, 1), 'float32'))\n"
+                    "ksub.d.set_weights([np.array([[0.8]]), np.array([0.1])])\n"
+                    "ksub3 = KSub()\n"
+                    "_ = ksub3(np.zeros((1, 3), 'float32'))\n")
+    assert result.success, result.error_in_exec
+    d, _ = magic(shell, "ksub -1:1:9 -q")
+    xs = np.linspace(-1, 1, 9)
+    np.testing.assert_allclose(d[1][:, 0, 0], 0.8 * tanh_k(0.8 * xs + 0.1, 1), atol=1e-5)
+    np.testing.assert_allclose(d[2][:, 0, 0, 0], 0.64 * tanh_k(0.8 * xs + 0.1, 2), atol=1e-5)
+    msg = usage_error(shell, "ksub3 -1:1:9")  # three features: one does not fit
+    assert msg.startswith("cannot tell how many inputs") and "Fix: pass X as an array" in msg

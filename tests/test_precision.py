@@ -342,3 +342,123 @@ def test_keras_model_given_a_torch_tensor_that_requires_grad_says_what_to_pass()
     with pytest.raises(InputTypeError, match=r"torch tensor.*NumPy array or a tf\.Tensor") as err:
         nbderiv.derivatives(model, x)
     assert "framework tensor" not in str(err.value)  # one fix, the one that fits
+
+
+# -- a model that takes float64 input but computes in float32 inside -------------------------
+def _float32_layers_float64_input(keras, weights, act="tanh"):
+    """What keras.config.set_floatx('float64') gives once Keras was in use: float64 Inputs,
+    layers still float32 (their dtype policy is the one Keras started with)."""
+    model = keras.Sequential([keras.Input((1,), dtype="float64"),
+                              keras.layers.Dense(weights[1].size, activation=act,
+                                                 dtype="float32"),
+                              keras.layers.Dense(1, dtype="float32",
+                                                 use_bias=len(weights) == 4)])
+    model.set_weights([np.asarray(w, np.float32) for w in weights])
+    return model
+
+
+@needs_keras
+def test_float64_input_into_float32_layers_is_checked_with_float32_precision():
+    """The check ran float64 differences (h=1e-4) through float32 layers, failed, and blamed
+    a cut graph; the results have float32 precision, and the check now says so and compares
+    them with a real float64 copy, with float32's tolerance."""
+    import keras
+
+    import nbderiv
+
+    rng = np.random.default_rng(3)
+    weights = [rng.normal(size=(1, 16)), rng.normal(size=16), rng.normal(size=(16, 1)),
+               rng.normal(size=1)]
+    model = _float32_layers_float64_input(keras, weights)
+    x = np.linspace(-1, 1, 7)
+    d = nbderiv.derivatives(model, x, order=2, check=True)
+    c = d.check
+    assert d[1].dtype == np.float64  # fed in float64, as its Input says
+    assert c.passed and c.dtype == "float64" and c.result_dtype == "float32", c.summary()
+    assert "computes in float32 inside" in c.note and "set_dtype_policy" in c.note
+    assert "cuts the graph" not in c.note and c.nonsmooth_points == ()
+    truth = _dense_stack([np.asarray(w, np.float32) for w in weights], np.tanh)
+    X = x.reshape(-1, 1)
+    for k in (1, 2):
+        ref = _numpy_fd(truth, X, k)
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(c.reference[k], ref, atol=1e-6 * scale)  # float64 copy
+        np.testing.assert_allclose(d[k], ref, atol=1e-4 * scale)  # float32 precision
+    assert all(str(w.dtype) == "float32" for w in model.weights)  # the model is untouched
+
+
+@needs_keras
+def test_after_set_floatx_once_keras_was_used_the_check_names_float32_precision():
+    import keras
+
+    import nbderiv
+
+    keras.config.dtype_policy()  # Keras in use: its dtype policy is fixed from here on
+    keras.config.set_floatx("float64")
+    try:
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="tanh"),
+                                  keras.layers.Dense(1)])
+    finally:
+        keras.config.set_floatx("float32")
+    if model.inputs[0].dtype != "float64" or model.compute_dtype != "float32":
+        pytest.skip("this Keras version applies set_floatx to the layers too")
+    x = np.linspace(-1, 1, 9)
+    d = nbderiv.derivatives(model, x, order=2, check=True)
+    c = d.check
+    assert c.passed and c.result_dtype == "float32" and "float32 inside" in c.note, c.summary()
+    truth = _dense_stack(model.get_weights(), np.tanh)
+    ref = _numpy_fd(truth, x.reshape(-1, 1), 1)
+    np.testing.assert_allclose(c.reference[1], ref, atol=1e-6 * np.abs(ref).max())
+
+
+@needs_keras
+def test_float32_digits_lost_behind_a_float64_input_are_low_precision():
+    """(tanh(x + 1e-5) - tanh(x)) / 1e-5 in float32 layers behind a float64 Input: five
+    digits are lost, float64 autodiff agrees with the differences: low-precision."""
+    import keras
+
+    import nbderiv
+
+    delta = 1e-5
+    weights = [np.ones((1, 2)), np.array([0.0, delta]), np.array([[-1 / delta], [1 / delta]])]
+    model = _float32_layers_float64_input(keras, weights)
+    x = np.linspace(-1, 1, 9)
+    d = nbderiv.derivatives(model, x, check=True)
+    c = d.check
+    assert not c.passed and c.low_precision and c.low_precision_orders == (1,), c.summary()
+    assert "low-precision" in d.codes and c.nonsmooth_points == ()
+    assert "float32 results lose digits" in c.note
+    closed = (np.tanh(x) ** 2 - np.tanh(x + delta) ** 2) / delta  # d/dx, exact in float64
+    np.testing.assert_allclose(c.reference[1][:, 0, 0], closed, atol=1e-6)
+    assert np.abs(d[1][:, 0, 0] - closed).max() > 1e-3  # what float32 makes of it
+
+
+@needs_keras
+def test_a_model_that_casts_sequences_to_float32_inside_is_checked_in_float32():
+    """Sequences (6 x 3 values a point): a nudge of 2e-8 x crossed float32's rounding
+    boundaries somewhere, so a copy that casts to float32 inside passed for float64 and the
+    check compared float32 outputs with float64 steps. Truth: a NumPy forward pass."""
+    import keras
+
+    import nbderiv
+
+    class CastSeq(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.flat, self.h = keras.layers.Flatten(), keras.layers.Dense(8, activation="tanh")
+            self.o = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.o(self.h(self.flat(keras.ops.cast(x, "float32"))))
+
+    keras.utils.set_random_seed(5)
+    model = CastSeq()
+    model(np.zeros((1, 6, 3), np.float32))
+    x = np.random.default_rng(5).random((8, 6, 3)).astype(np.float32)
+    c = nbderiv.derivatives(model, x, check=True).check
+    assert c.passed and c.dtype == "float32" and "lower precision" in c.note, c.summary()
+    W1, b1, W2, _ = (np.asarray(w, np.float64) for w in model.get_weights())
+    h = np.tanh(x.reshape(8, -1).astype(np.float64) @ W1 + b1)
+    closed = ((1 - h ** 2) * W2[:, 0]) @ W1.T  # (N, 18)
+    np.testing.assert_allclose(c.reference[1][:, 0], closed, atol=2e-3 * np.abs(closed).max())

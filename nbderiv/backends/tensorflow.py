@@ -400,9 +400,14 @@ class TensorFlowBackend(Backend):
         except Exception:  # subclassed and unbuilt models have no inputs
             inputs = None
         if not inputs:
-            raise OptionError("cannot read the input width of this Keras model without building "
-                              "it (it has no Input). Fix: pass d_in= (the number of input "
-                              "features).")
+            if getattr(model, "built", False):  # subclassed: calling it builds nothing
+                return None
+            raise OptionError("cannot read the input width of this Keras model: it has no "
+                              "Input and is not built yet, so its first call would build it "
+                              "for whatever width it sees. Fix: build it with one call on "
+                              "data of the right width (model(x)), or give the points "
+                              "yourself, an array of shape (N, d_in) (in %nnderiv instead of "
+                              "a range; nbderiv.explore takes d_in=).")
         if len(inputs) != 1:
             return None
         shape = tuple(inputs[0].shape)[1:]  # each point's shape, None where free

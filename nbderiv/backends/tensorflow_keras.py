@@ -278,10 +278,40 @@ def layer_summary(model) -> dict:
 
 
 # -- float64 copies --------------------------------------------------------------------------
+def _floating(dtype) -> bool:
+    try:
+        return tf.as_dtype(dtype).is_floating
+    except (TypeError, ValueError):
+        return False
+
+
+def lower_precision_layers(model) -> list:
+    """The layers in ``model`` (itself and every layer nested in it, the inner layers of
+    wrappers such as ``Bidirectional`` and ``TimeDistributed`` included) that keep a float
+    variable or a float compute dtype other than float64, by name; for Keras' own containers
+    (Sequential, functional models, whose policy casts nothing) their float ``Input``s
+    other than float64 instead."""
+    found = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if type(layer).__name__ in _CONTAINERS:
+            try:
+                inputs = list(layer.inputs or []) if graph_kind(layer) else []
+            except Exception:  # an unbuilt Sequential has no inputs yet
+                inputs = []
+            if any(_floating(t.dtype) and str(t.dtype) != "float64" for t in inputs):
+                found.append(f"the Input of {layer.name}")
+            continue
+        own = getattr(layer, "_trainable_variables", []) + \
+            getattr(layer, "_non_trainable_variables", [])
+        compute = getattr(layer, "compute_dtype", None)
+        if (compute is not None and _floating(compute) and str(compute) != "float64") or any(
+                _floating(v.dtype) and str(v.dtype) != "float64" for v in own):
+            found.append(f"{layer.name} ({type(layer).__name__})")
+    return found
+
+
 def _is_float64(model) -> bool:
-    weights = model.weights
-    return bool(weights) and all(str(w.dtype) == "float64" for w in weights) and \
-        str(model.compute_dtype) == "float64"
+    return bool(model.weights) and not lower_precision_layers(model)
 
 
 def _clone_layer(layer):
@@ -289,9 +319,34 @@ def _clone_layer(layer):
     if isinstance(layer, keras.layers.Lambda):  # rebuilt directly: no (unsafe) deserialization
         return keras.layers.Lambda(layer.function, arguments=layer.arguments, dtype="float64",
                                    name=layer.name)
-    config = dict(layer.get_config())
+    config = _float64_config(dict(layer.get_config()))
     config["dtype"] = "float64"
     return type(layer).from_config(config)
+
+
+def _policy_name(value):
+    """The dtype a layer config's ``dtype`` entry names (a string or a serialized
+    ``DTypePolicy``), or None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return (value.get("config") or {}).get("name")
+    return None
+
+
+def _float64_config(config):
+    """``config`` with every float ``dtype`` of the layers serialized inside it (the inner
+    layers of ``Bidirectional`` / ``TimeDistributed``, the layers of a nested model) set to
+    float64; integer inputs keep their dtype."""
+    if isinstance(config, list):
+        return [_float64_config(v) for v in config]
+    if not isinstance(config, dict):
+        return config
+    out = {k: _float64_config(v) for k, v in config.items()}
+    name = _policy_name(out.get("dtype"))
+    if name is not None and (name.startswith("mixed_") or _floating(name)):
+        out["dtype"] = "float64"
+    return out
 
 
 def _float64_input(tensor):
@@ -381,8 +436,12 @@ def float64_copy(model):
 
     Sequential and functional models are cloned layer by layer in float64 (float64
     ``Input``s); other models (subclassed, with any ``__init__`` arguments) are deep-copied
-    with float64 variables and dtype policies (:func:`_deepcopy_float64`). The caller
-    checks that the copy computes in float64 and reproduces the model.
+    with float64 variables and dtype policies (:func:`_deepcopy_float64`). Every layer
+    nested in the copy (the inner layers of ``Bidirectional`` and ``TimeDistributed``, the
+    layers of a nested model) must come out float64: a copy that keeps one in float32 would
+    give a float32 reference under a float64 name, so it is refused (``ValueError`` naming
+    those layers). The caller checks that the copy computes in float64 and reproduces the
+    model.
     """
     if not is_keras_layer(model) or _is_float64(model):
         return model
@@ -392,8 +451,12 @@ def float64_copy(model):
             clone = _clone_graph_model(model, kind)
             probe = [np.random.default_rng(0).normal(size=(4,) + tuple(t.shape[1:]))
                      for t in model.inputs]
-            if _agrees(model, clone, probe):
+            if not lower_precision_layers(clone) and _agrees(model, clone, probe):
                 return clone
         except Exception:  # a layer Keras cannot clone from its config: copy it instead
             pass
-    return _deepcopy_float64(model)
+    copy64 = _deepcopy_float64(model)
+    lower = lower_precision_layers(copy64)
+    if lower:
+        raise ValueError(f"layer(s) {', '.join(lower[:5])} stay below float64 in the copy")
+    return copy64

@@ -137,8 +137,10 @@ def refuse_lazy(roots) -> None:
         for module in root.modules():
             if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
                 raise OptionError("the model has a lazy layer, which its first call would "
-                                  "initialise for whatever width it sees. Fix: pass d_in= "
-                                  "(the number of input features).")
+                                  "initialise for whatever width it sees. Fix: initialise it "
+                                  "with one call on data of the right width (model(x)), or "
+                                  "give the points yourself, an array of shape (N, d_in) (in "
+                                  "%nnderiv instead of a range; nbderiv.explore takes d_in=).")
 
 
 def expected_by(first):
