@@ -147,8 +147,9 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
                 call, result, coupled=call.verdict.coupled,
                 compute=lambda c, k: run_blocks(c, k, wrt, min(rows, c.n)))
             if result.check.low_precision:
-                result.findings.append(dg.low_precision_finding(
-                    result.check.errors, call.dtype, result.check.low_precision_orders))
+                result.findings.append(dg.low_precision_finding(  # the precision it ran in
+                    result.check.errors, result.check.result_dtype or call.dtype,
+                    result.check.low_precision_orders))
         J = None if jacobian_budget is None else _full_of(call, byte_count(
             jacobian_budget, "jacobian_budget"))
     if reference is not None:  # the error against a known truth, per order

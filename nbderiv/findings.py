@@ -352,6 +352,7 @@ def low_precision_finding(errors: dict, dtype, orders=None) -> Finding:
         "rounding should allow, while float64 autodiff agrees with them: digits are lost to "
         f"cancellation in {name}.",
         "compute in float64: nbderiv.derivatives(model.double(), x.double(), ...) on a copy "
-        "(copy.deepcopy(model).double()) in torch, or keras.config.set_floatx('float64') "
-        "before building the Keras model.",
+        "(copy.deepcopy(model).double()) in torch; in Keras, keras.config.set_floatx('float64') "
+        "before building the model, or keras.config.set_dtype_policy('float64') once Keras "
+        "has been used (set_floatx alone then leaves the layers in float32).",
     )

@@ -1234,8 +1234,6 @@ def test_check_targets_refuses_a_target_out_of_range_once_the_outputs_are_counte
         tfmath.caller(compute.open_call(cnn, images, None, target=[0, 0, 0, 0, 10]), 1)
 
 
-@pytest.mark.xfail(strict=True, reason="TensorFlowBackend.derivatives (tensorflow.py) must call "
-                   "tensorflow_math.check_targets(call) first: its cached traces check nothing")
 def test_a_target_out_of_range_after_a_valid_call_is_refused_as_on_a_fresh_model():
     from nbderiv.errors import OptionError
 
@@ -1346,3 +1344,24 @@ def test_lower_precision_layers_names_the_layers_nested_in_wrappers():
     assert lower_precision_layers(mlp([1, 4, 1], dtype="float64")) == []
     lower = lower_precision_layers(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     assert len(lower) == 2 and lower[0].startswith("the Input of")
+
+
+def test_a_tuple_for_a_keras_model_of_another_number_of_inputs_is_refused():
+    """A Sequential of one Input given a tuple of two arrays: Keras warns and uses the first
+    only, so the second input's derivatives read 0 (no-input-dependence). Refused, with the
+    fix; a functional model of two Inputs given one tuple of two works."""
+    from nbderiv.errors import InputShapeError
+
+    keras.utils.set_random_seed(0)
+    one = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, activation="tanh"),
+                            keras.layers.Dense(1)])
+    a, b = np.random.rand(5, 1).astype("float32"), np.random.rand(5, 1).astype("float32")
+    with pytest.raises(InputShapeError, match="takes 1 input"):
+        nbderiv.derivatives(one, (a, b))
+    xi, ti = keras.Input((1,)), keras.Input((1,))
+    two = keras.Model([xi, ti], keras.layers.Dense(1)(keras.layers.Concatenate()([xi, ti])))
+    with pytest.raises(InputShapeError, match="takes 2 inputs"):
+        nbderiv.derivatives(two, (a, b, a))
+    d = nbderiv.derivatives(two, (a, b))
+    w = two.layers[-1].kernel.numpy()[:, 0]
+    np.testing.assert_allclose(d[1][:, 0], np.broadcast_to(w, (5, 2)), rtol=1e-6)

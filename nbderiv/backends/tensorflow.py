@@ -37,7 +37,7 @@ else:  # pragma: no cover - depends on what the user imported first
 
 # after the quiet import: these modules import TensorFlow themselves
 from ..call import Verdict  # noqa: E402
-from ..errors import InputTypeError, OptionError  # noqa: E402
+from ..errors import InputShapeError, InputTypeError, OptionError  # noqa: E402
 from ..inputs import check_output  # noqa: E402
 from ..result_memory import owned  # noqa: E402
 from . import tensorflow_state as state  # noqa: E402
@@ -66,6 +66,7 @@ from .tensorflow_math import (  # noqa: E402
     ZERO,
     builder,
     caller,
+    check_targets,
     choose_methods,
     exact_moments,
     kink_hits,
@@ -119,6 +120,18 @@ def _run_in_parts(traced, X, rows):
 _MOMENTS_LAYERS = frozenset({"LayerNormalization", "GroupNormalization", "BatchNormalization"})
 
 
+def _keras_inputs(model):
+    """The Keras Inputs of a functional or Sequential model, or None (subclassed models,
+    plain functions, a model not built)."""
+    if not is_keras_layer(model):
+        return None
+    try:
+        inputs = model.inputs
+    except Exception:  # subclassed and unbuilt models have no inputs
+        return None
+    return list(inputs) if inputs else None
+
+
 class TensorFlowBackend(Backend):
     name = "tensorflow"
     optional = frozenset({"begin", "argument_names", "known_verdict", "block_rows",
@@ -161,6 +174,19 @@ class TensorFlowBackend(Backend):
         return np.dtype(keras.config.floatx() if keras is not None else "float32")
 
     def argument_names(self, model, n_args):
+        """The Inputs' names (a functional model) or call's positional parameters; a Keras
+        model with another number of Inputs than x has arguments is refused (Keras would warn
+        and use the first ones only: the others' derivatives would read 0)."""
+        inputs = _keras_inputs(model)
+        if inputs is not None and len(inputs) != n_args:
+            raise InputShapeError(
+                f"the model takes {len(inputs)} input{'s' if len(inputs) != 1 else ''} (its "
+                f"Keras Input{'s' if len(inputs) != 1 else ''}: "
+                f"{', '.join(str(tuple(t.shape)) for t in inputs)}), but x is a tuple of "
+                f"{n_args} arrays, which nbderiv passes as {n_args} separate inputs. Fix: "
+                + ("pass one array, x itself (features side by side: "
+                   "np.concatenate([x1, x2], axis=1))." if len(inputs) == 1 else
+                   f"pass a tuple of {len(inputs)} arrays, one per Input, in order."))
         names = argument_names(model)
         return names[:n_args] if names and len(names) >= n_args else None
 
@@ -251,6 +277,7 @@ class TensorFlowBackend(Backend):
 
     def derivatives(self, call, args, order, wrt, out=None) -> Block:
         """One traced call from the first strategy that works for this model and shape."""
+        check_targets(call)  # a traced computation cannot: it is reused with other targets
         shapes, wrt = _shapes(call), tuple(wrt)
         X = self._tensor(call, args)
         route = self._route(call, X, shapes, order, wrt)
