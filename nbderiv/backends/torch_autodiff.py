@@ -170,7 +170,7 @@ def nested_reverse(fn, X, order, wrt, batch=False):
     n, d_out = Y.shape
     m = len(wrt)
     every = list(wrt) == list(range(X.shape[1]))  # every input, in order: slices, no gather
-    index = torch.tensor(list(wrt), device=X.device)
+    index = None if every else torch.tensor(list(wrt), device=X.device)
     # the frontier: groups of partials that are columns of one tensor made by one pass,
     # each (tensor (n, C), [(multi-index, output j, column c)])
     groups = [(Y, [((), j, j) for j in range(d_out)])]
@@ -193,7 +193,8 @@ def nested_reverse(fn, X, order, wrt, batch=False):
                 if create:
                     next_groups.append((g, [(idx + (p,), j, wrt[p]) for p in range(start, m)]))
         # level k as one (n, L_k, d_out) array, its partials in sorted_multi_indices order
-        parts = [torch.stack([blocks[idx][j] for j in range(d_out)], 2)
+        parts = [blocks[idx][0].unsqueeze(2) if d_out == 1 else  # one output: a view
+                 torch.stack([blocks[idx][j] for j in range(d_out)], 2)
                  for idx in sorted_multi_indices(m, k - 1)]
         values[("level", k)] = to_numpy(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
         groups = next_groups
