@@ -228,12 +228,16 @@ class TorchBackend(Backend):
                 try:
                     y, values = nested_forward(fn, X, order, wrt)
                     method = "forward-jvp"
-                    if call.facts.forward_agrees is None and order > 1:
-                        # a wrong forward-mode rule (torch.linalg.det) is not reverse mode's
-                        call.facts.forward_agrees = forward_agrees(fn, X, order, wrt, values)
-                        y = y if call.facts.forward_agrees else None
                 except (RuntimeError, NotImplementedError):  # no forward-mode rule
                     y = None
+                if y is not None and call.facts.forward_agrees is None and order > 1:
+                    # a wrong forward-mode rule (torch.linalg.det) is not reverse mode's
+                    try:
+                        agrees = forward_agrees(fn, X, order, wrt, values)
+                    except (RuntimeError, NotImplementedError):  # no reverse rule: unchecked
+                        agrees = True
+                    call.facts.forward_agrees = agrees
+                    y = y if agrees else None
             if y is None:
                 y, values = nested_reverse(_watched(fn, watcher), X, order, wrt, batch)
                 method = "reverse-ones"
@@ -327,7 +331,8 @@ class TorchBackend(Backend):
         notes = ()
         if found & _ATTENTION:
             notes += ("attention",)
-        if order >= 3 and any(k.startswith(("LayerNorm", "BatchNorm", "InstanceNorm")) for k in found):
+        norms = ("LayerNorm", "BatchNorm", "InstanceNorm")
+        if order >= 3 and any(k.startswith(norms) for k in found):
             notes += ("norms",)
         return notes
 
