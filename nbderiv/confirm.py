@@ -240,34 +240,31 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
 
 def jumps_only(call, points, inputs, wrt, reach: float = 0.5, steps: int = 24) -> dict:
     """{i: outputs (d_out,) bool} for the inputs wrt[i] (of ``inputs``, where autodiff says 0
-    and small steps change nothing) along which the output changes in isolated jumps only: a
-    sweep of 2 * ``steps`` + 1 evaluations over +-``reach`` * (1 + |x|) at ``points`` finds a
-    few changes between neighbours, each between two stretches where the output stays exactly
-    the same (rounding, an integer cast, argmax: piecewise constant; a ReLU waking up changes
-    at every step after its kink, a saturating tanh by less and less). Empty when the model
-    fails on the swept points."""
+    and small steps change nothing) along which the output changes in jumps only: a sweep of
+    2 * ``steps`` + 1 evaluations over +-``reach`` * (1 + |x|) at ``points`` finds a few
+    changes between neighbours, each between two stretches where the output stays exactly the
+    same, and the largest of them stays as large when its interval is halved down to a few
+    rounding steps of x (rounding, an integer cast, argmax: piecewise constant; a steep tanh
+    spreads its change once the interval is narrow enough, a ReLU waking up changes at every
+    step after its kink). Empty when the model fails on the swept points."""
     if not points or not inputs:
         return {}
     X = call.features()[points].astype(np.float64)
     scale = 1.0 + np.abs(X)
     ts = np.linspace(-reach, reach, 2 * steps + 1)
-    rows, at = [], []
+    directions = []
     for i in inputs:
         v = np.zeros(call.width)
         v[wrt[i]] = 1.0
-        for t in ts:
-            rows.append(X + t * v * scale)
-            at += list(points)
-    try:
-        y = _forward_rows(call, np.concatenate(rows).astype(call.dtype), at)
-    except Exception:  # e.g. an index moved out of an embedding's range
-        return {}
+        directions.append(v)
+    rows = [X + t * v * scale for v in directions for t in ts]
+    y = _swept(call, rows, points)
     if y is None:
         return {}
     eps = _effective_eps(call, y)
     y = y.reshape(len(inputs), len(ts), len(points), -1)
     found = {}
-    for i, yi in zip(inputs, y):
+    for a, (i, yi) in enumerate(zip(inputs, y)):
         step = np.abs(np.diff(yi, axis=0))                      # (2 steps, P, d_out)
         noise = 32 * eps * (np.abs(yi[1:]) + np.abs(yi[:-1]))
         changed = np.nan_to_num(step > 8 * noise + 1e-300)
@@ -278,5 +275,41 @@ def jumps_only(call, points, inputs, wrt, reach: float = 0.5, steps: int = 24) -
         jumps_alone = ~(changed & ~(flat[:-2] & flat[2:])).any(axis=0)
         stairs = (count >= 1) & (count <= steps // 3) & jumps_alone
         if stairs.any():
+            stairs &= _still_jumps(call, X, scale, directions[a], ts, yi, step, stairs, points)
+        if stairs.any():
             found[i] = stairs.any(axis=0)
     return found
+
+
+def _swept(call, rows, points):
+    """The model's outputs at the swept rows (for ``points`` each), or None where the model
+    fails there (e.g. an index moved out of an embedding's range)."""
+    try:
+        return _forward_rows(call, np.concatenate(rows).astype(call.dtype),
+                             list(points) * len(rows))
+    except Exception:
+        return None
+
+
+def _still_jumps(call, X, scale, v, ts, y, step, stairs, points) -> np.ndarray:
+    """(P, d_out) bool: whether each point's largest change along ``v`` (of the swept ``y``,
+    its neighbour differences ``step``) is still a jump of at least a quarter of its size
+    once its interval is halved down to a few rounding steps of x."""
+    P = X.shape[0]
+    k = np.argmax(np.where(stairs[None], step, -1).max(axis=2), axis=0)   # (P,) the jump
+    lo, hi = ts[k].copy(), ts[k + 1].copy()
+    y_lo, y_hi = y[k, np.arange(P)], y[k + 1, np.arange(P)]              # (P, d_out)
+    jump = np.abs(y_hi - y_lo)
+    resolution = 4 * float(np.finfo(call.dtype).eps)
+    for _ in range(64):
+        if np.all(hi - lo <= resolution):
+            break
+        mid = (lo + hi) / 2
+        y_mid = _swept(call, [X + mid[:, None] * v * scale], points)
+        if y_mid is None:
+            return np.zeros_like(stairs)
+        y_mid = y_mid.reshape(P, -1)
+        left = np.abs(y_mid - y_lo).max(axis=1) >= np.abs(y_hi - y_mid).max(axis=1)
+        hi, y_hi = np.where(left, mid, hi), np.where(left[:, None], y_mid, y_hi)
+        lo, y_lo = np.where(left, lo, mid), np.where(left[:, None], y_lo, y_mid)
+    return stairs & (np.abs(y_hi - y_lo) >= 0.25 * jump)

@@ -724,3 +724,14 @@ def test_piecewise_constant_models(name, model, zero_pairs):
         dead[0].weight.fill_(1.0)
         dead[0].bias.fill_(-2.5)  # off for x in [0, 1]^2, on a little further out
     assert nbderiv.derivatives(dead, x).codes == ["no-input-dependence"]
+
+
+def test_a_steep_smooth_step_is_not_piecewise_constant():
+    """tanh(1000 (x - 0.3)): saturated (d1 exactly 0 in float32) at these points, and the
+    sweep crosses its transition within one step, like a jump; halving that interval down to
+    a few rounding steps of x shows a smooth change, so no piecewise-constant claim (it said
+    the model rounds on the way)."""
+    x = torch.tensor([[0.5], [0.6], [0.05], [0.8]])
+    d = nbderiv.derivatives(lambda z: torch.tanh(1000 * (z - 0.3)), x)
+    assert "piecewise-constant" not in d.codes, [str(f) for f in d.findings]
+    assert "piecewise-constant" in nbderiv.derivatives(lambda z: torch.floor(4 * z), x).codes
