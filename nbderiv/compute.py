@@ -189,7 +189,7 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
     # the same model call twice: the same numbers? (not the same bits: a copy of the points
     # at another memory alignment may take another vectorised path and round the last bit
     # differently, tf.sin included)
-    stochastic = y1.tobytes() != y2.tobytes() and _differ(y1, y2, tol)
+    stochastic = y1.tobytes() != y2.tobytes() and _differ(y1, y2, _output_eps(y1, call.dtype))
     coupled = False
     if not stochastic and y1.shape[0] >= 2:
         compare = []
@@ -209,17 +209,18 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
     return Verdict(int(y1.shape[1]), stochastic, coupled, out_shape)
 
 
-def _differ(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
-    """Whether two outputs of the same call differ by more than ``tol`` somewhere, or in
-    where they are NaN or infinite."""
+def _differ(a: np.ndarray, b: np.ndarray, eps: float) -> bool:
+    """Whether two outputs of the same call differ somewhere by more than two rounding
+    steps of that value (each entry on its own scale: a large output never hides a small
+    random one), or in where they are NaN or infinite."""
     if a.shape != b.shape:
         return True
     finite_a, finite_b = np.isfinite(a), np.isfinite(b)
     if not np.array_equal(finite_a, finite_b) or \
             not np.array_equal(a[~finite_a], b[~finite_b], equal_nan=True):
         return True
-    both = finite_a
-    return bool(np.fmax.reduce(np.abs(a[both] - b[both]), axis=None, initial=0) > tol)
+    a, b = a[finite_a], b[finite_a]
+    return bool(np.any(np.abs(a - b) > 2 * eps * np.maximum(np.abs(a), np.abs(b)) + 1e-30))
 
 
 def _output_eps(y: np.ndarray, dtype) -> float:

@@ -157,3 +157,23 @@ def test_a_deterministic_tensorflow_function_is_not_called_random():
     d = nbderiv.derivatives(lambda z: tf.sin(z), x)
     assert d.codes == [], [str(f) for f in d.findings]
     np.testing.assert_allclose(d[1][:, 0, 0], np.cos(x.numpy()[:, 0]), rtol=1e-6)
+
+
+def test_randomness_in_a_small_output_beside_a_large_one_is_seen():
+    """Each output on its own scale: dropout in a head of size 0.01 beside a head of size
+    2e4 is random (one tolerance for every output, scaled by the largest, hid it), and so is
+    noise of a few dozen rounding steps."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    a, price, risk = torch.nn.Linear(2, 16), torch.nn.Linear(16, 1), torch.nn.Linear(16, 1)
+
+    def two_heads(x):
+        h = torch.tanh(a(x))
+        return torch.cat([2e4 + 1e3 * price(h), 0.01 * risk(F.dropout(h, 0.5, training=True))],
+                         1)
+
+    assert "train-mode" in nbderiv.derivatives(two_heads, torch.randn(5, 2)).codes
+    lin = torch.nn.Linear(3, 1)
+    noisy = lambda x: torch.tanh(lin(x)) + 1e-6 * torch.randn(len(x), 1)  # noqa: E731
+    assert "train-mode" in nbderiv.derivatives(noisy, torch.randn(6, 3)).codes
