@@ -52,14 +52,16 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
         candidates = []
     else:
         candidates = call.kink_rows = backend.kink_points(call, args)
-    f = kink_finding(confirm.kinks_confirmed(call, candidates, wrt) if candidates else [])
+    confirmed = confirm.kinks_confirmed(call, candidates, wrt) if candidates else []
+    f = kink_finding(confirmed)
     if f is not None:
         out.append(f)
     out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
     in_names = [call.names[i] for i in wrt]
     bad_first = set(non_finite_points(y, ders[0]))  # rows of y or d1 with a NaN or inf
     out += _dependence_findings(call, layers, y, ders[0], wrt, out_names, in_names,
-                                skip=candidates, bad_rows=bad_first)
+                                skip=confirmed + list(candidates[confirm.KINK_CHECKS:]),
+                                bad_rows=bad_first)
     bad_x = set(non_finite_points(*args) if call.non_finite_x is None else call.non_finite_x)
     bad_all = bad_first.union(non_finite_points(*ders[1:])) if len(ders) > 1 else bad_first
     bad = [n for n in sorted(bad_all) if n not in bad_x]
@@ -135,6 +137,8 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
                                                                      strict=True)]
         out.append(graph_broken_finding(pairs, moved, disagree, slope, hidden_coupling=hidden))
     unmoved = zero & ~broken & ~varies  # the zero pairs nothing contradicts
+    if check["fd_max"] is not TRUSTED and not check["checked"]:
+        unmoved[:] = False  # no point the forward pass could be compared at: unconfirmed
     stairs = np.zeros_like(zero)
     if unmoved.any() and check["checked"]:  # changes in jumps only: piecewise constant
         inputs = [int(i) for i in np.flatnonzero(unmoved.any(axis=0))][:SWEPT_INPUTS]

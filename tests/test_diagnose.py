@@ -735,3 +735,20 @@ def test_a_steep_smooth_step_is_not_piecewise_constant():
     d = nbderiv.derivatives(lambda z: torch.tanh(1000 * (z - 0.3)), x)
     assert "piecewise-constant" not in d.codes, [str(f) for f in d.findings]
     assert "piecewise-constant" in nbderiv.derivatives(lambda z: torch.floor(4 * z), x).codes
+
+
+@pytest.mark.parametrize("f, order", [
+    (lambda x: torch.sign(x) * x ** 2, 1),
+    (lambda x: x.abs() ** 3, 2),
+    (lambda x: torch.where(x.abs() < 1, 0.5 * x ** 2, x.abs() - 0.5), 1),  # Huber
+], ids=["sign(x) x^2", "|x|^3", "huber"])
+def test_a_stationary_point_on_a_kink_candidate_is_no_lack_of_dependence(f, order):
+    """At 0 these call sign / abs / a comparison, so 0 is a kink candidate, but their one-sided
+    slopes agree there (no kink): the forward pass is compared there too and sees the output
+    change, so no no-input-dependence (points that are candidates only were left out of that
+    comparison, and with none left the finding went out unconfirmed); |x| at 0 is a confirmed
+    kink and gets at-kink alone."""
+    d = nbderiv.derivatives(f, torch.zeros(2, 1), order=order)
+    assert d.codes == [], [str(g) for g in d.findings]
+    np.testing.assert_array_equal(d[1], 0.0)
+    assert nbderiv.derivatives(lambda x: x.abs(), torch.zeros(3, 1)).codes == ["at-kink"]
