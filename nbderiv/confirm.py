@@ -160,7 +160,9 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     ``moves[i]`` = (points, outputs (d_out,) bool, largest slope) where input wrt[i] (one of
     ``zero_inputs``) changes the output beyond rounding; ``varies[i]`` = outputs (d_out,) bool
     that change with input wrt[i] without a slope (a stationary point: the change shrinks like
-    h**2 or faster, so d1 = 0 is right there); ``disagree`` = points where the differences (converged: the same at both
+    h**2 or faster, so d1 = 0 is right there); ``curved`` (d_out,) bool: outputs that change
+    evenly on both sides of some point along a random direction, more than they change
+    oddly (a stationary point: a small gradient there is no saturation); ``disagree`` = points where the differences (converged: the same at both
     steps) and autodiff disagree; ``checked`` = the points looked at; ``fd_max`` (d_out,) the
     largest |finite-difference slope| per unit step along the random directions, scaled by
     the input's size; ``noise`` (d_out,) the rounding level of that estimate."""
@@ -195,6 +197,7 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     eps = _effective_eps(call, y)
     f0, y = y[0], y[1:]
     result["varies"] = {}
+    curved = np.zeros(y.shape[2], dtype=bool)
     fd_max = np.zeros(y.shape[2])
     noise_max = np.zeros(y.shape[2])
     disagree = np.zeros(P, dtype=bool)
@@ -229,12 +232,18 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
             if varies.any():
                 result["varies"][i] = varies.any(axis=0)
         else:
+            # a stationary point: the output changes along v, but evenly on both sides
+            plus, minus = y[r - 4], y[r - 3]  # the larger step
+            even, odd = np.abs(plus + minus - 2 * f0), np.abs(plus - minus)
+            level = 8 * 32 * eps * (np.abs(plus) + np.abs(minus) + 2 * np.abs(f0)) + 1e-300
+            curved |= np.nan_to_num((even > level) & (even > odd)).any(axis=0)
             off = (np.abs(fd2 - g) > 8 * noise2 + 0.01 * (np.abs(g) + np.abs(fd2))) & converged
             disagree |= np.nan_to_num(off).any(axis=1)
             fd_max = np.fmax(fd_max, np.nanmax(np.abs(fd2), axis=0))
             noise_max = np.fmax(noise_max, np.nanmax(noise2, axis=0))
     result["disagree"] = [pts[p] for p in np.flatnonzero(disagree)]
     result["fd_max"], result["noise"] = fd_max, noise_max
+    result["curved"] = curved
     return result
 
 

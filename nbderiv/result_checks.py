@@ -211,7 +211,10 @@ def _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows=None) -> Fi
     # the differences' slopes are per unit of a step scaled by 1 + |x|
     fd_ok = True if check["fd_max"] is TRUSTED else \
         check["fd_max"] <= 10 * SATURATED_BELOW * y_size * (1 + x_size.max()) + 8 * check["noise"]
+    curved = check.get("curved")  # a stationary point: the small gradient is no saturation
     low = (change > 0) & (y_size > 0) & (ratio < SATURATED_BELOW) & fd_ok
+    if curved is not None:
+        low &= ~curved
     if not low.any():
         return None
     return saturated_finding([out_names[j] for j in np.flatnonzero(low)],

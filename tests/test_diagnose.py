@@ -752,3 +752,14 @@ def test_a_stationary_point_on_a_kink_candidate_is_no_lack_of_dependence(f, orde
     assert d.codes == [], [str(g) for g in d.findings]
     np.testing.assert_array_equal(d[1], 0.0)
     assert nbderiv.derivatives(lambda x: x.abs(), torch.zeros(3, 1)).codes == ["at-kink"]
+
+
+def test_a_stationary_point_is_no_saturation():
+    """cos at 0 and pi: the gradient vanishes there, but the output changes evenly on both
+    sides (d2 = -1, 1): no saturated finding (it blamed saturating units); a saturated tanh
+    keeps it."""
+    d = nbderiv.derivatives(torch.cos, torch.tensor([[0.0], [np.pi]]), order=2)
+    assert "saturated" not in d.codes, [str(f) for f in d.findings]
+    np.testing.assert_allclose(d[2][:, 0, 0, 0], [-1.0, 1.0], atol=1e-6)
+    flat = nbderiv.derivatives(torch.tanh, torch.tensor([[8.0], [9.0], [-8.5]]))
+    assert "saturated" in flat.codes
