@@ -96,18 +96,16 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 def _instance_norm_own_stats(input, weight, bias, eps):
     """Instance norm with each sample's own statistics, per channel over the other axes."""
-    dims = tuple(range(2, input.ndim))
-    shape = (1, -1) + (1,) * (input.ndim - 2)
-    mean = input.mean(dim=dims, keepdim=True)
-    var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
-    out = (input - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        out = out * weight.reshape(shape)
-    return out + bias.reshape(shape) if bias is not None else out
+    return _per_channel(input, tuple(range(2, input.ndim)), weight, bias, eps)
 
 
 def _batch_norm_batch_stats(input, weight, bias, eps):
-    dims = (0,) + tuple(range(2, input.ndim))
+    return _per_channel(input, (0,) + tuple(range(2, input.ndim)), weight, bias, eps)
+
+
+def _per_channel(input, dims, weight, bias, eps):
+    """``input`` normalized over ``dims`` (the plain formula), then scaled and shifted per
+    channel (axis 1)."""
     shape = (1, -1) + (1,) * (input.ndim - 2)
     mean = input.mean(dim=dims, keepdim=True)
     var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
