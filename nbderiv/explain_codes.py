@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backends.tensorflow_code import MOMENTS_RESTORE, MOMENTS_SWAP
 from .explain_causes import none_causes
 from .explain_fix import _layout, _reshape_code, _shape, fix_code
 from .explain_match import RTOL, _close, _dtype_name, _looser, match
@@ -22,22 +23,6 @@ MOMENTS_NOTE = (
     "it: right for first derivatives, wrong from the second on, whatever the dtype. The truth "
     "here uses the plain variance formula; the fix below does the same while it "
     "differentiates.")
-MOMENTS_FIX_HEAD = """\
-import keras.src.backend.tensorflow.nn as keras_tf_nn
-
-
-def plain_moments(x, axes, keepdims):  # the variance with its gradient through the mean
-    mean = tf.reduce_mean(x, axes, keepdims=True)
-    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
-    if not keepdims:
-        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
-    return mean, variance
-
-
-original_moments = keras_tf_nn._compute_moments
-keras_tf_nn._compute_moments = plain_moments
-"""
-MOMENTS_FIX_TAIL = "\nkeras_tf_nn._compute_moments = original_moments      # put Keras' own back\n"
 
 
 def _num(v) -> str:
@@ -382,7 +367,7 @@ class _Context:
         fix = None
         if k >= 2 and "moments" in self.truth.d._code_notes:
             note += MOMENTS_NOTE
-            fix = MOMENTS_FIX_HEAD + self.fix(k) + MOMENTS_FIX_TAIL
+            fix = MOMENTS_SWAP + self.fix(k) + "\n" + MOMENTS_RESTORE
         return self.result(
             "wrong",
             f"{name} differs from {self.what(k)}{shape_note}: {int(bad.sum())} of {T.size} "

@@ -55,14 +55,14 @@ def up_to(order):
 
 '''
 
-_MOMENTS = '''\
-# Keras' normalization layers (LayerNormalization, GroupNormalization) take the variance from
-# tf.nn.moments, which stops the gradient through the mean inside it: right for d1, WRONG from
-# d2 on. While differentiating, Keras' helper is replaced by the plain formula (and put back).
+# Keras' helper replaced by the plain variance formula while a student's code differentiates
+# (see tensorflow_math.exact_moments); MOMENTS_RESTORE puts Keras' own back. Also the head and
+# tail of explain's fix (nbderiv.explain_codes).
+MOMENTS_SWAP = '''\
 import keras.src.backend.tensorflow.nn as keras_tf_nn
 
 
-def plain_moments(x, axes, keepdims):
+def plain_moments(x, axes, keepdims):  # the variance with its gradient through the mean
     mean = tf.reduce_mean(x, axes, keepdims=True)
     variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
     if not keepdims:
@@ -72,11 +72,14 @@ def plain_moments(x, axes, keepdims):
 
 original_moments = keras_tf_nn._compute_moments
 keras_tf_nn._compute_moments = plain_moments
-try:
-    results = up_to({order})
-finally:
-    keras_tf_nn._compute_moments = original_moments
 '''
+MOMENTS_RESTORE = "keras_tf_nn._compute_moments = original_moments      # put Keras' own back\n"
+
+_MOMENTS = ("# Keras' normalization layers (LayerNormalization, GroupNormalization) take the variance"
+            " from\n# tf.nn.moments, which stops the gradient through the mean inside it: right "
+            "for d1, WRONG from\n# d2 on. While differentiating, Keras' helper is replaced by the "
+            "plain formula (and put back).\n" + MOMENTS_SWAP
+            + "try:\n    results = up_to({order})\nfinally:\n    " + MOMENTS_RESTORE)
 
 
 def tensorflow_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
