@@ -288,6 +288,23 @@ def code_keeping_wrt(wrt) -> list:
             f"wrt = {list(wrt)}"]
 
 
+def code_in_layout(value: str, k: int, wrt, out_shape, flat=None) -> str:
+    """Generated code for the order-k array ``value`` ((N, d_out) + S * k), indexed by ``wrt``
+    and reshaped to d[k]'s layout (N,) + O + S * k. ``flat``: code for its reshape to
+    (N, d_out) + (D,) * k, needed before ``wrt`` indexes points of several axes.
+
+    >>> code_in_layout("d1_all", 1, [0, 2], (1,))
+    'd1_all[:, :, wrt]'
+    """
+    if wrt is not None and flat:
+        value += flat
+    value += code_index_wrt(k, wrt)
+    if out_shape is not None and len(out_shape) > 1:  # the output's own axes O
+        tail = f"{len(wrt)}, " * k if wrt is not None else "*X.shape[1:], " * k
+        value += f".reshape(len(X), {', '.join(map(str, out_shape))}, {tail.rstrip(', ')})"
+    return value
+
+
 def code_index_wrt(k: int, wrt) -> str:
     """The index that keeps the ``wrt`` inputs on each of the k input axes of an order-k array
     in generated code, e.g. ``[:, :, wrt][:, :, :, wrt]``; empty when all inputs are kept."""

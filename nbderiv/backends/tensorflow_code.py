@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from .base import code_index_wrt, code_keeping_wrt
+from .base import code_in_layout, code_keeping_wrt
 
 _CODE_HEAD = '''\
 import numpy as np
@@ -117,12 +117,6 @@ def tensorflow_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()
         lines.append("# (wrt counts each point's features in C order: flatten S first)")
     lines.append("# Plain numpy arrays.")
     for k in range(1, order + 1):
-        value = f"results[{k}].numpy()"
-        if wrt is not None and many:
-            value += f".reshape(len(X), -1{', int(np.prod(X.shape[1:]))' * k})"
-        value += code_index_wrt(k, wrt)
-        if out_shape is not None and len(out_shape) > 1:  # the output's own axes O
-            tail = f"{len(wrt)}, " * k if wrt is not None else "*X.shape[1:], " * k
-            value += f".reshape(len(X), {', '.join(map(str, out_shape))}, {tail.rstrip(', ')})"
-        lines.append(f"d{k} = {value}")
+        flat = f".reshape(len(X), -1{', int(np.prod(X.shape[1:]))' * k})" if many else None
+        lines.append(f"d{k} = {code_in_layout(f'results[{k}].numpy()', k, wrt, out_shape, flat)}")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .base import code_index_wrt, code_keeping_wrt
+from .base import code_in_layout, code_keeping_wrt
 
 _CODE_HEAD = '''\
 import torch
@@ -103,12 +103,7 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
         lines.append("# (wrt counts each point's features in C order: S flattened first)")
     lines.append("\n# Plain numpy arrays, detached from the graph.")
     for k in range(1, order + 1):
-        value = f"d{k}_all"
-        if wrt is not None and many:
-            value += f".reshape(len(X), y.shape[1]{', X[0].numel()' * k})"
-        value += code_index_wrt(k, wrt)
-        if out_shape is not None and len(out_shape) > 1:  # the output's own axes O
-            tail = f"{len(wrt)}, " * k if wrt is not None else "*X.shape[1:], " * k
-            value += f".reshape(len(X), {', '.join(map(str, out_shape))}, {tail.rstrip(', ')})"
+        flat = f".reshape(len(X), y.shape[1]{', X[0].numel()' * k})" if many else None
+        value = code_in_layout(f"d{k}_all", k, wrt, out_shape, flat)
         lines.append(f"d{k} = {value}.detach().cpu().numpy()")
     return "\n".join(lines) + "\n"
