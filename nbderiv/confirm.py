@@ -87,15 +87,20 @@ def _float64_call(call):
 
 
 def kinks_confirmed(call, candidates, wrt=None, limit: int = KINK_CHECKS,
-                    float64: bool = True, coarse: bool = False) -> list:
+                    float64: bool = True, coarse: bool = False, d1=None):
     """The candidate points (at most ``limit`` are checked) at which the output's one-sided
     slopes differ: along a direction v, (f(x + hv) - f(x))/h and (f(x) - f(x - hv))/h differ
     beyond rounding, at two steps h and h/16 alike (a smooth curvature shrinks with h, a kink
     does not). A dead region (slope 0 on both sides) or a unit whose input is 0 on a whole
-    neighbourhood is no kink. Evaluated in float64 where a float64 copy of the model exists."""
+    neighbourhood is no kink. Evaluated in float64 where a float64 copy of the model exists.
+
+    With ``d1`` (autodiff's first derivatives, rows = points): (kinks, conventions), where
+    ``conventions`` are the other candidates, at which the output is smooth (its kinks cancel,
+    as in relu(z) - relu(-z) = z) but autodiff's convention at the kinks (relu'(0) = 0) gives
+    another slope than the converged central differences."""
     candidates = [int(n) for n in candidates][:limit]
     if not candidates:
-        return []
+        return [] if d1 is None else ([], [])
     wrt = tuple(range(call.input_width)) if wrt is None else tuple(wrt)
     c64 = _float64_call(call) if float64 else call
     X = c64.features()[candidates].astype(np.float64)
@@ -111,27 +116,44 @@ def kinks_confirmed(call, candidates, wrt=None, limit: int = KINK_CHECKS,
                 at += candidates
     y = _forward_rows(c64, np.concatenate(rows).astype(c64.dtype), at)
     if y is None:
-        return []
+        return [] if d1 is None else ([], [])
     P = len(candidates)
     y = y.reshape(len(rows), P, -1)
     eps = _effective_eps(c64, y)
     if eps > 1e-10 and h1 < 1e-3:  # the copy computed in float32 after all: redo with its steps
-        return kinks_confirmed(call, candidates, wrt, limit, float64=False, coarse=True)
+        return kinks_confirmed(call, candidates, wrt, limit, float64=False, coarse=True, d1=d1)
     f0 = y[0]
     confirmed = np.zeros(P, dtype=bool)
+    off = np.zeros(P, dtype=bool)  # smooth, but autodiff's slope is another
     r = 1
-    for _ in dirs:
-        jumps, noises = [], []
+    for v in dirs:
+        jumps, noises, slopes, slope_noises = [], [], [], []
         for h in steps:
             plus, minus = y[r], y[r + 1]
             r += 2
             jumps.append(np.abs(plus - 2 * f0 + minus) / h)
             noises.append(16 * eps * (np.abs(plus) + 2 * np.abs(f0) + np.abs(minus)) / h
                           + 1e-6 * np.maximum(np.abs(plus - f0), np.abs(f0 - minus)) / h)
+            slopes.append((plus - minus) / (2 * h))             # per unit of v * scale
+            slope_noises.append(16 * eps * (np.abs(plus) + np.abs(minus)) / (2 * h))
         (j1, j2), (_, n2) = jumps, noises
         hit = (j2 > n2) & (j2 >= 0.3 * j1)
         confirmed |= np.nan_to_num(hit).any(axis=1)
-    return [n for n, c in zip(candidates, confirmed) if c]
+        if d1 is not None:
+            (s1, s2), (_, sn2) = slopes, slope_noises
+            d1 = np.asarray(d1)
+            known = np.array([n < d1.shape[0] for n in candidates])  # d1 of the first rows
+            rows_d1 = np.full((P,) + d1.shape[1:], np.nan)
+            rows_d1[known] = d1[[n for n in candidates if n < d1.shape[0]]]
+            rows_d1 = rows_d1.reshape(P, s1.shape[1], -1)
+            g = np.einsum("pjm,pm->pj", rows_d1, (v[None, :] * scale)[:, list(wrt)])
+            converged = np.abs(s1 - s2) <= 0.25 * np.abs(s2 - g) + 2 * sn2
+            wrong = (np.abs(s2 - g) > 8 * sn2 + 0.01 * (np.abs(g) + np.abs(s2))) & converged
+            off |= np.nan_to_num(wrong & ~hit).any(axis=1)
+    kinks = [n for n, c in zip(candidates, confirmed) if c]
+    if d1 is None:
+        return kinks
+    return kinks, [n for n, c, o in zip(candidates, confirmed, off) if o and not c]
 
 
 def graph_points(call, d1, skip=(), points: int = GRAPH_POINTS, extra=()) -> list:
@@ -151,7 +173,7 @@ def graph_points(call, d1, skip=(), points: int = GRAPH_POINTS, extra=()) -> lis
 
 
 def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAPH_POINTS,
-                      extra=()):
+                      extra=(), at=None):
     """Autodiff against central differences of the forward pass, at up to ``points`` of the
     first rows of ``d1`` ((n, d_out, m), rows = points 0..n-1), in the model's dtype.
 
@@ -165,10 +187,11 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     oddly (a stationary point: a small gradient there is no saturation); ``disagree`` = points where the differences (converged: the same at both
     steps) and autodiff disagree; ``checked`` = the points looked at; ``fd_max`` (d_out,) the
     largest |finite-difference slope| per unit step along the random directions, scaled by
-    the input's size; ``noise`` (d_out,) the rounding level of that estimate."""
+    the input's size; ``noise`` (d_out,) the rounding level of that estimate. ``at``: the
+    points to look at, given (else :func:`graph_points` chooses them)."""
     n_rows = d1.shape[0]
     X_all = call.features()
-    pts = graph_points(call, d1, skip, points, extra)
+    pts = graph_points(call, d1, skip, points, extra) if at is None else list(at)
     result = {"moves": {}, "disagree": [], "checked": pts, "fd_max": None, "noise": None}
     if not pts:
         return result
@@ -212,9 +235,16 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
         (fd1, fd2), (_, noise2) = fds, noises
         g = np.einsum("pjm,pm->pj", d1[pts].astype(np.float64),
                       (v[None, :] * scale)[:, list(wrt)])
-        converged = np.abs(fd1 - fd2) <= 0.25 * np.abs(fd2 - g) + 2 * noise2
+        # converged: the same slope at both steps, and one that the step resolves (the
+        # slopes just left and just right differ less than the differences and autodiff do;
+        # a frequency the step cannot follow, sin(1000 x) in float32, fails this)
+        bend = np.abs(plus + minus - 2 * f0) / h                # the smaller step's
+        converged = (np.abs(fd1 - fd2) <= 0.25 * np.abs(fd2 - g) + 2 * noise2) & \
+            (bend <= 0.25 * np.abs(fd2 - g) + 2 * noise2)
         if kind == "zero":
             moving = np.nan_to_num((np.abs(fd2) > 8 * noise2) & converged)
+            if moving.any():
+                moving &= _finer_agree(call, X, scale, pts, v, steps[1], fd2, g, n_rows)
             hits = [pts[p] for p in np.flatnonzero(moving.any(axis=1))]
             if hits:
                 result["moves"][i] = (hits, moving.any(axis=0), np.nanmax(np.abs(fd2)))
@@ -238,6 +268,8 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
             level = 8 * 32 * eps * (np.abs(plus) + np.abs(minus) + 2 * np.abs(f0)) + 1e-300
             curved |= np.nan_to_num((even > level) & (even > odd)).any(axis=0)
             off = (np.abs(fd2 - g) > 8 * noise2 + 0.01 * (np.abs(g) + np.abs(fd2))) & converged
+            if np.nan_to_num(off).any():
+                off &= _finer_agree(call, X, scale, pts, v, steps[1], fd2, g, n_rows)
             disagree |= np.nan_to_num(off).any(axis=1)
             fd_max = np.fmax(fd_max, np.nanmax(np.abs(fd2), axis=0))
             noise_max = np.fmax(noise_max, np.nanmax(noise2, axis=0))
@@ -245,6 +277,91 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     result["fd_max"], result["noise"] = fd_max, noise_max
     result["curved"] = curved
     return result
+
+
+def _finer_agree(call, X, scale, pts, v, h, fd, g, n_rows) -> np.ndarray:
+    """(P, d_out) bool: whether central differences along ``v`` at the finer steps h/4 and
+    h/16 still give the slope ``fd`` (of step ``h``) rather than autodiff's ``g``, or are too
+    rounded to tell. A frequency that step h cannot follow (sin(1000 x), a positional
+    encoding in float32) averages out of the differences at every coarse step alike, which
+    reads as converged; finer steps start to follow it and move towards autodiff."""
+    rows, at = [], []
+    for t in (h / 4, h / 16):
+        for sign in (1.0, -1.0):
+            rows.append(X + sign * t * v * scale)
+            at += pts
+    y = _forward_rows(call, np.concatenate(rows).astype(call.dtype), at, batch_rows=n_rows)
+    if y is None:
+        return np.zeros_like(fd, dtype=bool)
+    y = y.reshape(len(rows), len(pts), -1)
+    eps = _effective_eps(call, y)
+    agree = np.ones_like(fd, dtype=bool)
+    for k, t in enumerate((h / 4, h / 16)):
+        plus, minus = y[2 * k], y[2 * k + 1]
+        slope = (plus - minus) / (2 * t)
+        noise = 32 * eps * (np.abs(plus) + np.abs(minus)) / (2 * t)
+        blurred = 8 * noise >= np.abs(fd - g)     # too rounded at this step to tell
+        agree &= blurred | (np.abs(slope - fd) <= 0.25 * np.abs(fd - g) + 2 * noise)
+    return np.nan_to_num(agree)
+
+
+def graph_consistency_float64(call, wrt, zero_inputs, pts, rows=None):
+    """:func:`graph_consistency` again at the points ``pts``, on a float64 copy of a float32
+    (or lower) model, with autodiff in float64 too; None where there is no float64 copy or it
+    fails. float32's steps (about 2% of x) do not resolve a high frequency (sin(1000 x), a
+    positional encoding), whose differences then read as a disagreement with autodiff, and
+    its rounding can hide a small one: a disagreement is claimed only where float64 sees it.
+    ``rows``: for a model that couples points, the batch (the first ``rows`` points) each
+    point is evaluated in; else the points are evaluated alone."""
+    if call.dtype == np.float64 or not pts:
+        return None
+    c64 = _float64_call(call)
+    if c64 is call:
+        return None
+    chosen = list(range(rows)) if rows is not None else list(pts)
+    sub = c64.with_args([a[chosen] for a in c64.args], verdict=call.verdict)
+    try:
+        (y,) = call.backend.forwards(sub, [sub.args])
+        if _effective_eps(sub, np.asarray(y, dtype=np.float64)) > 1e-10:
+            return None  # the copy computes in float32 inside (a function holding a model)
+        d1 = call.backend.derivatives(sub, sub.args, 1, wrt).orders[0]
+        at = list(pts) if rows is not None else list(range(len(pts)))
+        out = graph_consistency(sub, d1, wrt, zero_inputs, at=at)
+    except Exception:  # the copy is not a float64 model after all: keep the first look
+        return None
+    if rows is None:  # rows of the sub-call -> the points they stand for
+        out["checked"] = list(pts)
+        out["disagree"] = [pts[p] for p in out["disagree"]]
+        out["moves"] = {i: ([pts[p] for p in hits], outputs, top)
+                        for i, (hits, outputs, top) in out["moves"].items()}
+    return out
+
+
+REACH = (1.0, 3.0, 10.0, 30.0, 100.0)  # how far :func:`output_reach` moves x, in units of 1 + |x|
+
+
+def output_reach(call, points, wrt, reach=REACH):
+    """(d_out,) the largest change of each output when x moves far from ``points`` (along two
+    random directions over the ``wrt`` features, both ways, by ``reach`` times 1 + |x|): how
+    much the output can change at all. A model whose units are saturated at the points wakes
+    up farther out (its output then changes by about its own size); an output that is large
+    only by a constant offset does not. None where the model fails or gives no finite value
+    out there."""
+    if not points:
+        return None
+    X = call.features()[points].astype(np.float64)
+    scale = 1.0 + np.abs(X)
+    rows = [X] + [X + sign * t * v * scale for v in _directions(call.width, wrt, 2, seed=2)
+                  for t in reach for sign in (1.0, -1.0)]
+    y = _swept(call, rows, points)
+    if y is None:
+        return None
+    y = y.reshape(len(rows), len(points), -1)
+    with np.errstate(invalid="ignore"):
+        change = np.abs(y[1:] - y[0])
+    if not np.isfinite(change).any():
+        return None
+    return np.nanmax(np.where(np.isfinite(change), change, np.nan), axis=(0, 1))
 
 
 def jumps_only(call, points, inputs, wrt, reach: float = 0.5, steps: int = 24) -> dict:
@@ -255,20 +372,24 @@ def jumps_only(call, points, inputs, wrt, reach: float = 0.5, steps: int = 24) -
     same, and the largest of them stays as large when its interval is halved down to a few
     rounding steps of x (rounding, an integer cast, argmax: piecewise constant; a steep tanh
     spreads its change once the interval is narrow enough, a ReLU waking up changes at every
-    step after its kink). Empty when the model fails on the swept points."""
+    step after its kink). Empty when the model fails on the swept points, also on nearer
+    ones (a quarter and a sixteenth of ``reach``)."""
     if not points or not inputs:
         return {}
     X = call.features()[points].astype(np.float64)
     scale = 1.0 + np.abs(X)
-    ts = np.linspace(-reach, reach, 2 * steps + 1)
     directions = []
     for i in inputs:
         v = np.zeros(call.width)
         v[wrt[i]] = 1.0
         directions.append(v)
-    rows = [X + t * v * scale for v in directions for t in ts]
-    y = _swept(call, rows, points)
-    if y is None:
+    for near in (reach, reach / 4, reach / 16):  # nearer where the model fails farther out
+        ts = np.linspace(-near, near, 2 * steps + 1)  # (an index beyond a lookup table)
+        rows = [X + t * v * scale for v in directions for t in ts]
+        y = _swept(call, rows, points)
+        if y is not None:
+            break
+    else:
         return {}
     eps = _effective_eps(call, y)
     y = y.reshape(len(inputs), len(ts), len(points), -1)

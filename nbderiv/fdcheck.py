@@ -370,6 +370,13 @@ def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None) -> FiniteDif
             "gives the derivative of the piece the point sits in (e.g. a second derivative "
             "of 0 for ReLU) and the difference quotient averages across the kink"))
     other = tuple(sorted(set(check.nonsmooth_points) - set(check.kink_points)))
+    at_kink = set(next((f.points for f in result.findings if f.code == "at-kink"), ()))
+    convention = tuple(n for n in other if n in at_kink)
+    other = tuple(n for n in other if n not in at_kink)
+    if convention:
+        check.note = _join(check.note, (
+            f"at point(s) {_shown(convention)} autodiff returns its convention at a kink "
+            "(finding at-kink), not the slope the differences see"))
     if other:
         check.note = _join(check.note, (
             f"at point(s) {_shown(other)} even {ref_dtype.name} autodiff disagrees with the "

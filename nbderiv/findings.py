@@ -160,38 +160,56 @@ def wide_probe_points(args, n_points: int = WIDE_PROBE_POINTS, seed: int = 0) ->
 
 
 # -- kinks, coupling, dependence, non-finite values ---------------------------------------------
-def kink_finding(points) -> Finding | None:
+def kink_finding(points, conventions=()) -> Finding | None:
     """``at-kink`` at ``points``: candidates (an input of a piecewise function exactly at its
     kink) where the output's one-sided slopes were found to differ
-    (:func:`nbderiv.confirm.kinks_confirmed`)."""
-    points = list(points)
-    if not points:
+    (:func:`nbderiv.confirm.kinks_confirmed`); and at ``conventions``: candidates where the
+    output is smooth (kinks that cancel) but autodiff's convention at the kinks gives another
+    slope than the output's."""
+    points, conventions = list(points), list(conventions)
+    if not points and not conventions:
         return None
+    parts = []
+    if points:
+        parts.append(
+            f"{len(points)} point(s) sit exactly on a kink at index {_listed(points)}: an input "
+            "of a piecewise function (ReLU, clamp, max / min, abs, hardtanh, ...) is exactly at "
+            "its kink there (a ReLU's pre-activation exactly 0), and the output's slopes just "
+            "left and just right of the point differ (checked with one-sided finite "
+            "differences). The derivative there is the framework's convention for the kink "
+            "(e.g. relu'(0) = 0), not a true derivative: it does not exist there.")
+    if conventions:
+        parts.append(
+            f"{'At' if not points else 'And at'} {len(conventions)} point(s), index "
+            f"{_listed(conventions)}, inputs of piecewise functions are exactly at their kinks "
+            "while the output is smooth there (the kinks cancel, as in relu(z) - relu(-z) = z): "
+            "the output's slope is the same on both sides, but autodiff applies its convention "
+            "at each kink (relu'(0) = 0) and returns another value (checked with central "
+            "differences). The derivative reported there is wrong.")
     return Finding(
-        "at-kink", "warning",
-        f"{len(points)} point(s) sit exactly on a kink at index {_listed(points)}: an input of "
-        "a piecewise function (ReLU, clamp, max / min, abs, hardtanh, ...) is exactly at its "
-        "kink there (a ReLU's pre-activation exactly 0), and the output's slopes just left and "
-        "just right of the point differ (checked with one-sided finite differences). The "
-        "derivative there is the framework's convention for the kink (e.g. relu'(0) = 0), not "
-        "a true derivative: it does not exist there.",
-        "move the points slightly off the kink (e.g. x + 1e-6), or use a smooth activation.",
-        points=tuple(points),
+        "at-kink", "warning", " ".join(parts),
+        "move the points slightly off the kink (e.g. x + 1e-6), or use a smooth activation"
+        + ("; where the kinks cancel, write the function without them (relu(z) - relu(-z) "
+           "is z)." if conventions else "."),
+        points=tuple(sorted(points + conventions)),
     )
 
 
 def coupling_finding(ones_error: float, diag: float, n_points: int | None = None,
-                     unseen: bool = False, outside: tuple = ()) -> Finding:
+                     unseen: bool = False, outside: tuple = (), batch_stats: tuple = ()) -> Finding:
     """``ones_error``: largest |sum of the cross-terms dy_n/dx_m, m != n| over the points
     (what the ones trick adds); ``diag``: largest |dy_n/dx_n|. ``unseen``: autodiff sees none
     of the coupling and the forward pass could not be compared with it here. ``outside``: the
-    layers in training mode that ``model.eval()`` does not reach (kept in a plain list)."""
+    layers in training mode that ``model.eval()`` does not reach (kept in a plain list).
+    ``batch_stats``: batch norm layers without running statistics, which use the batch's
+    statistics in eval mode too (``model.eval()`` cannot help there)."""
     unseen_note = (
         " Autodiff sees none of that coupling (its cross-terms add up to 0): either it is not "
         "active at these points, or it runs through a step autodiff cannot follow (.item(), "
         ".detach(), a NumPy round trip), and then the blocks miss it. nbderiv could not compare "
         "them with the model's own outputs here (too many points for that, or random outputs); "
         "a call on a few dozen points, without randomness, would.") if unseen else ""
+    stats_note, stats_fix = _no_running_stats(batch_stats) if batch_stats else ("", None)
     return Finding(
         "coupled-samples", "warning",
         "one point's output depends on other points' inputs (batch statistics, BatchNorm in "
@@ -326,15 +344,19 @@ def graph_broken_finding(pairs, moved_points, disagree_points, slope,
     )
 
 
-def saturated_finding(outputs, ratio: float) -> Finding:
-    """``saturated``: max |dy/dx| * (size of x) / (size of y) is below SATURATED_BELOW."""
+def saturated_finding(outputs, ratio: float, reach: float | None = None) -> Finding:
+    """``saturated``: max |dy/dx| * (size of x) is below SATURATED_BELOW of the size of y and of
+    how much y changes when x moves far away (``reach``, the smallest over the outputs)."""
+    farther = "" if reach is None else (
+        f" Farther out y does change (by {reach:.3g} or more when x moves about 10-100 times "
+        "its size): the model is flat here, not everywhere.")
     return Finding(
         "saturated", "warning",
         f"the input gradients vanish: over these points, |dy/dx| times the size of x is at most "
         f"{ratio:.2g} of the size of y ({', '.join(outputs[:_MAX_LISTED])}), and finite "
-        "differences of the output agree. Typically tanh/sigmoid units are saturated (their "
-        "inputs far beyond about +-5, e.g. raw inputs in the hundreds), so every derivative is "
-        "almost 0 and training barely moves the model.",
+        f"differences of the output agree.{farther} Typically tanh/sigmoid units are saturated "
+        "(their inputs far beyond about +-5, e.g. raw inputs in the hundreds), so every "
+        "derivative is almost 0 and training barely moves the model.",
         "scale the inputs (standardise x to mean 0 and std 1, or a Rescaling/normalisation "
         "layer), and check the activations and the weight initialisation.",
     )

@@ -52,10 +52,12 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
         candidates = []
     else:
         candidates = call.kink_rows = backend.kink_points(call, args)
-    confirmed = confirm.kinks_confirmed(call, candidates, wrt) if candidates else []
-    f = kink_finding(confirmed)
+    confirmed, conventions = confirm.kinks_confirmed(call, candidates, wrt, d1=ders[0]) \
+        if candidates else ([], [])
+    f = kink_finding(confirmed, conventions)
     if f is not None:
         out.append(f)
+    confirmed = confirmed + conventions
     out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
     in_names = [call.names[i] for i in wrt]
     bad_first = set(non_finite_points(y, ders[0]))  # rows of y or d1 with a NaN or inf
@@ -108,6 +110,7 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         else:
             check = confirm.graph_consistency(call, d1, wrt, zero_inputs, skip=set(skip),
                                               extra=extremes)
+            check = _in_float64(call, check, wrt, zero_inputs, n_rows=d1.shape[0])
             if check["checked"] and check["fd_max"] is not None and not check["moves"] \
                     and not check["disagree"]:
                 agrees = call.facts.graph_agrees
@@ -140,9 +143,13 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
     if check["fd_max"] is not TRUSTED and not check["checked"]:
         unmoved[:] = False  # no point the forward pass could be compared at: unconfirmed
     stairs = np.zeros_like(zero)
-    if unmoved.any() and check["checked"]:  # changes in jumps only: piecewise constant
+    # the points to sweep: those compared (a structural model's autodiff is trusted, none
+    # were: its exact zeros may still be the flat stretches of a lookup or a rounding)
+    swept = check["checked"] or (confirm.graph_points(call, d1, skip)
+                                 if check["fd_max"] is TRUSTED else [])
+    if unmoved.any() and swept:  # changes in jumps only: piecewise constant
         inputs = [int(i) for i in np.flatnonzero(unmoved.any(axis=0))][:SWEPT_INPUTS]
-        for i, outputs in confirm.jumps_only(call, check["checked"], inputs, wrt).items():
+        for i, outputs in confirm.jumps_only(call, swept, inputs, wrt).items():
             stairs[:, i] = unmoved[:, i] & outputs
         if stairs.any():
             out.append(piecewise_constant_finding(
@@ -158,6 +165,22 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         if f is not None:
             out.append(f)
     return out
+
+
+def _in_float64(call, check, wrt, zero_inputs, n_rows) -> dict:
+    """``check`` (a float32 :func:`~nbderiv.confirm.graph_consistency`) looked at again in
+    float64 where it claims a cut (a disagreement, or a move where autodiff says 0), and
+    always for a forward pass that couples points unseen by autodiff (its small
+    disagreements can hide in float32's rounding): float32's differences cannot tell a cut
+    from a frequency its steps do not resolve. Kept as it is where there is no float64 copy,
+    and for models whose coupling autodiff sees (their d1 are per-point blocks)."""
+    if call.verdict is not None and call.verdict.coupled and call.hidden_coupling is None:
+        return check
+    if call.hidden_coupling is None and not (check["disagree"] or check["moves"]):
+        return check
+    rows = n_rows if call.hidden_coupling is not None else None
+    again = confirm.graph_consistency_float64(call, wrt, zero_inputs, check["checked"], rows)
+    return check if again is None else again
 
 
 SWEPT_INPUTS = 8  # inputs swept for piecewise-constant outputs (49 model rows per point each)
@@ -217,5 +240,15 @@ def _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows=None) -> Fi
         low &= ~curved
     if not low.any():
         return None
+    # the units wake up farther out: the output can change by about its size (an output that
+    # is large only by a constant offset, 1e6 + a small net, stays within that small net's
+    # range wherever x goes: its gradients are not small for it)
+    reach = confirm.output_reach(call, check["checked"] or confirm.graph_points(call, d1), wrt)
+    if reach is None:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low &= change / reach < SATURATED_BELOW
+    if not low.any():
+        return None
     return saturated_finding([out_names[j] for j in np.flatnonzero(low)],
-                             float(ratio[low].max()))
+                             float(ratio[low].max()), float(reach[low].min()))

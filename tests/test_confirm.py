@@ -1,0 +1,167 @@
+"""nbderiv.confirm: findings are confirmed at the points they name, and nothing else is claimed.
+
+Cases a tester brought: a float32 positional encoding whose high frequencies float32's
+difference steps cannot follow (read as a cut graph), a model that divides by the batch's
+largest |x| through ``.item()`` (a cut missed in float32), two ReLU kinks that cancel (autodiff
+0 where the slope is 1), and a net whose outputs carry a large constant offset (read as
+saturated). Truths: float64 ``vmap(jacrev)``, float64 central differences, closed forms.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+import nbderiv
+
+
+class PositionalEncoding(nn.Module):
+    """NeRF's encoding: sin and cos of 2^k pi x, k < L, then a small MLP."""
+
+    def __init__(self, L):
+        super().__init__()
+        self.L = L
+        self.mlp = nn.Sequential(nn.Linear(3 * 2 * L, 32), nn.Tanh(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        a = x[..., None] * (2.0 ** torch.arange(self.L, dtype=x.dtype) * torch.pi)
+        return self.mlp(torch.cat([torch.sin(a), torch.cos(a)], -1).flatten(1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_high_frequencies_in_float32_are_no_cut_graph(seed):
+    torch.manual_seed(seed)
+    model = PositionalEncoding(10).eval()
+    x = torch.rand(16, 3) * 2 - 1
+    twin = copy.deepcopy(model).double()
+    truth = vmap(jacrev(lambda p: twin(p[None])[0]))(x.double()).detach().numpy()
+    for m in (model, lambda z: model(z)):  # the module (a float64 copy exists) and a wrapper
+        d = nbderiv.derivatives(m, x)
+        assert "graph-broken" not in d.codes, [str(f) for f in d.findings]
+        assert np.abs(d[1] - truth).max() <= 1e-3 * np.abs(truth).max()
+
+
+def test_a_frequency_float32_steps_cannot_follow_is_no_cut_graph():
+    x = torch.linspace(-1, 1, 16).reshape(-1, 1)
+    d = nbderiv.derivatives(lambda z: torch.sin(5000 * z), x)
+    assert "graph-broken" not in d.codes, [str(f) for f in d.findings]
+    truth = 5000 * np.cos(5000 * x.double().numpy())
+    assert np.abs(d[1][:, 0, 0] - truth[:, 0]).max() <= 2e-3 * 5000
+
+
+class ByTheLargest(nn.Module):
+    """Divides by the batch's largest |x| through .item(): the forward pass couples points,
+    autodiff sees none of it (the point holding the largest |x| gets a wrong derivative)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x / x.abs().max().item())
+
+
+def _central_differences(model, x, h=1e-6):
+    """d y[n] / d x[n] of the forward pass on the whole batch, float64, other points fixed."""
+    x = x.double()
+    n, d_in = x.shape
+    out = None
+    with torch.no_grad():
+        for i in range(n):
+            for j in range(d_in):
+                p, q = x.clone(), x.clone()
+                p[i, j] += h
+                q[i, j] -= h
+                col = ((model(p) - model(q)) / (2 * h))[i].numpy()
+                if out is None:
+                    out = np.zeros((n, col.shape[0], d_in))
+                out[i, :, j] = col
+    return out
+
+
+@pytest.mark.parametrize("d_in,d_out,n", [(2, 1, 6), (2, 2, 8), (3, 1, 6), (3, 2, 8)])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_cut_through_item_is_found_in_float32(d_in, d_out, n, seed):
+    torch.manual_seed(seed)
+    model = ByTheLargest(nn.Sequential(nn.Linear(d_in, 8), nn.Tanh(), nn.Linear(8, d_out)))
+    x = torch.randn(n, d_in)
+    truth = _central_differences(copy.deepcopy(model).double(), x)
+    d = nbderiv.derivatives(model, x)
+    wrong = np.abs(d[1] - truth).max(axis=(1, 2)) > 1e-3 * np.abs(truth).max()
+    assert wrong.any()  # the point holding the largest |x|: autodiff is wrong there
+    assert "graph-broken" in d.codes, [str(f) for f in d.findings]
+
+
+def test_kinks_that_cancel_are_named_where_autodiff_is_wrong():
+    f = lambda z: torch.relu(z) - torch.relu(-z)  # noqa: E731 - == z, smooth, f'(0) = 1
+    x = torch.tensor([[-1.0], [0.0], [0.5]], dtype=torch.float64)
+    assert torch.equal(f(x), x)
+    d = nbderiv.derivatives(f, x)
+    assert d[1].ravel().tolist() == [1.0, 0.0, 1.0]  # autodiff's convention at 0: relu'(0) = 0
+    found = d.finding("at-kink")
+    assert found is not None and found.points == (1,), [str(g) for g in d.findings]
+    assert "cancel" in found.message and "relu(z) - relu(-z)" in found.fix
+    check = nbderiv.derivatives(f, x, check=True).check
+    assert "convention at a kink" in check.note
+    # a true kink (|z| at 0) keeps the plain wording; smooth points are not named
+    d = nbderiv.derivatives(lambda z: torch.relu(z) + torch.relu(-z), x)
+    assert d.finding("at-kink").points == (1,) and "cancel" not in d.finding("at-kink").message
+    assert nbderiv.derivatives(f, x[[0, 2]]).codes == []
+
+
+def test_an_output_offset_is_no_saturation():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    x = torch.linspace(-1, 1, 20).reshape(-1, 1).double()
+    with torch.no_grad():
+        pre = net[0](x)
+        net[2].bias.fill_(1e6)
+    assert pre.abs().max() < 2  # tanh units far from their flat tails
+    d = nbderiv.derivatives(net, x)
+    assert "saturated" not in d.codes, [str(f) for f in d.findings]
+    assert np.abs(d[1]).min() > 0.1
+
+
+def test_saturated_units_are_still_found_and_wake_up_farther_out():
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+        net[2].bias.fill_(3.0)
+    d = nbderiv.derivatives(net, torch.linspace(8, 9, 10).reshape(-1, 1))
+    assert "saturated" in d.codes
+    assert "Farther out y does change" in d.finding("saturated").message
+
+
+def test_a_lookup_failing_farther_out_is_piecewise_constant():
+    """The sweep for jumps moves x far enough to index beyond the table: it looks nearer."""
+    table = torch.tensor([[0.1], [0.7], [0.3], [0.9], [0.2]])
+    x = torch.tensor([[0.3], [1.6], [2.2], [3.5]])
+    lookup = lambda z: table[z[:, 0].long()]  # noqa: E731
+    assert lookup(torch.tensor([[0.3], [1.3]])).ravel().tolist() == pytest.approx([0.1, 0.7])
+    d = nbderiv.derivatives(lookup, x)
+    assert d.codes == ["piecewise-constant"], [str(f) for f in d.findings]
+
+
+def test_keras_lookups_are_piecewise_constant_not_independent_of_the_input():
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    emb = keras.Sequential([keras.Input((5,), dtype="int32"), L.Embedding(10, 3),
+                            L.GlobalAveragePooling1D(), L.Dense(1)])
+    tokens = np.random.default_rng(0).integers(0, 10, (4, 5))
+    other = tokens.copy()
+    other[0, 0] = (other[0, 0] + 1) % 10
+    assert float(emb(tokens)[0, 0]) != float(emb(other)[0, 0])  # the output depends on them
+    d = nbderiv.derivatives(emb, tokens)
+    assert "no-input-dependence" not in d.codes and "piecewise-constant" in d.codes, d.codes
+    table = tf.constant([[0.1], [0.7], [0.3], [0.9], [0.2]])
+    gather = lambda z: tf.gather(table, tf.cast(z[:, 0], tf.int32))  # noqa: E731
+    d = nbderiv.derivatives(gather, tf.constant([[0.3], [1.6], [2.2], [3.5]]))
+    assert d.codes == ["piecewise-constant"], d.codes
