@@ -277,7 +277,7 @@ class NbderivMagics(ExplainCell, Magics):
 
     def _widget(self, model, args):
         from .backends import framework_name
-        from .widgets import explore
+        from .widgets import explore, explorer_input_dim
 
         domain, n, framework = (-3.0, 3.0), 200, framework_name(model, framework=args.framework)
         separate = None if framework is None else _separate_inputs(model, framework)
@@ -286,9 +286,11 @@ class NbderivMagics(ExplainCell, Magics):
             raise UsageError(f"--widget explores a model of one argument; this one takes "
                              f"{len(separate)} separate inputs ({names}). Fix: plot it on a grid "
                              f"over them instead, e.g. %nnderiv {args.model} -2:2:50 --plot.")
-        d_in = None if framework is None else _input_width(model, framework, _WIDGET_FIX)
+        rng = None if args.x is None else parse_range(args.x)
+        d_in = None if framework is None else explorer_input_dim(
+            model, framework=framework, what="the explorer (--widget)", d_in_fix=_WIDGET_FIX,
+            model_name=args.model, x_name=args.x if args.x is not None and rng is None else None)
         if args.x is not None:
-            rng = parse_range(args.x)
             if rng is not None:
                 domain, n = (rng[0], rng[1]), rng[2] or RANGE_POINTS[1]
             else:
@@ -330,8 +332,8 @@ class NbderivMagics(ExplainCell, Magics):
 
 _RANGE_FIX = ("Fix: pass X as an array of shape (N, d_in) instead of a range, e.g. "
               "np.linspace(-2, 2, 200).reshape(-1, 1) for one input feature.")
-_WIDGET_FIX = ("Fix: open the explorer with the width given, "
-               "nbderiv.explore(model, d_in=...) (the number of input features).")
+_WIDGET_FIX = ("open the explorer with the width given, nbderiv.explore(model, d_in=...) (the "
+               "number of input features)")
 
 
 _EXPLORER_FIX = "Fix: pass d_in= (the number of input features)."

@@ -8,7 +8,7 @@ are built on ``matplotlib.figure.Figure`` directly (never pyplot), so nothing is
 globally, nothing is shown behind your back, and nothing leaks; a figure displays itself as
 PNG in a notebook (``_repr_png_``) even when pyplot was never imported. Plots draw the
 results they are given; the one exception is a ``reference`` given as a callable, which is
-differentiated at the result's points.
+differentiated at the result's points (:func:`nbderiv.reference.reference_derivatives`).
 
 >>> import torch, nbderiv
 >>> d = nbderiv.derivatives(torch.sin, torch.linspace(-3, 3, 50), order=2)
@@ -35,6 +35,7 @@ from .plot_figure import (
     tex_name,
 )
 from .plot_full import count_points, draw_jacobian, plot_jacobian
+from .reference import reference_derivatives
 from .result import Derivatives
 
 __all__ = ["NbderivFigure", "count_points", "derivative_label", "draw_jacobian", "grid_of",
@@ -114,18 +115,18 @@ def _reference_values(d: Derivatives, reference, orders, p) -> dict:
     if reference is None:
         return {}
     if callable(reference) and not isinstance(reference, Derivatives):
-        from .api import derivatives
-
-        reference = derivatives(reference, d.features.astype(np.float64), order=max(max(orders), 1),
-                                wrt=d.wrt, framework=d.framework)
+        # the true function: differentiated along the plotted input only, by the framework's
+        # autodiff where it works there, else (a NumPy function) by float64 central differences
+        truths, _ = reference_derivatives(reference, d.features, max(orders), [d.wrt[p]],
+                                          d.framework)
+        columns = {k: truths[k].reshape(d.n_points, -1) for k in orders}
+        _same_outputs(d, next(iter(columns.values())).shape[1])
+        return {k: np.broadcast_to(a, (d.n_points, d.n_outputs)) for k, a in columns.items()}
     if isinstance(reference, Derivatives):
         if reference.n_points != d.n_points:
             raise OptionError(f"the reference has {reference.n_points} points, the result "
                               f"{d.n_points}. Fix: compute both at the same x.")
-        if reference.n_outputs not in (1, d.n_outputs):
-            raise OptionError(f"the reference has {reference.n_outputs} outputs, the model "
-                              f"{d.n_outputs}. Fix: give one output (compared with each) or "
-                              f"{d.n_outputs}.")
+        _same_outputs(d, reference.n_outputs)
         return {k: np.broadcast_to(_pure(np.asarray(reference[k]), k, p),
                                    (d.n_points, d.n_outputs))
                 for k in orders if k <= reference.order}
@@ -150,6 +151,12 @@ def _reference_values(d: Derivatives, reference, orders, p) -> dict:
     return out
 
 
+def _same_outputs(d: Derivatives, n_outputs: int) -> None:
+    if n_outputs not in (1, d.n_outputs):
+        raise OptionError(f"the reference has {n_outputs} outputs, the model {d.n_outputs}. "
+                          f"Fix: give one output (compared with each) or {d.n_outputs}.")
+
+
 def _fd_values(d: Derivatives, orders, p) -> dict:
     ref = getattr(d.check, "reference", None) or {}
     if not ref:
@@ -165,8 +172,11 @@ def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, refe
 
     One differentiated input (or ``wrt=i``): one panel per order against x (points sorted,
     one line per output, legend ``y[j]``), with optional overlays: ``reference`` (a callable
-    for the true function, differentiated by nbderiv at the same points; a ``Derivatives``;
-    or a dict ``{k: values (N,) or (N, d_out)}``) and ``fd=True`` (``d.check.reference``).
+    for the true function of x, differentiated at the same points: by the framework's
+    autodiff when it works there, e.g. ``torch.sin``, else, a NumPy function such as
+    ``np.sin``, by float64 central differences; see
+    :func:`nbderiv.reference.reference_derivatives`; a ``Derivatives``; or a dict
+    ``{k: values (N,) or (N, d_out)}``) and ``fd=True`` (``d.check.reference``).
     Two inputs (or ``wrt=(i, j)``): heatmaps of y and each partial of the given ``orders``
     for one ``output`` (default 0), on the grid when the points form one, else scattered.
     Images and sequences (``len(d.in_shape)`` 3 or 2): saliency maps of the first ``points``

@@ -20,16 +20,21 @@ unit-tested (``w.image.value``), and a browser sees a new image whenever a contr
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import contextmanager
 
 import numpy as np
 
 from .backends import framework_name
-from .errors import NbderivError, OptionError
+from .errors import InputShapeError, ModelCallError, NbderivError, OptionError
 from .options import positive_int
+from .reference import reference_derivatives
 
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+EXPLORER_TAKES = ("works on models of flat feature inputs, x of shape (N, d_in), with one slider "
+                  "per input feature")
+D_IN_FIX = "pass d_in= (the number of input features)"
 
 
 # -- light helpers (no ipywidgets) ---------------------------------------------------------------
@@ -53,7 +58,7 @@ def input_dim(model, *, framework=None, d_in=None) -> int:
     """
     if d_in is not None:
         return positive_int(d_in, "d_in")
-    fix = "Fix: pass d_in= (the number of input features)."
+    fix = f"Fix: {D_IN_FIX}."
     fw = framework_name(model, framework=framework)
     if fw is not None:
         from .backends import get_backend
@@ -69,9 +74,68 @@ def input_dim(model, *, framework=None, d_in=None) -> int:
     try:
         derivatives(model, np.zeros((2, 1)), order=1, framework=fw)
     except NbderivError as exc:
-        raise OptionError(f"cannot tell how many inputs the model takes (it does not accept one "
-                          f"feature: {str(exc).split('. Fix')[0]}). {fix}") from None
+        text = str(exc).split(" Fix:")[0].rstrip(". ")
+        said = re.search(r"\bthe model raised .*", text)  # not the probe's layout again
+        said = said and re.sub(r" when nbderiv first called it on x of shape \([^)]*\) \(passed "
+                               r"as \([^)]*\)\)", "", said.group(0))
+        raise OptionError(f"cannot tell how many inputs the model takes: its first layer does not "
+                          f"say, and it does not accept one feature per point (nbderiv's probe, "
+                          f"x of shape (2, 1)): {said or text}. {fix}") from None
     return 1
+
+
+# -- what the explorer can show ------------------------------------------------------------------
+def point_shape(model, framework=None) -> tuple | None:
+    """The per-point shape the model's first layer expects when it has several axes (an image
+    (C, H, W) or (H, W, C), a sequence (T, F); None for sizes it leaves free), read without
+    calling the model; None for vectors of features and when it cannot be read."""
+    fw = framework_name(model, framework=framework)
+    if fw is None:
+        return None
+    from .backends import get_backend
+
+    try:
+        width = get_backend(fw).input_width(model)
+    except NbderivError:  # an unbuilt or lazy model: input_dim says what to do
+        return None
+    if isinstance(width, tuple) and len(width) > 1:
+        return width
+    return None
+
+
+def _saliency_fix(model_name: str, x_name: str) -> str:
+    return (f"%nnderiv {model_name} {x_name} --plot (saliency maps) or "
+            f"nbderiv.derivatives({model_name}, {x_name}).plot()")
+
+
+def explorer_input_dim(model, *, framework=None, d_in=None, what="nbderiv.explore",
+                       d_in_fix=D_IN_FIX, model_name="model", x_name=None) -> int:
+    """:func:`input_dim` for the explorer, which gives each input feature a slider: a model
+    whose points have several axes (images, sequences) is refused (``d_in=`` too), saying
+    what it takes and what shows its derivatives instead. ``what`` names the explorer,
+    ``d_in_fix`` the way to give the width, ``model_name`` / ``x_name`` the names in the
+    suggested ``%nnderiv`` line (the magic passes its own)."""
+    shape = point_shape(model, framework)
+    if shape is not None:
+        kind, one = ("images", "an image") if len(shape) >= 3 else ("sequences", "a sequence")
+        from .model_errors import expected_input
+
+        takes = expected_input(shape) or f"points of shape {shape}"
+        raise OptionError(
+            f"{what} {EXPLORER_TAKES}; this model takes {takes}: each point is {one}, "
+            "not a vector of features. Fix: see its derivatives with "
+            f"{_saliency_fix(model_name, x_name or kind)}.")
+    try:
+        return input_dim(model, framework=framework, d_in=d_in)
+    except OptionError as exc:
+        text, end = str(exc), f"Fix: {D_IN_FIX}."
+        if not text.endswith(end):
+            raise
+        raise OptionError(
+            f"{text[:-len(end)]}{what} {EXPLORER_TAKES}. Fix: {d_in_fix}, "
+            f"if the model takes vectors of features; if each point is an image or a sequence, "
+            f"see its derivatives with {_saliency_fix(model_name, x_name or 'images')} "
+            "instead.") from None
 
 
 def slider_grid(lo: float, hi: float, per_span: int = 50):
@@ -114,12 +178,20 @@ def explore(model, domain=(-3, 3), n=200, reference=None, *, framework=None, d_i
     models with several outputs), ``"input"`` (Dropdown, d_in > 1) with one FloatSlider per
     other input fixing its value (``"x[1]"``, ...), ``"domain"`` (FloatRangeSlider) and
     ``"finite differences"`` (Checkbox: overlay of ``check=True``). ``reference`` is the true
-    function (a callable taking the same (N, d_in) input); its derivatives are drawn dashed.
+    function (a callable taking the same (N, d_in) input); its derivatives are drawn dashed
+    and the readout gives the error against them. One in the model's framework
+    (``torch.sin``) is differentiated by autodiff, a NumPy function (``np.sin``) by float64
+    central differences (:func:`nbderiv.reference.reference_derivatives`).
+
+    The explorer is for models whose points are vectors of features, x of shape (N, d_in);
+    a model of images or sequences is refused with what shows its derivatives instead
+    (``%nnderiv model images --plot``).
 
     Returns an ``ipywidgets.VBox`` with ``w.image`` (an ``Image`` with the PNG plot),
     ``w.readout`` (an ``HTML`` summary), ``w.last_data`` (``x``, ``X``, ``y`` {k: (n,)},
-    ``reference`` / ``fd`` {k: (n,)} or None, ``derivatives``, ``elapsed_ms``...) and
-    ``w.refresh()``. Each change recomputes with :func:`nbderiv.derivatives` and redraws.
+    ``reference`` / ``fd`` {k: (n,)} or None, ``reference_method`` (``"autodiff"`` or
+    ``"central differences"``), ``derivatives``, ``elapsed_ms``...) and ``w.refresh()``.
+    Each change recomputes with :func:`nbderiv.derivatives` and redraws.
     ``d_in`` gives the input width when it cannot be read from the model (see
     :func:`input_dim`); ``point`` the starting values of the inputs; ``width`` the plot's
     width in pixels.
@@ -138,7 +210,12 @@ class _Explorer:
                  width):
         import ipywidgets as W
 
+        if reference is not None and not callable(reference):
+            raise OptionError(f"reference must be the true function of x, got "
+                              f"{type(reference).__name__}. Fix: e.g. reference=np.sin, or "
+                              "reference=torch.sin for a torch model.")
         self.model, self.reference = model, reference
+        self.reference_how = None  # how the reference is differentiated, once it is known
         self.framework = framework_name(model, framework=framework)
         self.n = positive_int(n, "n", 2, example=200)
         max_order = positive_int(max_order, "max_order", example=4)
@@ -148,7 +225,7 @@ class _Explorer:
                               f"Fix: order={max_order} or less, or max_order={order}.")
         lo, hi = domain_pair(domain)
         self.grid = slider_grid(lo, hi)
-        self.d_in = input_dim(model, framework=self.framework, d_in=d_in)
+        self.d_in = explorer_input_dim(model, framework=self.framework, d_in=d_in)
         point = np.zeros(self.d_in) if point is None else np.asarray(point, dtype=float)
         if point.shape != (self.d_in,):
             raise OptionError(f"point must hold {self.d_in} value(s) (one per input), got "
@@ -178,7 +255,12 @@ class _Explorer:
         self.dpi = max(30, int(width)) / 6.4
         self.readout = W.HTML()
         self.last_data = None
-        self.refresh(raise_errors=True)  # the first computation tells how many outputs
+        try:
+            self.refresh(raise_errors=True)  # the first computation tells how many outputs
+        except (InputShapeError, ModelCallError) as exc:
+            if isinstance(exc, ModelCallError) and "first called it" not in str(exc):
+                raise  # it failed while being differentiated: its own fix is the one
+            raise _points_refused(exc, self.n, self.d_in) from None
         if self.last_data is not None and self.last_data["derivatives"].n_outputs > 1:
             n_out = self.last_data["derivatives"].n_outputs
             c["output"] = W.Dropdown(options=[(f"y[{j}]", j) for j in range(n_out)], value=0,
@@ -259,8 +341,15 @@ class _Explorer:
         d = derivatives(self.model, X, order=k_max, wrt=[i], framework=self.framework,
                         check=s["fd"])
         ref = None
-        if self.reference is not None:
-            ref = derivatives(self.reference, X, order=k_max, wrt=[i], framework=self.framework)
+        if self.reference is not None:  # the true function: (N, d_out_ref) per order
+            truths, self.reference_how = reference_derivatives(
+                self.reference, X, k_max, [i], self.framework, how=self.reference_how)
+            ref = {k: truths[k].reshape(self.n, -1) for k in range(k_max + 1)}
+            if ref[0].shape[1] not in (1, d.n_outputs):
+                raise OptionError(
+                    f"the reference gives {ref[0].shape[1]} outputs per point, the model "
+                    f"{d.n_outputs}. Fix: give one output (compared with each) or "
+                    f"{d.n_outputs}.")
         computed = time.perf_counter()
         j = min(s["output"], d.n_outputs - 1)
 
@@ -272,7 +361,8 @@ class _Explorer:
             "domain": s["domain"], "fixed": s["fixed"], "fd_shown": s["fd"],
             "y": {k: pick(d[k], k) for k in range(k_max + 1)},
             "reference": None if ref is None else {
-                k: pick(ref[k], k, min(j, ref.n_outputs - 1)) for k in range(k_max + 1)},
+                k: a[:, min(j, a.shape[1] - 1)] for k, a in ref.items()},
+            "reference_method": None if ref is None else self.reference_how,
             "fd": None if not s["fd"] else {k: pick(v, k) for k, v in d.check.reference.items()},
             "derivatives": d,
         }
@@ -303,6 +393,19 @@ class _Explorer:
             parts.append("findings: " + ", ".join(f"<code>{_esc(f.code)}</code>"
                                                   for f in d.findings))
         return "<br>".join(parts)
+
+
+def _points_refused(exc, n: int, d_in: int) -> NbderivError:
+    """The model's refusal of the explorer's first points (its first call failed), with fixes
+    the explorer has (the model's own error says to reshape x, which is no control of the
+    explorer's)."""
+    body = str(exc).split(" Fix:")[0].rstrip(". ")
+    return type(exc)(
+        f"the model failed on the explorer's points, {n} points of {d_in} feature(s): {body}. "
+        f"nbderiv.explore {EXPLORER_TAKES}. Fix: if the model takes another number of "
+        f"features, pass d_in= with that number; if each point is an image or a sequence, see "
+        f"its derivatives with {_saliency_fix('model', 'images')} instead; else call the model "
+        f"yourself on x of shape ({n}, {d_in}) and fix the error it raises there.")
 
 
 @contextmanager

@@ -632,3 +632,41 @@ def test_a_range_on_a_built_subclassed_keras_model(shell):
     np.testing.assert_allclose(d[2][:, 0, 0, 0], 0.64 * tanh_k(0.8 * xs + 0.1, 2), atol=1e-5)
     msg = usage_error(shell, "ksub3 -1:1:9")  # three features: one does not fit
     assert msg.startswith("cannot tell how many inputs") and "Fix: pass X as an array" in msg
+
+
+def test_widget_on_images_says_the_explorer_takes_feature_vectors_and_what_works(shell):
+    """It said "Fix: pass d_in=" (no option of the magic's) and showed nbderiv's own probe
+    shape (2, 1); the explorer has a slider per input feature, so it cannot take images."""
+    result, _ = run(shell,
+                    "import numpy as np, torch\n"
+                    "torch.manual_seed(0)\n"
+                    "tcnn = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(),\n"
+                    "                           torch.nn.Flatten(), torch.nn.Linear(48, 5))\n"
+                    "timgs = torch.randn(3, 2, 6, 6)\n")
+    assert result.success, result.error_in_exec
+    models = [("tcnn", "timgs", "C=2 channels (shape (N, 2, H, W))")]
+    try:
+        _keras_backend()
+    except pytest.skip.Exception:
+        pass
+    else:
+        result, _ = run(shell,
+                        "import keras\n"
+                        "keras.utils.set_random_seed(0)\n"
+                        "kcnn = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3),\n"
+                        "                         keras.layers.Flatten(), keras.layers.Dense(5)])\n"
+                        "kimgs = np.random.default_rng(0).normal(size=(3, 6, 6, 2))"
+                        ".astype('float32')\n")
+        assert result.success, result.error_in_exec
+        models.append(("kcnn", "kimgs", "points of shape (6, 6, 2)"))
+    for name, images, takes in models:
+        for line in (f"{name} {images} --widget", f"{name} --widget"):
+            msg = usage_error(shell, line)
+            assert "the explorer (--widget) works on models of flat feature inputs, x of shape " \
+                "(N, d_in), with one slider per input feature" in msg
+            assert takes in msg and "each point is an image" in msg
+            assert "d_in=" not in msg and "(2, 1)" not in msg
+        msg = usage_error(shell, f"{name} {images} --widget")
+        assert f"Fix: see its derivatives with %nnderiv {name} {images} --plot" in msg
+        d, out = magic(shell, f"{name} {images} --plot")  # what it points to works
+        assert d.n_points == 3 and any("image/png" in o.data for o in out.outputs)

@@ -273,3 +273,75 @@ def test_plot_jacobian_is_full_jacobian_then_draw_jacobian():
     net = net.double()
     drawn = draw_jacobian(nbderiv.full_jacobian(net, x))
     np.testing.assert_allclose(_image(nbderiv.plot_jacobian(net, x)), _image(drawn))
+
+
+# -- reference=: a NumPy function by central differences, a framework one by autodiff -----------
+def _keras():
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    keras = pytest.importorskip("keras")
+    try:
+        import nbderiv.backends.tensorflow  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the Keras/TensorFlow backend is not importable: {exc}")
+    return keras
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_a_numpy_reference_is_drawn_with_its_true_derivatives(framework, torch_mlp):
+    """np.sin's lines were flat at 0 (Keras: the model's autodiff cannot see into NumPy) or
+    an error blaming the model (torch); they are sin, cos, -sin, -cos up to the accuracy of
+    float64 central differences."""
+    xs = np.linspace(-2, 2, 9)
+    if framework == "torch":
+        net = torch_mlp([1, 16, 1], seed=2)
+    else:
+        keras = _keras()
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16, activation="tanh"),
+                                keras.layers.Dense(1)])
+    d = nbderiv.derivatives(net, xs, order=3)
+    for fig in (nbderiv.plot_derivatives(d, reference=np.sin), d.plot(reference=np.sin)):
+        for k in range(4):
+            lines = _lines(fig.panels[k])
+            np.testing.assert_allclose(lines["reference"][:, 0], xs)
+            np.testing.assert_allclose(lines["reference"][:, 1], SIN[k](xs), atol=1e-6)
+            np.testing.assert_allclose(lines["network"][:, 1],
+                                       np.asarray(d[k]).reshape(-1), rtol=1e-6)
+
+
+def test_a_numpy_reference_is_differentiated_along_the_plotted_input():
+    X = np.stack([np.linspace(-1, 1, 7), np.full(7, 0.7)], axis=1)
+    d = nbderiv.derivatives(lambda z: torch.sin(z[:, :1]) * z[:, 1:], X, order=2,
+                            framework="torch")
+    fig = d.plot(wrt=0, reference=lambda z: np.sin(z[:, :1]) * z[:, 1:])
+    x0 = X[:, 0]
+    truth = {0: 0.7 * np.sin(x0), 1: 0.7 * np.cos(x0), 2: -0.7 * np.sin(x0)}
+    for k in range(3):
+        np.testing.assert_allclose(_lines(fig.panels[k])["reference"][:, 1], truth[k], atol=1e-6)
+    fig = d.plot(wrt=1, reference=lambda z: np.sin(z[:, :1]) * z[:, 1:])  # linear in x[1]
+    np.testing.assert_allclose(_lines(fig.panels[1])["reference"][:, 1], np.sin(x0), atol=1e-6)
+    np.testing.assert_allclose(_lines(fig.panels[2])["reference"][:, 1], 0.0, atol=1e-6)
+
+
+def test_a_framework_reference_stays_exact_and_a_failing_one_is_named():
+    keras = _keras()
+    xs = np.linspace(-2, 2, 9)
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, activation="tanh")])
+    d = nbderiv.derivatives(net, xs, order=3)
+    fig = d.plot(output=0, reference=keras.ops.sin)
+    for k in range(4):  # autodiff in float64: exact, where central differences are not
+        np.testing.assert_allclose(_lines(fig.panels[k])["y[0] reference"][:, 1], SIN[k](xs),
+                                   atol=1e-12)
+
+    def broken(x):
+        raise ZeroDivisionError("the truth is undefined here")
+
+    for result in (d, nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 5), order=1)):
+        with pytest.raises(OptionError, match="the reference failed") as info:
+            result.plot(reference=broken)
+        text = str(info.value)
+        assert "the truth is undefined here" in text and "the model raised" not in text
+        assert "reference=np.sin" in text

@@ -254,3 +254,155 @@ def test_the_readout_shows_the_error_against_the_reference_per_order():
         assert err > 1e-3 and f"{err:.2g}" in line  # the unit is not tanh itself
     plain = nbderiv.explore(tanh_unit(), domain=(-3, 3), n=50)
     assert "vs reference" not in plain.readout.value
+
+
+# -- reference=: a NumPy function by central differences, a framework one by autodiff -----------
+def _keras():
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    keras = pytest.importorskip("keras")
+    try:
+        import nbderiv.backends.tensorflow  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the Keras/TensorFlow backend is not importable: {exc}")
+    return keras
+
+
+def _keras_tanh_net(keras, d_in=1):
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    return keras.Sequential([keras.Input((d_in,)), L.Dense(16, activation="tanh"), L.Dense(1)])
+
+
+SIN_K = {0: np.sin, 1: np.cos, 2: lambda x: -np.sin(x), 3: lambda x: -np.cos(x)}
+
+
+def _check_numpy_sin_reference(w):
+    """The explorer's reference is sin and its derivatives (they were zeros: the model's
+    autodiff cannot see into np.sin), and the readout's errors are against them."""
+    data = w.last_data
+    assert data["reference_method"] == "central differences"
+    for k in range(data["order"] + 1):  # float64 central differences: about 1e-7 at order 3
+        np.testing.assert_allclose(data["reference"][k], SIN_K[k](data["x"]), atol=1e-6)
+    line = w.readout.value.split("max error vs reference: ")[1].split("<br>")[0]
+    for k in range(1, data["order"] + 1):
+        err = float(np.max(np.abs(data["y"][k] - SIN_K[k](data["x"]))))
+        assert f": {err:.2g}" in line, (k, err, line)
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_explore_with_a_numpy_reference_draws_its_true_derivatives(framework, torch_mlp):
+    if framework == "torch":
+        net = torch_mlp([1, 16, 1], seed=3)
+    else:
+        net = _keras_tanh_net(_keras())
+    w = nbderiv.explore(net, domain=(-2, 2), n=25, reference=np.sin)
+    _check_numpy_sin_reference(w)
+    w.controls["order"].value = 3  # recomputed the same way
+    _check_numpy_sin_reference(w)
+    # the same numbers as derivatives(..., reference=np.sin) reports
+    data = w.last_data
+    d = nbderiv.derivatives(net, data["X"], order=3, reference=np.sin)
+    for k in (1, 2, 3):
+        err = float(np.max(np.abs(data["y"][k] - data["reference"][k])))
+        np.testing.assert_allclose(err, d.reference_errors[k][0], rtol=1e-4)
+
+
+def test_explore_keeps_a_framework_reference_exact():
+    """A reference in the model's framework is still differentiated by its autodiff (exact:
+    central differences would be off by about 1e-9 here)."""
+    keras = _keras()
+    w = nbderiv.explore(_keras_tanh_net(keras), domain=(-2, 2), n=25, order=3,
+                        reference=lambda x: keras.ops.sin(x))
+    data = w.last_data
+    assert data["reference_method"] == "autodiff"
+    for k in range(4):
+        np.testing.assert_allclose(data["reference"][k], SIN_K[k](data["x"]), atol=1e-12)
+    w = nbderiv.explore(tanh_unit(), domain=(-2, 2), n=25, order=3, reference=torch.sin)
+    assert w.last_data["reference_method"] == "autodiff"
+    for k in range(4):
+        np.testing.assert_allclose(w.last_data["reference"][k], SIN_K[k](w.last_data["x"]),
+                                   atol=1e-12)
+
+
+def test_a_failing_reference_is_named_not_the_model(torch_mlp):
+    def broken(x):
+        raise ZeroDivisionError("the truth is undefined here")
+
+    for net in (torch_mlp([1, 8, 1]), _keras_tanh_net(_keras())):
+        with pytest.raises(OptionError, match="the reference failed") as info:
+            nbderiv.explore(net, domain=(-1, 1), n=10, reference=broken)
+        text = str(info.value)
+        assert "the truth is undefined here" in text and "the model raised" not in text
+        assert "Fix: " in text and "reference=np.sin" in text
+    with pytest.raises(OptionError, match="reference must be the true function"):
+        nbderiv.explore(tanh_unit(), reference=np.cos(1.0))
+    two = lambda x: np.concatenate([np.sin(x), np.cos(x)], axis=1)  # noqa: E731
+    with pytest.raises(OptionError, match="the reference gives 2 outputs per point, the model 1"):
+        nbderiv.explore(tanh_unit(), n=10, reference=two)
+
+
+# -- models whose points are images or sequences: refused with what works instead -----------------
+def _refused_for_shape(model, **kwargs) -> str:
+    with pytest.raises(OptionError) as info:
+        nbderiv.explore(model, **kwargs)
+    text = str(info.value)
+    assert "flat feature inputs, x of shape (N, d_in), with one slider per input feature" in text
+    assert "(2, 1)" not in text  # nbderiv's own probe is no shape of the user's
+    assert "%nnderiv model" in text and "--plot" in text
+    assert "Fix: pass d_in=" not in text
+    return text
+
+
+def test_explore_refuses_images_and_sequences_and_names_what_works():
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    cnn = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, activation="tanh"),
+                            L.Flatten(), L.Dense(5)])
+    for kwargs in ({}, {"d_in": 72}):  # d_in= gives the explorer vectors: no way around it
+        text = _refused_for_shape(cnn, **kwargs)
+        assert "points of shape (6, 6, 2)" in text and "each point is an image" in text
+        assert "nbderiv.derivatives(model, images).plot()" in text
+    lstm = keras.Sequential([keras.Input((5, 3)), L.LSTM(4), L.Dense(1)])
+    text = _refused_for_shape(lstm)
+    assert "points of shape (5, 3)" in text and "each point is a sequence" in text
+    torch.manual_seed(0)
+    tcnn = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                               torch.nn.Linear(48, 5))
+    text = _refused_for_shape(tcnn, d_in=72)
+    assert "C=2 channels (shape (N, 2, H, W))" in text
+    # and what it points to works: saliency maps of the images
+    images = np.random.default_rng(0).normal(size=(4, 6, 6, 2)).astype("float32")
+    fig = nbderiv.derivatives(cnn, images).plot()
+    assert bytes(fig.to_png()).startswith(b"\x89PNG")
+
+
+class _TorchCNN(torch.nn.Module):
+    """A CNN whose input shape cannot be read without calling it (not an nn.Sequential)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(48, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_explore_of_a_model_of_unknown_shape_says_what_the_explorer_takes():
+    torch.manual_seed(0)
+    cnn = _TorchCNN()
+    with pytest.raises(OptionError) as info:
+        nbderiv.explore(cnn)
+    text = str(info.value)
+    assert "flat feature inputs, x of shape (N, d_in)" in text
+    assert "nbderiv's probe, x of shape (2, 1)" in text  # the shape said to be nbderiv's
+    assert "Fix: pass d_in= (the number of input features), if the model takes vectors" in text
+    assert "%nnderiv model images --plot" in text
+    with pytest.raises(ValueError) as info:  # d_in=72: the model fails on 72 features
+        nbderiv.explore(cnn, d_in=72)
+    text = str(info.value)
+    assert "the explorer's points, 200 points of 72 feature(s)" in text
+    assert "flat feature inputs" in text and "%nnderiv model images --plot" in text
+    assert "Fix: call the model yourself on that input the plain way" not in text
