@@ -54,6 +54,43 @@ def is_framework_object(obj) -> bool:
     return False
 
 
+def uncompiled(model):
+    """The model that ``torch.compile`` was given, for a compiled module (an
+    ``OptimizedModule``: its ``_orig_mod``) or a compiled function (its
+    ``_torchdynamo_orig_callable``, followed as torch itself follows it); else ``model``
+    itself. Its derivatives are those of the compiled one (the same parameters), and nested
+    autodiff runs on it where compiled backward graphs refuse ``create_graph``. Read from
+    the classes' names and the objects' own ``__dict__``: nothing is imported or called.
+
+    >>> def f(z):
+    ...     return z
+    >>> def compiled(z):  # what torch.compile(f) returns, in short
+    ...     return f(z)
+    >>> compiled._torchdynamo_orig_callable, compiled._torchdynamo_wrapper_id = f, id(compiled)
+    >>> uncompiled(compiled) is f, uncompiled(f) is f
+    (True, True)
+    """
+    for _ in range(8):  # torch.compile of a torch.compile'd function: each layer
+        cls = type(model)
+        try:
+            own = object.__getattribute__(model, "__dict__")
+        except (AttributeError, TypeError):
+            return model
+        if not isinstance(own, dict):
+            return model
+        if cls.__name__ == "OptimizedModule" and \
+                (getattr(cls, "__module__", "") or "").startswith("torch._dynamo"):
+            inner = (own.get("_modules") or {}).get("_orig_mod")
+        elif own.get("_torchdynamo_wrapper_id") == id(model):  # not a functools.wraps copy
+            inner = own.get("_torchdynamo_orig_callable")
+        else:
+            return model
+        if inner is None or not callable(inner):
+            return model
+        model = inner
+    return model
+
+
 @functools.lru_cache(maxsize=2048)
 def code_names(code) -> frozenset:
     """The global names a code object and the code nested in it load (``LOAD_GLOBAL``,

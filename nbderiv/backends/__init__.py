@@ -18,7 +18,7 @@ import importlib
 import sys
 
 from ..errors import BackendError, ModelTypeError, OptionError
-from ..wrapped import objects_inside
+from ..wrapped import objects_inside, uncompiled
 
 # name -> module that implements it, in detection order (Keras/TensorFlow before torch).
 _MODULES = {"tensorflow": "nbderiv.backends.tensorflow", "torch": "nbderiv.backends.torch"}
@@ -83,7 +83,11 @@ def framework_of_model(model) -> str | None:
 
     >>> framework_of_model(lambda x: x) is None
     True
+
+    A ``torch.compile``'d module or function counts as the model it was given
+    (:func:`nbderiv.wrapped.uncompiled`).
     """
+    model = uncompiled(model)
     kind = _framework_kind(model)
     if kind is None and callable(model):
         kinds = _wrapper_kinds(model)
@@ -94,6 +98,7 @@ def framework_of_model(model) -> str | None:
 def _of_model_or_input(model, x) -> str | None:
     """The model's framework, else x's; for a wrapper holding models of both frameworks, the
     one x belongs to."""
+    model = uncompiled(model)
     name, from_x = framework_of_model(model), framework_of_input(x)
     if name is not None and from_x is not None and from_x != name \
             and _framework_kind(model) is None and len(_wrapper_kinds(model)) > 1:

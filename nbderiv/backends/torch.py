@@ -20,14 +20,17 @@ import copy
 import inspect
 import itertools
 import math
-from contextlib import contextmanager
+import weakref
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 
 from ..call import Verdict
+from ..errors import ModelTypeError, NbderivError
 from ..inputs import check_output, check_target
 from ..memo import kept
+from ..wrapped import objects_inside, uncompiled
 from .base import Backend, Block, assemble
 from .torch_autodiff import (
     exact_norms,
@@ -43,6 +46,7 @@ from .torch_snapshot import TorchState, state_key
 from .torch_state import (
     DENSE,
     batched_backward_pays,
+    compiled_inside,
     dense_widths,
     expected_by,
     first_float_tensor,
@@ -54,6 +58,7 @@ from .torch_state import (
     np_dtype,
     plain_modules,
     refuse_lazy,
+    script_ops,
 )
 from .torch_taylor import taylor_derivatives, taylor_plan
 
@@ -101,6 +106,7 @@ class TorchBackend(Backend):
         return first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
 
     def argument_names(self, model, n_args):
+        model = uncompiled(model)
         fn = model.forward if isinstance(model, torch.nn.Module) else model
         try:
             params = list(inspect.signature(fn).parameters.values())
@@ -124,7 +130,13 @@ class TorchBackend(Backend):
         """fn(X) -> (n, d_out): splits the (n, D) feature matrix into the model's arguments,
         each reshaped to (n, *S_i), and the call's extras (keyword arguments, the target);
         ``flat=False`` keeps the output's own shape (n, *O)."""
-        model, shapes = call.model, [tuple(s) for s in call.point_shapes]
+        model, shapes = uncompiled(call.model), [tuple(s) for s in call.point_shapes]
+        # compiled code beneath the model runs as plain PyTorch (see _eager); a module
+        # compiled in place (module.compile()) runs its plain call, hooks included
+        eager = _eager if kept(call, "compiled inside", lambda: compiled_inside(model)) \
+            else nullcontext
+        if isinstance(model, torch.nn.Module) and vars(model).get("_compiled_call_impl"):
+            model = model._call_impl
         widths = [math.prod(s) for s in shapes]
         n_in, extras, constants = call.n_inputs, call.extras, dict(call.constants)
 
@@ -141,7 +153,8 @@ class TorchBackend(Backend):
                     kwargs[extra.name] = value
                 else:
                     target = value
-            out = model(*parts[:n_in], **kwargs)
+            with eager():
+                out = model(*parts[:n_in], **kwargs)
             if not isinstance(out, torch.Tensor):
                 check_output(None, False, "", X.shape[0], type(out).__name__)
             shape = check_output(tuple(out.shape), out.is_floating_point() or out.is_complex(),
@@ -157,7 +170,7 @@ class TorchBackend(Backend):
         whose width fits its first layer: d_out from the Linear layers, stochastic only with an
         active Dropout, never coupled. Else None, and the probe runs (it also reports an input
         the model rejects)."""
-        model = call.model
+        model = uncompiled(call.model)
         if len(call.args) != 1 or len(call.point_shapes[0]) != 1 \
                 or not plain_modules(model, DENSE):
             return None
@@ -187,8 +200,9 @@ class TorchBackend(Backend):
         batch (see :meth:`seeded_forwards`)."""
         fn = self._caller(call, flat=False)
         stacked = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
-        ys = []
-        with grad_enabled(False):
+
+        def run():
+            ys = []
             # each batch in fresh memory: a view at an odd offset of the stacked rows can take
             # another BLAS path and round differently, which would read as randomness
             for part in torch.split(stacked, batches[0][0].shape[0]):
@@ -196,6 +210,7 @@ class TorchBackend(Backend):
                     torch.manual_seed(seed)
                 ys.append(fn(part.clone()))
             return np.split(to_numpy(torch.cat(ys)), len(batches))
+        return _forward_only(call.model, run)
 
     def seeded_forwards(self, call, batches) -> list:
         cuda = [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
@@ -203,10 +218,12 @@ class TorchBackend(Backend):
             return self.forwards(call, batches, seed=0)
 
     def derivatives(self, call, args, order, wrt, out=None) -> Block:
+        _refuse_script_norms(call, order)
         X = self._tensor(call, args)
         widths = [a.shape[1] for a in args]
         vectors = all(len(shape) == 1 for shape in call.point_shapes)
-        plan = taylor_plan(call.model, widths) if len(wrt) == 1 and vectors else None
+        model = uncompiled(call.model)
+        plan = taylor_plan(model, widths) if len(wrt) == 1 and vectors else None
         if plan is not None:  # forward Taylor mode: linear layers and elementwise activations
             with grad_enabled(False):
                 if out is not None:  # straight into the result arrays
@@ -220,7 +237,7 @@ class TorchBackend(Backend):
         batch = kept(call, "batched", lambda: batched_backward_pays(call))
         forward = call.d_out > len(wrt)
         # reverse mode runs the model once: the kinks are looked for in that same pass
-        watcher = None if call.kink_rows is not None or kink_free(call.model) \
+        watcher = None if call.kink_rows is not None or kink_free(model) \
             or call.facts.kink_free else KinkWatcher(X.shape[0])
         with grad_enabled(True), exact_norms(order, forward=forward):
             y = None
@@ -249,6 +266,7 @@ class TorchBackend(Backend):
                      None if watcher is None else watcher.hits)
 
     def per_point_derivatives(self, call, args, order, wrt) -> Block:
+        _refuse_script_norms(call, order)
         fn = self._caller(call)
         base = self._tensor(call, args)
         rows, per_order = [], [[] for _ in range(order)]
@@ -290,13 +308,13 @@ class TorchBackend(Backend):
         cache (measured 1.3-2x faster per point than one batch of 10**5 on a 2-core CPU).
         Only for plain stacks of per-point layers on the CPU; otherwise no limit (a GPU wants
         large batches)."""
-        widths = dense_widths(call.model)
+        widths = dense_widths(uncompiled(call.model))
         if not widths or getattr(call.device, "type", "cpu") != "cpu":
             return None
         return int(min(8192, max(1024, 2 ** 18 // max(widths))))
 
     def bytes_per_point(self, call, order, m):
-        model, width, d_out = call.model, call.width, call.d_out
+        model, width, d_out = uncompiled(call.model), call.width, call.d_out
         if dense_widths(model) and getattr(call.device, "type", "cpu") == "cpu":
             # the work runs in blocks of block_rows rows (a few MB whatever N is), so only the
             # inputs (a numpy array and a tensor) grow with the number of points
@@ -326,7 +344,7 @@ class TorchBackend(Backend):
             return ()
 
         def kinds():
-            return {type(m).__name__ for _, m in named_modules(modules_of(call.model))}
+            return {_kind(m) for _, m in named_modules(modules_of(call.model))}
         found = kept(call, "module kinds", kinds)
         notes = ()
         if found & _ATTENTION:
@@ -338,34 +356,37 @@ class TorchBackend(Backend):
 
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, call, args, chunk=65536):
-        if kink_free(call.model):  # no layer that can call a piecewise-linear function
+        if kink_free(uncompiled(call.model)):  # no layer that can call a piecewise function
             return []
+        return _forward_only(call.model, lambda: self._kink_points(call, args, chunk))
+
+    def _kink_points(self, call, args, chunk):
         n = args[0].shape[0]
         hits = np.zeros(n, dtype=bool)
         fn = self._caller(call)
-        with grad_enabled(False):
-            if n > 16:  # a look at a few points first: no piecewise call at all, no search
-                few = KinkWatcher(8)
-                with few:
-                    fn(self._tensor(call, [a[:8] for a in args]))
-                if not few.calls:
-                    call.facts.kink_free = True  # not worth another look on this state
-                    return []
-            calls = 0
-            for s in range(0, n, chunk):
-                part = [a[s:s + chunk] for a in args]
-                watcher = KinkWatcher(part[0].shape[0])
-                with watcher:
-                    fn(self._tensor(call, part))
-                hits[s:s + chunk] = watcher.hits
-                calls += watcher.calls
-            if not calls:
-                call.facts.kink_free = True
+        if n > 16:  # a look at a few points first: no piecewise call at all, no search
+            few = KinkWatcher(8)
+            with few:
+                fn(self._tensor(call, [a[:8] for a in args]))
+            if not few.calls:
+                call.facts.kink_free = True  # not worth another look on this state
+                return []
+        calls = 0
+        for s in range(0, n, chunk):
+            part = [a[s:s + chunk] for a in args]
+            watcher = KinkWatcher(part[0].shape[0])
+            with watcher:
+                fn(self._tensor(call, part))
+            hits[s:s + chunk] = watcher.hits
+            calls += watcher.calls
+        if not calls:
+            call.facts.kink_free = True
         return np.flatnonzero(hits).tolist()
 
     def layer_summary(self, model) -> dict:
         """Activations, layers in training mode and opacity of the model, or of every torch
         module a wrapper holds (a wrapper is always opaque: it may do anything around them)."""
+        model = uncompiled(model)
         roots = modules_of(model)
         activations, train_mode, outside = [], [], []
         opaque = not isinstance(model, torch.nn.Module)
@@ -373,7 +394,7 @@ class TorchBackend(Backend):
         held = {id(m) for _, m in extra}
         for name, module in list(named_modules(roots)) + extra:
             cls = type(module)
-            kind = cls.__name__
+            kind = _kind(module)
             if kind in _ACTIVATION_NAMES:
                 activations.append(kind)
             if module.training and any(kind.startswith(p) for p in _STOCHASTIC_OR_BATCH):
@@ -384,8 +405,8 @@ class TorchBackend(Backend):
                     train_mode.append(f"{name or 'model'} ({kind})")
                     if id(module) in held:  # model.eval() does not reach it
                         outside.append(name)
-            if not cls.__module__.startswith("torch.nn") and type(module).forward is not \
-                    torch.nn.Sequential.forward:
+            if not cls.__module__.startswith("torch.nn") and inspect.getattr_static(
+                    cls, "forward", None) is not torch.nn.Sequential.forward:
                 opaque = True
         summary = {"activations": activations, "train_mode": train_mode, "opaque": opaque}
         if outside:
@@ -397,7 +418,7 @@ class TorchBackend(Backend):
         the innermost call began (the same walk and copy of the values)."""
         if self._saved and self._saved[-1][0] is model and isinstance(model, torch.nn.Module):
             return self._saved[-1][1].key()
-        return state_key(model)
+        return state_key(uncompiled(model))
 
     def input_width(self, model):
         """What the layer that receives the input expects, read without calling the model:
@@ -406,6 +427,7 @@ class TorchBackend(Backend):
         layer that surely comes first counts: the head of an ``nn.Sequential`` chain, or the
         first Linear of a module built from Linear layers and activations alone. A wrapper
         (lambda, partial): what the modules it holds expect, when they agree."""
+        model = uncompiled(model)
         if not isinstance(model, torch.nn.Module):
             roots = modules_of(model)
             refuse_lazy(roots)
@@ -439,13 +461,106 @@ class TorchBackend(Backend):
 
     def float64_copy(self, model):
         """A float64 copy of the model, layers kept in plain lists or dicts included (which
-        ``.to()`` does not reach)."""
+        ``.to()`` does not reach); a ``torch.compile``'d model's original."""
+        model = uncompiled(model)
         if isinstance(model, torch.nn.Module):
             twin = copy.deepcopy(model).to(torch.float64)
             for _, held in held_outside([twin]):
                 held.to(torch.float64)
             return twin
         return model
+
+
+def _kind(module) -> str:
+    """A module's class name; for a TorchScript module, the name of the class it was made from
+    (``Linear``, ``Dropout``), not ``RecursiveScriptModule``."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", None) or type(module).__name__
+    return type(module).__name__
+
+
+def _eager():
+    """Code that ``torch.compile`` compiled runs as plain PyTorch while nbderiv calls a model
+    that holds some (:func:`~nbderiv.backends.torch_state.compiled_inside`: a compiled
+    module or function inside a wrapper or a model): compiled backward graphs refuse
+    ``create_graph``, which nested autodiff needs, and the numbers are the same. Only for
+    those models: the stance makes every call about 10 ms slower."""
+    return torch.compiler.set_stance("force_eager")
+
+
+# models whose forward pass needs gradients recorded (torch.autograd.grad inside it: a PINN
+# residual), found when a forward-only pass without them failed and one with them worked
+_NEEDS_GRAD = weakref.WeakSet()
+
+
+def _forward_only(model, run):
+    """``run()``, the model's forward-only passes (no derivatives of them are taken), with
+    gradients off: less memory and time. A model that takes derivatives inside its forward
+    pass (``torch.autograd.grad`` of its output with respect to its input, as a PINN residual
+    does) fails without them: it is run again with them on, and is remembered as such. When
+    that fails too, the first error is raised."""
+    try:
+        known = model in _NEEDS_GRAD
+    except TypeError:  # not weakly referable, or unhashable
+        known = False
+    if known:
+        with grad_enabled(True):
+            return run()
+    try:
+        with grad_enabled(False):
+            return run()
+    except (NbderivError, MemoryError):
+        raise
+    except Exception as exc:
+        first = exc
+    try:
+        with grad_enabled(True):
+            out = run()
+    except Exception:
+        raise first from None
+    try:
+        _NEEDS_GRAD.add(model)
+    except TypeError:
+        pass
+    return out
+
+
+def _refuse_script_norms(call, order):
+    """From order 3, nbderiv differentiates layer norm, instance norm and batch norm with the
+    batch's statistics through plain formulas (:func:`~nbderiv.backends.torch_autodiff.
+    exact_norms`): PyTorch's fused kernels give wrong third derivatives. Inside TorchScript it
+    cannot swap them: refused."""
+    if order < 3:
+        return
+    ops = kept(call, "script ops", lambda: script_ops(call.model))
+    found = sorted(ops & {"layer_norm", "instance_norm"})
+    if "batch_norm" in ops and _batch_statistics(call.model):
+        found.append("batch_norm (with the batch's statistics)")
+    if found:
+        raise ModelTypeError(
+            f"the model runs TorchScript code (torch.jit.script / torch.jit.trace) that calls "
+            f"{' and '.join(found)}, whose fused kernel gives wrong derivatives from order 3; "
+            f"nbderiv computes them through the plain formula instead, which it cannot do "
+            f"inside TorchScript. Fix: differentiate the Python module you scripted or traced "
+            f"(nbderiv.derivatives(net, x, order={order}) instead of torch.jit.script(net)), or "
+            f"ask for order 2 at most.")
+
+
+def _batch_statistics(model) -> bool:
+    """Whether a batch norm may normalise with the batch's own statistics: a module in training
+    mode, a batch norm without running statistics, or a scripted function (which nbderiv
+    cannot read that from)."""
+    model = uncompiled(model)
+    script = torch.jit.ScriptFunction
+    if isinstance(model, script) or (not isinstance(model, torch.nn.Module) and any(
+            isinstance(o, script) for o in objects_inside(model))):
+        return True
+    roots = modules_of(model)
+    for _, m in itertools.chain(named_modules(roots), held_outside(roots)):
+        kind = getattr(m, "original_name", None) or type(m).__name__
+        if m.training or ("BatchNorm" in kind and getattr(m, "running_mean", None) is None):
+            return True
+    return False
 
 
 def _watched(fn, watcher):

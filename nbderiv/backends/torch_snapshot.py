@@ -75,7 +75,7 @@ class TorchState:
     def restore(self):
         with torch.no_grad():
             for store, name, t in self.registered:
-                if store.get(name) is not t:  # replaced (or deleted) inside forward
+                if _registered(store, name) is not t:  # replaced (or deleted) in forward
                     store[name] = t
             self.saved.put_back()
             for p, requires_grad, grad, value in self.params:
@@ -88,6 +88,15 @@ class TorchState:
         for m, mode in self.modes:
             if m.training is not mode:  # (nn.Module's __setattr__ is slow)
                 m.training = mode
+
+
+def _registered(store, name):
+    """The tensor registered under ``name`` in a ``_parameters`` / ``_buffers`` store, or
+    None: a dict, or a TorchScript module's ``OrderedDictWrapper`` (no ``.get``)."""
+    try:
+        return store.get(name)
+    except AttributeError:
+        return store[name] if name in store else None
 
 
 def _walk(state, found) -> list:
@@ -127,9 +136,23 @@ def _walk(state, found) -> list:
                 settings.append(_setting(name, value, objects, found, todo))
         if _own_classes(type(m)):
             settings.append(("class code", _code_state(type(m), objects, found, todo)))
+        if isinstance(m, torch.jit.ScriptModule) and "_c" in vars(m):
+            settings.append(("script attributes", _script_attributes(m, objects, found, todo)))
         parts.append((id(m), type(m), tuple(settings)))
         objects.append(m)
     return parts
+
+
+def _script_attributes(m, objects, found, todo) -> tuple:
+    """A TorchScript module's attributes as part of the key: they live in its C++ object, not
+    in ``vars(m)`` (``training``, numbers, flags and tensors of its own, settable from Python:
+    ``scripted.scale = 2.0``). A module whose attributes cannot be listed raises, and gets no
+    key (see :class:`TorchState`)."""
+    c, concrete = vars(m)["_c"], vars(m).get("_concrete_type")
+    if concrete is None:  # a traced module's top level: only its training flag of its own
+        return (("training", m.training),)
+    return tuple(_setting(name, c.getattr(name), objects, found, todo)
+                 for name in sorted(concrete.get_attributes()))
 
 
 def _store(state, store, objects, found) -> tuple:

@@ -13,25 +13,98 @@ puts back is :mod:`~nbderiv.backends.torch_snapshot`'s.
 from __future__ import annotations
 
 import itertools
+import re
+import sys
 
 import numpy as np
 import torch
 
 from ..errors import ModelTypeError, OptionError
-from ..wrapped import objects_inside
+from ..wrapped import objects_inside, uncompiled
 from .torch_taylor import global_hooks, runs_class_forward
 
 
 def modules_of(model) -> list:
     """The root torch modules of ``model``: ``[model]`` for an ``nn.Module``, else the modules
-    a wrapper holds (:func:`nbderiv.wrapped.objects_inside`) that are no submodule of another."""
+    a wrapper holds (:func:`nbderiv.wrapped.objects_inside`) that are no submodule of another;
+    a ``torch.compile``'d module or function counts as the one it was given
+    (:func:`~nbderiv.wrapped.uncompiled`)."""
+    model = uncompiled(model)
     if isinstance(model, torch.nn.Module):
         return [model]
     if not callable(model):
         return []
-    roots = [o for o in objects_inside(model) if isinstance(o, torch.nn.Module)]
+    roots = [uncompiled(o) for o in objects_inside(model) if isinstance(o, torch.nn.Module)]
     inner = {id(m) for r in roots for m in itertools.islice(r.modules(), 1, None)}
     return [r for r in roots if id(r) not in inner]
+
+
+def compiled_inside(model) -> bool:
+    """Whether calling the model runs code that ``torch.compile`` compiled beneath the model
+    itself (which :func:`~nbderiv.wrapped.uncompiled` unwraps): a compiled module or function
+    a wrapper holds, a compiled submodule (an ``OptimizedModule`` in the tree, or one compiled
+    in place with ``module.compile()``). Without ``torch._dynamo`` loaded, nothing was
+    compiled (and it is not imported here).
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> compiled_inside(lambda z: net(z))
+    False
+    """
+    if "torch._dynamo" not in sys.modules:
+        return False
+    model = uncompiled(model)
+    if isinstance(model, torch.nn.Module):
+        roots = [model]
+    elif callable(model):
+        inside = objects_inside(model)
+        if any((type(o).__module__ or "").startswith("torch._dynamo") for o in inside):
+            return True
+        roots = [o for o in inside if isinstance(o, torch.nn.Module)]
+    else:
+        return False
+    todo, seen = list(roots), set()
+    while todo:  # (faster than module.modules())
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        own = m.__dict__
+        if type(m).__name__ == "OptimizedModule" or (
+                m is not model and own.get("_compiled_call_impl") is not None):
+            return True
+        todo.extend(sub for sub in own.get("_modules", {}).values() if sub is not None)
+    return False
+
+
+def script_ops(model) -> frozenset:
+    """The operations (``layer_norm``, ``relu``, ...) of the TorchScript code the model runs:
+    a scripted or traced module (the model, a module inside it, or one a wrapper holds) or a
+    scripted function (the model, or one a wrapper holds); empty without TorchScript. What
+    nbderiv does around single operations in Python (plain norm formulas for higher orders,
+    the kink watcher) does not reach inside TorchScript, which runs its operations in C++.
+
+    >>> sorted(script_ops(torch.jit.script(torch.nn.Sequential(torch.nn.Tanh()))))
+    ['tanh']
+    """
+    model = uncompiled(model)
+    script, function = torch.jit.ScriptModule, torch.jit.ScriptFunction
+    found = [model] if isinstance(model, (script, function)) else []
+    if not isinstance(model, torch.nn.Module) and callable(model) and not found:
+        found += [o for o in objects_inside(model) if isinstance(o, function)]
+    roots = modules_of(model)
+    inside = set()  # a scripted module's own submodules: its inlined graph holds their code
+    for _, m in itertools.chain(named_modules(roots), held_outside(roots)):
+        if id(m) not in inside and isinstance(m, script):
+            found.append(m)
+            inside.update(id(sub) for sub in m.modules())
+    ops = set()
+    for code in found:
+        try:
+            graph = code.inlined_graph
+        except Exception:  # a scripted container without a forward of its own
+            continue
+        ops.update(re.findall(r"aten::(\w+)", str(graph)))
+    return frozenset(ops)
 
 
 def np_dtype(torch_dtype) -> np.dtype:
@@ -105,6 +178,8 @@ def held_outside(roots) -> list:
     todo = list(named_modules(roots))
     while todo:
         owner, module = todo.pop(0)
+        if isinstance(module, torch.jit.ScriptModule):  # a traced module's own script twin
+            continue
         for attribute, value in vars(module).items():
             if attribute in ("_parameters", "_buffers", "_modules") or "hooks" in attribute:
                 continue
