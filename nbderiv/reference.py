@@ -33,13 +33,28 @@ import itertools
 
 import numpy as np
 
-from .errors import OptionError
+from .errors import NbderivError, OptionError
 
 _EPS64 = float(np.finfo(np.float64).eps)
 
 
 def reference_errors(reference, call, result) -> dict:
     """{k: (max_abs, max_rel)} of ``result`` (a Derivatives) against ``reference``."""
+    try:
+        return _reference_errors(reference, call, result)
+    except NbderivError:
+        raise
+    except Exception as exc:  # the user's function failed on NumPy arrays
+        text = (str(exc).strip().splitlines() or [""])[0][:200].rstrip(".")
+        raise OptionError(
+            f"the reference raised {type(exc).__name__} on NumPy float64 arrays of x: {text}. "
+            "reference= takes functions of NumPy arrays (a framework function such as "
+            "torch.sin or tf.sin fails on them). Fix: e.g. reference=np.sin or "
+            "reference=lambda x: np.sin(x)."
+        ) from None
+
+
+def _reference_errors(reference, call, result) -> dict:
     X = np.concatenate([a.astype(np.float64) for a in call.args], axis=1)
     widths = call.widths
     if isinstance(reference, dict):

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import nbderiv  # noqa: E402
+from nbderiv.errors import OptionError  # noqa: E402
 from nbderiv.result import Derivatives, Finding  # noqa: E402
 
 
@@ -220,3 +221,12 @@ def test_the_error_against_a_reference_is_shown_per_order():
     assert "vs reference:" in d._repr_html_()
     plain = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 9), order=2)
     assert "vs reference" not in repr(plain) and plain.reference_errors is None
+
+
+def test_a_framework_function_as_reference_is_refused_with_the_numpy_form():
+    """reference= is a function of NumPy arrays; torch.sin fails on them: one clear error."""
+    x = torch.linspace(-1, 1, 5).reshape(-1, 1)
+    with pytest.raises(OptionError, match=r"the reference raised TypeError.*reference=np\.sin"):
+        nbderiv.derivatives(torch.sin, x, reference=torch.sin)
+    errors = nbderiv.derivatives(torch.sin, x, reference=np.sin).reference_errors
+    assert errors[1][0] < 1e-6  # d sin = cos, against float64 central differences
