@@ -63,7 +63,8 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
             call.hidden_coupling = (probe_points(call), ones_error, diag)
         else:
             call.findings.append(dg.coupling_finding(ones_error, diag, call.n,
-                                                     outside=layers.get("outside_tree", ())))
+                                                     outside=layers.get("outside_tree", ()),
+                                                     batch_stats=layers.get("batch_stats", ())))
         return block, layers
     rows, chunked = block_rows(call, order, len(wrt), chunk_size, memory_budget)
     block = run_blocks(call, order, wrt, rows, progress)
@@ -205,7 +206,7 @@ def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
             block, ones_error = per_point(few, min(order, 2), wrt)
             call.findings.append(dg.coupling_finding(
                 ones_error, float(abs(block.orders[0]).max()), few.n,
-                outside=layers.get("outside_tree", ())))
+                outside=layers.get("outside_tree", ()), batch_stats=layers.get("batch_stats", ())))
         else:
             with model_errors(few, f"differentiating it (order {min(order, 2)})"):
                 block = call.backend.derivatives(few, few.args, min(order, 2), wrt)

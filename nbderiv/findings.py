@@ -219,13 +219,29 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
         f"{ones_error:.3g} per point, next to per-point values up to {diag:.3g}: that is how "
         "far the grad_outputs=ones trick (column sums of the N x N Jacobian) would be off. "
         "nbderiv returned the true per-point blocks dy_n/dx_n with the other points held fixed "
-        "(cost grows like N**2); the model's running statistics were put back." + unseen_note,
+        "(cost grows like N**2); the model's running statistics were put back." + stats_note
+        + unseen_note,
+        stats_fix or
         ("call .eval() on " + ", ".join(outside[:6]) + ", kept in a plain list or dict where "
          "model.eval() does not reach (better: keep them in torch.nn.ModuleList), " if outside
          else "call model.eval() (or training=False) ") +
         "so each point is processed on its own, or "
         "remove the batch-coupling layers; nbderiv.full_jacobian(model, x) shows the cross-terms.",
     )
+
+
+def _no_running_stats(layers) -> tuple:
+    """(note, fix) for batch norm layers built with ``track_running_stats=False``: they have
+    no running statistics to switch to, so in eval mode too they use the batch's."""
+    names, one = ", ".join(layers[:6]), len(layers) == 1
+    return (f" {names} {'has' if one else 'have'} no running statistics "
+            "(track_running_stats=False): in eval mode too "
+            f"{'it normalizes' if one else 'they normalize'} with the statistics of the whole "
+            "batch, so model.eval() does not help.",
+            f"build {names} with track_running_stats=True and train the model (its running "
+            "statistics are then used in eval mode), or use a norm of each point on its own "
+            "(torch.nn.LayerNorm, torch.nn.GroupNorm); nbderiv.full_jacobian(model, x) shows "
+            "the cross-terms.")
 
 
 def non_finite_points(*arrays) -> list:

@@ -295,3 +295,164 @@ def test_keras_code_with_layer_normalization_at_order_2(keras):
     fd = (f(x64 + e) - 2 * f(x64) + f(x64 - e)) / h ** 2
     np.testing.assert_allclose(d[2][:, 0, 0, 0], fd, rtol=0.05, atol=0.05 * np.abs(fd).max())
     assert "plain_moments" not in nbderiv.derivatives(model, x, order=1).code
+
+
+# -- norm layers at order >= 3 --------------------------------------------------------------------
+# PyTorch's fused layer norm and instance norm kernels give wrong third derivatives (torch 2.13);
+# group norm and batch norm with running statistics do not. The code swaps the first two for the
+# plain formula; the truth is float64 vmap(jacrev) of the same network with its norm written out.
+def _normalized(h, dims, eps=1e-5):
+    mean = h.mean(dims, keepdim=True)
+    return (h - mean) / torch.sqrt(((h - mean) ** 2).mean(dims, keepdim=True) + eps)
+
+
+def _jacrev_truth(f, x, order):
+    from torch.func import jacrev, vmap
+
+    g = f
+    for _ in range(order):
+        g = jacrev(g)
+    return vmap(g)(x).detach().numpy()
+
+
+def _assert_code_matches_truth(d, model, x, truth_of_order):
+    F = torch.nn.functional
+    fused = F.layer_norm, F.instance_norm
+    ns = run_code(d, model, x)
+    assert (F.layer_norm, F.instance_norm) == fused  # PyTorch's own put back
+    for k in range(1, d.order + 1):
+        truth = truth_of_order(k)
+        scale = float(np.abs(truth).max())
+        assert scale > 0
+        for name, got in (("d.code", ns[f"d{k}"]), ("d", d[k])):
+            err = float(np.abs(got.reshape(truth.shape) - truth).max())
+            assert err <= 1e-9 * scale, f"{name} order {k}: {err:.3g} off, scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("order", [3, 4])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_torch_code_with_layer_norm_at_orders_3_and_4(act, order):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), act(), nn.LayerNorm(8), nn.Linear(8, 1)).double().eval()
+    with torch.no_grad():  # a weight and bias of the norm's own, not the defaults 1 and 0
+        model[2].weight.uniform_(0.5, 1.5)
+        model[2].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    lin1, norm, lin2 = model[0], model[2], model[3]
+
+    def written_out(p):
+        h = _normalized(act()(lin1(p)), -1) * norm.weight + norm.bias
+        return lin2(h)
+
+    d = nbderiv.derivatives(model, x, order=order)
+    assert "plain_layer_norm" in d.code and "instance_norm" not in d.code
+    _assert_code_matches_truth(d, model, x, lambda k: _jacrev_truth(written_out, x, k))
+
+
+class _NormedChannels(nn.Module):
+    """Linear -> tanh -> (2 channels x 3 steps) -> norm -> Linear, for per-point norms."""
+
+    def __init__(self, norm):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.norm, self.b = nn.Linear(2, 6), norm, nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)).reshape(-1, 2, 3)
+        return self.b(self.norm(h).flatten(1))
+
+
+def _instance_norm():
+    norm = nn.InstanceNorm1d(2, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.7, 1.3]))
+        norm.bias.copy_(torch.tensor([0.2, -0.4]))
+    return norm
+
+
+def _with_running_stats(norm):
+    norm.running_mean.copy_(torch.tensor([0.1, -0.2]))
+    norm.running_var.copy_(torch.tensor([0.5, 2.0]))
+    return norm
+
+
+NORMS = {  # name: (norm layer, the code swaps it?, the norm written out on (N, 2, 3))
+    "instance": (_instance_norm, True,
+                 lambda n, h: _normalized(h, -1) * n.weight[:, None] + n.bias[:, None]),
+    "instance-no-affine": (lambda: nn.InstanceNorm1d(2), True, lambda n, h: _normalized(h, -1)),
+    "instance-running-stats": (  # eval with running statistics: an affine map, nothing swapped
+        lambda: _with_running_stats(nn.InstanceNorm1d(2, track_running_stats=True)), True,
+        lambda n, h: (h - n.running_mean[:, None]) / torch.sqrt(n.running_var[:, None] + 1e-5)),
+    "group": (lambda: nn.GroupNorm(1, 2), False, lambda n, h: _normalized(h, (-2, -1))),
+    "batch-eval": (lambda: _with_running_stats(nn.BatchNorm1d(2)), False,
+                   lambda n, h: (h - n.running_mean[:, None])
+                   / torch.sqrt(n.running_var[:, None] + 1e-5)),
+}
+
+
+@pytest.mark.parametrize("order", [3, 4])
+@pytest.mark.parametrize("kind", list(NORMS))
+def test_torch_code_with_instance_group_and_batch_norm_at_orders_3_and_4(kind, order):
+    make, swapped, written = NORMS[kind]
+    model = _NormedChannels(make()).double().eval()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def written_out(p):
+        h = torch.tanh(model.a(p)).reshape(2, 3)
+        return model.b(written(model.norm, h).flatten())
+
+    d = nbderiv.derivatives(model, x, order=order)
+    assert ("plain_instance_norm" in d.code) == swapped
+    assert "plain_layer_norm" not in d.code
+    _assert_code_matches_truth(d, model, x, lambda k: _jacrev_truth(written_out, x, k))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm(3), _instance_norm])
+def test_torch_code_with_norms_at_orders_1_and_2_is_the_plain_code(norm, order):
+    """Up to d2 the fused kernels are right: the code is the one of a model without norms."""
+    model = _NormedChannels(norm()).double().eval()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    d = nbderiv.derivatives(model, x, order=order)
+    assert d.code == nbderiv.derivatives(tanh_net(dtype=torch.float64), x, order=order).code
+    n = model.norm
+
+    def written_out(p):
+        h = _normalized(torch.tanh(model.a(p)).reshape(2, 3), -1)
+        if n.weight is not None:
+            h = h * (n.weight if isinstance(n, nn.LayerNorm) else n.weight[:, None]) + (
+                n.bias if isinstance(n, nn.LayerNorm) else n.bias[:, None])
+        return model.b(h.flatten())
+
+    _assert_code_matches_truth(d, model, x, lambda k: _jacrev_truth(written_out, x, k))
+
+
+def test_torch_code_for_a_transformer_at_order_3_swaps_layer_norm_under_the_math_kernel():
+    """Both needs at once: the math attention kernel and the plain layer norm. The truth:
+    float64 central differences of d2 (which the fused kernels give right) along each input."""
+    from torch.func import jacrev, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0,
+                                                           batch_first=True), 1,
+                                enable_nested_tensor=False)
+    # two inputs made into a sequence of 2 steps of 4 features, one output: few partials
+    model = nn.Sequential(nn.Linear(2, 8), nn.Unflatten(1, (2, 4)), enc, nn.Flatten(),
+                          nn.Linear(8, 1)).double().eval()
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    d = nbderiv.derivatives(model, x, order=3)
+    assert "sdpa_kernel([SDPBackend.MATH])" in d.code and "plain_layer_norm" in d.code
+    ns = run_code(d, model, x)
+    hessian = vmap(jacrev(jacrev(lambda p: model(p[None])[0])))
+    h = 1e-4
+    with sdpa_kernel([SDPBackend.MATH]):
+        for i in range(2):
+            step = torch.zeros(2, dtype=torch.float64)
+            step[i] = h
+            truth = ((hessian(x + step) - hessian(x - step)) / (2 * h)).detach().numpy()
+            scale = float(np.abs(truth).max())
+            assert scale > 0.1
+            for name, got in (("d.code", ns["d3"]), ("d", d[3])):
+                err = float(np.abs(got[..., i] - truth).max())
+                assert err <= 1e-6 * scale, f"{name}: {err:.3g} off, scale {scale:.3g}"

@@ -389,3 +389,109 @@ def test_tensorflow_pitfall(name, tf_table):
     builder, x, expected = tf_table[name]
     framework = None if name.startswith("keras") else "tensorflow"
     check(builder, x, expected, framework)
+
+
+# -- the layer a finding blames, and a fix that works for it -----------------------------------
+class StackedRNN(nn.Module):
+    """An LSTM / GRU / RNN of ``layers`` layers with ``dropout`` between them, then a head."""
+
+    def __init__(self, cell, layers=2, dropout=0.3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = getattr(nn, cell)(3, 6, num_layers=layers, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def _central_d1(model, x, h=1e-5):
+    """float64 central differences of each point's output along each of its inputs."""
+    cols = []
+    with torch.no_grad():
+        for i in range(x[0].numel()):
+            step = torch.zeros(x[0].numel(), dtype=x.dtype)
+            step[i] = h
+            step = step.reshape(x.shape[1:])
+            cols.append((model(x + step) - model(x - step)) / (2 * h))
+    return torch.stack(cols, -1).numpy()  # (N, d_out, inputs)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_rnn_dropout_in_training_mode_is_the_layer_named(cell):
+    """The dropout between stacked recurrent layers is what makes the outputs random: the
+    finding names that layer (not "no layer in training mode explains it") and gives
+    model.eval(), which makes the derivatives right again."""
+    model = StackedRNN(cell).double()  # training mode, the default
+    x = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    found = [nbderiv.derivatives(model, x).finding("train-mode"),
+             next(f for f in nbderiv.diagnose(model, x, order=1) if f.code == "train-mode")]
+    for f in found:
+        assert f"rnn ({cell}, dropout=0.3 between its 2 layers)" in f.message, f.message
+        assert "no layer in training mode" not in f.message
+        assert "model.eval()" in f.fix
+    model.eval()
+    d = nbderiv.derivatives(model, x)
+    assert "train-mode" not in d.codes
+    truth = _central_d1(model, x).reshape(d[1].shape)
+    np.testing.assert_allclose(d[1], truth, rtol=1e-6, atol=1e-6 * np.abs(truth).max())
+
+
+@pytest.mark.parametrize("layers, dropout", [(1, 0.3), (2, 0.0)])
+def test_rnn_without_dropout_between_layers_is_not_train_mode(layers, dropout):
+    """One layer (PyTorch then never drops out: it warns) or no dropout: nothing random."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "dropout option adds dropout after all but last ..."
+        model = StackedRNN("LSTM", layers, dropout).double()
+    x = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d = nbderiv.derivatives(model, x)
+    assert "train-mode" not in d.codes
+    truth = _central_d1(model, x).reshape(d[1].shape)
+    np.testing.assert_allclose(d[1], truth, rtol=1e-6, atol=1e-6 * np.abs(truth).max())
+
+
+def _diagonal_blocks(model, x):
+    """dy_n/dx_n from the full cross-point Jacobian (N, d_out, N, d_in)."""
+    J = torch.autograd.functional.jacobian(model, x)
+    return np.stack([J[n, :, n].numpy() for n in range(len(x))])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_batch_norm_without_running_stats_fix_is_not_model_eval(mode):
+    """BatchNorm1d(track_running_stats=False) normalizes with the batch's statistics in
+    either mode: the coupled-samples finding says so and names the layer, and its fix is
+    not model.eval() (which the model may already be in, and which changes nothing)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False),
+                          nn.Tanh(), nn.Linear(4, 1)).double().train(mode == "train")
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d = nbderiv.derivatives(model, x)
+    assert d.codes == ["coupled-samples"]  # not train-mode: the layer is the same in eval
+    found = [d.finding("coupled-samples"),
+             next(f for f in nbderiv.diagnose(model, x, order=1) if f.code == "coupled-samples")]
+    for f in found:
+        assert "1 (BatchNorm1d) has no running statistics (track_running_stats=False)" \
+            in f.message, f.message
+        assert "model.eval() does not help" in f.message
+        assert "model.eval()" not in f.fix, f.fix
+        assert "build 1 (BatchNorm1d) with track_running_stats=True" in f.fix
+        assert "LayerNorm" in f.fix and "GroupNorm" in f.fix
+    np.testing.assert_allclose(d[1][:, 0], _diagonal_blocks(model, x)[:, 0], rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_batch_norm_with_running_stats_in_training_keeps_the_eval_fix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(),
+                          nn.Linear(4, 1)).double()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d = nbderiv.derivatives(model, x)
+    assert set(d.codes) == {"train-mode", "coupled-samples"}
+    assert "call model.eval()" in d.finding("coupled-samples").fix
+    assert "running statistics (track" not in d.finding("coupled-samples").message
+    assert "1 (BatchNorm1d)" in d.finding("train-mode").message
+    np.testing.assert_allclose(d[1][:, 0], _diagonal_blocks(model, x)[:, 0], rtol=1e-9,
+                               atol=1e-12)

@@ -338,8 +338,9 @@ class TorchBackend(Backend):
     def code_notes(self, call, order):
         """What plain nested autograd needs besides for this model (see
         :func:`~nbderiv.backends.torch_autodiff.exact_norms`): "attention" from order 2 (the
-        fused attention kernel has no second derivative: the math kernel), "norms" from order
-        3 (PyTorch's fused layer / batch norm kernels give wrong third derivatives)."""
+        fused attention kernel has no second derivative: the math kernel), "layer_norm" /
+        "instance_norm" from order 3 (those fused kernels give wrong third derivatives; batch
+        norm needs nothing: an affine map with running statistics, coupled points without)."""
         if order < 2:
             return ()
 
@@ -349,9 +350,10 @@ class TorchBackend(Backend):
         notes = ()
         if found & _ATTENTION:
             notes += ("attention",)
-        norms = ("LayerNorm", "BatchNorm", "InstanceNorm")
-        if order >= 3 and any(k.startswith(norms) for k in found):
-            notes += ("norms",)
+        if order >= 3:
+            notes += tuple(note for kind, note in (("LayerNorm", "layer_norm"),
+                                                   ("InstanceNorm", "instance_norm"))
+                           if any(kind in k for k in found))
         return notes
 
     # -- structure, for diagnostics --------------------------------------------------
@@ -388,7 +390,7 @@ class TorchBackend(Backend):
         module a wrapper holds (a wrapper is always opaque: it may do anything around them)."""
         model = uncompiled(model)
         roots = modules_of(model)
-        activations, train_mode, outside = [], [], []
+        activations, train_mode, outside, batch_stats = [], [], [], []
         opaque = not isinstance(model, torch.nn.Module)
         extra = held_outside(roots)  # in plain lists or dicts: outside the module tree
         held = {id(m) for _, m in extra}
@@ -397,12 +399,22 @@ class TorchBackend(Backend):
             kind = _kind(module)
             if kind in _ACTIVATION_NAMES:
                 activations.append(kind)
-            if module.training and any(kind.startswith(p) for p in _STOCHASTIC_OR_BATCH):
+            # batch norm without running statistics: the batch's own in either mode
+            no_running = "BatchNorm" in kind and not getattr(module, "track_running_stats", True)
+            if no_running:
+                batch_stats.append(f"{name or 'model'} ({kind})")
+            # an LSTM / GRU / RNN of several layers drops out between them in training
+            rnn_dropout = isinstance(module, torch.nn.RNNBase) and module.num_layers > 1 \
+                and module.dropout > 0
+            if module.training and (rnn_dropout or any(kind.startswith(p)
+                                                       for p in _STOCHASTIC_OR_BATCH)):
                 same_in_eval = (kind.startswith("Dropout") and getattr(module, "p", 1) == 0) or (
                     kind.startswith("InstanceNorm")  # its own statistics in either mode
-                    and not getattr(module, "track_running_stats", False))
+                    and not getattr(module, "track_running_stats", False)) or no_running
+                label = kind + (f", dropout={module.dropout:g} between its {module.num_layers}"
+                                " layers" if rnn_dropout else "")
                 if not same_in_eval:
-                    train_mode.append(f"{name or 'model'} ({kind})")
+                    train_mode.append(f"{name or 'model'} ({label})")
                     if id(module) in held:  # model.eval() does not reach it
                         outside.append(name)
             if not cls.__module__.startswith("torch.nn") and inspect.getattr_static(
@@ -411,6 +423,8 @@ class TorchBackend(Backend):
         summary = {"activations": activations, "train_mode": train_mode, "opaque": opaque}
         if outside:
             summary["outside_tree"] = outside
+        if batch_stats:
+            summary["batch_stats"] = batch_stats
         return summary
 
     def state_key(self, model) -> tuple:

@@ -45,16 +45,66 @@ def differentiate(t):
 
 '''
 
-_NORMS = '''\
-# CAUTION: PyTorch's fused layer / batch / instance norm kernels give wrong derivatives from order 3
-# on; nbderiv computes them with the plain formula, so this code's d3 (and higher) may differ.
+# torch.nn.functional's layer norm and instance norm run fused kernels whose derivatives are
+# right up to order 2 and WRONG from order 3 on. The code replaces them by the plain formula
+# while it differentiates (and puts PyTorch's own back). Batch norm needs nothing: with running
+# statistics it is a fixed affine map, and with batch statistics it couples the points.
+_NORM_FORMULA = '''\
+# PyTorch computes {names} with fused kernels: their derivatives are
+# wrong from order 3 on (d1 and d2 are right). While differentiating, the plain formula
+# below is used instead, and PyTorch's own functions are put back after.
+import torch.nn.functional as F
+
+
+def plain_norm(z, dims, eps):  # (z - mean) / sqrt(variance + eps) over dims, in plain operations
+    mean = z.mean(dims, keepdim=True)
+    variance = ((z - mean) ** 2).mean(dims, keepdim=True)
+    return (z - mean) / torch.sqrt(variance + eps)
+
 '''
+_LAYER_NORM = '''
+def plain_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    out = plain_norm(input, tuple(range(-len(normalized_shape), 0)), eps)  # the last axes
+    out = out if weight is None else out * weight
+    return out if bias is None else out + bias
+
+'''
+_INSTANCE_NORM = '''
+def plain_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                        use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats:  # running statistics: a fixed affine map, PyTorch's own is right
+        return original_instance_norm(input, running_mean, running_var, weight, bias,
+                                      use_input_stats, momentum, eps)
+    out = plain_norm(input, tuple(range(2, input.ndim)), eps)  # each point, each channel
+    channel = (1, -1) + (1,) * (input.ndim - 2)                # weight and bias per channel
+    out = out if weight is None else out * weight.reshape(channel)
+    return out if bias is None else out + bias.reshape(channel)
+
+'''
+_SWAPPED = {"layer_norm": _LAYER_NORM, "instance_norm": _INSTANCE_NORM}
+
+
+def _norm_swap(notes):
+    """The lines that put the plain formula in place of the fused norms named in ``notes``
+    and open ``try:``, and the ``finally:`` that puts PyTorch's own back; (None, None) when
+    no norm needs it."""
+    names = [n for n in _SWAPPED if n in notes]
+    if not names:
+        return None, None
+    fused = ", ".join(f"F.{n}" for n in names)
+    text = _NORM_FORMULA.format(names=" and ".join(f"F.{n}" for n in names))
+    text += "".join(_SWAPPED[n] for n in names)
+    text += f"\n{', '.join(f'original_{n}' for n in names)} = {fused}\n"
+    text += f"{fused} = {', '.join(f'plain_{n}' for n in names)}\ntry:"
+    restore = f"finally:  # put PyTorch's own back\n    {fused} = " + \
+        ", ".join(f"original_{n}" for n in names)
+    return text, restore
+
 
 _ATTENTION = '''\
 # The fused attention kernel has no second derivative: run under the math kernel.
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-with sdpa_kernel([SDPBackend.MATH]):'''
+'''
 
 
 def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
@@ -62,7 +112,7 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
     (default ``(width,)``), ``out_shape``: each point's output shape O (default (d_out,)):
     the code's ``d<k>`` then has nbderiv's layout (N,) + O + S * k. ``notes`` (see
     ``TorchBackend.code_notes``): "attention" runs the model under the math attention
-    kernel, "norms" adds a caution."""
+    kernel, "layer_norm" / "instance_norm" replace those fused kernels by the plain formula."""
     shapes = [tuple(s) for s in shapes] if shapes else [(w,) for w in widths]
     many = len(shapes) == 1 and len(shapes[0]) > 1  # one argument, points of several axes
     if len(shapes) == 1:
@@ -85,17 +135,25 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
     head = _CODE_HEAD.format(make_x=make_x, point_axes="*S" if many else "d_in",
                              more="the point's own axes once more" if many
                              else "one more input axis")
-    lines = [(_NORMS if "norms" in notes else "") + head]
+    lines = [head]
     pad = ""
     if "attention" in notes:
         lines.append(_ATTENTION)
+    swap, restore = _norm_swap(notes)
+    if swap:
+        lines.append(swap)
         pad = "    "
+    if "attention" in notes:
+        lines.append(f"{pad}with sdpa_kernel([SDPBackend.MATH]):")
+        pad += "    "
     lines.append(f"{pad}y = {call}.reshape(len(X), -1)   # (N, d_out)")
     axes = "N, d_out"
     for k in range(1, order + 1):
         axes += ", *S" if many else ", d_in"
         src = "y" if k == 1 else f"d{k - 1}_all"
         lines.append(f"{pad}d{k}_all = differentiate({src})    # ({axes}): order {k}")
+    if restore:
+        lines.append(restore)
     if wrt is not None:
         lines.append("")
     lines += code_keeping_wrt(wrt)
