@@ -180,9 +180,14 @@ def _code_for(backend, widths, order, wrt, coupled=False, extras=False, shapes=N
                 "# alone: pass the same keyword arguments and select the target outputs yourself.\n"
                 ) + code
     if coupled:
+        remedy = ("Call model.eval() first (a BatchNorm built with\n"
+                  "# track_running_stats=False couples points in eval mode too: see the finding).\n"
+                  if backend.name == "torch" else
+                  "Call the model with training=False, and do not force a layer into\n"
+                  "# training mode inside call() (e.g. BatchNormalization()(h, training=True)).\n")
         code = ("# CAUTION: this model couples points (finding coupled-samples). The code below\n"
                 "# uses the grad_outputs=ones trick, which then returns column sums of the N x N\n"
-                "# Jacobian, NOT the per-point blocks in d[k]. Call model.eval() first.\n") + code
+                "# Jacobian, NOT the per-point blocks in d[k]. " + remedy) + code
     return code
 
 

@@ -456,3 +456,28 @@ def test_torch_code_for_a_transformer_at_order_3_swaps_layer_norm_under_the_math
             for name, got in (("d.code", ns["d3"]), ("d", d[3])):
                 err = float(np.abs(got[..., i] - truth).max())
                 assert err <= 1e-6 * scale, f"{name}: {err:.3g} off, scale {scale:.3g}"
+
+
+@needs_keras
+def test_the_caution_for_a_coupled_model_gives_its_frameworks_remedy(keras):
+    """Keras models have no .eval(): their caution says training=False instead."""
+    net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).train()
+    code = nbderiv.derivatives(net, torch.rand(6, 2)).code
+    assert "CAUTION" in code and "model.eval()" in code
+    import tensorflow as tf
+
+    class Forced(keras.Model):  # batch statistics always: points coupled
+        def __init__(self):
+            super().__init__()
+            self.d1, self.bn, self.d2 = (keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                                         keras.layers.Dense(1))
+
+        def call(self, x):
+            return self.d2(tf.tanh(self.bn(self.d1(x), training=True)))
+
+    model = Forced()
+    x = np.random.default_rng(0).random((6, 2)).astype("float32")
+    model(x)
+    d = nbderiv.derivatives(model, x)
+    assert "coupled-samples" in d.codes
+    assert "training=False" in d.code and ".eval()" not in d.code
