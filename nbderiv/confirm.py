@@ -64,12 +64,23 @@ def _directions(width: int, wrt, count: int, seed: int = 0) -> list:
     return out
 
 
-def _effective_eps(call, y) -> float:
+def _effective_eps(call, y, half=False) -> float:
     """The rounding unit the outputs were computed with: float32's if every value is exactly a
-    float32 (a "float64" copy that computed in float32), else the dtype's."""
+    float32 (a "float64" copy that computed in float32), else the dtype's. ``half``: also
+    bfloat16's or float16's if every value is exactly one (autocast inside the model, then
+    ``.float()``); only where a larger unit can only withhold a claim (not for sweeps that
+    look for jumps: small integer outputs are exact bfloat16 values too)."""
     eps = float(np.finfo(call.dtype).eps)
+    f32 = float(np.finfo(np.float32).eps)
     if call.dtype == np.float64 and np.all(y.astype(np.float32).astype(np.float64) == y):
-        eps = float(np.finfo(np.float32).eps)
+        eps = f32
+    if half and eps <= f32:
+        finite = y[np.isfinite(y)].astype(np.float32)
+        if finite.size and np.array_equal(finite.astype(np.float64), y[np.isfinite(y)]):
+            if not np.any(finite.view(np.uint32) & 0xFFFF):  # bfloat16: 8 bits of mantissa
+                eps = 2.0 ** -7
+            elif np.array_equal(finite.astype(np.float16).astype(np.float32), finite):
+                eps = float(np.finfo(np.float16).eps)
     return eps
 
 
@@ -218,6 +229,8 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
     P = len(pts)
     y = y.reshape(len(rows), P, -1)
     eps = _effective_eps(call, y)
+    # claims (a cut) allow for the rounding the outputs really have: bfloat16's under autocast
+    claim = _effective_eps(call, y, half=True) / eps
     f0, y = y[0], y[1:]
     result["varies"] = {}
     curved = np.zeros(y.shape[2], dtype=bool)
@@ -242,7 +255,7 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
         converged = (np.abs(fd1 - fd2) <= 0.25 * np.abs(fd2 - g) + 2 * noise2) & \
             (bend <= 0.25 * np.abs(fd2 - g) + 2 * noise2)
         if kind == "zero":
-            moving = np.nan_to_num((np.abs(fd2) > 8 * noise2) & converged)
+            moving = np.nan_to_num((np.abs(fd2) > 8 * claim * noise2) & converged)
             if moving.any():
                 moving &= _finer_agree(call, X, scale, pts, v, steps[1], fd2, g, n_rows)
             hits = [pts[p] for p in np.flatnonzero(moving.any(axis=1))]
@@ -267,7 +280,8 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
             even, odd = np.abs(plus + minus - 2 * f0), np.abs(plus - minus)
             level = 8 * 32 * eps * (np.abs(plus) + np.abs(minus) + 2 * np.abs(f0)) + 1e-300
             curved |= np.nan_to_num((even > level) & (even > odd)).any(axis=0)
-            off = (np.abs(fd2 - g) > 8 * noise2 + 0.01 * (np.abs(g) + np.abs(fd2))) & converged
+            off = (np.abs(fd2 - g) > 8 * claim * noise2 + 0.01 * (np.abs(g) + np.abs(fd2))) \
+                & converged
             if np.nan_to_num(off).any():
                 off &= _finer_agree(call, X, scale, pts, v, steps[1], fd2, g, n_rows)
             disagree |= np.nan_to_num(off).any(axis=1)
@@ -294,7 +308,7 @@ def _finer_agree(call, X, scale, pts, v, h, fd, g, n_rows) -> np.ndarray:
     if y is None:
         return np.zeros_like(fd, dtype=bool)
     y = y.reshape(len(rows), len(pts), -1)
-    eps = _effective_eps(call, y)
+    eps = _effective_eps(call, y, half=True)
     agree = np.ones_like(fd, dtype=bool)
     for k, t in enumerate((h / 4, h / 16)):
         plus, minus = y[2 * k], y[2 * k + 1]

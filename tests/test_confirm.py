@@ -165,3 +165,31 @@ def test_keras_lookups_are_piecewise_constant_not_independent_of_the_input():
     gather = lambda z: tf.gather(table, tf.cast(z[:, 0], tf.int32))  # noqa: E731
     d = nbderiv.derivatives(gather, tf.constant([[0.3], [1.6], [2.2], [3.5]]))
     assert d.codes == ["piecewise-constant"], d.codes
+
+
+class Autocast(nn.Module):
+    """A forward pass in bfloat16 autocast, returned as float32 (the usual way to write it):
+    its outputs are rounded to bfloat16's 8 bits, nothing is cut from the graph."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = self.net(x)
+        return y.float()
+
+
+def test_bfloat16_rounding_under_autocast_is_no_cut_graph():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Tanh(),
+                        nn.Conv2d(16, 16, 3, stride=2), nn.SiLU(), nn.Flatten(),
+                        nn.Linear(16 * 7 * 7, 4)).eval()
+    x = torch.randn(4, 3, 16, 16)
+    d = nbderiv.derivatives(Autocast(cnn), x)
+    assert "graph-broken" not in d.codes, [str(f) for f in d.findings]
+    # autodiff through the casts is the float64 network's derivative, to bfloat16's accuracy
+    twin = copy.deepcopy(cnn).double()
+    truth = vmap(jacrev(lambda p: twin(p[None])[0]))(x.double()).detach().numpy()
+    assert np.abs(d[1] - truth).max() <= 0.05 * np.abs(truth).max()
