@@ -193,3 +193,25 @@ def test_bfloat16_rounding_under_autocast_is_no_cut_graph():
     twin = copy.deepcopy(cnn).double()
     truth = vmap(jacrev(lambda p: twin(p[None])[0]))(x.double()).detach().numpy()
     assert np.abs(d[1] - truth).max() <= 0.05 * np.abs(truth).max()
+
+
+def test_a_model_returning_bfloat16_is_differentiated():
+    """Autocast without .float(): NumPy has no bfloat16; the results come back as float32."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.net(x)
+
+    x = torch.randn(5, 3)
+    d = nbderiv.derivatives(Bare(), x, order=2)
+    assert d[1].dtype == np.float32 and "graph-broken" not in d.codes
+    twin = copy.deepcopy(net).double()
+    truth = vmap(jacrev(lambda p: twin(p[None])[0]))(x.double()).detach().numpy()
+    assert np.abs(d[1] - truth).max() <= 0.03 * np.abs(truth).max()

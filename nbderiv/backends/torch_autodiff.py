@@ -144,7 +144,12 @@ def math_attention(on=True):
 
 
 def to_numpy(t) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    """A tensor's values as a NumPy array; bfloat16 (which NumPy lacks: a model run in
+    autocast) as float32, which holds every bfloat16 value exactly."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().numpy()
 
 
 def nested_reverse(fn, X, order, wrt, batch=False):
