@@ -8,7 +8,7 @@ are built on ``matplotlib.figure.Figure`` directly (never pyplot), so nothing is
 globally, nothing is shown behind your back, and nothing leaks; a figure displays itself as
 PNG in a notebook (``_repr_png_``) even when pyplot was never imported. Plots draw the
 results they are given; the one exception is a ``reference`` given as a callable, which is
-differentiated at the result's points (:func:`nbderiv.reference.reference_derivatives`).
+differentiated at the result's points (:func:`nbderiv.reference_views.reference_derivatives`).
 
 >>> import torch, nbderiv
 >>> d = nbderiv.derivatives(torch.sin, torch.linspace(-3, 3, 50), order=2)
@@ -35,7 +35,7 @@ from .plot_figure import (
     tex_name,
 )
 from .plot_full import count_points, draw_jacobian, plot_jacobian
-from .reference import reference_derivatives
+from .reference_views import reference_derivatives
 from .result import Derivatives
 
 __all__ = ["NbderivFigure", "count_points", "derivative_label", "draw_jacobian", "grid_of",
@@ -175,7 +175,7 @@ def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, refe
     for the true function of x, differentiated at the same points: by the framework's
     autodiff when it works there, e.g. ``torch.sin``, else, a NumPy function such as
     ``np.sin``, by float64 central differences; see
-    :func:`nbderiv.reference.reference_derivatives`; a ``Derivatives``; or a dict
+    :func:`nbderiv.reference_views.reference_derivatives`; a ``Derivatives``; or a dict
     ``{k: values (N,) or (N, d_out)}``) and ``fd=True`` (``d.check.reference``).
     Two inputs (or ``wrt=(i, j)``): heatmaps of y and each partial of the given ``orders``
     for one ``output`` (default 0), on the grid when the points form one, else scattered.

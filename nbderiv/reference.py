@@ -16,9 +16,10 @@ the largest |truth| of that order; points where the result or the truth is NaN/i
 left out.
 
 The plots and the explorer (``plot_derivatives(d, reference=f)``, ``explore(model,
-reference=f)``) take the reference's derivatives with :func:`reference_derivatives`: by the
-model framework's autodiff when ``f`` works there (``torch.sin``), else, for a NumPy
-function, by the same central differences as here.
+reference=f)``) take the reference's derivatives with
+:func:`nbderiv.reference_views.reference_derivatives`: by the model framework's autodiff
+when ``f`` works there (``torch.sin``), else, for a NumPy function, by the same central
+differences as here.
 
 >>> import numpy as np, torch, nbderiv
 >>> d = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 5, dtype=torch.float64),
@@ -81,77 +82,6 @@ def _evaluate(f, X, widths) -> np.ndarray:
     args = np.split(X, np.cumsum(widths)[:-1], axis=1)
     out = f(*args)
     return np.asarray(out, dtype=np.float64)
-
-
-AUTODIFF, CENTRAL = "autodiff", "central differences"
-
-
-def reference_derivatives(reference, X, order, wrt, framework=None, how=None) -> tuple:
-    """``(truths, how)`` for a reference given as a function of x, as the plots and the
-    explorer draw it: ``truths[k]`` (k = 0..order) the truth of d[k] at the points ``X``
-    (N, d_in), float64 of shape (N, d_out) + (len(wrt),) * k; ``how`` the way it was taken.
-
-    A function that works in the model's ``framework`` (``torch.sin``, a lambda of torch or
-    TensorFlow ops, or ``lambda x: x**2``, which works on anything) is differentiated by
-    that framework's autodiff through :func:`nbderiv.derivatives`, exactly (``"autodiff"``). A
-    NumPy function (``np.sin``: the framework cannot see inside it; autodiff raises, or
-    says the graph is broken and gives zeros) is differentiated the way
-    ``derivatives(..., reference=...)`` does it, by float64 central differences of the
-    function itself (``"central differences"``). Pass ``how`` from an earlier call to take the
-    same way again without trying the other. A reference that fails both ways raises an
-    OptionError saying the reference failed, with both reasons.
-
-    >>> import numpy as np
-    >>> X = np.linspace(0, 1, 5).reshape(-1, 1)
-    >>> truths, how = reference_derivatives(np.sin, X, 2, [0])
-    >>> how, float(np.abs(truths[1][:, 0, 0] - np.cos(X[:, 0])).max()) < 1e-7
-    ('central differences', True)
-    """
-    X = np.asarray(X, dtype=np.float64)
-    failures = []
-    if framework is not None and how != CENTRAL:
-        from .api import derivatives
-
-        try:
-            r = derivatives(reference, X, order=max(order, 1), wrt=list(wrt),
-                            framework=framework)
-        except Exception as exc:  # noqa: BLE001 - the reference's own errors too: reported below
-            failures.append(f"differentiated by {framework} autodiff, {_reason(exc)}")
-        else:
-            if "graph-broken" not in r.codes:
-                n = X.shape[0]
-                return ({k: np.asarray(r[k], dtype=np.float64).reshape(
-                    (n, -1) + (len(wrt),) * k) for k in range(order + 1)}, AUTODIFF)
-            failures.append(f"differentiated by {framework} autodiff, its derivatives are cut "
-                            "off (it leaves the framework's graph, e.g. through NumPy)")
-        if how == AUTODIFF:
-            raise _reference_failed(failures, X)
-    try:
-        return _central_differences(reference, X, [X.shape[1]], order, list(wrt)), CENTRAL
-    except Exception as exc:  # noqa: BLE001 - the reference's own errors too
-        failures.append(f"called on NumPy float64 x of shape {X.shape}, {_reason(exc)}")
-    raise _reference_failed(failures, X)
-
-
-def _reason(exc) -> str:
-    """What went wrong, in the words of the reference (nbderiv's errors speak of the model:
-    here the reference is the one nbderiv called)."""
-    from .errors import NbderivError
-
-    text = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, NbderivError):
-        text = text.split(" Fix:")[0].replace("the model", "the reference")
-        return text[:400].rstrip(". ")
-    return f"it raised {type(exc).__name__}: {text[:300].rstrip('. ')}"
-
-
-def _reference_failed(failures, X) -> OptionError:
-    return OptionError(
-        "the reference failed (the function given as reference=, not the model): "
-        + "; ".join(failures) + ". Fix: give the true function of x, taking x of shape "
-        f"(N, {X.shape[1]}) and returning y of shape (N,) or (N, d_out): a NumPy function "
-        "(reference=np.sin, differentiated by float64 central differences) or one in the "
-        "model's framework (reference=torch.sin, differentiated by autodiff).")
 
 
 def _shaped(value, shape, what) -> np.ndarray:

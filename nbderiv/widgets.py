@@ -29,7 +29,7 @@ import numpy as np
 from .backends import framework_name
 from .errors import InputShapeError, ModelCallError, NbderivError, OptionError
 from .options import positive_int
-from .reference import reference_derivatives
+from .reference_views import reference_derivatives
 
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 EXPLORER_TAKES = ("works on models of flat feature inputs, x of shape (N, d_in), with one slider "
@@ -181,7 +181,7 @@ def explore(model, domain=(-3, 3), n=200, reference=None, *, framework=None, d_i
     function (a callable taking the same (N, d_in) input); its derivatives are drawn dashed
     and the readout gives the error against them. One in the model's framework
     (``torch.sin``) is differentiated by autodiff, a NumPy function (``np.sin``) by float64
-    central differences (:func:`nbderiv.reference.reference_derivatives`).
+    central differences (:func:`nbderiv.reference_views.reference_derivatives`).
 
     The explorer is for models whose points are vectors of features, x of shape (N, d_in);
     a model of images or sequences is refused with what shows its derivatives instead
