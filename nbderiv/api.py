@@ -154,7 +154,16 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
         J = None if jacobian_budget is None else _full_of(call, byte_count(
             jacobian_budget, "jacobian_budget"))
     if reference is not None:  # the error against a known truth, per order
+        from .backends import model_framework
         from .reference import reference_errors
+
+        if not isinstance(reference, dict) and model_framework(reference) is not None:
+            raise OptionError(
+                f"reference= is a {type(reference).__name__} model; reference= takes a NumPy "
+                "function of x (its derivatives are taken by float64 central differences, "
+                "which a float32 model would fill with rounding). Fix: compare with the other "
+                "model's own derivatives, d_ref = nbderiv.derivatives(reference_model, x, "
+                "order=K), then np.abs(d[k] - d_ref[k]).max().")
 
         result.reference_errors = reference_errors(reference, call, result)
     # what plain nested autodiff needs besides for this model (a kernel, a formula)

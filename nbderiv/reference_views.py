@@ -37,6 +37,11 @@ def reference_derivatives(reference, X, order, wrt, framework=None, how=None) ->
     """
     X = np.asarray(X, dtype=np.float64)
     failures = []
+    from .backends import model_framework
+
+    own = model_framework(reference)
+    if own is not None:  # a model of either framework: its own autodiff (a float32 model's
+        framework, how = own, AUTODIFF  # central differences would be mostly rounding)
     if framework is not None and how != CENTRAL:
         from .api import derivatives  # (the layer above the core: plots and the explorer)
 

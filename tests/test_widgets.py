@@ -406,3 +406,22 @@ def test_explore_of_a_model_of_unknown_shape_says_what_the_explorer_takes():
     assert "the explorer's points, 200 points of 72 feature(s)" in text
     assert "flat feature inputs" in text and "%nnderiv model images --plot" in text
     assert "Fix: call the model yourself on that input the plain way" not in text
+
+
+def test_a_keras_model_as_the_reference_of_a_torch_model_is_differentiated_by_keras():
+    """Its own autodiff: float64 central differences of a float32 model are mostly rounding
+    at order 2 (a tester saw -sin off by 0.5)."""
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    inp = keras.Input((1,))
+    ref = keras.Model(inp, keras.ops.sin(inp))
+    w = nbderiv.explore(net, domain=(-2, 2), reference=ref)
+    x = np.asarray(w.last_data["x"]).ravel()
+    assert w.last_data["reference_method"] == "autodiff"
+    assert np.abs(np.asarray(w.last_data["reference"][1]).ravel() - np.cos(x)).max() < 1e-6
+    assert np.abs(np.asarray(w.last_data["reference"][2]).ravel() + np.sin(x)).max() < 1e-6
+    with pytest.raises(OptionError, match="d_ref = nbderiv.derivatives"):
+        nbderiv.derivatives(net, np.linspace(-2, 2, 9).reshape(-1, 1).astype(np.float32),
+                            order=2, reference=ref)

@@ -64,6 +64,18 @@ def _framework_kind(obj) -> str | None:
     return None
 
 
+def model_framework(obj) -> str | None:
+    """'tensorflow' or 'torch' when ``obj`` is itself a model (a torch module, a Keras layer or
+    model, a tf.Module), from its class alone; None for anything else (a function, a lambda,
+    a NumPy ufunc), whatever it calls.
+
+    >>> import numpy as np
+    >>> model_framework(np.sin) is None
+    True
+    """
+    return framework_of_model(obj) if _framework_kind(obj) is not None else None
+
+
 def _keras_framework() -> str:
     backend = _keras_backend_name()
     if backend == "tensorflow":
