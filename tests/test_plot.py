@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
+from checks import keras_or_skip  # noqa: E402
+
 import nbderiv  # noqa: E402
 from nbderiv.errors import OptionError  # noqa: E402
 from nbderiv.plot import (  # noqa: E402
@@ -276,18 +278,6 @@ def test_plot_jacobian_is_full_jacobian_then_draw_jacobian():
 
 
 # -- reference=: a NumPy function by central differences, a framework one by autodiff -----------
-def _keras():
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    keras = pytest.importorskip("keras")
-    try:
-        import nbderiv.backends.tensorflow  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"the Keras/TensorFlow backend is not importable: {exc}")
-    return keras
-
-
 @pytest.mark.parametrize("framework", ["torch", "tensorflow"])
 def test_a_numpy_reference_is_drawn_with_its_true_derivatives(framework, torch_mlp):
     """np.sin's lines were flat at 0 (Keras: the model's autodiff cannot see into NumPy) or
@@ -297,7 +287,7 @@ def test_a_numpy_reference_is_drawn_with_its_true_derivatives(framework, torch_m
     if framework == "torch":
         net = torch_mlp([1, 16, 1], seed=2)
     else:
-        keras = _keras()
+        keras = keras_or_skip()
         keras.utils.set_random_seed(0)
         net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16, activation="tanh"),
                                 keras.layers.Dense(1)])
@@ -326,7 +316,7 @@ def test_a_numpy_reference_is_differentiated_along_the_plotted_input():
 
 
 def test_a_framework_reference_stays_exact_and_a_failing_one_is_named():
-    keras = _keras()
+    keras = keras_or_skip()
     xs = np.linspace(-2, 2, 9)
     keras.utils.set_random_seed(0)
     net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, activation="tanh")])

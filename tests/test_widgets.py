@@ -11,6 +11,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")
 
+from checks import keras_or_skip  # noqa: E402
+
 import nbderiv  # noqa: E402
 from nbderiv.backends import framework_name  # noqa: E402
 from nbderiv.errors import OptionError  # noqa: E402
@@ -257,18 +259,6 @@ def test_the_readout_shows_the_error_against_the_reference_per_order():
 
 
 # -- reference=: a NumPy function by central differences, a framework one by autodiff -----------
-def _keras():
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    keras = pytest.importorskip("keras")
-    try:
-        import nbderiv.backends.tensorflow  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"the Keras/TensorFlow backend is not importable: {exc}")
-    return keras
-
-
 def _keras_tanh_net(keras, d_in=1):
     keras.utils.set_random_seed(0)
     L = keras.layers
@@ -296,7 +286,7 @@ def test_explore_with_a_numpy_reference_draws_its_true_derivatives(framework, to
     if framework == "torch":
         net = torch_mlp([1, 16, 1], seed=3)
     else:
-        net = _keras_tanh_net(_keras())
+        net = _keras_tanh_net(keras_or_skip())
     w = nbderiv.explore(net, domain=(-2, 2), n=25, reference=np.sin)
     _check_numpy_sin_reference(w)
     w.controls["order"].value = 3  # recomputed the same way
@@ -312,7 +302,7 @@ def test_explore_with_a_numpy_reference_draws_its_true_derivatives(framework, to
 def test_explore_keeps_a_framework_reference_exact():
     """A reference in the model's framework is still differentiated by its autodiff (exact:
     central differences would be off by about 1e-9 here)."""
-    keras = _keras()
+    keras = keras_or_skip()
     w = nbderiv.explore(_keras_tanh_net(keras), domain=(-2, 2), n=25, order=3,
                         reference=lambda x: keras.ops.sin(x))
     data = w.last_data
@@ -330,7 +320,7 @@ def test_a_failing_reference_is_named_not_the_model(torch_mlp):
     def broken(x):
         raise ZeroDivisionError("the truth is undefined here")
 
-    for net in (torch_mlp([1, 8, 1]), _keras_tanh_net(_keras())):
+    for net in (torch_mlp([1, 8, 1]), _keras_tanh_net(keras_or_skip())):
         with pytest.raises(OptionError, match="the reference failed") as info:
             nbderiv.explore(net, domain=(-1, 1), n=10, reference=broken)
         text = str(info.value)
@@ -356,7 +346,7 @@ def _refused_for_shape(model, **kwargs) -> str:
 
 
 def test_explore_refuses_images_and_sequences_and_names_what_works():
-    keras = _keras()
+    keras = keras_or_skip()
     L = keras.layers
     keras.utils.set_random_seed(0)
     cnn = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, activation="tanh"),
@@ -408,7 +398,7 @@ def test_explore_of_a_model_of_unknown_shape_says_what_the_explorer_takes():
     assert "Fix: call the model yourself on that input the plain way" not in text
 
 
-def test_a_keras_model_as_the_reference_of_a_torch_model_is_differentiated_by_keras():
+def test_a_keras_model_as_the_reference_of_a_torch_model_is_differentiated_bykeras_or_skip():
     """Its own autodiff: float64 central differences of a float32 model are mostly rounding
     at order 2 (a tester saw -sin off by 0.5)."""
     pytest.importorskip("tensorflow")
