@@ -26,6 +26,15 @@ def _net(seed=0, d_in=3, d_out=2):
     return nn.Sequential(nn.Linear(d_in, 8), nn.Tanh(), nn.Linear(8, d_out)).double().eval()
 
 
+def _orders_1_and_2_like(model, x, d1, d2):
+    """nbderiv's d[1] (order 1) and d[1], d[2] (order 2) of ``model`` equal the truths."""
+    for order in (1, 2):
+        d = nbderiv.derivatives(model, x, order=order)
+        np.testing.assert_allclose(d[1], d1, atol=1e-12)
+        if order == 2:
+            np.testing.assert_allclose(d[2], d2, atol=1e-12)
+
+
 def _truth(f, x):
     """(d1, d2) of a function of a batch of points, by float64 torch.func."""
     return (vmap(jacrev(f))(x).detach().numpy(), vmap(hessian(f))(x).detach().numpy())
@@ -73,11 +82,7 @@ def test_scripted_and_traced_modules_give_the_python_modules_derivatives(kind):
     _touch_state(net)
     model = _scripted(kind, net, x)  # shares net's parameters
     before = _state(net)
-    for order in (1, 2):
-        d = nbderiv.derivatives(model, x, order=order)
-        np.testing.assert_allclose(d[1], d1, atol=1e-12)
-        if order == 2:
-            np.testing.assert_allclose(d[2], d2, atol=1e-12)
+    _orders_1_and_2_like(model, x, d1, d2)
     assert _same_state(before, _state(net))
     assert not x.requires_grad
 
@@ -227,11 +232,7 @@ def test_compiled_models_give_the_originals_derivatives(kind):
     _touch_state(net)
     model = _compiled(kind, net)
     before = _state(net)
-    for order in (1, 2):
-        d = nbderiv.derivatives(model, x, order=order)
-        np.testing.assert_allclose(d[1], d1, atol=1e-12)
-        if order == 2:
-            np.testing.assert_allclose(d[2], d2, atol=1e-12)
+    _orders_1_and_2_like(model, x, d1, d2)
     assert _same_state(before, _state(net))
     d = nbderiv.derivatives(model, x.numpy(), order=2, check=True)  # framework from the model
     assert d.framework == "torch" and d.check.passed
