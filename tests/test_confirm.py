@@ -206,3 +206,46 @@ def test_a_model_returning_bfloat16_is_differentiated():
     twin = copy.deepcopy(net).double()
     truth = vmap(jacrev(lambda p: twin(p[None])[0]))(x.double()).detach().numpy()
     assert np.abs(d[1] - truth).max() <= 0.03 * np.abs(truth).max()
+
+
+@pytest.mark.parametrize("kink", [torch.abs, torch.relu, lambda z: z.clamp(min=0),
+                                  lambda z: torch.maximum(z, 0.3 * z)])
+def test_points_a_step_away_from_a_kink_are_no_cut_graph(kink):
+    # float32's difference steps (about 0.02) cross the kink at 0 from x = +-1e-8 .. +-1e-3:
+    # the central differences average the two slopes there, autodiff's d1 is exactly right
+    p = torch.logspace(-8, 0, 9)
+    X = torch.cat([-p, p]).reshape(-1, 1)
+    d = nbderiv.derivatives(kink, X)
+    assert "graph-broken" not in d.codes, d.summary()
+    truth = vmap(jacrev(kink))(X.double()).reshape(-1)  # the slope of the side each x is on
+    np.testing.assert_allclose(d[1].reshape(-1), truth.numpy(), rtol=1e-6)
+    # a grid that holds 1e-8 where 0 was meant, through a ReLU net whose kinks all sit at 0
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        net[0].bias.zero_()
+    grid = torch.arange(-1, 1, 0.1).reshape(-1, 1)
+    assert "graph-broken" not in nbderiv.derivatives(net, grid, order=2).codes
+
+
+def test_a_cut_beside_a_curved_function_is_still_found():
+    # the kink test above must not hide a real cut: the one-sided slopes of a smooth curve
+    # come together as the step shrinks, those across a kink do not
+    def cut(z):
+        return torch.sin(3 * z) + 2 * z.detach() * z.detach()
+
+    X = torch.linspace(-1, 1, 20).reshape(-1, 1)
+    d = nbderiv.derivatives(cut, X)
+    assert "graph-broken" in d.codes
+    ok = torch.linspace(0.1, 1, 9).reshape(-1, 1)
+    assert "graph-broken" not in nbderiv.derivatives(lambda z: torch.sin(3 * z) + z * z,
+                                                     ok).codes
+
+
+def test_second_derivative_of_abs_is_zeros_not_an_error():
+    # autodiff keeps sign's derivative as a symbolic ZeroTensor, which NumPy cannot read
+    X = torch.tensor([[-1.0], [0.5], [2.0]])
+    for f in (torch.abs, lambda z: z.abs() + 0, lambda z: torch.sign(z) * z):
+        d = nbderiv.derivatives(f, X, order=3)
+        assert np.array_equal(d[1].ravel(), np.sign(X.numpy().ravel()))
+        assert not d[2].any() and not d[3].any()

@@ -147,6 +147,8 @@ def to_numpy(t) -> np.ndarray:
     """A tensor's values as a NumPy array; bfloat16 (which NumPy lacks: a model run in
     autocast) as float32, which holds every bfloat16 value exactly."""
     t = t.detach()
+    if t._is_zerotensor():  # the gradient of sign / abs' derivative: zeros kept symbolic
+        t = torch.zeros(t.shape, dtype=t.dtype)
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.cpu().numpy()
