@@ -12,7 +12,7 @@ import numpy as np
 
 from .backends.tensorflow_code import MOMENTS_RESTORE, MOMENTS_SWAP
 from .explain_causes import none_causes
-from .explain_fix import _layout, _reshape_code, _shape, fix_code
+from .explain_fix import _layout, _reshape_code, _shape, diagonal_blocks_code, fix_code
 from .explain_match import RTOL, _close, _dtype_name, _looser, match
 
 MAX_ORDER = 3          # orders tried when none is given
@@ -218,6 +218,10 @@ class _Context:
             J = self.truth.jacobian()
             how = match(M, J, dtype)
             if how is not None:
+                fw = "torch" if self.orig_framework == "torch" else self.orig_framework
+                target = name if name.isidentifier() or name.endswith(".grad") else "mine"
+                reshaped = (f"{target}.reshape{_shape(J.shape)}" if fw == "torch" else
+                            f"np.reshape(np.asarray({target}), {_shape(J.shape)})")
                 off = J.copy()
                 idx = np.arange(n)
                 off[idx, :, idx, :] = 0
@@ -231,12 +235,12 @@ class _Context:
                        if not np.any(off) else
                        f"(off-diagonal blocks up to {_num(np.abs(off).max())}: this model "
                        "couples points)")
-                    + f": J = {name}.reshape{_shape(J.shape)}; J[i, :, i, :] with "
+                    + f": J = {reshaped}; J[i, :, i, :] with "
                     f"i = arange({n}) gives {_shape(T.shape)}.", 1,
-                    fix=(f"J = {name}.reshape{_shape(J.shape)}\n"
-                         f"i = {'torch.arange' if self.orig_framework == 'torch' else 'np.arange'}"
-                         f"({n})\nd1 = J[i, :, i, :]      # (N, d_out, n_inputs): the diagonal"
-                         " blocks\n# cheaper, without the N x N Jacobian:\n" + self.fix(1)))
+                    fix=(diagonal_blocks_code(fw, mine=target, jshape=J.shape)
+                         + "\n# cheaper, without the N x N Jacobian"
+                         + (" (only for points that do not interact):\n" if np.any(off)
+                            else ":\n") + self.fix(1)))
         if k == 1 and self.truth.coupled:
             J = self.truth.jacobian()
             C = J.sum(axis=0).transpose(1, 0, 2)  # (N, d_out, n): column sums
@@ -246,16 +250,31 @@ class _Context:
                 how, summed = match(M, C.sum(axis=1), dtype), True
             if how is not None:
                 diff = np.abs(C - T)
+                train = "train-mode" in self.truth.codes
+                cause = ("this model couples the points through a layer in training mode "
+                         "(finding train-mode: batch statistics, e.g. BatchNorm)" if train else
+                         "this model's forward couples the points (it mixes the rows of the "
+                         "batch, e.g. x.mean(0), a normalisation over the batch, or attention "
+                         "across points)")
+                fix = ("# each point's derivative, the rest of the batch held fixed (what "
+                       "nbderiv reports):\n"
+                       + diagonal_blocks_code(self.framework, model=self.mname, x=self.xname,
+                                              wrt=self.wrt,
+                                              dtype=str(self.truth.get(1).dtype)))
+                if train:
+                    fix += ("\n# or the model in inference mode (running statistics: other "
+                            "numbers than above, and it changes the model's mode):\n"
+                            + self.fix(1, eval_first=True))
                 return self.result(
                     "coupled-samples",
                     f"{name} (shape {_shape(M.shape)}) is what the grad_outputs=ones trick "
                     f"gives{' (summed over the outputs too)' if summed else ''}: the column "
                     f"sums of the N x N Jacobian, sum over n of dy[n]/dx[m]. That equals the "
                     f"per-point derivative only when each point's output depends on its own "
-                    f"input alone, and this model couples the points (batch statistics, e.g. "
-                    f"BatchNorm in training mode): here the cross-terms make it off by up to "
-                    f"{_num(diff.max())} against true per-point values of at most "
-                    f"{_num(np.abs(T).max())}.", 1, fix=self.fix(1, eval_first=True))
+                    f"input alone, and {cause}: here the cross-terms make it off by up to "
+                    f"{_num(diff.max())} against true per-point values (the diagonal blocks "
+                    f"dy[n]/dx[n] of that Jacobian) of at most {_num(np.abs(T).max())}.", 1,
+                    fix=fix)
         return None
 
     def wrong_order(self, M, order, k, how):

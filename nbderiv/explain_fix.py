@@ -145,3 +145,47 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
 
 def _len(x, framework):
     return f"len({x})" if framework != "tensorflow" else f"tf.shape({x})[0]"
+
+
+def diagonal_blocks_code(framework, *, model="model", x="x", wrt=None, dtype="float32",
+                         mine=None, jshape=None) -> str:
+    """Code giving nbderiv's per-point derivative of a model that couples its points: the
+    diagonal blocks J[n, :, n, :] of the full batch Jacobian (each point's derivative with the
+    rest of the batch held fixed). With ``mine`` (the student's full Jacobian, shape
+    ``jshape``), the blocks are taken from it; otherwise the Jacobian is computed.
+
+    >>> print(diagonal_blocks_code("numpy", mine="J0", jshape=(3, 1, 3, 2)))
+    J = np.reshape(np.asarray(J0), (3, 1, 3, 2))      # (N, d_out, N, n_inputs)
+    i = np.arange(3)
+    d1 = J[i, :, i, :]      # (N, d_out, n_inputs): the diagonal blocks
+    """
+    lines = []
+    if mine is not None:
+        n = int(jshape[0])
+        if framework == "torch":
+            lines.append(f"J = {mine}.reshape{_shape(jshape)}      # (N, d_out, N, n_inputs)")
+            lines.append(f"i = torch.arange({n})")
+        else:  # a tf.Tensor has no .reshape and no fancy indexing: NumPy does both
+            lines.append(f"J = np.reshape(np.asarray({mine}), {_shape(jshape)})      "
+                         "# (N, d_out, N, n_inputs)")
+            lines.append(f"i = np.arange({n})")
+    elif framework == "tensorflow":
+        tfdtype = "tf.float64" if dtype == "float64" else "tf.float32"
+        lines += [f"x_ = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, framework)}, -1))"
+                  "      # (N, d_in) floats",
+                  "with tf.GradientTape() as tape:",
+                  "    tape.watch(x_)",
+                  f"    y = tf.reshape({model}(x_), (tf.shape(x_)[0], -1))      # (N, d_out)",
+                  "J = tape.jacobian(y, x_).numpy()      # (N, d_out, N, d_in): the whole batch",
+                  "i = np.arange(J.shape[0])"]
+    else:
+        tdtype = "torch.float64" if dtype == "float64" else "torch.float32"
+        lines += [f"x_ = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
+                  "  # (N, d_in)",
+                  f"J = torch.autograd.functional.jacobian(lambda p: {model}(p).reshape(len(p), "
+                  "-1), x_)      # (N, d_out, N, d_in): the whole batch",
+                  "i = torch.arange(len(x_))"]
+    lines.append("d1 = J[i, :, i, :]      # (N, d_out, n_inputs): the diagonal blocks")
+    if wrt is not None and mine is None:
+        lines.append(f"d1 = d1[:, :, {[int(c) for c in wrt]}]      # only the inputs in wrt")
+    return "\n".join(lines)

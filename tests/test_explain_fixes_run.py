@@ -1,0 +1,112 @@
+"""The fix code ``nbderiv.explain`` offers is run, and its numbers are compared with an
+independent truth: float64 ``torch.autograd.functional.jacobian`` (its diagonal blocks) or a
+float64 ``tf.GradientTape``."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import nbderiv  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def diagonal_blocks64(model, x):
+    """Each point's derivative with the rest of the batch fixed: J[n, :, n, :] of the float64
+    batch Jacobian of a float64 copy of ``model``."""
+    m = copy.deepcopy(model).double()
+    X = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda p: m(p).reshape(len(p), -1), X).numpy()
+    i = np.arange(len(X))
+    return J[i, :, i, :]
+
+
+class Centred(torch.nn.Module):
+    """Couples the points through x.mean(0) in forward: no layer in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(),
+                                     torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.n(x - x.mean(0, keepdim=True))
+
+
+def _run_fix(fix, model, x, mine=None):
+    ns = {"torch": torch, "np": np, "model": model, "x": x, "mine": mine}
+    exec(fix, ns)  # noqa: S102
+    d1 = ns["d1"]
+    return np.asarray(d1.detach() if hasattr(d1, "detach") else d1)
+
+
+def test_coupled_by_a_mean_in_forward_fix_gives_the_diagonal_blocks():
+    torch.manual_seed(0)
+    c = Centred()
+    t = torch.linspace(-1, 1, 9).reshape(-1, 1)
+    x = t.clone().requires_grad_(True)
+    y = c(x)
+    g, = torch.autograd.grad(y, x, torch.ones_like(y))
+    e = nbderiv.explain(g, c, t)
+    assert e.code == "coupled-samples"
+    truth = diagonal_blocks64(c, t)
+    assert np.abs(truth).min() > 0.1  # far from the 0 a batch of one gives
+    np.testing.assert_allclose(e.truth, truth, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_run_fix(e.fix, c, t), truth, rtol=1e-4, atol=1e-6)
+    # no layer in training mode: no batch statistics blamed, no eval() offered
+    assert "eval()" not in e.fix and "BatchNorm" not in e.message
+    assert "x.mean(0)" in e.message
+
+
+def test_coupled_by_batchnorm_in_training_fix_gives_the_diagonal_blocks_then_eval():
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                             torch.nn.Linear(8, 1))
+    t = torch.linspace(-1, 1, 10).reshape(-1, 1)
+    x = t.clone().requires_grad_(True)
+    y = bn(x)
+    g, = torch.autograd.grad(y, x, torch.ones_like(y))
+    e = nbderiv.explain(g, bn, t)
+    assert e.code == "coupled-samples" and "train-mode" in e.message
+    truth = diagonal_blocks64(bn, t)
+    np.testing.assert_allclose(e.truth, truth, rtol=1e-4, atol=1e-6)
+    first, _, rest = e.fix.partition("# or the model in inference mode")
+    assert ".eval()" in rest  # offered second, as what it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_allclose(_run_fix(first, bn, t), truth, rtol=1e-4, atol=1e-6)
+    assert bn.training
+
+
+def test_tensorflow_cross_sample_jacobian_fix_runs():
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="tanh"),
+                          keras.layers.Dense(1)])
+    X = tf.random.uniform((6, 2))
+    with tf.GradientTape() as tape:
+        tape.watch(X)
+        u = m(X)
+    J = tape.jacobian(u, X)
+    e = nbderiv.explain(J, m, X)
+    assert e.code == "cross-sample-jacobian" and "mine.reshape" not in e.fix
+    first = e.fix.split("# cheaper")[0]
+    ns = {"tf": tf, "np": np, "mine": J, "model": m, "x": X}
+    exec(first, ns)  # noqa: S102
+    # independent: float64 tapes, one point at a time, on the same weights
+    W = [w.numpy().astype(np.float64) for w in m.weights]
+    X64 = tf.constant(np.asarray(X, dtype=np.float64))
+    with tf.GradientTape() as t64:
+        t64.watch(X64)
+        y64 = tf.matmul(tf.tanh(tf.matmul(X64, W[0]) + W[1]), W[2]) + W[3]
+    truth = t64.batch_jacobian(y64, X64).numpy()
+    np.testing.assert_allclose(np.asarray(ns["d1"]), truth, rtol=1e-4, atol=1e-6)
+    assert "np.reshape" in e.message  # the message's code works on a tf.Tensor too
