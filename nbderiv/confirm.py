@@ -397,25 +397,34 @@ def jumps_only(call, points, inputs, wrt, reach: float = 0.5, steps: int = 24) -
     same, and the largest of them stays as large when its interval is halved down to a few
     rounding steps of x (rounding, an integer cast, argmax: piecewise constant; a steep tanh
     spreads its change once the interval is narrow enough, a ReLU waking up changes at every
-    step after its kink). Empty when the model fails on the swept points, also on nearer
-    ones (a quarter and a sixteenth of ``reach``)."""
+    step after its kink). Stairs too fine for the sweep (round(100 x) / 100: a jump at every
+    evaluation) are looked for again over nearer ranges, down to ``reach`` / 256, as is a
+    model that fails on the swept points (an index beyond a lookup table). Empty where none
+    is found."""
     if not points or not inputs:
         return {}
     X = call.features()[points].astype(np.float64)
     scale = 1.0 + np.abs(X)
-    directions = []
-    for i in inputs:
-        v = np.zeros(call.width)
-        v[wrt[i]] = 1.0
-        directions.append(v)
-    for near in (reach, reach / 4, reach / 16):  # nearer where the model fails farther out
-        ts = np.linspace(-near, near, 2 * steps + 1)  # (an index beyond a lookup table)
-        rows = [X + t * v * scale for v in directions for t in ts]
-        y = _swept(call, rows, points)
-        if y is not None:
+    found = {}
+    for near in (reach, reach / 4, reach / 16, reach / 64, reach / 256):
+        todo = [i for i in inputs if i not in found]
+        if not todo:
             break
-    else:
-        return {}
+        directions = []
+        for i in todo:
+            v = np.zeros(call.width)
+            v[wrt[i]] = 1.0
+            directions.append(v)
+        ts = np.linspace(-near, near, 2 * steps + 1)
+        y = _swept(call, [X + t * v * scale for v in directions for t in ts], points)
+        if y is None:
+            continue
+        found.update(_stairs(call, X, scale, directions, todo, ts, y, points, steps))
+    return found
+
+
+def _stairs(call, X, scale, directions, inputs, ts, y, points, steps) -> dict:
+    """{i: outputs (d_out,) bool} of :func:`jumps_only` for one sweep ``y`` over ``ts``."""
     eps = _effective_eps(call, y)
     y = y.reshape(len(inputs), len(ts), len(points), -1)
     found = {}

@@ -147,10 +147,12 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
     # were: its exact zeros may still be the flat stretches of a lookup or a rounding)
     swept = check["checked"] or (confirm.graph_points(call, d1, skip)
                                  if check["fd_max"] is TRUSTED else [])
-    if unmoved.any() and swept:  # changes in jumps only: piecewise constant
-        inputs = [int(i) for i in np.flatnonzero(unmoved.any(axis=0))][:SWEPT_INPUTS]
+    # stairs may also pass for a stationary point (a jump seen at the larger step only)
+    sweep = unmoved | varies
+    if sweep.any() and swept:  # changes in jumps only: piecewise constant
+        inputs = [int(i) for i in np.flatnonzero(sweep.any(axis=0))][:SWEPT_INPUTS]
         for i, outputs in confirm.jumps_only(call, swept, inputs, wrt).items():
-            stairs[:, i] = unmoved[:, i] & outputs
+            stairs[:, i] = sweep[:, i] & outputs
         if stairs.any():
             out.append(piecewise_constant_finding(
                 [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(stairs),

@@ -249,3 +249,27 @@ def test_second_derivative_of_abs_is_zeros_not_an_error():
         d = nbderiv.derivatives(f, X, order=3)
         assert np.array_equal(d[1].ravel(), np.sign(X.numpy().ravel()))
         assert not d[2].any() and not d[3].any()
+
+
+@pytest.mark.parametrize("k", [4, 10, 20, 100, 1000])
+def test_fine_rounding_is_piecewise_constant(k):
+    # stairs of width 1/k: the sweep over +-0.5 (1 + |x|) sees a jump at almost every
+    # evaluation once k >= 10, and a jump can pass for a stationary point at the difference
+    # steps; nearer sweeps resolve them. Truth: the output changes, in jumps of 1/k only.
+    X = torch.linspace(-1, 1, 7).reshape(-1, 1)
+
+    def rounded(z):
+        return torch.round(k * z) / k
+
+    d = nbderiv.derivatives(rounded, X)
+    assert not d[1].any()
+    assert d.codes == ["piecewise-constant"], d.summary()
+    x = torch.tensor([[0.3]])
+    assert float(rounded(x + 1.0 / k) - rounded(x)) == pytest.approx(1.0 / k, rel=1e-4)
+    if k > 100:  # stairs finer than the difference steps' finest (1e-3 here) read as a cut
+        return
+    # a net behind a fine integer cast too
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    assert nbderiv.derivatives(lambda z: net((z * k).long().float() / k), X).codes == [
+        "piecewise-constant"]
