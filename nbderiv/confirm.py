@@ -17,6 +17,8 @@ that couples points each probe point is evaluated inside the original batch.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 KINK_CHECKS = 24       # at most this many candidate points are checked for a kink
@@ -366,17 +368,20 @@ REACH = (1.0, 3.0, 10.0, 30.0, 100.0)  # how far :func:`output_reach` moves x, i
 
 
 def output_reach(call, points, wrt, reach=REACH):
-    """(d_out,) the largest change of each output when x moves far from ``points`` (along two
-    random directions over the ``wrt`` features, both ways, by ``reach`` times 1 + |x|): how
-    much the output can change at all. A model whose units are saturated at the points wakes
-    up farther out (its output then changes by about its own size); an output that is large
-    only by a constant offset does not. None where the model fails or gives no finite value
-    out there."""
+    """((d_out,) reach, (d_out,) growing): the largest change of each output when x moves far
+    from ``points`` (along two random directions over the ``wrt`` features, both ways, by
+    ``reach`` times 1 + |x|), how much the output can change at all; and whether that change
+    still grows over the last stretch (by more than 2x from the last-but-one distance to the
+    last: a polynomial, z**4 near its flat minimum, grows at least 3.3x; saturating units
+    level off). A model whose units are saturated at the points wakes up farther out (its
+    output then changes by about its own size); an output that is large only by a constant
+    offset does not. None where the model fails or gives no finite value out there."""
     if not points:
         return None
     X = call.features()[points].astype(np.float64)
     scale = 1.0 + np.abs(X)
-    rows = [X] + [X + sign * t * v * scale for v in _directions(call.width, wrt, 2, seed=2)
+    directions = _directions(call.width, wrt, 2, seed=2)
+    rows = [X] + [X + sign * t * v * scale for v in directions
                   for t in reach for sign in (1.0, -1.0)]
     y = _swept(call, rows, points)
     if y is None:
@@ -386,7 +391,14 @@ def output_reach(call, points, wrt, reach=REACH):
         change = np.abs(y[1:] - y[0])
     if not np.isfinite(change).any():
         return None
-    return np.nanmax(np.where(np.isfinite(change), change, np.nan), axis=(0, 1))
+    change = np.where(np.isfinite(change), change, np.nan)
+    # (directions, distances, signs, points, d_out) -> the largest change at each distance
+    at = change.reshape(len(directions), len(reach), 2, len(points), -1)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN at a distance
+        by_distance = np.nanmax(at, axis=(0, 2, 3))            # (distances, d_out)
+        growing = np.nan_to_num(by_distance[-1] > 2 * by_distance[-2], nan=False)
+    return np.nanmax(change, axis=(0, 1)), growing
 
 
 def jumps_only(call, points, inputs, wrt, reach: float = 0.5, steps: int = 24) -> dict:

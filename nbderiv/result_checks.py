@@ -245,11 +245,13 @@ def _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows=None) -> Fi
     # the units wake up farther out: the output can change by about its size (an output that
     # is large only by a constant offset, 1e6 + a small net, stays within that small net's
     # range wherever x goes: its gradients are not small for it)
-    reach = confirm.output_reach(call, check["checked"] or confirm.graph_points(call, d1), wrt)
-    if reach is None:
+    # and level off there (saturated units do; z**4 near its flat minimum keeps growing)
+    reached = confirm.output_reach(call, check["checked"] or confirm.graph_points(call, d1), wrt)
+    if reached is None:
         return None
+    reach, growing = reached
     with np.errstate(divide="ignore", invalid="ignore"):
-        low &= change / reach < SATURATED_BELOW
+        low &= (change / reach < SATURATED_BELOW) & ~growing
     if not low.any():
         return None
     return saturated_finding([out_names[j] for j in np.flatnonzero(low)],

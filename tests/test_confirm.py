@@ -273,3 +273,18 @@ def test_fine_rounding_is_piecewise_constant(k):
     net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
     assert nbderiv.derivatives(lambda z: net((z * k).long().float() / k), X).codes == [
         "piecewise-constant"]
+
+
+@pytest.mark.parametrize("f, x", [
+    (lambda z: 1 + z ** 4, torch.linspace(-0.01, 0.01, 5).reshape(-1, 1)),
+    (lambda z: 5 + z ** 3, torch.tensor([[1e-3], [-2e-3], [0.0]])),
+])
+def test_a_flat_polynomial_minimum_is_no_saturation(f, x):
+    # tiny gradients (4e-6, 1.2e-5) at points where no unit saturates: farther out the
+    # output keeps growing like a polynomial, where saturated units level off
+    d = nbderiv.derivatives(f, x, order=2)
+    assert "saturated" not in d.codes, d.summary()
+    truth = vmap(jacrev(f))(x.double()).reshape(-1).numpy()
+    np.testing.assert_allclose(d[1].reshape(-1), truth, rtol=1e-5, atol=1e-12)
+    # the saturated tanh beside it keeps its finding
+    assert "saturated" in nbderiv.derivatives(torch.tanh, torch.tensor([[8.0], [9.0]])).codes
