@@ -46,8 +46,17 @@ def none_causes(model, x, truth, framework, xname="x", mname="model") -> list:
                        "# use framework operations throughout forward/call: no .detach(), "
                        ".numpy(), .item(), tf.stop_gradient"))
     if "no-input-dependence" in codes:
+        d1 = truth.get(1)
+        zero = [i for i in range(d1.shape[-1]) if not np.any(d1[..., i])]
+        names = list(getattr(truth.d, "inputs", ()) or ())
+        if zero and len(names) == d1.shape[-1]:
+            on = " nor ".join(names[i] for i in zero)
+            on += f" (input{'s' if len(zero) > 1 else ''} "
+            on += f"{', '.join(str(int(truth.d.wrt[i])) for i in zero)} of {xname})"
+        else:
+            on = xname
         causes.append(("output-not-connected",
-                       f"the output of {mname} does not depend on {xname} at all (finding "
+                       f"the output of {mname} does not depend on {on} at all (finding "
                        "no-input-dependence): the true derivative is 0, and autodiff reports "
                        "an unused input as None.",
                        "# torch: torch.autograd.grad(..., allow_unused=True, materialize_grads="
@@ -79,7 +88,9 @@ def none_causes(model, x, truth, framework, xname="x", mname="model") -> list:
                            f"with tf.GradientTape() as tape:\n    y = {mname}({xname})      # "
                            "the model call inside the tape, no .numpy()/predict"))
     else:
-        if xf is None and not integer:
+        several = isinstance(x, (tuple, list)) and len(x) > 0 and all(
+            _framework_of(v) == "torch" for v in x)  # a model of several inputs
+        if xf is None and not integer and not several:
             causes.append(("not-a-tensor",
                            f"{xname} is a {type(x).__name__}, not a torch tensor: torch tracks "
                            "gradients only for tensors with requires_grad=True.",

@@ -363,12 +363,15 @@ class _Context:
                 f"has shape {_shape(T.shape)} = {_layout(k)} ({T.size} numbers; "
                 + ", ".join(f"{a}: {b}" for a, b in sizes.items()) + ")." + note, k)
         Mv = M.reshape(T.shape).astype(np.float64)
+        nonfinite = ~np.isfinite(Mv) & np.isfinite(Tf)
+        if nonfinite.any():
+            return self.non_finite(M, k, Mv, Tf, nonfinite, note)
         bad = ~_close(Mv, Tf, dtype)
         diff = np.abs(Mv - Tf)
         diff[~np.isfinite(diff)] = np.inf
         at = np.unravel_index(np.argmax(np.where(bad, diff, -1)), T.shape)
         idx = ", ".join([f"point {at[0]}", f"output {at[1]}"]
-                        + [f"input {i}" for i in at[2:]])
+                        + [f"input {self.input_index(i)}" for i in at[2:]])
         scale = float(np.abs(Tf).max()) or 1.0
         rel = float(diff[at]) / scale
         ratio = ""
@@ -394,6 +397,30 @@ class _Context:
             f"{_num(diff[at])} ({100 * rel:.3g}% of the largest true value "
             f"{_num(scale)}), is at {idx}: yours {_num(Mv[at])}, truth {_num(Tf[at])}."
             + ratio + note, k, fix=fix, truth=T)
+
+    def non_finite(self, M, k, Mv, Tf, nonfinite, note):
+        """``wrong`` for an array holding NaN or inf where the truth is finite."""
+        name = self.name
+        what = " and ".join(w for w, has in (("NaN", np.isnan(Mv[nonfinite]).any()),
+                                             ("inf", np.isinf(Mv[nonfinite]).any())) if has)
+        at = tuple(int(i) for i in np.argwhere(nonfinite)[0])
+        idx = ", ".join([f"point {at[0]}", f"output {at[1]}"]
+                        + [f"input {self.input_index(i)}" for i in at[2:]])
+        count = int(nonfinite.sum())
+        shape_note = "" if M.shape == Tf.shape else \
+            f" (compared as {name}.reshape{_shape(Tf.shape)})"
+        return self.result(
+            "wrong",
+            f"{name} holds {what} in {count} of its {Mv.size} entries (the first at {idx}) "
+            f"where {self.what(k)} is finite (truth {_num(Tf[at])} there){shape_note}: the "
+            f"values went non-finite in the computation that produced {name}, not in the "
+            f"model's derivative." + note, k, truth=self.truth.get(k))
+
+    def input_index(self, i):
+        """The model's input number of position ``i`` of the derivative's input axes (its
+        place in wrt)."""
+        wrt = getattr(self.truth.d, "wrt", None)
+        return int(wrt[i]) if wrt is not None and i < len(wrt) else int(i)
 
     # -- None --------------------------------------------------------------------------------------
     def none(self, k):

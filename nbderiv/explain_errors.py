@@ -17,6 +17,7 @@ Nothing here imports a framework.
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 
@@ -89,17 +90,46 @@ def classify(text: str) -> str | None:
     return None
 
 
+def _calls(line: str) -> list:
+    """The calls in ``line`` (outermost first), read with ``ast``; a block header such as
+    ``with ...:`` is read with a body added; [] when the line does not parse."""
+    text = (line or "").strip()
+    for candidate in (text, text + "\n    pass", text.rstrip(":") + ":\n    pass"):
+        try:
+            tree = ast.parse(candidate)
+        except SyntaxError:
+            continue
+        return [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    return []
+
+
+def _func_name(call) -> str | None:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+
+
 def _receiver(line: str, method: str) -> str | None:
     """``'loss'`` for ``line = "loss.backward()"`` and method ``backward``."""
-    m = re.search(r"([A-Za-z_][\w\.\[\]\:\, ]*?)\s*\.\s*" + method + r"\s*\(", line or "")
+    for call in _calls(line):
+        if isinstance(call.func, ast.Attribute) and call.func.attr == method:
+            return ast.unparse(call.func.value)
+    m = re.search(r"([A-Za-z_][\w\.]*)\s*\.\s*" + method + r"\s*\(", line or "")
     return m.group(1).strip() if m else None
 
 
-def _grad_args(line: str):
-    """(outputs, inputs) of ``torch.autograd.grad(outputs, inputs, ...)`` in ``line``."""
-    m = re.search(r"grad\s*\(\s*([^,()]+(?:\([^()]*\))?)\s*,\s*([^,()]+(?:\([^()]*\))?)",
-                  line or "")
-    return (m.group(1).strip(), m.group(2).strip()) if m else (None, None)
+def _grad_args(line: str, names=("grad",)):
+    """(outputs, inputs) of ``torch.autograd.grad(outputs, inputs, ...)`` in ``line`` (of
+    ``tape.gradient(target, sources)`` with ``names=("gradient",)``), as written."""
+    for call in _calls(line):
+        if _func_name(call) not in names:
+            continue
+        args = list(call.args)
+        kw = {k.arg: k.value for k in call.keywords}
+        out = args[0] if args else kw.get("outputs", kw.get("target"))
+        inp = args[1] if len(args) > 1 else kw.get("inputs", kw.get("sources"))
+        if out is not None and inp is not None:
+            return ast.unparse(out), ast.unparse(inp)
+    return None, None
 
 
 def _first_use(source: str, patterns) -> str | None:
