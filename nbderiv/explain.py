@@ -7,7 +7,7 @@ says which of these ``mine`` is (the codes are a contract, documented in ``docs/
 
 ``correct``, ``correct-reshaped``, ``axes-permuted``, ``summed-outputs``,
 ``cross-sample-jacobian``, ``coupled-samples``, ``wrong-order``, ``none``,
-``zeros-graph-broken``, ``wrong``.
+``zeros-graph-broken``, ``selected-outputs``, ``correct-part``, ``summed-inputs``, ``wrong``.
 
 A code is raised only where the numbers support it: values are compared entry by entry with a
 tolerance suited to the dtype (the looser of ``mine``'s and the truth's: float16, float32 or
@@ -43,7 +43,7 @@ from .explain_match import _Truth
 
 CODES = ("correct", "correct-reshaped", "summed-outputs", "cross-sample-jacobian",
          "axes-permuted", "wrong-order", "coupled-samples", "none", "zeros-graph-broken",
-         "selected-outputs", "wrong")
+         "selected-outputs", "correct-part", "summed-inputs", "wrong")
 
 
 # -- the result -----------------------------------------------------------------------------------
@@ -76,7 +76,8 @@ class Explanation:
     def _repr_html_(self) -> str:
         from html import escape
 
-        colour = {"correct": "#1a7f37", "correct-reshaped": "#1a7f37"}.get(self.code, "#b35900")
+        colour = {"correct": "#1a7f37", "correct-reshaped": "#1a7f37",
+                  "correct-part": "#1a7f37"}.get(self.code, "#b35900")
         parts = [f'<div class="nbderiv-explain"><p><b style="color:{colour}">[{escape(self.code)}]'
                  f"</b> {escape(self.message)}</p>"]
         if self.fix:

@@ -118,6 +118,11 @@ class _Context:
                     f"{name} (shape {_shape(M.shape)}) holds the outputs y = {self.mname}"
                     f"({self.xname}) themselves (shape {_shape(T.shape)}), not a derivative: "
                     "nothing was differentiated.", 1)
+        for k in (orders if order is not None else (1, 2)):
+            if k <= 2:
+                found = self.parts(M, k)
+                if found is not None:
+                    return found
         k = order if order is not None else orders[0]
         T = self.truth_k(k)
         if M.size and not np.any(M) and np.any(~_close(np.zeros_like(T, dtype=float),
@@ -276,6 +281,151 @@ class _Context:
                     f"dy[n]/dx[n] of that Jacobian) of at most {_num(np.abs(T).max())}.", 1,
                     fix=fix)
         return None
+
+    # -- parts of the derivative (PINN columns, Hessian rows, the Laplacian) ----------------
+    def full_truth(self):
+        """Derivatives with respect to every input (the truth itself when wrt is None)."""
+        if self.wrt is None:
+            return self.truth
+        if getattr(self, "_full", None) is None:
+            from .explain_match import _Truth
+
+            self._full = _Truth(self.model, self.x, None)
+        return self._full
+
+    def input_name(self, i):
+        names = list(getattr(self.full_truth().d, "inputs", ()) or ())
+        return f"input {i} ({names[i]})" if i < len(names) else f"input {i}"
+
+    def parts(self, M, k):
+        """``correct-part``, ``summed-inputs``, or ``wrong`` naming the input mixed up, for an
+        array holding part of the derivative of order k (1 or 2): one input's column (u_t),
+        the columns in another order, a row, an entry or the diagonal of each point's Hessian,
+        the Laplacian, or the rows of the Hessian summed (grad(u_x, x, ones_like(u_x)))."""
+        full = self.full_truth()
+        if k > 2 or (k == 2 and "graph-broken" in full.codes):
+            return None  # autodiff's own second derivative is no truth there
+        F = full.get(k) if not (k == 1 and "graph-broken" in full.codes) else full.fd_first()
+        n, d_out = F.shape[0], F.shape[1]
+        n_all = F.shape[-1]
+        if n_all < 2 or M.size not in (n * d_out, n * d_out * n_all, n * n_all):
+            return None
+        dtype = self.dtype_for(M, k)
+        wrt = None if self.wrt is None else [int(w) for w in self.truth.d.wrt]
+        name, shp = self.name, _shape(M.shape)
+        fixes = {}
+
+        def fits(P):
+            return P.size == M.size and match(M, P, dtype) is not None
+
+        found = []  # (kind, index, part)
+        if k == 1:
+            found += [("column", (i,), F[:, :, i]) for i in range(n_all)]
+        else:
+            found += [("entry", (i, j), F[:, :, i, j]) for i in range(n_all)
+                      for j in range(i, n_all)]
+            found += [("laplacian", (), np.einsum("noii->no", F))]
+            found += [("row", (i,), F[:, :, i, :]) for i in range(n_all)]
+            found += [("diagonal", (), np.einsum("noii->noi", F))]
+            found += [("summed-inputs", (), F.sum(axis=2))]
+            if d_out > 1:
+                found += [("summed-inputs-outputs", (), F.sum(axis=(1, 2)))]
+        found = [f for f in found if fits(f[2])]
+        if not found:
+            if k == 1 and M.size == F.size and n_all <= 6:
+                return self.columns_swapped(M, F, dtype)
+            return None
+        kind, idx, P = found[0]
+        also = [f for f in found[1:] if f[0] == kind]
+        also_note = ("" if not also else " (here it also equals "
+                     + ", ".join(self.part_words(f[0], f[1], k) for f in also[:3])
+                     + ": they coincide at these points)")
+        words = self.part_words(kind, idx, k)
+        if kind.startswith("summed-inputs"):
+            return self.result(
+                "summed-inputs",
+                f"{name} (shape {shp}) is the SUM over the rows of each point's Hessian"
+                f"{' and over the outputs' if kind.endswith('outputs') else ''}: entry j holds "
+                f"sum over i of d2y/dx_i dx_j (for inputs (x, t): [u_xx + u_tx, u_xt + u_tt]), "
+                f"not the second derivative of one input. That is what torch.autograd.grad("
+                f"u_x, x, grad_outputs=torch.ones_like(u_x)) gives when u_x holds all the "
+                f"first-derivative columns: the ones add the columns' derivatives together. "
+                f"For u_xx differentiate one column: u_xx = torch.autograd.grad(u_x[:, 0], x, "
+                f"torch.ones_like(u_x[:, 0]), create_graph=True)[0][:, 0]. The whole second "
+                f"derivative has shape {_shape(F.shape)} = {_layout(2)}.", 2,
+                fix=self.fix_full(2), truth=P)
+        if wrt is not None:
+            meant = [self.input_name(w) for w in wrt]
+            if kind == "column" and idx[0] in wrt or kind == "entry" and set(idx) <= set(wrt):
+                return None  # the wrt derivative itself: compared (and reported) already
+            return self.result(
+                "wrong",
+                f"{name} (shape {shp}) holds {words}{also_note}, not the derivative with "
+                f"respect to {', '.join(meant)} that wrt={wrt} asks for: that is the other "
+                f"input's {'column' if kind == 'column' else 'part'}. The {_ordinal(k)} "
+                f"derivative with respect to {', '.join(meant)} has shape "
+                f"{_shape(self.truth.get(k).shape)} = {_layout(k)}.", k,
+                truth=self.truth.get(k))
+        fixes = self.fix_full(k)
+        sel = {"column": f"d{k} = d{k}[:, :, {idx[0] if idx else 0}]",
+               "entry": f"d{k} = d{k}[:, :, {idx[0]}, {idx[-1]}]" if idx else "",
+               "row": f"d{k} = d{k}[:, :, {idx[0] if idx else 0}, :]",
+               "laplacian": f"lap = d{k}.diagonal(0, 2, 3).sum(-1)" if self.framework == "torch"
+               else f"lap = np.trace(np.asarray(d{k}), axis1=2, axis2=3)",
+               "diagonal": f"d{k} = d{k}.diagonal(0, 2, 3)" if self.framework == "torch"
+               else f"d{k} = np.diagonal(np.asarray(d{k}), axis1=2, axis2=3)"}[kind]
+        return self.result(
+            "correct-part",
+            f"{name} (shape {shp}) holds the right values of {words}{also_note}, at the {n} "
+            f"points of {self.xname}, within {dtype} tolerance: a part of the {_ordinal(k)} "
+            f"derivative, whose whole has shape {_shape(F.shape)} = {_layout(k)}.", k,
+            fix=fixes + "\n" + sel + "      # the part you computed", truth=P)
+
+    def fix_full(self, k):
+        return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=None,
+                        dtype=str(self.truth.get(1).dtype))
+
+    def part_words(self, kind, idx, k):
+        nm = self.input_name
+        if kind == "column":
+            return f"the first derivative with respect to {nm(idx[0])} alone"
+        if kind == "entry":
+            i, j = idx
+            return (f"the second derivative with respect to {nm(i)} twice" if i == j else
+                    f"the mixed second derivative with respect to {nm(i)} and {nm(j)}")
+        if kind == "row":
+            return (f"row {idx[0]} of each point's Hessian: the derivative of dy/d({nm(idx[0])}) "
+                    "with respect to every input")
+        if kind == "laplacian":
+            return ("the Laplacian: the sum over the inputs of the second derivatives "
+                    "d2y/dx_i2 (the trace of each point's Hessian)")
+        if kind == "diagonal":
+            return "the diagonal of each point's Hessian: d2y/dx_i2 for every input i"
+        return kind
+
+    def columns_swapped(self, M, F, dtype):
+        """``wrong`` naming the columns of a first derivative that are in another order."""
+        n_all = F.shape[-1]
+        Mv = M.reshape(F.shape).astype(np.float64)
+        perm = []
+        for c in range(n_all):
+            hits = [i for i in range(n_all) if _close(Mv[..., c], F[..., i], dtype).all()]
+            if len(hits) != 1:
+                return None
+            perm.append(hits[0])
+        if sorted(perm) != list(range(n_all)) or perm == list(range(n_all)):
+            return None
+        cols = "; ".join(f"your column {c} holds the derivative with respect to "
+                         f"{self.input_name(i)}" for c, i in enumerate(perm) if c != i)
+        inv = [perm.index(i) for i in range(n_all)]
+        target = self.name if self.name.isidentifier() else "mine"
+        return self.result(
+            "wrong",
+            f"{self.name} (shape {_shape(M.shape)}) holds the right first derivatives, but with "
+            f"the input columns in another order: {cols}. That is the other input's column. "
+            f"In nbderiv's layout (columns in the order of the inputs): {target}[..., {inv}].",
+            1, fix=f"{target} = {target}[..., {inv}]      # columns in the inputs' order\n"
+            "# or compute it directly:\n" + self.fix(1), truth=self.truth.get(1))
 
     def wrong_order(self, M, order, k, how):
         name = self.name
