@@ -221,14 +221,20 @@ def test_kink_free_layers_call_no_piecewise_function(layer):
 
 
 def test_what_the_watcher_counts_and_which_rows_it_marks():
-    """Only floating-point inputs count; reductions (torch.max(h), h.max(dim)) are no kink;
+    """Only floating-point inputs count; a reduction over every axis (torch.max(h)) is none
+    of a point's kinks, one over each point's axes (h.max(dim=1), amax) counts and marks the
+    rows whose largest values tie (tests/test_kinks_at_ties.py);
     a call's rows are its first axis only where that axis has the points' length (a (4, 3)
     weight seen by a watcher of 3 points marks nothing); a bound tensor broadcasts."""
     h = torch.tensor([[0.0, 1.0, 2.0], [1.0, 2.0, 3.0], [2.0, 0.0, 1.0]])
     with KinkWatcher(3) as w:
         torch.max(h), h.max(dim=1), torch.max(h, 1), torch.amax(h, 1)
         torch.tensor([[0, 1], [2, 3], [4, 5]]).abs()  # integers: no derivative to kink
-    assert w.calls == 0 and not w.hits.any()
+    assert w.calls == 3 and not w.hits.any()  # no row of h holds its largest value twice
+    with KinkWatcher(3) as w:
+        torch.max(h)
+        torch.tensor([[1.0, 3.0, 3.0], [1.0, 2.0, 3.0], [0.0, 0.0, -1.0]]).amax(1)
+    assert w.calls == 1 and w.hits.tolist() == [True, False, False]  # (a tie at 0: no kink)
     with KinkWatcher(3) as w:
         torch.zeros(4, 3).clamp(min=0)  # first axis 4: not the points'
     assert w.calls == 1 and not w.hits.any()

@@ -30,8 +30,12 @@ ZERO = tf.UnconnectedGradients.ZERO
 # pieces of a hand-written piecewise function, tf.where(h > 0, h, 0.1 * h): where the two
 # sides are equal, a candidate that the one-sided slopes confirm or not)
 TIES = ("Maximum", "Minimum", "Greater", "GreaterEqual", "Less", "LessEqual")
+# a max / min over each point's axes (reduce_max, max pooling): a kink where the largest
+# values tie
+REDUCTIONS = ("Max", "Min", "MaxPool")
 KINKS = {"Relu": (0.0,), "LeakyRelu": (0.0,), "Relu6": (0.0, 6.0), "Abs": (0.0,),
-         "Selu": (0.0,), "Sign": (0.0,), "ClipByValue": (), **{t: () for t in TIES}}
+         "Selu": (0.0,), "Sign": (0.0,), "ClipByValue": (), **{t: () for t in TIES},
+         **{t: () for t in REDUCTIONS}}
 FORWARD = "forward-jvp"
 REVERSE = "reverse-ones"
 BATCHED = "reverse-batched"  # nested reverse mode, a level's cotangents at once (tag: REVERSE)
@@ -178,6 +182,8 @@ def kink_hits(fn, X):
         if id(op) in seen or op.type not in KINKS or not op.inputs[0].dtype.is_floating:
             continue
         at = _at_kink(op)
+        if at is None:
+            continue
         if at.shape.rank is None or at.shape.rank < 1 or at.shape[0] is not None:
             continue  # not batch-major (e.g. a constraint on weights)
         count += 1
@@ -188,6 +194,8 @@ def kink_hits(fn, X):
 def _at_kink(op):
     """Where the operation's input sits at its kink (a bool tensor shaped like its output)."""
     z = op.inputs[0]
+    if op.type in REDUCTIONS:
+        return _tied(op)
     if op.type in TIES:  # a tie between the two inputs
         return tf.equal(z, op.inputs[1])
     if op.type == "ClipByValue":  # at either bound
@@ -196,6 +204,40 @@ def _at_kink(op):
     for k in KINKS[op.type]:
         at = tf.logical_or(at, tf.equal(z, tf.cast(k, z.dtype)))
     return at
+
+
+def _tied(op):
+    """Where the largest value a max / min over each point's axes (Max, Min) or a max-pooling
+    window (MaxPool, NHWC) picks is held twice, not at an exact 0 (a window of dead ReLU
+    units ties there with no slope on either side); None for a reduction over the points or
+    a form not read here."""
+    z = op.inputs[0]
+    if op.type == "Min":
+        z = -z
+    if op.type in ("Max", "Min"):
+        axes = tf.get_static_value(op.inputs[1])
+        rank = z.shape.rank
+        if axes is None or rank is None or rank < 2:
+            return None
+        axes = [int(a) % rank for a in np.atleast_1d(axes)]
+        if not axes or 0 in axes:
+            return None
+        top = tf.reduce_max(z, axis=axes, keepdims=True)
+        count = tf.reduce_sum(tf.cast(tf.equal(z, top), tf.int32), axis=axes, keepdims=True)
+        return tf.logical_and(count >= 2, tf.not_equal(top, 0))
+    if op.get_attr("data_format") != b"NHWC" or z.shape.rank != 4:
+        return None
+    ksize, strides = op.get_attr("ksize"), op.get_attr("strides")
+    if ksize[0] != 1 or ksize[3] != 1 or strides[0] != 1 or strides[3] != 1:
+        return None
+    channels = z.shape[3]
+    patches = tf.image.extract_patches(z, [1, ksize[1], ksize[2], 1], strides, [1, 1, 1, 1],
+                                       op.get_attr("padding").decode())
+    shape = tf.shape(patches)
+    windows = tf.reshape(patches, tf.concat([shape[:3], [ksize[1] * ksize[2], channels]], 0))
+    top = tf.reduce_max(windows, axis=3, keepdims=True)
+    count = tf.reduce_sum(tf.cast(tf.equal(windows, top), tf.int32), axis=3)
+    return tf.logical_and(count >= 2, tf.not_equal(top[:, :, :, 0], 0))
 
 
 def caller(call, d_out=None, raw=False):

@@ -122,6 +122,67 @@ def _kink_table() -> dict:
 _KINKS = _kink_table()
 
 
+# -- ties -----------------------------------------------------------------------------------
+# A max / min over some axes of each point (amax, max(dim=...), max pooling) has a kink where
+# two of the values it picks from are equal: autodiff then picks one (max) or splits the
+# gradient between them (amax), the one-sided slopes differ. Each function maps the call to a
+# bool tensor, True where the picked value is tied (first axis: the call's), or None.
+def _reduction_ties(args, kwargs):
+    """amax / amin (input, dim, keepdim) and max / min (input, dim, keepdim) over axes of
+    each point (not over the points: a reduction over axis 0, or over every axis, couples
+    them and is not looked at)."""
+    inp, dim = args[0], _arg(args, kwargs, 1, "dim")
+    if isinstance(dim, torch.Tensor) or dim is None or dim == () or dim == []:
+        return None  # max(input, other): elementwise (see _other); max(input): over all
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if inp.ndim < 2 or any(d % inp.ndim == 0 for d in dims):
+        return None
+    inp = inp.detach()
+    top = inp.amax(dims, keepdim=True)
+    # (a window of dead ReLU units ties at an exact 0, with no slope on either side)
+    return ((inp == top).sum(dims, keepdim=True) >= 2) & (top != 0)
+
+
+def _min_ties(args, kwargs):
+    return _reduction_ties((-args[0].detach(),) + tuple(args[1:]), kwargs)
+
+
+def _pool_ties(with_indices, spatial, n_args):
+    """max_pool1d/2d/3d and adaptive_max_pool1d/2d/3d: the windows whose largest value is held
+    twice. The largest of each window is set aside (-inf) and the pooling run again: a window
+    whose largest value stays the same holds it twice (not at an exact 0, as above)."""
+    def ties(args, kwargs):
+        inp = args[0].detach()
+        rest = {k: v for k, v in kwargs.items() if k != "return_indices"}
+        top, index = with_indices(inp, *args[1:n_args], **rest, return_indices=True)
+        flat = inp.clone().flatten(inp.ndim - spatial)  # the indices count within a channel
+        flat.scatter_(-1, index.flatten(index.ndim - spatial), float("-inf"))
+        again = with_indices(flat.view_as(inp), *args[1:n_args], **rest,
+                             return_indices=True)[0]
+        return (again == top) & (top != 0)
+    return ties
+
+
+def _tie_table() -> dict:
+    F, T = torch.nn.functional, torch.Tensor
+    table = {}
+    for f in (torch.amax, T.amax, torch.max, T.max):
+        table[f] = _reduction_ties
+    for f in (torch.amin, T.amin, torch.min, T.min):
+        table[f] = _min_ties
+    for d in (1, 2, 3):
+        pool = getattr(F, f"max_pool{d}d_with_indices")
+        adaptive = getattr(F, f"adaptive_max_pool{d}d_with_indices")
+        for f in (getattr(F, f"max_pool{d}d"), pool):
+            table[f] = _pool_ties(pool, d, 6)
+        for f in (getattr(F, f"adaptive_max_pool{d}d"), adaptive):
+            table[f] = _pool_ties(adaptive, d, 2)
+    return table
+
+
+_TIES = _tie_table()
+
+
 def _kink_values(func, args, kwargs):
     """The kink locations of a call of a piecewise torch function (numbers, or tensors that
     broadcast against its input), or None: no such function, or no kink in this call.
@@ -161,7 +222,8 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
     (clamp / clip, maximum / minimum / max / min of two tensors, abs, threshold, hardshrink /
     softshrink), or written by hand (the comparisons gt / ge / lt / le that pick the pieces of
     ``h * (h > 0)`` or ``torch.where(h > 0, h, 0.1 * h)``, sign, heaviside), as functions,
-    in-place versions or Tensor methods. A call's rows are the
+    in-place versions or Tensor methods; or a max / min over each point's axes (amax / amin,
+    max / min with a dim, max pooling) whose largest values tie (not at an exact 0). A call's rows are the
     points where the first axis of its input (broadcast against tensor locations) has the
     points' length ``n``; ``calls`` counts the calls of such functions on floating-point
     inputs (none: the model is kink-free). The caught function is looked up in a dict first.
@@ -195,7 +257,31 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
             where = None
         if where is not None:  # before the call: an in-place one changes its input
             self._look(where, args, kwargs)
+        try:
+            ties = _TIES.get(func)
+        except TypeError:
+            ties = None
+        if ties is not None:
+            self._look_for_ties(ties, args, kwargs)
         return func(*args, **kwargs)
+
+    def _look_for_ties(self, ties, args, kwargs):
+        inp = args[0] if args else kwargs.get("input")
+        if not isinstance(inp, torch.Tensor) or not inp.is_floating_point():
+            return
+        inp = _unwrapped(inp)
+        if inp is None or inp.ndim == 0 or inp.shape[0] != self.n:
+            return
+        try:
+            tied = ties((inp,) + tuple(args[1:]), kwargs)
+        except Exception:  # an argument form not read here: the call itself will tell
+            return
+        if tied is None:
+            return
+        self.calls += 1
+        rows = tied.reshape(self.n, -1).any(dim=1)
+        self._rows = rows if self._rows is None else \
+            torch.logical_or(self._rows, rows.to(self._rows.device))
 
     def _look(self, where, args, kwargs):
         inp = args[0] if args else kwargs.get("input")

@@ -1,0 +1,138 @@
+"""``at-kink`` where a max / min over each point's axes picks among equal values: ``amax`` /
+``amin``, ``max`` / ``min`` with a ``dim``, max pooling (1d, 2d, adaptive) in torch;
+``reduce_max`` / ``reduce_min`` and ``MaxPooling`` in TensorFlow. There the one-sided slopes
+differ (one direction raises one of the tied values, the other leaves the maximum where it
+was), and autodiff returns a convention: ``amax`` splits the gradient, ``max`` and pooling pick
+one. The truth here is one-sided differences in float64, computed by the test itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import nbderiv  # noqa: E402
+
+X = [[1.0, 1.0], [1.0, 2.0], [3.0, 0.5], [-2.0, -2.0]]  # ties at points 0 and 3
+POOL1 = nn.MaxPool1d(2)
+APOOL1 = nn.AdaptiveMaxPool1d(1)
+TORCH_MAXIMA = {
+    "amax": lambda z: z.amax(1, keepdim=True),
+    "max dim": lambda z: z.max(1, keepdim=True).values,
+    "torch.max dim": lambda z: torch.max(z, dim=1).values[:, None],
+    "amin (of -z)": lambda z: -(-z).amin(1, keepdim=True),
+    "max_pool1d": lambda z: POOL1(z[:, None, :])[:, 0, :],
+    "adaptive max pool": lambda z: APOOL1(z[:, None, :])[:, 0, :],
+}
+
+
+def one_sided_slopes_differ(f, x, h=1e-6) -> list:
+    """The points where, along some input, the slope just right differs from just left."""
+    x = np.asarray(x, dtype=np.float64)
+    out = []
+    for n in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            e = np.zeros_like(x[n])
+            e[i] = h
+            y0, yp, ym = (float(np.asarray(f(x[n][None] + s * e[None])).ravel()[0])
+                          for s in (0, 1, -1))
+            if abs((yp - y0) / h - (y0 - ym) / h) > 1e-3:
+                out.append(n)
+                break
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_MAXIMA))
+def test_torch_ties_are_at_kink_exactly_where_the_slopes_jump(name):
+    f = TORCH_MAXIMA[name]
+    truth = one_sided_slopes_differ(lambda a: f(torch.tensor(a)), X)
+    assert truth == [0, 3]
+    d = nbderiv.derivatives(f, torch.tensor(X))
+    assert d.codes == ["at-kink"], d.summary()
+    assert d.finding("at-kink").points == tuple(truth)
+    assert "max-pooling window" in d.finding("at-kink").message
+    # away from the ties autodiff is the one slope there is: the larger input's
+    np.testing.assert_array_equal(d[1][[1, 2], 0], [[0.0, 1.0], [1.0, 0.0]])
+
+
+def test_a_cnn_with_max_pooling_over_constant_patches():
+    # a blank patch of the image makes every window over it hold one value several times
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(36, 2)).eval()
+    x = torch.rand(6, 1, 8, 8)
+    assert nbderiv.derivatives(net, x).codes == []  # no exact ties in random images
+    x[:3, :, :5, :5] = 0.0
+    d = nbderiv.derivatives(net, x)
+    assert d.codes == ["at-kink"], d.summary()
+    flagged = d.finding("at-kink").points
+    assert set(flagged) <= {0, 1, 2} and flagged
+
+    def one(a):
+        with torch.no_grad():
+            return net(torch.tensor(a, dtype=torch.float32).reshape(1, 1, 8, 8))[:, 0].double()
+    # one-sided slopes along the pixel of a blank window that the gradient skipped
+    n = flagged[0]
+    g = d[1][n, 0].reshape(-1)
+    blank = [p for p in range(64) if p // 8 < 5 and p % 8 < 5 and p // 8 >= 1 and p % 8 >= 1]
+    base = x[n].reshape(-1).double().numpy()
+    jumps = []
+    for p in blank:
+        e = np.zeros(64)
+        e[p] = 1e-3
+        right = float(one(base + e) - one(base)) / 1e-3
+        left = float(one(base) - one(base - e)) / 1e-3
+        jumps.append(abs(right - left) > 1e-2 * (1 + abs(g[p])))
+    assert any(jumps)
+
+
+def test_dead_relu_windows_tie_at_zero_and_are_no_kink():
+    # max pooling over units that are all 0 (dead ReLUs): no slope on either side
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU())
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.fill_(-10.0)
+    d = nbderiv.derivatives(lambda z: net(z).amax(1, keepdim=True) + z.sum(1, keepdim=True), torch.tensor(X))
+    assert d.codes == [], d.summary()
+
+
+@pytest.fixture(scope="module")
+def tf():
+    tf = pytest.importorskip("tensorflow")
+    return tf
+
+
+def test_tensorflow_ties_are_at_kink(tf):
+    keras = pytest.importorskip("keras")
+    x = np.array(X, dtype=np.float32)
+    pool = keras.layers.MaxPooling1D(2)
+    maxima = {"reduce_max": lambda z: tf.reduce_max(z, axis=1, keepdims=True),
+              "reduce_min of -z": lambda z: -tf.reduce_min(-z, axis=1, keepdims=True),
+              "MaxPooling1D": lambda z: tf.reshape(pool(z[:, :, None]), (-1, 1))}
+    for name, f in maxima.items():
+        truth = one_sided_slopes_differ(lambda a, f=f: f(tf.constant(a)).numpy(), X)
+        assert truth == [0, 3], name
+        d = nbderiv.derivatives(f, x, framework="tensorflow")
+        assert d.codes == ["at-kink"], (name, d.summary())
+        assert d.finding("at-kink").points == (0, 3), name
+
+
+def test_keras_max_pooling_2d_tie(tf):
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.MaxPooling2D(2),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    x = np.random.default_rng(1).random((3, 4, 4, 1)).astype(np.float32)
+    # (pixels that are no window's largest do not move the output: no-input-dependence)
+    assert "at-kink" not in nbderiv.derivatives(model, x).codes
+    x[1, 0, 0, 0] = x[1, 0, 1, 0] = 2.0  # two equal largest values in one window of point 1
+    d = nbderiv.derivatives(model, x)
+    assert "at-kink" in d.codes and d.finding("at-kink").points == (1,), d.summary()
+    flat = x.reshape(3, -1).astype(np.float64)
+    truth = one_sided_slopes_differ(
+        lambda a: model(a.reshape(-1, 4, 4, 1).astype(np.float32)).numpy().astype(np.float64),
+        flat, h=1e-3)  # a float32 model: steps well above its rounding
+    assert truth == [1]
