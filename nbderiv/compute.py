@@ -30,7 +30,7 @@ from .backends.base import Block, block_starts, equal_block_size
 from .call import Call, Extra, Verdict
 from .errors import ModelCallError, NbderivError, OptionError, OutputError
 from .inputs import Shared, input_findings, input_names, prepare_inputs
-from .model_errors import model_error_fix, model_rejected_input
+from .model_errors import model_error_cause, model_error_fix, model_rejected_input
 from .model_errors_points import moved_points_error, per_point_data_failed, sliced_kwargs
 from .result_memory import result_array
 
@@ -299,6 +299,12 @@ def _fewer_points(call: Call, first, y_first):
                                        sliced_kwargs(call)) from None
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         text = text.split(" Fix:")[0].split("; nbderiv needs")[0][:200]
+        if model_error_cause(exc) == "batchnorm-one":  # a train-mode BatchNorm, not the output
+            raise ModelCallError(
+                f"the model raised {type(exc).__name__} ({text.rstrip('.')}) on {k - 1} "
+                f"point(s): nbderiv also runs it on fewer points than the {k} given (to see "
+                "that each output row belongs to its point). "
+                + model_error_fix(exc, k - 1)) from None
         raise OutputError(
             f"the model's output has {k} rows for {k} points, but with {k - 1} points it "
             f"failed ({type(exc).__name__}: {text.rstrip('.')}): its first axis only happens "

@@ -329,3 +329,21 @@ def test_a_model_that_fails_once_a_point_moves_gets_told_why():
         nbderiv.derivatives(model, tokens)
     text = str(info.value)
     assert "moved a point" in text and "embeddings" in text and "shape (N" not in text
+
+
+def test_train_mode_batchnorm_on_two_points_names_batchnorm_not_the_output():
+    # nbderiv runs the model on one point of the two (the probe's fewer-points check): a
+    # train-mode BatchNorm refuses one point; the output's rows are fine
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).train()
+    x = torch.rand(2, 1)
+    with pytest.raises(ModelCallError) as info:
+        nbderiv.derivatives(net, x)
+    text = str(info.value)
+    assert "BatchNorm in training mode" in text and "model.eval()" in text
+    assert "one row per point" not in text
+    assert net.training and int(net[1].num_batches_tracked) == 0
+    # the fix works: in eval mode the two points get their own derivatives
+    d = nbderiv.derivatives(net.eval(), x)
+    truth = vmap(jacrev(net))(x[:, None]).reshape(2, 1, 1).detach().numpy()
+    np.testing.assert_allclose(d[1], truth, rtol=1e-5, atol=1e-7)
