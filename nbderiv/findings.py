@@ -265,10 +265,26 @@ def non_finite_points(*arrays) -> list:
     return np.flatnonzero(bad).tolist()
 
 
-def non_finite_finding(where: str, points) -> Finding | None:
+def non_finite_finding(where: str, points, derivatives_only: bool = False) -> Finding | None:
+    """``non-finite`` at ``points``; ``derivatives_only``: the output is finite there, only its
+    derivatives are not (an operation without a derivative at those points, or the branch a
+    ``where`` did not take)."""
     points = list(points)
     if not points:
         return None
+    if derivatives_only:
+        return Finding(
+            "non-finite", "error",
+            f"NaN or inf in {where} at point index {_listed(points)} ({len(points)} "
+            "point(s)). The output itself is finite there, only its derivatives are not: an "
+            "operation has no finite derivative at those points (sqrt, log or a fractional "
+            "power at 0), or a torch.where / tf.where picks a safe branch while the other one "
+            "is NaN or inf there: autodiff differentiates both branches, and 0 x NaN is NaN.",
+            "find that operation; inside a where, make the branch not taken safe too, e.g. "
+            "torch.where(z > 0, torch.sqrt(torch.where(z > 0, z, 1.0)), 0.0) instead of "
+            "torch.where(z > 0, torch.sqrt(z), 0.0).",
+            points=tuple(points),
+        )
     return Finding(
         "non-finite", "error",
         f"NaN or inf in {where} at point index {_listed(points)} ({len(points)} point(s)).",

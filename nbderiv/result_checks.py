@@ -67,7 +67,9 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     bad_x = set(non_finite_points(*args) if call.non_finite_x is None else call.non_finite_x)
     bad_all = bad_first.union(non_finite_points(*ders[1:])) if len(ders) > 1 else bad_first
     bad = [n for n in sorted(bad_all) if n not in bad_x]
-    f = non_finite_finding("the model's output or its derivatives (where x is finite)", bad)
+    finite_y = bool(bad) and not set(bad) & set(non_finite_points(y))
+    f = non_finite_finding("the model's output or its derivatives (where x is finite)", bad,
+                           derivatives_only=finite_y)
     if f is not None:
         out.append(f)
     return out

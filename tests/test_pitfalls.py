@@ -495,3 +495,21 @@ def test_batch_norm_with_running_stats_in_training_keeps_the_eval_fix():
     assert "1 (BatchNorm1d)" in d.finding("train-mode").message
     np.testing.assert_allclose(d[1][:, 0], _diagonal_blocks(model, x)[:, 0], rtol=1e-9,
                                atol=1e-12)
+
+
+def test_a_where_whose_branch_not_taken_is_nan_is_named():
+    """sqrt in the branch torch.where does not take at z < 0: y is finite, d1 is NaN there
+    (0 x NaN); the finding says so and its fix, run, gives the one-sided truth."""
+    import torch
+
+    x = torch.tensor([[1.0], [-1.0], [4.0]])
+    d = nbderiv.derivatives(lambda z: torch.where(z > 0, torch.sqrt(z), 0.0), x)
+    f = d.finding("non-finite")
+    assert f.points == (1,) and np.isfinite(d.y).all()
+    assert "branch" in f.message and "torch.sqrt(torch.where(z > 0, z, 1.0))" in f.fix
+    fixed = nbderiv.derivatives(
+        lambda z: torch.where(z > 0, torch.sqrt(torch.where(z > 0, z, 1.0)), 0.0), x)
+    assert fixed.codes == []
+    np.testing.assert_allclose(fixed[1].ravel(), [0.5, 0.0, 0.25])  # 1 / (2 sqrt(x)), 0
+    # a NaN output keeps the plain wording
+    assert "branch" not in nbderiv.derivatives(torch.log, x).finding("non-finite").message
