@@ -121,16 +121,31 @@ class ExplainCell:
         except NbderivError as exc:
             raise UsageError(str(exc)) from None
         n, d_out, n_in = d.y.shape[0], d.y.shape[1], d[1].shape[-1]
+        n_all = len(getattr(d, "inputs", ()) or ()) if wrt is not None else n_in
         sizes = {n * d_out * n_in ** k for k in range(1, 4)} | {n * n_in ** k for k in range(1, 4)}
         sizes.add(n * d_out * n * n_in)
+        sizes |= {n, n * d_out, n * d_out * max(n_all, 1)}  # parts: u_t, u_xx, a Hessian row
         candidates = []
         ns = self.shell.user_ns
+        # only what the cell computed as derivatives (grad, .grad, jacobian, tape.gradient, ...)
+        # or from them: not every array that happens to have a matching size
+        direct, derived, last_is_derivative = derivative_names(source, ns)
         for name, value in list(ns.items()):
             if name.startswith("_") or name in ("In", "Out", "exit", "quit", "get_ipython"):
                 continue
             if name in before and before[name] is value and name not in assigned:
                 continue
-            candidates.append((name, value))
+            if name in direct or name in derived:
+                candidates.append((name, value))
+        for name in sorted(assigned):  # X.grad of a leaf copy of X that the cell made
+            value = ns.get(name)
+            if name in direct or _framework_module(value) != "torch" or value is x:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                g = getattr(value, "grad", None)
+            if g is not None and getattr(value, "is_leaf", False) and _same_values(value, x):
+                candidates.append((f"{name}.grad", g))
         if _framework_module(x) == "torch":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -139,12 +154,17 @@ class ExplainCell:
                     v is not None for _, v in candidates) and re.search(
                     rf"{re.escape(x_expr)}\s*\.\s*grad\b", source)):
                 candidates.append((f"{x_expr}.grad", grad))
-        if last_value is not None and not any(v is last_value for _, v in candidates):
+        if (last_value is not None and last_is_derivative
+                and not any(v is last_value for _, v in candidates)):
             candidates.append(("the cell's value", last_value))
-        out = []
+        out, seen = [], set()
         for name, value in candidates:
             if value is model or value is x or _is_weight(value):
                 continue
+            if value is not None:
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
             if value is None:
                 if name == "the cell's value":
                     continue
@@ -162,10 +182,13 @@ class ExplainCell:
                         or match(arr64, d.x, "float32") is not None):
                     continue  # the outputs or the inputs themselves, not a derivative
             try:
-                out.append(explain(value, model, x, order, wrt=wrt,
-                                   names=(name, model_expr, x_expr)))
+                e = explain(value, model, x, order, wrt=wrt, names=(name, model_expr, x_expr))
             except NbderivError as exc:
                 raise UsageError(f"explaining {name}: {exc}") from None
+            if name in derived and name not in direct and e.code in (
+                    "wrong", "zeros-graph-broken", "none"):
+                continue  # arithmetic on derivatives (a PDE residual): not meant as one
+            out.append(e)
         return out
 
 
@@ -243,3 +266,124 @@ def _array_like(value) -> bool:
     if isinstance(value, (list, tuple)):
         return len(value) > 0
     return False
+
+
+# calls whose result is a derivative (the last name of the called expression)
+DERIVATIVE_CALLS = frozenset({
+    "grad", "gradient", "gradients", "jacobian", "batch_jacobian", "hessian", "hessians",
+    "jacrev", "jacfwd", "vjp", "jvp", "hvp", "vhp", "derivatives", "full_jacobian"})
+
+
+def _called_name(call):
+    f = call.func
+    while isinstance(f, ast.Call):  # torch.func.grad(f)(x)
+        f = f.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+
+
+def _user_derivative_functions(tree, ns) -> set:
+    """Functions (of the cell, or of the namespace) whose code computes a derivative."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            if any(isinstance(c, ast.Call) and _called_name(c) in DERIVATIVE_CALLS
+                   for c in ast.walk(node)) and not isinstance(node, ast.Lambda):
+                found.add(node.name)
+    import inspect
+    import types
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            fn = ns.get(node.func.id)
+            if isinstance(fn, types.FunctionType) and node.func.id not in found:
+                try:
+                    body = ast.parse(inspect.cleandoc("\n" + inspect.getsource(fn)))
+                except (OSError, TypeError, SyntaxError):
+                    continue
+                if any(isinstance(c, ast.Call) and _called_name(c) in DERIVATIVE_CALLS
+                       for c in ast.walk(body)):
+                    found.add(node.func.id)
+    return found
+
+
+def _target_names(target) -> list:
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for t in target.elts for n in _target_names(t)]
+    if isinstance(target, ast.Starred):
+        return _target_names(target.value)
+    if isinstance(target, (ast.Subscript, ast.Attribute)):  # g[:, 0] = ..., marks g
+        return _target_names(target.value)
+    return []
+
+
+def derivative_names(source, ns=None):
+    r"""(direct, derived, last): the names the cell assigns from a derivative computation
+    (a grad/jacobian/hessian/tape.gradient call, a ``.grad``, or an index, reshape or call of
+    such a name), the names assigned from arithmetic on those (a PDE residual), and whether
+    the cell's last expression is one.
+
+    >>> direct, derived, last = derivative_names(
+    ...     "u = net(x)\ng, = torch.autograd.grad(u.sum(), x)\nu_x = g[:, 0:1]\n"
+    ...     "res = u_x - 1\nM = torch.zeros(8, 2)\n")
+    >>> sorted(direct), sorted(derived), last
+    (['g', 'u_x'], ['res'], False)
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set(), set(), False
+    calls = DERIVATIVE_CALLS | _user_derivative_functions(tree, ns or {})
+    direct, derived = set(), set()
+
+    def kind(expr):
+        if expr is None:
+            return None
+        known = direct | derived
+        hit = any((isinstance(c, ast.Call) and _called_name(c) in calls)
+                  or (isinstance(c, ast.Attribute) and c.attr == "grad")
+                  or (isinstance(c, ast.Name) and c.id in known) for c in ast.walk(expr))
+        if not hit:
+            return None
+        return "derived" if isinstance(expr, (ast.BinOp, ast.UnaryOp)) else "direct"
+
+    for _ in range(4):  # a fixed point: names made from names made from derivatives
+        size = len(direct) + len(derived)
+        for node in ast.walk(tree):
+            pairs = []
+            if isinstance(node, ast.Assign):
+                pairs = [(t, node.value) for t in node.targets]
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                pairs = [(node.target, node.value)]
+            elif isinstance(node, ast.NamedExpr):
+                pairs = [(node.target, node.value)]
+            elif isinstance(node, ast.For):
+                pairs = [(node.target, node.iter)]
+            elif (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                  and isinstance(node.value.func, ast.Attribute)):  # grads.append(...)
+                call = node.value
+                args = ast.Tuple(elts=list(call.args), ctx=ast.Load())
+                pairs = [(call.func.value, args)] if call.args else []
+            for target, value in pairs:
+                k = kind(value)
+                for name in _target_names(target):
+                    if k == "direct":
+                        direct.add(name)
+                        derived.discard(name)
+                    elif k == "derived" and name not in direct:
+                        derived.add(name)
+        if len(direct) + len(derived) == size:
+            break
+    body = tree.body
+    last = bool(body) and isinstance(body[-1], ast.Expr) and kind(body[-1].value) is not None
+    return direct, derived, last
+
+
+def _same_values(a, b) -> bool:
+    try:
+        A = np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a, dtype=float)
+        B = np.asarray(b.detach().cpu().numpy() if hasattr(b, "detach") else b, dtype=float)
+    except Exception:  # noqa: BLE001 - not numbers
+        return False
+    return A.shape == B.shape and np.array_equal(A, B)

@@ -652,7 +652,7 @@ def test_cell_magic_order_inferred_and_rerun_cells(shell):
     src = """\
         %%nbderiv explain two x
         x = x1d.clone().requires_grad_(True)
-        g = None
+        g = x.grad
         """
     value, _ = explained(shell, src)
     assert [(e.name, e.code) for e in value] == [("g", "none")]

@@ -1,0 +1,89 @@
+"""``%%nnderiv explain`` explains only what the cell computed as derivatives (and the parts a
+PINN cell computes), and ``.grad`` of a leaf copy of X. Truths: float64 ``torch.func``."""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("IPython")
+
+SETUP = """
+import torch, nbderiv
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+X = torch.rand(8, 2)
+"""
+
+
+@pytest.fixture(scope="module")
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    ip = InteractiveShell.instance()
+    if "nbderiv" not in ip.extension_manager.loaded:
+        with capture_output():
+            ip.run_line_magic("load_ext", "nbderiv")
+    ip.run_cell(SETUP, store_history=False)
+    return ip
+
+
+def run(shell, body, line="net X"):
+    from IPython.utils.capture import capture_output
+
+    with capture_output():
+        result = shell.run_cell(f"%%nnderiv explain {line}\n" + textwrap.dedent(body),
+                                store_history=False)
+    assert result.success, result.error_in_exec
+    return result.result
+
+
+def truths(shell):
+    n64 = copy.deepcopy(shell.user_ns["net"]).double()
+    f = lambda p: n64(p[None])[0, 0]  # noqa: E731
+    X = shell.user_ns["X"].double()
+    return (torch.func.vmap(torch.func.jacrev(f))(X).detach().numpy(),
+            torch.func.vmap(torch.func.hessian(f))(X).detach().numpy())
+
+
+def test_arrays_that_are_not_derivatives_are_not_explained(shell):
+    assert run(shell, """\
+        a = [1, 2, 3]
+        M = torch.zeros(8, 2)
+        X_test = torch.rand(8, 2)
+        noise = 0.01 * torch.randn_like(X)
+        X_shift = X + 1.0
+        """) == []
+
+
+def test_a_correct_pinn_cell_explains_every_derivative_it_computed(shell):
+    value = run(shell, """\
+        x = X.clone().requires_grad_(True)
+        u = net(x)
+        du = torch.autograd.grad(u, x, torch.ones_like(u), create_graph=True)[0]
+        u_x, u_t = du[:, 0:1], du[:, 1:2]
+        u_xx = torch.autograd.grad(u_x, x, torch.ones_like(u_x), create_graph=True)[0][:, 0:1]
+        res = u_t - 0.1 * u_xx
+        """)
+    got = {e.name: e for e in value}
+    assert {k: e.code for k, e in got.items()} == {
+        "du": "correct-reshaped", "u_x": "correct-part", "u_t": "correct-part",
+        "u_xx": "correct-part"}  # res (a residual, no derivative) is not called wrong
+    G, H = truths(shell)
+    np.testing.assert_allclose(got["u_t"].truth.ravel(), G[:, 1], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got["u_xx"].truth.ravel(), H[:, 0, 0], rtol=1e-4, atol=1e-7)
+
+
+def test_grad_of_a_leaf_copy_of_x_made_by_the_cell_is_explained(shell):
+    value = run(shell, """\
+        x = X.clone().requires_grad_(True)
+        net(x).sum().backward()
+        """)
+    assert [(e.name, e.code) for e in value] == [("x.grad", "correct-reshaped")]
+    G, _ = truths(shell)
+    np.testing.assert_allclose(value[0].truth.reshape(8, 2), G, rtol=1e-4, atol=1e-7)
