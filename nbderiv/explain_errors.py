@@ -6,7 +6,8 @@ student's own line and tensors, and the fix; ``None`` for any other error (shown
 :func:`explain_warning` does the same for torch's warning about ``.grad`` of a non-leaf.
 
 Codes: ``no-grad-required``, ``non-scalar-backward``, ``unused-input``, ``graph-freed``,
-``inplace-modified``, ``numpy-requires-grad``, ``non-leaf-grad``, ``integer-dtype``.
+``inplace-modified``, ``numpy-requires-grad``, ``non-leaf-grad``, ``integer-dtype``, and for
+TensorFlow ``tape-used-twice``, ``gradient-of-none``.
 Nothing here imports a framework.
 
 >>> e = explain_error(RuntimeError("grad can be implicitly created only for scalar outputs"),
@@ -38,6 +39,11 @@ PATTERNS = (
     ("numpy-requires-grad", r"Can't call numpy\(\) on Tensor that requires grad"),
     ("integer-dtype", r"only Tensors of floating point(?: and complex)? dtype can require "
                       r"gradients|dtype of the watched tensor must be floating"),
+    # TensorFlow
+    ("tape-used-twice", r"A non-persistent GradientTape can only be used to compute one set "
+                        r"of gradients"),
+    ("gradient-of-none", r"Argument `target` should be a list or nested structure of Tensors.*"
+                         r"but received None"),
 )
 # torch.autograd.grad(y, x) where y has a graph (the weights) but x does not require grad
 INPUT_NO_GRAD = r"One of the differentiated Tensors does not require grad"
@@ -339,6 +345,45 @@ def _input_no_grad(where, line, source):
             f"g, = torch.autograd.grad(y, {inp}, grad_outputs=torch.ones_like(y))")
 
 
-_WORDS = {"no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,
+def _tape_twice(where, line, source):
+    tape = _receiver(line, "gradient") or _receiver(line, "jacobian") or "tape"
+    tape = tape.split(".")[0]
+    first = _first_use(source, [rf"\b{re.escape(tape)}\s*\.\s*(gradient|jacobian|"
+                                r"batch_jacobian)\s*\("])
+    return (f"{where} asks {tape} for gradients a second time"
+            + (f" (the first: `{first}`)" if first and first != line.strip() else "")
+            + ", but a GradientTape releases what it recorded after its first gradient/jacobian "
+              "call unless it was made with persistent=True.",
+            f"with tf.GradientTape(persistent=True) as {tape}:   # several gradient calls\n"
+            "    ...\n"
+            f"# then: del {tape}  when done; or one call for both: {tape}.gradient([u, v], x)")
+
+
+def _gradient_of_none(where, line, source):
+    target, sources = _grad_args(line, names=("gradient", "jacobian", "batch_jacobian"))
+    target = target or "the target"
+    made = _first_use(source, [rf"(^|[\s(,]){re.escape(target)}\s*=[^=].*\b(gradient|jacobian)"
+                               r"\s*\("]) if target.isidentifier() else None
+    why = ""
+    if made:
+        inner = _receiver(made, "gradient") or _receiver(made, "jacobian")
+        _, src = _grad_args(made, names=("gradient", "jacobian", "batch_jacobian"))
+        watched = inner and src and re.search(
+            rf"\b{re.escape(inner)}\s*\.\s*watch\(\s*{re.escape(src)}\s*\)", source or "")
+        why = (f" {target} is None: it comes from `{made}`, which returned None (that tape "
+               f"found no path from {src} to its target"
+               + ("" if watched or not inner or not src else
+                  f"; there is no {inner}.watch({src}) in this cell, and a tape records a "
+                  f"constant tensor only when it is watched, a tf.Variable always")
+               + ").")
+    return (f"{where} asks for the gradient of {target}, but {target} is None, not a tensor: "
+            f"there is nothing to differentiate.{why}",
+            "with tf.GradientTape() as outer:\n    outer.watch(x)\n"
+            "    with tf.GradientTape() as inner:\n        inner.watch(x)\n        u = model(x)\n"
+            "    g = inner.gradient(u, x)      # inside the outer block, x watched by both\n"
+            "h = outer.gradient(g, x)")
+
+
+_WORDS = {"tape-used-twice": _tape_twice, "gradient-of-none": _gradient_of_none, "no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,
           "unused-input": _unused, "graph-freed": _freed, "inplace-modified": _inplace,
           "numpy-requires-grad": _numpy, "integer-dtype": _integer}

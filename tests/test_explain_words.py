@@ -86,3 +86,23 @@ def test_wrong_names_the_model_input_not_the_position_in_wrt():
         warnings.simplefilter("ignore")
         e = nbderiv.explain(3 * torch.ones(8, 1), net, X, wrt=[1])
     assert e.code == "wrong" and "input 1:" in e.message and "input 0" not in e.message
+
+
+def test_tensorflow_tape_errors_are_explained():
+    src = ("with tf.GradientTape() as tape:\n    tape.watch(X)\n    u = m(X)\n    v = 2*u\n"
+           "gu = tape.gradient(u, X)\ngv = tape.gradient(v, X)\n")
+    e = explain_error(RuntimeError("A non-persistent GradientTape can only be used to compute "
+                                   "one set of gradients (or jacobians)"), source=src,
+                      line="gv = tape.gradient(v, X)", lineno=6)
+    assert e.code == "tape-used-twice" and "persistent=True" in e.fix
+    assert "`gu = tape.gradient(u, X)`" in e.message
+    src = ("with tf.GradientTape() as t2:\n    t2.watch(X)\n    with tf.GradientTape() as t1:\n"
+           "        u = m(X)\n    g = t1.gradient(u, X)\nh = t2.gradient(g, X)\n")
+    e = explain_error(TypeError("Argument `target` should be a list or nested structure of "
+                                "Tensors, Variables or CompositeTensors to be differentiated, "
+                                "but received None."), source=src,
+                      line="h = t2.gradient(g, X)", lineno=6)
+    assert e.code == "gradient-of-none"
+    assert "g is None: it comes from `g = t1.gradient(u, X)`" in e.message
+    assert "no t1.watch(X) in this cell" in e.message
+    ast.parse(e.fix)
