@@ -258,7 +258,9 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
                 moving &= _finer_agree(call, X, scale, pts, v, steps[1], fd2, g, n_rows)
             hits = [pts[p] for p in np.flatnonzero(moving.any(axis=1))]
             if hits:
-                result["moves"][i] = (hits, moving.any(axis=0), np.nanmax(np.abs(fd2)))
+                # the slope in x's own units (the steps are scaled by 1 + |x|)
+                slope = np.abs(fd2) / scale[:, [wrt[i]]]
+                result["moves"][i] = (hits, moving.any(axis=0), np.nanmax(slope[moving]))
             # no slope, but the output changes (z**2 or z**3 at 0: a stationary point, where
             # d1 = 0 is right): the output depends on this input
             # (a change that shrinks with the step at least like h**2; a jump does not shrink)

@@ -841,3 +841,22 @@ def test_forward_mode_is_checked_against_reverse_mode():
     np.testing.assert_allclose(d[2][:, :, 0, 0], np.broadcast_to(want, (4, 5)), rtol=1e-10)
     smooth = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 5)).double()
     assert nbderiv.derivatives(lambda z: smooth(z) * 1.0, x, order=2).method == "forward-jvp"
+
+
+def test_taylor_mode_past_order_20():
+    """21! does not fit in int64: the Taylor coefficients are scaled in floating point.
+    Truth: the derivatives of each tanh unit by mpmath at 50 digits."""
+    mp = pytest.importorskip("mpmath")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 1)).double()
+    x = torch.linspace(-1, 1, 3).reshape(-1, 1).double()
+    d = nbderiv.derivatives(net, x, order=22)
+    assert d.method == "taylor"
+    W, b = net[0].weight.detach().numpy().ravel(), net[0].bias.detach().numpy()
+    V = net[2].weight.detach().numpy().ravel()
+    mp.mp.dps = 50
+    for k in (21, 22):
+        truth = [float(sum(V[u] * W[u] ** k * mp.diff(mp.tanh, W[u] * float(xi) + b[u], k)
+                           for u in range(4))) for xi in x.ravel()]
+        np.testing.assert_allclose(d[k].ravel(), truth, rtol=1e-9)

@@ -288,3 +288,12 @@ def test_a_flat_polynomial_minimum_is_no_saturation(f, x):
     np.testing.assert_allclose(d[1].reshape(-1), truth, rtol=1e-5, atol=1e-12)
     # the saturated tanh beside it keeps its finding
     assert "saturated" in nbderiv.derivatives(torch.tanh, torch.tensor([[8.0], [9.0]])).codes
+
+
+def test_graph_broken_names_the_slope_in_x_units():
+    # x**2 with its graph cut, at x in [0.5, 2]: the largest slope there is 4 (it said 12,
+    # the slope per unit of a step scaled by 1 + |x|)
+    x = torch.linspace(0.5, 2, 4).reshape(-1, 1)
+    d = nbderiv.derivatives(lambda z: z.detach() ** 2 + 0 * z, x)
+    message = d.finding("graph-broken").message
+    assert "give slopes up to 4)" in message, message

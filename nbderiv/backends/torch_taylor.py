@@ -258,7 +258,7 @@ def taylor_derivatives(plan, X, order, direction, out=None):
             if ck is None:
                 v = torch.zeros_like(y)
             else:
-                v = (ck * math.factorial(k) if k > 1 else ck).expand_as(y)
+                v = (ck * float(math.factorial(k)) if k > 1 else ck).expand_as(y)
             ders.append(v.reshape(y.shape + (1,) * k))
     return y, ders
 
@@ -283,4 +283,4 @@ def _write_block(c, last, out):
         else:  # a row broadcast over the block (no activation after the input)
             dst.copy_((ck if last is None else F.linear(ck, last.weight)).expand_as(dst))
         if k > 1:
-            dst.mul_(math.factorial(k))
+            dst.mul_(float(math.factorial(k)))  # (21! is past int64)
