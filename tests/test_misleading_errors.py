@@ -347,3 +347,15 @@ def test_train_mode_batchnorm_on_two_points_names_batchnorm_not_the_output():
     d = nbderiv.derivatives(net.eval(), x)
     truth = vmap(jacrev(net))(x[:, None]).reshape(2, 1, 1).detach().numpy()
     np.testing.assert_allclose(d[1], truth, rtol=1e-5, atol=1e-7)
+
+
+def test_a_keyword_a_plain_stack_does_not_take_is_refused_in_every_form():
+    # a constant kwargs value went around the probe (a plain stack needs none) and Taylor
+    # mode ignored it: the model, called as nbderiv would call it, refuses it
+    seq = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.rand(4, 1)
+    with pytest.raises(TypeError):
+        seq(x, mask=1)
+    for kwargs in ({"mask": 1}, {"mask": np.ones(4)}):
+        with pytest.raises(nbderiv.errors.OptionError, match="unexpected keyword argument 'mask'"):
+            nbderiv.derivatives(seq, x, kwargs=kwargs)

@@ -171,9 +171,9 @@ class TorchBackend(Backend):
         active Dropout, never coupled. Else None, and the probe runs (it also reports an input
         the model rejects)."""
         model = uncompiled(call.model)
-        if len(call.args) != 1 or len(call.point_shapes[0]) != 1 \
+        if len(call.args) != 1 or len(call.point_shapes[0]) != 1 or call.constants \
                 or not plain_modules(model, DENSE):
-            return None
+            return None  # (keyword arguments: the probe sees whether the model takes them)
         width, stochastic = call.width, False
         for m in model.modules():
             kind = type(m)
@@ -223,7 +223,8 @@ class TorchBackend(Backend):
         widths = [a.shape[1] for a in args]
         vectors = all(len(shape) == 1 for shape in call.point_shapes)
         model = uncompiled(call.model)
-        plan = taylor_plan(model, widths) if len(wrt) == 1 and vectors else None
+        plan = taylor_plan(model, widths) if len(wrt) == 1 and vectors \
+            and not (call.extras or call.constants) else None
         if plan is not None:  # forward Taylor mode: linear layers and elementwise activations
             with grad_enabled(False):
                 if out is not None:  # straight into the result arrays
