@@ -45,6 +45,16 @@ def _isinstance_loaded(obj, *candidates) -> bool:
     return bool(classes) and isinstance(obj, classes)
 
 
+def _is_model_class(obj) -> bool:
+    """Whether ``obj`` is a class of torch modules or Keras layers (not one of them)."""
+    if not isinstance(obj, type):
+        return False
+    classes = tuple(c for c in (_loaded_class(*cand) for cand in (
+        ("keras", "Layer"), ("keras", "layers", "Layer"), ("tensorflow", "Module"),
+        ("torch", "nn", "Module"))) if c is not None)
+    return bool(classes) and issubclass(obj, classes)
+
+
 def _keras_backend_name() -> str | None:
     keras = sys.modules.get("keras")
     try:
@@ -181,6 +191,12 @@ def framework_name(model, x=None, framework=None) -> str | None:
 
 def select_backend(model, x, framework=None):
     """The backend for this model and input, by :func:`framework_name`."""
+    if _is_model_class(model):
+        raise ModelTypeError(
+            f"model is the class {model.__module__}.{model.__qualname__}, not a model: calling "
+            "a class builds a new layer, it does not run one. Fix: create the model first, e.g. "
+            f"net = {model.__qualname__}(...) with its sizes (and its trained weights), then "
+            "nbderiv.derivatives(net, x).")
     if framework is not None:
         return get_backend(framework_name(model, x, framework))
     name = _of_model_or_input(model, x) if callable(model) else framework_of_model(model)

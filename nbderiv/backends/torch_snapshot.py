@@ -56,6 +56,14 @@ class TorchState:
             _plain_walk(self, found)
         self.found = list(found.values())
         unique = {id(t): t for _, _, t in self.registered}  # tied tensors once
+        meta = next((t for t in unique.values() if t.is_meta), None)
+        if meta is not None:
+            raise ModelTypeError(
+                "the model's weights are on the 'meta' device: they have shapes but no values "
+                "(a model built under torch.device('meta') or an empty-weights context), so "
+                "it has no outputs to differentiate. Fix: give it real weights first, e.g. "
+                "model = model.to_empty(device='cpu') then model.load_state_dict(state), or "
+                "build it without the meta device.")
         self.saved = _Saved(list(unique.values())) if copy else None
 
     def key(self) -> tuple:
