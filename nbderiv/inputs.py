@@ -348,6 +348,12 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
     (5, 6)
     """
     if shape is None:
+        if type_name == "ndarray":  # computed outside the framework: no derivatives
+            raise OutputError(
+                "the model returned a NumPy array, not a tensor: the framework's autodiff "
+                "cannot follow NumPy (its derivatives would all read 0). Fix: compute with the "
+                "framework's operations (torch.sin / tf.sin instead of np.sin, no .numpy()) "
+                "and return one tensor of shape (N, d_out).")
         raise OutputError(
             f"the model returned {type_name or 'a non-tensor'}, not a tensor. "
             "Fix: make the model (or a wrapper lambda) return one tensor of shape (N, d_out)."

@@ -219,3 +219,13 @@ def test_errors_are_raised_before_any_model_call():
     with pytest.raises(errors.OptionError):
         nbderiv.derivatives(model, torch.rand(3, 1), wrt=[3])
     assert calls == []
+
+
+def test_a_function_returning_numpy_is_refused_in_both_frameworks():
+    # TensorFlow took the NumPy array and returned zeros with a graph-broken warning
+    tf = pytest.importorskip("tensorflow")
+    torch = pytest.importorskip("torch")
+    for f, x in ((lambda z: np.asarray(z) ** 2, tf.constant([[0.5], [1.0], [2.0]])),
+                 (lambda z: z.detach().numpy() ** 2, torch.tensor([[0.5], [1.0], [2.0]]))):
+        with pytest.raises(errors.OutputError, match="returned a NumPy array"):
+            nbderiv.derivatives(f, x, order=2)
