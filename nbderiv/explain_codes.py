@@ -308,7 +308,8 @@ class _Context:
         F = full.get(k) if not (k == 1 and "graph-broken" in full.codes) else full.fd_first()
         n, d_out = F.shape[0], F.shape[1]
         n_all = F.shape[-1]
-        if n_all < 2 or M.size not in (n * d_out, n * d_out * n_all, n * n_all):
+        sizes = (n * d_out, n * d_out * n_all, n * n_all) + ((n,) if d_out > 1 else ())
+        if n_all < 2 or M.size not in sizes:
             return None
         dtype = self.dtype_for(M, k)
         wrt = None if self.wrt is None else [int(w) for w in self.truth.d.wrt]
@@ -321,6 +322,11 @@ class _Context:
         found = []  # (kind, index, part)
         if k == 1:
             found += [("column", (i,), F[:, :, i]) for i in range(n_all)]
+            if d_out > 1:  # one output's column (u_x of a (u, v) model), or the outputs' sum
+                found += [("output-column", (j, i), F[:, j, i]) for j in range(d_out)
+                          for i in range(n_all)]
+                found += [("summed-column", (i,), F[:, :, i].sum(axis=1))
+                          for i in range(n_all)]
         else:
             found += [("entry", (i, j), F[:, :, i, j]) for i in range(n_all)
                       for j in range(i, n_all)]
@@ -330,6 +336,8 @@ class _Context:
             found += [("summed-inputs", (), F.sum(axis=2))]
             if d_out > 1:
                 found += [("summed-inputs-outputs", (), F.sum(axis=(1, 2)))]
+                found += [("output-entry", (o, i, j), F[:, o, i, j]) for o in range(d_out)
+                          for i in range(n_all) for j in range(i, n_all)]
         found = [f for f in found if fits(f[2])]
         if not found:
             if k == 1 and M.size == F.size and n_all <= 6:
@@ -354,10 +362,16 @@ class _Context:
                 f"torch.ones_like(u_x[:, 0]), create_graph=True)[0][:, 0]. The whole second "
                 f"derivative has shape {_shape(F.shape)} = {_layout(2)}.", 2,
                 fix=self.fix_full(2), truth=P)
+        if kind == "summed-column":
+            return self.summed_column(M, idx[0], F, dtype)
+        meant = None
         if wrt is not None:
             meant = [self.input_name(w) for w in wrt]
             if kind == "column" and idx[0] in wrt or kind == "entry" and set(idx) <= set(wrt):
                 return None  # the wrt derivative itself: compared (and reported) already
+            if kind.startswith("output-") and set(idx[1:]) <= set(wrt):
+                meant = None  # one output's part of the wrt derivative: a correct part
+        if wrt is not None and meant is not None:
             return self.result(
                 "wrong",
                 f"{name} (shape {shp}) holds {words}{also_note}, not the derivative with "
@@ -369,6 +383,8 @@ class _Context:
         fixes = self.fix_full(k)
         sel = {"column": f"d{k} = d{k}[:, :, {idx[0] if idx else 0}]",
                "entry": f"d{k} = d{k}[:, :, {idx[0]}, {idx[-1]}]" if idx else "",
+               "output-column": f"d{k} = d{k}[:, {idx[0]}, {idx[-1]}]" if idx else "",
+               "output-entry": f"d{k} = d{k}[:, {', '.join(map(str, idx))}]" if idx else "",
                "row": f"d{k} = d{k}[:, :, {idx[0] if idx else 0}, :]",
                "laplacian": f"lap = d{k}.diagonal(0, 2, 3).sum(-1)" if self.framework == "torch"
                else f"lap = np.trace(np.asarray(d{k}), axis1=2, axis2=3)",
@@ -393,6 +409,13 @@ class _Context:
             i, j = idx
             return (f"the second derivative with respect to {nm(i)} twice" if i == j else
                     f"the mixed second derivative with respect to {nm(i)} and {nm(j)}")
+        if kind == "output-column":
+            return f"the first derivative of output {idx[0]} with respect to {nm(idx[1])} alone"
+        if kind == "output-entry":
+            o, i, j = idx
+            return (f"the second derivative of output {o} with respect to {nm(i)} twice"
+                    if i == j else f"the mixed second derivative of output {o} with respect "
+                    f"to {nm(i)} and {nm(j)}")
         if kind == "row":
             return (f"row {idx[0]} of each point's Hessian: the derivative of dy/d({nm(idx[0])}) "
                     "with respect to every input")
@@ -402,6 +425,26 @@ class _Context:
         if kind == "diagonal":
             return "the diagonal of each point's Hessian: d2y/dx_i2 for every input i"
         return kind
+
+    def summed_column(self, M, i, F, dtype):
+        """``summed-outputs`` for one input's column of a first derivative summed over the
+        outputs (u_x = grads[:, 0] after grad(uv, x, ones_like(uv)) of a (u, v) model)."""
+        name, d_out = self.name, F.shape[1]
+        C = F[:, :, i].astype(np.float64)  # (N, d_out): each output's derivative wrt input i
+        p = int(np.argmax(np.abs(C - C[:, :1]).max(axis=1)))
+        outs = ", ".join(_num(C[p, o]) for o in range(min(d_out, 4))) + (
+            ", ..." if d_out > 4 else "")
+        return self.result(
+            "summed-outputs",
+            f"{name} (shape {_shape(M.shape)}) is the SUM over the {d_out} outputs of the "
+            f"first derivative with respect to {self.input_name(i)} alone (dy_0/dx_{i} + "
+            f"dy_1/dx_{i}{' + ...' if d_out > 2 else ''}), not one output's own: grad_outputs=ones_like(y) (or tape.gradient "
+            f"of a model with several outputs) adds the outputs' derivatives together before "
+            f"the column is taken. E.g. at point {p}: yours {_num(C[p].sum())}, outputs "
+            f"{outs}. Each output's own: column {i} of the whole first derivative, shape "
+            f"{_shape(F.shape)} = {_layout(1)}.", 1,
+            fix=self.fix_full(1) + f"\nd1 = d1[:, :, {i}]      # (N, d_out): each output's "
+            f"derivative with respect to input {i}; output j: d1[:, j]", truth=C)
 
     def columns_swapped(self, M, F, dtype):
         """``wrong`` naming the columns of a first derivative that are in another order."""

@@ -135,3 +135,50 @@ def test_numbers_that_are_no_part_stay_wrong(pinn):
     for mine in (torch.rand(8), torch.rand(8, 2)):
         e = nbderiv.explain(mine, pinn["net"], pinn["X"])
         assert e.code == "wrong", e
+
+
+@pytest.fixture(scope="module")
+def two_outputs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    X = torch.rand(8, 2)
+    n64 = copy.deepcopy(net).double()
+    f = lambda p: n64(p[None])[0]  # noqa: E731
+    J = torch.func.vmap(torch.func.jacrev(f))(X.double()).detach().numpy()      # (8, 2, 2)
+    H = torch.func.vmap(torch.func.hessian(f))(X.double()).detach().numpy()     # (8, 2, 2, 2)
+    return dict(net=net, X=X, J=J, H=H)
+
+
+def test_a_column_of_the_ones_trick_on_two_outputs_is_their_sum(two_outputs):
+    # grads, = grad(uv, p, ones_like(uv)); u_x, u_t = grads[:, 0], grads[:, 1] (gallery 11)
+    net, X, J = two_outputs["net"], two_outputs["X"], two_outputs["J"]
+    p = X.clone().requires_grad_(True)
+    uv = net(p)
+    grads, = torch.autograd.grad(uv, p, grad_outputs=torch.ones_like(uv))
+    for i, name in ((0, "u_x"), (1, "u_t")):
+        e = nbderiv.explain(grads[:, i], net, X, names=(name, "model", "x"))
+        assert e.code == "summed-outputs", e
+        assert f"SUM over the 2 outputs of the first derivative with respect to input {i}" \
+            in e.message
+        np.testing.assert_allclose(grads[:, i].numpy(), J[:, :, i].sum(axis=1), rtol=1e-4,
+                                   atol=1e-6)
+        np.testing.assert_allclose(e.truth, J[:, :, i], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(_run(e.fix, net, X, "d1"), J[:, :, i], rtol=1e-4,
+                                   atol=1e-6)
+
+
+def test_one_outputs_column_and_u_xx_of_two_outputs_are_correct_parts(two_outputs):
+    net, X, J, H = (two_outputs[k] for k in ("net", "X", "J", "H"))
+    p = X.clone().requires_grad_(True)
+    uv = net(p)
+    v_x = _grad(uv[:, 1], p)[:, 0]
+    e = nbderiv.explain(v_x, net, X)
+    assert e.code == "correct-part" and "of output 1 with respect to input 0" in e.message, e
+    np.testing.assert_allclose(e.truth, J[:, 1, 0], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(_run(e.fix, net, X, "d1"), J[:, 1, 0], rtol=1e-4, atol=1e-6)
+    u_tt = _grad(_grad(uv[:, 0], p)[:, 1], p)[:, 1]
+    e = nbderiv.explain(u_tt, net, X)
+    assert e.code == "correct-part" and "of output 0 with respect to input 1 (x[1]) twice" \
+        in e.message, e
+    np.testing.assert_allclose(e.truth, H[:, 0, 1, 1], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(_run(e.fix, net, X, "d2"), H[:, 0, 1, 1], rtol=1e-4, atol=1e-6)
