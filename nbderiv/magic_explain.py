@@ -87,9 +87,12 @@ class ExplainCell:
                                 lineno=lineno if _line_at(source, lineno) else None)
             if e is not None and not any(o.code == e.code for o in out):
                 out.append(e)
+        left = []
         if result.success and model_expr is not None:
             out.extend(self._explain_values(model_expr, x_expr, order, wrt, before, assigned,
-                                            x_grad_before, result.result, source))
+                                            x_grad_before, result.result, source, left))
+        if result.success and not out:
+            print(_nothing_line(source, self.shell.user_ns, model_expr, x_expr, left))
         display = self._display()
         for e in out:
             display(e)
@@ -109,11 +112,14 @@ class ExplainCell:
             return getattr(x, "grad", None) if _framework_module(x) == "torch" else None
 
     def _explain_values(self, model_expr, x_expr, order, wrt, before, assigned, x_grad_before,
-                        last_value, source):
+                        last_value, source, left=None):
+        """The explanations of what the cell computed as derivatives; ``left`` (a list) is
+        given (name, why) for each derivative-like name that is not explained."""
         from .api import derivatives
         from .explain import explain, to_array
         from .explain_match import match
 
+        left = [] if left is None else left
         model = self._evaluate(model_expr, "MODEL")
         x = self._evaluate(x_expr, "X")
         try:
@@ -169,17 +175,21 @@ class ExplainCell:
                 if name == "the cell's value":
                     continue
             elif not _array_like(value):
+                left.append((name, "not an array"))
                 continue
             try:
                 arr = to_array(value)
             except Exception:  # noqa: BLE001 - not numbers: not a derivative
+                left.append((name, "not numbers"))
                 continue
             if arr is not None:
                 if arr.size not in sizes or arr.size == 0:
+                    left.append((name, f"{arr.size} numbers, no derivative's size"))
                     continue
                 arr64 = arr.astype(np.float64) if arr.dtype != bool else arr
                 if (match(arr64, d.y, "float32") is not None
                         or match(arr64, d.x, "float32") is not None):
+                    left.append((name, "the outputs or the inputs themselves"))
                     continue  # the outputs or the inputs themselves, not a derivative
             try:
                 e = explain(value, model, x, order, wrt=wrt, names=(name, model_expr, x_expr))
@@ -187,9 +197,42 @@ class ExplainCell:
                 raise UsageError(f"explaining {name}: {exc}") from None
             if name in derived and name not in direct and e.code in (
                     "wrong", "zeros-graph-broken", "none"):
+                left.append((name, "arithmetic on derivatives, no derivative itself"))
                 continue  # arithmetic on derivatives (a PDE residual): not meant as one
             out.append(e)
         return out
+
+
+def _nothing_line(source, ns, model_expr, x_expr, left) -> str:
+    """The one line printed when a cell ran and nothing was explained: what was looked for
+    and how to get an explanation.
+
+    >>> print(_nothing_line("y = net(x)", {}, "net", "x", []))
+    nbderiv explain: nothing to explain: the cell raised no autograd error and computed no derivative (no grad, .grad, jacobian, tape.gradient, ... call) to compare with net at x.
+    >>> print(_nothing_line("g, = torch.autograd.grad(y, x, torch.ones_like(y))", {}, None,
+    ...                     None, []))
+    nbderiv explain: the cell raised no autograd error; to check the derivatives it computed (g) against the model, name the model and its input: %%nnderiv explain MODEL X
+    """
+    direct, derived, last = derivative_names(source, ns)
+    names = sorted(direct) + sorted(derived - direct) + (["the cell's value"] if last else [])
+    head = "nbderiv explain: "
+    if model_expr is None:
+        if names:
+            return (head + "the cell raised no autograd error; to check the derivatives it "
+                    f"computed ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}) "
+                    "against the model, name the model and its input: "
+                    "%%nnderiv explain MODEL X")
+        return (head + "the cell raised no autograd error, and it computed no derivative (no "
+                "grad, .grad, jacobian, tape.gradient, ... call); with %%nnderiv explain MODEL "
+                "X the derivatives a cell computes are checked against MODEL at X.")
+    if not left and not names:
+        return (head + "nothing to explain: the cell raised no autograd error and computed no "
+                "derivative (no grad, .grad, jacobian, tape.gradient, ... call) to compare "
+                f"with {model_expr} at {x_expr}.")
+    why = "; ".join(f"{n}: {w}" for n, w in left[:6])
+    return (head + "nothing to explain: the cell raised no autograd error, and no value it "
+            "left in the namespace from its derivative computations holds a derivative-like "
+            f"array of {model_expr} at {x_expr}" + (f" ({why})." if why else "."))
 
 
 def _transformed(shell, cell) -> str:

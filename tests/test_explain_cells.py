@@ -87,3 +87,36 @@ def test_grad_of_a_leaf_copy_of_x_made_by_the_cell_is_explained(shell):
     assert [(e.name, e.code) for e in value] == [("x.grad", "correct-reshaped")]
     G, _ = truths(shell)
     np.testing.assert_allclose(value[0].truth.reshape(8, 2), G, rtol=1e-4, atol=1e-7)
+
+
+def _printed(shell, body, line):
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        result = shell.run_cell(f"%%nnderiv explain {line}\n" + textwrap.dedent(body),
+                                store_history=False)
+    assert result.success, result.error_in_exec
+    return result.result, cap.stdout
+
+
+def test_a_grad_of_x_held_by_a_name_is_explained_once_under_that_name(shell):
+    # gallery 09: dydx = x.grad is the same tensor as x.grad: one explanation, named dydx
+    for line, body in (("net x", "x = X.clone().requires_grad_(True)\n"
+                                 "net(x).sum().backward()\ndydx = x.grad\n"),
+                       ("net X", "x = X.clone().requires_grad_(True)\n"
+                                 "net(x).sum().backward()\ndydx = x.grad\n")):
+        value, _ = _printed(shell, body, line)
+        assert [(e.name, e.code) for e in value] == [("dydx", "correct-reshaped")], line
+
+
+def test_a_cell_with_nothing_to_explain_says_so_in_one_line(shell):
+    value, out = _printed(shell, """\
+        x = X.clone().requires_grad_(True)
+        y = net(x)
+        g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y))
+        """, "")
+    assert value == [] and out.count("\n") == 1, out
+    assert "(g)" in out and "%%nnderiv explain MODEL X" in out
+    value, out = _printed(shell, "y = net(X)\nz = y * 2\n", "net X")
+    assert value == [] and out.count("\n") == 1, out
+    assert "computed no derivative" in out and "net at X" in out
