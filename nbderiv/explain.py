@@ -124,7 +124,7 @@ def to_array(mine):
 
 
 # -- the diagnosis ------------------------------------------------------------------------------------
-def explain(mine, model, x, order=None, *, wrt=None, names=None) -> Explanation:
+def explain(mine, model, x, order=None, *, wrt=None, names=None, _cell=None) -> Explanation:
     """Say what ``mine`` (the student's derivative of ``model`` at ``x``) is.
 
     ``order`` is the order ``mine`` is meant to be (inferred from its shape and values when
@@ -134,6 +134,9 @@ def explain(mine, model, x, order=None, *, wrt=None, names=None) -> Explanation:
 
     Returns an :class:`Explanation` (``.code``, ``.message``, ``.fix``, ``.truth``,
     ``.findings``).
+
+    ``_cell`` (internal, given by ``%%nnderiv explain``): (the cell's code, its namespace), from
+    which a ``None`` is traced to the call that made it (:mod:`nbderiv.explain_tape`).
     """
     if order is not None:
         if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
@@ -148,6 +151,7 @@ def explain(mine, model, x, order=None, *, wrt=None, names=None) -> Explanation:
     orig_framework = _framework_of(mine) or framework
     ctx = _Context(name, mname, xname, framework, truth, wrt, mine, x, model,
                    make=Explanation)
+    ctx.cell = _cell
     if M is None:
         return ctx.none(order or 1)
     if M.dtype == bool:

@@ -12,7 +12,14 @@ import numpy as np
 
 from .backends.tensorflow_code import MOMENTS_RESTORE, MOMENTS_SWAP
 from .explain_causes import none_causes
-from .explain_fix import _layout, _reshape_code, _shape, diagonal_blocks_code, fix_code
+from .explain_fix import (
+    _framework_of,
+    _layout,
+    _reshape_code,
+    _shape,
+    diagonal_blocks_code,
+    fix_code,
+)
 from .explain_match import RTOL, _close, _dtype_name, _looser, match
 
 MAX_ORDER = 3          # orders tried when none is given
@@ -619,13 +626,46 @@ class _Context:
     def none(self, k):
         causes = none_causes(self.model, self.x, self.truth, self.framework, self.xname,
                              self.mname)
+        intro = f"The cause that fits {self.mname} and {self.xname}:"
+        from_code = self.none_from_code()
+        if from_code is not None:
+            causes, intro = from_code
         T = self.truth_k(k)  # central differences where the model cuts its own graph
         head = (f"{self.name} is None: autodiff returned no gradient at all (the true "
                 f"{_ordinal(k)} derivative has shape {_shape(T.shape)}, largest value "
                 f"{_num(np.abs(T).max()) if T.size else 0}).")
         first = causes[0]
-        message = f"{head} The cause that fits {self.mname} and {self.xname}: {first[1]}"
+        message = f"{head} {intro} {first[1]}"
         if len(causes) > 1:
             message += " Other possible causes: " + " ".join(c[1] for c in causes[1:3])
         fix = first[2] + "\n# the per-point derivative itself:\n" + self.fix(k)
         return self.result("none", message, k, fix=fix, truth=T)
+
+    def none_from_code(self):
+        """(causes, intro) for a None traced through the cell's code (``%%nnderiv explain``
+        gives it): the tape.gradient call that made it in TensorFlow, the tensor whose .grad
+        it is in torch; None when there is no code or it shows no such call."""
+        cell = getattr(self, "cell", None)
+        if cell is None:
+            return None
+        source, ns = cell
+        from .explain_tape import grad_owner, tape_causes
+
+        if self.framework == "tensorflow":
+            code = tape_causes(self.name, source, ns, self.mname)
+            if code is None:
+                return None
+            # facts about x and the model stay; the tape-level guesses give way to the code
+            facts = [c for c in none_causes(self.model, self.x, self.truth, self.framework,
+                                            self.xname, self.mname)
+                     if c[0] in ("integer-dtype", "graph-cut-in-model", "output-not-connected")]
+            if code[0][0] == "not-recorded":
+                return (facts, f"The cause that fits {self.mname} and {self.xname}:") \
+                    if facts else (code, "What is known:")
+            return code + facts, "The cause in this cell:"
+        owner = grad_owner(self.name, source)
+        obj = ns.get(owner) if owner else None
+        if obj is None or obj is self.x or _framework_of(obj) != "torch":
+            return None
+        return (none_causes(self.model, obj, self.truth, self.framework, owner, self.mname),
+                f"The cause that fits {owner}, whose .grad this is:")

@@ -192,7 +192,8 @@ class ExplainCell:
                     left.append((name, "the outputs or the inputs themselves"))
                     continue  # the outputs or the inputs themselves, not a derivative
             try:
-                e = explain(value, model, x, order, wrt=wrt, names=(name, model_expr, x_expr))
+                e = explain(value, model, x, order, wrt=wrt, names=(name, model_expr, x_expr),
+                            _cell=(source, ns))
             except NbderivError as exc:
                 raise UsageError(f"explaining {name}: {exc}") from None
             if name in derived and name not in direct and e.code in (

@@ -1,0 +1,273 @@
+"""Why a gradient came back ``None``, read from the cell's own code (``%%nnderiv explain``).
+
+:func:`none_causes_from_code` finds the call that produced the ``None`` the student holds
+(``g = tape.gradient(target, source)`` in TensorFlow, ``g = t.grad`` in torch) and reads the
+code around it: whether the tape watched the source (or the source is a ``tf.Variable``),
+whether the target was computed outside that tape's ``with`` block, and which operations
+without a gradient (``tf.round``, ``tf.floor``, ``tf.math.ceil``, ``tf.math.rint``,
+``tf.argmax``, a cast to an integer dtype, ``tf.stop_gradient``, ``.numpy()``, NumPy
+functions, ``model.predict``) the source passes through on its way to the target. Only what the
+code shows is said; when it shows nothing, only what is known (the tape did not record the
+target as depending on the source). Nothing here imports a framework.
+
+>>> code = '''
+... V = tf.Variable(X)
+... with tf.GradientTape() as tape:
+...     u = m(tf.round(V * 10) / 10)
+... g = tape.gradient(u, V)
+... '''
+>>> [c[0] for c in tape_causes("g", code, {})]
+['no-gradient-op']
+"""
+
+from __future__ import annotations
+
+import ast
+
+GRADIENT_CALLS = ("gradient", "jacobian", "batch_jacobian")
+# TensorFlow operations whose gradient is None (checked: tape.gradient through each is None)
+NO_GRADIENT = {
+    "round": "has no gradient (its derivative is 0 almost everywhere, and TensorFlow "
+             "registers none)",
+    "rint": "has no gradient (like tf.round)",
+    "floor": "has no gradient (its derivative is 0 almost everywhere, and TensorFlow "
+             "registers none)",
+    "ceil": "has no gradient (its derivative is 0 almost everywhere, and TensorFlow "
+            "registers none)",
+    "argmax": "returns integer indices, which carry no gradient",
+    "argmin": "returns integer indices, which carry no gradient",
+    "stop_gradient": "stops the gradient by design",
+    "numpy": "leaves TensorFlow (a NumPy array; the tape records TensorFlow operations only)",
+    "predict": "returns a NumPy array (the tape records TensorFlow operations only, not "
+               "model.predict)",
+}
+
+
+def _text(node) -> str:
+    try:
+        return ast.unparse(node)
+    except Exception:  # noqa: BLE001 - a node ast cannot write back
+        return ""
+
+
+def _names(node) -> set:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _targets(target) -> list:
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for t in target.elts for n in _targets(t)]
+    if isinstance(target, ast.Starred):
+        return _targets(target.value)
+    return []
+
+
+def _assignments(tree) -> list:
+    """[(lineno, [names], value, node)] of every assignment, in line order."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            names = [n for t in node.targets for n in _targets(t)]
+            out.append((node.lineno, names, node.value, node))
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and node.value is not None:
+            out.append((node.lineno, _targets(node.target), node.value, node))
+    return sorted(out, key=lambda a: a[0])
+
+
+def _gradient_call(value):
+    """(tape, target node, source node) of ``tape.gradient(target, source)`` (also behind an
+    index: ``tape.gradient(u, [x, t])[0]`` gives the source ``x``); None otherwise."""
+    index = None
+    if isinstance(value, ast.Subscript) and isinstance(value.slice, ast.Constant):
+        index, value = value.slice.value, value.value
+    if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
+            and value.func.attr in GRADIENT_CALLS and isinstance(value.func.value, ast.Name)):
+        return None
+    args = list(value.args)
+    kw = {k.arg: k.value for k in value.keywords}
+    target = args[0] if args else kw.get("target")
+    source = args[1] if len(args) > 1 else kw.get("sources")
+    if target is None or source is None:
+        return None
+    if isinstance(source, (ast.List, ast.Tuple)):
+        if isinstance(index, int) and 0 <= index < len(source.elts):
+            source = source.elts[index]
+        elif len(source.elts) == 1:
+            source = source.elts[0]
+        else:
+            return None
+    return value.func.value.id, target, source
+
+
+def _tape_block(tree, tape, before):
+    """The last ``with tf.GradientTape(...) as tape:`` that starts before line ``before``."""
+    found = None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.With, ast.AsyncWith)) and node.lineno < before:
+            for item in node.items:
+                call = item.context_expr
+                if (isinstance(call, ast.Call) and _text(call.func).endswith("GradientTape")
+                        and isinstance(item.optional_vars, ast.Name)
+                        and item.optional_vars.id == tape):
+                    if found is None or node.lineno > found.lineno:
+                        found = node
+    return found
+
+
+def _is_variable(value) -> bool:
+    return any("Variable" in c.__name__ for c in type(value).__mro__)
+
+
+def _cut(call, tainted):
+    """The name of the operation without a gradient that ``call`` applies to a value made
+    from the source (``tainted``), or None."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else (
+        func.id if isinstance(func, ast.Name) else None)
+    args = list(call.args) + [k.value for k in call.keywords]
+    on_source = any(_names(a) & tainted for a in call.args) or (
+        isinstance(func, ast.Attribute) and _names(func.value) & tainted)
+    if not on_source:
+        return None
+    text = _text(func)
+    if name == "cast":
+        dtype = _text(args[1]) if len(args) > 1 else ""
+        if any(s in dtype for s in ("int", "bool")):
+            return f"tf.cast(..., {dtype})"
+        return None
+    if name == "numpy" and isinstance(func, ast.Attribute) and not call.args:
+        return ".numpy()"
+    if name == "predict":
+        return f"{text}()"
+    if name in NO_GRADIENT:
+        return text
+    if text.startswith(("np.", "numpy.")):
+        return text
+    return None
+
+
+def _why(op) -> str:
+    if op.startswith("tf.cast"):
+        return "casts to an integer dtype, and integers carry no gradient"
+    if op.startswith(("np.", "numpy.")):
+        return "is a NumPy function (the tape records TensorFlow operations only)"
+    key = op.rstrip("()").rsplit(".", 1)[-1]
+    return NO_GRADIENT.get(key, "has no gradient")
+
+
+def tape_causes(name, source, ns, model_name="model"):
+    """[(cause, sentence, fix)] read from the code for the ``None`` held by ``name``, the
+    cell's ``tape.gradient`` call; None when the code shows no such call."""
+    try:
+        tree = ast.parse(source or "")
+    except SyntaxError:
+        return None
+    lines = (source or "").splitlines()
+    assigns = _assignments(tree)
+    call = None
+    for _lineno, names, value, node in assigns:
+        if name in names:
+            found = _gradient_call(value)
+            call = (found, node) if found is not None else None
+    if call is None:
+        return None
+    (tape, target, src), grad_node = call
+    grad_line = lines[grad_node.lineno - 1].strip() if grad_node.lineno <= len(lines) else ""
+    src_text, target_text = _text(src), _text(target)
+    block = _tape_block(tree, tape, grad_node.lineno)
+    if block is None:
+        return None
+    start, end = block.lineno, block.end_lineno
+    watched = any(
+        isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "watch"
+        and _text(c.func.value) == tape and c.args
+        and src_text in ([_text(e) for e in c.args[0].elts]
+                         if isinstance(c.args[0], (ast.List, ast.Tuple)) else [_text(c.args[0])])
+        for n in block.body for c in ast.walk(n))
+    variable = isinstance(src, ast.Name) and _is_variable(ns.get(src.id))
+    note = (f" ({src_text} is watched: a watch does not help here)." if watched else
+            f" ({src_text} is a tf.Variable, which a tape watches: a watch does not help "
+            "here)." if variable else ".")
+    causes = []
+    # the target (a name) last assigned before the gradient call, outside the tape's block
+    if isinstance(target, ast.Name):
+        made = [a for a in assigns if target.id in a[1] and a[0] < grad_node.lineno]
+        if made:
+            lineno, _, value, node = made[-1]
+            if not (start <= lineno <= end):
+                line = lines[lineno - 1].strip()
+                inner = _gradient_call(value)
+                what = (f"the inner gradient `{line}`" if inner is not None else f"`{line}`")
+                causes.append((
+                    "computed-outside-tape",
+                    f"{target.id} is computed by {what} on line {lineno}, outside the `with` "
+                    f"block of {tape} (lines {start}-{end}): {tape} records only what runs "
+                    f"inside its block, so it never saw {target.id} being made from "
+                    f"{src_text} and {tape}.gradient({target.id}, {src_text}) is None" + note,
+                    f"with tf.GradientTape() as {tape}:\n    ...\n    {line}      # inside "
+                    f"the block of {tape}, so that {tape} records it\n{grad_line}"))
+    # operations without a gradient between the source and the target, inside the block
+    if isinstance(src, ast.Name):
+        tainted, cuts = {src.id}, []
+        for lineno, names, value, _node in assigns:
+            if not (start <= lineno <= end) or lineno >= grad_node.lineno:
+                continue
+            if _names(value) & tainted:
+                for c in ast.walk(value):
+                    if isinstance(c, ast.Call):
+                        op = _cut(c, tainted)
+                        if op is not None:
+                            cuts.append((op, lineno))
+                tainted |= set(names)
+        for c in ast.walk(target):
+            if isinstance(c, ast.Call):
+                op = _cut(c, tainted)
+                if op is not None:
+                    cuts.append((op, grad_node.lineno))
+        seen = set()
+        for op, lineno in cuts:
+            if op in seen:
+                continue
+            seen.add(op)
+            line = lines[lineno - 1].strip()
+            causes.append((
+                "no-gradient-op",
+                f"{src_text} reaches {target_text} through {op} (line {lineno}: `{line}`), which "
+                f"{_why(op)}: the tape has no gradient to pass back through it, so "
+                f"{tape}.gradient({target_text}, {src_text}) is None" + note,
+                "# keep the path from the input to the output differentiable: no tf.round/"
+                "floor/ceil/argmax, integer casts, .numpy(), NumPy functions or predict "
+                f"between {src_text} and the model's output\nwith tf.GradientTape() as {tape}:"
+                f"\n    {tape}.watch({src_text})\n    y = {model_name}({src_text})"))
+    if causes:
+        return causes
+    if watched or variable:
+        how = ("watched" if watched else "a tf.Variable, which a tape watches")
+        return [("not-recorded",
+                 f"{tape}.gradient({target_text}, {src_text}) returned None: {tape} did not "
+                 f"record {target_text} as depending on {src_text}. {src_text} is {how}, so "
+                 "a missing watch is not the cause; this cell's code does not show which step "
+                 f"between {src_text} and {target_text} the tape did not record.",
+                 f"with tf.GradientTape() as {tape}:\n    {tape}.watch({src_text})\n"
+                 f"    y = {model_name}({src_text})      # TensorFlow operations only, inside "
+                 f"the block\ng = {tape}.gradient(y, {src_text})")]
+    return None
+
+
+def grad_owner(name, source):
+    """``'xx'`` when the cell assigns ``name = xx.grad`` (the last such assignment), else
+    None; ``name`` may be ``'xx.grad'`` itself."""
+    if name.endswith(".grad") and name[:-5].isidentifier():
+        return name[:-5]
+    try:
+        tree = ast.parse(source or "")
+    except SyntaxError:
+        return None
+    owner = None
+    for _, names, value, _ in _assignments(tree):
+        if name in names:
+            owner = (value.value.id if isinstance(value, ast.Attribute) and value.attr == "grad"
+                     and isinstance(value.value, ast.Name) else None)
+    return owner
