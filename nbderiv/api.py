@@ -168,12 +168,13 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
         result.reference_errors = reference_errors(reference, call, result)
     # what plain nested autodiff needs besides for this model (a kernel, a formula)
     result._code_notes = call.backend.code_notes(call, order)
+    has_target = any(not extra.name for extra in call.extras)
     result._code = functools.partial(_code_for, call.backend, call.widths[:call.n_inputs],
                                      order, wrt, call.verdict.coupled,
-                                     bool(call.extras or call.constants),
+                                     bool(call.constants or len(call.extras) > has_target),
                                      shapes=call.point_shapes[:call.n_inputs],
                                      out_shape=call.verdict.out_shape,
-                                     notes=result._code_notes)
+                                     notes=result._code_notes + ("target",) * has_target)
     result._present(call.verdict.out_shape,
                     call.point_shapes[0] if call.n_inputs == 1 else None)
     return result, J
@@ -185,9 +186,8 @@ def _code_for(backend, widths, order, wrt, coupled=False, extras=False, shapes=N
     code = backend.equivalent_code(order=order, wrt=wrt, widths=widths, shapes=shapes,
                                    out_shape=out_shape, notes=notes)
     if extras:
-        code = ("# NOTE: this call used target= and/or kwargs=; the code below calls model(x)\n"
-                "# alone: pass the same keyword arguments and select the target outputs yourself.\n"
-                ) + code
+        code = ("# NOTE: this call used kwargs=; the code below calls the model without them:\n"
+                "# pass the same keyword arguments in its call (as tensors).\n") + code
     if coupled:
         remedy = ("Call model.eval() first (a BatchNorm built with\n"
                   "# track_running_stats=False couples points in eval mode too: see the finding).\n"

@@ -8,6 +8,7 @@ autodiff, a different route from most of nbderiv's strategies (Taylor mode, forw
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import numpy as np
@@ -481,3 +482,49 @@ def test_the_caution_for_a_coupled_model_gives_its_frameworks_remedy(keras):
     d = nbderiv.derivatives(model, x)
     assert "coupled-samples" in d.codes
     assert "training=False" in d.code and ".eval()" not in d.code
+
+
+@pytest.mark.parametrize("target", [np.array([1, 3, 0, 9]), 7])
+def test_code_of_a_call_with_a_target_selects_it(target):
+    # the README's saliency case: d.code's d1 was (N, 10, C, H, W), all outputs, not d[1]'s
+    # (N, 1, C, H, W); with target defined too, the code picks each point's output first
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(144, 10)).eval()
+    images = torch.rand(4, 3, 8, 8)
+    d = nbderiv.derivatives(cnn, images, order=2, target=target)
+    assert d[1].shape == (4, 1, 3, 8, 8)
+    assert "NOTE" not in d.code
+    ns = {"model": cnn, "x": images, "target": target}
+    exec(compile(d.code, "<nbderiv equivalent code>", "exec"), ns)  # noqa: S102
+    np.testing.assert_allclose(ns["d1"], d[1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ns["d2"], d[2], rtol=1e-5, atol=1e-6)
+    labels = np.broadcast_to(target, (4,))
+    cnn64 = copy.deepcopy(cnn).double()
+    every = torch.func.vmap(torch.func.jacrev(lambda p: cnn64(p[None])[0]))(images.double())
+    truth = every[torch.arange(4), torch.as_tensor(labels)]
+    np.testing.assert_allclose(d[1][:, 0], truth.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_tensorflow_code_of_a_call_with_a_target_selects_it():
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(5)])
+    x = np.random.default_rng(0).random((6, 4)).astype(np.float32)
+    for target in (np.array([0, 1, 2, 3, 4, 0]), 2):
+        d = nbderiv.derivatives(model, x, order=2, target=target)
+        ns = {"model": model, "x": x, "target": target}
+        exec(compile(d.code, "<nbderiv equivalent code>", "exec"), ns)  # noqa: S102
+        assert ns["d1"].shape == d[1].shape == (6, 1, 4)
+        np.testing.assert_allclose(ns["d1"], d[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ns["d2"], d[2], rtol=1e-5, atol=1e-6)
+        X = tf.constant(x, tf.float64)
+        with tf.GradientTape() as tape:
+            tape.watch(X)
+            h = tf.tanh(X @ tf.cast(model.layers[0].kernel, tf.float64)
+                        + tf.cast(model.layers[0].bias, tf.float64))
+            y = h @ tf.cast(model.layers[1].kernel, tf.float64)
+            picked = tf.gather(y, np.broadcast_to(target, (6,)), batch_dims=1)
+        np.testing.assert_allclose(d[1][:, 0], tape.gradient(picked, X).numpy(), rtol=1e-4,
+                                   atol=1e-6)

@@ -1,7 +1,8 @@
 """The plain TensorFlow code a student would write for the same per-point derivatives:
 nested ``tf.GradientTape``, one tape per order.
 
-Executed in a namespace holding ``model`` and ``x``, it leaves numpy arrays ``d1`` ...
+Executed in a namespace holding ``model`` and ``x`` (and ``target``, for a call with
+``target=``), it leaves numpy arrays ``d1`` ...
 ``d<order>`` equal to nbderiv's ``d[1]`` ... ``d[order]``.
 
 >>> print(tensorflow_code(order=1, wrt=None, widths=[1]).splitlines()[0])
@@ -29,7 +30,7 @@ X = tf.constant(X, dtype=dtype)
 def call_model(X):
     """y of shape (N, d_out)."""
     y = {call}
-    return tf.reshape(y, (X.shape[0], -1))
+{select}    return tf.reshape(y, (X.shape[0], -1))
 
 
 def up_to(order):
@@ -86,7 +87,8 @@ def tensorflow_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()
     """The code for ``order`` derivatives; ``shapes``: each argument's per-point shape
     (default ``(width,)``), ``out_shape``: each point's output shape O (default (d_out,)):
     the code's ``d<k>`` then has nbderiv's layout (N,) + O + S * k. ``notes``: "moments" for
-    a model whose normalization layers need the plain variance formula (order >= 2)."""
+    a model whose normalization layers need the plain variance formula (order >= 2), "target"
+    to pick each point's ``target`` output (one int, or one per point) before differentiating."""
     shapes = [tuple(s) for s in shapes] if shapes else [(w,) for w in widths]
     many = len(shapes) == 1 and len(shapes[0]) > 1
     if len(shapes) == 1:
@@ -109,7 +111,13 @@ def tensorflow_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()
         call = (f"model({parts}) if hasattr(model, \"inputs\") \\\n"
                 f"        else model(*{parts})"
                 "   # a functional Keras model takes a list")
-    lines = [_CODE_HEAD.format(make_x=make_x, call=call)]
+    select = ""
+    if "target" in notes:  # Captum's convention: each point's own output, before differentiating
+        make_x += ("\nT = np.broadcast_to(np.reshape(target, -1), (len(X),)).astype(np.int64)"
+                   "   # target=: one int, or one per point")
+        select = ("    y = tf.gather(tf.reshape(y, (X.shape[0], -1)), T, batch_dims=1)[:, None]"
+                  "   # (N, 1)\n")
+    lines = [_CODE_HEAD.format(make_x=make_x, call=call, select=select)]
     lines.append(_MOMENTS.format(order=order) if "moments" in notes and order >= 2
                  else f"results = up_to({order})\n")
     lines += code_keeping_wrt(wrt)

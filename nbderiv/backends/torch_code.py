@@ -1,6 +1,7 @@
 """The plain PyTorch code a student would write for the same per-point derivatives.
 
-Executed in a namespace holding ``model`` and ``x``, it leaves numpy arrays ``d1`` ...
+Executed in a namespace holding ``model`` and ``x`` (and ``target``, for a call with
+``target=``), it leaves numpy arrays ``d1`` ...
 ``d<order>`` equal to nbderiv's ``d[1]`` ... ``d[order]`` (same shape, same layout).
 
 >>> print(torch_code(order=1, wrt=None, widths=[1]).splitlines()[0])
@@ -112,7 +113,9 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
     (default ``(width,)``), ``out_shape``: each point's output shape O (default (d_out,)):
     the code's ``d<k>`` then has nbderiv's layout (N,) + O + S * k. ``notes`` (see
     ``TorchBackend.code_notes``): "attention" runs the model under the math attention
-    kernel, "layer_norm" / "instance_norm" replace those fused kernels by the plain formula."""
+    kernel, "layer_norm" / "instance_norm" replace those fused kernels by the plain formula,
+    "target" picks each point's ``target`` output (one int, or one per point) before
+    differentiating."""
     shapes = [tuple(s) for s in shapes] if shapes else [(w,) for w in widths]
     many = len(shapes) == 1 and len(shapes[0]) > 1  # one argument, points of several axes
     if len(shapes) == 1:
@@ -147,6 +150,11 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
         lines.append(f"{pad}with sdpa_kernel([SDPBackend.MATH]):")
         pad += "    "
     lines.append(f"{pad}y = {call}.reshape(len(X), -1)   # (N, d_out)")
+    if "target" in notes:  # Captum's convention: each point's own output, before differentiating
+        lines += [f"{pad}t = torch.as_tensor(target, device=X.device).reshape(-1).long()"
+                  "   # target=: one int, or one per point",
+                  f"{pad}y = y.gather(1, t.expand(len(X)).reshape(-1, 1) if t.numel() == 1 "
+                  "else t.reshape(-1, 1))   # (N, 1)"]
     axes = "N, d_out"
     for k in range(1, order + 1):
         axes += ", *S" if many else ", d_in"
