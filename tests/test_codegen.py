@@ -502,7 +502,7 @@ def test_code_of_a_call_with_a_target_selects_it(target):
     cnn64 = copy.deepcopy(cnn).double()
     every = torch.func.vmap(torch.func.jacrev(lambda p: cnn64(p[None])[0]))(images.double())
     truth = every[torch.arange(4), torch.as_tensor(labels)]
-    np.testing.assert_allclose(d[1][:, 0], truth.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(d[1][:, 0], truth.detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_tensorflow_code_of_a_call_with_a_target_selects_it():
