@@ -1393,3 +1393,43 @@ def test_an_unbuilt_keras_model_is_refused_and_left_unbuilt():
     # a layer or model that creates no weights has nothing to build
     assert nbderiv.derivatives(keras.Sequential([keras.layers.Activation("tanh")]),
                                x).method
+
+
+@pytest.mark.parametrize("kind", ["operators", "ops.sin", "dropout", "noise"])
+def test_float64_copy_of_operations_on_keras_tensors_and_of_seeded_layers(kind):
+    # a functional model applying operators or keras.ops to KerasTensors (the clone refused
+    # their dtype), a subclassed model holding a Dropout / GaussianNoise (its seed generator
+    # holds a module: the deep copy could not pickle it): check=True fell back to float32,
+    # whose step and tolerance failed correct results of an attention + LayerNorm model
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    if kind in ("operators", "ops.sin"):
+        i = keras.Input((3,))
+        h = L.Dense(3, activation="tanh")(i)
+        h = i + h * h if kind == "operators" else keras.ops.sin(h) + i
+        model = keras.Model(i, L.Dense(1)(h))
+    else:
+        class Sub(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.a = L.Dense(8, activation="tanh")
+                self.r = L.Dropout(0.3) if kind == "dropout" else L.GaussianNoise(0.1)
+                self.b = L.Dense(1)
+
+            def call(self, z, training=None):
+                return self.b(self.r(self.a(z), training=training))
+        model = Sub()
+        model(x)
+    copy = tfb.BACKEND.float64_copy(model)
+    assert copy is not model and all(str(w.dtype) == "float64" for w in copy.weights)
+    assert_close(keras_fn(copy)(x.astype(np.float64)), keras_fn(model)(x), 1e-5)
+    d = nbderiv.derivatives(model, x, order=2, check=True)
+    assert d.check.passed and d.check.dtype == "float64", d.check.summary()
+    weights = [w.numpy() for w in model.weights]
+    X = tf.constant(x.astype(np.float64))
+    with tf.GradientTape() as tape:  # truth: the float64 copy's own autodiff
+        tape.watch(X)
+        y = copy(X)
+    assert_close(d[1][:, 0], tape.gradient(y, X).numpy(), 1e-5)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(weights, model.weights))

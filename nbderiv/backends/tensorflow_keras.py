@@ -19,6 +19,7 @@ import copy
 import inspect
 import math
 import sys
+import types
 import weakref
 
 import numpy as np
@@ -319,6 +320,8 @@ def _clone_layer(layer):
     if isinstance(layer, keras.layers.Lambda):  # rebuilt directly: no (unsafe) deserialization
         return keras.layers.Lambda(layer.function, arguments=layer.arguments, dtype="float64",
                                    name=layer.name)
+    if not isinstance(layer, keras.layers.Layer):  # an operation (h + a, ops.sin(h)): no
+        return type(layer).from_config(layer.get_config())  # dtype, it follows its inputs
     config = _float64_config(dict(layer.get_config()))
     config["dtype"] = "float64"
     return type(layer).from_config(config)
@@ -408,6 +411,9 @@ def _deepcopy_float64(model):
         memo[id(layer._dtype_policy)] = policy
         shells[id(layer)] = memo[id(layer)] = object.__new__(type(layer))
         for value in vars(layer).values():
+            for inner in [value] + list(getattr(value, "__dict__", {}).values()):
+                if isinstance(inner, types.ModuleType):  # a seed generator's backend module:
+                    memo[id(inner)] = inner             # shared, it cannot be copied
             if id(value) in memo:
                 continue
             if tf.is_tensor(value) and not isinstance(value, tf.Variable) \
