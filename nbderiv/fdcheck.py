@@ -176,7 +176,8 @@ def _rounds_inside(dtype, precision, tolerance) -> str:
             f"{precision.name}'s tolerance, rel. {tolerance:.0e}: a cast inside the model does "
             "this, and so do Keras layers made after keras.config.set_floatx('float64') once "
             "Keras was in use, which changes the Inputs but leaves the layers' dtype policy "
-            "float32 (keras.config.set_dtype_policy('float64') changes both)")
+            "float32 (keras.config.set_dtype_policy('float64') changes the layers, not the "
+            "Inputs: set both, or give the Input dtype='float64')")
 
 
 def _float64_model(call, result, X):

@@ -408,6 +408,8 @@ def low_precision_finding(errors: dict, dtype, orders=None) -> Finding:
         f"cancellation in {name}.",
         "compute in float64: nbderiv.derivatives(model.double(), x.double(), ...) on a copy "
         "(copy.deepcopy(model).double()) in torch; in Keras, keras.config.set_floatx('float64') "
-        "before building the model, or keras.config.set_dtype_policy('float64') once Keras "
-        "has been used (set_floatx alone then leaves the layers in float32).",
+        "and keras.config.set_dtype_policy('float64') both, before building the model (once "
+        "Keras has been used, set_floatx alone leaves the layers in float32 and "
+        "set_dtype_policy alone the Inputs), or keras.Input(shape, dtype='float64') with "
+        "set_dtype_policy('float64').",
     )

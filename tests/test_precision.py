@@ -462,3 +462,27 @@ def test_a_model_that_casts_sequences_to_float32_inside_is_checked_in_float32():
     h = np.tanh(x.reshape(8, -1).astype(np.float64) @ W1 + b1)
     closed = ((1 - h ** 2) * W2[:, 0]) @ W1.T  # (N, 18)
     np.testing.assert_allclose(c.reference[1][:, 0], closed, atol=2e-3 * np.abs(closed).max())
+
+
+@needs_keras
+def test_the_keras_float64_advice_gives_a_float64_model():
+    """low-precision's fix for Keras: set_dtype_policy alone leaves the Inputs float32 (the
+    model then rounds x to float32: a change of 1e-12 is lost), an Input of dtype float64 with
+    the float64 policy computes in float64."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    try:
+        keras.config.set_dtype_policy("float64")
+        alone = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh")])
+        advised = keras.Sequential([keras.Input((3,), dtype="float64"),
+                                    keras.layers.Dense(4, activation="tanh")])
+    finally:
+        keras.config.set_dtype_policy(before)
+    assert np.all(np.asarray(alone(x + 1e-12) - alone(x)) == 0)
+    assert np.any(np.asarray(advised(x + 1e-12) - advised(x)) != 0)
+    from nbderiv.findings import low_precision_finding
+
+    fix = low_precision_finding({1: (1e-3, 1e-3)}, np.float32).fix
+    assert "keras.Input(shape, dtype='float64') with set_dtype_policy('float64')" in fix
