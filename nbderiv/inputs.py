@@ -404,6 +404,11 @@ def target_values(target, n: int, to_numpy) -> np.ndarray:
     except Exception:
         raise OptionError(f"target could not be read as ints ({type(target).__name__}). "
                           f"{fix}") from None
+    if t.ndim == 2 and t.shape[0] == n and t.shape[1] > 1 and t.size \
+            and np.isin(t, (0, 1)).all() and (t.sum(axis=1) == 1).all():
+        raise OptionError(f"target looks one-hot encoded (shape {t.shape}, one 1 per row); "
+                          "target= takes each point's label, the index of its output. Fix: "
+                          "target=labels.argmax(1) (numpy / torch) or tf.argmax(labels, 1).")
     if t.dtype.kind == "b":
         raise OptionError(f"target holds bools (dtype {t.dtype}), not the indices of outputs. "
                           f"{fix}")

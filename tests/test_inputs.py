@@ -208,6 +208,8 @@ def test_requires_grad_input_is_accepted():
     (np.zeros(5, dtype=np.float32), "target must hold ints, the indices of outputs, got dtype "
                                     "float32"),
     ([1, 2], "got shape (2,)"),
+    (np.eye(2, dtype=np.float32)[[0, 1, 1, 0, 1]], "looks one-hot encoded (shape (5, 2)"),
+    (np.eye(2, dtype=np.int64)[[0, 1, 1, 0, 1]], "target=labels.argmax(1)"),
 ])
 def test_a_bad_target_is_refused_for_what_is_wrong_with_it(target, said):
     from nbderiv.errors import OptionError
