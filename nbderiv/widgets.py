@@ -59,6 +59,10 @@ def input_dim(model, *, framework=None, d_in=None) -> int:
     if d_in is not None:
         return positive_int(d_in, "d_in")
     fix = f"Fix: {D_IN_FIX}."
+    from .backends import numpy_model_error
+
+    if numpy_model_error(model) is not None:
+        raise numpy_model_error(model)
     fw = framework_name(model, framework=framework)
     if fw is not None:
         from .backends import get_backend

@@ -370,3 +370,14 @@ def test_a_model_class_or_meta_weights_are_named():
         with pytest.raises(nbderiv.errors.ModelTypeError, match="'meta' device"):
             nbderiv.derivatives(model, x)
     assert all(p.is_meta for p in meta.parameters())
+
+
+def test_a_numpy_function_as_the_model_is_named():
+    # "cannot tell which framework runs ufunc on a ndarray input" said nothing of the mistake
+    for call in (lambda: nbderiv.derivatives(np.sin, np.linspace(0, 1, 5)),
+                 lambda: nbderiv.explore(np.sin)):
+        with pytest.raises((TypeError, ValueError), match="NumPy function np.sin") as info:
+            call()
+        assert "reference=" in str(info.value)
+    with pytest.raises(nbderiv.errors.ModelTypeError, match="NumPy function"):  # torch x too
+        nbderiv.derivatives(np.sin, torch.linspace(0, 1, 5))

@@ -189,8 +189,23 @@ def framework_name(model, x=None, framework=None) -> str | None:
     return name
 
 
+def numpy_model_error(model):
+    """The error for a NumPy function given as the model (np.sin, a ufunc), or None."""
+    module = getattr(model, "__module__", None) or ""
+    if type(model).__name__ != "ufunc" and module.split(".")[0] != "numpy":
+        return None
+    name = getattr(model, "__name__", type(model).__name__)
+    return ModelTypeError(
+        f"the model is the NumPy function np.{name}: nbderiv differentiates with the autodiff "
+        "of torch or TensorFlow, and NumPy has none. Fix: use the framework's own function "
+        f"(torch.{name} or tf.math.{name} where it exists, e.g. lambda z: torch.sin(z)); "
+        "a NumPy function is welcome as reference= to compare a model with.")
+
+
 def select_backend(model, x, framework=None):
     """The backend for this model and input, by :func:`framework_name`."""
+    if numpy_model_error(model) is not None:
+        raise numpy_model_error(model)
     if _is_model_class(model):
         raise ModelTypeError(
             f"model is the class {model.__module__}.{model.__qualname__}, not a model: calling "
