@@ -33,7 +33,9 @@ def _forward_rows(call, queries, at, batch_rows=None):
     evaluation would be too large."""
     widths = call.widths
     cuts = np.cumsum(widths)[:-1]
-    coupled = call.verdict is not None and call.verdict.coupled
+    # one point: the probe could not see a coupling (batch statistics in training mode, a
+    # mean over the batch), so each query runs alone, in a batch of one as the call did
+    coupled = (call.verdict is not None and call.verdict.coupled) or call.n == 1
     if not coupled:
         (y,) = call.backend.forwards(call, [list(np.split(queries, cuts, axis=1))])
         return np.asarray(y, dtype=np.float64).reshape(queries.shape[0], -1)

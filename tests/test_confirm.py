@@ -297,3 +297,26 @@ def test_graph_broken_names_the_slope_in_x_units():
     d = nbderiv.derivatives(lambda z: z.detach() ** 2 + 0 * z, x)
     message = d.finding("graph-broken").message
     assert "give slopes up to 4)" in message, message
+
+
+def test_one_point_through_batch_statistics_is_no_cut_graph():
+    # with one point the probe cannot see a coupling, and the difference queries ran in one
+    # batch, whose statistics mixed them: graph-broken for a correct d1
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(),
+                       nn.Linear(18, 1))  # training mode
+    x = torch.randn(1, 1, 5, 5)
+    d = nbderiv.derivatives(bn, x)
+    assert d.codes == ["train-mode"], d.summary()
+    truth = torch.autograd.functional.jacobian(lambda z: bn.double()(z), x.double())
+    bn.float()
+    np.testing.assert_allclose(d[1].reshape(-1), truth.reshape(-1).numpy(), rtol=1e-4,
+                               atol=1e-6)
+
+    def centred(z):
+        return torch.sin(z - z.mean(0)).sum(1, keepdim=True) + z.sum(1, keepdim=True)
+
+    d = nbderiv.derivatives(centred, torch.randn(1, 3))
+    assert d.codes == [] and np.array_equal(d[1].reshape(-1), [1.0, 1.0, 1.0])
+    # a real cut at one point is still found
+    assert "graph-broken" in nbderiv.derivatives(lambda z: z.detach() * z, torch.randn(1, 3)).codes
