@@ -328,14 +328,9 @@ def test_case_a_int_vector_into_input_1(kind):
     elif kind == "sequential":
         model = keras.Sequential([keras.Input((1,))] + layers)
     else:
-        model = keras.Sequential(layers)  # no Input: refused until built (as a lazy torch layer)
+        model = keras.Sequential(layers)  # no Input: built by nbderiv's first call
     x = np.arange(1, 7)  # int64, shape (6,), as in the Q&A post
     x_before = x.copy()
-    if kind == "sequential-unbuilt":
-        with pytest.raises(nbderiv.errors.ModelTypeError, match="not built yet"):
-            nbderiv.derivatives(model, x, order=2)
-        assert not model.built
-        model.build((None, 1))
     d = nbderiv.derivatives(model, x, order=2)
     assert {"input-reshaped", "integer-input", "piecewise-linear"} <= set(d.codes)
     assert d[1].dtype == np.float32 and d[2].shape == (6, 1, 1, 1)
@@ -1370,29 +1365,6 @@ def test_a_tuple_for_a_keras_model_of_another_number_of_inputs_is_refused():
     d = nbderiv.derivatives(two, (a, b))
     w = two.layers[-1].kernel.numpy()[:, 0]
     np.testing.assert_allclose(d[1][:, 0], np.broadcast_to(w, (5, 2)), rtol=1e-6)
-
-
-def test_an_unbuilt_keras_model_is_refused_and_left_unbuilt():
-    # as a lazy torch layer: the first call would create random weights for good (and
-    # record the probe's batch as the input shape)
-    model = keras.Sequential([keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
-    x = np.random.default_rng(0).random((5, 3)).astype(np.float32)
-    with pytest.raises(nbderiv.errors.ModelTypeError, match="not built yet") as info:
-        nbderiv.derivatives(model, x)
-    assert "model.build((None, d_in))" in str(info.value)
-    assert not model.built and not model.weights
-    model.build((None, 3))  # the fix
-    d = nbderiv.derivatives(model, x)
-    with tf.GradientTape() as tape:
-        X = tf.constant(x, dtype=tf.float64)
-        tape.watch(X)
-        y = tf.tanh(X @ tf.cast(model.layers[0].kernel, tf.float64)
-                    + tf.cast(model.layers[0].bias, tf.float64))
-        y = y @ tf.cast(model.layers[1].kernel, tf.float64)
-    assert_close(d[1], tape.batch_jacobian(y, X).numpy(), 1e-5)
-    # a layer or model that creates no weights has nothing to build
-    assert nbderiv.derivatives(keras.Sequential([keras.layers.Activation("tanh")]),
-                               x).method
 
 
 @pytest.mark.parametrize("kind", ["operators", "ops.sin", "dropout", "noise"])

@@ -37,7 +37,7 @@ else:  # pragma: no cover - depends on what the user imported first
 
 # after the quiet import: these modules import TensorFlow themselves
 from ..call import Verdict  # noqa: E402
-from ..errors import InputShapeError, InputTypeError, ModelTypeError, OptionError  # noqa: E402
+from ..errors import InputShapeError, InputTypeError, OptionError  # noqa: E402
 from ..inputs import check_output  # noqa: E402
 from ..result_memory import owned  # noqa: E402
 from . import tensorflow_state as state  # noqa: E402
@@ -83,27 +83,6 @@ def _shapes(call) -> tuple:
     if call.extras or call.constants:
         key += (call.extras, tuple((k, id(v)) for k, v in sorted(call.constants.items())))
     return key
-
-
-def _refuse_unbuilt(model) -> None:
-    """A Keras layer that would create its weights on its first call (not built yet: no
-    ``Input``, never called) is refused: nbderiv's first call would build it for good, with
-    new random weights and the probe's batch as its input shape."""
-    keras = sys.modules.get("keras")
-    base = getattr(getattr(keras, "layers", None), "Layer", None)
-    if base is None:
-        return
-    for top in held_layers(model):
-        for layer in top._flatten_layers(include_self=True, recursive=True):
-            leaf = not list(layer._flatten_layers(include_self=False, recursive=False))
-            if leaf and not layer.built and type(layer).build is not base.build:
-                raise ModelTypeError(
-                    f"the Keras model is not built yet: its layer {layer.name!r} "
-                    f"({type(layer).__name__}) has no weights until its first call, which "
-                    "would create them (random) for whatever input it sees and change your "
-                    "model for good. Fix: build it first, with an Input (keras.Input(shape="
-                    "(d_in,)) as its first layer) or one call on your data, model(x), or "
-                    "model.build((None, d_in)).")
 
 
 def _flat_widths(call):
@@ -370,7 +349,6 @@ class TensorFlowBackend(Backend):
         return self._traced(call, ("jacobian",), shapes, lambda: jacobian)(X).numpy()
 
     def preserved(self, model):
-        _refuse_unbuilt(model)
         return state.preserved(model)
 
     @staticmethod
