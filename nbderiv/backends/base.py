@@ -280,14 +280,6 @@ def block_starts(n: int, size: int) -> list:
     return [max(0, min(s, n - size)) for s in range(0, n, size)]
 
 
-def code_keeping_wrt(wrt) -> list:
-    """Lines of generated code that name the kept inputs (none when all inputs are kept)."""
-    if wrt is None:
-        return []
-    return [f"# Keep only the inputs asked for (wrt={list(wrt)}) on every input axis.",
-            f"wrt = {list(wrt)}"]
-
-
 def code_in_layout(value: str, k: int, wrt, out_shape, flat=None) -> str:
     """Generated code for the order-k array ``value`` ((N, d_out) + S * k), indexed by ``wrt``
     and reshaped to d[k]'s layout (N,) + O + S * k. ``flat``: code for its reshape to

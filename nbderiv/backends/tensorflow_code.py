@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .base import code_in_layout, code_keeping_wrt
+from .base import code_in_layout
 
 _CODE_HEAD = '''\
 import numpy as np
@@ -33,8 +33,8 @@ def call_model(X):
 {select}    return tf.reshape(y, (X.shape[0], -1))
 
 
-def up_to(order):
-    """[y, d1, ..., d_order]; d_k has shape (N, d_out) + (d_in,) * k.
+{wrt_line}def up_to(order):
+    """[y, d1, ..., d_order]; d_k has shape (N, d_out) + {axis} * k.
 
     The tape of order k records everything below it, so the gradients taken at
     order k - 1 can be differentiated again.
@@ -50,8 +50,7 @@ def up_to(order):
     # The gradient of a column (summed over points) is each point's own gradient,
     # because point n's output depends only on X[n]. "zero": no dependence gives 0.
     grads = [tape.gradient(col, X, unconnected_gradients="zero") for col in columns]
-    new = tf.reshape(tf.stack(grads, axis=1), top.shape + X.shape[1:])   # + the point's axes
-    return lower + [new]
+{take}    return lower + [new]
 
 
 '''
@@ -117,14 +116,31 @@ def tensorflow_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()
                    "   # target=: one int, or one per point")
         select = ("    y = tf.gather(tf.reshape(y, (X.shape[0], -1)), T, batch_dims=1)[:, None]"
                   "   # (N, 1)\n")
-    lines = [_CODE_HEAD.format(make_x=make_x, call=call, select=select)]
+    if wrt is None:
+        take = ("    new = tf.reshape(tf.stack(grads, axis=1), top.shape + X.shape[1:])"
+                "   # + the point's axes\n")
+        wrt_line, axis = "", "(d_in,)"
+    else:  # only the wrt columns, level by level: len(wrt) ** k columns at level k
+        take = ("    grads = [tf.gather(tf.reshape(g, (X.shape[0], -1)), wrt, axis=1) "
+                "for g in grads]\n"
+                "    new = tf.reshape(tf.stack(grads, axis=1), top.shape + [len(wrt)])"
+                "   # + one wrt axis\n")
+        wrt_line = ("# Keep only the inputs asked for (wrt, indices into each point's flattened "
+                    f"features) on\n# every input axis, level by level.\nwrt = {list(wrt)}\n\n\n")
+        axis = "(len(wrt),)"
+    lines = [_CODE_HEAD.format(make_x=make_x, call=call, select=select, take=take,
+                               wrt_line=wrt_line, axis=axis)]
     lines.append(_MOMENTS.format(order=order) if "moments" in notes and order >= 2
                  else f"results = up_to({order})\n")
-    lines += code_keeping_wrt(wrt)
     if wrt is not None and many:
         lines.append("# (wrt counts each point's features in C order: flatten S first)")
     lines.append("# Plain numpy arrays.")
     for k in range(1, order + 1):
-        flat = f".reshape(len(X), -1{', int(np.prod(X.shape[1:]))' * k})" if many else None
-        lines.append(f"d{k} = {code_in_layout(f'results[{k}].numpy()', k, wrt, out_shape, flat)}")
+        value = f"results[{k}].numpy()"
+        if wrt is None:
+            value = code_in_layout(value, k, None, out_shape)
+        elif out_shape is not None and len(out_shape) > 1:  # already (N, d_out) + (m,) * k
+            value += (f".reshape(len(X), {', '.join(map(str, out_shape))}, "
+                      + ", ".join(["len(wrt)"] * k) + ")")
+        lines.append(f"d{k} = {value}")
     return "\n".join(lines) + "\n"

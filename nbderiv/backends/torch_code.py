@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from .base import code_in_layout, code_keeping_wrt
+from .base import code_in_layout
 
 _CODE_HEAD = '''\
 import torch
@@ -38,12 +38,24 @@ def per_point_grad(t):
     return torch.zeros_like(X) if g is None else g   # None: t does not depend on X
 
 
-def differentiate(t):
+{differentiate}
+'''
+_DIFFERENTIATE = '''def differentiate(t):
     """(N, ...) -> (N, ..., {point_axes}): one more derivative, {more}."""
     flat = t.reshape(len(t), -1)
     cols = [per_point_grad(flat[:, c]) for c in range(flat.shape[1])]
     return torch.stack(cols, dim=1).reshape(*t.shape, *X.shape[1:])
+'''
+_DIFFERENTIATE_WRT = '''# Keep only the inputs asked for (wrt, indices into each point's flattened features) on
+# every input axis, level by level: each level then differentiates len(wrt) ** k columns.
+wrt = {wrt}
 
+
+def differentiate(t):
+    """(N, ...) -> (N, ..., len(wrt)): one more derivative, along the wrt inputs."""
+    flat = t.reshape(len(t), -1)
+    cols = [per_point_grad(flat[:, c]).reshape(len(t), -1)[:, wrt] for c in range(flat.shape[1])]
+    return torch.stack(cols, dim=1).reshape(*t.shape, len(wrt))
 '''
 
 # torch.nn.functional's layer norm and instance norm run fused kernels whose derivatives are
@@ -135,9 +147,13 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
         if any(len(s) > 1 for s in shapes):
             make_x += f"\nshapes = {shapes}   # each argument's own per-point shape"
             call = "model(*[p.reshape(len(p), *s) for p, s in zip(torch.split(X, widths, dim=1), shapes)])"
-    head = _CODE_HEAD.format(make_x=make_x, point_axes="*S" if many else "d_in",
-                             more="the point's own axes once more" if many
-                             else "one more input axis")
+    if wrt is None:
+        differentiate = _DIFFERENTIATE.format(
+            point_axes="*S" if many else "d_in",
+            more="the point's own axes once more" if many else "one more input axis")
+    else:
+        differentiate = _DIFFERENTIATE_WRT.format(wrt=list(wrt))
+    head = _CODE_HEAD.format(make_x=make_x, differentiate=differentiate)
     lines = [head]
     pad = ""
     if "attention" in notes:
@@ -157,19 +173,21 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
                   "else t.reshape(-1, 1))   # (N, 1)"]
     axes = "N, d_out"
     for k in range(1, order + 1):
-        axes += ", *S" if many else ", d_in"
+        axes += ", len(wrt)" if wrt is not None else ", *S" if many else ", d_in"
         src = "y" if k == 1 else f"d{k - 1}_all"
         lines.append(f"{pad}d{k}_all = differentiate({src})    # ({axes}): order {k}")
     if restore:
         lines.append(restore)
-    if wrt is not None:
-        lines.append("")
-    lines += code_keeping_wrt(wrt)
     if wrt is not None and many:
         lines.append("# (wrt counts each point's features in C order: S flattened first)")
     lines.append("\n# Plain numpy arrays, detached from the graph.")
     for k in range(1, order + 1):
-        flat = f".reshape(len(X), y.shape[1]{', X[0].numel()' * k})" if many else None
-        value = code_in_layout(f"d{k}_all", k, wrt, out_shape, flat)
+        if wrt is None:
+            value = code_in_layout(f"d{k}_all", k, None, out_shape)
+        else:  # already (N, d_out) + (len(wrt),) * k
+            value = f"d{k}_all"
+            if out_shape is not None and len(out_shape) > 1:
+                value += (f".reshape(len(X), {', '.join(map(str, out_shape))}, "
+                          + ", ".join(["len(wrt)"] * k) + ")")
         lines.append(f"d{k} = {value}.detach().cpu().numpy()")
     return "\n".join(lines) + "\n"
