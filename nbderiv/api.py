@@ -47,6 +47,15 @@ def _findings_before(call, order) -> dict:
     return layers
 
 
+def _coupling_causes(call, layers) -> dict:
+    """What the layer summary says of why points are coupled: a layer in training mode (a
+    torch model with none mixes the points in its forward pass itself), attention layers
+    that read axis 0 as the sequence."""
+    torch_model = call.backend.name == "torch"
+    return {"train_mode": bool(layers.get("train_mode")) or not torch_model,
+            "seq_first": tuple(layers.get("seq_first", ()))}
+
+
 def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET,
                    progress=False):
     """(Block of every point, layers): the probe, the findings, then the per-point blocks
@@ -64,7 +73,8 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
         else:
             call.findings.append(dg.coupling_finding(ones_error, diag, call.n,
                                                      outside=layers.get("outside_tree", ()),
-                                                     batch_stats=layers.get("batch_stats", ())))
+                                                     batch_stats=layers.get("batch_stats", ()),
+                                                     **_coupling_causes(call, layers)))
         return block, layers
     rows, chunked = block_rows(call, order, len(wrt), chunk_size, memory_budget)
     block = run_blocks(call, order, wrt, rows, progress)
@@ -189,8 +199,9 @@ def _code_for(backend, widths, order, wrt, coupled=False, extras=False, shapes=N
         code = ("# NOTE: this call used kwargs=; the code below calls the model without them:\n"
                 "# pass the same keyword arguments in its call (as tensors).\n") + code
     if coupled:
-        remedy = ("Call model.eval() first (a BatchNorm built with\n"
-                  "# track_running_stats=False couples points in eval mode too: see the finding).\n"
+        remedy = ("The finding names the cause and its fix (model.eval() where a layer\n"
+                  "# runs in training mode; a mean over axis 0 or attention without\n"
+                  "# batch_first=True couples points in eval mode too).\n"
                   if backend.name == "torch" else
                   "Call the model with training=False, and do not force a layer into\n"
                   "# training mode inside call() (e.g. BatchNormalization()(h, training=True)).\n")
@@ -220,7 +231,8 @@ def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
             block, ones_error = per_point(few, min(order, 2), wrt)
             call.findings.append(dg.coupling_finding(
                 ones_error, float(abs(block.orders[0]).max()), few.n,
-                outside=layers.get("outside_tree", ()), batch_stats=layers.get("batch_stats", ())))
+                outside=layers.get("outside_tree", ()), batch_stats=layers.get("batch_stats", ()),
+                **_coupling_causes(call, layers)))
         else:
             with model_errors(few, f"differentiating it (order {min(order, 2)})"):
                 block = call.backend.derivatives(few, few.args, min(order, 2), wrt)

@@ -197,13 +197,16 @@ def kink_finding(points, conventions=()) -> Finding | None:
 
 
 def coupling_finding(ones_error: float, diag: float, n_points: int | None = None,
-                     unseen: bool = False, outside: tuple = (), batch_stats: tuple = ()) -> Finding:
+                     unseen: bool = False, outside: tuple = (), batch_stats: tuple = (),
+                     train_mode: bool = True, seq_first: tuple = ()) -> Finding:
     """``ones_error``: largest |sum of the cross-terms dy_n/dx_m, m != n| over the points
     (what the ones trick adds); ``diag``: largest |dy_n/dx_n|. ``unseen``: autodiff sees none
     of the coupling and the forward pass could not be compared with it here. ``outside``: the
     layers in training mode that ``model.eval()`` does not reach (kept in a plain list).
     ``batch_stats``: batch norm layers without running statistics, which use the batch's
-    statistics in eval mode too (``model.eval()`` cannot help there)."""
+    statistics in eval mode too (``model.eval()`` cannot help there). ``train_mode``: some
+    layer runs in training mode (else ``model.eval()`` is no fix: the forward pass mixes the
+    points itself). ``seq_first``: attention layers built without ``batch_first=True``."""
     unseen_note = (
         " Autodiff sees none of that coupling (its cross-terms add up to 0): either it is not "
         "active at these points, or it runs through a step autodiff cannot follow (.item(), "
@@ -211,6 +214,28 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
         "them with the model's own outputs here (too many points for that, or random outputs); "
         "a call on a few dozen points, without randomness, would.") if unseen else ""
     stats_note, stats_fix = _no_running_stats(batch_stats) if batch_stats else ("", None)
+    seq_note, seq_fix = "", None
+    if seq_first:
+        names = ", ".join(seq_first[:6])
+        seq_note = (f" {names} was built without batch_first=True: it reads axis 0 of its input "
+                    "as the sequence, so given (N, T, D) points it attends across the points.")
+        seq_fix = (f"build {names} with batch_first=True for (N, T, D) input (or pass it "
+                   "(T, N, D), x.transpose(0, 1)); ")
+    if seq_fix:
+        remedy = seq_fix
+    elif not train_mode:
+        remedy = ("no layer runs in training mode: the forward pass mixes the points itself (a "
+                  "reduction or softmax over axis 0, x.mean(0), attention across the batch); "
+                  "compute each point from its own input (reduce over the point's own axes, "
+                  "dim=1 and up); ")
+    elif outside:
+        remedy = ("call .eval() on " + ", ".join(outside[:6]) + ", kept in a plain list or dict "
+                  "where model.eval() does not reach (better: keep them in "
+                  "torch.nn.ModuleList), so each point is processed on its own, or remove the "
+                  "batch-coupling layers; ")
+    else:
+        remedy = ("call model.eval() (or training=False) so each point is processed on its "
+                  "own, or remove the batch-coupling layers; ")
     return Finding(
         "coupled-samples", "warning",
         "one point's output depends on other points' inputs (batch statistics, BatchNorm in "
@@ -220,14 +245,10 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
         f"{ones_error:.3g} per point, next to per-point values up to {diag:.3g}: that is how "
         "far the grad_outputs=ones trick (column sums of the N x N Jacobian) would be off. "
         "nbderiv returned the true per-point blocks dy_n/dx_n with the other points held fixed "
-        "(cost grows like N**2); the model's running statistics were put back." + stats_note
-        + unseen_note,
-        stats_fix or
-        ("call .eval() on " + ", ".join(outside[:6]) + ", kept in a plain list or dict where "
-         "model.eval() does not reach (better: keep them in torch.nn.ModuleList), " if outside
-         else "call model.eval() (or training=False) ") +
-        "so each point is processed on its own, or "
-        "remove the batch-coupling layers; nbderiv.full_jacobian(model, x) shows the cross-terms.",
+        "(cost grows like N**2)"
+        + ("; the model's running statistics were put back." if train_mode else ".")
+        + stats_note + seq_note + unseen_note,
+        stats_fix or (remedy + "nbderiv.full_jacobian(model, x) shows the cross-terms."),
     )
 
 

@@ -381,3 +381,23 @@ def test_a_numpy_function_as_the_model_is_named():
         assert "reference=" in str(info.value)
     with pytest.raises(nbderiv.errors.ModelTypeError, match="NumPy function"):  # torch x too
         nbderiv.derivatives(np.sin, torch.linspace(0, 1, 5))
+
+
+def test_coupled_samples_names_the_cause_it_has():
+    # model.eval() and "running statistics were put back" were said for models in eval mode
+    # whose forward pass mixes the points itself
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2).eval()  # no batch_first: axis 0 is read as the sequence
+    x = torch.randn(3, 5, 4)
+    d = nbderiv.derivatives(lambda z: mha(z, z, z)[0].sum((1, 2))[:, None], x)
+    f = d.finding("coupled-samples")
+    assert "batch_first=True" in f.fix and "model.eval()" not in f.fix
+    assert "running statistics" not in f.message
+    full = torch.autograd.functional.jacobian(lambda z: mha(z, z, z)[0].sum((1, 2)), x)
+    blocks = torch.stack([full[n, n] for n in range(3)]).numpy()
+    np.testing.assert_allclose(d[1][:, 0], blocks, rtol=1e-4, atol=1e-6)
+    f = nbderiv.derivatives(lambda z: z - z.mean(0), torch.randn(4, 1)).finding("coupled-samples")
+    assert "no layer runs in training mode" in f.fix and "model.eval()" not in f.fix
+    bn = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+    f = nbderiv.derivatives(bn, torch.randn(5, 2)).finding("coupled-samples")
+    assert "model.eval()" in f.fix and "running statistics were put back" in f.message

@@ -391,7 +391,7 @@ class TorchBackend(Backend):
         module a wrapper holds (a wrapper is always opaque: it may do anything around them)."""
         model = uncompiled(model)
         roots = modules_of(model)
-        activations, train_mode, outside, batch_stats = [], [], [], []
+        activations, train_mode, outside, batch_stats, seq_first = [], [], [], [], []
         opaque = not isinstance(model, torch.nn.Module)
         extra = held_outside(roots)  # in plain lists or dicts: outside the module tree
         held = {id(m) for _, m in extra}
@@ -404,6 +404,9 @@ class TorchBackend(Backend):
             no_running = "BatchNorm" in kind and not getattr(module, "track_running_stats", True)
             if no_running:
                 batch_stats.append(f"{name or 'model'} ({kind})")
+            # attention that reads axis 0 as the sequence: it mixes the points of the batch
+            if kind == "MultiheadAttention" and not getattr(module, "batch_first", True):
+                seq_first.append(f"{name or 'model'} ({kind})")
             # an LSTM / GRU / RNN of several layers drops out between them in training
             rnn_dropout = isinstance(module, torch.nn.RNNBase) and module.num_layers > 1 \
                 and module.dropout > 0
@@ -426,6 +429,8 @@ class TorchBackend(Backend):
             summary["outside_tree"] = outside
         if batch_stats:
             summary["batch_stats"] = batch_stats
+        if seq_first:
+            summary["seq_first"] = seq_first
         return summary
 
     def state_key(self, model) -> tuple:
