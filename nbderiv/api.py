@@ -185,9 +185,25 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
                                      shapes=call.point_shapes[:call.n_inputs],
                                      out_shape=call.verdict.out_shape,
                                      notes=result._code_notes + ("target",) * has_target)
+    result._time_axis = _time_axis(call)
     result._present(call.verdict.out_shape,
                     call.point_shapes[0] if call.n_inputs == 1 else None)
     return result, J
+
+
+def _time_axis(call) -> int:
+    """1 where each point of one input is (channels, length), as a Conv1d that receives it
+    expects (its input width reads (C, None)); else 0, (time, features)."""
+    shapes = call.point_shapes
+    if call.n_inputs != 1 or len(shapes[0]) != 2:
+        return 0
+    try:
+        expected = call.backend.input_width(call.model)
+    except Exception:  # only for the pictures: never let it fail the call
+        return 0
+    channels_first = isinstance(expected, tuple) and len(expected) == 2 \
+        and expected[0] is not None and expected[1] is None
+    return 1 if channels_first else 0
 
 
 def _code_for(backend, widths, order, wrt, coupled=False, extras=False, shapes=None,

@@ -9,7 +9,8 @@ sequence, and what ``%nnderiv model images --plot`` shows) puts each point's inp
   ``visualize_image_attr`` does), one column per point;
 - **sequences** (2 axes per point, ``(T, F)``): time x feature heat maps of the input and of
   ``|∂y/∂x|``, drawn transposed (feature on the vertical axis, time step on the
-  horizontal: the array shown is ``|d[1][n, j]|.T``, shape (F, T)), one row per point.
+  horizontal: the array shown is ``|d[1][n, j]|.T``, shape (F, T)), one row per point; points
+  a Conv1d receives, ``(C, L)``, are drawn as they are (channel vertical, position horizontal).
 
 Order 1 is drawn unless ``orders=`` asks for more; order k >= 2 draws the size of the pure
 partials ``|∂^k y/∂x_i^k|`` per input value (the diagonal of d[k]). ``fig.panels`` maps
@@ -219,7 +220,12 @@ def _images(d, chosen, ks, j, c, cmap, fig, ax, figsize):
 def _sequences(d, chosen, ks, j, cmap, fig, ax, figsize):
     columns = ["input"] + ks
     cells = [(col, n) for n in chosen for col in columns]
-    t, f = d.in_shape
+    # (T, F) points are drawn transposed; (C, L) points (a Conv1d's) as they are
+    channels_first = getattr(d, "_time_axis", 0) == 1
+    f, t = d.in_shape if channels_first else d.in_shape[::-1]
+
+    def shown(a):
+        return a if channels_first else a.T
     width = min(max(2.5, 0.25 * t + 1.5), 6.0)
     fig, pairs = panels_for(fig, ax, cells, figsize or (width * len(columns),
                                                         0.6 + max(1.6, 0.22 * f + 1.0) * len(chosen)),
@@ -227,18 +233,18 @@ def _sequences(d, chosen, ks, j, cmap, fig, ax, figsize):
     extent = (-0.5, t - 0.5, f - 0.5, -0.5)
     for (col, n), axis in pairs:
         if col == "input":
-            values = np.asarray(d.x[n], dtype=np.float64).T
+            values = shown(np.asarray(d.x[n], dtype=np.float64))
             art = axis.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest",
                               extent=extent)
             axis.set_title(f"point {n}: x ({_y_text(d, n, j)})", fontsize=9)
         else:
-            values = saliency_map(d, n, output=j, order=col).T
+            values = shown(saliency_map(d, n, output=j, order=col))
             top = float(np.nanmax(values, initial=0.0)) or 1.0
             art = axis.imshow(values, cmap=cmap, norm=Normalize(0.0, top), aspect="auto",
                               interpolation="nearest", extent=extent)
             axis.set_title(f"point {n}: {_saliency_label(col, j, d)}", fontsize=9)
         fig.colorbar(art, ax=axis, shrink=0.9)
-        axis.set_xlabel("time step")
-        axis.set_ylabel("feature")
+        axis.set_xlabel("position" if channels_first else "time step")
+        axis.set_ylabel("channel" if channels_first else "feature")
         remember(fig, (col, n), axis)
     return fig

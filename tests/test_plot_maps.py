@@ -155,3 +155,22 @@ def test_no_wall_of_input_names_and_clear_option_errors():
     with pytest.raises(OptionError, match="points="):
         vector.plot(points=2)
     assert nbderiv.plot_saliency is plot_saliency
+
+
+def test_conv1d_points_are_drawn_channel_by_position():
+    # a Conv1d receives (C, L) points: channel on the vertical axis, position on the
+    # horizontal (they were drawn as if (T, F): C read as time steps)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                              torch.nn.Linear(3 * 7, 1)).double()
+    x = torch.rand(2, 2, 9, dtype=torch.float64)
+    d = nbderiv.derivatives(net, x)
+    fig = d.plot()
+    for n in range(2):
+        np.testing.assert_allclose(_array(fig.panels["input", n]), x[n].numpy())
+        heat = _array(fig.panels[1, n])
+        assert heat.shape == (2, 9)
+        jac = torch.autograd.functional.jacobian(lambda s: net(s[None])[0, 0], x[n])
+        np.testing.assert_allclose(heat, np.abs(jac.numpy()), atol=1e-12)
+        assert fig.panels[1, n].get_ylabel() == "channel"
+        assert fig.panels[1, n].get_xlabel() == "position"
