@@ -1405,3 +1405,17 @@ def test_float64_copy_of_operations_on_keras_tensors_and_of_seeded_layers(kind):
         y = copy(X)
     assert_close(d[1][:, 0], tape.gradient(y, X).numpy(), 1e-5)
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(weights, model.weights))
+
+
+def test_a_tf_function_is_tensorflow_and_its_signature_dtype_is_used():
+    # a tf.function was not recognised ("cannot tell which framework runs Function") and its
+    # float32 input_signature refused float64 points with advice about shapes
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32)])
+    def f(z):
+        return tf.reduce_sum(tf.sin(z), 1, keepdims=True)
+
+    x = np.random.default_rng(0).random((4, 2))
+    d = nbderiv.derivatives(f, x, order=2)
+    assert d.framework == "tensorflow" and d[1].dtype == np.float32
+    assert_close(d[1][:, 0], np.cos(x), 1e-6)
+    assert_close(d[2][:, 0], np.stack([np.diag(-np.sin(p)) for p in x]), 1e-6)

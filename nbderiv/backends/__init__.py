@@ -71,6 +71,9 @@ def _framework_kind(obj) -> str | None:
         return "tensorflow"
     if _isinstance_loaded(obj, ("torch", "nn", "Module")):
         return "torch"
+    if _isinstance_loaded(obj, ("tensorflow", "types", "experimental", "PolymorphicFunction"),
+                          ("tensorflow", "types", "experimental", "GenericFunction")):
+        return "tensorflow"  # a tf.function
     return None
 
 

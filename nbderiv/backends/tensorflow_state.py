@@ -46,13 +46,20 @@ def variables_dtype(model):
 
 def declared_input_dtype(model):
     """The float dtype all Keras ``Input``s of a Sequential / functional model declare, or
-    None (no declared inputs, or several dtypes)."""
-    if graph_kind(model) is None:
+    None (no declared inputs, or several dtypes); for a ``tf.function`` with an
+    ``input_signature``, the dtype its TensorSpecs declare."""
+    signature = getattr(model, "input_signature", None) \
+        if isinstance(model, tf.types.experimental.GenericFunction) else None
+    if signature:
+        dtypes = {tf.as_dtype(spec.dtype) for spec in tf.nest.flatten(signature)
+                  if hasattr(spec, "dtype")}
+    elif graph_kind(model) is None:
         return None
-    try:
-        dtypes = {tf.as_dtype(t.dtype) for t in model.inputs}
-    except Exception:  # a Sequential without an Input has no inputs yet
-        return None
+    else:
+        try:
+            dtypes = {tf.as_dtype(t.dtype) for t in model.inputs}
+        except Exception:  # a Sequential without an Input has no inputs yet
+            return None
     if len(dtypes) != 1:
         return None
     dt = dtypes.pop()
