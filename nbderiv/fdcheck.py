@@ -90,6 +90,9 @@ class FiniteDifferenceCheck:
         text += "; " + "; ".join(parts)
         return text + (f" ({self.note})" if self.note else "")
 
+    def __str__(self) -> str:  # print(d.check): the sentence, not the fields
+        return self.summary()
+
 
 def _not_run(note: str) -> FiniteDifferenceCheck:
     return FiniteDifferenceCheck(step=float("nan"), passed=False, note=note)

@@ -234,3 +234,11 @@ def test_keras_check_passes_for_tanh_and_explains_relu_kinks():
     d = nbderiv.derivatives(relu, xs, order=2, check=True)
     assert d.check.nonsmooth_points == (1,) and "low-precision" not in d.codes
     assert "kink" in d.check.note and np.all(d[2] == 0)
+
+
+def test_printing_the_check_gives_its_sentence():
+    import torch
+
+    d = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 4).reshape(-1, 1), check=True)
+    assert str(d.check) == d.check.summary()
+    assert str(d.check).startswith("autodiff agrees with float64 central differences")
