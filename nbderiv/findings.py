@@ -175,7 +175,8 @@ def kink_finding(points, conventions=()) -> Finding | None:
             f"{len(points)} point(s) sit exactly on a kink at index {_listed(points)}: an input "
             "of a piecewise function (ReLU, clamp, max / min, abs, hardtanh, ...) is exactly at "
             "its kink there (a ReLU's pre-activation exactly 0, or two equal largest values of a "
-            "max over axes or a max-pooling window), and the output's slopes just "
+            "max over axes or a max-pooling window, or a vector norm's input all 0), and the "
+            "output's slopes just "
             "left and just right of the point differ (checked with one-sided finite "
             "differences). The derivative there is the framework's convention for the kink "
             "(e.g. relu'(0) = 0), not a true derivative: it does not exist there.")

@@ -136,3 +136,29 @@ def test_keras_max_pooling_2d_tie(tf):
         lambda a: model(a.reshape(-1, 4, 4, 1).astype(np.float32)).numpy().astype(np.float64),
         flat, h=1e-3)  # a float32 model: steps well above its rounding
     assert truth == [1]
+
+
+NORMS = {
+    "Tensor.norm": lambda z: z.norm(dim=1, keepdim=True),
+    "torch.linalg.vector_norm": lambda z: torch.linalg.vector_norm(z, dim=1)[:, None],
+    "torch.linalg.norm": lambda z: torch.linalg.norm(z, dim=-1, keepdim=True),
+    "torch.norm p=1": lambda z: torch.norm(z, p=1, dim=1, keepdim=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_a_norm_of_an_all_zero_point_is_at_kink(name):
+    """The cone |z| has its tip at z = 0: slope +1 one way and -1 the other, while autodiff
+    returns 0 (or NaN for the 2-norm's 0/0 guard)."""
+    f = NORMS[name]
+    x = [[0.0, 0.0], [1.0, 2.0], [3.0, -1.0]]
+    truth = one_sided_slopes_differ(lambda a: f(torch.tensor(a)), x)
+    assert truth == [0]
+    d = nbderiv.derivatives(f, torch.tensor(x))
+    assert "at-kink" in d.codes, d.summary()
+    assert d.finding("at-kink").points == tuple(truth)
+    assert "norm" in d.finding("at-kink").message
+    # away from 0 the 2-norm's slope is z / |z| (the 1-norm's sign(z))
+    z = np.array(x[1:])
+    want = np.sign(z) if "p=1" in name else z / np.linalg.norm(z, axis=1, keepdims=True)
+    np.testing.assert_allclose(d[1][1:, 0], want, rtol=1e-6)

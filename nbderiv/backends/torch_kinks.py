@@ -163,6 +163,18 @@ def _pool_ties(with_indices, spatial, n_args):
     return ties
 
 
+def _norm_at_zero(args, kwargs):
+    """norm / linalg.vector_norm / linalg.norm over axes of each point: the cone's tip, where
+    the whole vector is 0 (the slope is +1 one way and -1 the other; autodiff gives 0)."""
+    inp, dim = args[0], _arg(args, kwargs, 2, "dim")  # (input, p / ord, dim, keepdim)
+    if isinstance(dim, torch.Tensor) or dim is None:
+        return None  # over every axis: the points too
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if inp.ndim < 2 or not dims or any(d % inp.ndim == 0 for d in dims):
+        return None
+    return (inp.detach() == 0).all(dim=dims)
+
+
 def _tie_table() -> dict:
     F, T = torch.nn.functional, torch.Tensor
     table = {}
@@ -170,6 +182,8 @@ def _tie_table() -> dict:
         table[f] = _reduction_ties
     for f in (torch.amin, T.amin, torch.min, T.min):
         table[f] = _min_ties
+    for f in (torch.norm, T.norm, torch.linalg.vector_norm, torch.linalg.norm):
+        table[f] = _norm_at_zero
     for d in (1, 2, 3):
         pool = getattr(F, f"max_pool{d}d_with_indices")
         adaptive = getattr(F, f"adaptive_max_pool{d}d_with_indices")
@@ -223,7 +237,8 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
     softshrink), or written by hand (the comparisons gt / ge / lt / le that pick the pieces of
     ``h * (h > 0)`` or ``torch.where(h > 0, h, 0.1 * h)``, sign, heaviside), as functions,
     in-place versions or Tensor methods; or a max / min over each point's axes (amax / amin,
-    max / min with a dim, max pooling) whose largest values tie (not at an exact 0). A call's rows are the
+    max / min with a dim, max pooling) whose largest values tie (not at an exact 0), or a vector
+    norm over each point's axes (norm, linalg.vector_norm) of an all-zero vector. A call's rows are the
     points where the first axis of its input (broadcast against tensor locations) has the
     points' length ``n``; ``calls`` counts the calls of such functions on floating-point
     inputs (none: the model is kink-free). The caught function is looked up in a dict first.
