@@ -15,6 +15,7 @@ from .explain_causes import none_causes
 from .explain_fix import (
     _framework_of,
     _layout,
+    _many,
     _reshape_code,
     _shape,
     diagonal_blocks_code,
@@ -66,7 +67,38 @@ class _Context:
 
     def fix(self, k, eval_first=False):
         return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=self.wrt,
-                        eval_first=eval_first, dtype=str(self.truth.get(1).dtype))
+                        eval_first=eval_first, dtype=str(self.truth.get(1).dtype),
+                        **self.shapes(), loop=self.loop())
+
+    def shapes(self):
+        """``pshape`` (S, one point's own shape) and ``oshape`` (O, one point's output's)."""
+        try:
+            pshape = tuple(int(v) for v in np.shape(self.x)[1:])
+        except (TypeError, ValueError):
+            pshape = ()
+        return {"pshape": pshape, "oshape": tuple(int(v) for v in self.truth.get(0).shape[1:])}
+
+    def many(self):
+        """Whether points or outputs have several axes: nbderiv's layout is (N,) + O + S * k."""
+        return _many(**self.shapes())
+
+    def layout(self, k, wrt=True):
+        """nbderiv's layout of order k in words (S named where points have several axes)."""
+        return _layout(k, **self.shapes(), wrt=self.wrt if wrt else None)
+
+    def loop(self):
+        """torch.func.vmap cannot batch torch's recurrent layers (nn.GRU): the torch fix runs
+        one point at a time for a model holding one."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        modules = getattr(self.model, "modules", None)
+        if self.framework != "torch" or torch is None or not callable(modules):
+            return False
+        try:
+            return any(isinstance(m, torch.nn.RNNBase) for m in modules())
+        except TypeError:
+            return False
 
     def dims(self):
         t = self.truth
@@ -76,7 +108,7 @@ class _Context:
         n, d_out, n_in = self.dims()
         T = self.truth.get(k)
         return (f"the {_ordinal(k)} derivative{'s' if k else ''} of {self.mname} at the {n} "
-                f"points of {self.xname}, shape {_shape(T.shape)} = {_layout(k)}")
+                f"points of {self.xname}, shape {_shape(T.shape)} = {self.layout(k)}")
 
     def dtype_for(self, M, k):
         return _looser(_dtype_name(M), _dtype_name(self.truth.get(max(k, 1))))
@@ -158,7 +190,7 @@ class _Context:
             j = int(picks[0])
             message = (f"{name} (shape {_shape(M.shape)}) is the {_ordinal(k)} derivative of "
                        f"output {j} alone, right for that output; the model has {d_out} "
-                       f"outputs. All of them: shape {_shape(T.shape)} = {_layout(k)}.")
+                       f"outputs. All of them: shape {_shape(T.shape)} = {self.layout(k)}.")
             fix = (f"d = nbderiv.derivatives({self.mname}, {self.xname}, order={k}, "
                    f"target={j})   # output {j}: d[{k}] has shape {_shape(truth.shape)}\n"
                    f"# every output:\n" + self.fix(k))
@@ -195,7 +227,7 @@ class _Context:
                     "correct-reshaped",
                     f"{name} has the right values: {self.what(k)}; only the shape differs: "
                     f"yours is {_shape(M.shape)}. The same numbers in nbderiv's layout: {to}.",
-                    k, fix=f"{target} = {to}      # {_layout(k)}", truth=T)
+                    k, fix=f"{target} = {to}      # {self.layout(k)}", truth=T)
             names = [a for a, s in zip(_axis_names(k), T.shape) if s != 1]
             yours = [names[perm.index(a)] for a in range(len(perm))]
             return self.result(
@@ -204,7 +236,7 @@ class _Context:
                 f"{self.what(k)}, but with the axes in another order: yours run "
                 f"({', '.join(yours)}), nbderiv's layout is ({', '.join(names)})"
                 f"{' (axes of size 1 left out)' if len(names) < T.ndim else ''}. Put them "
-                f"back with {to}.", k, fix=f"{target} = {to}      # {_layout(k)}\n# or compute it "
+                f"back with {to}.", k, fix=f"{target} = {to}      # {self.layout(k)}\n# or compute it "
                 f"directly:\n" + self.fix(k), truth=T)
         if d_out > 1:
             S = T.sum(axis=1)
@@ -221,7 +253,7 @@ class _Context:
                     + ", ".join(_num(T[(j[0], o) + tuple(j[2:])]) for o in range(min(d_out, 4)))
                     + (", ..." if d_out > 4 else "")
                     + f". Take one derivative per output, shape {_shape(T.shape)} = "
-                    f"{_layout(k)}.", k)
+                    f"{self.layout(k)}.", k)
         if d_out > 1 and M.size == n * n_in ** k and n_in ** k > 1:
             found = self.selected_outputs(M, k, T, dtype)
             if found is not None:
@@ -367,7 +399,7 @@ class _Context:
                 f"first-derivative columns: the ones add the columns' derivatives together. "
                 f"For u_xx differentiate one column: u_xx = torch.autograd.grad(u_x[:, 0], x, "
                 f"torch.ones_like(u_x[:, 0]), create_graph=True)[0][:, 0]. The whole second "
-                f"derivative has shape {_shape(F.shape)} = {_layout(2)}.", 2,
+                f"derivative has shape {_shape(F.shape)} = {self.layout(2)}.", 2,
                 fix=self.fix_full(2), truth=P)
         if kind == "summed-column":
             return self.summed_column(M, idx[0], F, dtype)
@@ -385,7 +417,7 @@ class _Context:
                 f"respect to {', '.join(meant)} that wrt={wrt} asks for: that is the other "
                 f"input's {'column' if kind == 'column' else 'part'}. The {_ordinal(k)} "
                 f"derivative with respect to {', '.join(meant)} has shape "
-                f"{_shape(self.truth.get(k).shape)} = {_layout(k)}.", k,
+                f"{_shape(self.truth.get(k).shape)} = {self.layout(k)}.", k,
                 truth=self.truth.get(k))
         fixes = self.fix_full(k)
         sel = {"column": f"d{k} = d{k}[:, :, {idx[0] if idx else 0}]",
@@ -401,7 +433,7 @@ class _Context:
             "correct-part",
             f"{name} (shape {shp}) holds the right values of {words}{also_note}, at the {n} "
             f"points of {self.xname}, within {dtype} tolerance: a part of the {_ordinal(k)} "
-            f"derivative, whose whole has shape {_shape(F.shape)} = {_layout(k)}.", k,
+            f"derivative, whose whole has shape {_shape(F.shape)} = {self.layout(k)}.", k,
             fix=fixes + "\n" + sel + "      # the part you computed", truth=P)
 
     def fix_full(self, k):
@@ -449,7 +481,7 @@ class _Context:
             f"of a model with several outputs) adds the outputs' derivatives together before "
             f"the column is taken. E.g. at point {p}: yours {_num(C[p].sum())}, outputs "
             f"{outs}. Each output's own: column {i} of the whole first derivative, shape "
-            f"{_shape(F.shape)} = {_layout(1)}.", 1,
+            f"{_shape(F.shape)} = {self.layout(1)}.", 1,
             fix=self.fix_full(1) + f"\nd1 = d1[:, :, {i}]      # (N, d_out): each output's "
             f"derivative with respect to input {i}; output j: d1[:, j]", truth=C)
 
@@ -497,7 +529,7 @@ class _Context:
                "a nested GradientTape), then the gradient of each of its entries. "
                if order > k else "It went one differentiation too far. ")
             + f"The {_ordinal(order)} derivative has shape {_shape(self.truth.get(order).shape)}"
-            f" = {_layout(order)}.", order)
+            f" = {self.layout(order)}.", order)
 
     def zeros_graph_broken(self, M, k, T, partial=None):
         name = self.name
@@ -552,7 +584,7 @@ class _Context:
                         f"{name} (shape {_shape(M.shape)}) holds the {_ordinal(k)} derivative "
                         f"of output {j} alone, which is right for that output; the other "
                         f"{d_out - 1} output(s) of {self.mname} are missing: the full "
-                        f"{_ordinal(k)} derivative has shape {_shape(T.shape)} = {_layout(k)}."
+                        f"{_ordinal(k)} derivative has shape {_shape(T.shape)} = {self.layout(k)}."
                         + note, k)
         if M.size != T.size:
             sizes = {f"order {j}": n * d_out * n_in ** j for j in range(1, MAX_ORDER + 1)}
@@ -560,7 +592,7 @@ class _Context:
                 "wrong",
                 f"{name} has shape {_shape(M.shape)} ({M.size} numbers), which fits no "
                 f"derivative of {self.mname} at these points: the {_ordinal(k)} derivative "
-                f"has shape {_shape(T.shape)} = {_layout(k)} ({T.size} numbers; "
+                f"has shape {_shape(T.shape)} = {self.layout(k)} ({T.size} numbers; "
                 + ", ".join(f"{a}: {b}" for a, b in sizes.items()) + ")." + note, k)
         Mv = M.reshape(T.shape).astype(np.float64)
         nonfinite = ~np.isfinite(Mv) & np.isfinite(Tf)

@@ -11,6 +11,8 @@ d2 = d[2]
 
 from __future__ import annotations
 
+import numpy as np
+
 from .explain_match import _squeezed_shape
 
 
@@ -28,8 +30,27 @@ def _shape(s) -> str:
     return f"({s[0]},)" if len(s) == 1 else str(s)
 
 
-def _layout(k) -> str:
-    return "(N, d_out" + ", n_inputs" * k + ")"
+def _many(pshape=None, oshape=None) -> bool:
+    """Whether points (shape S) or outputs (shape O) have several axes: nbderiv's layout is
+    then (N,) + O + S * k, each point's own shape kept."""
+    return len(tuple(pshape or ())) > 1 or len(tuple(oshape or ())) > 1
+
+
+def _layout(k, pshape=None, oshape=None, wrt=None) -> str:
+    """nbderiv's layout of the order-k derivative, in words: (N, d_out, n_inputs, ...) for
+    points of one axis, (N, d_out, *S, ...) with S named for points of several axes.
+
+    >>> _layout(2), _layout(1, pshape=(2, 4, 5), oshape=(2,))
+    ('(N, d_out, n_inputs, n_inputs)', '(N, d_out, *S) with S = (2, 4, 5) the shape of one point')
+    """
+    if not _many(pshape, oshape):
+        return "(N, d_out" + ", n_inputs" * k + ")"
+    out = "d_out" if len(tuple(oshape or ())) <= 1 else "*O"
+    ins = ", len(wrt)" if wrt is not None else ", *S"
+    names = [] if wrt is not None else [f"S = {_shape(pshape)} the shape of one point"]
+    if out == "*O":
+        names.append(f"O = {_shape(oshape)} the shape of one point's output")
+    return f"(N, {out}{ins * k})" + (" with " + " and ".join(names) if names else "")
 
 
 # how a list of each framework's arrays is stacked: (function, keyword of the new axis)
@@ -85,25 +106,53 @@ def _reshape_code(name, how, perm, src_shape, dst_shape, framework, mine=None) -
 
 
 def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=False,
-             dtype="float32") -> str:
+             dtype="float32", pshape=None, oshape=None, loop=False) -> str:
     """Short, runnable code computing the per-point derivative of ``order`` in nbderiv's
-    layout (N, d_out) + (n_inputs,) * order, in the student's framework."""
+    layout (N, d_out) + (n_inputs,) * order, in the student's framework.
+
+    ``pshape`` (S, the shape of one point) and ``oshape`` (O, of one point's output): where
+    either has several axes (an image (C, H, W), a sequence (T, F)), each point keeps its own
+    shape when the model is called, and the code's array has nbderiv's layout
+    (N,) + O + S * order, the layout of ``nbderiv.derivatives(model, x)[order]`` (with ``wrt``:
+    (N,) + O + (len(wrt),) * order, wrt counting each point's features in C order). ``loop``
+    (torch): one point at a time instead of ``torch.func.vmap``, which cannot batch every
+    layer (nn.GRU).
+
+    >>> print(fix_code("torch", 1, pshape=(2, 4, 5), oshape=(2,)))
+    x_ = torch.as_tensor(x).detach().to(torch.float32)      # (N, *S): each point keeps its shape
+    f = lambda p: model(p.unsqueeze(0)).reshape(-1)      # one point S -> (d_out,)
+    d1 = torch.func.vmap(torch.func.jacrev(f))(x_)      # (N, d_out, *S) with S = (2, 4, 5) the shape of one point
+    """
     order = max(int(order or 1), 1)
     name = f"d{order}"
+    many = _many(pshape, oshape)
+    oshape = tuple(int(v) for v in (oshape or ()))
+    nO = max(len(oshape), 1)  # output axes of the derivative (d_out when O has one axis or none)
+    layout = _layout(order, pshape, oshape, wrt)
     keep = ""
     if wrt is not None:
         cols = [int(c) for c in wrt]
+        if many:  # the point's axes flattened first: wrt counts features in C order
+            n_feat = int(np.prod(pshape)) if pshape else 1
+            dims = (-1,) + (oshape if oshape else (1,)) + (n_feat,) * order
+            flat = ", ".join(map(str, dims))
+            keep = (f"{name} = tf.reshape({name}, ({flat}))\n" if framework == "tensorflow"
+                    else f"{name} = {name}.reshape({flat})\n")
         if framework == "tensorflow":
-            keep = "".join(f"\n{name} = tf.gather({name}, {cols}, axis={2 + i})"
-                           for i in range(order)).lstrip("\n")
+            keep += "".join(f"\n{name} = tf.gather({name}, {cols}, axis={1 + nO + i})"
+                            for i in range(order)).lstrip("\n")
         else:
-            keep = f"{name} = {name}" + "".join(f"[{':, ' * (2 + i)}{cols}]"
-                                                for i in range(order))
+            keep += f"{name} = {name}" + "".join(f"[{':, ' * (1 + nO + i)}{cols}]"
+                                                 for i in range(order))
         keep += "      # only the inputs in wrt"
     if framework == "tensorflow":
         tfdtype = "tf.float64" if dtype == "float64" else "tf.float32"
-        lines = [f"x_ = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, 'tensorflow')}, -1))"
-                 "      # (N, d_in) floats"]
+        if many:
+            lines = [f"x_ = tf.cast({x}, {tfdtype})      # (N, *S) floats: each point keeps "
+                     "its shape"]
+        else:
+            lines = [f"x_ = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, 'tensorflow')}, -1))"
+                     "      # (N, d_in) floats"]
         if eval_first:
             lines.append(f"# {model}(x_, training=False): batch statistics off")
         call = f"{model}(x_, training=False)" if eval_first else f"{model}(x_)"
@@ -112,13 +161,16 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
             lines.append(f"{indent}with tf.GradientTape() as tape{k}:")
             indent += "    "
             lines.append(f"{indent}tape{k}.watch(x_)")
-        lines.append(f"{indent}y = tf.reshape({call}, ({_len(x, 'tensorflow')}, -1))"
-                     "      # (N, d_out)")
+        if len(oshape) > 1:
+            lines.append(f"{indent}y = {call}      # (N, *O)")
+        else:
+            lines.append(f"{indent}y = tf.reshape({call}, ({_len(x, 'tensorflow')}, -1))"
+                         "      # (N, d_out)")
         prev = "y"
         for k in range(1, order + 1):
             indent = indent[:-4]
             lines.append(f"{indent}d{k} = tape{k}.batch_jacobian({prev}, x_)"
-                         f"      # {_layout(k)}")
+                         f"      # {_layout(k, pshape, oshape) if many else _layout(k)}")
             prev = f"d{k}"
         if keep:
             lines.append(keep)
@@ -129,14 +181,30 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
         if eval_first:
             lines.append(f"{model}.eval()                      # batch statistics off: points "
                          "independent")
-        lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
-                     "  # (N, d_in)")
-        lines.append(f"f = lambda p: {model}(p.unsqueeze(0)).reshape(-1)"
-                     "      # one point (d_in,) -> (d_out,)")
+        if many:
+            lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype})"
+                         "      # (N, *S): each point keeps its shape")
+            if len(oshape) > 1:
+                lines.append(f"f = lambda p: {model}(p.unsqueeze(0))[0]"
+                             "      # one point S -> its output O")
+            else:
+                lines.append(f"f = lambda p: {model}(p.unsqueeze(0)).reshape(-1)"
+                             "      # one point S -> (d_out,)")
+        else:
+            lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
+                         "  # (N, d_in)")
+            lines.append(f"f = lambda p: {model}(p.unsqueeze(0)).reshape(-1)"
+                         "      # one point (d_in,) -> (d_out,)")
         inner = "f"
         for _ in range(order):
             inner = f"torch.func.jacrev({inner})"
-        lines.append(f"{name} = torch.func.vmap({inner})(x_)      # {_layout(order)}")
+        full = _layout(order, pshape, oshape) if wrt is not None and many else layout
+        if loop:
+            lines.append(f"{name} = torch.stack([{inner}(p) for p in x_])      # {full}: one "
+                         "point at a time (torch.func.vmap cannot batch this model's recurrent "
+                         "layers)")
+        else:
+            lines.append(f"{name} = torch.func.vmap({inner})(x_)      # {full}")
         if keep:
             lines.append(keep)
         return "\n".join(lines)
@@ -148,17 +216,21 @@ def _len(x, framework):
 
 
 def diagonal_blocks_code(framework, *, model="model", x="x", wrt=None, dtype="float32",
-                         mine=None, jshape=None) -> str:
+                         mine=None, jshape=None, pshape=None, oshape=None) -> str:
     """Code giving nbderiv's per-point derivative of a model that couples its points: the
     diagonal blocks J[n, :, n, :] of the full batch Jacobian (each point's derivative with the
     rest of the batch held fixed). With ``mine`` (the student's full Jacobian, shape
-    ``jshape``), the blocks are taken from it; otherwise the Jacobian is computed.
+    ``jshape``), the blocks are taken from it; otherwise the Jacobian is computed. ``pshape``
+    and ``oshape`` as in :func:`fix_code`: for points or outputs of several axes each point keeps its
+    shape, and the blocks have nbderiv's layout (N,) + O + S.
 
     >>> print(diagonal_blocks_code("numpy", mine="J0", jshape=(3, 1, 3, 2)))
     J = np.reshape(np.asarray(J0), (3, 1, 3, 2))      # (N, d_out, N, n_inputs)
     i = np.arange(3)
     d1 = J[i, :, i, :]      # (N, d_out, n_inputs): the diagonal blocks
     """
+    many = _many(pshape, oshape)
+    oshape = tuple(int(v) for v in (oshape or ()))
     lines = []
     if mine is not None:
         n = int(jshape[0])
@@ -169,23 +241,55 @@ def diagonal_blocks_code(framework, *, model="model", x="x", wrt=None, dtype="fl
             lines.append(f"J = np.reshape(np.asarray({mine}), {_shape(jshape)})      "
                          "# (N, d_out, N, n_inputs)")
             lines.append(f"i = np.arange({n})")
+        if many:
+            dshape = (n,) + (oshape or (int(jshape[1]),)) + tuple(int(v) for v in pshape)
+            lines.append(f"d1 = J[i, :, i, :].reshape{_shape(dshape)}      # "
+                         f"{_layout(1, pshape, oshape)}: the diagonal blocks, each point's own shape")
+            return "\n".join(lines)
     elif framework == "tensorflow":
         tfdtype = "tf.float64" if dtype == "float64" else "tf.float32"
-        lines += [f"x_ = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, framework)}, -1))"
-                  "      # (N, d_in) floats",
-                  "with tf.GradientTape() as tape:",
+        if many:
+            lines.append(f"x_ = tf.cast({x}, {tfdtype})      # (N, *S) floats: each point "
+                         "keeps its shape")
+        else:
+            lines.append(f"x_ = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, framework)}, -1))"
+                         "      # (N, d_in) floats")
+        y = (f"{model}(x_)      # (N, *O)" if len(oshape) > 1 else
+             f"tf.reshape({model}(x_), (tf.shape(x_)[0], -1))      # (N, d_out)")
+        lines += ["with tf.GradientTape() as tape:",
                   "    tape.watch(x_)",
-                  f"    y = tf.reshape({model}(x_), (tf.shape(x_)[0], -1))      # (N, d_out)",
-                  "J = tape.jacobian(y, x_).numpy()      # (N, d_out, N, d_in): the whole batch",
+                  f"    y = {y}",
+                  f"J = tape.jacobian(y, x_).numpy()      # {_whole(many, oshape)}: the whole batch",
                   "i = np.arange(J.shape[0])"]
     else:
         tdtype = "torch.float64" if dtype == "float64" else "torch.float32"
-        lines += [f"x_ = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
-                  "  # (N, d_in)",
-                  f"J = torch.autograd.functional.jacobian(lambda p: {model}(p).reshape(len(p), "
-                  "-1), x_)      # (N, d_out, N, d_in): the whole batch",
+        if many:
+            lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype})"
+                         "      # (N, *S): each point keeps its shape")
+        else:
+            lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
+                         "  # (N, d_in)")
+        f = f"{model}(p)" if len(oshape) > 1 else f"{model}(p).reshape(len(p), -1)"
+        lines += [f"J = torch.autograd.functional.jacobian(lambda p: {f}, x_)      # "
+                  f"{_whole(many, oshape)}: the whole batch",
                   "i = torch.arange(len(x_))"]
+    if many:
+        lines.append(f"d1 = J[i, {':, ' * max(len(oshape), 1)}i]      # {_layout(1, pshape, oshape)}: the "
+                     "diagonal blocks")
+        if wrt is not None and mine is None:
+            n_feat = int(np.prod(pshape)) if pshape else 1
+            dims = ", ".join(map(str, (-1,) + (oshape or (1,)) + (n_feat,)))
+            lines.append(f"d1 = d1.reshape({dims})[{':, ' * (1 + max(len(oshape), 1))}"
+                         f"{[int(c) for c in wrt]}]      # only the inputs in wrt")
+        return "\n".join(lines)
     lines.append("d1 = J[i, :, i, :]      # (N, d_out, n_inputs): the diagonal blocks")
     if wrt is not None and mine is None:
         lines.append(f"d1 = d1[:, :, {[int(c) for c in wrt]}]      # only the inputs in wrt")
     return "\n".join(lines)
+
+
+def _whole(many, oshape):
+    """The layout of the whole batch's Jacobian, in words."""
+    if not many:
+        return "(N, d_out, N, d_in)"
+    return "(N, *O, N, *S)" if len(oshape) > 1 else "(N, d_out, N, *S)"
