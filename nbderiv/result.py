@@ -230,7 +230,10 @@ class Derivatives:
 
     def _header_start(self) -> str:
         return (f"Derivatives of {self.n_outputs} output(s) w.r.t. {len(self.inputs)} input(s) "
-                f"at {self.n_points} point(s), orders 1..{self.order} [{self.framework}, ")
+                f"at {self.n_points} point(s), {self._orders_words()} [{self.framework}, ")
+
+    def _orders_words(self) -> str:
+        return "order 1" if self.order == 1 else f"orders 1..{self.order}"
 
     def _header(self) -> str:
         return f"{self._header_start()}{self.method}]"

@@ -105,6 +105,13 @@ def test_repr_is_deterministic_and_informative():
     assert "<" in a._repr_html_() and "</" in a._repr_html_()
 
 
+def test_header_names_the_orders_computed():
+    assert "orders 1..2 [" in repr(make_result(order=2)[2])
+    one = make_result(order=1)[2]
+    for text in (repr(one), one._repr_html_()):
+        assert "order 1 [" in text and "1..1" not in text
+
+
 def test_repr_of_different_results_differ():
     _, _, a = make_result(order=2, seed=3)
     _, _, b = make_result(order=2, seed=4)
