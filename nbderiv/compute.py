@@ -41,7 +41,8 @@ def open_call(model, x, framework, *, target=None, kwargs=None) -> Call:
     as extra columns (see :class:`~nbderiv.call.Extra`); other kwargs are passed as they are."""
     backend = select_backend(model, x, framework)
     backend.begin(model)
-    inputs = prepare_inputs(x, to_numpy=backend.to_numpy)
+    inputs = prepare_inputs(x, to_numpy=backend.to_numpy,
+                            argument_names=lambda n: backend.argument_names(model, n))
     dtype = np.dtype(backend.compute_dtype(model, inputs.arrays[0].dtype))
     arg_names = backend.argument_names(model, len(inputs.arrays)) if inputs.several else None
     extras, extra_arrays, constants = _extras(backend, inputs.n_points, target, kwargs, dtype)

@@ -144,8 +144,10 @@ def shared(value) -> Shared:
     return value if isinstance(value, Shared) else Shared(value)
 
 
-def prepare_inputs(x, *, to_numpy) -> PreparedInput:
-    """Validate ``x`` (array-like, or a tuple of array-likes = several arguments)."""
+def prepare_inputs(x, *, to_numpy, argument_names=None) -> PreparedInput:
+    """Validate ``x`` (array-like, or a tuple of array-likes = several arguments).
+    ``argument_names(n)``: the model's names of its first n arguments (or None), asked only
+    to say in which order a dict's values go."""
     several = isinstance(x, tuple)
     if any(isinstance(p, Shared) for p in (x if several else (x,))):
         raise InputTypeError("nbderiv.shared(...) marks a keyword argument in kwargs= that is "
@@ -156,7 +158,13 @@ def prepare_inputs(x, *, to_numpy) -> PreparedInput:
     if several and not parts:
         raise InputShapeError("x is an empty tuple. Fix: pass (x, t, ...) with one array per argument.")
     if isinstance(x, dict):
-        raise InputTypeError(_dict_message(x))
+        names = None
+        if argument_names is not None:
+            try:
+                names = argument_names(len(x))
+            except Exception:  # e.g. another number of Inputs: the message stays general
+                names = None
+        raise InputTypeError(_dict_message(x, names))
     arrays, shapes, reshaped, integer, point_shapes = [], [], False, False, []
     for i, part in enumerate(parts):
         what = f"x[{i}] (argument {i + 1} of the tuple)" if several else "x"
@@ -185,20 +193,31 @@ def prepare_inputs(x, *, to_numpy) -> PreparedInput:
                          () if several else tuple(_array_items(x)))
 
 
-def _dict_message(x: dict) -> str:
-    """What to pass instead of a dict: its one value, or its values as a tuple."""
+def _dict_message(x: dict, names=None) -> str:
+    """What to pass instead of a dict: its one value, or its values as a tuple, in the order
+    of ``names`` (the model's argument or Input names, when they are the dict's keys).
+
+    >>> print(_dict_message({"t": 1, "x": 2}, names=["x", "t"]).split("Fix: ")[1])
+    pass x=(x['x'], x['t']): the model's inputs in the order it takes them (x, t).
+    """
     keys = list(x)
     if len(keys) == 1:
         return (f"x is a dict (key {keys[0]!r}); nbderiv passes the model positional arguments. "
                 f"Fix: pass the array itself, x=x[{keys[0]!r}] (a Keras model built on a dict "
                 "of one input takes it that way too).")
-    ordered = sorted(keys, key=str)
-    shown = ", ".join(f"x[{k!r}]" for k in ordered[:6]) + (", ..." if len(keys) > 6 else "")
-    return (f"x is a dict (keys {', '.join(map(repr, keys[:6]))}{', ...' if len(keys) > 6 else ''}"
-            "); nbderiv passes the model positional arguments. Fix: pass a tuple in the order "
-            "the model takes them, e.g. x=(x_values, t_values) for a model called as "
-            "model(x, t); for a Keras model whose inputs are a dict, the values in the sorted "
-            f"order of its keys: x=tuple(x[k] for k in sorted(x)) = ({shown}).")
+    start = (f"x is a dict (keys {', '.join(map(repr, keys[:6]))}"
+             f"{', ...' if len(keys) > 6 else ''}); nbderiv passes the model positional "
+             "arguments, a tuple of arrays. ")
+    names = [str(n) for n in names] if names else None
+    if names and sorted(names) == sorted(map(str, keys)):
+        by_name = {str(k): k for k in keys}
+        shown = ", ".join(f"x[{by_name[n]!r}]" for n in names)
+        return (start + f"Fix: pass x=({shown}): the model's inputs in the order it takes "
+                f"them ({', '.join(names)}).")
+    takes = f" (this model takes {', '.join(names)})" if names else ""
+    return (start + "Fix: pass a tuple of the arrays in the order the model takes them"
+            f"{takes}, e.g. x=(x['x'], x['t']) for a model called as model(x, t) or built "
+            "on keras.Input(name='x') and keras.Input(name='t') in that order.")
 
 
 def input_names(prepared: PreparedInput, argument_names=None) -> tuple:

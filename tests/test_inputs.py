@@ -230,5 +230,46 @@ def test_a_dict_of_one_array_is_told_to_pass_the_array_and_of_several_a_tuple():
     assert "(x['a'])" not in str(info.value)
     with pytest.raises(InputTypeError) as info:
         nbderiv.derivatives(nn.Linear(1, 1), {"t": x, "s": x})
-    assert "= (x['s'], x['t'])." in str(info.value)
+    assert "pass a tuple of the arrays in the order the model takes them" in str(info.value)
     assert nbderiv.derivatives(nn.Linear(1, 1), x)[1].shape == (4, 1, 1)  # what it says works
+
+
+class _XT(nn.Module):
+    def forward(self, x, t):
+        return torch.sin(x) * t ** 2
+
+
+def test_a_dict_is_told_the_tuple_in_the_order_the_model_names_its_arguments():
+    """The keys are the names of forward's arguments: the fix gives them in forward's order
+    (not sorted), and the tuple it names gives d/dx = cos(x) t**2, d/dt = 2 sin(x) t."""
+    from nbderiv.errors import InputTypeError
+
+    x, t = torch.rand(4, 1, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64)
+    batch = {"t": t, "x": x}
+    with pytest.raises(InputTypeError) as info:
+        nbderiv.derivatives(_XT(), batch)
+    said = str(info.value)
+    assert "Fix: pass x=(x['x'], x['t'])" in said and "(x, t)" in said
+    fixed = eval(said.split("Fix: pass x=")[1].split(":")[0], {"x": batch})  # noqa: S307
+    d = nbderiv.derivatives(_XT(), fixed)
+    want = np.concatenate([np.cos(x) * t ** 2, 2 * np.sin(x) * t], axis=1)
+    np.testing.assert_allclose(d[1][:, 0], want, rtol=1e-12)
+    with pytest.raises(InputTypeError) as info:  # keys that are not its arguments' names
+        nbderiv.derivatives(_XT(), {"a": x, "b": t})
+    assert "this model takes x, t" in str(info.value)
+
+
+def test_a_dict_for_a_keras_model_follows_its_inputs_order():
+    keras = pytest.importorskip("keras")
+    from nbderiv.errors import InputTypeError
+
+    a, b = keras.Input((1,), name="x"), keras.Input((1,), name="t")
+    listed = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    v = np.ones((3, 1), dtype="float32")
+    with pytest.raises(InputTypeError, match=r"x=\(x\['x'\], x\['t'\]\)"):
+        nbderiv.derivatives(listed, {"t": v, "x": v})
+    a, b = keras.Input((1,), name="x"), keras.Input((1,), name="t")
+    keyed = keras.Model({"x": a, "t": b},
+                        keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    with pytest.raises(InputTypeError, match=r"x=\(x\['t'\], x\['x'\]\)"):
+        nbderiv.derivatives(keyed, {"x": v, "t": v})  # Keras passes a dict's values sorted
