@@ -73,9 +73,44 @@ def split_line(line: str) -> list:
     return tokens
 
 
+def refuse_bare_lambda(tokens: list, magic: str = "%nnderiv") -> None:
+    """A lambda on a magic's line is split at its blanks (``lambda``, ``z:``, ``net(z)``):
+    say to put it in parentheses, or to name it first.
+
+    >>> refuse_bare_lambda(["lambda", "z:", "net(z)", "x"])
+    Traceback (most recent call last):
+    ...
+    nbderiv.magic_parsing.LineError: MODEL 'lambda z: net(z) x' is a lambda without parentheses: the line is split at its blanks, so it reads as several arguments. Fix: %nnderiv (lambda z: net(z)) x, or name it first: f = lambda z: net(z), then %nnderiv f x.
+    """
+    if not tokens or not re.match(r"lambda\b", tokens[0]):
+        return
+    rest = tokens
+    # the lambda: a run of tokens that reads as one Python expression, before any option
+    # (the line splits at blanks outside brackets: ``t ** 3`` is three tokens)
+    options = next((i for i, t in enumerate(rest) if re.match(r"-(-|[a-z])", t)), len(rest))
+    ends = []
+    for i in range(1, options + 1):
+        try:
+            ast.parse(" ".join(rest[:i]), mode="eval")
+        except SyntaxError:
+            continue
+        ends.append(i)
+    # X follows the lambda: the longest expression that leaves a token for it, if any
+    end = next((i for i in reversed(ends) if i < len(rest)), ends[-1] if ends else None)
+    if end is None:
+        guess, after = " ".join(rest), "X"
+    else:
+        guess, after = " ".join(rest[:end]), " ".join(rest[end:]) or "X"
+    raise LineError(f"MODEL {' '.join(rest)!r} is a lambda without parentheses: the line is "
+                    "split at its blanks, so it reads as several arguments. Fix: "
+                    f"{magic} ({guess}) {after}, or name it first: f = {guess}, then "
+                    f"{magic} f {after}.")
+
+
 def _argv(tokens: list) -> list:
     """Options first, then ``--`` and the positionals: a leading minus sign (``-2:2:200``,
     ``-x``) never turns an expression into an option."""
+    refuse_bare_lambda(tokens)
     options, positionals = [], []
     it = iter(tokens)
     for t in it:
@@ -192,6 +227,7 @@ def _parse_cell_line(line):
              "%%nnderiv explain net x --order 2")
     if not tokens or tokens[0] != "explain":
         raise LineError(f"the cell magic %%nnderiv takes 'explain' first; {usage}.")
+    refuse_bare_lambda(tokens[1:], "%%nnderiv explain")
     order, wrt, positionals = None, None, []
     it = iter(tokens[1:])
     for t in it:

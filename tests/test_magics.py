@@ -301,6 +301,16 @@ def test_expressions_with_spaces_and_minus_signs(shell):
     np.testing.assert_allclose(d[3].reshape(-1), 6.0)
 
 
+def test_a_lambda_without_parentheses_is_told_to_wrap_it(shell):
+    said = usage_error(shell, "lambda t: t ** 3 x -o 3")
+    fix = said.split("Fix: ")[1].split(", or name it first")[0]
+    assert fix == "%nnderiv (lambda t: t ** 3) x -o 3", said
+    d, _ = magic(shell, fix.removeprefix("%nnderiv ") + " -q")  # what it says works
+    np.testing.assert_allclose(d[3].reshape(-1), 6.0)
+    said = usage_error(shell, "lambda t:torch.sin(t) x")
+    assert "Fix: %nnderiv (lambda t:torch.sin(t)) x, or name it first" in said
+
+
 def test_split_line():
     assert split_line("net torch.linspace(-2, 2, 200)") == ["net", "torch.linspace(-2, 2, 200)"]
     assert split_line(' f(x["a b"], [1, (2, 3)])  -o 2 ') == ['f(x["a b"], [1, (2, 3)])', "-o", "2"]
