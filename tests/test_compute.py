@@ -140,7 +140,7 @@ def test_outputs_one_rounding_step_apart_are_not_random():
     and result checks); outputs that differ by more than rounding, or in where they are NaN,
     are random."""
     verdict_of = compute.verdict_of
-    call = compute.open_call(np.sin, np.linspace(0, 1, 5)[:, None].astype("float32"), "torch")
+    call = compute.open_call(torch.sin, np.linspace(0, 1, 5)[:, None].astype("float32"), "torch")
     y = np.sin(np.linspace(0, 1, 5)).astype("float32")[:, None]
     bumped = np.nextafter(y, np.float32(2))  # one float32 step up, every row
     assert not verdict_of(call, [y, bumped, y]).stochastic
