@@ -368,6 +368,28 @@ def graph_consistency_float64(call, wrt, zero_inputs, pts, rows=None):
     return out
 
 
+def float64_first_derivative(call, wrt, points):
+    """The first derivative (len(points), d_out, len(wrt)) of a float64 copy of a float32 (or
+    lower) model at ``points``, each point alone; None for a float64 model, one that couples
+    its points, or where there is no float64 copy (or it computes in float32 inside)."""
+    coupled = call.verdict is not None and call.verdict.coupled
+    if call.dtype == np.float64 or not points or coupled or call.hidden_coupling is not None:
+        return None
+    c64 = _float64_call(call)
+    if c64 is call:
+        return None
+    sub = c64.with_args([a[list(points)] for a in c64.args], verdict=call.verdict)
+    try:
+        (y,) = call.backend.forwards(sub, [sub.args])
+        if _effective_eps(sub, np.asarray(y, dtype=np.float64)) > 1e-10:
+            return None
+        d1 = call.backend.derivatives(sub, sub.args, 1, wrt).orders[0]
+    except Exception:  # the copy is not a float64 model after all
+        return None
+    d1 = np.asarray(d1, dtype=np.float64)
+    return d1.reshape(d1.shape[0], d1.shape[1], -1)
+
+
 REACH = (1.0, 3.0, 10.0, 30.0, 100.0)  # how far :func:`output_reach` moves x, in units of 1 + |x|
 
 

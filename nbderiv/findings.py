@@ -399,17 +399,31 @@ def graph_broken_finding(pairs, moved_points, disagree_points, slope,
     )
 
 
-def saturated_finding(outputs, ratio: float, reach: float | None = None) -> Finding:
+def saturated_finding(outputs, ratio: float, reach: float | None = None,
+                      rounded: str | None = None, exact: bool = False) -> Finding:
     """``saturated``: max |dy/dx| * (size of x) is below SATURATED_BELOW of the size of y and of
-    how much y changes when x moves far away (``reach``, the smallest over the outputs)."""
+    how much y changes when x moves far away (``reach``, the smallest over the outputs).
+    ``rounded``: the dtype in which the derivatives round to exactly 0 (``exact``: in float64
+    too, or no float64 copy to ask)."""
     farther = "" if reach is None else (
         f" Farther out y does change (by {reach:.3g} or more when x moves about 10-100 times "
         "its size): the model is flat here, not everywhere.")
+    names = ", ".join(outputs[:_MAX_LISTED])
+    if exact:
+        where = f" (in {rounded} too)" if rounded else ""
+        start = (f"the input gradients vanish: over these points dy/dx is exactly 0{where} for "
+                 f"{names}, yet the output depends on x.")
+    else:
+        start = (f"the input gradients vanish: over these points, |dy/dx| times the size of x is "
+                 f"at most {ratio:.2g} of the size of y ({names}), and finite differences of the "
+                 "output agree.")
+        if rounded:
+            start += (f" In {rounded} these derivatives round to exactly 0 (a float64 copy of "
+                      "the model gives the tiny slopes): the output does depend on x, too "
+                      f"weakly for {rounded}.")
     return Finding(
         "saturated", "warning",
-        f"the input gradients vanish: over these points, |dy/dx| times the size of x is at most "
-        f"{ratio:.2g} of the size of y ({', '.join(outputs[:_MAX_LISTED])}), and finite "
-        f"differences of the output agree.{farther} Typically tanh/sigmoid units are saturated "
+        f"{start}{farther} Typically tanh/sigmoid units are saturated "
         "(their inputs far beyond about +-5, e.g. raw inputs in the hundreds), so every "
         "derivative is almost 0 and training barely moves the model.",
         "scale the inputs (standardise x to mean 0 and std 1, or a Rescaling/normalisation "

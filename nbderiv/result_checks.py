@@ -160,6 +160,11 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
                 [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(stairs),
                                                                      strict=True)]))
         unmoved &= ~stairs
+    if unmoved.any():  # exact zeros in float32 may be tiny slopes rounded away (saturation)
+        unmoved, f = _underflowed(call, layers, y, wrt, unmoved, swept or confirm.graph_points(
+            call, d1, skip), out_names)
+        if f is not None:
+            out.append(f)
     remaining = np.where(unmoved, 0.0, 1.0)[None]
     f = no_dependence_finding(remaining, out_names, in_names) if unmoved.any() else None
     if f is not None:
@@ -169,6 +174,62 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         if f is not None:
             out.append(f)
     return out
+
+
+# smooth activations with flat tails (module class names and Keras activation names)
+_FLAT_TAILED = frozenset({
+    "Tanh", "Sigmoid", "Softsign", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Softplus",
+    "LogSigmoid", "tanh", "sigmoid", "softsign", "elu", "selu", "gelu", "silu", "swish",
+    "mish", "softplus", "log_sigmoid"})
+
+
+def _underflowed(call, layers, y, wrt, unmoved, points, out_names) -> tuple:
+    """(unmoved, finding) for the zero pairs nothing has explained yet, in a model with
+    flat-tailed activations (tanh, sigmoid, ...): where a float64 copy finds tiny slopes that
+    float32 rounds to exactly 0 (tanh units driven by raw inputs in the hundreds to exactly
+    +-1), or where the slopes are 0 even in float64 but the output does change when that
+    input moves farther out, the output depends on x: no missing dependence, saturation.
+    Those pairs leave ``unmoved``; ``saturated`` where they are below its threshold and the
+    output changes farther out (:func:`~nbderiv.confirm.output_reach`, input by input)."""
+    d64 = confirm.float64_first_derivative(call, wrt, points)
+    if d64 is not None:
+        tiny = unmoved & np.any(d64 != 0, axis=0) & np.all(np.isfinite(d64), axis=0)
+    else:
+        tiny = np.zeros_like(unmoved)
+    flat_tailed = bool(_FLAT_TAILED & set(layers.get("activations", [])))
+    if not tiny.any() and not flat_tailed:
+        return unmoved, None
+    y_size = _size(y)                                                         # (d_out,)
+    inputs = [int(i) for i in np.flatnonzero(unmoved.any(axis=0))][:SWEPT_INPUTS]
+    reach = np.full(unmoved.shape, np.nan)                                    # (d_out, m)
+    for i in inputs:
+        reached = confirm.output_reach(call, list(points), [wrt[i]])
+        if reached is not None:
+            reach[:, i] = np.where(reached[1], np.nan, reached[0])  # still growing: no tail
+    with np.errstate(invalid="ignore"):
+        # the output changes farther out along the input, by more than rounding
+        wakes = unmoved & (reach > 1e-3 * y_size[:, None])
+    flat = wakes & (tiny | flat_tailed)  # tiny slopes, or flat-tailed units asleep here
+    unmoved = unmoved & ~(tiny | flat)
+    if not flat.any():
+        return unmoved, None
+    x = call.features()[:y.shape[0]][:, list(wrt)].astype(np.float64)
+    x_top, x_low = x.max(axis=0), x.min(axis=0)
+    x_size = np.maximum(x_top - x_low, np.maximum(x_top, -x_low))     # range or max |x|
+    x_size = np.where(x_size > 0, x_size, 1.0)
+    slopes = np.zeros(unmoved.shape) if d64 is None else np.abs(d64).max(axis=0)
+    change = np.where(flat, slopes * x_size, 0.0).max(axis=1)                 # (d_out,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(y_size > 0, change / y_size, 0.0)
+    low = flat.any(axis=1) & (ratio < SATURATED_BELOW)
+    if not low.any():
+        return unmoved, None
+    exact = d64 is None or not np.any(np.where(flat[None], d64, 0.0))
+    return unmoved, saturated_finding(
+        [out_names[j] for j in np.flatnonzero(low)], float(ratio[low].max()),
+        float(np.nanmin(np.where(flat, reach, np.nan)[low])),
+        rounded="float64" if exact and d64 is not None else str(call.dtype) if not exact
+        else None, exact=exact)
 
 
 def _in_float64(call, check, wrt, zero_inputs, n_rows) -> dict:

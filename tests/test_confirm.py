@@ -129,6 +129,53 @@ def test_saturated_units_are_still_found_and_wake_up_farther_out():
     assert "Farther out y does change" in d.finding("saturated").message
 
 
+def _raw_coordinates_net(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 1))
+
+
+def test_slopes_that_round_to_zero_in_float32_are_saturation_not_missing_dependence():
+    """Raw coordinates in the hundreds drive every first-layer tanh to exactly +-1 in float32:
+    autodiff gives exactly 0, though the output depends on x (float64's slopes are tiny, not
+    0). That is saturation, never 'the output does not depend on the input'."""
+    net = _raw_coordinates_net(0)
+    x = torch.rand(20, 2) * 1000 + 500  # (the global generator, right after the weights)
+    d = nbderiv.derivatives(net, x)
+    assert np.all(d[1] == 0)  # float32 rounds every slope away
+    truth = vmap(jacrev(copy.deepcopy(net).double()))(x.double()).detach().numpy()
+    assert np.any(truth != 0) and np.abs(truth).max() < 1e-6
+    assert "no-input-dependence" not in d.codes, [str(f) for f in d.findings]
+    assert d.codes == ["saturated"], [str(f) for f in d.findings]
+    assert "round to exactly 0" in d.finding("saturated").message
+    # the output does change with x, far enough away: y(x0) and y(-x0) differ
+    with torch.no_grad():
+        assert abs(float(net(x[:1]) - net(-x[:1]))) > 0.01
+
+
+def test_slopes_zero_in_float64_too_are_saturation_where_the_output_wakes_farther_out():
+    net = _raw_coordinates_net(0)
+    x = torch.rand(20, 2, generator=torch.Generator().manual_seed(0)) * 1000 + 2000
+    d = nbderiv.derivatives(net, x)
+    truth = vmap(jacrev(copy.deepcopy(net).double()))(x.double()).detach().numpy()
+    assert np.all(truth == 0) and np.all(d[1] == 0)
+    assert d.codes == ["saturated"], [str(f) for f in d.findings]
+    assert "exactly 0 (in float64 too)" in d.finding("saturated").message
+    # the independent evidence: far along x the output changes
+    with torch.no_grad():
+        assert abs(float(net(x[:1]) - net(-x[:1]))) > 0.01
+
+
+def test_an_input_the_model_ignores_is_still_no_dependence_in_float32():
+    net = _raw_coordinates_net(0)
+    with torch.no_grad():
+        net[0].weight[:, 1] = 0.0  # input 1 is never used
+    x = torch.rand(20, 2, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(net, x)
+    assert d.codes == ["no-input-dependence"], [str(f) for f in d.findings]
+    assert np.all(d[1][:, 0, 1] == 0) and np.all(d[1][:, 0, 0] != 0)
+
+
 def test_a_lookup_failing_farther_out_is_piecewise_constant():
     """The sweep for jumps moves x far enough to index beyond the table: it looks nearer."""
     table = torch.tensor([[0.1], [0.7], [0.3], [0.9], [0.2]])
