@@ -53,7 +53,7 @@ def _coupling_causes(call, layers) -> dict:
     that read axis 0 as the sequence."""
     torch_model = call.backend.name == "torch"
     return {"train_mode": bool(layers.get("train_mode")) or not torch_model,
-            "seq_first": tuple(layers.get("seq_first", ()))}
+            "seq_first": tuple(layers.get("seq_first", ())), "keras": not torch_model}
 
 
 def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET,

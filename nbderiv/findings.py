@@ -199,7 +199,8 @@ def kink_finding(points, conventions=()) -> Finding | None:
 
 def coupling_finding(ones_error: float, diag: float, n_points: int | None = None,
                      unseen: bool = False, outside: tuple = (), batch_stats: tuple = (),
-                     train_mode: bool = True, seq_first: tuple = ()) -> Finding:
+                     train_mode: bool = True, seq_first: tuple = (),
+                     keras: bool = False) -> Finding:
     """``ones_error``: largest |sum of the cross-terms dy_n/dx_m, m != n| over the points
     (what the ones trick adds); ``diag``: largest |dy_n/dx_n|. ``unseen``: autodiff sees none
     of the coupling and the forward pass could not be compared with it here. ``outside``: the
@@ -207,7 +208,9 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
     ``batch_stats``: batch norm layers without running statistics, which use the batch's
     statistics in eval mode too (``model.eval()`` cannot help there). ``train_mode``: some
     layer runs in training mode (else ``model.eval()`` is no fix: the forward pass mixes the
-    points itself). ``seq_first``: attention layers built without ``batch_first=True``."""
+    points itself). ``seq_first``: attention layers built without ``batch_first=True``.
+    ``keras``: a Keras model (called as ``model(x)``: a layer it forces into training mode
+    runs so)."""
     unseen_note = (
         " Autodiff sees none of that coupling (its cross-terms add up to 0): either it is not "
         "active at these points, or it runs through a step autodiff cannot follow (.item(), "
@@ -234,6 +237,12 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
                   "where model.eval() does not reach (better: keep them in "
                   "torch.nn.ModuleList), so each point is processed on its own, or remove the "
                   "batch-coupling layers; ")
+    elif keras:
+        remedy = ("call the model with training=False, model(x, training=False), so each "
+                  "point is processed on its own; a layer forced into training mode inside the "
+                  "model (BatchNormalization()(h, training=True), or call(self, x, "
+                  "training=True)) uses the batch's statistics whenever it is called as "
+                  "model(x): drop that training=True, or remove the batch-coupling layers; ")
     else:
         remedy = ("call model.eval() (or training=False) so each point is processed on its "
                   "own, or remove the batch-coupling layers; ")

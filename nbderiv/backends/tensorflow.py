@@ -6,8 +6,9 @@ nested ``tf.autodiff.ForwardAccumulator`` (forward mode, many outputs); see
 cached with it (``tensorflow_graphs``); hot shapes run XLA-compiled (``NBDERIV_XLA=0`` turns
 that off).
 
-Keras models are called with ``training=False``; their variables are put back after every
-call (``tensorflow_state``), nothing is created on them, ``trainable`` is never touched.
+Keras models are called as ``model(x)`` calls them (no ``training=`` passed: inference mode,
+except for a layer the model itself forces into training mode); their variables are put back
+after every call (``tensorflow_state``), nothing is created on them, ``trainable`` is never touched.
 TensorFlow's C++ log lines are filtered out of nbderiv's calls without changing any logging
 setting (``tensorflow_quiet``).
 
@@ -247,7 +248,7 @@ class TensorFlowBackend(Backend):
 
     def known_verdict(self, call):
         """For a plain Keras Sequential of Dense and elementwise layers (those that Taylor
-        mode can run), called with training=False: deterministic, one point at a time, and
+        mode can run), called as model(x): deterministic, one point at a time, and
         d_out as an earlier call validated it for this input width. Else None (the first call
         for an input width always probes)."""
         d_out = self._d_out(call, _shapes(call))

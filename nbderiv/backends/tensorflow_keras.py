@@ -215,30 +215,34 @@ def argument_names(model) -> list | None:
 def invoke(model, parts, kwargs=None):
     """``model`` applied to a list of argument tensors, in the calling convention it expects.
 
-    Keras models run with ``training=False``; a functional model gets its inputs in the
-    structure it was built with (else Keras warns); a subclassed model gets every input in
-    its compute dtype (Keras itself casts only the first argument). ``kwargs``: extra keyword
-    arguments (never differentiated).
+    Keras models run as ``model(x)`` runs them: no ``training=`` is passed, so every layer is
+    in inference mode except one the model itself forces into training mode
+    (``BatchNormalization()(h, training=True)``, ``call(self, x, training=True)``), which then
+    runs as it does for its user (and is found by the probe: coupled points, randomness). A
+    functional model gets its inputs in the structure it was built with (else Keras warns); a
+    subclassed model gets every input in its compute dtype (Keras itself casts only the first
+    argument). ``kwargs``: extra keyword arguments (never differentiated; ``training=`` among
+    them is passed on).
     """
     kw = dict(kwargs or {})
     kind = graph_kind(model)
     if kind == "functional":
         struct = model.input
         if isinstance(struct, dict):
-            return model(dict(zip(sorted(struct), parts)), training=False, **kw)
+            return model(dict(zip(sorted(struct), parts)), **kw)
         if isinstance(struct, (list, tuple)):
-            return model(list(parts), training=False, **kw)
+            return model(list(parts), **kw)
     if kind is not None:
-        return model(parts[0] if len(parts) == 1 else list(parts), training=False, **kw)
+        return model(parts[0] if len(parts) == 1 else list(parts), **kw)
     if not is_keras_layer(model):
         return model(*parts, **kw)
     want = tf.as_dtype(model.compute_dtype)
     parts = [tf.cast(p, want) if p.dtype != want and p.dtype.is_floating else p for p in parts]
     if len(parts) == 1:
-        return model(parts[0], training=False, **kw)
+        return model(parts[0], **kw)
     if len(_positional_names(model.call) or []) >= len(parts):
-        return model(*parts, training=False, **kw)
-    return model(list(parts), training=False, **kw)
+        return model(*parts, **kw)
+    return model(list(parts), **kw)
 
 
 # -- structure, for diagnostics --------------------------------------------------------------
@@ -264,7 +268,8 @@ def _is_keras_builtin(layer) -> bool:
 def layer_summary(model) -> dict:
     """{'activations': [Keras activation names], 'train_mode': [], 'opaque': bool}.
 
-    ``train_mode`` is empty: nbderiv calls Keras models with ``training=False``.
+    ``train_mode`` is empty: Keras layers run in inference mode when the model is called as
+    ``model(x)``, except those the model forces into training mode (found by the probe).
     ``opaque`` is False only for Sequential / functional models of built-in layers.
     """
     if not is_keras_layer(model):  # a wrapper: the activations of the layers it holds
