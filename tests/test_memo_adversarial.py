@@ -827,6 +827,51 @@ def test_keras_public_float_setting_changed(keras):
     _keras_check(model, XK, expect="coupled-samples")
 
 
+SCALE = 1.0  # a module-level setting a Keras model of the tests reads in call
+
+
+def _keras_settings_model(keras, kind):
+    class Scaled(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a = keras.layers.Dense(6, activation="tanh", dtype="float64")
+            self.b = keras.layers.Dense(1, dtype="float64")
+            self.cfg, self.lst = {"scale": 1.0}, [1.0]
+
+        def call(self, x):
+            y = self.b(self.a(x))
+            factor = {"dict": lambda: self.cfg["scale"], "list": lambda: self.lst[0],
+                      "global": lambda: SCALE}[kind]()
+            return y * factor
+
+    keras.utils.set_random_seed(0)
+    return Scaled()
+
+
+@pytest.mark.parametrize("kind", ["dict", "list", "global"])
+def test_keras_setting_in_a_dict_list_or_global_changed_after_the_model_was_called(keras, kind):
+    """The model is called before nbderiv (Keras then tracks its dicts and lists); a setting
+    kept in a dict, a list or a module-level global changes between two calls: the second
+    call is of the model as it is now (it returned the old model's numbers, a third of them)."""
+    global SCALE
+    SCALE = 1.0
+    model = _keras_settings_model(keras, kind)
+    model(XK)
+    warm(model, XK)
+    try:
+        if kind == "dict":
+            model.cfg["scale"] = 3.0
+        elif kind == "list":
+            model.lst[0] = 3.0
+        else:
+            SCALE = 3.0
+        d = nbderiv.derivatives(model, XK)
+        np.testing.assert_allclose(d.y, model(XK).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(d[1], _keras_truth(model, XK), rtol=1e-7, atol=1e-10)
+    finally:
+        SCALE = 1.0
+
+
 def test_keras_trainable_flag_changed(keras):
     layer = _keras_gate_layer(keras)
     model = _keras_model(keras, layer)

@@ -16,6 +16,7 @@ itself is never imported here: a model that is a Keras object means Keras is loa
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import sys
@@ -25,7 +26,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from ..wrapped import objects_inside
+from ..wrapped import FRAMEWORK_PACKAGES, code_names, objects_inside
 
 _NAMED = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "PReLU": "PReLU", "ELU": "elu",
           "Softmax": "softmax"}
@@ -163,14 +164,17 @@ _SCALARS = (int, float, bool, str)
 
 
 def _settings(layer, objects) -> tuple:
-    """The layer's public scalar attributes (names listed once per layer), as values, or by
-    identity (the object added to ``objects``) for a value that has become something else
-    (an array, say)."""
+    """The layer's public settings (names listed once per layer): scalars, and lists, tuples
+    and dicts of them (a config dict read in ``call``; Keras' tracked lists and dicts too) as
+    values; a value that has become something else (an array, say) by identity (the object
+    added to ``objects``). A layer class of your own adds the module-level values its methods
+    read (``SCALE = 3.0`` baked into a traced graph)."""
     try:
         names = _SETTING_NAMES[layer]
     except (KeyError, TypeError):
-        names = tuple(k for k, v in vars(layer).items() if type(v) in _SCALARS
-                      and not k.startswith("_") and k not in _RUNTIME_FLAGS)
+        names = tuple(k for k, v in vars(layer).items()
+                      if not k.startswith("_") and k not in _RUNTIME_FLAGS
+                      and _plain_value(v) is not None)
         try:
             _SETTING_NAMES[layer] = names
         except TypeError:
@@ -179,12 +183,54 @@ def _settings(layer, objects) -> tuple:
     out = []
     for k in names:
         v = values.get(k)
-        if type(v) in _SCALARS:
-            out.append(v)
+        plain = _plain_value(v)
+        if plain is not None:
+            out.append(plain)
         else:
             out.append(("object", id(v)))
             objects.append(v)
-    return tuple(out)
+    return tuple(out) + _code_globals(type(layer))
+
+
+def _plain_value(v, depth=3):
+    """``v`` as a hashable value if it is a scalar, or a small list / tuple / dict of them
+    (``depth`` levels down), else None."""
+    if type(v) in _SCALARS or v is None:
+        return (type(v).__name__, v)
+    if depth <= 0 or not isinstance(v, (list, tuple, dict)) or len(v) > 64:
+        return None
+    items = list(v.items()) if isinstance(v, dict) else list(enumerate(v))
+    out = []
+    for k, item in items:
+        inner = _plain_value(item, depth - 1)
+        if inner is None or not (type(k) in _SCALARS or k is None):
+            return None
+        out.append((k, inner))
+    return (type(v).__name__, tuple(out))
+
+
+@functools.lru_cache(maxsize=2048)
+def _global_names(code) -> tuple:
+    return tuple(sorted(code_names(code)))
+
+
+def _code_globals(cls) -> tuple:
+    """The plain module-level values (numbers, flags, small lists and dicts of them) that the
+    methods of a layer class of your own read, by name; () for Keras' own classes."""
+    names = []
+    for c in cls.__mro__:
+        if (getattr(c, "__module__", "") or "").split(".")[0] in FRAMEWORK_PACKAGES | {"builtins"}:
+            continue
+        for fn in vars(c).values():
+            code = getattr(fn, "__code__", None)
+            if code is None:
+                continue
+            for name in _global_names(code):
+                if name in fn.__globals__:
+                    plain = _plain_value(fn.__globals__[name])
+                    if plain is not None:
+                        names.append((c.__qualname__, name, plain))
+    return tuple(names)
 
 
 def _positional_names(fn) -> list | None:
