@@ -65,15 +65,31 @@ class _Context:
                          findings=list(d.findings), order=k, name=self.name,
                          framework=self.framework)
 
+    def tuple_code(self, k, wrt) -> str:
+        """For x given as a tuple of arguments: nbderiv's own code (``d.code``) of order k,
+        which splits the features back into the model's arguments."""
+        from .api import derivatives
+
+        self.truth.get(k)
+        d = self.truth.d if wrt == self.wrt else derivatives(self.model, self.x, order=k,
+                                                             wrt=wrt)
+        names = (self.mname, self.xname)
+        head = "" if names == ("model", "x") else f"model, x = {self.mname}, {self.xname}\n"
+        return (f"# {self.xname} is a tuple of arguments: the code nbderiv runs for it "
+                f"(d{k} in nbderiv's layout)\n" + head + d.code)
+
     def fix(self, k, eval_first=False):
+        if isinstance(self.x, tuple):
+            return self.tuple_code(k, self.wrt)
         return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=self.wrt,
                         eval_first=eval_first, dtype=str(self.truth.get(1).dtype),
                         **self.shapes(), loop=self.loop())
 
     def shapes(self):
         """``pshape`` (S, one point's own shape) and ``oshape`` (O, one point's output's)."""
-        try:
-            pshape = tuple(int(v) for v in np.shape(self.x)[1:])
+        try:  # a tuple of arguments: their features side by side, one axis per point
+            pshape = () if isinstance(self.x, tuple) else tuple(
+                int(v) for v in np.shape(self.x)[1:])
         except (TypeError, ValueError):
             pshape = ()
         return {"pshape": pshape, "oshape": tuple(int(v) for v in self.truth.get(0).shape[1:])}
@@ -437,6 +453,8 @@ class _Context:
             fix=fixes + "\n" + sel + "      # the part you computed", truth=P)
 
     def fix_full(self, k):
+        if isinstance(self.x, tuple):
+            return self.tuple_code(k, None)
         return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=None,
                         dtype=str(self.truth.get(1).dtype))
 

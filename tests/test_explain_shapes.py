@@ -218,3 +218,62 @@ def test_coupled_cnn_fix_takes_the_diagonal_blocks_in_each_images_shape():
     assert truth.shape == (5, 2, 1, 4, 4)
     np.testing.assert_allclose(got, truth, rtol=1e-4, atol=1e-6)
     assert net.training
+
+
+class _PINN(nn.Module):
+    """u(x, t), v(x, t): two arguments, two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t], dim=1))
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_a_tuple_of_arguments_gets_a_fix_that_calls_the_model_with_them(framework):
+    """x = (xs, ts): the message names no point shape S (a tuple is features side by side) and
+    the fix code runs, with the model called on its two arguments (it cast the tuple to one
+    tensor and called model(x_), which raised)."""
+    xs = np.random.default_rng(12).random((6, 1)).astype(np.float32)
+    ts = np.random.default_rng(13).random((6, 1)).astype(np.float32)
+    if framework == "torch":
+        model = _PINN()
+        X, T = torch.tensor(xs, requires_grad=True), torch.tensor(ts)
+        u = model(X, T)[:, :1]
+        u_x, = torch.autograd.grad(u, X, torch.ones_like(u))
+        m64 = copy.deepcopy(model).double()
+        truth = torch.func.vmap(torch.func.jacrev(
+            lambda p: m64(p[:1][None], p[1:][None])[0]))(
+            torch.tensor(np.concatenate([xs, ts], 1), dtype=torch.float64)).detach().numpy()
+        names = {"model": model}
+    else:
+        tf = pytest.importorskip("tensorflow")
+        keras = pytest.importorskip("keras")
+        keras.utils.set_random_seed(11)
+        a, b = keras.Input((1,), name="x"), keras.Input((1,), name="t")
+        h = keras.layers.Dense(16, activation="tanh")(keras.layers.Concatenate()([a, b]))
+        model = keras.Model([a, b], keras.layers.Dense(2)(h))
+        X, T = tf.constant(xs), tf.constant(ts)
+        with tf.GradientTape() as tape:
+            tape.watch(X)
+            u = model([X, T])[:, :1]
+        u_x = tape.gradient(u, X)
+        W = [w.astype(np.float64) for w in model.get_weights()]
+        x64 = tf.constant(np.concatenate([xs, ts], 1).astype(np.float64))
+        with tf.GradientTape() as t64:
+            t64.watch(x64)
+            y64 = tf.matmul(tf.tanh(tf.matmul(x64, W[0]) + W[1]), W[2]) + W[3]
+        truth = t64.batch_jacobian(y64, x64).numpy()
+        names = {"model": model, "tf": tf}
+    e = nbderiv.explain(u_x, model, (xs, ts))
+    assert e.code == "correct-part"
+    assert "S =" not in e.message
+    np.testing.assert_allclose(np.asarray(u_x).ravel(), truth[:, 0, 0], rtol=1e-4, atol=1e-6)
+    ns = {"np": np, "torch": torch, "x": (xs, ts), **names}
+    exec(e.fix, ns)  # noqa: S102
+    d1 = ns["d1"]
+    np.testing.assert_allclose(np.asarray(d1.detach() if hasattr(d1, "detach") else d1),
+                               truth[:, 0, 0], rtol=1e-4, atol=1e-6)
