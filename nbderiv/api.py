@@ -163,6 +163,9 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
                     result.check.low_precision_orders))
         J = None if jacobian_budget is None else _full_of(call, byte_count(
             jacobian_budget, "jacobian_budget"))
+        # what plain nested autodiff needs besides for this model (a kernel, a formula); it may
+        # run the model: inside preserved()
+        result._code_notes = call.backend.code_notes(call, order)
     if reference is not None:  # the error against a known truth, per order
         from .backends import model_framework
         from .reference import reference_errors
@@ -176,8 +179,6 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
                 "order=K), then np.abs(d[k] - d_ref[k]).max().")
 
         result.reference_errors = reference_errors(reference, call, result)
-    # what plain nested autodiff needs besides for this model (a kernel, a formula)
-    result._code_notes = call.backend.code_notes(call, order)
     has_target = any(not extra.name for extra in call.extras)
     result._code = functools.partial(_code_for, call.backend, call.widths[:call.n_inputs],
                                      order, wrt, call.verdict.coupled,

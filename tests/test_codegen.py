@@ -556,3 +556,71 @@ def test_tensorflow_code_with_wrt_on_sequences():
     ns = run_code(d, model, x)
     for k in (1, 2):
         np.testing.assert_allclose(ns[f"d{k}"], d[k], rtol=1e-4, atol=1e-6)
+
+
+# -- norms and attention called as functions (no module to tell) --------------------------------
+_LN_BOUND = torch.nn.functional.layer_norm  # `from torch.nn.functional import layer_norm`
+
+
+class _FunctionalNorm(nn.Module):
+    def __init__(self, spelling):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.spelling = nn.Linear(2, 8), nn.Linear(8, 1), spelling
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.spelling == "F.layer_norm":
+            h = torch.nn.functional.layer_norm(h, (8,))
+        elif self.spelling == "torch.layer_norm":
+            h = torch.layer_norm(h, (8,))
+        elif self.spelling == "imported":
+            h = _LN_BOUND(h, (8,))
+        else:
+            h = torch.native_layer_norm(h, (8,), None, None, 1e-5)[0]
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("spelling", ["F.layer_norm", "torch.layer_norm", "imported",
+                                      "native_layer_norm"])
+def test_torch_code_with_a_functional_layer_norm_at_order_3(spelling):
+    """The fused kernel's third derivative is wrong however it is called: d.code runs the plain
+    formula for every spelling (it swapped only for an nn.LayerNorm module, and then only
+    F.layer_norm: a torch.layer_norm call kept the fused kernel)."""
+    model = _FunctionalNorm(spelling).double()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    d = nbderiv.derivatives(model, x, order=3)
+    assert "PlainNorms" in d.code
+
+    def written_out(p):
+        return model.b(torch.tanh(_normalized(model.a(p), -1)))
+
+    _assert_code_matches_truth(d, model, x, lambda k: _jacrev_truth(written_out, x, k))
+
+
+def test_torch_code_with_functional_attention_at_order_2_runs_the_math_kernel():
+    from torch.func import hessian, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 1)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).split(4, -1)
+            h = torch.nn.functional.scaled_dot_product_attention(
+                q[:, None], k[:, None], v[:, None], is_causal=True)[:, 0]
+            return self.out(h.mean(1))
+
+    model = Attn().eval()
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4))
+    d = nbderiv.derivatives(model, x, order=2)
+    assert "sdpa_kernel([SDPBackend.MATH])" in d.code
+    ns = run_code(d, model, x)  # raised: no double backward for the fused CPU kernel
+    m64 = copy.deepcopy(model).double()
+    with sdpa_kernel([SDPBackend.MATH]):
+        truth = vmap(hessian(lambda p: m64(p[None])[0]))(x.double()).detach().numpy()
+    np.testing.assert_allclose(ns["d2"], truth, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(d[2], truth, rtol=1e-4, atol=1e-6)

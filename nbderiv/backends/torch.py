@@ -341,21 +341,38 @@ class TorchBackend(Backend):
         :func:`~nbderiv.backends.torch_autodiff.exact_norms`): "attention" from order 2 (the
         fused attention kernel has no second derivative: the math kernel), "layer_norm" /
         "instance_norm" from order 3 (those fused kernels give wrong third derivatives; batch
-        norm needs nothing: an affine map with running statistics, coupled points without)."""
+        norm needs nothing: an affine map with running statistics, coupled points without).
+        Read from the model's modules and from the functions its forward pass calls (a
+        functional ``F.layer_norm`` or ``F.scaled_dot_product_attention`` has no module)."""
         if order < 2:
             return ()
 
         def kinds():
             return {_kind(m) for _, m in named_modules(modules_of(call.model))}
         found = kept(call, "module kinds", kinds)
+        called = kept(call, "functions called", lambda: self._functions_called(call))
         notes = ()
-        if found & _ATTENTION:
+        if found & _ATTENTION or "attention" in called:
             notes += ("attention",)
         if order >= 3:
             notes += tuple(note for kind, note in (("LayerNorm", "layer_norm"),
                                                    ("InstanceNorm", "instance_norm"))
-                           if any(kind in k for k in found))
+                           if any(kind in k for k in found) or note in called)
         return notes
+
+    def _functions_called(self, call) -> frozenset:
+        """Which of layer norm, instance norm and scaled-dot-product attention the model's
+        forward pass calls, however spelled (a module, ``F.layer_norm``, ``torch.layer_norm``),
+        seen on its first two points; empty where that pass fails."""
+        recorder = _FunctionRecorder()
+        fn = self._caller(call)
+        X = self._tensor(call, [a[:2] for a in call.args])
+        try:
+            with recorder:
+                _forward_only(call.model, lambda: fn(X))
+        except Exception:  # e.g. batch statistics of too few points: the modules still tell
+            return frozenset()
+        return frozenset(recorder.notes())
 
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, call, args, chunk=65536):
@@ -511,6 +528,28 @@ def _eager():
 # models whose forward pass needs gradients recorded (torch.autograd.grad inside it: a PINN
 # residual), found when a forward-only pass without them failed and one with them worked
 _NEEDS_GRAD = weakref.WeakSet()
+
+
+class _FunctionRecorder(torch.overrides.TorchFunctionMode):
+    """Records the torch functions called under it (and calls them as they are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        try:
+            self.seen.add(func)
+        except TypeError:  # not hashable
+            pass
+        return func(*args, **(kwargs or {}))
+
+    def notes(self):
+        F = torch.nn.functional
+        spelled = {"layer_norm": (F.layer_norm, torch.layer_norm, torch.native_layer_norm),
+                   "instance_norm": (F.instance_norm, torch.instance_norm),
+                   "attention": (F.scaled_dot_product_attention,)}
+        return [note for note, funcs in spelled.items() if any(f in self.seen for f in funcs)]
 
 
 def _forward_only(model, run):

@@ -66,6 +66,15 @@ class _PlainNorms(torch.overrides.TorchFunctionMode):
         F = torch.nn.functional
         if func in (F.layer_norm, torch.layer_norm):
             return _layer_norm(*args, **kwargs)
+        if func is torch.native_layer_norm:  # (out, mean, 1 / std): all three by the formula
+            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            bound = dict(zip(names, args, strict=False), **kwargs)
+            h, shape = bound["input"], tuple(bound["normalized_shape"])
+            dims = tuple(range(-len(shape), 0))
+            mean = h.mean(dim=dims, keepdim=True)
+            rstd = 1 / torch.sqrt(((h - mean) ** 2).mean(dim=dims, keepdim=True) + bound["eps"])
+            return (_layer_norm(h, shape, bound.get("weight"), bound.get("bias"), bound["eps"]),
+                    mean, rstd)
         if func in (F.instance_norm, torch.instance_norm):
             names = ("input", "running_mean", "running_var", "weight", "bias",
                      "use_input_stats", "momentum", "eps")

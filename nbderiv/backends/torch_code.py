@@ -59,13 +59,15 @@ def differentiate(t):
 '''
 
 # torch.nn.functional's layer norm and instance norm run fused kernels whose derivatives are
-# right up to order 2 and WRONG from order 3 on. The code replaces them by the plain formula
-# while it differentiates (and puts PyTorch's own back). Batch norm needs nothing: with running
-# statistics it is a fixed affine map, and with batch statistics it couples the points.
+# right up to order 2 and WRONG from order 3 on. The code runs the plain formula in their place
+# while it differentiates, for every call however it is spelled (a module, F.layer_norm,
+# torch.layer_norm, an imported name): a TorchFunctionMode sees them all. Batch norm needs
+# nothing: with running statistics it is a fixed affine map, and with batch statistics it
+# couples the points.
 _NORM_FORMULA = '''\
 # PyTorch computes {names} with fused kernels: their derivatives are
-# wrong from order 3 on (d1 and d2 are right). While differentiating, the plain formula
-# below is used instead, and PyTorch's own functions are put back after.
+# wrong from order 3 on (d1 and d2 are right). While differentiating, every call of them
+# (the nn modules, F.*, torch.*) runs the plain formula below instead (PlainNorms).
 import torch.nn.functional as F
 
 
@@ -86,8 +88,8 @@ _INSTANCE_NORM = '''
 def plain_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                         use_input_stats=True, momentum=0.1, eps=1e-5):
     if not use_input_stats:  # running statistics: a fixed affine map, PyTorch's own is right
-        return original_instance_norm(input, running_mean, running_var, weight, bias,
-                                      use_input_stats, momentum, eps)
+        return F.instance_norm(input, running_mean, running_var, weight, bias,
+                               use_input_stats, momentum, eps)
     out = plain_norm(input, tuple(range(2, input.ndim)), eps)  # each point, each channel
     channel = (1, -1) + (1,) * (input.ndim - 2)                # weight and bias per channel
     out = out if weight is None else out * weight.reshape(channel)
@@ -97,21 +99,37 @@ def plain_instance_norm(input, running_mean=None, running_var=None, weight=None,
 _SWAPPED = {"layer_norm": _LAYER_NORM, "instance_norm": _INSTANCE_NORM}
 
 
+_SPELLINGS = {"layer_norm": "(F.layer_norm, torch.layer_norm)",
+              "instance_norm": "(F.instance_norm,)"}
+
+
 def _norm_swap(notes):
-    """The lines that put the plain formula in place of the fused norms named in ``notes``
-    and open ``try:``, and the ``finally:`` that puts PyTorch's own back; (None, None) when
-    no norm needs it."""
+    """The definitions that put the plain formula in place of the fused norms named in
+    ``notes`` (a ``PlainNorms`` mode, entered with ``with PlainNorms():``), or None when no
+    norm needs it."""
     names = [n for n in _SWAPPED if n in notes]
     if not names:
-        return None, None
-    fused = ", ".join(f"F.{n}" for n in names)
+        return None
     text = _NORM_FORMULA.format(names=" and ".join(f"F.{n}" for n in names))
     text += "".join(_SWAPPED[n] for n in names)
-    text += f"\n{', '.join(f'original_{n}' for n in names)} = {fused}\n"
-    text += f"{fused} = {', '.join(f'plain_{n}' for n in names)}\ntry:"
-    restore = f"finally:  # put PyTorch's own back\n    {fused} = " + \
-        ", ".join(f"original_{n}" for n in names)
-    return text, restore
+    text += ("\nclass PlainNorms(torch.overrides.TorchFunctionMode):\n"
+             "    \"\"\"Every call of the fused norms below, however it is spelled, runs the "
+             "plain formula.\"\"\"\n\n"
+             "    def __torch_function__(self, func, types, args=(), kwargs=None):\n"
+             "        kwargs = kwargs or {}\n")
+    for n in names:
+        text += (f"        if func in {_SPELLINGS[n]}:\n"
+                 f"            return plain_{n}(*args, **kwargs)\n")
+    if "layer_norm" in names:
+        text += ("        if func is torch.native_layer_norm:  # (out, mean, 1 / std)\n"
+                 "            h, shape, weight, bias, eps = args\n"
+                 "            dims = tuple(range(-len(shape), 0))\n"
+                 "            mean = h.mean(dims, keepdim=True)\n"
+                 "            rstd = 1 / torch.sqrt(((h - mean) ** 2).mean(dims, keepdim=True) "
+                 "+ eps)\n"
+                 "            return plain_layer_norm(h, shape, weight, bias, eps), mean, rstd\n")
+    text += "        return func(*args, **kwargs)\n"
+    return text
 
 
 _ATTENTION = '''\
@@ -158,9 +176,10 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
     pad = ""
     if "attention" in notes:
         lines.append(_ATTENTION)
-    swap, restore = _norm_swap(notes)
+    swap = _norm_swap(notes)
     if swap:
         lines.append(swap)
+        lines.append("with PlainNorms():")
         pad = "    "
     if "attention" in notes:
         lines.append(f"{pad}with sdpa_kernel([SDPBackend.MATH]):")
@@ -176,8 +195,6 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
         axes += ", len(wrt)" if wrt is not None else ", *S" if many else ", d_in"
         src = "y" if k == 1 else f"d{k - 1}_all"
         lines.append(f"{pad}d{k}_all = differentiate({src})    # ({axes}): order {k}")
-    if restore:
-        lines.append(restore)
     if wrt is not None and many:
         lines.append("# (wrt counts each point's features in C order: S flattened first)")
     lines.append("\n# Plain numpy arrays, detached from the graph.")
