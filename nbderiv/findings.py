@@ -325,8 +325,10 @@ def non_finite_finding(where: str, points, derivatives_only: bool = False) -> Fi
     )
 
 
-def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding | None:
-    """``no-input-dependence`` when some output/input pair has zero derivative everywhere."""
+def no_dependence_finding(d1: np.ndarray, output_names, input_names,
+                          aside=()) -> Finding | None:
+    """``no-input-dependence`` when some output/input pair has zero derivative everywhere
+    (``aside``: points on a kink, where autodiff's 0 is a convention, not a slope)."""
     if d1.shape[0] == 0:
         return None
     if d1.all():  # no zero anywhere (the usual case, in one pass); NaN counts as non-zero
@@ -340,6 +342,9 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names) -> Finding 
         pairs = [f"{output_names[j]}/{input_names[i]}" for j, i in zip(*np.nonzero(zero), strict=True)]
         what = ("these output/input pairs have zero derivative at every point: "
                 + ", ".join(pairs[:_MAX_LISTED]) + (" ..." if len(pairs) > _MAX_LISTED else ""))
+    if aside:
+        what += (f" (at index {_listed(list(aside))}, on a kink, there is no derivative at "
+                 "all: the 0 there is autodiff's convention)")
     return Finding(
         "no-input-dependence", "info",
         f"{what}. nbderiv reports zeros there (plain autodiff may give None or raise).",

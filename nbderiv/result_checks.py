@@ -86,8 +86,11 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
                          bad_rows=None) -> list:
     """``graph-broken`` (confirmed with central differences of the forward pass), then
     ``no-input-dependence`` for the zero pairs the forward pass confirms, then
-    ``saturated``."""
-    zero = _zero_pairs(d1)
+    ``saturated``. A zero pair needs a point off the kinks (those in ``skip``, confirmed or
+    unchecked): autodiff's convention at a kink (relu'(0) = 0) is no slope of the output."""
+    off_kinks = np.ones(d1.shape[0], dtype=bool)
+    off_kinks[[p for p in skip if p < d1.shape[0]]] = False
+    zero = _zero_pairs(d1) if off_kinks.any() else np.zeros(d1.shape[1:], bool)
     verdict = call.verdict
     if verdict is not None and verdict.stochastic:  # random outputs: no differences to trust
         out = [coupling_finding(*call.hidden_coupling[1:], call.n, unseen=True)] \
@@ -166,7 +169,9 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         if f is not None:
             out.append(f)
     remaining = np.where(unmoved, 0.0, 1.0)[None]
-    f = no_dependence_finding(remaining, out_names, in_names) if unmoved.any() else None
+    aside = sorted(int(p) for p in np.flatnonzero(~off_kinks))
+    f = no_dependence_finding(remaining, out_names, in_names, aside=aside) \
+        if unmoved.any() else None
     if f is not None:
         out.append(f)
     if not out:

@@ -8,6 +8,8 @@ one. The truth here is one-sided differences in float64, computed by the test it
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,7 @@ def test_torch_ties_are_at_kink_exactly_where_the_slopes_jump(name):
     truth = one_sided_slopes_differ(lambda a: f(torch.tensor(a)), X)
     assert truth == [0, 3]
     d = nbderiv.derivatives(f, torch.tensor(X))
-    assert d.codes == ["at-kink"], d.summary()
+    assert d.codes == ["at-kink"], repr(d)
     assert d.finding("at-kink").points == tuple(truth)
     assert "max-pooling window" in d.finding("at-kink").message
     # away from the ties autodiff is the one slope there is: the larger input's
@@ -67,7 +69,7 @@ def test_a_cnn_with_max_pooling_over_constant_patches():
     assert nbderiv.derivatives(net, x).codes == []  # no exact ties in random images
     x[:3, :, :5, :5] = 0.0
     d = nbderiv.derivatives(net, x)
-    assert d.codes == ["at-kink"], d.summary()
+    assert d.codes == ["at-kink"], repr(d)
     flagged = d.finding("at-kink").points
     assert set(flagged) <= {0, 1, 2} and flagged
 
@@ -162,3 +164,23 @@ def test_a_norm_of_an_all_zero_point_is_at_kink(name):
     z = np.array(x[1:])
     want = np.sign(z) if "p=1" in name else z / np.linalg.norm(z, axis=1, keepdims=True)
     np.testing.assert_allclose(d[1][1:, 0], want, rtol=1e-6)
+
+
+def test_points_on_a_kink_are_no_evidence_of_missing_dependence():
+    """Softshrink(0.5) at +-0.5: autodiff's convention gives 0 at both kinks, but the output's
+    one-sided slopes are 0 and 1 there: at-kink alone (it also said 'the output does not
+    depend on the input'); a third point inside the dead zone, where the slope is truly 0,
+    keeps no-input-dependence, the kink points named as such."""
+    net = nn.Sequential(nn.Linear(1, 1), nn.Softshrink(0.5), nn.Linear(1, 1))
+    with torch.no_grad():
+        for lin in (net[0], net[2]):
+            lin.weight.fill_(1.0)
+            lin.bias.fill_(0.0)
+    on = [[0.5], [-0.5]]
+    net64 = copy.deepcopy(net).double()
+    assert one_sided_slopes_differ(lambda a: net64(torch.tensor(a)).detach(), on) == [0, 1]
+    d = nbderiv.derivatives(net, torch.tensor(on))
+    assert d.codes == ["at-kink"], d.codes
+    d = nbderiv.derivatives(net, torch.tensor(on + [[0.0]]))
+    assert sorted(d.codes) == ["at-kink", "no-input-dependence"]
+    assert "at index 0, 1, on a kink" in d.finding("no-input-dependence").message
