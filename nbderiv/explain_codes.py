@@ -164,6 +164,18 @@ class _Context:
                 how = match(M, T, self.dtype_for(M, k))
                 if how is not None:
                     return self.wrong_order(M, order, k, how)
+            for k in [j for j in range(1, MAX_ORDER + 1) if j != order]:
+                found = self.match_order(M, k)  # e.g. one output's first derivative
+                if found is not None and found.code not in ("wrong", "correct"):
+                    return self.result(
+                        "wrong-order",
+                        f"{name} (shape {_shape(M.shape)}) was meant to be the "
+                        f"{_ordinal(order)} derivative, but it is of order {k}: "
+                        + found.message + (
+                            " For order 2 or more, differentiate the first derivative "
+                            "again: create_graph=True on the first torch.autograd.grad (or a "
+                            "nested GradientTape), then the gradient of each of its entries."
+                            if order > k else ""), order)
         else:
             T = self.truth.get(0)
             how = match(M, T, self.dtype_for(M, 0))

@@ -277,3 +277,19 @@ def test_a_tuple_of_arguments_gets_a_fix_that_calls_the_model_with_them(framewor
     d1 = ns["d1"]
     np.testing.assert_allclose(np.asarray(d1.detach() if hasattr(d1, "detach") else d1),
                                truth[:, 0, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_first_derivative_of_one_output_explained_as_order_2_is_wrong_order():
+    """explain(order=2) of d y[:, 0] / dx: the first derivative of output 0, which the
+    message says (it said the array fits no derivative); the fix computes order 2."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.rand(5, 2, generator=torch.Generator().manual_seed(7))
+    xr = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad(model(xr)[:, 0].sum(), xr)
+    np.testing.assert_allclose(g.numpy(), _jacobian64(model, x)[:, 0], rtol=1e-4, atol=1e-6)
+    e = nbderiv.explain(g, model, x, order=2)
+    assert e.code == "wrong-order", e.message
+    assert "first derivative of output 0" in e.message and e.order == 2
+    np.testing.assert_allclose(_run(e.fix, model=model, x=x), _jacobian64(model, x, order=2),
+                               rtol=1e-3, atol=1e-5)
