@@ -189,13 +189,13 @@ _FLAT_TAILED = frozenset({
 
 
 def _underflowed(call, layers, y, wrt, unmoved, points, out_names) -> tuple:
-    """(unmoved, finding) for the zero pairs nothing has explained yet, in a model with
-    flat-tailed activations (tanh, sigmoid, ...): where a float64 copy finds tiny slopes that
-    float32 rounds to exactly 0 (tanh units driven by raw inputs in the hundreds to exactly
-    +-1), or where the slopes are 0 even in float64 but the output does change when that
-    input moves farther out, the output depends on x: no missing dependence, saturation.
-    Those pairs leave ``unmoved``; ``saturated`` where they are below its threshold and the
-    output changes farther out (:func:`~nbderiv.confirm.output_reach`, input by input)."""
+    """(unmoved, finding) for the zero pairs nothing has explained yet: where a float64 copy
+    finds tiny slopes that float32 rounds to exactly 0 (tanh units driven by raw inputs in
+    the hundreds to exactly +-1), the output depends on x, and the pairs leave ``unmoved``.
+    ``saturated`` for an output flat along every input, where those slopes (or, in a model
+    with flat-tailed activations such as tanh and sigmoid, slopes 0 even in float64) are
+    below its threshold and the output changes farther out along each input
+    (:func:`~nbderiv.confirm.output_reach`); those pairs leave ``unmoved`` too."""
     d64 = confirm.float64_first_derivative(call, wrt, points)
     if d64 is not None:
         tiny = unmoved & np.any(d64 != 0, axis=0) & np.all(np.isfinite(d64), axis=0)
@@ -214,7 +214,9 @@ def _underflowed(call, layers, y, wrt, unmoved, points, out_names) -> tuple:
     with np.errstate(invalid="ignore"):
         # the output changes farther out along the input, by more than rounding
         wakes = unmoved & (reach > 1e-3 * y_size[:, None])
-    flat = wakes & (tiny | flat_tailed)  # tiny slopes, or flat-tailed units asleep here
+    # tiny slopes, or flat-tailed units asleep here; saturation flattens an output along
+    # every input (one flat input beside others that move is a masked or unused feature)
+    flat = wakes & (tiny | flat_tailed) & unmoved.all(axis=1)[:, None]
     unmoved = unmoved & ~(tiny | flat)
     if not flat.any():
         return unmoved, None

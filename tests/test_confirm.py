@@ -367,3 +367,20 @@ def test_one_point_through_batch_statistics_is_no_cut_graph():
     assert d.codes == [] and np.array_equal(d[1].reshape(-1), [1.0, 1.0, 1.0])
     # a real cut at one point is still found
     assert "graph-broken" in nbderiv.derivatives(lambda z: z.detach() * z, torch.randn(1, 3)).codes
+
+
+def test_padded_time_steps_of_a_masked_gru_are_no_saturation():
+    """A Keras GRU behind Masking, with padded (all-zero) last steps: the output's derivative
+    along those steps is 0, the other steps' are not; moving a padded step off 0 unmasks it
+    (a jump, not a flat tail): no 'saturated' (the tanh/sigmoid units are not saturated)."""
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(16)
+    i = keras.Input((4, 2), dtype="float64")
+    h = keras.layers.GRU(5, dtype="float64")(keras.layers.Masking(0.0, dtype="float64")(i))
+    m = keras.Model(i, keras.layers.Dense(1, dtype="float64")(h))
+    x = np.random.default_rng(0).random((5, 4, 2))
+    x[:, 3] = 0.0
+    d = nbderiv.derivatives(m, x)
+    assert np.all(d[1][:, 0, 3] == 0) and np.abs(d[1][:, 0, :3]).max() > 1e-3
+    assert "saturated" not in d.codes, [str(f) for f in d.findings]
