@@ -201,7 +201,8 @@ def _underflowed(call, layers, y, wrt, unmoved, points, out_names) -> tuple:
         tiny = unmoved & np.any(d64 != 0, axis=0) & np.all(np.isfinite(d64), axis=0)
     else:
         tiny = np.zeros_like(unmoved)
-    flat_tailed = bool(_FLAT_TAILED & set(layers.get("activations", [])))
+    flat_tailed = bool(_FLAT_TAILED & set(layers.get("activations", []))) or (
+        not tiny.any() and bool(call.backend.activations_called(call)))
     if not tiny.any() and not flat_tailed:
         return unmoved, None
     y_size = _size(y)                                                         # (d_out,)

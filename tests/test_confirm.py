@@ -384,3 +384,25 @@ def test_padded_time_steps_of_a_masked_gru_are_no_saturation():
     d = nbderiv.derivatives(m, x)
     assert np.all(d[1][:, 0, 3] == 0) and np.abs(d[1][:, 0, :3]).max() > 1e-3
     assert "saturated" not in d.codes, [str(f) for f in d.findings]
+
+
+class _FunctionalTanh(nn.Module):
+    """tanh called as a function in forward: no Tanh module to tell."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(2, 16), nn.Linear(16, 1)
+
+    def forward(self, z):
+        return self.b(z.new_tensor(1.0) * torch.tanh(self.a(z)))
+
+
+def test_saturation_is_seen_through_a_tanh_called_as_a_function():
+    m = _FunctionalTanh()
+    x = torch.rand(20, 2, generator=torch.Generator().manual_seed(0)) * 1000 + 2000
+    truth = vmap(jacrev(copy.deepcopy(m).double()))(x.double()).detach().numpy()
+    assert np.all(truth == 0)  # float64 rounds the slopes away too
+    with torch.no_grad():
+        assert abs(float(m(x[:1]) - m(-x[:1]))) > 0.01  # yet y depends on x
+    assert nbderiv.derivatives(m, x).codes == ["saturated"]

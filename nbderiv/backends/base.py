@@ -36,6 +36,7 @@ from ..result_memory import owned, result_array
 OPTIONAL = frozenset({
     "begin", "device", "argument_names", "known_verdict", "block_rows", "bytes_per_point",
     "kink_points", "input_width", "few_threads", "state_key", "seeded_forwards", "code_notes",
+    "activations_called",
 })
 
 
@@ -161,6 +162,11 @@ class Backend:
     def input_width(self, model):
         """The number of input features the model expects, read without calling it, or None."""
         return None
+
+    def activations_called(self, call) -> frozenset:
+        """Names of the smooth activation functions (tanh, sigmoid, ...) the model's forward
+        pass calls as functions, which its layers do not show; empty when unknown."""
+        return frozenset()
 
     def code_notes(self, call, order: int) -> tuple:
         """What the plain code for this model must do besides nested autodiff to give the same

@@ -76,7 +76,7 @@ class TorchBackend(Backend):
     name = "torch"
     optional = frozenset({"device", "argument_names", "known_verdict", "block_rows",
                           "bytes_per_point", "kink_points", "input_width", "few_threads",
-                          "state_key", "seeded_forwards", "code_notes"})
+                          "state_key", "seeded_forwards", "code_notes", "activations_called"})
 
     def __init__(self):
         self._saved = []  # (model, TorchState) of the calls under way, innermost last
@@ -350,7 +350,7 @@ class TorchBackend(Backend):
         def kinds():
             return {_kind(m) for _, m in named_modules(modules_of(call.model))}
         found = kept(call, "module kinds", kinds)
-        called = kept(call, "functions called", lambda: self._functions_called(call))
+        called = self._functions_called(call)
         notes = ()
         if found & _ATTENTION or "attention" in called:
             notes += ("attention",)
@@ -360,10 +360,17 @@ class TorchBackend(Backend):
                            if any(kind in k for k in found) or note in called)
         return notes
 
+    def activations_called(self, call) -> frozenset:
+        return frozenset(n for n in self._functions_called(call) if n.startswith("act:"))
+
     def _functions_called(self, call) -> frozenset:
         """Which of layer norm, instance norm and scaled-dot-product attention the model's
         forward pass calls, however spelled (a module, ``F.layer_norm``, ``torch.layer_norm``),
-        seen on its first two points; empty where that pass fails."""
+        and which smooth activations ("act:tanh", ...), seen on its first two points; empty
+        where that pass fails. Kept with the model's state."""
+        return kept(call, "functions called", lambda: self._record_functions(call))
+
+    def _record_functions(self, call) -> frozenset:
         recorder = _FunctionRecorder()
         fn = self._caller(call)
         X = self._tensor(call, [a[:2] for a in call.args])
@@ -549,7 +556,15 @@ class _FunctionRecorder(torch.overrides.TorchFunctionMode):
         spelled = {"layer_norm": (F.layer_norm, torch.layer_norm, torch.native_layer_norm),
                    "instance_norm": (F.instance_norm, torch.instance_norm),
                    "attention": (F.scaled_dot_product_attention,)}
-        return [note for note, funcs in spelled.items() if any(f in self.seen for f in funcs)]
+        notes = [note for note, funcs in spelled.items() if any(f in self.seen for f in funcs)]
+        T = torch.Tensor
+        smooth = {"tanh": (torch.tanh, T.tanh, F.tanh), "sigmoid": (torch.sigmoid, T.sigmoid,
+                                                                   F.sigmoid),
+                  "gelu": (F.gelu,), "silu": (F.silu,), "softplus": (F.softplus,),
+                  "elu": (F.elu,), "selu": (F.selu, torch.selu), "celu": (F.celu,),
+                  "mish": (F.mish,), "softsign": (F.softsign,), "logsigmoid": (F.logsigmoid,)}
+        return notes + [f"act:{name}" for name, funcs in smooth.items()
+                        if any(f in self.seen for f in funcs)]
 
 
 def _forward_only(model, run):
