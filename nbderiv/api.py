@@ -166,6 +166,7 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
         # what plain nested autodiff needs besides for this model (a kernel, a formula); it may
         # run the model: inside preserved()
         result._code_notes = call.backend.code_notes(call, order)
+        result._stochastic = bool(call.verdict.stochastic)
     if reference is not None:  # the error against a known truth, per order
         from .backends import model_framework
         from .reference import reference_errors

@@ -43,7 +43,7 @@ from .explain_match import _Truth
 
 CODES = ("correct", "correct-reshaped", "summed-outputs", "cross-sample-jacobian",
          "axes-permuted", "wrong-order", "coupled-samples", "none", "zeros-graph-broken",
-         "selected-outputs", "correct-part", "summed-inputs", "wrong")
+         "selected-outputs", "correct-part", "summed-inputs", "random-model", "wrong")
 
 
 # -- the result -----------------------------------------------------------------------------------

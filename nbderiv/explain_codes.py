@@ -81,6 +81,13 @@ class _Context:
     def fix(self, k, eval_first=False):
         if isinstance(self.x, tuple):
             return self.tuple_code(k, self.wrt)
+        if k >= 2 and not eval_first and self.truth.coupled:
+            # torch.func.vmap runs each point alone (and refuses BatchNorm's update in training
+            # mode): the per-point blocks of a model that couples points, from nbderiv
+            wrt = "" if self.wrt is None else f", wrt={list(self.wrt)}"
+            return (f"# this model couples the points: each point's derivative with the rest "
+                    f"of the batch held fixed\nd = nbderiv.derivatives({self.mname}, "
+                    f"{self.xname}, order={k}{wrt})\nd{k} = d[{k}]      # {self.layout(k)}")
         return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=self.wrt,
                         eval_first=eval_first, dtype=str(self.truth.get(1).dtype),
                         **self.shapes(), loop=self.loop())
@@ -157,6 +164,8 @@ class _Context:
             found = self.match_order(M, k)
             if found is not None:
                 return found
+        if self.truth.random:
+            return self.random(order or orders[0])
         n, d_out, n_in = self.dims()
         if order is not None:
             for k in [j for j in range(0, MAX_ORDER + 1) if j != order]:
@@ -202,6 +211,42 @@ class _Context:
             if bad.any() and np.all(Mv[bad] == 0) and np.all(T[bad] != 0):
                 return self.zeros_graph_broken(M, k, T, partial=bad)
         return self.wrong(M, k, T)
+
+    def coupled_alone(self, M, k, alone):
+        """``coupled-samples``: each point differentiated with the model run on it alone."""
+        T = self.truth.get(k)
+        p = int(np.argmax(np.abs(T - alone).reshape(len(T), -1).max(axis=1)))
+        train = "train-mode" in self.truth.codes
+        cause = ("a layer in training mode (finding train-mode: batch statistics, e.g. "
+                 "BatchNorm)" if train else "its forward pass (it mixes the rows of the batch, "
+                 "e.g. x - x.mean(0), a normalisation over the batch, attention across points)")
+        return self.result(
+            "coupled-samples",
+            f"{self.name} (shape {_shape(M.shape)}) is each point's {_ordinal(k)} derivative "
+            f"with {self.mname} run on that point alone, a batch of one (what vmap(jacrev) or a "
+            f"loop over the points computes). This model couples the points through {cause}, "
+            f"so a point alone is another input than the same point in the batch: at point "
+            f"{p} yours is {_num(np.abs(alone[p]).max())} at most, the derivative with the rest "
+            f"of the batch held fixed {_num(np.abs(T[p]).max())}. nbderiv reports the latter, "
+            f"shape {_shape(T.shape)} = {self.layout(k)}.", k,
+            fix=("# each point's derivative, the rest of the batch held fixed (what nbderiv "
+                 "reports):\n" + diagonal_blocks_code(
+                     self.framework, model=self.mname, x=self.xname, wrt=self.wrt,
+                     dtype=str(self.truth.get(1).dtype), **self.shapes()))
+            if k == 1 else None)
+
+    def random(self, k):
+        """``random-model``: the model draws random numbers while it runs: no truth to
+        compare with."""
+        torch_model = self.framework == "torch"
+        return self.result(
+            "random-model",
+            f"{self.mname} gives random outputs (finding train-mode: e.g. Dropout in training "
+            "mode, or noise drawn in forward): its derivative changes from call to call, so "
+            f"{self.name} cannot be judged against one draw. Switch the randomness off "
+            + ("(model.eval()) " if torch_model else "(call it with training=False) ")
+            + "and differentiate that deterministic model.", k,
+            fix=self.fix(k, eval_first=True))
 
     def selected_outputs(self, M, k, T, dtype):
         """``selected-outputs``: for each point, the derivative of one output (the same one
@@ -313,6 +358,11 @@ class _Context:
                          + "\n# cheaper, without the N x N Jacobian"
                          + (" (only for points that do not interact):\n" if np.any(off)
                             else ":\n") + self.fix(1)))
+        if self.truth.coupled and M.size == T.size:
+            alone = self.truth.alone(k)
+            if alone is not None and match(M, alone, dtype) is not None \
+                    and match(M, T, dtype) is None:
+                return self.coupled_alone(M, k, alone)
         if k == 1 and self.truth.coupled:
             J = self.truth.jacobian()
             C = J.sum(axis=0).transpose(1, 0, 2)  # (N, d_out, n): column sums
@@ -333,10 +383,11 @@ class _Context:
                        + diagonal_blocks_code(self.framework, model=self.mname, x=self.xname,
                                               wrt=self.wrt,
                                               dtype=str(self.truth.get(1).dtype)))
-                if train:
+                if train:  # an alternative, commented out: running the fix gives the above
                     fix += ("\n# or the model in inference mode (running statistics: other "
                             "numbers than above, and it changes the model's mode):\n"
-                            + self.fix(1, eval_first=True))
+                            + "\n".join("# " + line for line in
+                                        self.fix(1, eval_first=True).splitlines()))
                 return self.result(
                     "coupled-samples",
                     f"{name} (shape {_shape(M.shape)}) is what the grad_outputs=ones trick "

@@ -179,8 +179,8 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
         tdtype = "torch.float64" if dtype == "float64" else "torch.float32"
         lines = []
         if eval_first:
-            lines.append(f"{model}.eval()                      # batch statistics off: points "
-                         "independent")
+            lines.append(f"{model}.eval()                      # inference mode: dropout off, "
+                         "BatchNorm on its running statistics")
         if many:
             lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype})"
                          "      # (N, *S): each point keeps its shape")

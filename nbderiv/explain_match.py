@@ -75,6 +75,28 @@ class _Truth:
     def coupled(self):
         return "coupled-samples" in self.codes
 
+    @property
+    def random(self):
+        """Whether the model's outputs were random (dropout in training mode, noise)."""
+        self.get(1)
+        return bool(getattr(self.d, "_stochastic", False))
+
+    def alone(self, k, most=64):
+        """Order k of each point with the model run on that point alone (a batch of one, as
+        ``vmap(jacrev)`` or a loop over the points runs it), in nbderiv's layout; None for
+        more than ``most`` points or where the model refuses a batch of one."""
+        from .api import derivatives
+
+        if isinstance(self.x, tuple) or self.n > most:
+            return None
+        try:
+            x = np.asarray(self.x) if not hasattr(self.x, "shape") else self.x
+            parts = [derivatives(self.model, x[i:i + 1], order=k, wrt=self.wrt)[k]
+                     for i in range(self.n)]
+        except Exception:  # e.g. batch statistics of one point
+            return None
+        return np.concatenate(parts)
+
     def jacobian(self):
         """The cross-sample Jacobian (N, d_out, N, n_wrt), restricted to the wrt inputs."""
         if self._J is None:

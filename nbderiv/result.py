@@ -130,6 +130,7 @@ class Derivatives:
         self.reference_errors = None  # {k: (max_abs, max_rel)} with derivatives(reference=...)
         self._code = code
         self._code_notes = ()  # see Backend.code_notes
+        self._stochastic = False  # the model's outputs were random (dropout in training)
         self._time_axis = 0  # sequences: 1 where each point is (channels, length) (Conv1d)
         self.notes = list(notes)  # lines shown in the summary, e.g. the size of a grid
         self.out_shape = tuple(y.shape[1:]) if y.ndim > 1 else (1,)  # each point's output shape

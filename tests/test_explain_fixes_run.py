@@ -110,3 +110,55 @@ def test_tensorflow_cross_sample_jacobian_fix_runs():
     truth = t64.batch_jacobian(y64, X64).numpy()
     np.testing.assert_allclose(np.asarray(ns["d1"]), truth, rtol=1e-4, atol=1e-6)
     assert "np.reshape" in e.message  # the message's code works on a tf.Tensor too
+
+
+def test_per_point_vmap_of_a_model_that_centres_the_batch_is_coupling_not_a_cut_graph():
+    """vmap(jacrev) runs each point alone: x - x.mean(0) is then 0 and so is the derivative.
+    That is the coupling (it said zeros-graph-broken, blaming .detach() and the like), and the
+    fix gives the diagonal blocks."""
+    torch.manual_seed(0)
+    c = Centred()
+    t = torch.linspace(-1, 1, 9).reshape(-1, 1)
+    mine = torch.func.vmap(torch.func.jacrev(lambda p: c(p[None])[0]))(t)
+    assert not mine.any()
+    e = nbderiv.explain(mine, c, t)
+    assert e.code == "coupled-samples", e.message
+    assert "alone" in e.message and ".detach()" not in e.message
+    truth = diagonal_blocks64(c, t)
+    np.testing.assert_allclose(_run_fix(e.fix, c, t), truth, rtol=1e-4, atol=1e-6)
+
+
+def test_the_whole_batchnorm_fix_runs_to_the_diagonal_blocks():
+    """The inference-mode alternative is commented out: running the whole fix leaves d1 the
+    diagonal blocks and the model in training mode."""
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                             torch.nn.Linear(8, 1))
+    t = torch.linspace(-1, 1, 10).reshape(-1, 1)
+    x = t.clone().requires_grad_(True)
+    y = bn(x)
+    g, = torch.autograd.grad(y, x, torch.ones_like(y))
+    e = nbderiv.explain(g, bn, t)
+    truth = diagonal_blocks64(bn, t)
+    np.testing.assert_allclose(_run_fix(e.fix, bn, t), truth, rtol=1e-4, atol=1e-6)
+    assert bn.training
+
+
+def test_a_random_model_is_not_judged_against_one_draw_and_the_random_state_is_kept():
+    torch.manual_seed(0)
+    drop = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                               torch.nn.Linear(32, 1)).train()
+    t = torch.rand(20, 2, generator=torch.Generator().manual_seed(1))
+    x = t.clone().requires_grad_(True)
+    y = drop(x)
+    g, = torch.autograd.grad(y, x, torch.ones_like(y))
+    state = torch.random.get_rng_state()
+    e = nbderiv.explain(g, drop, t)
+    assert torch.equal(torch.random.get_rng_state(), state)  # nbderiv drew none of yours
+    nbderiv.derivatives(drop, t)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert e.code == "random-model", e.message
+    assert "model.eval()" in e.fix and drop.training
+    d1 = _run_fix(e.fix, drop, t)  # the deterministic (inference-mode) model's derivative
+    assert not drop.training
+    np.testing.assert_allclose(d1, diagonal_blocks64(drop.eval(), t), rtol=1e-4, atol=1e-6)

@@ -294,15 +294,23 @@ class TorchBackend(Backend):
     def preserved(self, model):
         """Every torch module of the model (or held by a wrapper: a lambda, partial, bound
         method, closure) is put back as it was: training flags, buffers and parameters (also
-        when written inside forward), ``.grad`` and ``requires_grad``. A lazy module not yet
+        when written inside forward), ``.grad`` and ``requires_grad``; and torch's global
+        random state. A lazy module not yet
         initialised is refused first (its first call would initialise it for good)."""
         saved = TorchState(modules_of(model))  # (refuses an uninitialised lazy layer)
         self._saved.append((model, saved))
+        # the global random state too: a model that draws random numbers (dropout in training
+        # mode) leaves the user's generator where it was
+        rng = torch.random.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         try:
             yield
         finally:
             self._saved.remove((model, saved))
             saved.restore()
+            torch.random.set_rng_state(rng)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
 
     def block_rows(self, call):
         """About 2**18 values of the widest layer, so that one block's intermediates stay in
