@@ -212,6 +212,53 @@ class _Context:
                 return self.zeros_graph_broken(M, k, T, partial=bad)
         return self.wrong(M, k, T)
 
+    def cross_sample_second(self, M, T, dtype):
+        """``cross-sample-jacobian`` at order 2: the Hessian of the summed output over the
+        whole batch, (N, n_inputs, N, n_inputs), or a Jacobian of a Jacobian over it,
+        (N, d_out, N, n_inputs, N, n_inputs): the per-point second derivatives on its
+        diagonal, the rest 0 for points that do not interact."""
+        n, d_out, n_in = self.dims()
+        if d_out == 1 and M.size == (n * n_in) ** 2:
+            shape, idx, words = (n, n_in, n, n_in), "i, :, i, :", (
+                "the Hessian of the summed output over the whole batch, d2(sum_n y[n]) / "
+                "dx[m] dx[p] for every pair of points", "(N, n_inputs, N, n_inputs)")
+        elif M.size == n ** 3 * d_out * n_in ** 2:
+            shape, idx, words = (n, d_out, n, n_in, n, n_in), "i, :, i, :, i, :", (
+                "a Jacobian of a Jacobian over the whole batch, d2 y[n] / dx[m] dx[p] for "
+                "every triple of points", "(N, d_out, N, n_inputs, N, n_inputs)")
+        else:
+            return None
+        Mf = np.asarray(M, dtype=np.float64).reshape(shape)
+        i = np.arange(n)
+        diag = Mf[i, :, i, :] if len(shape) == 4 else Mf[i, :, i, :, i, :]
+        diag = diag.reshape(T.shape)
+        if not _close(diag, T.astype(np.float64), dtype).all():
+            return None
+        rest = Mf.copy()
+        if len(shape) == 4:
+            rest[i, :, i, :] = 0
+        else:
+            rest[i, :, i, :, i, :] = 0
+        target = self.name if self.name.isidentifier() else "mine"
+        get = (f"{target}.reshape{_shape(shape)}[i, {idx[3:]}]" if len(shape) == 4 else
+               f"{target}.reshape{_shape(shape)}[{idx}]")
+        extract = (f"i = {'torch' if self.orig_framework == 'torch' else 'np'}.arange({n})\n"
+                   f"d2 = {get}" + ("[:, None]" if len(shape) == 4 else "")
+                   + f"      # {_shape(T.shape)} = {self.layout(2)}")
+        if self.orig_framework == "tensorflow":
+            extract = extract.replace(f"{target}.reshape", f"np.reshape(np.asarray({target}), ") \
+                .replace(f"{_shape(shape)}[", f"{_shape(shape)})[")
+        return self.result(
+            "cross-sample-jacobian",
+            f"{self.name} (shape {_shape(M.shape)}) is {words[0]}, shape {words[1]}: "
+            f"{M.size // T.size}x larger than needed. Its diagonal "
+            f"({'m = p = n' if len(shape) == 6 else 'm = p'}) holds the per-point second "
+            f"derivatives, shape {_shape(T.shape)} = {self.layout(2)}"
+            + (" (the rest is all zero: the points are independent)" if not np.any(rest) else
+               f" (the rest up to {_num(np.abs(rest).max())})") + ".", 2,
+            fix=extract + "\n# cheaper, without the batch-sized axes:\n" + self.fix(2),
+            truth=T)
+
     def coupled_alone(self, M, k, alone):
         """``coupled-samples``: each point differentiated with the model run on it alone."""
         T = self.truth.get(k)
@@ -358,6 +405,10 @@ class _Context:
                          + "\n# cheaper, without the N x N Jacobian"
                          + (" (only for points that do not interact):\n" if np.any(off)
                             else ":\n") + self.fix(1)))
+        if k == 2 and n > 1 and not self.truth.coupled:
+            found = self.cross_sample_second(M, T, dtype)
+            if found is not None:
+                return found
         if self.truth.coupled and M.size == T.size:
             alone = self.truth.alone(k)
             if alone is not None and match(M, alone, dtype) is not None \

@@ -293,3 +293,26 @@ def test_a_first_derivative_of_one_output_explained_as_order_2_is_wrong_order():
     assert "first derivative of output 0" in e.message and e.order == 2
     np.testing.assert_allclose(_run(e.fix, model=model, x=x), _jacobian64(model, x, order=2),
                                rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["hessian of the sum", "jacobian of jacobian"])
+def test_second_derivatives_over_the_whole_batch_are_cross_sample(how):
+    """hessian(lambda z: model(z).sum(), x) is (N, D, N, D) and a Jacobian of a Jacobian is
+    (N, 1, N, 1, N, 1): their diagonals are the per-point second derivatives (it said they fit
+    no derivative); the fix takes the diagonal, and it equals float64 vmap(hessian)."""
+    torch.manual_seed(0)
+    D = 2 if how == "hessian of the sum" else 1
+    model = nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.rand(6, D, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    F = torch.autograd.functional
+    if how == "hessian of the sum":
+        mine = F.hessian(lambda z: model(z).sum(), x)
+    else:
+        mine = F.jacobian(lambda z: F.jacobian(model, z, create_graph=True), x)
+    e = nbderiv.explain(mine, model, x, order=2)
+    assert e.code == "cross-sample-jacobian", e.message
+    truth = _jacobian64(model, x, order=2)
+    got = _run(e.fix.split("# cheaper")[0], model=model, x=x, mine=mine)
+    np.testing.assert_allclose(got, truth, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_run(e.fix, model=model, x=x, mine=mine), truth, rtol=1e-4,
+                               atol=1e-6)
