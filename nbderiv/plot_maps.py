@@ -206,10 +206,12 @@ def _images(d, chosen, ks, j, c, cmap, fig, ax, figsize):
             axis.set_title(f"point {n}\n{_y_text(d, n, j)}", fontsize=9)
         else:
             values = saliency_map(d, n, output=j, order=row, channel_axis=c)
-            top = float(np.nanmax(values, initial=0.0)) or 1.0
+            largest = float(np.nanmax(values, initial=0.0))
+            top = largest or 1.0  # an all-zero map: a colour scale that still exists
             axis.imshow(values, cmap=cmap, norm=Normalize(0.0, top), interpolation="nearest")
             reduced = f", max of {channels} ch." if channels > 1 else ""
-            axis.set_title(f"{_saliency_label(row, j, d)}\n(max {top:.2g}{reduced})", fontsize=9)
+            said = "all 0" if largest == 0 else f"max {largest:.2g}"
+            axis.set_title(f"{_saliency_label(row, j, d)}\n({said}{reduced})", fontsize=9)
         axis.set_xticks([])
         axis.set_yticks([])
         remember(fig, (row, n), axis)
@@ -239,10 +241,11 @@ def _sequences(d, chosen, ks, j, cmap, fig, ax, figsize):
             axis.set_title(f"point {n}: x ({_y_text(d, n, j)})", fontsize=9)
         else:
             values = shown(saliency_map(d, n, output=j, order=col))
-            top = float(np.nanmax(values, initial=0.0)) or 1.0
-            art = axis.imshow(values, cmap=cmap, norm=Normalize(0.0, top), aspect="auto",
-                              interpolation="nearest", extent=extent)
-            axis.set_title(f"point {n}: {_saliency_label(col, j, d)}", fontsize=9)
+            largest = float(np.nanmax(values, initial=0.0))
+            art = axis.imshow(values, cmap=cmap, norm=Normalize(0.0, largest or 1.0),
+                              aspect="auto", interpolation="nearest", extent=extent)
+            axis.set_title(f"point {n}: {_saliency_label(col, j, d)}"
+                           + (" (all 0)" if largest == 0 else ""), fontsize=9)
         fig.colorbar(art, ax=axis, shrink=0.9)
         axis.set_xlabel("position" if channels_first else "time step")
         axis.set_ylabel("channel" if channels_first else "feature")

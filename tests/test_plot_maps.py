@@ -74,6 +74,24 @@ def test_image_panels_show_the_input_and_the_channel_max_of_abs_gradient():
     np.testing.assert_allclose(d[1][:, 0], full[1][np.arange(8), labels.numpy()], atol=1e-12)
 
 
+def test_a_zero_saliency_map_is_captioned_as_zero():
+    """A score that does not depend on the image: the caption says so (it said 'max 1', the
+    colour scale's stand-in limit); a map that is not zero gives its own maximum."""
+    net = _cnn()
+    with torch.no_grad():
+        net[3].weight[1] = 0.0  # output 1 ignores the image
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    d = nbderiv.derivatives(net, x, target=1)
+    assert not np.any(d[1])
+    fig = d.plot()
+    assert "all 0" in fig.panels[1, 0].get_title() and "max 1" not in fig.panels[1, 0].get_title()
+    d = nbderiv.derivatives(net, x, target=0)
+    top = np.abs(d[1][0, 0]).max()
+    assert f"max {top:.2g}" in d.plot().panels[1, 0].get_title()
+    g = nbderiv.derivatives(lambda z: 0 * _gru()(z)[:, :1] + 1, torch.rand(2, 4, 3).double())
+    assert "(all 0)" in g.plot().panels[1, 0].get_title()
+
+
 def test_points_output_and_order_two_on_request():
     x = torch.rand(4, 1, 5, 5, dtype=torch.float64)
     d = nbderiv.derivatives(_cnn(channels=1, side=5), x, order=2)
