@@ -264,15 +264,16 @@ class NbderivMagics(ExplainCell, Magics):
             return self._shown(d)
         display = self._display()
         display(d)
-        if args.plot:
-            display(d.plot())
+        if args.plot:  # maps of images and sequences: every order computed, as for curves
+            display(d.plot(orders=list(range(1, order + 1))) if _per_point_axes(x) and order > 1
+                    else d.plot())
         if args.full:
             from .plot import draw_jacobian, plot_jacobian
 
             display(draw_jacobian(J) if J is not None else
                     plot_jacobian(model, x, framework=framework, max_points=FULL_MAX_POINTS))
         if args.code:
-            print(d.code)
+            print(_code_with_names(d.code, args.model, args.x, x))
         return self._shown(d)
 
     def _widget(self, model, args):
@@ -422,6 +423,37 @@ def _usage(parse, line):
         return parse(line)
     except LineError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _code_with_names(code: str, model_text: str, x_text, x) -> str:
+    """``d.code`` (written for ``model`` and ``x``) bound to the names on the magic's line:
+    ``model = net`` first, and ``x`` = the expression given, or the points of a range.
+
+    >>> print(_code_with_names("y = model(x)", "net", "-1:1:3", np.zeros((3, 1))))
+    import numpy as np
+    model = net
+    x = np.linspace(-1.0, 1.0, 3, dtype=np.float32).reshape(-1, 1)      # the range -1:1:3
+    y = model(x)
+    """
+    head = [] if model_text == "model" else [f"model = {model_text}"]
+    rng = None if x_text is None else parse_range(x_text)
+    if rng is None:
+        if x_text not in (None, "x"):
+            head.append(f"x = {x_text}")
+    else:
+        lo, hi, _ = rng
+        n = len(x[0]) if isinstance(x, tuple) else int(round(len(x) ** (1 / np.shape(x)[1])))
+        g = f"np.linspace({float(lo)!r}, {float(hi)!r}, {n}, dtype=np.float32)"
+        if not isinstance(x, tuple) and np.shape(x)[1] == 1:
+            head.append(f"x = {g}.reshape(-1, 1)      # the range {x_text}")
+        else:
+            head.append(f"a, b = np.meshgrid({g}, {g})      # the grid of {x_text}")
+            head.append("x = (a.reshape(-1, 1), b.reshape(-1, 1))" if isinstance(x, tuple)
+                        else "x = np.stack([a.ravel(), b.ravel()], axis=1)")
+    if not head:
+        return code
+    imports = "" if "import numpy as np" in code or rng is None else "import numpy as np\n"
+    return imports + "\n".join(head) + "\n" + code
 
 
 def _per_point_axes(x) -> bool:

@@ -83,6 +83,40 @@ def test_sequences_plot_the_time_feature_heat_map(shell):
     np.testing.assert_allclose(fig.panels[1, 0].images[0].get_array(), np.abs(d[1][0, 0]).T)
 
 
+def test_plot_of_order_two_maps_draws_both_orders(shell, monkeypatch):
+    """--order 2 --plot on images draws order 2 too (it drew order 1 alone, silently)."""
+    from nbderiv.result import Derivatives
+
+    drawn = []
+    original = Derivatives.plot
+
+    def recording(self, **kwargs):
+        fig = original(self, **kwargs)
+        drawn.append(sorted({key[0] for key in fig.panels if key[0] != "input"}))
+        return fig
+
+    monkeypatch.setattr(Derivatives, "plot", recording)
+    d, out = magic(shell, "cnn images[:2] --target 0 -o 2 --plot")
+    assert d.order == 2 and pngs(out) == 1
+    assert drawn == [[1, 2]]
+
+
+def test_printed_code_runs_with_the_names_on_the_line(shell):
+    """--code prints code for the magic's own MODEL and X (it named model and x, which the
+    notebook may not have, or may hold something else)."""
+    shell.run_cell("model, x = 'not the model', 'not the points'\n"
+                   "lin2 = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Tanh()).double()",
+                   store_history=False)
+    for line, n in (("cnn images[:2] --code -o 1", 2), ("lin2 -1:1:5 --code -o 2", 25)):
+        d, out = magic(shell, line)
+        result = shell.run_cell(out.stdout, store_history=False)
+        assert result.success, out.stdout
+        k = d.order
+        got = np.asarray(shell.user_ns[f"d{k}"])
+        assert got.shape[0] == n
+        np.testing.assert_allclose(got.reshape(d[k].shape), d[k], rtol=1e-10, atol=1e-12)
+
+
 def test_vector_inputs_keep_order_two(shell):
     shell.run_cell("mlp = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh())\n"
                    "pts = torch.rand(4, 2)", store_history=False)
