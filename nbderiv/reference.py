@@ -47,12 +47,21 @@ def reference_errors(reference, call, result) -> dict:
         raise
     except Exception as exc:  # the user's function failed on NumPy arrays
         text = (str(exc).strip().splitlines() or [""])[0][:200].rstrip(".")
+        n_args = len(call.widths)
+        if n_args > 1:  # x is a tuple: the reference gets one array per argument
+            names = ", ".join(result.inputs[:n_args]) if len(result.inputs) == n_args else \
+                ", ".join(f"x{i}" for i in range(n_args))
+            fix = (f"x is a tuple of {n_args} arguments, and the reference is called as "
+                   f"the model is, with {n_args} NumPy arrays. Fix: e.g. reference=lambda "
+                   f"{names}: np.sin({names.split(', ')[0]}) (a dict's functions take them "
+                   "too).")
+        else:
+            fix = ("reference= takes functions of NumPy arrays (a framework function such as "
+                   "torch.sin or tf.sin fails on them). Fix: e.g. reference=np.sin or "
+                   "reference=lambda x: np.sin(x).")
         raise OptionError(
             f"the reference raised {type(exc).__name__} on NumPy float64 arrays of x: {text}. "
-            "reference= takes functions of NumPy arrays (a framework function such as "
-            "torch.sin or tf.sin fails on them). Fix: e.g. reference=np.sin or "
-            "reference=lambda x: np.sin(x)."
-        ) from None
+            + fix) from None
 
 
 def _reference_errors(reference, call, result) -> dict:

@@ -237,3 +237,20 @@ def test_a_framework_function_as_reference_is_refused_with_the_numpy_form():
         nbderiv.derivatives(torch.sin, x, reference=torch.sin)
     errors = nbderiv.derivatives(torch.sin, x, reference=np.sin).reference_errors
     assert errors[1][0] < 1e-6  # d sin = cos, against float64 central differences
+
+
+class _XT(nn.Module):
+    def forward(self, x, t):
+        return torch.sin(x) * t
+
+
+def test_a_reference_of_a_tuple_x_takes_the_arguments_as_the_model_does():
+    """x = (x, t): a one-argument reference fails, and the fix offered takes (x, t) (it
+    offered lambda x: np.sin(x), what had just failed); that fix works."""
+    x = torch.linspace(0, 1, 6, dtype=torch.float64)[:, None]
+    t = torch.linspace(1, 2, 6, dtype=torch.float64)[:, None]
+    with pytest.raises(OptionError) as info:
+        nbderiv.derivatives(_XT(), (x, t), reference=lambda z: np.sin(z))
+    assert "reference=lambda x, t:" in str(info.value)
+    d = nbderiv.derivatives(_XT(), (x, t), reference=lambda x, t: np.sin(x) * t)
+    assert d.reference_errors[1][0] < 1e-6
