@@ -66,17 +66,13 @@ class _Context:
                          framework=self.framework)
 
     def tuple_code(self, k, wrt) -> str:
-        """For x given as a tuple of arguments: nbderiv's own code (``d.code``) of order k,
-        which splits the features back into the model's arguments."""
-        from .api import derivatives
-
-        self.truth.get(k)
-        d = self.truth.d if wrt == self.wrt else derivatives(self.model, self.x, order=k,
-                                                             wrt=wrt)
-        names = (self.mname, self.xname)
-        head = "" if names == ("model", "x") else f"model, x = {self.mname}, {self.xname}\n"
-        return (f"# {self.xname} is a tuple of arguments: the code nbderiv runs for it "
-                f"(d{k} in nbderiv's layout)\n" + head + d.code)
+        """For x given as a tuple of arguments: nbderiv's call of order k (it splits the
+        features back into the model's arguments; ``d.code`` prints the plain code)."""
+        extra = "" if wrt is None else f", wrt={list(wrt)}"
+        return (f"# {self.xname} is a tuple of arguments: nbderiv calls the model on them "
+                f"(print(d.code) shows the plain code)\n"
+                f"d = nbderiv.derivatives({self.mname}, {self.xname}, order={k}{extra})\n"
+                f"d{k} = d[{k}]      # {self.layout(k, wrt=wrt is not None)}")
 
     def fix(self, k, eval_first=False):
         if isinstance(self.x, tuple):

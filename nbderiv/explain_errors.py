@@ -340,9 +340,31 @@ def _input_no_grad(where, line, source):
             f"autograd only tracks tensors that ask for it (torch.linspace/rand/tensor(...) "
             f"default to False). There is a graph ({out} is computed through the model's "
             f"weights), but none that starts at {inp}.",
-            f"{inp} = {inp}.detach().requires_grad_(True)   # before the model sees {inp}\n"
-            f"y = model({inp})\n"
-            f"g, = torch.autograd.grad(y, {inp}, grad_outputs=torch.ones_like(y))")
+            _watch_then_recompute(inp, out, source))
+
+
+def _watch_then_recompute(inp, out, source) -> str:
+    """Fix code: ``inp`` asks for gradients, then the cell's own line computing ``out`` runs
+    again (the model called as the cell calls it, on all its arguments), then the gradient.
+
+    >>> print(_watch_then_recompute("tt", "u", "x = a\\nu = pinn(x, tt)\\nv = u.sum()"))
+    tt = tt.detach().requires_grad_(True)   # before u is computed from it
+    u = pinn(x, tt)
+    g, = torch.autograd.grad(u, tt, grad_outputs=torch.ones_like(u))
+    """
+    computed = None
+    if out and re.fullmatch(r"[A-Za-z_][A-Za-z_0-9]*", out):
+        for text in source.splitlines():
+            if re.match(rf"\s*{re.escape(out)}\s*(,\s*)?=(?!=)", text):
+                computed = text.strip()
+                break
+    if computed is None:
+        return (f"{inp} = {inp}.detach().requires_grad_(True)   # before the model sees {inp}\n"
+                f"y = model({inp})\n"
+                f"g, = torch.autograd.grad(y, {inp}, grad_outputs=torch.ones_like(y))")
+    return (f"{inp} = {inp}.detach().requires_grad_(True)   # before {out} is computed from it\n"
+            f"{computed}\n"
+            f"g, = torch.autograd.grad({out}, {inp}, grad_outputs=torch.ones_like({out}))")
 
 
 def _tape_twice(where, line, source):

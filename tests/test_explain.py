@@ -7,6 +7,7 @@ differences, or ``torch.func`` (vmap of nested jacrev)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import textwrap
 
@@ -560,6 +561,36 @@ def test_cell_magic_explains_classic_errors(shell, code, body, words):
     assert "line " in e.message and e.error and repr(e).startswith(f"[{code}]")
     assert "Traceback" not in out.stdout + out.stderr  # explained instead
     assert sum(f"[{code}]" in o.data.get("text/plain", "") for o in out.outputs) == 1
+
+
+def test_input_without_requires_grad_fix_reruns_the_cells_own_model_call(shell):
+    """The fix runs the cell's own line computing the output (a PINN called on (x, t)); it
+    called model(t), which a two-argument model refuses. Truth: float64 du/dt."""
+    cell(shell, "class XT(torch.nn.Module):\n"
+                "    def __init__(self):\n"
+                "        super().__init__()\n"
+                "        self.net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),\n"
+                "                                       torch.nn.Linear(8, 1))\n"
+                "    def forward(self, x, t):\n"
+                "        return self.net(torch.cat([x, t], 1))\n"
+                "torch.manual_seed(0)\n"
+                "xt = XT()\n"
+                "xs, ts = torch.rand(6, 1), torch.rand(6, 1)\n")
+    value, _ = explained(shell, "%%nnderiv explain xt (xs, ts)\n"
+                                "x = xs.clone().requires_grad_(True); tt = ts.clone()\n"
+                                "u = xt(x, tt)\n"
+                                "u_t, = torch.autograd.grad(u, tt, torch.ones_like(u))\n")
+    assert [e.code for e in value] == ["no-grad-required"]
+    fix = value[0].fix
+    assert "u = xt(x, tt)" in fix and "model(" not in fix
+    result, _ = cell(shell, fix)
+    assert result.success, result.error_in_exec
+    ns = shell.user_ns
+    m64 = copy.deepcopy(ns["xt"]).double()
+    truth = torch.func.vmap(torch.func.jacrev(lambda a, b: m64(a[None], b[None])[0, 0], 1))(
+        ns["xs"].double(), ns["ts"].double())
+    np.testing.assert_allclose(ns["g"].detach().numpy(), truth.detach().numpy(), rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_cell_magic_graph_cut_inside_a_model_defined_elsewhere(shell):

@@ -272,7 +272,7 @@ def test_a_tuple_of_arguments_gets_a_fix_that_calls_the_model_with_them(framewor
     assert e.code == "correct-part"
     assert "S =" not in e.message
     np.testing.assert_allclose(np.asarray(u_x).ravel(), truth[:, 0, 0], rtol=1e-4, atol=1e-6)
-    ns = {"np": np, "torch": torch, "x": (xs, ts), **names}
+    ns = {"np": np, "torch": torch, "nbderiv": nbderiv, "x": (xs, ts), **names}
     exec(e.fix, ns)  # noqa: S102
     d1 = ns["d1"]
     np.testing.assert_allclose(np.asarray(d1.detach() if hasattr(d1, "detach") else d1),
