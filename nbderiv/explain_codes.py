@@ -499,21 +499,40 @@ class _Context:
             found += [("row", (i,), F[:, :, i, :]) for i in range(n_all)]
             found += [("diagonal", (), np.einsum("noii->noi", F))]
             found += [("summed-inputs", (), F.sum(axis=2))]
+            found += [("summed-inputs-column", (j,), F.sum(axis=2)[:, :, j])
+                      for j in range(n_all)]
             if d_out > 1:
                 found += [("summed-inputs-outputs", (), F.sum(axis=(1, 2)))]
                 found += [("output-entry", (o, i, j), F[:, o, i, j]) for o in range(d_out)
                           for i in range(n_all) for j in range(i, n_all)]
+        candidates = found
         found = [f for f in found if fits(f[2])]
         if not found:
             if k == 1 and M.size == F.size and n_all <= 6:
                 return self.columns_swapped(M, F, dtype)
-            return None
+            return self.part_times(M, k, candidates, dtype)
         kind, idx, P = found[0]
         also = [f for f in found[1:] if f[0] == kind]
         also_note = ("" if not also else " (here it also equals "
                      + ", ".join(self.part_words(f[0], f[1], k) for f in also[:3])
                      + ": they coincide at these points)")
         words = self.part_words(kind, idx, k)
+        if kind == "summed-inputs-column":
+            j = idx[0]
+            names = list(getattr(self.full_truth().d, "inputs", ()) or ())
+            short = [names[i] if i < len(names) else f"x{i}" for i in range(n_all)]
+            terms = " + ".join(f"d2y/d{short[i]} d{short[j]}" for i in range(n_all))
+            return self.result(
+                "summed-inputs",
+                f"{name} (shape {shp}) is column {j} of the rows of each point's Hessian "
+                f"summed: {terms}, not the second derivative with respect to "
+                f"{self.input_name(j)} alone. That is what torch.autograd.grad(u_x, x, "
+                f"grad_outputs=torch.ones_like(u_x))[0][:, {j}] gives when u_x holds all the "
+                f"first-derivative columns: the ones add the columns' derivatives together. "
+                f"Differentiate one column: u_xx = torch.autograd.grad(u_x[:, {j}], x, "
+                f"torch.ones_like(u_x[:, {j}]), create_graph=True)[0][:, {j}].", 2,
+                fix=self.fix_full(2) + f"\nd2 = d2[:, :, {j}, {j}]      # the second derivative "
+                f"with respect to {self.input_name(j)} twice", truth=F[:, :, j, j])
         if kind.startswith("summed-inputs"):
             return self.result(
                 "summed-inputs",
@@ -567,6 +586,29 @@ class _Context:
             return self.tuple_code(k, None)
         return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=None,
                         dtype=str(self.truth.get(1).dtype))
+
+    def part_times(self, M, k, candidates, dtype):
+        """``wrong`` for an array that is a part of the derivative (u_xx, a column, the
+        Laplacian) times a constant factor (a chain-rule factor, a sign); None otherwise."""
+        Mf = np.asarray(M, dtype=np.float64).reshape(-1)
+        for kind, idx, P in candidates:
+            if kind.startswith("summed") or P.size != M.size:
+                continue
+            Pf = np.asarray(P, dtype=np.float64).reshape(-1)
+            scale = float(Pf @ Pf)
+            if scale == 0 or not np.all(np.isfinite(Mf)):
+                continue
+            c = float(Mf @ Pf) / scale
+            if abs(c) < 1e-12 or abs(c - 1) < 1e-6 or not _close(Mf, c * Pf, dtype).all():
+                continue
+            words = self.part_words(kind, idx, k)
+            return self.result(
+                "wrong",
+                f"{self.name} (shape {_shape(M.shape)}) is {_num(c)} times {words}: a "
+                f"constant factor (a chain-rule factor, e.g. from scaled inputs, or a sign) "
+                f"on an otherwise right {_ordinal(k)} derivative.", k,
+                fix=self.fix_full(k), truth=P)
+        return None
 
     def part_words(self, kind, idx, k):
         nm = self.input_name
