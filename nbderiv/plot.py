@@ -244,7 +244,9 @@ def _curves(d, p, ks, outputs, reference, fd, fig, ax, figsize):
                 axis.plot(xs, fds[k][idx, j], ls="", marker="o", ms=3.5, mfc="none",
                           color="0.35" if not multi else color,
                           markevery=max(1, len(xs) // 40), label=tag + "finite differences")
-        axis.set_ylabel(derivative_label(k, [name] * k))
+        # one output of several drawn: its own name (y_1), not plain y
+        ysym = f"y_{{{outputs[0]}}}" if multi and len(outputs) == 1 else "y"
+        axis.set_ylabel(derivative_label(k, [name] * k, y=ysym))
         axis.grid(alpha=0.3)
         remember(fig, k, axis)
     axes[-1].set_xlabel(f"${tex_name(name)}$")

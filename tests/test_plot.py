@@ -89,6 +89,9 @@ def test_multi_output_legend_and_output_choice():
     only = d.plot(output=1, orders=[2])
     assert list(only.panels) == [2]
     np.testing.assert_allclose(_lines(only.panels[2])["y[1]"][:, 1], 2.0)
+    # the one output drawn names its axis (it read plain y, as if the model had one output)
+    assert "y_{1}" in only.panels[2].get_ylabel()
+    assert "y_" not in fig.panels[1].get_ylabel()  # both outputs: the legend names them
 
 
 def test_one_output_reference_is_drawn_beside_each_output():
