@@ -264,7 +264,12 @@ class NbderivMagics(ExplainCell, Magics):
             return self._shown(d)
         display = self._display()
         display(d)
-        if args.plot:  # maps of images and sequences: every order computed, as for curves
+        if args.plot and not _per_point_axes(x) and len(d.wrt) > 2:  # the result stands
+            print(f"--plot draws curves along one input or heat maps over two; this result has "
+                  f"{len(d.wrt)} differentiated inputs ({', '.join(d.inputs[:6])}), so nothing "
+                  f"was drawn. Fix: add --wrt 0 (curves along {d.inputs[0]}) or --wrt 0,1 "
+                  f"(heat maps over {d.inputs[0]} and {d.inputs[1]}).")
+        elif args.plot:  # maps of images and sequences: every order computed, as for curves
             display(d.plot(orders=list(range(1, order + 1))) if _per_point_axes(x) and order > 1
                     else d.plot())
         if args.full:

@@ -301,6 +301,13 @@ def test_expressions_with_spaces_and_minus_signs(shell):
     np.testing.assert_allclose(d[3].reshape(-1), 6.0)
 
 
+def test_plot_of_three_inputs_says_the_magics_own_wrt(shell):
+    d, out = magic(shell, "net3 torch.rand(9, 3) --plot")  # the result, and what to add
+    assert d.order == 2 and "--wrt 0" in out.stdout and "wrt=" not in out.stdout
+    d, out = magic(shell, "net3 torch.rand(9, 3) --wrt 0 --plot")  # what it says works
+    assert any("image/png" in o.data for o in out.outputs)
+
+
 def test_a_lambda_without_parentheses_is_told_to_wrap_it(shell):
     said = usage_error(shell, "lambda t: t ** 3 x -o 3")
     fix = said.split("Fix: ")[1].split(", or name it first")[0]
