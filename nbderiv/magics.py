@@ -44,6 +44,8 @@ magic displays each explanation once and returns them in a list.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -431,34 +433,40 @@ def _usage(parse, line):
 
 
 def _code_with_names(code: str, model_text: str, x_text, x) -> str:
-    """``d.code`` (written for ``model`` and ``x``) bound to the names on the magic's line:
-    ``model = net`` first, and ``x`` = the expression given, or the points of a range.
+    """``d.code`` (written for ``model`` and ``x``) with the names on the magic's line put in
+    their place (nothing of the notebook's is rebound: an ``x`` of its own stays as it is);
+    a range's points are made first, as ``x_range``.
 
-    >>> print(_code_with_names("y = model(x)", "net", "-1:1:3", np.zeros((3, 1))))
+    >>> print(_code_with_names("y = model(x)  # the model's x", "net", "-1:1:3", np.zeros((3, 1))))
     import numpy as np
-    model = net
-    x = np.linspace(-1.0, 1.0, 3, dtype=np.float32).reshape(-1, 1)      # the range -1:1:3
-    y = model(x)
+    x_range = np.linspace(-1.0, 1.0, 3, dtype=np.float32).reshape(-1, 1)      # the range -1:1:3
+    y = net(x_range)  # the net's x_range
     """
-    head = [] if model_text == "model" else [f"model = {model_text}"]
+    head = []
     rng = None if x_text is None else parse_range(x_text)
-    if rng is None:
-        if x_text not in (None, "x"):
-            head.append(f"x = {x_text}")
-    else:
+    if rng is not None:
         lo, hi, _ = rng
         n = len(x[0]) if isinstance(x, tuple) else int(round(len(x) ** (1 / np.shape(x)[1])))
         g = f"np.linspace({float(lo)!r}, {float(hi)!r}, {n}, dtype=np.float32)"
         if not isinstance(x, tuple) and np.shape(x)[1] == 1:
-            head.append(f"x = {g}.reshape(-1, 1)      # the range {x_text}")
+            head.append(f"x_range = {g}.reshape(-1, 1)      # the range {x_text}")
         else:
             head.append(f"a, b = np.meshgrid({g}, {g})      # the grid of {x_text}")
-            head.append("x = (a.reshape(-1, 1), b.reshape(-1, 1))" if isinstance(x, tuple)
-                        else "x = np.stack([a.ravel(), b.ravel()], axis=1)")
-    if not head:
-        return code
-    imports = "" if "import numpy as np" in code or rng is None else "import numpy as np\n"
-    return imports + "\n".join(head) + "\n" + code
+            head.append("x_range = (a.reshape(-1, 1), b.reshape(-1, 1))"
+                        if isinstance(x, tuple) else
+                        "x_range = np.stack([a.ravel(), b.ravel()], axis=1)")
+        x_text = "x_range"
+        if "import numpy as np" not in code:
+            head.insert(0, "import numpy as np")
+
+    def named(text):  # an expression that is not a plain name goes in parentheses
+        return text if re.fullmatch(r"[A-Za-z_][\w.]*(\[[^\]]*\])?|\(.*\)", text) \
+            else f"({text})"
+
+    for old, new in (("model", model_text), ("x", x_text)):
+        if new is not None and new != old:
+            code = re.sub(rf"(?<![\w.]){old}(?!\w)", lambda _, new=named(new): new, code)
+    return "\n".join(head + [code]) if head else code
 
 
 def _per_point_axes(x) -> bool:

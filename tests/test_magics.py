@@ -138,8 +138,8 @@ def test_plot_check_code_full(shell):
     assert d.check is not None and d.check.passed
     assert "check:" in out.outputs[0].data["text/plain"]
 
-    d, out = magic(shell, "tanh x --code -o 1")
-    assert d.code and d.code.strip() in out.stdout
+    d, out = magic(shell, "tanh x --code -o 1")  # the code, for the line's own names
+    assert d.code and "y = tanh(X)" in out.stdout and "model(" not in out.stdout
 
     d, out = magic(shell, "tanh x[:6] --full")
     assert [sorted(o.data) for o in out.outputs][1] == ["image/png", "text/plain"]

@@ -103,7 +103,7 @@ def test_plot_of_order_two_maps_draws_both_orders(shell, monkeypatch):
 
 def test_printed_code_runs_with_the_names_on_the_line(shell):
     """--code prints code for the magic's own MODEL and X (it named model and x, which the
-    notebook may not have, or may hold something else)."""
+    notebook may not have, or may hold something else), and rebinds neither."""
     shell.run_cell("model, x = 'not the model', 'not the points'\n"
                    "lin2 = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Tanh()).double()",
                    store_history=False)
@@ -115,6 +115,8 @@ def test_printed_code_runs_with_the_names_on_the_line(shell):
         got = np.asarray(shell.user_ns[f"d{k}"])
         assert got.shape[0] == n
         np.testing.assert_allclose(got.reshape(d[k].shape), d[k], rtol=1e-10, atol=1e-12)
+        assert shell.user_ns["x"] == "not the points"  # the notebook's own x is left alone
+        assert shell.user_ns["model"] == "not the model"
 
 
 def test_vector_inputs_keep_order_two(shell):
