@@ -465,7 +465,8 @@ def _code_with_names(code: str, model_text: str, x_text, x) -> str:
 
     for old, new in (("model", model_text), ("x", x_text)):
         if new is not None and new != old:
-            code = re.sub(rf"(?<![\w.]){old}(?!\w)", lambda _, new=named(new): new, code)
+            put = named(new)
+            code = re.sub(rf"(?<![\w.]){old}(?!\w)", lambda _, put=put: put, code)
     return "\n".join(head + [code]) if head else code
 
 
