@@ -728,10 +728,18 @@ class _Context:
                    "allow_unused=True / unconnected_gradients='zero' on a tensor that was "
                    "replaced by a copy).")
         fix = self.fix(k)
-        if model_cut:
-            fix = ("# inside forward/call: keep framework operations throughout, e.g.\n"
-                   "# torch.tanh(x) instead of np.tanh(x.detach().numpy()); no .detach(), "
-                   ".item(), tf.stop_gradient\n" + fix)
+        if model_cut:  # no code outside the model can follow x through its cut
+            fix = ("# The model itself cuts the graph: no autodiff outside it can follow x "
+                   "through the cut.\n"
+                   "# 1. In forward/call keep framework operations throughout, e.g.\n"
+                   "#    torch.tanh(x) instead of np.tanh(x.detach().numpy()); no .detach(), "
+                   ".item(), tf.stop_gradient.\n"
+                   "# 2. Then the per-point derivative (uncomment once the model is fixed):\n"
+                   + "\n".join("# " + line for line in fix.splitlines()) + "\n"
+                   "# Meanwhile, the derivative of the model as it is now, by float64 central "
+                   "differences of its outputs:\n"
+                   f"d{k} = nbderiv.derivatives({self.mname}, {self.xname}, order={k}, "
+                   f"check=True).check.reference[{k}]")
         return self.result(
             "zeros-graph-broken",
             f"{name} (shape {_shape(M.shape)}) is zero where the true {_ordinal(k)} derivative "

@@ -41,7 +41,7 @@ class Centred(torch.nn.Module):
 
 
 def _run_fix(fix, model, x, mine=None):
-    ns = {"torch": torch, "np": np, "model": model, "x": x, "mine": mine}
+    ns = {"torch": torch, "np": np, "nbderiv": nbderiv, "model": model, "x": x, "mine": mine}
     exec(fix, ns)  # noqa: S102
     d1 = ns["d1"]
     return np.asarray(d1.detach() if hasattr(d1, "detach") else d1)
@@ -162,3 +162,33 @@ def test_a_random_model_is_not_judged_against_one_draw_and_the_random_state_is_k
     d1 = _run_fix(e.fix, drop, t)  # the deterministic (inference-mode) model's derivative
     assert not drop.training
     np.testing.assert_allclose(d1, diagonal_blocks64(drop.eval(), t), rtol=1e-4, atol=1e-6)
+
+
+class _CutInside(torch.nn.Module):
+    """tanh(l1(x)).detach() in forward: autodiff sees no path from x (cut=False: the same
+    function without the cut, for the truth)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.cut = torch.nn.Linear(2, 16), torch.nn.Linear(16, 1), True
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        return self.l2(h.detach() if self.cut else h)
+
+
+def test_a_graph_cut_inside_the_model_gets_a_fix_that_gives_its_true_derivative():
+    """The runnable part of the fix gives the model's derivative as it is (central
+    differences); the autodiff code, which gives 0 until forward is fixed, is commented out
+    (it ran and gave 0)."""
+    m = _CutInside()
+    x = torch.rand(8, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    e = nbderiv.explain(torch.zeros(8, 2), m, x)
+    assert e.code == "zeros-graph-broken"
+    whole = copy.deepcopy(m).double()
+    whole.cut = False
+    truth = torch.func.vmap(torch.func.jacrev(lambda p: whole(p[None])[0]))(
+        x.double()).detach().numpy()
+    assert np.abs(truth).max() > 0.05
+    np.testing.assert_allclose(_run_fix(e.fix, m, x), truth, rtol=1e-3, atol=1e-5)
