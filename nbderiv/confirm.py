@@ -336,6 +336,23 @@ def _finer_agree(call, X, scale, pts, v, h, fd, g, n_rows) -> np.ndarray:
     return np.nan_to_num(agree)
 
 
+def _float64_first(call, rows, wrt):
+    """(the sub-call, its first derivative) of a float64 copy of a float32 (or lower) model on
+    the points ``rows``, as one batch; None where there is no float64 copy, it computes in
+    float32 inside (a function holding a model), or it fails."""
+    c64 = _float64_call(call)
+    if c64 is call:
+        return None
+    sub = c64.with_args([a[list(rows)] for a in c64.args], verdict=call.verdict)
+    try:
+        (y,) = call.backend.forwards(sub, [sub.args])
+        if _effective_eps(sub, np.asarray(y, dtype=np.float64)) > 1e-10:
+            return None
+        return sub, call.backend.derivatives(sub, sub.args, 1, wrt).orders[0]
+    except Exception:  # the copy is not a float64 model after all
+        return None
+
+
 def graph_consistency_float64(call, wrt, zero_inputs, pts, rows=None):
     """:func:`graph_consistency` again at the points ``pts``, on a float64 copy of a float32
     (or lower) model, with autodiff in float64 too; None where there is no float64 copy or it
@@ -346,17 +363,12 @@ def graph_consistency_float64(call, wrt, zero_inputs, pts, rows=None):
     point is evaluated in; else the points are evaluated alone."""
     if call.dtype == np.float64 or not pts:
         return None
-    c64 = _float64_call(call)
-    if c64 is call:
+    first = _float64_first(call, range(rows) if rows is not None else pts, wrt)
+    if first is None:
         return None
-    chosen = list(range(rows)) if rows is not None else list(pts)
-    sub = c64.with_args([a[chosen] for a in c64.args], verdict=call.verdict)
+    sub, d1 = first
+    at = list(pts) if rows is not None else list(range(len(pts)))
     try:
-        (y,) = call.backend.forwards(sub, [sub.args])
-        if _effective_eps(sub, np.asarray(y, dtype=np.float64)) > 1e-10:
-            return None  # the copy computes in float32 inside (a function holding a model)
-        d1 = call.backend.derivatives(sub, sub.args, 1, wrt).orders[0]
-        at = list(pts) if rows is not None else list(range(len(pts)))
         out = graph_consistency(sub, d1, wrt, zero_inputs, at=at)
     except Exception:  # the copy is not a float64 model after all: keep the first look
         return None
@@ -375,18 +387,10 @@ def float64_first_derivative(call, wrt, points):
     coupled = call.verdict is not None and call.verdict.coupled
     if call.dtype == np.float64 or not points or coupled or call.hidden_coupling is not None:
         return None
-    c64 = _float64_call(call)
-    if c64 is call:
+    first = _float64_first(call, points, wrt)
+    if first is None:
         return None
-    sub = c64.with_args([a[list(points)] for a in c64.args], verdict=call.verdict)
-    try:
-        (y,) = call.backend.forwards(sub, [sub.args])
-        if _effective_eps(sub, np.asarray(y, dtype=np.float64)) > 1e-10:
-            return None
-        d1 = call.backend.derivatives(sub, sub.args, 1, wrt).orders[0]
-    except Exception:  # the copy is not a float64 model after all
-        return None
-    d1 = np.asarray(d1, dtype=np.float64)
+    d1 = np.asarray(first[1], dtype=np.float64)
     return d1.reshape(d1.shape[0], d1.shape[1], -1)
 
 

@@ -215,29 +215,24 @@ class _Context:
         diagonal, the rest 0 for points that do not interact."""
         n, d_out, n_in = self.dims()
         if d_out == 1 and M.size == (n * n_in) ** 2:
-            shape, idx, words = (n, n_in, n, n_in), "i, :, i, :", (
+            shape, words = (n, n_in, n, n_in), (
                 "the Hessian of the summed output over the whole batch, d2(sum_n y[n]) / "
                 "dx[m] dx[p] for every pair of points", "(N, n_inputs, N, n_inputs)")
         elif M.size == n ** 3 * d_out * n_in ** 2:
-            shape, idx, words = (n, d_out, n, n_in, n, n_in), "i, :, i, :, i, :", (
+            shape, words = (n, d_out, n, n_in, n, n_in), (
                 "a Jacobian of a Jacobian over the whole batch, d2 y[n] / dx[m] dx[p] for "
                 "every triple of points", "(N, d_out, N, n_inputs, N, n_inputs)")
         else:
             return None
         Mf = np.asarray(M, dtype=np.float64).reshape(shape)
         i = np.arange(n)
-        diag = Mf[i, :, i, :] if len(shape) == 4 else Mf[i, :, i, :, i, :]
-        diag = diag.reshape(T.shape)
-        if not _close(diag, T.astype(np.float64), dtype).all():
+        diagonal = (i, slice(None)) * (len(shape) // 2)  # [i, :, i, :] or [i, :, i, :, i, :]
+        if not _close(Mf[diagonal].reshape(T.shape), T.astype(np.float64), dtype).all():
             return None
         rest = Mf.copy()
-        if len(shape) == 4:
-            rest[i, :, i, :] = 0
-        else:
-            rest[i, :, i, :, i, :] = 0
+        rest[diagonal] = 0
         target = self.name if self.name.isidentifier() else "mine"
-        get = (f"{target}.reshape{_shape(shape)}[i, {idx[3:]}]" if len(shape) == 4 else
-               f"{target}.reshape{_shape(shape)}[{idx}]")
+        get = f"{target}.reshape{_shape(shape)}[{', '.join(['i, :'] * (len(shape) // 2))}]"
         extract = (f"i = {'torch' if self.orig_framework == 'torch' else 'np'}.arange({n})\n"
                    f"d2 = {get}" + ("[:, None]" if len(shape) == 4 else "")
                    + f"      # {_shape(T.shape)} = {self.layout(2)}")

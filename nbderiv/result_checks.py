@@ -221,10 +221,7 @@ def _underflowed(call, layers, y, wrt, unmoved, points, out_names) -> tuple:
     unmoved = unmoved & ~(tiny | flat)
     if not flat.any():
         return unmoved, None
-    x = call.features()[:y.shape[0]][:, list(wrt)].astype(np.float64)
-    x_top, x_low = x.max(axis=0), x.min(axis=0)
-    x_size = np.maximum(x_top - x_low, np.maximum(x_top, -x_low))     # range or max |x|
-    x_size = np.where(x_size > 0, x_size, 1.0)
+    x_size = _x_size(call.features()[:y.shape[0]][:, list(wrt)])
     slopes = np.zeros(unmoved.shape) if d64 is None else np.abs(d64).max(axis=0)
     change = np.where(flat, slopes * x_size, 0.0).max(axis=1)                 # (d_out,)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -267,6 +264,14 @@ def _size(y: np.ndarray) -> np.ndarray:
     return np.maximum(top, -low) + (top - low)
 
 
+def _x_size(x: np.ndarray) -> np.ndarray:
+    """The size of each input over the points: its range or its largest |x|, whichever is
+    larger (1 where x is constant 0)."""
+    x_top, x_low = x.max(axis=0).astype(np.float64), x.min(axis=0).astype(np.float64)
+    size = np.maximum(x_top - x_low, np.maximum(x_top, -x_low))
+    return np.where(size > 0, size, 1.0)
+
+
 def _scaled_max(d1: np.ndarray, x_size: np.ndarray) -> np.ndarray:
     """max over points and inputs of |d1[n, j, i]| * x_size[i], per output j: the largest
     |d1| of each (output, input) pair first (two passes, no temporary as large as d1), then
@@ -296,10 +301,7 @@ def _saturation(call, layers, y, d1, wrt, out_names, check, bad_rows=None) -> Fi
     finite = np.array([i not in bad for i in range(n)]) if bad else slice(None)
     if bad and len(bad) == n:
         return None
-    x = x[finite]
-    x_top, x_low = x.max(axis=0).astype(np.float64), x.min(axis=0).astype(np.float64)
-    x_size = np.maximum(x_top - x_low, np.maximum(x_top, -x_low))     # range or max |x|
-    x_size = np.where(x_size > 0, x_size, 1.0)                         # (m,)
+    x_size = _x_size(x[finite])                                         # (m,)
     y_size = _size(y[finite] if bad else y)                            # (d_out,)
     change = _scaled_max(d1[finite] if bad else d1, x_size)            # (d_out,)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -47,14 +47,26 @@ def _run_fix(fix, model, x, mine=None):
     return np.asarray(d1.detach() if hasattr(d1, "detach") else d1)
 
 
+def _batchnorm_in_training():
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                             torch.nn.Linear(8, 1))
+    return bn, torch.linspace(-1, 1, 10).reshape(-1, 1)
+
+
+def _ones_trick(model, t):
+    """The student's grad_outputs=ones derivative of model at t."""
+    x = t.clone().requires_grad_(True)
+    y = model(x)
+    g, = torch.autograd.grad(y, x, torch.ones_like(y))
+    return g
+
+
 def test_coupled_by_a_mean_in_forward_fix_gives_the_diagonal_blocks():
     torch.manual_seed(0)
     c = Centred()
     t = torch.linspace(-1, 1, 9).reshape(-1, 1)
-    x = t.clone().requires_grad_(True)
-    y = c(x)
-    g, = torch.autograd.grad(y, x, torch.ones_like(y))
-    e = nbderiv.explain(g, c, t)
+    e = nbderiv.explain(_ones_trick(c, t), c, t)
     assert e.code == "coupled-samples"
     truth = diagonal_blocks64(c, t)
     assert np.abs(truth).min() > 0.1  # far from the 0 a batch of one gives
@@ -66,14 +78,8 @@ def test_coupled_by_a_mean_in_forward_fix_gives_the_diagonal_blocks():
 
 
 def test_coupled_by_batchnorm_in_training_fix_gives_the_diagonal_blocks_then_eval():
-    torch.manual_seed(0)
-    bn = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
-                             torch.nn.Linear(8, 1))
-    t = torch.linspace(-1, 1, 10).reshape(-1, 1)
-    x = t.clone().requires_grad_(True)
-    y = bn(x)
-    g, = torch.autograd.grad(y, x, torch.ones_like(y))
-    e = nbderiv.explain(g, bn, t)
+    bn, t = _batchnorm_in_training()
+    e = nbderiv.explain(_ones_trick(bn, t), bn, t)
     assert e.code == "coupled-samples" and "train-mode" in e.message
     truth = diagonal_blocks64(bn, t)
     np.testing.assert_allclose(e.truth, truth, rtol=1e-4, atol=1e-6)
@@ -131,14 +137,8 @@ def test_per_point_vmap_of_a_model_that_centres_the_batch_is_coupling_not_a_cut_
 def test_the_whole_batchnorm_fix_runs_to_the_diagonal_blocks():
     """The inference-mode alternative is commented out: running the whole fix leaves d1 the
     diagonal blocks and the model in training mode."""
-    torch.manual_seed(0)
-    bn = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
-                             torch.nn.Linear(8, 1))
-    t = torch.linspace(-1, 1, 10).reshape(-1, 1)
-    x = t.clone().requires_grad_(True)
-    y = bn(x)
-    g, = torch.autograd.grad(y, x, torch.ones_like(y))
-    e = nbderiv.explain(g, bn, t)
+    bn, t = _batchnorm_in_training()
+    e = nbderiv.explain(_ones_trick(bn, t), bn, t)
     truth = diagonal_blocks64(bn, t)
     np.testing.assert_allclose(_run_fix(e.fix, bn, t), truth, rtol=1e-4, atol=1e-6)
     assert bn.training
@@ -149,9 +149,7 @@ def test_a_random_model_is_not_judged_against_one_draw_and_the_random_state_is_k
     drop = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Dropout(0.5),
                                torch.nn.Linear(32, 1)).train()
     t = torch.rand(20, 2, generator=torch.Generator().manual_seed(1))
-    x = t.clone().requires_grad_(True)
-    y = drop(x)
-    g, = torch.autograd.grad(y, x, torch.ones_like(y))
+    g = _ones_trick(drop, t)
     state = torch.random.get_rng_state()
     e = nbderiv.explain(g, drop, t)
     assert torch.equal(torch.random.get_rng_state(), state)  # nbderiv drew none of yours

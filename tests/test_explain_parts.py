@@ -184,33 +184,20 @@ def test_one_outputs_column_and_u_xx_of_two_outputs_are_correct_parts(two_output
     np.testing.assert_allclose(_run(e.fix, net, X, "d2"), H[:, 0, 1, 1], rtol=1e-4, atol=1e-6)
 
 
-def _pinn_grads():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
-    X = torch.rand(9, 2, generator=torch.Generator().manual_seed(1))
-    x = X.clone().requires_grad_(True)
-    u = model(x)
-    g = torch.autograd.grad(u, x, torch.ones_like(u), create_graph=True)[0]
-    m64 = copy.deepcopy(model).double()
-    H = torch.func.vmap(torch.func.hessian(lambda p: m64(p[None])[0, 0]))(X.double())
-    return model, X, x, g, H.detach().numpy()
-
-
-def test_one_column_of_the_summed_hessian_rows_is_summed_inputs():
+def test_one_column_of_the_summed_hessian_rows_is_summed_inputs(pinn):
     """grad(u_x_all, x, ones)[0][:, 0] is u_xx + u_tx (it said the array fits no derivative)."""
-    model, X, x, g, H = _pinn_grads()
-    bad = torch.autograd.grad(g, x, torch.ones_like(g))[0][:, 0]
+    H = pinn["H"]
+    bad = _grad(pinn["ux"], pinn["x"])[:, 0]
     np.testing.assert_allclose(bad.detach().numpy(), H[:, 0, 0] + H[:, 1, 0], rtol=1e-4,
                                atol=1e-6)
-    e = nbderiv.explain(bad, model, X, order=2)
+    e = nbderiv.explain(bad, pinn["net"], pinn["X"], order=2)
     assert e.code == "summed-inputs", e.message
     assert "column 0" in e.message
     np.testing.assert_allclose(e.truth[:, 0], H[:, 0, 0], rtol=1e-4, atol=1e-6)
 
 
-def test_a_part_times_a_constant_is_named_with_its_factor():
-    model, X, x, g, H = _pinn_grads()
-    u_xx = torch.autograd.grad(g[:, 0], x, torch.ones_like(g[:, 0]))[0][:, 0]
-    e = nbderiv.explain(4 * u_xx, model, X, order=2)
+def test_a_part_times_a_constant_is_named_with_its_factor(pinn):
+    u_xx = _grad(pinn["ux"][:, 0], pinn["x"])[:, 0]
+    e = nbderiv.explain(4 * u_xx, pinn["net"], pinn["X"], order=2)
     assert e.code == "wrong" and "4 times the second derivative" in e.message, e.message
-    np.testing.assert_allclose(np.ravel(e.truth), H[:, 0, 0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.ravel(e.truth), pinn["H"][:, 0, 0], rtol=1e-4, atol=1e-6)
