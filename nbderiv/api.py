@@ -187,7 +187,7 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
                                      shapes=call.point_shapes[:call.n_inputs],
                                      out_shape=call.verdict.out_shape,
                                      notes=result._code_notes + ("target",) * has_target)
-    result._time_axis = _time_axis(call)
+    result._time_axis = kept(call, "time axis", lambda: _time_axis(call))
     result._present(call.verdict.out_shape,
                     call.point_shapes[0] if call.n_inputs == 1 else None)
     return result, J

@@ -17,6 +17,8 @@ that couples points each probe point is evaluated inside the original batch.
 
 from __future__ import annotations
 
+import itertools
+
 import warnings
 
 import numpy as np
@@ -179,7 +181,9 @@ def graph_points(call, d1, skip=(), points: int = GRAPH_POINTS, extra=()) -> lis
     look = min(d1.shape[0], points + len(skip) + 64)  # the first rows hold enough candidates
     ok = np.isfinite(X_all[:look]).all(axis=1) & np.isfinite(
         d1[:look].reshape(look, -1)).all(axis=1)
-    chosen = [int(n) for n in np.flatnonzero(ok) if n not in skip][:points]
+    rows = np.flatnonzero(ok)
+    chosen = rows[:points].tolist() if not skip else \
+        list(itertools.islice((n for n in rows.tolist() if n not in skip), points))
     for n in extra:
         if n < d1.shape[0] and n not in skip and n not in chosen and \
                 np.isfinite(X_all[n]).all() and np.isfinite(d1[n]).all():

@@ -127,8 +127,12 @@ def _call_key(call) -> tuple:
     """What of the call, besides the model, the facts depend on: each point's shape, the
     dtype, the extras, whether the probe could see several points (one point cannot show
     coupling), the device."""
-    return (tuple(map(tuple, call.point_shapes)), call.dtype.str, call.n_inputs, call.extras,
+    key = call.__dict__.get("_memo_key")
+    if key is None:
+        key = call.__dict__["_memo_key"] = (
+            tuple(map(tuple, call.point_shapes)), call.dtype.str, call.n_inputs, call.extras,
             min(call.n, 2), str(call.device))
+    return key
 
 
 def _state(call):

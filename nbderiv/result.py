@@ -124,7 +124,8 @@ class Derivatives:
         self.wrt = tuple(range(n_in)) if wrt is None else tuple(wrt)
         all_names = tuple(inputs) if inputs is not None else _default_input_names(n_in)
         self.all_inputs = all_names
-        self.inputs = tuple(all_names[i] for i in self.wrt)
+        self.inputs = all_names if self.wrt == tuple(range(len(all_names))) \
+            else tuple(all_names[i] for i in self.wrt)
         self.findings = list(findings)
         self.check = check
         self.reference_errors = None  # {k: (max_abs, max_rel)} with derivatives(reference=...)

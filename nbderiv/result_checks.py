@@ -59,7 +59,8 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
         out.append(f)
     confirmed = confirmed + conventions
     out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
-    in_names = [call.names[i] for i in wrt]
+    in_names = call.names if tuple(wrt) == tuple(range(len(call.names))) \
+        else [call.names[i] for i in wrt]
     bad_first = set(non_finite_points(y, ders[0]))  # rows of y or d1 with a NaN or inf
     out += _dependence_findings(call, layers, y, ders[0], wrt, out_names, in_names,
                                 skip=confirmed + list(candidates[confirm.KINK_CHECKS:]),

@@ -317,14 +317,15 @@ class TorchBackend(Backend):
         cache (measured 1.3-2x faster per point than one batch of 10**5 on a 2-core CPU).
         Only for plain stacks of per-point layers on the CPU; otherwise no limit (a GPU wants
         large batches)."""
-        widths = dense_widths(uncompiled(call.model))
+        widths = kept(call, "dense widths", lambda: dense_widths(uncompiled(call.model)))
         if not widths or getattr(call.device, "type", "cpu") != "cpu":
             return None
         return int(min(8192, max(1024, 2 ** 18 // max(widths))))
 
     def bytes_per_point(self, call, order, m):
         model, width, d_out = uncompiled(call.model), call.width, call.d_out
-        if dense_widths(model) and getattr(call.device, "type", "cpu") == "cpu":
+        if kept(call, "dense widths", lambda: dense_widths(model)) \
+                and getattr(call.device, "type", "cpu") == "cpu":
             # the work runs in blocks of block_rows rows (a few MB whatever N is), so only the
             # inputs (a numpy array and a tensor) grow with the number of points
             return 16 * width

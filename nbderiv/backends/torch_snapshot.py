@@ -138,8 +138,8 @@ def _walk(state, found) -> list:
                 todo.extend(sub for sub in value.values() if sub is not None)
                 objects.extend(sub for sub in value.values() if sub is not None)
                 settings.append((name, tuple((k, id(sub)) for k, sub in value.items())))
-            elif kind in _CONTAINERS and not value:  # an empty dict of hooks
-                settings.append((name, kind.__name__))
+            elif kind in _CONTAINERS and not value:  # an empty dict of hooks: as if absent
+                continue
             else:
                 settings.append(_setting(name, value, objects, found, todo))
         if _own_classes(type(m)):
