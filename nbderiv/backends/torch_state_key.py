@@ -182,10 +182,12 @@ def _values(tensors, saved=None) -> tuple:
     swaps that keep the sum of positions) and the sum of their squares; beyond that, no copy:
     three fused reductions per tensor (1-norm, 2-norm, max), which a permutation inside one
     tensor leaves as they were. Other tensors by their sums."""
-    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
-    others = [t.detach() for t in tensors if not t.is_floating_point() and t.numel()]
+    floats, others = [], []
+    for t in tensors:
+        if t.numel():
+            (floats if t.is_floating_point() else others).append(t)
     out = ()
-    with torch.no_grad():
+    with torch.no_grad():  # (no graph: the tensors need no detaching)
         if floats and sum(t.numel() for t in floats) <= _SIDE_BY_SIDE:
             if saved is not None and saved.covers(tensors):
                 flats = [flat for _, _, flat in saved.groups if flat.numel()]
