@@ -33,6 +33,10 @@ MOMENTS_NOTE = (
     "differentiates.")
 
 
+# cross-sample Jacobians up to this many entries are searched for a row or column
+SLICE_JACOBIAN_MAX = 1 << 20
+
+
 def _num(v) -> str:
     return f"{float(v):.4g}"
 
@@ -250,6 +254,53 @@ class _Context:
             fix=extract + "\n# cheaper, without the batch-sized axes:\n" + self.fix(2),
             truth=T)
 
+    def cross_sample_slice(self, M, T, dtype):
+        """``cross-sample-jacobian`` for one slice of the full Jacobian J (N, d_out, N,
+        n_inputs) at a fixed point p: its column J[:, :, p, :] (every point's output
+        differentiated by point p's input) or its row J[p] (point p's output by every point's
+        input), all outputs or one. For points that do not interact every entry but point p's
+        is 0: no graph is cut there."""
+        n, d_out, _ = self.dims()
+        J = self.truth.jacobian().astype(np.float64)
+        picks = [("column", p, j) for p in range(n) for j in (None, *range(d_out))] + \
+            [("row", p, j) for p in range(n) for j in (None, *range(d_out))]
+        for kind, p, j in picks:
+            part = J[:, :, p, :] if kind == "column" else J[p].transpose(1, 0, 2)  # (N, d_out, n)
+            if j is not None:
+                if d_out == 1:
+                    continue  # the same numbers as all outputs
+                part = part[:, j]
+            if part.size != M.size or match(M, part, dtype) is None:
+                continue
+            if match(M, T if j is None else T[:, j], dtype) is not None:
+                return None  # the slice is the derivative itself (one point)
+            others = np.delete(part, p, axis=0)
+            if not np.any(others):  # points that do not interact: row p and column p agree
+                kind = "row or column"
+            out = "" if j is None else f"output {j}, "
+            o = j if j is not None else ":"
+            column = (f"J[:, {o}, {p}, :], every point's output differentiated with respect "
+                      f"to point {p}'s input, dy[n]/dx[{p}] for n = 0..{n - 1}")
+            row = (f"J[{p}, {o}, :, :], point {p}'s output differentiated with respect to "
+                   f"every point's input, dy[{p}]/dx[m] for m = 0..{n - 1}")
+            where = {"column": column, "row": row}.get(kind, f"{column} (or its row {row})")
+            zeros = (f"Point n's output depends only on point n's input, so every entry but "
+                     f"point {p}'s is 0: those zeros are right, no graph is cut."
+                     if not np.any(others) else
+                     f"This model couples points, so the other entries are not 0 (up to "
+                     f"{_num(np.abs(others).max())}), but they are not the per-point "
+                     f"derivatives either.")
+            return self.result(
+                "cross-sample-jacobian",
+                f"{self.name} (shape {_shape(M.shape)}) is one {kind} of the cross-sample "
+                f"Jacobian J = dy[n]/dx[m] (shape {_shape(J.shape)} = (N, d_out, N, "
+                f"n_inputs), what torch.autograd.functional.jacobian(model, x) or "
+                f"tape.jacobian gives): {out}{where}. {zeros} The per-point "
+                f"derivatives are J's diagonal blocks J[i, :, i, :] with i = arange({n}), "
+                f"shape {_shape(T.shape)} = {self.layout(1)}.", 1,
+                fix="# the per-point derivatives, without the N x N Jacobian:\n" + self.fix(1))
+        return None
+
     def coupled_alone(self, M, k, alone):
         """``coupled-samples``: each point differentiated with the model run on it alone."""
         T = self.truth.get(k)
@@ -396,6 +447,11 @@ class _Context:
                          + "\n# cheaper, without the N x N Jacobian"
                          + (" (only for points that do not interact):\n" if np.any(off)
                             else ":\n") + self.fix(1)))
+        if k == 1 and n > 1 and M.size in (n * d_out * n_in, n * n_in) \
+                and n * n * d_out * n_in <= SLICE_JACOBIAN_MAX:
+            found = self.cross_sample_slice(M, T, dtype)
+            if found is not None:
+                return found
         if k == 2 and n > 1 and not self.truth.coupled:
             found = self.cross_sample_second(M, T, dtype)
             if found is not None:
