@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import re
+import textwrap
 from dataclasses import dataclass
 
 # changing a leaf that requires grad in place: the same code, its own words
@@ -138,6 +139,77 @@ def _grad_args(line: str, names=("grad",)):
     return None, None
 
 
+def _assignment(name: str, source: str) -> str | None:
+    """The cell's (first) line assigning ``name`` (``u = net(x)``, ``u, v = ...``), dedented,
+    or None."""
+    if not name or not re.fullmatch(r"[A-Za-z_]\w*", name):
+        return None
+    for raw in (source or "").splitlines():
+        if re.match(rf"\s*{re.escape(name)}\s*(,[^=]*)?=(?!=)", raw):
+            return raw.split("#", 1)[0].strip()
+    return None
+
+
+def _recomputed(out: str, inp: str, line: str, source: str, note: str) -> str:
+    """Fix code: ``inp`` asks for gradients, the cell's own line computing ``out`` runs again
+    without what cut the graph (``.detach()``, ``.data``; dedented out of a ``no_grad``
+    block), then the cell's failing line (or a grad call of ``out``)."""
+    root = re.match(r"[A-Za-z_]\w*", out or "")
+    root = root.group(0) if root else "y"  # y of y.sum() or y[:, 0]
+    made = _assignment(root, source)
+    lines = [f"{inp} = {inp}.detach().requires_grad_(True)   # a leaf that asks for gradients"]
+    if made is not None:
+        again = re.sub(r"\.detach\(\)|\.data\b", "", made)
+        lines.append(f"{again}      # {note}")
+    else:
+        lines.append(f"{root} = model({inp})      # {note}")
+    call = (line or "").split("#", 1)[0].strip()
+    lines.append(call if re.search(r"\bgrad\(|\.backward\(", call) else
+                 f"g, = torch.autograd.grad({out}, {inp}, grad_outputs=torch.ones_like({out}))")
+    return "\n".join(lines)
+
+
+def _with_keyword(call: str, keyword: str) -> str:
+    """``call`` with ``keyword`` (``"create_graph=True"``) added to its backward/grad call
+    (comment dropped)."""
+    code = call.split("#", 1)[0].rstrip()
+    m = _GRAD_CALL.search(code)
+    if m is None or keyword.split("=")[0] in code:
+        return code
+    depth, i = 1, m.end()
+    while i < len(code) and depth:
+        depth += {"(": 1, ")": -1}.get(code[i], 0)
+        i += 1
+    if depth:  # the call continues on the next line: left as it is
+        return code
+    inside = code[m.end():i - 1].strip()
+    return code[:i - 1] + (f", {keyword}" if inside else keyword) + code[i - 1:]
+
+
+def _floating(line: str, source: str) -> str:
+    """Fix code for an integer tensor: the cell's line made floating point, in its framework."""
+    code = (line or "").split("#", 1)[0].strip()
+    tensorflow = re.search(r"\btf\.|GradientTape", source or code) and not re.search(
+        r"\btorch\.", code)
+    if tensorflow:
+        watched = re.search(r"\.watch\(\s*([A-Za-z_]\w*)", source or "")
+        x = watched.group(1) if watched else "x"
+        return (f"{x} = tf.cast({x}, tf.float32)      # floating point before the tape watches "
+                f"it\n# then run the tape again")
+    bare = re.fullmatch(r"([A-Za-z_]\w*)\s*\.requires_grad_\(.*\)", code)
+    if bare:  # x.requires_grad_(True) on its own: a float copy has to be named
+        x = bare.group(1)
+        return f"{x} = {x}.float().requires_grad_(True)      # floating point (float32) first"
+    if ".requires_grad_(" in code:
+        fixed = re.sub(r"\.(long|int|short)\(\)(?=\.requires_grad_\()", "", code)
+        return fixed.replace(".requires_grad_(", ".float().requires_grad_(", 1) + \
+            "      # floating point (float32) first"
+    m = re.match(r"\s*([A-Za-z_]\w*)\s*=", code)
+    x = m.group(1) if m else "x"
+    return (f"{x} = {x}.float().requires_grad_(True)      # floating point: "
+            f"torch.arange(5, dtype=torch.float32), np.float32 arrays")
+
+
 def _first_use(source: str, patterns) -> str | None:
     """The first line of ``source`` matching the first pattern that matches any line."""
     for p in patterns:
@@ -207,14 +279,15 @@ def _no_grad(where, line, source):
     if made:
         kept = (" Its retain_graph=True keeps the graph of the output for another pass, but "
                 "builds none for the derivative." if "retain_graph=True" in made else "")
+        y, _ = _grad_args(made)
+        again = _assignment(y, source) if y else None  # its graph was freed by that call
+        fix = ((again + "      # again: the first grad call freed its graph\n" if again else "")
+               + _with_keyword(made, "create_graph=True") + "      # a graph to differentiate\n"
+               + line.strip())
         return (f"{where} differentiates {t}, but {t} has no grad_fn: it is the result of "
                 f"`{made}`, and a grad call returns plain numbers, with no graph of their own, "
                 f"unless it is given create_graph=True.{kept} There is nothing to "
-                f"differentiate.",
-                "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), "
-                "create_graph=True)\n"
-                "g2, = torch.autograd.grad(g, x, grad_outputs=torch.ones_like(g))  "
-                "# second derivative")
+                f"differentiate.", fix)
     cause = None
     for pattern, why in (
             (r"no_grad\(", "it was computed under `torch.no_grad()`"),
@@ -238,9 +311,8 @@ def _no_grad(where, line, source):
                  "without requires_grad (torch.linspace/rand/tensor(...) default to False)")
     return (f"{where} differentiates {t}, but {t} has no grad_fn: autograd did not record how it "
             f"was computed, because {cause}. There is nothing to differentiate.",
-            "x = x.detach().requires_grad_(True)   # before the model sees x\n"
-            "y = model(x)                          # outside torch.no_grad(), no .detach()/.data\n"
-            "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y))")
+            _recomputed(t, _grad_args(line)[1] or "x", line, source,
+                        "outside torch.no_grad(), no .detach()/.data"))
 
 
 def _non_scalar(where, line, source):
@@ -263,21 +335,102 @@ def _unused(where, line, source):
             f"model ignores that input, or the output was computed from another tensor (a copy "
             f"made by .detach(), torch.tensor(...), or a tensor re-created after the forward "
             f"pass).",
-            f"y = model(x)           # computed from the very tensor you differentiate by\n"
-            f"g = torch.autograd.grad(y, {inp}, grad_outputs=torch.ones_like(y), "
-            "allow_unused=True, materialize_grads=True)   # zeros for an unused input")
+            _recomputed(out or "y", inp if inp.isidentifier() else "x", line, source,
+                        "computed from the very tensor you differentiate by")
+            + "\n# or, for an input the model does not use: allow_unused=True, "
+              "materialize_grads=True (zeros)")
 
 
 def _freed(where, line, source):
-    first = _first_use(source, [r"\.backward\(", r"autograd\.grad\("])
-    return (f"{where} differentiates through a graph whose saved values were already freed: "
-            f"the first backward/grad call"
-            + (f" (`{first}`)" if first and first != line.strip() else "")
-            + " releases the graph unless told otherwise. For a second derivative the first "
-              "call needs create_graph=True (which also keeps the graph); to differentiate the "
-              "same output twice, retain_graph=True, or recompute y = model(x).",
-            "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), create_graph=True)\n"
-            "g2, = torch.autograd.grad(g, x, grad_outputs=torch.ones_like(g))  # second derivative")
+    culprit = _freeing_call(line, source)
+    if culprit is None:  # an earlier cell, or this very line run again (a loop)
+        return (f"{where} differentiates through a graph whose saved values were already "
+                f"freed: a backward/grad call that ran before it (in an earlier cell, or this "
+                f"line in a loop) released the graph, as each call does unless told otherwise. "
+                f"For a second derivative the first call needs create_graph=True (which also "
+                f"keeps the graph); to differentiate the same output twice, "
+                f"retain_graph=True, or recompute y = model(x).",
+                "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), "
+                "create_graph=True)\n"
+                "g2, = torch.autograd.grad(g, x, grad_outputs=torch.ones_like(g))  # second "
+                "derivative")
+    return (f"{where} differentiates through a graph whose saved values were already freed, "
+            f"by the call before it that ran backward through the same graph: `{culprit}`. "
+            f"It has neither retain_graph=True nor create_graph=True, so it released the graph "
+            f"(the graph of y and, after a create_graph=True call, that of its result). Give "
+            f"that call retain_graph=True (or create_graph=True where you differentiate its "
+            f"result again), or recompute the output before the second call.",
+            _rerun_with(culprit, line, source))
+
+
+def _rerun_with(culprit, line, source) -> str:
+    """Fix code for a freed graph: the cell's lines again, from the one computing the output
+    the cell's first grad call differentiates through the failing ``line``, with
+    ``retain_graph=True`` on ``culprit`` (the graph is gone: running that call alone again
+    would fail the same way); the fixed call alone where those lines are not found."""
+    fixed = _with_keyword(culprit, "retain_graph=True") + "   # keeps the graph for what follows"
+    lines = (source or "").splitlines()
+    target = (line or "").strip()
+    end = next((i for i, raw in enumerate(lines) if raw.strip() == target and target), None)
+    first = next((raw for raw in lines if _GRAD_CALL.search(raw.split("#", 1)[0])), None)
+    names = _differentiated_names(first) if first else set()
+    start = next((i for i, raw in enumerate(lines[:end or 0]) if any(
+        re.match(rf"\s*{re.escape(n)}\s*(,[^=]*)?=(?!=)", raw) for n in names)), None)
+    if end is None or start is None:
+        return fixed
+    chunk = [fixed if raw.strip() == culprit else raw for raw in lines[start:end + 1]]
+    text = textwrap.dedent("\n".join(chunk))
+    try:
+        ast.parse(text)
+    except SyntaxError:  # the lines start or end inside a block
+        return fixed
+    return text
+
+
+_GRAD_CALL = re.compile(r"\.backward\(|\bgrad\(|\.gradient\(")
+
+
+def _freeing_call(line, source):
+    """The backward/grad call before ``line`` in ``source`` that keeps no graph (no
+    retain_graph=True, no create_graph=True) and freed the graph ``line`` needs: the last one
+    differentiating a tensor named in what ``line`` differentiates (``u_x[:, 0]`` before
+    ``u_x[:, 1]``), else the last one; None when there is none."""
+    lines = (source or "").splitlines()
+    target = (line or "").strip()
+    end = next((i for i, raw in enumerate(lines) if raw.strip() == target and target),
+               len(lines))
+    wanted = _differentiated_names(target)
+    last = shared = None
+    for raw in lines[:end]:
+        code = raw.split("#", 1)[0]
+        if _GRAD_CALL.search(code) and not re.search(
+                r"(retain_graph|create_graph)\s*=\s*True", code):
+            last = raw.strip()
+            if wanted & _differentiated_names(code):
+                shared = last
+    return shared or last
+
+
+_NOT_TENSORS = frozenset({"torch", "autograd", "grad", "ones_like", "sum", "mean", "tf", "np",
+                          "backward", "gradient", "tape", "reduce_sum", "reduce_mean"})
+
+
+def _differentiated_names(code: str) -> set:
+    """The names in what a backward/grad call differentiates: ``grad``'s first argument, or
+    the expression ``.backward()`` is called on."""
+    code = code.split("#", 1)[0]
+    m = _GRAD_CALL.search(code)
+    if m is None:
+        return set()
+    if m.group().startswith(".backward"):
+        expr = re.split(r"[=,(]\s*", code[:m.start()])[-1]
+    else:
+        depth, i = 0, m.end()
+        while i < len(code) and not (depth == 0 and code[i] in ",)"):
+            depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(code[i], 0)
+            i += 1
+        expr = code[m.end():i]
+    return set(re.findall(r"[A-Za-z_]\w*", expr)) - _NOT_TENSORS
 
 
 def _inplace(where, line, source):
@@ -329,8 +482,7 @@ def _integer(where, line, source):
             f"inputs (torch refuses requires_grad on integers; a TensorFlow tape ignores an "
             f"integer tensor and gradient() returns None). torch.arange/tf.range of ints and "
             f"integer NumPy arrays are the usual source.",
-            "x = torch.arange(5, dtype=torch.float32).requires_grad_(True)   # torch\n"
-            "x = tf.cast(x, tf.float32)                                      # TensorFlow")
+            _floating(line, source))
 
 
 def _input_no_grad(where, line, source):
@@ -372,6 +524,9 @@ def _tape_twice(where, line, source):
     tape = tape.split(".")[0]
     first = _first_use(source, [rf"\b{re.escape(tape)}\s*\.\s*(gradient|jacobian|"
                                 r"batch_jacobian)\s*\("])
+    nested = _second_derivative_tapes(where, tape, first, line, source)
+    if nested is not None:
+        return nested
     return (f"{where} asks {tape} for gradients a second time"
             + (f" (the first: `{first}`)" if first and first != line.strip() else "")
             + ", but a GradientTape releases what it recorded after its first gradient/jacobian "
@@ -379,6 +534,39 @@ def _tape_twice(where, line, source):
             f"with tf.GradientTape(persistent=True) as {tape}:   # several gradient calls\n"
             "    ...\n"
             f"# then: del {tape}  when done; or one call for both: {tape}.gradient([u, v], x)")
+
+
+def _second_derivative_tapes(where, tape, first, line, source):
+    """(message, fix) where the second gradient call differentiates the first one's result
+    (``dy = tape.gradient(y, x)`` then ``tape.gradient(dy, x)``): a second derivative, which
+    needs the first gradient taken inside an outer tape's block (persistent=True alone gives
+    None: the first gradient ran outside every tape). None otherwise."""
+    if not first or first == line.strip():
+        return None
+    m = re.match(r"\s*([A-Za-z_]\w*)\s*,?\s*=[^=]", first)
+    target, _ = _grad_args(line, names=("gradient",))
+    y, x = _grad_args(first, names=("gradient",))
+    if m is None or target != m.group(1) or not y or not x:
+        return None
+    dy = m.group(1)
+    made = _first_use(source, [rf"^\s*{re.escape(y)}\s*=[^=]"]) if y.isidentifier() else None
+    assigned = re.match(r"\s*([A-Za-z_]\w*)\s*,?\s*=[^=]", line or "")
+    d2 = assigned.group(1) if assigned else "d2"
+    model_line = made.strip() if made else f"{y} = model({x})"
+    fix = (f"with tf.GradientTape() as outer:\n"
+           f"    outer.watch({x})\n"
+           f"    with tf.GradientTape() as {tape}:\n"
+           f"        {tape}.watch({x})\n"
+           f"        {model_line}\n"
+           f"    {dy} = {tape}.gradient({y}, {x})      # inside the outer tape's block: "
+           f"recorded\n"
+           f"{d2} = outer.gradient({dy}, {x})      # the second derivative")
+    return (f"{where} differentiates {dy}, the result of `{first}`: a second "
+            f"derivative. One tape cannot give it: {tape} released its recording after the "
+            f"first gradient call, and even with persistent=True the answer would be None, "
+            f"because {dy} was computed after the with-block, where no tape records. Take the "
+            f"first gradient inside an outer tape's block (nested tapes), then ask the outer "
+            f"tape for the gradient of {dy}.", fix)
 
 
 def _gradient_of_none(where, line, source):

@@ -11,6 +11,8 @@ d2 = d[2]
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .explain_match import _squeezed_shape
@@ -125,6 +127,9 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
     """
     order = max(int(order or 1), 1)
     name = f"d{order}"
+    # the code's own names, kept apart from the model's and x's (a model named f)
+    taken = set(re.findall(r"[A-Za-z_]\w*", f"{model} {x}"))
+    fn, xv, yv = _fresh("f", taken), _fresh("x_", taken), _fresh("y", taken)
     many = _many(pshape, oshape)
     oshape = tuple(int(v) for v in (oshape or ()))
     nO = max(len(oshape), 1)  # output axes of the derivative (d_out when O has one axis or none)
@@ -148,28 +153,28 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
     if framework == "tensorflow":
         tfdtype = "tf.float64" if dtype == "float64" else "tf.float32"
         if many:
-            lines = [f"x_ = tf.cast({x}, {tfdtype})      # (N, *S) floats: each point keeps "
+            lines = [f"{xv} = tf.cast({x}, {tfdtype})      # (N, *S) floats: each point keeps "
                      "its shape"]
         else:
-            lines = [f"x_ = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, 'tensorflow')}, -1))"
+            lines = [f"{xv} = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, 'tensorflow')}, -1))"
                      "      # (N, d_in) floats"]
         if eval_first:
-            lines.append(f"# {model}(x_, training=False): batch statistics off")
-        call = f"{model}(x_, training=False)" if eval_first else f"{model}(x_)"
+            lines.append(f"# {model}({xv}, training=False): batch statistics off")
+        call = f"{model}({xv}, training=False)" if eval_first else f"{model}({xv})"
         indent = ""
         for k in range(order, 0, -1):
             lines.append(f"{indent}with tf.GradientTape() as tape{k}:")
             indent += "    "
-            lines.append(f"{indent}tape{k}.watch(x_)")
+            lines.append(f"{indent}tape{k}.watch({xv})")
         if len(oshape) > 1:
-            lines.append(f"{indent}y = {call}      # (N, *O)")
+            lines.append(f"{indent}{yv} = {call}      # (N, *O)")
         else:
-            lines.append(f"{indent}y = tf.reshape({call}, ({_len(x, 'tensorflow')}, -1))"
+            lines.append(f"{indent}{yv} = tf.reshape({call}, ({_len(x, 'tensorflow')}, -1))"
                          "      # (N, d_out)")
-        prev = "y"
+        prev = yv
         for k in range(1, order + 1):
             indent = indent[:-4]
-            lines.append(f"{indent}d{k} = tape{k}.batch_jacobian({prev}, x_)"
+            lines.append(f"{indent}d{k} = tape{k}.batch_jacobian({prev}, {xv})"
                          f"      # {_layout(k, pshape, oshape) if many else _layout(k)}")
             prev = f"d{k}"
         if keep:
@@ -182,33 +187,40 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
             lines.append(f"{model}.eval()                      # inference mode: dropout off, "
                          "BatchNorm on its running statistics")
         if many:
-            lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype})"
+            lines.append(f"{xv} = torch.as_tensor({x}).detach().to({tdtype})"
                          "      # (N, *S): each point keeps its shape")
             if len(oshape) > 1:
-                lines.append(f"f = lambda p: {model}(p.unsqueeze(0))[0]"
+                lines.append(f"{fn} = lambda p: {model}(p.unsqueeze(0))[0]"
                              "      # one point S -> its output O")
             else:
-                lines.append(f"f = lambda p: {model}(p.unsqueeze(0)).reshape(-1)"
+                lines.append(f"{fn} = lambda p: {model}(p.unsqueeze(0)).reshape(-1)"
                              "      # one point S -> (d_out,)")
         else:
-            lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
+            lines.append(f"{xv} = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
                          "  # (N, d_in)")
-            lines.append(f"f = lambda p: {model}(p.unsqueeze(0)).reshape(-1)"
+            lines.append(f"{fn} = lambda p: {model}(p.unsqueeze(0)).reshape(-1)"
                          "      # one point (d_in,) -> (d_out,)")
-        inner = "f"
+        inner = fn
         for _ in range(order):
             inner = f"torch.func.jacrev({inner})"
         full = _layout(order, pshape, oshape) if wrt is not None and many else layout
         if loop:
-            lines.append(f"{name} = torch.stack([{inner}(p) for p in x_])      # {full}: one "
+            lines.append(f"{name} = torch.stack([{inner}(p) for p in {xv}])      # {full}: one "
                          "point at a time (torch.func.vmap cannot batch this model's recurrent "
                          "layers)")
         else:
-            lines.append(f"{name} = torch.func.vmap({inner})(x_)      # {full}")
+            lines.append(f"{name} = torch.func.vmap({inner})({xv})      # {full}")
         if keep:
             lines.append(keep)
         return "\n".join(lines)
     return f"d = nbderiv.derivatives({model}, {x}, order={order})\n{name} = d[{order}]"
+
+
+def _fresh(name, taken) -> str:
+    """``name``, or ``name`` with underscores added until it is none of ``taken``."""
+    while name in taken:
+        name += "_"
+    return name
 
 
 def _len(x, framework):
@@ -232,6 +244,8 @@ def diagonal_blocks_code(framework, *, model="model", x="x", wrt=None, dtype="fl
     many = _many(pshape, oshape)
     oshape = tuple(int(v) for v in (oshape or ()))
     lines = []
+    taken = set(re.findall(r"[A-Za-z_]\w*", f"{model} {x}"))
+    xv, yv = _fresh("x_", taken), _fresh("y", taken)
     if mine is not None:
         n = int(jshape[0])
         if framework == "torch":
@@ -249,30 +263,30 @@ def diagonal_blocks_code(framework, *, model="model", x="x", wrt=None, dtype="fl
     elif framework == "tensorflow":
         tfdtype = "tf.float64" if dtype == "float64" else "tf.float32"
         if many:
-            lines.append(f"x_ = tf.cast({x}, {tfdtype})      # (N, *S) floats: each point "
+            lines.append(f"{xv} = tf.cast({x}, {tfdtype})      # (N, *S) floats: each point "
                          "keeps its shape")
         else:
-            lines.append(f"x_ = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, framework)}, -1))"
+            lines.append(f"{xv} = tf.reshape(tf.cast({x}, {tfdtype}), ({_len(x, framework)}, -1))"
                          "      # (N, d_in) floats")
-        y = (f"{model}(x_)      # (N, *O)" if len(oshape) > 1 else
-             f"tf.reshape({model}(x_), (tf.shape(x_)[0], -1))      # (N, d_out)")
+        y = (f"{model}({xv})      # (N, *O)" if len(oshape) > 1 else
+             f"tf.reshape({model}({xv}), (tf.shape({xv})[0], -1))      # (N, d_out)")
         lines += ["with tf.GradientTape() as tape:",
-                  "    tape.watch(x_)",
-                  f"    y = {y}",
-                  f"J = tape.jacobian(y, x_).numpy()      # {_whole(many, oshape)}: the whole batch",
+                  f"    tape.watch({xv})",
+                  f"    {yv} = {y}",
+                  f"J = tape.jacobian({yv}, {xv}).numpy()      # {_whole(many, oshape)}: the whole batch",
                   "i = np.arange(J.shape[0])"]
     else:
         tdtype = "torch.float64" if dtype == "float64" else "torch.float32"
         if many:
-            lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype})"
+            lines.append(f"{xv} = torch.as_tensor({x}).detach().to({tdtype})"
                          "      # (N, *S): each point keeps its shape")
         else:
-            lines.append(f"x_ = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
+            lines.append(f"{xv} = torch.as_tensor({x}).detach().to({tdtype}).reshape(len({x}), -1)"
                          "  # (N, d_in)")
         f = f"{model}(p)" if len(oshape) > 1 else f"{model}(p).reshape(len(p), -1)"
-        lines += [f"J = torch.autograd.functional.jacobian(lambda p: {f}, x_)      # "
+        lines += [f"J = torch.autograd.functional.jacobian(lambda p: {f}, {xv})      # "
                   f"{_whole(many, oshape)}: the whole batch",
-                  "i = torch.arange(len(x_))"]
+                  f"i = torch.arange(len({xv}))"]
     if many:
         lines.append(f"d1 = J[i, {':, ' * max(len(oshape), 1)}i]      # {_layout(1, pshape, oshape)}: the "
                      "diagonal blocks")

@@ -1,0 +1,188 @@
+"""The fix code ``%%nnderiv explain`` gives for a classic autograd error runs in the student's
+notebook, on the student's own names, and gives the right numbers. Truths: float64
+``torch.func`` of a float64 copy of the model, a float64 Keras twin's nested tapes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("IPython")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SETUP = """
+import torch, numpy as np, nbderiv
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+net1 = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+pts = torch.rand(6, 2)
+xs = torch.linspace(-1, 1, 8).reshape(-1, 1)
+"""
+
+
+@pytest.fixture(scope="module")
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    ip = InteractiveShell.instance()
+    if "nbderiv" not in ip.extension_manager.loaded:
+        with capture_output():
+            ip.run_line_magic("load_ext", "nbderiv")
+    ip.run_cell(SETUP, store_history=False)
+    return ip
+
+
+def explain(shell, line, body):
+    from IPython.utils.capture import capture_output
+
+    with capture_output():
+        result = shell.run_cell(f"%%nnderiv explain {line}\n" + textwrap.dedent(body),
+                                store_history=False)
+    assert result.success, result.error_in_exec
+    return result.result
+
+
+def run_fix(shell, fix):
+    from IPython.utils.capture import capture_output
+
+    with capture_output():
+        result = shell.run_cell(fix, store_history=False)
+    assert result.success, (fix, result.error_in_exec)
+    return shell.user_ns
+
+
+def _values(t):
+    return np.asarray(t.detach() if hasattr(t, "detach") else t, dtype=np.float64)
+
+
+def pinn_truth(shell, name, X, k):
+    m = copy.deepcopy(shell.user_ns[name]).double()
+    f = lambda p: m(p[None])[0, 0]  # noqa: E731
+    fn = torch.func.jacrev(f) if k == 1 else torch.func.hessian(f)
+    return torch.func.vmap(fn)(X.double()).detach().numpy()
+
+
+def test_graph_freed_names_the_call_that_freed_it(shell):
+    """A PINN Laplacian: u_xx's grad call (no retain_graph) frees the graph u_yy needs; the
+    message named the create_graph=True call, and its fix had y and x."""
+    [e] = explain(shell, "net pts", """\
+        x = pts.clone().requires_grad_(True)
+        u = net(x)
+        u_x, = torch.autograd.grad(u, x, torch.ones_like(u), create_graph=True)
+        u_xx = torch.autograd.grad(u_x[:, 0], x, torch.ones_like(u_x[:, 0]))[0]
+        u_yy = torch.autograd.grad(u_x[:, 1], x, torch.ones_like(u_x[:, 1]))[0]
+        """)
+    assert e.code == "graph-freed"
+    assert "by the call before it" in e.message and "`u_xx = torch.autograd.grad(" in e.message
+    # the cell's lines again from u = net(x) (the graph is gone), retain_graph on u_xx's
+    assert e.fix.startswith("u = net(x)\n") and "[:, 0]), retain_graph=True)[0]" in e.fix
+    ns = run_fix(shell, e.fix)
+    H = pinn_truth(shell, "net", shell.user_ns["pts"], 2)
+    np.testing.assert_allclose(_values(ns["u_xx"]), H[:, :, 0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_values(ns["u_yy"]), H[:, :, 1], rtol=1e-4, atol=1e-6)
+
+
+def test_graph_freed_blames_the_call_on_the_same_output(shell):
+    [e] = explain(shell, "net pts", """\
+        x = pts.clone().requires_grad_(True)
+        y = net(x)
+        g = torch.autograd.grad(y.sum(), x)
+        z = net(2 * x)
+        h = torch.autograd.grad(z.sum(), x)
+        g2 = torch.autograd.grad(y.sum(), x)
+        """)
+    assert e.code == "graph-freed" and "`g = torch.autograd.grad(y.sum(), x)`" in e.message
+
+
+def test_create_graph_forgotten_fix_gives_the_second_derivative(shell):
+    [e] = explain(shell, "net1 xs", """\
+        x = xs.clone().requires_grad_(True)
+        u = net1(x)
+        u_x, = torch.autograd.grad(u, x, torch.ones_like(u))
+        u_xx, = torch.autograd.grad(u_x, x, torch.ones_like(u_x))
+        """)
+    assert e.code == "no-grad-required"
+    assert "create_graph=True" in e.fix and "u = net1(x)" in e.fix
+    ns = run_fix(shell, e.fix)
+    truth = pinn_truth(shell, "net1", shell.user_ns["xs"], 2)
+    np.testing.assert_allclose(_values(ns["u_xx"]), truth.reshape(8, 1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("body", [
+    "x = xs.clone().requires_grad_(True)\nwith torch.no_grad():\n    u = net1(x)\n"
+    "g, = torch.autograd.grad(u, x, torch.ones_like(u))\n",
+    "x = xs.clone().requires_grad_(True)\nu = net1(x.detach())\n"
+    "g, = torch.autograd.grad(u, x, torch.ones_like(u))\n",
+], ids=["no_grad", "detached-copy"])
+def test_cut_graph_fixes_run_on_the_cells_names(shell, body):
+    [e] = explain(shell, "net1 xs", body)
+    assert e.code in ("no-grad-required", "unused-input")
+    assert "model(" not in e.fix and "u = net1(x)" in e.fix
+    ns = run_fix(shell, e.fix)
+    truth = pinn_truth(shell, "net1", shell.user_ns["xs"], 1)
+    np.testing.assert_allclose(_values(ns["g"]), truth.reshape(8, 1), rtol=1e-4, atol=1e-6)
+
+
+def test_integer_input_fix_is_torch_code_that_runs(shell):
+    [e] = explain(shell, "net1 xs", "x = torch.arange(8.).reshape(-1, 1).long()"
+                                     ".requires_grad_(True)\n")
+    assert e.code == "integer-dtype" and "tf." not in e.fix
+    ns = run_fix(shell, e.fix)
+    assert ns["x"].dtype == torch.float32 and ns["x"].requires_grad
+    np.testing.assert_array_equal(ns["x"].detach().numpy().ravel(), np.arange(8.0))
+
+
+def test_fix_code_of_a_model_named_f_does_not_rebind_it(shell):
+    shell.run_cell("f = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), "
+                   "torch.nn.Linear(8, 3))", store_history=False)
+    model = shell.user_ns["f"]
+    [e] = explain(shell, "f pts", """\
+        x = pts.clone().requires_grad_(True)
+        y = f(x)
+        g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y))
+        """)
+    assert e.code == "summed-outputs"
+    ns = run_fix(shell, e.fix)
+    assert ns["f"] is model
+    m64 = copy.deepcopy(model).double()
+    truth = torch.func.vmap(torch.func.jacrev(lambda p: m64(p[None])[0]))(
+        shell.user_ns["pts"].double()).detach().numpy()
+    np.testing.assert_allclose(_values(ns["d1"]), truth, rtol=1e-4, atol=1e-6)
+
+
+def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    km = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16, activation="tanh"),
+                           keras.layers.Dense(1)])
+    shell.user_ns.update(km=km, kx=tf.reshape(tf.linspace(-1.0, 1.0, 8), (-1, 1)), tf=tf)
+    [e] = explain(shell, "km kx", """\
+        with tf.GradientTape() as tape:
+            tape.watch(kx)
+            y = km(kx)
+        dy = tape.gradient(y, kx)
+        d2 = tape.gradient(dy, kx)
+        """)
+    assert e.code == "tape-used-twice" and "second derivative" in e.message
+    ns = run_fix(shell, e.fix)
+    # truth: a float64 twin's nested tapes
+    twin = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16, activation="tanh",
+                                                                   dtype="float64"),
+                             keras.layers.Dense(1, dtype="float64")])
+    twin.set_weights([w.astype(np.float64) for w in km.get_weights()])
+    x64 = tf.cast(shell.user_ns["kx"], tf.float64)
+    with tf.GradientTape() as outer:
+        outer.watch(x64)
+        with tf.GradientTape() as inner:
+            inner.watch(x64)
+            y = twin(x64)
+        g = inner.gradient(y, x64)
+    truth = outer.gradient(g, x64).numpy()
+    np.testing.assert_allclose(_values(ns["d2"]), truth, rtol=1e-4, atol=1e-6)
