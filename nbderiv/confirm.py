@@ -18,7 +18,6 @@ that couples points each probe point is evaluated inside the original batch.
 from __future__ import annotations
 
 import itertools
-
 import warnings
 
 import numpy as np
