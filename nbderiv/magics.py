@@ -44,6 +44,7 @@ magic displays each explanation once and returns them in a list.
 
 from __future__ import annotations
 
+import ast
 import re
 
 import numpy as np
@@ -280,7 +281,7 @@ class NbderivMagics(ExplainCell, Magics):
             display(draw_jacobian(J) if J is not None else
                     plot_jacobian(model, x, framework=framework, max_points=FULL_MAX_POINTS))
         if args.code:
-            print(_code_with_names(d.code, args.model, args.x, x))
+            print(_code_with_names(d.code, args.model, args.x, x, keep=self.shell.user_ns))
         return self._shown(d)
 
     def _widget(self, model, args):
@@ -432,10 +433,12 @@ def _usage(parse, line):
         raise UsageError(str(exc)) from None
 
 
-def _code_with_names(code: str, model_text: str, x_text, x) -> str:
+def _code_with_names(code: str, model_text: str, x_text, x, keep=()) -> str:
     """``d.code`` (written for ``model`` and ``x``) with the names on the magic's line put in
-    their place (nothing of the notebook's is rebound: an ``x`` of its own stays as it is);
-    a range's points are made first, as ``x_range``.
+    their place (nothing of the notebook's is rebound: an ``x`` of its own stays as it is,
+    and the code's own names that are also names in ``keep``, the notebook's, get a ``_``;
+    only its results ``d1`` ... ``dK`` are meant to be bound); a range's points are made
+    first, as ``x_range``.
 
     >>> print(_code_with_names("y = model(x)  # the model's x", "net", "-1:1:3", np.zeros((3, 1))))
     import numpy as np
@@ -443,19 +446,27 @@ def _code_with_names(code: str, model_text: str, x_text, x) -> str:
     y = net(x_range)  # the net's x_range
     """
     head = []
+    # the names on the line are kept apart from the code's own (a model named p or a)
+    theirs = set(re.findall(r"[A-Za-z_]\w*", f"{model_text or ''} {x_text or ''}"))
+    results = set(re.findall(r"\bd\d+\b", code))
+    code = _own_names_apart(code, theirs | ({str(k) for k in keep} - results))
     rng = None if x_text is None else parse_range(x_text)
     if rng is not None:
         lo, hi, _ = rng
-        n = len(x[0]) if isinstance(x, tuple) else int(round(len(x) ** (1 / np.shape(x)[1])))
-        g = f"np.linspace({float(lo)!r}, {float(hi)!r}, {n}, dtype=np.float32)"
+        n = len(x[0]) ** (1 / len(x)) if isinstance(x, tuple) else \
+            len(x) ** (1 / np.shape(x)[1])  # each argument / feature takes n values
+        g = f"np.linspace({float(lo)!r}, {float(hi)!r}, {int(round(n))}, dtype=np.float32)"
+        taken = theirs | set(re.findall(r"[A-Za-z_]\w*", code))
+        xr = _fresh("x_range", taken)
         if not isinstance(x, tuple) and np.shape(x)[1] == 1:
-            head.append(f"x_range = {g}.reshape(-1, 1)      # the range {x_text}")
+            head.append(f"{xr} = {g}.reshape(-1, 1)      # the range {x_text}")
         else:
-            head.append(f"a, b = np.meshgrid({g}, {g})      # the grid of {x_text}")
-            head.append("x_range = (a.reshape(-1, 1), b.reshape(-1, 1))"
+            a, b = _fresh("a", taken), _fresh("b", taken)
+            head.append(f"{a}, {b} = np.meshgrid({g}, {g})      # the grid of {x_text}")
+            head.append(f"{xr} = ({a}.reshape(-1, 1), {b}.reshape(-1, 1))"
                         if isinstance(x, tuple) else
-                        "x_range = np.stack([a.ravel(), b.ravel()], axis=1)")
-        x_text = "x_range"
+                        f"{xr} = np.stack([{a}.ravel(), {b}.ravel()], axis=1)")
+        x_text = xr
         if "import numpy as np" not in code:
             head.insert(0, "import numpy as np")
 
@@ -468,6 +479,34 @@ def _code_with_names(code: str, model_text: str, x_text, x) -> str:
             put = named(new)
             code = re.sub(rf"(?<![\w.]){old}(?!\w)", lambda _, put=put: put, code)
     return "\n".join(head + [code]) if head else code
+
+
+def _fresh(name, taken) -> str:
+    """``name``, with underscores added until it is none of ``taken``."""
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _own_names_apart(code: str, theirs: set) -> str:
+    """``code`` with each name it assigns (or binds in a lambda or loop) that is also one of
+    ``theirs`` renamed (``p`` -> ``p_``), so that putting the line's names in does not mix
+    them up; ``model`` and ``x``, the placeholders, are left alone."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return code
+    bound = {node.id for node in ast.walk(tree)
+             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    bound |= {a.arg for node in ast.walk(tree) if isinstance(node, ast.Lambda)
+              for a in node.args.args}
+    clash = (bound & theirs) - {"model", "x"}
+    taken = theirs | set(re.findall(r"[A-Za-z_]\w*", code))
+    for name in sorted(clash):
+        new = _fresh(name + "_", taken)
+        taken.add(new)
+        code = re.sub(rf"(?<![\w.]){name}(?!\w)", new, code)
+    return code
 
 
 def _per_point_axes(x) -> bool:

@@ -1,0 +1,79 @@
+"""``%nnderiv ... --code`` prints code that runs in the notebook as it is: on the line's own
+names (a model called ``p`` or ``a``, a range), without rebinding them, giving the magic's
+own numbers (which are checked against float64 ``torch.func`` in test_magics.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("IPython")
+
+SETUP = """
+import torch, numpy as np
+torch.manual_seed(0)
+p = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+a = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+t = torch.linspace(-2, 2, 10).reshape(-1, 1)
+class PINN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    def forward(self, x, t):
+        return self.l(torch.cat([x, t], 1))
+pinn = PINN()
+"""
+
+
+@pytest.fixture(scope="module")
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    ip = InteractiveShell.instance()
+    if "nbderiv" not in ip.extension_manager.loaded:
+        with capture_output():
+            ip.run_line_magic("load_ext", "nbderiv")
+    ip.run_cell(SETUP, store_history=False)
+    return ip
+
+
+def code_and_result(shell, line):
+    from IPython.utils.capture import capture_output
+
+    d = shell.run_line_magic("nnderiv", line + " --quiet")
+    with capture_output() as out:
+        shell.run_line_magic("nnderiv", line + " --code")
+    return out.stdout, d
+
+
+def run(shell, code):
+    from IPython.utils.capture import capture_output
+
+    with capture_output():
+        result = shell.run_cell(code, store_history=False)
+    assert result.success, (code, result.error_in_exec)
+    d1 = shell.user_ns["d1"]
+    return np.asarray(d1.detach() if hasattr(d1, "detach") else d1)
+
+
+@pytest.mark.parametrize("line, name", [("p t", "p"), ("a -1:1:4", "a"), ("p -1:1:5", "p")])
+def test_code_for_a_model_named_like_a_temporary_runs_and_keeps_it(shell, line, name):
+    model = shell.user_ns[name]
+    before = {k: shell.user_ns[k] for k in ("p", "a", "t", "pinn")}
+    code, d = code_and_result(shell, line + " --order 2")
+    run(shell, code)
+    assert shell.user_ns[name] is model
+    assert all(shell.user_ns[k] is v for k, v in before.items())  # the notebook's names kept
+    np.testing.assert_allclose(shell.user_ns["d2"].detach().numpy()
+                               if hasattr(shell.user_ns["d2"], "detach")
+                               else shell.user_ns["d2"], d[2], rtol=1e-5, atol=1e-6)
+
+
+def test_range_for_a_two_argument_model_is_the_magics_grid(shell):
+    code, d = code_and_result(shell, "pinn -1:1:8")
+    assert d[1].shape == (64, 1, 2)
+    d1 = run(shell, code)
+    assert d1.shape == (64, 1, 2)
+    np.testing.assert_allclose(d1, d[1], rtol=1e-5, atol=1e-6)
