@@ -129,7 +129,10 @@ class ExplainCell:
         n, d_out, n_in = d.y.shape[0], d.y.shape[1], d[1].shape[-1]
         n_all = len(getattr(d, "inputs", ()) or ()) if wrt is not None else n_in
         sizes = {n * d_out * n_in ** k for k in range(1, 4)} | {n * n_in ** k for k in range(1, 4)}
-        sizes.add(n * d_out * n * n_in)
+        sizes.add(n * d_out * n * n_in)  # the cross-sample Jacobian
+        # the Hessian of the summed output (torch.func.hessian(net)(xs) of one output), and
+        # a Jacobian of a Jacobian, over the whole batch
+        sizes |= {(n * n_in) ** 2 * d_out, n ** 3 * d_out * n_in ** 2}
         sizes |= {n, n * d_out, n * d_out * max(n_all, 1)}  # parts: u_t, u_xx, a Hessian row
         candidates = []
         ns = self.shell.user_ns

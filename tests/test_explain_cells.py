@@ -120,3 +120,16 @@ def test_a_cell_with_nothing_to_explain_says_so_in_one_line(shell):
     value, out = _printed(shell, "y = net(X)\nz = y * 2\n", "net X")
     assert value == [] and out.count("\n") == 1, out
     assert "computed no derivative" in out and "net at X" in out
+
+
+def test_batch_hessians_are_explained_not_skipped_for_their_size(shell):
+    """torch.func.hessian of the model over the whole batch (N, 1, N, 2, N, 2), and of the
+    summed output (N, 2, N, 2): cross-sample-jacobian, whose diagonal is the per-point
+    Hessian (checked against float64 vmap(hessian))."""
+    [e] = run(shell, "H = torch.func.hessian(net)(X)\n")
+    assert e.code == "cross-sample-jacobian" and "(8, 1, 8, 2, 8, 2)" in e.message
+    [e] = run(shell, "H = torch.func.hessian(lambda z: net(z).sum())(X)\n")
+    assert e.code == "cross-sample-jacobian"
+    H = shell.user_ns["H"].detach().numpy()
+    i = np.arange(8)
+    np.testing.assert_allclose(H[i, :, i, :], truths(shell)[1], rtol=1e-4, atol=1e-6)
