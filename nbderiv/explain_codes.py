@@ -210,7 +210,36 @@ class _Context:
             bad = ~_close(Mv, T.astype(np.float64), self.dtype_for(M, k))
             if bad.any() and np.all(Mv[bad] == 0) and np.all(T[bad] != 0):
                 return self.zeros_graph_broken(M, k, T, partial=bad)
+        found = self.accumulated(M)
+        if found is not None:
+            return found
         return self.wrong(M, k, T)
+
+    def accumulated(self, M):
+        """``wrong``, named: the first derivative plus the second, which ``.grad`` holds after
+        ``u.backward(create_graph=True)`` then ``x.grad.backward(ones)`` (backward adds into
+        ``.grad``; the first result is the very same tensor, changed too)."""
+        if self.truth.random or self.truth.coupled or not np.issubdtype(M.dtype, np.number):
+            return None
+        T1 = self.truth_k(1).astype(np.float64)
+        if M.size != T1.size:
+            return None
+        try:
+            both = T1 + self.truth_k(2).astype(np.float64).sum(axis=-1)   # d1 + d2, sum over j
+        except Exception:  # noqa: BLE001 - no second derivative to compare with: not this
+            return None
+        dtype = self.dtype_for(M, 1)
+        if match(M, both, dtype) is None or match(M, T1, dtype) is not None:
+            return None
+        return self.result(
+            "wrong",
+            f"{self.name} (shape {_shape(M.shape)}) is the first derivative PLUS the second "
+            f"(summed over its second input axis): .grad adds every backward pass into the "
+            f"same tensor, so after u.backward(torch.ones_like(u), create_graph=True) and "
+            f"then x.grad.backward(...), x.grad holds d1 + d2, and the first result you kept "
+            f"(u_x = x.grad) is that very tensor, changed too. Use torch.autograd.grad, which "
+            f"returns new tensors instead of adding to .grad (or x.grad = None between the "
+            f"passes).", 2, fix=self.fix(2))
 
     def cross_sample_second(self, M, T, dtype):
         """``cross-sample-jacobian`` at order 2: the Hessian of the summed output over the
@@ -416,6 +445,17 @@ class _Context:
                     + (", ..." if d_out > 4 else "")
                     + f". Take one derivative per output, shape {_shape(T.shape)} = "
                     f"{self.layout(k)}.", k)
+        if d_out > 1 and n > 1 and M.size == n * n_in ** k and np.issubdtype(M.dtype, np.number):
+            S = T.sum(axis=1)
+            if match(M.astype(np.float64) * (n * d_out), S, dtype) is not None:
+                return self.result(
+                    "summed-outputs",
+                    f"{name} (shape {_shape(M.shape)}) is the MEAN over the {n} points and "
+                    f"the {d_out} outputs of y: y.mean().backward() (or a mean loss) gives "
+                    f"each point's {_ordinal(k)} derivative summed over the outputs, then "
+                    f"divided by N * d_out = {n * d_out}. Not each output's own derivative, "
+                    f"and not on the derivative's scale: take one derivative per output, "
+                    f"shape {_shape(T.shape)} = {self.layout(k)}.", k)
         if d_out > 1 and M.size == n * n_in ** k and n_in ** k > 1:
             found = self.selected_outputs(M, k, T, dtype)
             if found is not None:
@@ -842,9 +882,26 @@ class _Context:
             c = float(np.median(r))
             if c != 0 and abs(c - 1) > 10 * RTOL[dtype] and np.allclose(
                     Mv, c * Tf, rtol=10 * RTOL[dtype], atol=10 * RTOL[dtype] * scale):
-                ratio = (f" Everywhere, yours is {_num(c)} times the truth: a constant factor "
-                         "is missing or extra (a chain-rule factor such as the scale of "
-                         "normalised inputs, or a wrong sign).")
+                times = round(c)
+                if self.orig_framework == "torch" and 2 <= times <= 16 and \
+                        abs(c - times) <= 10 * RTOL[dtype] * times:
+                    ratio = (f" Everywhere, yours is exactly {times} times the truth: a factor "
+                             f"{times} in the code, or .grad adding up: {times} backward() "
+                             f"calls without x.grad = None (or x.grad.zero_()) in between give "
+                             f"{times} times the derivative. Clear .grad before each backward "
+                             f"pass, or use torch.autograd.grad, which returns the derivative "
+                             f"instead of adding to .grad.")
+                elif n > 1 and abs(c * n - 1) <= 10 * RTOL[dtype]:
+                    ratio = (f" Everywhere, yours is {_num(c)} = 1/{n} times the truth, 1/N "
+                             f"for the N = {n} points: the gradient of a mean over the batch "
+                             f"(y.mean().backward(), a mean loss, tf.reduce_mean) instead of "
+                             f"a sum, which divides every point's derivative by N. "
+                             f"Differentiate the sum (y.sum(), grad_outputs=ones_like(y)), "
+                             f"or multiply by {n}.")
+                else:
+                    ratio = (f" Everywhere, yours is {_num(c)} times the truth: a constant "
+                             "factor is missing or extra (a chain-rule factor such as the "
+                             "scale of normalised inputs, or a wrong sign).")
         shape_note = "" if M.shape == T.shape else \
             f" (compared as {name}.reshape{_shape(T.shape)})"
         fix = None

@@ -1,0 +1,90 @@
+"""``nbderiv.explain`` names the student's mistake, checked against float64 ``torch.func`` of
+a float64 copy of the model: a mean over the batch instead of a sum (1/N), ``.grad`` built up
+over several backward calls."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import nbderiv  # noqa: E402
+
+
+def _net(d_in, d_out):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, d_out))
+
+
+def _jac64(net, X):
+    m = copy.deepcopy(net).double()
+    return torch.func.vmap(torch.func.jacrev(lambda p: m(p[None])[0]))(X.double()).detach().numpy()
+
+
+def test_gradient_of_the_mean_is_named_with_its_one_over_n():
+    net, xs = _net(1, 1), torch.linspace(-1, 1, 8).reshape(-1, 1)
+    x = xs.clone().requires_grad_(True)
+    net(x).mean().backward()
+    J = _jac64(net, xs)
+    np.testing.assert_allclose(x.grad.numpy() * 8, J[:, 0], rtol=1e-5, atol=1e-6)  # 1/N
+    e = nbderiv.explain(x.grad, net, xs)
+    assert e.code == "wrong" and "1/8" in e.message and "mean" in e.message
+
+
+def test_gradient_of_the_mean_of_several_outputs_is_summed_outputs_over_n_d_out():
+    net, pts = _net(2, 2), torch.rand(8, 2)
+    p = pts.clone().requires_grad_(True)
+    net(p).mean().backward()
+    J = _jac64(net, pts)
+    np.testing.assert_allclose(p.grad.numpy() * 16, J.sum(axis=1), rtol=1e-5, atol=1e-6)
+    e = nbderiv.explain(p.grad, net, pts)
+    assert e.code == "summed-outputs" and "MEAN" in e.message and "= 16" in e.message
+
+
+def test_a_constant_factor_that_is_not_one_over_n_is_not_called_a_mean():
+    net, xs = _net(1, 1), torch.linspace(-1, 1, 8).reshape(-1, 1)
+    x = xs.clone().requires_grad_(True)
+    g, = torch.autograd.grad(net(x).sum(), x)
+    e = nbderiv.explain(0.5 * g, net, xs)
+    assert e.code == "wrong" and "0.5 times" in e.message and "mean" not in e.message
+
+
+def test_grad_added_up_over_two_backward_calls_is_named():
+    net, xs = _net(1, 1), torch.linspace(-1, 1, 6).reshape(-1, 1)
+    x = xs.clone().requires_grad_(True)
+    for _ in range(2):
+        net(x).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), 2 * _jac64(net, xs)[:, 0], rtol=1e-5, atol=1e-6)
+    e = nbderiv.explain(x.grad, net, xs)
+    assert e.code == "wrong" and "exactly 2 times" in e.message and "x.grad = None" in e.message
+
+
+def test_second_derivative_through_grad_is_first_plus_second():
+    """u.backward(create_graph=True), then x.grad.backward(): x.grad holds d1 + d2 (one
+    input) and u_x is that very tensor."""
+    import warnings
+
+    net, xs = _net(1, 1), torch.linspace(-1, 1, 6).reshape(-1, 1)
+    x = xs.clone().requires_grad_(True)
+    u = net(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on create_graph=True with backward()
+        u.backward(torch.ones_like(u), create_graph=True)
+        u_x = x.grad
+        u_x.backward(torch.ones_like(u_x))
+    m = copy.deepcopy(net).double()
+    f = lambda p: m(p[None])[0, 0]  # noqa: E731
+    d1 = torch.func.vmap(torch.func.grad(f))(xs.double()).detach().numpy()
+    d2 = torch.func.vmap(torch.func.hessian(f))(xs.double()).detach().numpy()[:, 0]
+    np.testing.assert_allclose(x.grad.detach().numpy(), d1 + d2, rtol=1e-5, atol=1e-6)
+    for k in (1, 2):
+        e = nbderiv.explain(x.grad.detach(), net, xs, order=k)
+        assert e.code == "wrong" and "PLUS the second" in e.message, e.message
+    ns = {"torch": torch, "model": net, "x": xs}
+    exec(e.fix, ns)  # noqa: S102 - the fix gives d2
+    np.testing.assert_allclose(ns["d2"].detach().numpy().reshape(6), d2.reshape(6), rtol=1e-4,
+                               atol=1e-6)
