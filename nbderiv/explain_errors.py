@@ -7,7 +7,7 @@ student's own line and tensors, and the fix; ``None`` for any other error (shown
 
 Codes: ``no-grad-required``, ``non-scalar-backward``, ``unused-input``, ``graph-freed``,
 ``inplace-modified``, ``numpy-requires-grad``, ``non-leaf-grad``, ``integer-dtype``, and for
-TensorFlow ``tape-used-twice``, ``gradient-of-none``.
+TensorFlow ``tape-used-twice``, ``gradient-of-none``, ``numpy-in-tape``.
 Nothing here imports a framework.
 
 >>> e = explain_error(RuntimeError("grad can be implicitly created only for scalar outputs"),
@@ -45,6 +45,8 @@ PATTERNS = (
                         r"of gradients"),
     ("gradient-of-none", r"Argument `target` should be a list or nested structure of Tensors.*"
                          r"but received None"),
+    # tape.gradient of a NumPy array (model.predict, .numpy() inside the tape)
+    ("numpy-in-tape", r"'numpy\.ndarray' object has no attribute '_id'"),
 )
 # torch.autograd.grad(y, x) where y has a graph (the weights) but x does not require grad
 INPUT_NO_GRAD = r"One of the differentiated Tensors does not require grad"
@@ -594,6 +596,51 @@ def _gradient_of_none(where, line, source):
             "h = outer.gradient(g, x)")
 
 
-_WORDS = {"tape-used-twice": _tape_twice, "gradient-of-none": _gradient_of_none, "no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,
+def _numpy_in_tape(where, line, source):
+    target, sources = _grad_args(line, names=("gradient", "jacobian", "batch_jacobian"))
+    target = target or "the target"
+    made = _assignment(target, source) if target.isidentifier() else None
+    how = ""
+    if made and ".predict(" in made:
+        how = (f" It comes from `{made}`: model.predict runs the model outside the tape (in "
+               f"batches, through NumPy) and returns a NumPy array.")
+    elif made and ".numpy()" in made:
+        how = f" It comes from `{made}`: .numpy() leaves TensorFlow."
+    fixed = None
+    if made:
+        fixed = re.sub(r"([A-Za-z_][\w\.]*)\.predict\(\s*([^,()]+(?:\([^()]*\))?)[^)]*\)",
+                       r"\1(\2)", made)
+        fixed = fixed.replace(".numpy()", "")
+    return (f"{where} asks the tape for the gradient of {target}, which is a NumPy array, not a "
+            f"tensor: the tape records TensorFlow operations only, so it has no record of how "
+            f"{target} was computed (TensorFlow then fails with a cryptic AttributeError "
+            f"about '_id').{how} Inside the tape, call the model itself: y = model(x).",
+            _rerun_tape_block(made, fixed, line, source) if fixed and fixed != made else
+            f"with tf.GradientTape() as tape:\n    tape.watch(x)\n    y = model(x)      # "
+            f"a tensor the tape records (not model.predict(x), not .numpy())\n"
+            f"g = tape.gradient(y, x)")
+
+
+def _rerun_tape_block(made, fixed, line, source) -> str:
+    """The cell's tape block again, from its ``with`` line through the failing ``line``, with
+    the line ``made`` replaced by ``fixed``; ``fixed`` alone where that block is not found."""
+    lines = (source or "").splitlines()
+    at = next((i for i, raw in enumerate(lines) if raw.strip() == made), None)
+    end = next((i for i, raw in enumerate(lines) if raw.strip() == (line or "").strip()), None)
+    start = None if at is None else next(
+        (i for i in range(at, -1, -1) if re.search(r"GradientTape\(", lines[i])), None)
+    if start is None or end is None or end < at:
+        return fixed + "      # a tensor the tape records"
+    chunk = [raw.replace(made, fixed + "      # a tensor the tape records")
+             if raw.strip() == made else raw for raw in lines[start:end + 1]]
+    text = textwrap.dedent("\n".join(chunk))
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return fixed + "      # a tensor the tape records"
+    return text
+
+
+_WORDS = {"numpy-in-tape": _numpy_in_tape, "tape-used-twice": _tape_twice, "gradient-of-none": _gradient_of_none, "no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,
           "unused-input": _unused, "graph-freed": _freed, "inplace-modified": _inplace,
           "numpy-requires-grad": _numpy, "integer-dtype": _integer}

@@ -156,13 +156,43 @@ def test_fix_code_of_a_model_named_f_does_not_rebind_it(shell):
     np.testing.assert_allclose(_values(ns["d1"]), truth, rtol=1e-4, atol=1e-6)
 
 
-def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
+def _keras_model(shell):
+    """A Keras net km at kx in the notebook, and its float64 twin (the truth's model)."""
     tf = pytest.importorskip("tensorflow")
     keras = pytest.importorskip("keras")
     keras.utils.set_random_seed(0)
     km = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16, activation="tanh"),
                            keras.layers.Dense(1)])
     shell.user_ns.update(km=km, kx=tf.reshape(tf.linspace(-1.0, 1.0, 8), (-1, 1)), tf=tf)
+    twin = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16, activation="tanh",
+                                                                   dtype="float64"),
+                             keras.layers.Dense(1, dtype="float64")])
+    twin.set_weights([w.astype(np.float64) for w in km.get_weights()])
+    return tf, twin, tf.cast(shell.user_ns["kx"], tf.float64)
+
+
+def test_gradient_of_predict_inside_a_tape_is_explained(shell):
+    """model.predict inside the tape: TensorFlow's AttributeError ('_id') gets its meaning,
+    and the fix (the tape block with the model called) gives the float64 twin's gradient."""
+    tf, twin, x64 = _keras_model(shell)
+    [e] = explain(shell, "km kx", """\
+        with tf.GradientTape() as tape:
+            tape.watch(kx)
+            y = km.predict(kx, verbose=0)
+        g = tape.gradient(y, kx)
+        """)
+    assert e.code == "numpy-in-tape" and "model.predict" in e.message
+    assert "y = km(kx)" in e.fix
+    ns = run_fix(shell, e.fix)
+    with tf.GradientTape() as tape:
+        tape.watch(x64)
+        y = twin(x64)
+    np.testing.assert_allclose(_values(ns["g"]), tape.gradient(y, x64).numpy(), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
+    tf, twin, x64 = _keras_model(shell)
     [e] = explain(shell, "km kx", """\
         with tf.GradientTape() as tape:
             tape.watch(kx)
@@ -173,11 +203,6 @@ def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
     assert e.code == "tape-used-twice" and "second derivative" in e.message
     ns = run_fix(shell, e.fix)
     # truth: a float64 twin's nested tapes
-    twin = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16, activation="tanh",
-                                                                   dtype="float64"),
-                             keras.layers.Dense(1, dtype="float64")])
-    twin.set_weights([w.astype(np.float64) for w in km.get_weights()])
-    x64 = tf.cast(shell.user_ns["kx"], tf.float64)
     with tf.GradientTape() as outer:
         outer.watch(x64)
         with tf.GradientTape() as inner:
