@@ -616,9 +616,9 @@ def _numpy_in_tape(where, line, source):
             f"{target} was computed (TensorFlow then fails with a cryptic AttributeError "
             f"about '_id').{how} Inside the tape, call the model itself: y = model(x).",
             _rerun_tape_block(made, fixed, line, source) if fixed and fixed != made else
-            f"with tf.GradientTape() as tape:\n    tape.watch(x)\n    y = model(x)      # "
-            f"a tensor the tape records (not model.predict(x), not .numpy())\n"
-            f"g = tape.gradient(y, x)")
+            "with tf.GradientTape() as tape:\n    tape.watch(x)\n    y = model(x)      # "
+            "a tensor the tape records (not model.predict(x), not .numpy())\n"
+            "g = tape.gradient(y, x)")
 
 
 def _rerun_tape_block(made, fixed, line, source) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from IPython.core.error import UsageError
 
 from .errors import NbderivError
+from .magic_parsing import parse_range
 
 
 class Explanations(list):
@@ -121,6 +122,12 @@ class ExplainCell:
 
         left = [] if left is None else left
         model = self._evaluate(model_expr, "MODEL")
+        if parse_range(x_expr) is not None:
+            raise UsageError(
+                f"X {x_expr!r} is a range; %%nnderiv explain compares what the cell computed "
+                f"with the model at the very points the cell used, so X names them (a "
+                f"variable of the notebook, e.g. %%nnderiv explain {model_expr} xs). Ranges "
+                f"such as {x_expr} are for the line magic: %nnderiv {model_expr} {x_expr}.")
         x = self._evaluate(x_expr, "X")
         try:
             d = derivatives(model, x, order=1, wrt=wrt)

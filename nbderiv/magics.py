@@ -45,6 +45,7 @@ magic displays each explanation once and returns them in a list.
 from __future__ import annotations
 
 import ast
+import difflib
 import re
 
 import numpy as np
@@ -121,7 +122,7 @@ class NbderivMagics(ExplainCell, Magics):
         if {"-h", "--help"} & set(tokens):
             print(parser.format_help())
             return None
-        args = parser.parse_args(_usage(_argv, tokens))
+        args = _parsed(parser, _usage(_argv, tokens))
         args.order_given = args.order is not None  # if not, X decides: 2, or 1 for images
         args.order = 2 if args.order is None else args.order
         if args.order < 1:
@@ -422,6 +423,34 @@ def _one_feature_each(text, separate) -> None:
         raise UsageError(f"a range like {text} gives each input one feature, but input {name} "
                          f"takes points of shape {shape}. Fix: pass X as a tuple of arrays, one "
                          f"per input, ({names}), with {name} of shape (N, {dims}).")
+
+
+def _parsed(parser, argv):
+    """``parser.parse_args(argv)``, an unknown option or a third positional argument told
+    with the likely fix (the option it resembles; an expression with blanks in parentheses)."""
+    try:
+        return parser.parse_args(argv)
+    except UsageError as exc:
+        text = str(exc)
+        m = re.search(r"unrecognized arguments: (.*)", text)
+        if m is None:
+            raise
+        options = [o for a in parser._actions for o in a.option_strings]
+        hints, after_option = [], False
+        for token in m.group(1).split():
+            if after_option and not token.startswith("-"):  # the unknown option's value
+                after_option = False
+                continue
+            after_option = token.startswith("-") and "=" not in token
+            if token.startswith("-"):
+                close = difflib.get_close_matches(token.split("=")[0], options, n=1, cutoff=0.6)
+                hints.append(f"{token}: did you mean {close[0]}?" if close else
+                             f"{token}: no such option (%nnderiv -h lists them)")
+            elif not hints or not hints[-1].startswith("MODEL X"):
+                hints.append(f"{token!r}: %nnderiv takes MODEL and X, then options; an "
+                             "expression with blanks goes in parentheses, e.g. %nnderiv "
+                             "(lambda z: net(z)) (x[:10])")
+        raise UsageError(f"{text.rstrip('.')}. " + "; ".join(hints) + ".") from None
 
 
 def _usage(parse, line):

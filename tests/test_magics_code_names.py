@@ -77,3 +77,25 @@ def test_range_for_a_two_argument_model_is_the_magics_grid(shell):
     d1 = run(shell, code)
     assert d1.shape == (64, 1, 2)
     np.testing.assert_allclose(d1, d[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("line, words", [
+    ("p t --ordr 2", "did you mean --order?"),
+    ("p t --plto", "did you mean --plot?"),
+    ("p t extra", "takes MODEL and X, then options"),
+])
+def test_unknown_arguments_say_the_likely_fix(shell, line, words):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError) as info:
+        shell.run_line_magic("nnderiv", line)
+    assert words in str(info.value)
+    assert "'2'" not in str(info.value)  # an unknown option's value is not another argument
+
+
+def test_explain_with_a_range_for_x_says_ranges_are_for_the_line_magic(shell):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError) as info:
+        shell.run_cell_magic("nnderiv", "explain p -1:1:8", "g = 1\n")
+    assert "is a range" in str(info.value) and "%nnderiv p -1:1:8" in str(info.value)
