@@ -120,11 +120,12 @@ class _Truth:
 
 # -- comparing ------------------------------------------------------------------------------------
 def _close(a, b, dtype) -> np.ndarray:
-    """Entry-wise: |a - b| within the tolerance of ``dtype``, relative to max |b|."""
+    """Entry-wise: |a - b| within the tolerance of ``dtype``, relative to max |b| (that alone:
+    no further allowance relative to each entry, which would double it for the largest)."""
     scale = float(np.nanmax(np.abs(b))) if b.size else 0.0
     atol = RTOL[dtype] * scale + ATOL_FLOOR[dtype]
     with np.errstate(invalid="ignore"):
-        return np.isclose(a, b, rtol=RTOL[dtype], atol=atol, equal_nan=True)
+        return np.isclose(a, b, rtol=0.0, atol=atol, equal_nan=True)
 
 
 def _squeezed_shape(shape):

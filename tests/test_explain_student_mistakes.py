@@ -88,3 +88,15 @@ def test_second_derivative_through_grad_is_first_plus_second():
     exec(e.fix, ns)  # noqa: S102 - the fix gives d2
     np.testing.assert_allclose(ns["d2"].detach().numpy().reshape(6), d2.reshape(6), rtol=1e-4,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("off, code", [(0.0019, "wrong"), (0.0009, "correct")])
+def test_correct_only_within_1e_3_of_the_largest_true_value(off, code):
+    """docs/explain.md: float32 values within 1e-3 of the largest true value; np.isclose's
+    own rtol on top allowed nearly 2e-3 at the largest entry."""
+    net, xs = _net(1, 1), torch.linspace(-1, 1, 8).reshape(-1, 1)
+    truth = _jac64(net, xs)                                           # (8, 1, 1)
+    mine = truth.copy()
+    i = np.unravel_index(np.abs(truth).argmax(), truth.shape)
+    mine[i] *= 1 + off
+    assert nbderiv.explain(mine.astype(np.float32), net, xs).code == code
