@@ -8,6 +8,8 @@ the codes in turn and returns the explanation built by ``make`` (the ``Explanati
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .backends.tensorflow_code import MOMENTS_RESTORE, MOMENTS_SWAP
@@ -583,6 +585,9 @@ class _Context:
                           for i in range(n_all)]
                 found += [("summed-column", (i,), F[:, :, i].sum(axis=1))
                           for i in range(n_all)]
+            if 2 < d_out <= 8:  # some of the outputs summed (tape.gradient of two columns)
+                found += [("summed-some-outputs", tuple(c), F[:, list(c)].sum(axis=1))
+                          for r in range(2, d_out) for c in itertools.combinations(range(d_out), r)]
         else:
             found += [("entry", (i, j), F[:, :, i, j]) for i in range(n_all)
                       for j in range(i, n_all)]
@@ -592,10 +597,21 @@ class _Context:
             found += [("summed-inputs", (), F.sum(axis=2))]
             found += [("summed-inputs-column", (j,), F.sum(axis=2)[:, :, j])
                       for j in range(n_all)]
+            found += [("summed-entries", (), F.sum(axis=(2, 3)))]
             if d_out > 1:
                 found += [("summed-inputs-outputs", (), F.sum(axis=(1, 2)))]
                 found += [("output-entry", (o, i, j), F[:, o, i, j]) for o in range(d_out)
                           for i in range(n_all) for j in range(i, n_all)]
+                # one output's row of its Hessian (grad(du[:, 0:1], x) of a (u, v) model),
+                # its Laplacian, its diagonal, the sum of its entries
+                found += [("output-row", (o, i), F[:, o, i, :]) for o in range(d_out)
+                          for i in range(n_all)]
+                found += [("output-laplacian", (o,), np.einsum("nii->n", F[:, o]))
+                          for o in range(d_out)]
+                found += [("output-diagonal", (o,), np.einsum("nii->ni", F[:, o]))
+                          for o in range(d_out)]
+                found += [("summed-entries-output", (o,), F[:, o].sum(axis=(1, 2)))
+                          for o in range(d_out)]
         candidates = found
         found = [f for f in found if fits(f[2])]
         if not found:
@@ -624,6 +640,26 @@ class _Context:
                 f"torch.ones_like(u_x[:, {j}]), create_graph=True)[0][:, {j}].", 2,
                 fix=self.fix_full(2) + f"\nd2 = d2[:, :, {j}, {j}]      # the second derivative "
                 f"with respect to {self.input_name(j)} twice", truth=F[:, :, j, j])
+        if kind.startswith("summed-entries"):
+            out = "" if kind == "summed-entries" else f" of output {idx[0]}"
+            return self.result(
+                "summed-inputs",
+                f"{name} (shape {shp}) is the SUM of every entry of each point's Hessian{out}: "
+                f"sum over i and j of d2y/dx_i dx_j (for inputs (x, t): u_xx + 2 u_xt + u_tt), "
+                f"not the Laplacian (u_xx + u_tt, the diagonal's sum) nor one second "
+                f"derivative. The grad_outputs=ones trick (or a .sum(1)) summed the first "
+                f"derivative's columns before differentiating again. Take the entries you "
+                f"need from the whole second derivative, shape {_shape(F.shape)} = "
+                f"{self.layout(2)}.", 2, fix=self.fix_full(2), truth=P)
+        if kind == "summed-some-outputs":
+            outs = " + ".join(f"output {o}" for o in idx)
+            return self.result(
+                "summed-outputs",
+                f"{name} (shape {shp}) is the SUM of the first derivatives of {outs} (of the "
+                f"model's {d_out}), not one output's own: tape.gradient (or "
+                f"grad_outputs=ones) of several output columns adds their derivatives "
+                f"together. Each output's own: shape {_shape(F.shape)} = {self.layout(1)}; "
+                f"output j is d1[:, j].", 1, fix=self.fix_full(1), truth=P)
         if kind.startswith("summed-inputs"):
             return self.result(
                 "summed-inputs",
@@ -661,6 +697,15 @@ class _Context:
                "output-column": f"d{k} = d{k}[:, {idx[0]}, {idx[-1]}]" if idx else "",
                "output-entry": f"d{k} = d{k}[:, {', '.join(map(str, idx))}]" if idx else "",
                "row": f"d{k} = d{k}[:, :, {idx[0] if idx else 0}, :]",
+               "output-row": f"d{k} = d{k}[:, {idx[0]}, {idx[-1]}, :]" if idx else "",
+               "output-laplacian": (f"lap = d{k}[:, {idx[0]}].diagonal(0, 1, 2).sum(-1)"
+                                    if self.framework == "torch" else
+                                    f"lap = np.trace(np.asarray(d{k})[:, {idx[0]}], axis1=1, "
+                                    f"axis2=2)") if idx else "",
+               "output-diagonal": (f"d{k} = d{k}[:, {idx[0]}].diagonal(0, 1, 2)"
+                                   if self.framework == "torch" else
+                                   f"d{k} = np.diagonal(np.asarray(d{k})[:, {idx[0]}], "
+                                   f"axis1=1, axis2=2)") if idx else "",
                "laplacian": f"lap = d{k}.diagonal(0, 2, 3).sum(-1)" if self.framework == "torch"
                else f"lap = np.trace(np.asarray(d{k}), axis1=2, axis2=3)",
                "diagonal": f"d{k} = d{k}.diagonal(0, 2, 3)" if self.framework == "torch"
@@ -724,6 +769,15 @@ class _Context:
                     "d2y/dx_i2 (the trace of each point's Hessian)")
         if kind == "diagonal":
             return "the diagonal of each point's Hessian: d2y/dx_i2 for every input i"
+        if kind == "output-row":
+            o, i = idx
+            return (f"row {i} of the Hessian of output {o}: the derivative of dy_{o}/d({nm(i)}) "
+                    "with respect to every input")
+        if kind == "output-laplacian":
+            return (f"the Laplacian of output {idx[0]}: the sum over the inputs of its second "
+                    "derivatives (the trace of its Hessian)")
+        if kind == "output-diagonal":
+            return f"the diagonal of the Hessian of output {idx[0]}: its d2y/dx_i2 for every input i"
         return kind
 
     def summed_column(self, M, i, F, dtype):
@@ -857,6 +911,15 @@ class _Context:
                         + note, k)
         if M.size != T.size:
             sizes = {f"order {j}": n * d_out * n_in ** j for j in range(1, MAX_ORDER + 1)}
+            if M.size in {n, n * d_out, n * n_in, n * d_out * n_in}:  # the size of a part
+                return self.result(
+                    "wrong",
+                    f"{name} (shape {_shape(M.shape)}, {M.size} numbers) has the size of a "
+                    f"part of a derivative of {self.mname} (one input's column, one output, "
+                    f"a row or an entry of the Hessian, the Laplacian), but its values match "
+                    f"none of them, nor their sums, within {dtype} tolerance. The whole "
+                    f"{_ordinal(k)} derivative has shape {_shape(T.shape)} = "
+                    f"{self.layout(k)}." + note, k)
             return self.result(
                 "wrong",
                 f"{name} has shape {_shape(M.shape)} ({M.size} numbers), which fits no "

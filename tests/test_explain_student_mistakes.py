@@ -100,3 +100,41 @@ def test_correct_only_within_1e_3_of_the_largest_true_value(off, code):
     i = np.unravel_index(np.abs(truth).argmax(), truth.shape)
     mine[i] *= 1 + off
     assert nbderiv.explain(mine.astype(np.float32), net, xs).code == code
+
+
+def _hessians64(net, X):
+    m = copy.deepcopy(net).double()
+    return torch.func.vmap(torch.func.hessian(lambda p: m(p[None])[0]))(
+        X.double()).detach().numpy()                                   # (N, d_out, n, n)
+
+
+def test_a_row_of_one_outputs_hessian_in_a_two_output_model_is_a_correct_part():
+    net, X = _net(2, 2), torch.rand(8, 2)
+    x = X.clone().requires_grad_(True)
+    du = torch.autograd.grad(net(x)[:, 0:1], x, torch.ones(8, 1), create_graph=True)[0]
+    row = torch.autograd.grad(du[:, 0:1], x, torch.ones(8, 1))[0]      # [u_xx, u_xt]
+    H = _hessians64(net, X)
+    np.testing.assert_allclose(row.numpy(), H[:, 0, 0, :], rtol=1e-4, atol=1e-6)
+    e = nbderiv.explain(row, net, X)
+    assert e.code == "correct-part" and "row 0 of the Hessian of output 0" in e.message
+
+
+def test_the_sum_of_every_hessian_entry_is_named_not_called_impossible():
+    net, X = _net(2, 1), torch.rand(5, 2)
+    H = _hessians64(net, X)
+    e = nbderiv.explain(H.sum(axis=(-2, -1)).astype(np.float32), net, X)   # u_xx + 2u_xt + u_tt
+    assert e.code == "summed-inputs" and "every entry" in e.message
+
+
+def test_two_of_three_outputs_summed_is_summed_outputs():
+    net, X = _net(2, 3), torch.rand(5, 2)
+    J = _jac64(net, X)
+    e = nbderiv.explain((J[:, 1] + J[:, 2]).astype(np.float32), net, X)
+    assert e.code == "summed-outputs" and "output 1 + output 2" in e.message
+
+
+def test_an_array_of_a_parts_size_that_fits_nothing_is_not_called_impossible():
+    net, X = _net(2, 1), torch.rand(5, 2)
+    e = nbderiv.explain(np.linspace(1, 2, 5).astype(np.float32), net, X)
+    assert e.code == "wrong" and "fits no derivative" not in e.message
+    assert "size of a part" in e.message
