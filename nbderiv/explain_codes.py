@@ -633,11 +633,7 @@ class _Context:
                 "summed-inputs",
                 f"{name} (shape {shp}) is column {j} of the rows of each point's Hessian "
                 f"summed: {terms}, not the second derivative with respect to "
-                f"{self.input_name(j)} alone. That is what torch.autograd.grad(u_x, x, "
-                f"grad_outputs=torch.ones_like(u_x))[0][:, {j}] gives when u_x holds all the "
-                f"first-derivative columns: the ones add the columns' derivatives together. "
-                f"Differentiate one column: u_xx = torch.autograd.grad(u_x[:, {j}], x, "
-                f"torch.ones_like(u_x[:, {j}]), create_graph=True)[0][:, {j}].", 2,
+                f"{self.input_name(j)} alone. {self.summed_columns_words(j)}", 2,
                 fix=self.fix_full(2) + f"\nd2 = d2[:, :, {j}, {j}]      # the second derivative "
                 f"with respect to {self.input_name(j)} twice", truth=F[:, :, j, j])
         if kind.startswith("summed-entries"):
@@ -666,12 +662,8 @@ class _Context:
                 f"{name} (shape {shp}) is the SUM over the rows of each point's Hessian"
                 f"{' and over the outputs' if kind.endswith('outputs') else ''}: entry j holds "
                 f"sum over i of d2y/dx_i dx_j (for inputs (x, t): [u_xx + u_tx, u_xt + u_tt]), "
-                f"not the second derivative of one input. That is what torch.autograd.grad("
-                f"u_x, x, grad_outputs=torch.ones_like(u_x)) gives when u_x holds all the "
-                f"first-derivative columns: the ones add the columns' derivatives together. "
-                f"For u_xx differentiate one column: u_xx = torch.autograd.grad(u_x[:, 0], x, "
-                f"torch.ones_like(u_x[:, 0]), create_graph=True)[0][:, 0]. The whole second "
-                f"derivative has shape {_shape(F.shape)} = {self.layout(2)}.", 2,
+                f"not the second derivative of one input. {self.summed_columns_words(0)} The "
+                f"whole second derivative has shape {_shape(F.shape)} = {self.layout(2)}.", 2,
                 fix=self.fix_full(2), truth=P)
         if kind == "summed-column":
             return self.summed_column(M, idx[0], F, dtype)
@@ -716,6 +708,21 @@ class _Context:
             f"points of {self.xname}, within {dtype} tolerance: a part of the {_ordinal(k)} "
             f"derivative, whose whole has shape {_shape(F.shape)} = {self.layout(k)}.", k,
             fix=fixes + "\n" + sel + "      # the part you computed", truth=P)
+
+    def summed_columns_words(self, j):
+        """Why the first derivative's columns were summed, and how to take one, in the
+        student's framework."""
+        if self.orig_framework == "tensorflow":
+            return (f"That is what an outer tape's gradient of u_x gives when u_x holds all "
+                    f"the first-derivative columns (outer.gradient(u_x, x)): the gradient of "
+                    f"several columns adds their derivatives together. Differentiate one "
+                    f"column, taken inside the outer tape's block: u_x = inner.gradient(u, "
+                    f"x)[:, {j}:{j + 1}], then u_xx = outer.gradient(u_x, x)[:, {j}].")
+        return (f"That is what torch.autograd.grad(u_x, x, grad_outputs=torch.ones_like(u_x))"
+                f"{'[0]' if j is None else f'[0][:, {j}]'} gives when u_x holds all the "
+                f"first-derivative columns: the ones add the columns' derivatives together. "
+                f"Differentiate one column: u_xx = torch.autograd.grad(u_x[:, {j}], x, "
+                f"torch.ones_like(u_x[:, {j}]), create_graph=True)[0][:, {j}].")
 
     def fix_full(self, k):
         if isinstance(self.x, tuple):

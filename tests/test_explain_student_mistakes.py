@@ -138,3 +138,22 @@ def test_an_array_of_a_parts_size_that_fits_nothing_is_not_called_impossible():
     e = nbderiv.explain(np.linspace(1, 2, 5).astype(np.float32), net, X)
     assert e.code == "wrong" and "fits no derivative" not in e.message
     assert "size of a part" in e.message
+
+
+def test_summed_inputs_advice_in_a_tensorflow_cell_is_tensorflow():
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    km = keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="tanh"),
+                           keras.layers.Dense(1)])
+    X = tf.random.uniform((6, 2), seed=1)
+    with tf.GradientTape() as t2:
+        t2.watch(X)
+        with tf.GradientTape() as t1:
+            t1.watch(X)
+            u = km(X)
+        u_x = t1.gradient(u, X)
+    u_xx = t2.gradient(u_x, X)                  # the rows of each Hessian summed
+    e = nbderiv.explain(u_xx, km, X)
+    assert e.code == "summed-inputs"
+    assert "torch." not in e.message and "outer.gradient(u_x, x)[:, 0]" in e.message
