@@ -972,6 +972,8 @@ class _Context:
                     ratio = (f" Everywhere, yours is {_num(c)} times the truth: a constant "
                              "factor is missing or extra (a chain-rule factor such as the "
                              "scale of normalised inputs, or a wrong sign).")
+        if not ratio and k == 1 and n_in > 1:
+            ratio = self.column_factors(Mv, Tf, dtype)
         shape_note = "" if M.shape == T.shape else \
             f" (compared as {name}.reshape{_shape(T.shape)})"
         fix = None
@@ -985,6 +987,29 @@ class _Context:
             f"{_num(diff[at])} ({100 * rel:.3g}% of the largest true value "
             f"{_num(scale)}), is at {idx}: yours {_num(Mv[at])}, truth {_num(Tf[at])}."
             + ratio + note, k, fix=fix, truth=T)
+
+    def column_factors(self, Mv, Tf, dtype) -> str:
+        """Words for a first derivative whose every input column is the truth's times a
+        constant of its own (not all 1): the chain rule of inputs normalised per column,
+        z = (x - mu) / sigma, left out (du/dz = sigma * du/dx); "" otherwise."""
+        n_in = Tf.shape[-1]
+        scale = float(np.abs(Tf).max()) or 1.0
+        factors = []
+        for i in range(n_in):
+            t, m = Tf[..., i].reshape(-1), Mv[..., i].reshape(-1)
+            nz = np.abs(t) > 10 * RTOL[dtype] * scale
+            if not nz.any():
+                return ""
+            factors.append(float(np.median(m[nz] / t[nz])))
+        c = np.array(factors)
+        if np.all(np.abs(c - 1) <= 10 * RTOL[dtype]) or np.any(c == 0) or not _close(
+                Mv, Tf * c, dtype).all():
+            return ""
+        names = ", ".join(f"{_num(v)} for {self.input_name(i)}" for i, v in enumerate(c))
+        return (f" Each input's column is the truth times a constant of its own ({names}): "
+                f"a chain-rule factor per input, e.g. inputs normalised per column, z = (x - "
+                f"mu) / sigma, differentiated with respect to z: du/dz = sigma * du/dx, so "
+                f"du/dx = du/dz / sigma, column by column.")
 
     def non_finite(self, M, k, Mv, Tf, nonfinite, note):
         """``wrong`` for an array holding NaN or inf where the truth is finite."""

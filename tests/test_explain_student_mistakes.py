@@ -157,3 +157,24 @@ def test_summed_inputs_advice_in_a_tensorflow_cell_is_tensorflow():
     e = nbderiv.explain(u_xx, km, X)
     assert e.code == "summed-inputs"
     assert "torch." not in e.message and "outer.gradient(u_x, x)[:, 0]" in e.message
+
+
+def test_a_factor_per_input_column_names_the_per_column_chain_rule():
+    """du/dz of inputs normalised per column (sigma = (2, 0.5)) is the truth times sigma_i in
+    column i: the chain-rule factors are named, column by column."""
+    torch.manual_seed(0)
+    core = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    mu, sigma = torch.tensor([5.0, 1.0]), torch.tensor([2.0, 0.5])
+
+    def model(x):
+        return core((x - mu) / sigma)
+
+    x = mu + sigma * torch.randn(6, 2)
+    z = ((x - mu) / sigma).requires_grad_(True)
+    g, = torch.autograd.grad(core(z).sum(), z)                         # du/dz
+    c64 = copy.deepcopy(core).double()
+    truth = torch.func.vmap(torch.func.jacrev(
+        lambda p: c64((p - mu.double()) / sigma.double())[0]))(x.double()).detach().numpy()
+    np.testing.assert_allclose(g.numpy(), truth[:, 0] * sigma.numpy(), rtol=1e-4, atol=1e-6)
+    e = nbderiv.explain(g, model, x)
+    assert e.code == "wrong" and "2 for input 0" in e.message and "0.5 for input 1" in e.message
