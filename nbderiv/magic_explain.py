@@ -13,6 +13,7 @@ derivative-like array (and ``X.grad``, and the cell's last value) are explained 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sys
 import warnings
@@ -346,18 +347,37 @@ def _user_derivative_functions(tree, ns) -> set:
     import inspect
     import types
 
+    def computes_derivative(fn) -> bool:
+        for _ in range(4):  # a tf.function, a partial, a decorated function: the one inside
+            inner = getattr(fn, "python_function", None) or getattr(fn, "__wrapped__", None) \
+                or (fn.func if isinstance(fn, functools.partial) else None)
+            if inner is None:
+                break
+            fn = inner
+        if not isinstance(fn, types.FunctionType):
+            return False
+        try:
+            body = ast.parse(inspect.cleandoc("\n" + inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            return False
+        return any(isinstance(c, ast.Call) and _called_name(c) in DERIVATIVE_CALLS
+                   for c in ast.walk(body))
+
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            fn = ns.get(node.func.id)
-            if isinstance(fn, types.FunctionType) and node.func.id not in found:
-                try:
-                    body = ast.parse(inspect.cleandoc("\n" + inspect.getsource(fn)))
-                except (OSError, TypeError, SyntaxError):
-                    continue
-                if any(isinstance(c, ast.Call) and _called_name(c) in DERIVATIVE_CALLS
-                       for c in ast.walk(body)):
-                    found.add(node.func.id)
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Name) and node.func.id not in found:
+            if computes_derivative(ns.get(node.func.id)):
+                found.add(node.func.id)
+        elif isinstance(node.func, ast.Call) and node.func.args and isinstance(
+                node.func.args[0], ast.Name) and _called_name(node.func) in _WRAPPERS:
+            # tf.function(grads)(x), torch.compile(grads)(x): the wrapped function's code
+            if computes_derivative(ns.get(node.func.args[0].id)):
+                found.add(_called_name(node.func))
     return found
+
+
+_WRAPPERS = frozenset({"function", "compile", "jit", "partial"})  # f(...) of a function g
 
 
 def _target_names(target) -> list:

@@ -211,3 +211,30 @@ def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
         g = inner.gradient(y, x64)
     truth = outer.gradient(g, x64).numpy()
     np.testing.assert_allclose(_values(ns["d2"]), truth, rtol=1e-4, atol=1e-6)
+
+
+def test_a_tf_function_computing_derivatives_is_explained(shell):
+    """A @tf.function from an earlier cell (and tf.function(g)(x) in the cell) computing 2x
+    the gradient: explained like the plain function ('2 times'), not 'computed no
+    derivative'."""
+    tf, twin, x64 = _keras_model(shell)
+    shell.run_cell("@tf.function\n"
+                   "def twice_grad(x):\n"
+                   "    with tf.GradientTape() as t:\n"
+                   "        t.watch(x)\n"
+                   "        y = km(x)\n"
+                   "    return 2 * t.gradient(y, x)\n"
+                   "def twice_plain(x):\n"
+                   "    with tf.GradientTape() as t:\n"
+                   "        t.watch(x)\n"
+                   "        y = km(x)\n"
+                   "    return 2 * t.gradient(y, x)\n", store_history=False)
+    with tf.GradientTape() as tape:
+        tape.watch(x64)
+        y = twin(x64)
+    truth = tape.gradient(y, x64).numpy()
+    for body in ("gx = twice_grad(kx)\n", "gx = tf.function(twice_plain)(kx)\n"):
+        [e] = explain(shell, "km kx", body)
+        assert e.code == "wrong" and "2 times" in e.message, (body, e)
+        np.testing.assert_allclose(_values(shell.user_ns["gx"]), 2 * truth, rtol=1e-4,
+                                   atol=1e-6)
