@@ -23,6 +23,7 @@ target as depending on the source). Nothing here imports a framework.
 from __future__ import annotations
 
 import ast
+import textwrap
 
 GRADIENT_CALLS = ("gradient", "jacobian", "batch_jacobian")
 # TensorFlow operations whose gradient is None (checked: tape.gradient through each is None)
@@ -208,6 +209,44 @@ def tape_causes(name, source, ns, model_name="model"):
                     f"{src_text} and {tape}.gradient({target.id}, {src_text}) is None" + note,
                     f"with tf.GradientTape() as {tape}:\n    ...\n    {line}      # inside "
                     f"the block of {tape}, so that {tape} records it\n{grad_line}"))
+    # the target is an expression of the gradient call itself (ky[:, 0]), after the block
+    if not isinstance(target, ast.Name) and grad_node.lineno > end and not causes:
+        root = next((n for n in ast.walk(target) if isinstance(n, ast.Name)), None)
+        kept = f"{root.id}_part" if root is not None else "target"
+        causes.append((
+            "computed-outside-tape",
+            f"{target_text} is computed in the gradient call itself (line {grad_node.lineno}: "
+            f"`{grad_line}`), after the `with` block of {tape} (lines {start}-{end}) ended: "
+            f"{tape} records only what runs inside its block, so it never saw {target_text} "
+            f"being made from {src_text}, and {tape}.gradient({target_text}, {src_text}) is "
+            f"None" + note,
+            _block_again(lines, block, [], [f"{kept} = {target_text}      # inside the "
+                                             f"block of {tape}, so that {tape} records it"])
+            + "\n" + grad_line.replace(target_text, kept, 1)))
+    # the model called on a copy of the source made before the block (xs = kx * 1.0)
+    if isinstance(target, ast.Name) and isinstance(src, ast.Name) and not causes:
+        inside = [a for a in assigns if target.id in a[1] and start <= a[0] <= end
+                  and a[0] < grad_node.lineno]
+        if inside:
+            lineno, _, value, _node = inside[-1]
+            made_inside = {n for a in assigns if start <= a[0] < lineno for n in a[1]}
+            for other in sorted(_names(value) - {src.id} - made_inside):
+                before = [a for a in assigns if other in a[1] and a[0] < start]
+                if before and src.id in _names(before[-1][2]):
+                    b_line = lines[before[-1][0] - 1].strip()
+                    line = lines[lineno - 1].strip()
+                    causes.append((
+                        "computed-outside-tape",
+                        f"{target.id} is computed from {other} (line {lineno}: `{line}`), not "
+                        f"from {src_text}: {other} was made from {src_text} on line "
+                        f"{before[-1][0]} (`{b_line}`), before the `with` block of {tape}, "
+                        f"where no tape records, so {tape} sees no path from {src_text} to "
+                        f"{target.id} and {tape}.gradient({target.id}, {src_text}) is None"
+                        + note,
+                        _block_again(lines, block, [f"{b_line}      # inside the block, so "
+                                                    f"that {tape} records it"], [])
+                        + "\n" + grad_line))
+                    break
     # operations without a gradient between the source and the target, inside the block
     if isinstance(src, ast.Name):
         tainted, cuts = {src.id}, []
@@ -254,6 +293,21 @@ def tape_causes(name, source, ns, model_name="model"):
                  f"    y = {model_name}({src_text})      # TensorFlow operations only, inside "
                  f"the block\ng = {tape}.gradient(y, {src_text})")]
     return None
+
+
+def _block_again(lines, block, first, last) -> str:
+    """The cell's tape block (its ``with`` line and body, dedented), with the lines ``first``
+    put at the top of its body (after its watch calls) and ``last`` at its end."""
+    body = lines[block.lineno:block.end_lineno]
+    head = lines[block.lineno - 1]
+    indent = next((raw[:len(raw) - len(raw.lstrip())] for raw in body if raw.strip()),
+                  head[:len(head) - len(head.lstrip())] + "    ")
+    watches = 0
+    while watches < len(body) and ".watch(" in body[watches]:
+        watches += 1
+    out = [head] + body[:watches] + [indent + t for t in first] + body[watches:] + \
+        [indent + t for t in last]
+    return textwrap.dedent("\n".join(out))
 
 
 def grad_owner(name, source):

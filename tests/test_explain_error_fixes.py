@@ -238,3 +238,36 @@ def test_a_tf_function_computing_derivatives_is_explained(shell):
         assert e.code == "wrong" and "2 times" in e.message, (body, e)
         np.testing.assert_allclose(_values(shell.user_ns["gx"]), 2 * truth, rtol=1e-4,
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize("body, name, words", [
+    ("with tf.GradientTape(persistent=True) as tape:\n    tape.watch(kx3)\n    ky = k3(kx3)\n"
+     "g0 = tape.gradient(ky[:, 0], kx3)\n", "g0", "computed in the gradient call itself"),
+    ("xs = kx3 * 1.0\nwith tf.GradientTape() as tape:\n    tape.watch(kx3)\n    y = k3(xs)\n"
+     "g = tape.gradient(y, kx3)\n", "g", "xs was made from kx3 on line 1"),
+])
+def test_a_none_from_work_outside_the_tape_names_it_and_the_fix_runs(shell, body, name, words):
+    """tape.gradient(ky[:, 0], x) after the block, and the model called on a copy made before
+    the block: the None's cause is read from the cell (it said the code does not show it),
+    and the fix, the cell's tape block again with that step inside, gives the float64
+    twin's gradient."""
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    k3 = keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="tanh"),
+                           keras.layers.Dense(3)])
+    shell.user_ns.update(k3=k3, kx3=tf.random.uniform((6, 2), seed=2), tf=tf)
+    [e] = explain(shell, "k3 kx3", body)
+    assert e.code == "none" and words in e.message, e.message
+    ns = run_fix(shell, e.fix)
+    twin = keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="tanh",
+                                                                   dtype="float64"),
+                             keras.layers.Dense(3, dtype="float64")])
+    twin.set_weights([w.astype(np.float64) for w in k3.get_weights()])
+    x64 = tf.cast(shell.user_ns["kx3"], tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(x64)
+        y = twin(x64)
+        target = y[:, 0] if name == "g0" else y
+    truth = tape.gradient(target, x64).numpy()
+    np.testing.assert_allclose(_values(ns[name]), truth, rtol=1e-4, atol=1e-6)

@@ -104,7 +104,7 @@ def test_a_missing_watch_is_still_named_and_an_unexplained_none_is_not_guessed(t
         g = tape.gradient(u, X)
         """, "m X")
     assert "without tape.watch(X)" in got["g"].message
-    # watched, and no step the code shows: only what is known
+    # watched, and the model called on a copy made before the block: that copy is named
     got = run(tf_shell, """\
         Y = X * 1.0
         with tf.GradientTape() as tape:
@@ -114,9 +114,21 @@ def test_a_missing_watch_is_still_named_and_an_unexplained_none_is_not_guessed(t
         """, "m X")
     e = got["g"]
     assert tf_shell.user_ns["g"] is None and e.code == "none"
+    assert "u is computed from Y (line 4: `u = m(Y)`), not from X: Y was made from X on " \
+        "line 1" in e.message
+    assert "without tape.watch" not in e.message and "tf.round" not in e.message
+    # watched, and no step the code shows (the model itself cuts the path): what is known
+    tf_shell.run_cell("cut = lambda z: m(tf.stop_gradient(z))", store_history=False)
+    got = run(tf_shell, """\
+        with tf.GradientTape() as tape:
+            tape.watch(X)
+            u = cut(X)
+        g = tape.gradient(u, X)
+        """, "m X")
+    e = got["g"]
+    assert tf_shell.user_ns["g"] is None and e.code == "none"
     assert "What is known: tape.gradient(u, X) returned None: tape did not record u as " \
         "depending on X" in e.message
-    assert "without tape.watch" not in e.message and "tf.round" not in e.message
 
 
 def test_grad_of_a_non_leaf_copy_names_that_copy_not_x_requires_grad():
