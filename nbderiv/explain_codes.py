@@ -9,6 +9,7 @@ the codes in turn and returns the explanation built by ``make`` (the ``Explanati
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class _Context:
                     f"{self.xname}, order={k}{wrt})\nd{k} = d[{k}]      # {self.layout(k)}")
         return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=self.wrt,
                         eval_first=eval_first, dtype=str(self.truth.get(1).dtype),
-                        **self.shapes(), loop=self.loop())
+                        **self.shapes(), loop=self.loop(), keep=self.notebook_names())
 
     def shapes(self):
         """``pshape`` (S, one point's own shape) and ``oshape`` (O, one point's output's)."""
@@ -728,7 +729,16 @@ class _Context:
         if isinstance(self.x, tuple):
             return self.tuple_code(k, None)
         return fix_code(self.framework, k, model=self.mname, x=self.xname, wrt=None,
-                        dtype=str(self.truth.get(1).dtype))
+                        dtype=str(self.truth.get(1).dtype), keep=self.notebook_names())
+
+    def notebook_names(self) -> frozenset:
+        """The notebook's names (under %%nnderiv explain) that fix code should not rebind
+        with names of its own (f, x_, y); its results d1 ... dK are meant to be bound."""
+        cell = getattr(self, "cell", None)
+        if not cell:
+            return frozenset()
+        return frozenset(k for k in cell[1] if isinstance(k, str)
+                         and not re.fullmatch(r"d\d+", k))
 
     def part_times(self, M, k, candidates, dtype):
         """``wrong`` for an array that is a part of the derivative (u_xx, a column, the

@@ -108,7 +108,7 @@ def _reshape_code(name, how, perm, src_shape, dst_shape, framework, mine=None) -
 
 
 def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=False,
-             dtype="float32", pshape=None, oshape=None, loop=False) -> str:
+             dtype="float32", pshape=None, oshape=None, loop=False, keep=()) -> str:
     """Short, runnable code computing the per-point derivative of ``order`` in nbderiv's
     layout (N, d_out) + (n_inputs,) * order, in the student's framework.
 
@@ -118,7 +118,8 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
     (N,) + O + S * order, the layout of ``nbderiv.derivatives(model, x)[order]`` (with ``wrt``:
     (N,) + O + (len(wrt),) * order, wrt counting each point's features in C order). ``loop``
     (torch): one point at a time instead of ``torch.func.vmap``, which cannot batch every
-    layer (nn.GRU).
+    layer (nn.GRU). ``keep``: names the code's own (``f``, ``x_``, ``y``) must not take (the
+    notebook's).
 
     >>> print(fix_code("torch", 1, pshape=(2, 4, 5), oshape=(2,)))
     x_ = torch.as_tensor(x).detach().to(torch.float32)      # (N, *S): each point keeps its shape
@@ -128,7 +129,7 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
     order = max(int(order or 1), 1)
     name = f"d{order}"
     # the code's own names, kept apart from the model's and x's (a model named f)
-    taken = set(re.findall(r"[A-Za-z_]\w*", f"{model} {x}"))
+    taken = set(re.findall(r"[A-Za-z_]\w*", f"{model} {x}")) | set(keep)
     fn, xv, yv = _fresh("f", taken), _fresh("x_", taken), _fresh("y", taken)
     many = _many(pshape, oshape)
     oshape = tuple(int(v) for v in (oshape or ()))

@@ -142,6 +142,7 @@ def test_fix_code_of_a_model_named_f_does_not_rebind_it(shell):
     shell.run_cell("f = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), "
                    "torch.nn.Linear(8, 3))", store_history=False)
     model = shell.user_ns["f"]
+    shell.user_ns["x_"] = sentinel = object()  # a name of the notebook's that fixes also use
     [e] = explain(shell, "f pts", """\
         x = pts.clone().requires_grad_(True)
         y = f(x)
@@ -149,7 +150,7 @@ def test_fix_code_of_a_model_named_f_does_not_rebind_it(shell):
         """)
     assert e.code == "summed-outputs"
     ns = run_fix(shell, e.fix)
-    assert ns["f"] is model
+    assert ns["f"] is model and ns["x_"] is sentinel
     m64 = copy.deepcopy(model).double()
     truth = torch.func.vmap(torch.func.jacrev(lambda p: m64(p[None])[0]))(
         shell.user_ns["pts"].double()).detach().numpy()
