@@ -244,6 +244,7 @@ def _curves(d, p, ks, outputs, reference, fd, fig, ax, figsize):
                 axis.plot(xs, fds[k][idx, j], ls="", marker="o", ms=3.5, mfc="none",
                           color="0.35" if not multi else color,
                           markevery=max(1, len(xs) // 40), label=tag + "finite differences")
+        _note_non_finite(axis, values[:, list(outputs)])
         # one output of several drawn: its own name (y_1), not plain y
         ysym = f"y_{{{outputs[0]}}}" if multi and len(outputs) == 1 else "y"
         axis.set_ylabel(derivative_label(k, [name] * k, y=ysym))
@@ -295,7 +296,8 @@ def _heatmaps(d, positions, ks, j, fig, ax, figsize):
         if k == 0:
             norm, cmap = Normalize(*_finite_range(values)), "viridis"
         else:
-            m = float(np.nanmax(np.abs(values), initial=0.0)) or 1.0
+            finite = np.abs(values[np.isfinite(values)])
+            m = float(finite.max(initial=0.0)) or 1.0
             norm, cmap = Normalize(-m, m), "RdBu_r"
         if grid is not None:
             ua, ub, ia, ib = grid
@@ -305,11 +307,22 @@ def _heatmaps(d, positions, ks, j, fig, ax, figsize):
         else:
             art = axis.scatter(a, b, c=values, s=12, cmap=cmap, norm=norm, edgecolors="none")
         fig.colorbar(art, ax=axis, shrink=0.9)
+        _note_non_finite(axis, values)
         axis.set_title(derivative_label(k, [d.inputs[q] for q in multi], symbol), fontsize=10)
         axis.set_xlabel(f"${tex_name(d.inputs[pa])}$")
         axis.set_ylabel(f"${tex_name(d.inputs[pb])}$")
         remember(fig, (k, multi), axis)
     return fig
+
+
+def _note_non_finite(axis, values) -> None:
+    """A red note in the panel's corner where some points' values are NaN or inf: a plot
+    leaves them out (a gap in a curve, a blank cell), which would otherwise pass unseen."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    bad = int((~np.isfinite(values)).any(axis=1).sum())
+    if bad:
+        axis.text(0.01, 0.98, f"NaN/inf at {bad} point{'s' if bad > 1 else ''}: not drawn",
+                  transform=axis.transAxes, ha="left", va="top", fontsize=8, color="C3")
 
 
 def _finite_range(values):
