@@ -343,6 +343,8 @@ def test_a_framework_reference_stays_exact_and_a_failing_one_is_named():
 def test_nan_values_are_noted_on_the_panels_that_leave_them_out():
     """sqrt of x at negative x: NaN for 3 of 8 points (numpy's own sqrt says so); each panel
     that drops them says how many, and a heat map's colours stay finite."""
+    import matplotlib.pyplot as plt
+
     x = torch.linspace(-1.5, 2.0, 8).reshape(-1, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         bad = int(np.isnan(np.sqrt(x.numpy().ravel())).sum())                 # y: 3
@@ -351,7 +353,8 @@ def test_nan_values_are_noted_on_the_panels_that_leave_them_out():
     d = nbderiv.derivatives(torch.sqrt, x, order=1)
     fig = d.plot()
     notes = [t.get_text() for a in fig.axes for t in a.texts]
-    assert notes == [f"NaN/inf at {bad} points: not drawn", f"NaN/inf at {bad1} points: not drawn"]
+    assert notes == [f"NaN/inf at {bad} points: not drawn",
+                     f"NaN/inf at {bad1} points: not drawn"]
     plt.close(fig)
     g = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 4),
                                    indexing="ij"), -1).reshape(-1, 2)
