@@ -130,7 +130,13 @@ def kinks_confirmed(call, candidates, wrt=None, limit: int = KINK_CHECKS,
             for sign in (1.0, -1.0):
                 rows.append(X + sign * h * v * scale)
                 at += candidates
-    y = _forward_rows(c64, np.concatenate(rows).astype(c64.dtype), at)
+    try:
+        y = _forward_rows(c64, np.concatenate(rows).astype(c64.dtype), at)
+    except Exception:
+        if c64 is call:
+            raise
+        # no float64 copy after all (a function holding a float32 model): its own dtype
+        return kinks_confirmed(call, candidates, wrt, limit, float64=False, coarse=True, d1=d1)
     if y is None:
         return [] if d1 is None else ([], [])
     P = len(candidates)

@@ -184,3 +184,74 @@ def test_points_on_a_kink_are_no_evidence_of_missing_dependence():
     d = nbderiv.derivatives(net, torch.tensor(on + [[0.0]]))
     assert sorted(d.codes) == ["at-kink", "no-input-dependence"]
     assert "at index 0, 1, on a kink" in d.finding("no-input-dependence").message
+
+
+def _raw_zero_background():
+    """Images with one bright pixel each: the other pooling windows hold only 0s, ties of the
+    input itself (a black background), not of dead ReLUs."""
+    x = np.zeros((3, 1, 4, 4), dtype=np.float32)
+    x[:, 0, 0, 0] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_max_pooling_over_a_zero_background_is_at_kink(seed):
+    """The tied zeros move: raising a background pixel raises its window's maximum (slope the
+    Linear weight one way, 0 the other). at-kink; never graph-broken (nothing is cut) nor
+    no-input-dependence (the output does depend on those pixels, from one side)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 1)).eval()
+    x = _raw_zero_background()
+    n64 = copy.deepcopy(net).double()
+    truth = one_sided_slopes_differ(
+        lambda a: n64(torch.tensor(a).reshape(-1, 1, 4, 4)).detach(), x.reshape(3, -1))
+    assert truth == [0, 1, 2]
+    d = nbderiv.derivatives(net, torch.tensor(x))
+    assert d.codes == ["at-kink"], d.summary()
+    assert d.finding("at-kink").points == (0, 1, 2)
+
+
+def test_a_max_over_zero_padded_steps_is_at_kink():
+    torch.manual_seed(1)
+    lin = nn.Linear(3, 1)
+    x = torch.zeros(3, 6, 3)
+    x[:, :2] = -torch.rand(3, 2, 3)          # 2 real (negative) steps, 4 zero-padded ones
+
+    def f(z):
+        return lin(z.max(1).values)
+
+    l64 = copy.deepcopy(lin).double()
+    truth = one_sided_slopes_differ(
+        lambda a: l64(torch.tensor(a).reshape(-1, 6, 3).max(1).values).detach(),
+        x.reshape(3, -1))
+    assert truth == [0, 1, 2]
+    d = nbderiv.derivatives(f, x)             # (a lambda around a float32 Linear: no crash)
+    assert d.codes == ["at-kink"], d.summary()
+
+
+def test_a_kink_inside_a_function_holding_a_float32_model_is_confirmed_in_float32():
+    """kinks are confirmed on a float64 copy where there is one; a function around a float32
+    Linear has none (float64 points would reach a float32 layer): its own dtype, no crash."""
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 1)
+    x = torch.zeros(4, 2)
+    truth = one_sided_slopes_differ(
+        lambda a: copy.deepcopy(lin).double()(torch.relu(torch.tensor(a))).detach(),
+        x.numpy())
+    assert truth == [0, 1, 2, 3]
+    d = nbderiv.derivatives(lambda z: lin(torch.relu(z)), x)
+    assert d.codes == ["at-kink"], d.summary()
+
+
+def test_keras_max_pooling_over_a_zero_background_is_at_kink(tf):
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.MaxPooling2D(2),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    x = _raw_zero_background().transpose(0, 2, 3, 1)              # channels last
+    truth = one_sided_slopes_differ(
+        lambda a: model(a.reshape(-1, 4, 4, 1).astype(np.float32)).numpy().astype(np.float64),
+        x.reshape(3, -1), h=1e-3)
+    assert truth == [0, 1, 2]
+    d = nbderiv.derivatives(model, x)
+    assert d.codes == ["at-kink"], d.summary()

@@ -234,7 +234,13 @@ def test_what_the_watcher_counts_and_which_rows_it_marks():
     with KinkWatcher(3) as w:
         torch.max(h)
         torch.tensor([[1.0, 3.0, 3.0], [1.0, 2.0, 3.0], [0.0, 0.0, -1.0]]).amax(1)
-    assert w.calls == 1 and w.hits.tolist() == [True, False, False]  # (a tie at 0: no kink)
+    # a tie at 0 of the values themselves (a black background) moves on one side: a kink
+    assert w.calls == 1 and w.hits.tolist() == [True, False, True]
+    with KinkWatcher(3) as w:  # a tie at 0 of a ReLU's output (dead units): no kink
+        torch.relu(torch.tensor([[1.0, 3.0, 3.0], [1.0, 2.0, 3.0], [-0.5, -2.0, -1.0]])).amax(1)
+        torch.nn.functional.relu(torch.tensor([[-1.0, -2.0], [1.0, 2.0], [-3.0, -1.0]])).view(
+            3, 2).amax(1)  # (a view of it too)
+    assert w.hits.tolist() == [True, False, False]
     with KinkWatcher(3) as w:
         torch.zeros(4, 3).clamp(min=0)  # first axis 4: not the points'
     assert w.calls == 1 and not w.hits.any()

@@ -208,10 +208,12 @@ def _at_kink(op):
 
 def _tied(op):
     """Where the largest value a max / min over each point's axes (Max, Min) or a max-pooling
-    window (MaxPool, NHWC) picks is held twice, not at an exact 0 (a window of dead ReLU
-    units ties there with no slope on either side); None for a reduction over the points or
-    a form not read here."""
+    window (MaxPool, NHWC) picks is held twice, not at an exact 0 of a ReLU's output (a
+    window of dead ReLU units ties there with no slope on either side; zeros of the input
+    itself, a black background, do move); None for a reduction over the points or a form
+    not read here."""
     z = op.inputs[0]
+    dead = _relu_output(z)
     if op.type == "Min":
         z = -z
     if op.type in ("Max", "Min"):
@@ -224,7 +226,7 @@ def _tied(op):
             return None
         top = tf.reduce_max(z, axis=axes, keepdims=True)
         count = tf.reduce_sum(tf.cast(tf.equal(z, top), tf.int32), axis=axes, keepdims=True)
-        return tf.logical_and(count >= 2, tf.not_equal(top, 0))
+        return tf.logical_and(count >= 2, tf.not_equal(top, 0)) if dead else count >= 2
     if op.get_attr("data_format") != b"NHWC" or z.shape.rank != 4:
         return None
     ksize, strides = op.get_attr("ksize"), op.get_attr("strides")
@@ -237,7 +239,21 @@ def _tied(op):
     windows = tf.reshape(patches, tf.concat([shape[:3], [ksize[1] * ksize[2], channels]], 0))
     top = tf.reduce_max(windows, axis=3, keepdims=True)
     count = tf.reduce_sum(tf.cast(tf.equal(windows, top), tf.int32), axis=3)
-    return tf.logical_and(count >= 2, tf.not_equal(top[:, :, :, 0], 0))
+    return tf.logical_and(count >= 2, tf.not_equal(top[:, :, :, 0], 0)) if dead else count >= 2
+
+
+def _relu_output(t) -> bool:
+    """Whether the tensor is a ReLU's output (through reshapes and identities), whose zeros
+    are dead units: no slope on either side."""
+    for _ in range(6):
+        kind = t.op.type
+        if kind in ("Relu", "Relu6"):
+            return True
+        if kind not in ("Identity", "Reshape", "ExpandDims", "Squeeze", "Transpose") \
+                or not t.op.inputs:
+            return False
+        t = t.op.inputs[0]
+    return False
 
 
 def caller(call, d_out=None, raw=False):

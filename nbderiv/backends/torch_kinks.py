@@ -139,8 +139,7 @@ def _reduction_ties(args, kwargs):
         return None
     inp = inp.detach()
     top = inp.amax(dims, keepdim=True)
-    # (a window of dead ReLU units ties at an exact 0, with no slope on either side)
-    return ((inp == top).sum(dims, keepdim=True) >= 2) & (top != 0)
+    return ((inp == top).sum(dims, keepdim=True) >= 2), top
 
 
 def _min_ties(args, kwargs):
@@ -150,7 +149,7 @@ def _min_ties(args, kwargs):
 def _pool_ties(with_indices, spatial, n_args):
     """max_pool1d/2d/3d and adaptive_max_pool1d/2d/3d: the windows whose largest value is held
     twice. The largest of each window is set aside (-inf) and the pooling run again: a window
-    whose largest value stays the same holds it twice (not at an exact 0, as above)."""
+    whose largest value stays the same holds it twice."""
     def ties(args, kwargs):
         inp = args[0].detach()
         rest = {k: v for k, v in kwargs.items() if k != "return_indices"}
@@ -159,7 +158,7 @@ def _pool_ties(with_indices, spatial, n_args):
         flat.scatter_(-1, index.flatten(index.ndim - spatial), float("-inf"))
         again = with_indices(flat.view_as(inp), *args[1:n_args], **rest,
                              return_indices=True)[0]
-        return (again == top) & (top != 0)
+        return again == top, top
     return ties
 
 
@@ -172,7 +171,7 @@ def _norm_at_zero(args, kwargs):
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     if inp.ndim < 2 or not dims or any(d % inp.ndim == 0 for d in dims):
         return None
-    return (inp.detach() == 0).all(dim=dims)
+    return (inp.detach() == 0).all(dim=dims), None
 
 
 def _tie_table() -> dict:
@@ -195,6 +194,37 @@ def _tie_table() -> dict:
 
 
 _TIES = _tie_table()
+
+
+def _dead_zero_table() -> frozenset:
+    """The functions whose output is exactly 0 with no slope on either side over a whole
+    range of inputs (ReLU's dead units): a tie at 0 among their outputs is no kink."""
+    F, T = torch.nn.functional, torch.Tensor
+    found = [torch.relu, getattr(torch, "relu_", None), F.relu, getattr(F, "relu_", None),
+             T.relu, T.relu_, F.relu6, F.hardswish, F.hardsigmoid, F.threshold,
+             getattr(F, "threshold_", None), getattr(torch._C._nn, "relu6", None),
+             getattr(torch._C._nn, "hardswish", None), getattr(torch._C._nn, "hardsigmoid", None)]
+    return frozenset(f for f in found if f is not None)
+
+
+_DEAD_ZERO = _dead_zero_table()
+_CLAMPS = frozenset(f for f in (torch.clamp, torch.clip, torch.clamp_min, torch.Tensor.clamp,
+                                torch.Tensor.clip, torch.Tensor.clamp_min, torch.Tensor.clamp_,
+                                torch.Tensor.clamp_min_) if f is not None)
+
+
+def _dead_zeros(func, args, kwargs) -> bool:
+    """Whether ``func(*args, **kwargs)`` gives dead zeros: a ReLU-type function, or a clamp
+    from below at 0."""
+    try:
+        if func in _DEAD_ZERO:
+            return True
+        if func in _CLAMPS:
+            low = _arg(args, kwargs, 1, "min")
+            return isinstance(low, (int, float)) and low == 0
+    except TypeError:  # not hashable
+        return False
+    return False
 
 
 def _kink_values(func, args, kwargs):
@@ -229,6 +259,15 @@ def _unwrapped(t):
     return t
 
 
+def _storage(t) -> int:
+    """Where a tensor's values live (shared by its views), 0 where that cannot be read."""
+    try:
+        inner = _unwrapped(t)
+        return 0 if inner is None else inner.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - a tensor without storage (a meta or fake tensor)
+        return 0
+
+
 class KinkWatcher(torch.overrides.TorchFunctionMode):
     """Which of ``n`` points sit exactly on a kink of a piecewise function while the model
     runs under it: a ReLU-type input (relu, leaky_relu, prelu, rrelu, relu6, hardtanh,
@@ -237,7 +276,8 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
     softshrink), or written by hand (the comparisons gt / ge / lt / le that pick the pieces of
     ``h * (h > 0)`` or ``torch.where(h > 0, h, 0.1 * h)``, sign, heaviside), as functions,
     in-place versions or Tensor methods; or a max / min over each point's axes (amax / amin,
-    max / min with a dim, max pooling) whose largest values tie (not at an exact 0), or a vector
+    max / min with a dim, max pooling) whose largest values tie (not at the dead zeros of a
+    ReLU-type layer's output), or a vector
     norm over each point's axes (norm, linalg.vector_norm) of an all-zero vector. A call's rows are the
     points where the first axis of its input (broadcast against tensor locations) has the
     points' length ``n``; ``calls`` counts the calls of such functions on floating-point
@@ -256,6 +296,7 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
         self.n = n
         self.calls = 0  # calls of piecewise functions seen
         self._rows = None  # (n,) bool, on the device of the first call seen
+        self._dead = set()  # the storages of ReLU-type outputs: their zeros have no slope
 
     @property
     def hits(self) -> np.ndarray:
@@ -278,7 +319,10 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
             ties = None
         if ties is not None:
             self._look_for_ties(ties, args, kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and _dead_zeros(func, args, kwargs):
+            self._dead.add(_storage(out))
+        return out
 
     def _look_for_ties(self, ties, args, kwargs):
         inp = args[0] if args else kwargs.get("input")
@@ -288,11 +332,16 @@ class KinkWatcher(torch.overrides.TorchFunctionMode):
         if inp is None or inp.ndim == 0 or inp.shape[0] != self.n:
             return
         try:
-            tied = ties((inp,) + tuple(args[1:]), kwargs)
+            found = ties((inp,) + tuple(args[1:]), kwargs)
         except Exception:  # an argument form not read here: the call itself will tell
             return
-        if tied is None:
+        if found is None:
             return
+        tied, top = found
+        if top is not None and _storage(inp) in self._dead:
+            # a window of dead ReLU units ties at an exact 0, with no slope on either side;
+            # zeros of the input itself (a black background) or of a linear layer move
+            tied = tied & (top != 0)
         self.calls += 1
         rows = tied.reshape(self.n, -1).any(dim=1)
         self._rows = rows if self._rows is None else \
