@@ -65,6 +65,10 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     out += _dependence_findings(call, layers, y, ders[0], wrt, out_names, in_names,
                                 skip=confirmed + list(candidates[confirm.KINK_CHECKS:]),
                                 bad_rows=bad_first)
+    if any(f.code == "graph-broken" for f in out) and not structurally_piecewise(layers):
+        # autodiff's own zero second derivatives were the only evidence of piecewise
+        # linearity, and the forward pass says autodiff is wrong here (z * z.detach())
+        out = [f for f in out if f.code != "piecewise-linear"]
     bad_x = set(non_finite_points(*args) if call.non_finite_x is None else call.non_finite_x)
     bad_all = bad_first.union(non_finite_points(*ders[1:])) if len(ders) > 1 else bad_first
     bad = [n for n in sorted(bad_all) if n not in bad_x]

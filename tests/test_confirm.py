@@ -406,3 +406,12 @@ def test_saturation_is_seen_through_a_tanh_called_as_a_function():
     with torch.no_grad():
         assert abs(float(m(x[:1]) - m(-x[:1]))) > 0.01  # yet y depends on x
     assert nbderiv.derivatives(m, x).codes == ["saturated"]
+
+
+def test_a_cut_graph_gives_no_piecewise_linear_from_autodiffs_own_zeros():
+    """z * z.detach() is z**2 in the forward pass (second derivative 2, by hand): autodiff's
+    d2 = 0 is the cut, not piecewise linearity. graph-broken, and no piecewise-linear."""
+    x = torch.linspace(-1, 1, 7).reshape(-1, 1)
+    d = nbderiv.derivatives(lambda z: z * z.detach(), x, order=2)
+    assert np.all(d[2] == 0)  # autodiff's number, against the true 2
+    assert d.codes == ["graph-broken"], d.summary()
