@@ -70,6 +70,7 @@ class Call:
     device: object = None
     extras: tuple = ()        # Extra specs: the last len(extras) arrays of args
     constants: dict = field(default_factory=dict)  # keyword arguments passed as they are
+    shared_names: tuple = ()  # those of them marked nbderiv.shared
     verdict: Verdict | None = None
     findings: list = field(default_factory=list)
     non_finite_x: list | None = None  # rows of x with a NaN or inf, once looked for

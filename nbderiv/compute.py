@@ -17,6 +17,7 @@ per-point blocks).
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -48,7 +49,9 @@ def open_call(model, x, framework, *, target=None, kwargs=None) -> Call:
     extras, extra_arrays, constants = _extras(backend, inputs.n_points, target, kwargs, dtype)
     call = Call(model=model, backend=backend, inputs=inputs, dtype=dtype,
                 args=inputs.cast(dtype) + extra_arrays, names=input_names(inputs, arg_names),
-                device=backend.device(model, x), extras=extras, constants=constants)
+                device=backend.device(model, x), extras=extras, constants=constants,
+                shared_names=tuple(k for k, v in (kwargs or {}).items()
+                                   if isinstance(v, Shared)))
     call.findings += input_findings(inputs, dtype)
     bad = call.non_finite_x = dg.non_finite_points(*call.args[:call.n_inputs])
     if bad:
@@ -258,8 +261,20 @@ def probe(call: Call) -> Verdict:
         except NbderivError:
             raise
         except Exception as exc:
+            if _as_given(call, batches[0]):  # tuple arguments of shape (N,), kept so: again
+                return probe(call)
             if _takes_unmoved(call, batches[0]):  # only the moved points fail: not continuous
                 raise moved_points_error(exc, call.inputs) from None
+            odd = _odd_rows(call, str(exc))
+            if odd:  # a kwargs= array with another number of rows than x has points
+                raise OptionError(
+                    f"the model raised {type(exc).__name__} when nbderiv first called it: "
+                    f"{(str(exc).strip().splitlines() or [''])[0][:200].rstrip('.')}. "
+                    + "; ".join(f"kwargs[{name!r}] has shape {shape}, whose first axis is not "
+                                f"the {call.n} points of x" for name, shape in odd)
+                    + ": nbderiv passed it as it is, the same for every point. Fix: give "
+                    f"per-point data one row per point (first axis {call.n}), as x has.") \
+                    from None
             raise model_rejected_input(exc, call.inputs, _expected_width(call),
                                        sliced_kwargs(call)) from None
         fewer = _fewer_points(call, batches[0], outputs[0])
@@ -272,6 +287,42 @@ def probe(call: Call) -> Verdict:
         call.facts.verdict = dataclasses.replace(verdict)
     call.verdict = verdict
     return verdict
+
+
+def _odd_rows(call: Call, text: str) -> list:
+    """(name, shape) of the kwargs= arrays passed as they are (not marked shared) whose first
+    axis has another length than the points (more than 1: a (1, T) mask broadcasts), where
+    the model's error ``text`` names both lengths (a size mismatch between them)."""
+    out = []
+    sizes = set(re.findall(r"\d+", text))
+    for name, value in call.constants.items():
+        shape = tuple(getattr(value, "shape", ()) or ())
+        if len(shape) >= 1 and shape[0] not in (1, call.n) and name not in call.shared_names \
+                and {str(shape[0]), str(call.n)} <= sizes:
+            out.append((name, tuple(int(v) for v in shape)))
+    return out
+
+
+def _as_given(call: Call, points) -> bool:
+    """For a tuple x whose arguments of shape (N,) were passed as (N, 1) and refused: whether
+    the model takes them as they were given, (N,) (a PINN's forward(x, t) doing t[:, None]).
+    If so, the call passes them so from now on."""
+    inputs = call.inputs
+    if not getattr(inputs, "several", False) or not getattr(inputs, "reshaped", False):
+        return False
+    before = list(inputs.point_shapes)
+    given = [() if len(shape) == 1 else s for shape, s in zip(inputs.original_shapes, before)]
+    if given == before:
+        return False
+    inputs.point_shapes = given
+    try:
+        call.backend.forwards(call, [points])
+    except Exception:
+        inputs.point_shapes = before
+        return False
+    call.__dict__.pop("_memo_key", None)  # another call shape: other facts
+    call.known = None
+    return True
 
 
 def _takes_unmoved(call: Call, points) -> bool:

@@ -144,3 +144,43 @@ def test_a_wrong_call_inside_the_model_is_not_taken_for_its_inputs():
     with pytest.raises(ModelCallError) as info:
         nbderiv.derivatives(model, torch.rand(5, 2))
     assert "takes 2 inputs" not in str(info.value)
+
+
+def test_tuple_arguments_of_shape_n_are_passed_as_given_when_the_model_needs_it():
+    """forward(x, t) doing t[:, None] refuses t as (N, 1): nbderiv then passes t as it was
+    given, (N,). Values against float64 vmap(jacrev) / vmap(hessian); d.code runs."""
+    import copy
+
+    torch = pytest.importorskip("torch")
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, t = torch.randn(6, 2), torch.rand(6)
+
+    def pinn(x, t):
+        return net(torch.cat([x, t[:, None]], 1))
+
+    d = nbderiv.derivatives(pinn, (x, t), order=2)
+    assert d[2].shape == (6, 1, 3, 3) and d.inputs == ("x[0]", "x[1]", "t")
+    n64 = copy.deepcopy(net).double()
+    g = lambda p: n64(p[None])[0, 0]  # noqa: E731
+    X = torch.cat([x, t[:, None]], 1).double()
+    np.testing.assert_allclose(d[1][:, 0], torch.func.vmap(torch.func.jacrev(g))(X).detach(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d[2][:, 0], torch.func.vmap(torch.func.hessian(g))(X).detach(),
+                               rtol=1e-4, atol=1e-6)
+    ns = {"torch": torch, "np": np, "model": pinn, "x": (x, t)}
+    exec(d.code, ns)  # noqa: S102
+    np.testing.assert_allclose(np.asarray(ns["d2"]), d[2], rtol=1e-5, atol=1e-6)
+
+
+def test_a_kwargs_array_with_another_number_of_rows_is_named():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    with pytest.raises(nbderiv.errors.OptionError) as info:
+        nbderiv.derivatives(lambda z, m: net(z) * m, torch.randn(6, 2),
+                            kwargs={"m": torch.ones(5, 1)})
+    text = str(info.value)
+    assert "kwargs['m'] has shape (5, 1)" in text and "6 points" in text
+    assert "expects" not in text

@@ -103,7 +103,7 @@ def tensorflow_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()
                   "X = np.concatenate([np.reshape(a, (len(a), -1)) for a in x], axis=1)\n"
                   f"widths = {[math.prod(s) for s in shapes]}")
         parts = "tf.split(X, widths, axis=1)"
-        if any(len(s) > 1 for s in shapes):
+        if any(len(s) != 1 for s in shapes):  # images, sequences; () for (N,) arguments
             make_x += f"\nshapes = {shapes}   # each argument's own per-point shape"
             parts = ("[tf.reshape(p, (-1,) + s) for p, s in zip(tf.split(X, widths, axis=1), "
                      "shapes)]")

@@ -162,7 +162,7 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
                   "X = torch.cat([a.reshape(len(a), -1) for a in parts], dim=1)\n"
                   f"widths = {[math.prod(s) for s in shapes]}")
         call = "model(*torch.split(X, widths, dim=1))"
-        if any(len(s) > 1 for s in shapes):
+        if any(len(s) != 1 for s in shapes):  # images, sequences; () for (N,) arguments
             make_x += f"\nshapes = {shapes}   # each argument's own per-point shape"
             call = "model(*[p.reshape(len(p), *s) for p, s in zip(torch.split(X, widths, dim=1), shapes)])"
     if wrt is None:
