@@ -84,8 +84,11 @@ def _effective_eps(call, y, half=False) -> float:
         if finite.size and np.array_equal(finite.astype(np.float64), y[np.isfinite(y)]):
             if not np.any(finite.view(np.uint32) & 0xFFFF):  # bfloat16: 8 bits of mantissa
                 eps = 2.0 ** -7
-            elif np.array_equal(finite.astype(np.float16).astype(np.float32), finite):
-                eps = float(np.finfo(np.float16).eps)
+            else:
+                with np.errstate(over="ignore"):  # beyond float16's range: inf, not equal
+                    half_again = finite.astype(np.float16).astype(np.float32)
+                if np.array_equal(half_again, finite):
+                    eps = float(np.finfo(np.float16).eps)
     return eps
 
 

@@ -115,6 +115,16 @@ def to_array(mine):
         return np.asarray(mine.numpy())
     if isinstance(mine, (list, tuple)):
         mine = [to_array(m) if _is_tensor(m) else m for m in mine]
+        shapes = [np.shape(m) for m in mine]
+        if len(set(shapes)) > 1:  # arrays of several shapes: not one derivative
+            raise TypeError(
+                f"mine is a {type(mine).__name__} of {len(shapes)} arrays of different shapes "
+                f"({', '.join(str(tuple(s)) for s in shapes[:4])}{', ...' if len(shapes) > 4 else ''}), "
+                "not one array. torch.autograd.grad(u.sum(), model.parameters()) gives such "
+                "a list: the gradients with respect to the model's weights (one per weight "
+                "tensor), not with respect to its input x. For the derivative with respect to x: "
+                "x.requires_grad_(True), then torch.autograd.grad(u, x, "
+                "grad_outputs=torch.ones_like(u)).")
     arr = np.asarray(mine)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
                                    or arr.dtype == bool):

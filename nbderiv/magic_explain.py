@@ -190,8 +190,11 @@ class ExplainCell:
                 continue
             try:
                 arr = to_array(value)
-            except Exception:  # noqa: BLE001 - not numbers: not a derivative
-                left.append((name, "not numbers"))
+            except Exception as exc:  # noqa: BLE001 - not numbers: not a derivative
+                several = str(exc).startswith("mine is a")
+                left.append((name, "arrays of several shapes (gradients with respect to the "
+                                   "model's weights?), not a derivative with respect to X"
+                             if several else "not numbers"))
                 continue
             if arr is not None:
                 if arr.size not in sizes or arr.size == 0:

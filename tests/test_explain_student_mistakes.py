@@ -178,3 +178,28 @@ def test_a_factor_per_input_column_names_the_per_column_chain_rule():
     np.testing.assert_allclose(g.numpy(), truth.reshape(6, 2) * sigma.numpy(), rtol=1e-4, atol=1e-6)
     e = nbderiv.explain(g, model, x)
     assert e.code == "wrong" and "2 for input 0" in e.message and "0.5 for input 1" in e.message
+
+
+def test_gradients_with_respect_to_the_weights_are_refused_with_their_meaning():
+    net, xs = _net(2, 1), torch.rand(16, 2)
+    x = xs.clone().requires_grad_(True)
+    grads = torch.autograd.grad(net(x).sum(), list(net.parameters()))
+    assert len({tuple(g.shape) for g in grads}) > 1
+    with pytest.raises(TypeError) as info:
+        nbderiv.explain(grads, net, xs)
+    assert "model's weights" in str(info.value) and "(16, 2), (16,)" in str(info.value)
+
+
+def test_outputs_around_a_large_offset_raise_no_numpy_warning():
+    import warnings
+
+    net = _net(1, 1)
+
+    def offset(z):
+        return net(z) + 1e6
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        d = nbderiv.derivatives(offset, torch.linspace(-1, 1, 8).reshape(-1, 1))
+    np.testing.assert_allclose(d[1], _jac64(net, torch.linspace(-1, 1, 8).reshape(-1, 1)),
+                               rtol=1e-4, atol=1e-6)

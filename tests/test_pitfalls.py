@@ -513,3 +513,31 @@ def test_a_where_whose_branch_not_taken_is_nan_is_named():
     np.testing.assert_allclose(fixed[1].ravel(), [0.5, 0.0, 0.25])  # 1 / (2 sqrt(x)), 0
     # a NaN output keeps the plain wording
     assert "branch" not in nbderiv.derivatives(torch.log, x).finding("non-finite").message
+
+
+def test_train_mode_is_read_from_torch_classes_not_from_a_class_name():
+    """A class of your own named BatchNormed that standardises with the batch's statistics
+    behaves the same in train and eval mode: coupled-samples only, no train-mode (whose fix,
+    model.eval(), would change nothing). A subclass of nn.Dropout is a Dropout."""
+    torch.manual_seed(0)
+
+    class BatchNormed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
+                                         torch.nn.Linear(8, 1))
+
+        def forward(self, x):
+            return self.n((x - x.mean(0)) / x.std(0))
+
+    m, X = BatchNormed(), torch.rand(12, 2)
+    with torch.no_grad():
+        assert torch.equal(m.train()(X), m.eval()(X))
+    m.train()
+    assert nbderiv.derivatives(m, X).codes == ["coupled-samples"]
+
+    class MyDropout(torch.nn.Dropout):
+        pass
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), MyDropout(0.5), torch.nn.Linear(8, 1))
+    assert "train-mode" in nbderiv.derivatives(net.train(), X).codes

@@ -430,7 +430,7 @@ class TorchBackend(Backend):
         held = {id(m) for _, m in extra}
         for name, module in list(named_modules(roots)) + extra:
             cls = type(module)
-            kind = _kind(module)
+            kind = _torch_kind(module)
             if kind in _ACTIVATION_NAMES:
                 activations.append(kind)
             # batch norm without running statistics: the batch's own in either mode
@@ -529,6 +529,18 @@ def _kind(module) -> str:
     (``Linear``, ``Dropout``), not ``RecursiveScriptModule``."""
     if isinstance(module, torch.jit.ScriptModule):
         return getattr(module, "original_name", None) or type(module).__name__
+    return type(module).__name__
+
+
+def _torch_kind(module) -> str:
+    """:func:`_kind` of the torch class the module is (or derives from): a class of your own
+    named ``BatchNormed`` is no BatchNorm (its behaviour is what its own code does), one
+    derived from ``nn.Dropout`` is a Dropout."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return _kind(module)
+    for c in type(module).__mro__:
+        if (getattr(c, "__module__", "") or "").startswith("torch."):
+            return c.__name__
     return type(module).__name__
 
 
