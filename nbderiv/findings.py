@@ -326,9 +326,10 @@ def non_finite_finding(where: str, points, derivatives_only: bool = False) -> Fi
 
 
 def no_dependence_finding(d1: np.ndarray, output_names, input_names,
-                          aside=()) -> Finding | None:
+                          aside=(), farther=()) -> Finding | None:
     """``no-input-dependence`` when some output/input pair has zero derivative everywhere
-    (``aside``: points on a kink, where autodiff's 0 is a convention, not a slope)."""
+    (``aside``: points on a kink, where autodiff's 0 is a convention, not a slope;
+    ``farther``: the pairs, "y/x", whose output does change farther out from the points)."""
     if d1.shape[0] == 0:
         return None
     if d1.all():  # no zero anywhere (the usual case, in one pass); NaN counts as non-zero
@@ -336,7 +337,9 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names,
     zero = ~np.any(d1, axis=0)  # (d_out, m)
     if not zero.any():
         return None
-    if zero.all():
+    if zero.all() and farther:
+        what = "the derivative is exactly 0 at every one of these points: the output does not change near them"
+    elif zero.all():
         what = "the output does not depend on the input at any of these points"
     else:
         pairs = [f"{output_names[j]}/{input_names[i]}" for j, i in zip(*np.nonzero(zero), strict=True)]
@@ -345,6 +348,10 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names,
     if aside:
         what += (f" (at index {_listed(list(aside))}, on a kink, there is no derivative at "
                  "all: the 0 there is autodiff's convention)")
+    if farther:
+        what += (f". It does change farther out ({', '.join(farther[:_MAX_LISTED])}"
+                 f"{' ...' if len(farther) > _MAX_LISTED else ''}): these points sit in a flat "
+                 "region (an input clamped, ReLUs dead at all of them), the input is not unused")
     return Finding(
         "no-input-dependence", "info",
         f"{what}. nbderiv reports zeros there (plain autodiff may give None or raise).",

@@ -163,20 +163,24 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         inputs = [int(i) for i in np.flatnonzero(sweep.any(axis=0))][:SWEPT_INPUTS]
         for i, outputs in confirm.jumps_only(call, swept, inputs, wrt).items():
             stairs[:, i] = sweep[:, i] & outputs
-        if stairs.any():
-            out.append(piecewise_constant_finding(
-                [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(stairs),
-                                                                     strict=True)]))
         unmoved &= ~stairs
+    farther = np.zeros_like(zero)
     if unmoved.any():  # exact zeros in float32 may be tiny slopes rounded away (saturation)
-        unmoved, f = _underflowed(call, layers, y, wrt, unmoved, swept or confirm.graph_points(
-            call, d1, skip), out_names)
-        if f is not None:
-            out.append(f)
+        unmoved, found, farther, wide_stairs = _underflowed(
+            call, layers, y, wrt, unmoved, swept or confirm.graph_points(call, d1, skip),
+            out_names, in_names)
+        stairs |= wide_stairs
+        out += found
+    if stairs.any():
+        out.append(piecewise_constant_finding(
+            [f"d{out_names[j]}/d{in_names[i]}" for j, i in zip(*np.nonzero(stairs),
+                                                                 strict=True)]))
     remaining = np.where(unmoved, 0.0, 1.0)[None]
     aside = sorted(int(p) for p in np.flatnonzero(~off_kinks))
-    f = no_dependence_finding(remaining, out_names, in_names, aside=aside) \
-        if unmoved.any() else None
+    farther_pairs = [f"{out_names[j]}/{in_names[i]}"
+                     for j, i in zip(*np.nonzero(unmoved & farther), strict=True)]
+    f = no_dependence_finding(remaining, out_names, in_names, aside=aside,
+                              farther=farther_pairs) if unmoved.any() else None
     if f is not None:
         out.append(f)
     if not out:
@@ -186,6 +190,9 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
     return out
 
 
+# activations with flat pieces (module class names and Keras activation names)
+_FLAT_PIECES = frozenset({"ReLU", "ReLU6", "Hardtanh", "Hardsigmoid", "Hardswish", "relu",
+                          "relu6", "hard_sigmoid", "hard_silu", "hard_swish"})
 # smooth activations with flat tails (module class names and Keras activation names)
 _FLAT_TAILED = frozenset({
     "Tanh", "Sigmoid", "Softsign", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Softplus",
@@ -193,23 +200,32 @@ _FLAT_TAILED = frozenset({
     "mish", "softplus", "log_sigmoid"})
 
 
-def _underflowed(call, layers, y, wrt, unmoved, points, out_names) -> tuple:
+def _underflowed(call, layers, y, wrt, unmoved, points, out_names, in_names) -> tuple:
     """(unmoved, finding) for the zero pairs nothing has explained yet: where a float64 copy
     finds tiny slopes that float32 rounds to exactly 0 (tanh units driven by raw inputs in
     the hundreds to exactly +-1), the output depends on x, and the pairs leave ``unmoved``.
     ``saturated`` for an output flat along every input, where those slopes (or, in a model
     with flat-tailed activations such as tanh and sigmoid, slopes 0 even in float64) are
     below its threshold and the output changes farther out along each input
-    (:func:`~nbderiv.confirm.output_reach`); those pairs leave ``unmoved`` too."""
+    (:func:`~nbderiv.confirm.output_reach`); those pairs leave ``unmoved`` too.
+
+    Returns (unmoved, findings, farther): where the output changes farther out in jumps
+    only (a sweep over the distance where it wakes), the pairs are ``piecewise-constant``
+    (argmax, rounding), not saturated; ``farther`` marks the pairs of ``unmoved`` whose
+    output changes farther out (a flat region here: a clamp, dead ReLUs), for the words of
+    ``no-input-dependence``."""
     d64 = confirm.float64_first_derivative(call, wrt, points)
     if d64 is not None:
         tiny = unmoved & np.any(d64 != 0, axis=0) & np.all(np.isfinite(d64), axis=0)
     else:
         tiny = np.zeros_like(unmoved)
-    flat_tailed = bool(_FLAT_TAILED & set(layers.get("activations", []))) or (
-        not tiny.any() and bool(call.backend.activations_called(call)))
-    if not tiny.any() and not flat_tailed:
-        return unmoved, None
+    called = call.backend.activations_called(call) if not tiny.any() else frozenset()
+    flat_tailed = bool(_FLAT_TAILED & set(layers.get("activations", []))) or any(
+        n.startswith("act:") for n in called)
+    # functions with flat pieces (a clamp, ReLUs): where even float64 says exactly 0, the
+    # points sit on such a piece, not in the tails of saturated units
+    flat_pieces = bool(_FLAT_PIECES & set(layers.get("activations", []))) or any(
+        n.startswith("flat:") for n in called)
     y_size = _size(y)                                                         # (d_out,)
     inputs = [int(i) for i in np.flatnonzero(unmoved.any(axis=0))][:SWEPT_INPUTS]
     reach = np.full(unmoved.shape, np.nan)                                    # (d_out, m)
@@ -220,12 +236,22 @@ def _underflowed(call, layers, y, wrt, unmoved, points, out_names) -> tuple:
     with np.errstate(invalid="ignore"):
         # the output changes farther out along the input, by more than rounding
         wakes = unmoved & (reach > 1e-3 * y_size[:, None])
+    # exactly 0 even in float64, and the output moves farther out: in jumps only (argmax,
+    # rounding: piecewise constant), over the distance where it wakes
+    stairs = np.zeros_like(unmoved)
+    jumpy = [i for i in inputs if (wakes[:, i] & ~tiny[:, i]).any()]
+    if jumpy:
+        for i, outputs in confirm.jumps_only(call, list(points), jumpy, wrt,
+                                             reach=WIDE_SWEEP).items():
+            stairs[:, i] = wakes[:, i] & ~tiny[:, i] & outputs
     # tiny slopes, or flat-tailed units asleep here; saturation flattens an output along
     # every input (one flat input beside others that move is a masked or unused feature)
-    flat = wakes & (tiny | flat_tailed) & unmoved.all(axis=1)[:, None]
-    unmoved = unmoved & ~(tiny | flat)
+    flat = wakes & ~stairs & (tiny | (flat_tailed and not flat_pieces)) \
+        & unmoved.all(axis=1)[:, None] & ~stairs.any(axis=1)[:, None]
+    farther = wakes & ~tiny & ~flat & ~stairs
+    unmoved = unmoved & ~(tiny | flat | stairs)
     if not flat.any():
-        return unmoved, None
+        return unmoved, [], farther, stairs
     x_size = _x_size(call.features()[:y.shape[0]][:, list(wrt)])
     slopes = np.zeros(unmoved.shape) if d64 is None else np.abs(d64).max(axis=0)
     change = np.where(flat, slopes * x_size, 0.0).max(axis=1)                 # (d_out,)
@@ -233,13 +259,13 @@ def _underflowed(call, layers, y, wrt, unmoved, points, out_names) -> tuple:
         ratio = np.where(y_size > 0, change / y_size, 0.0)
     low = flat.any(axis=1) & (ratio < SATURATED_BELOW)
     if not low.any():
-        return unmoved, None
+        return unmoved, [], farther, stairs
     exact = d64 is None or not np.any(np.where(flat[None], d64, 0.0))
-    return unmoved, saturated_finding(
+    return unmoved, [saturated_finding(
         [out_names[j] for j in np.flatnonzero(low)], float(ratio[low].max()),
         float(np.nanmin(np.where(flat, reach, np.nan)[low])),
         rounded="float64" if exact and d64 is not None else str(call.dtype) if not exact
-        else None, exact=exact)
+        else None, exact=exact)], farther, stairs
 
 
 def _in_float64(call, check, wrt, zero_inputs, n_rows) -> dict:
@@ -259,6 +285,7 @@ def _in_float64(call, check, wrt, zero_inputs, n_rows) -> dict:
 
 
 SWEPT_INPUTS = 8  # inputs swept for piecewise-constant outputs (49 model rows per point each)
+WIDE_SWEEP = 3.0  # the reach of the second sweep, where autodiff's 0 holds even in float64
 TRUSTED = "trusted"  # check["fd_max"] of a model whose autodiff needs no confirmation
 
 

@@ -415,3 +415,64 @@ def test_a_cut_graph_gives_no_piecewise_linear_from_autodiffs_own_zeros():
     d = nbderiv.derivatives(lambda z: z * z.detach(), x, order=2)
     assert np.all(d[2] == 0)  # autodiff's number, against the true 2
     assert d.codes == ["graph-broken"], d.summary()
+
+
+def _moves_along(model, x, i, reach, n=401):
+    """The points whose output changes when input i moves by at most ``reach`` (a sweep)."""
+    out = []
+    with torch.no_grad():
+        for p in range(len(x)):
+            xs = x[p].repeat(n, 1)
+            xs[:, i] += torch.linspace(-reach, reach, n)
+            if len(torch.unique(model(xs))) > 1:
+                out.append(p)
+    return out
+
+
+def test_an_argmax_model_is_piecewise_constant_along_every_input_it_uses():
+    """y = the winning class of three scores; class 1 wins where x0 + 8 x1 > 4. The output
+    changes with x0 too (at points 5 and 7 within 0.5): piecewise-constant for both inputs,
+    never no-input-dependence."""
+    def model(x):
+        s = torch.stack([4 - x[:, 0] - 8 * x[:, 1], x[:, 0] + 8 * x[:, 1] - 4,
+                         -10 + 0 * x[:, 0]], 1)
+        return s.argmax(1, keepdim=True).float()
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 2)
+    assert _moves_along(model, x, 0, 0.5)  # the output uses x0
+    d = nbderiv.derivatives(model, x)
+    assert d.codes == ["piecewise-constant"], d.summary()
+    assert "dy/dx[0]" in d.finding("piecewise-constant").message
+
+
+def test_argmax_over_a_tanh_net_is_piecewise_constant_not_saturated():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def model(x):
+        return net(x).argmax(-1, keepdim=True).float()
+
+    x = torch.rand(16, 2)
+    with torch.no_grad():
+        assert float(net[0](x).abs().max()) < 2  # no unit anywhere near saturation
+    assert _moves_along(model, x, 0, 10.0)
+    d = nbderiv.derivatives(model, x)
+    assert "saturated" not in d.codes and "piecewise-constant" in d.codes, d.summary()
+
+
+def test_points_where_a_clamp_flattens_the_input_are_no_saturation():
+    """net(clamp(x, 0, 1)) at points all left of 0: dy/dx = 0 exactly there (the clamp), the
+    tanh units are nowhere near saturation, and the output changes farther out."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def model(x):
+        return net(torch.clamp(x, 0, 1))
+
+    x = torch.linspace(-3, -1, 8).reshape(-1, 1)
+    assert not _moves_along(model, x, 0, 0.5) and _moves_along(model, x, 0, 4.0)
+    for found in (nbderiv.diagnose(model, x, order=2), nbderiv.derivatives(model, x).findings):
+        codes = [f.code for f in found]
+        assert "saturated" not in codes, codes
+        assert codes == ["no-input-dependence"] and "flat region" in found[0].message

@@ -164,8 +164,9 @@ class Backend:
         return None
 
     def activations_called(self, call) -> frozenset:
-        """Names of the smooth activation functions (tanh, sigmoid, ...) the model's forward
-        pass calls as functions, which its layers do not show; empty when unknown."""
+        """Names of the smooth activation functions ("act:tanh", "act:sigmoid", ...) and of
+        the functions with flat pieces ("flat:clamp", "flat:relu") the model's forward pass
+        calls as functions, which its layers do not show; empty when unknown."""
         return frozenset()
 
     def code_notes(self, call, order: int) -> tuple:

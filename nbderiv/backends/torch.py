@@ -370,7 +370,8 @@ class TorchBackend(Backend):
         return notes
 
     def activations_called(self, call) -> frozenset:
-        return frozenset(n for n in self._functions_called(call) if n.startswith("act:"))
+        return frozenset(n for n in self._functions_called(call)
+                         if n.startswith(("act:", "flat:")))
 
     def _functions_called(self, call) -> frozenset:
         """Which of layer norm, instance norm and scaled-dot-product attention the model's
@@ -584,8 +585,13 @@ class _FunctionRecorder(torch.overrides.TorchFunctionMode):
                   "gelu": (F.gelu,), "silu": (F.silu,), "softplus": (F.softplus,),
                   "elu": (F.elu,), "selu": (F.selu, torch.selu), "celu": (F.celu,),
                   "mish": (F.mish,), "softsign": (F.softsign,), "logsigmoid": (F.logsigmoid,)}
+        pieces = {"clamp": (torch.clamp, torch.clip, T.clamp, T.clip, torch.clamp_min,
+                            T.clamp_min, torch.clamp_max, T.clamp_max, F.hardtanh, F.relu6),
+                  "relu": (torch.relu, T.relu, F.relu)}
         return notes + [f"act:{name}" for name, funcs in smooth.items()
-                        if any(f in self.seen for f in funcs)]
+                        if any(f in self.seen for f in funcs)] + \
+            [f"flat:{name}" for name, funcs in pieces.items()
+             if any(f in self.seen for f in funcs)]
 
 
 def _forward_only(model, run):
