@@ -132,16 +132,19 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         if not np.array_equal(first, again, equal_nan=True):
             return _not_run("the model is random (dropout or similar in training mode): "
                             "finite differences of a random function mean nothing")
-        finite = X[np.isfinite(X)]
-        step = STEP.get(ref_precision.name, RELATIVE_STEP) * max(
-            1.0, float(np.abs(finite).max()) if finite.size else 1.0)
+        # a step per input, scaled by that input's own size (x in [3, 7] beside t in
+        # [50, 150]: one step for both would be far too coarse for x)
+        sizes = np.nanmax(np.where(np.isfinite(X), np.abs(X), np.nan), axis=0, initial=0.0)
+        steps = STEP.get(ref_precision.name, RELATIVE_STEP) * np.maximum(
+            1.0, np.nan_to_num(sizes, nan=1.0))
+        step = float(steps[list(wrt)].max())
         if coupled:
             if X.shape[0] > COUPLED_MAX_N:
                 return _not_run(f"the model couples points and N = {X.shape[0]} > "
                                 f"{COUPLED_MAX_N}: checking points one by one would cost N**2")
-            diffs = _coupled_differences(backend, at, X, order, wrt, step, dtype)
+            diffs = _coupled_differences(backend, at, X, order, wrt, steps, dtype)
         else:
-            diffs = _differences(compute, at, X, order, wrt, step, dtype)
+            diffs = _differences(compute, at, X, order, wrt, steps, dtype)
     except Exception as exc:  # the check must never break the computation it checks
         return _not_run(f"the model could not be evaluated on a copy in {dtype.name} "
                         f"({_first_line(exc)}); pass the nn.Module / keras.Model "
@@ -153,7 +156,8 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
     piecewise = bool({"piecewise-linear", "at-kink"} & set(result.codes)
                      or structurally_piecewise(layers))
     check = _compare(result, diffs, step, piecewise, ref_precision,
-                     precision if precision != call.dtype else None)
+                     precision if precision != call.dtype else None,
+                     noise_step=float(steps[list(wrt)].min()))
     if why:
         check.note = _join(f"no float64 copy of this model could be made ({why}): checked "
                            f"in its own precision {ref_precision.name}, with a step "
@@ -259,14 +263,15 @@ class _Diffs(NamedTuple):
     sides: dict      # k -> (forward, backward) one-sided differences, or None
 
 
-def _differences(compute, at, X, order, wrt, step, dtype):
-    """Shift every point at once along each wrt direction (points are independent)."""
+def _differences(compute, at, X, order, wrt, steps, dtype):
+    """Shift every point at once along each wrt direction (points are independent), input i
+    by ``steps[i]``."""
     y, autos = compute(at(X), order)[:2]
     lower_order = max(order - 1, 1)
     plus, minus, halves = [], [], []
     for i in wrt:
         e = np.zeros_like(X)
-        e[:, i] = step
+        e[:, i] = steps[i]
         Xp, Xm = (X + e).astype(dtype), (X - e).astype(dtype)  # the points really used
         halves.append((Xp[:, i].astype(np.float64) - Xm[:, i]) / 2)
         yp, dp = compute(at(Xp), lower_order)[:2]
@@ -289,7 +294,7 @@ def _differences(compute, at, X, order, wrt, step, dtype):
                   sides)
 
 
-def _coupled_differences(backend, at, X, order, wrt, step, dtype):
+def _coupled_differences(backend, at, X, order, wrt, steps, dtype):
     """Shift one point at a time, the others held fixed, for the first few points."""
     base = at(X)
     y, ders = backend.per_point_derivatives(base, base.args, order, wrt)[:2]
@@ -301,12 +306,12 @@ def _coupled_differences(backend, at, X, order, wrt, step, dtype):
             vals = []
             for sign in (1, -1):
                 Xs = X.copy()
-                Xs[n, i] += sign * step
+                Xs[n, i] += sign * steps[i]
                 c = at(Xs)
                 ys, ds = backend.per_point_derivatives(c, c.args, lower_order, wrt)[:2]
                 vals.append([ys[n]] + [d[n] for d in ds])
             for k in range(1, order + 1):
-                refs[k][n, ..., p] = (vals[0][k - 1] - vals[1][k - 1]) / (2 * step)
+                refs[k][n, ..., p] = (vals[0][k - 1] - vals[1][k - 1]) / (2 * steps[i])
     rows = np.zeros(X.shape[0], dtype=bool)
     rows[:n_check] = True
     lowers = [np.asarray(a, dtype=np.float64) for a in [y] + list(ders)]
@@ -318,9 +323,12 @@ def _per_point_max(a: np.ndarray) -> np.ndarray:
     return np.abs(a).reshape(a.shape[0], -1).max(axis=1, initial=0.0)
 
 
-def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None) -> FiniteDifferenceCheck:
+def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
+             noise_step=None) -> FiniteDifferenceCheck:
     """``dtype``: the precision ``result`` was computed in (its arrays' dtype unless the model
-    rounds to a lower one inside)."""
+    rounds to a lower one inside); ``step``: the largest step (reported), ``noise_step`` the
+    smallest (the rounding of its quotients is the largest)."""
+    noise_step = step if noise_step is None else noise_step
     dtype = np.dtype(result.y.dtype if dtype is None else dtype)
     tol = max(TOLERANCE.get(dtype.name, 1e-6), TOLERANCE.get(ref_dtype.name, 1e-6))
     check = FiniteDifferenceCheck(step=step, tolerance=tol, dtype=ref_dtype.name,
@@ -344,7 +352,7 @@ def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None) -> FiniteDif
             check.errors[k] = (float("nan"), float("nan"))
             continue
         scale = max(_per_point_max(ref[ok]).max(), _per_point_max(auto[ok]).max(), 1e-300)
-        noise = margin * eps * _per_point_max(diffs.lowers[k - 1][ok]).max() / step
+        noise = margin * eps * _per_point_max(diffs.lowers[k - 1][ok]).max() / noise_step
         allow = tol * scale + noise
         err = _per_point_max(got[ok] - ref[ok])
         fd_off = _per_point_max(auto[ok] - ref[ok]) > allow   # not smooth within +-h

@@ -242,3 +242,25 @@ def test_printing_the_check_gives_its_sentence():
     d = nbderiv.derivatives(torch.sin, torch.linspace(0, 1, 4).reshape(-1, 1), check=True)
     assert str(d.check) == d.check.summary()
     assert str(d.check).startswith("autodiff agrees with float64 central differences")
+
+
+def test_inputs_of_different_sizes_get_steps_of_their_own():
+    """A tanh PINN normalising x in [3, 7] and t in [50, 150] inside a function (no float64
+    copy: a float32 check). One step for both, sized by t, made x's differences wrong and
+    claimed a kink; autodiff is right (float64 vmap(jacrev) of a float64 copy)."""
+    import copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    mu, sd = torch.tensor([5.0, 100.0]), torch.tensor([1.2, 30.0])
+
+    def f(x):
+        return net((x - mu) / sd)
+
+    X = torch.stack([torch.rand(16) * 4 + 3, torch.rand(16) * 100 + 50], 1)
+    d = nbderiv.derivatives(f, X, order=2, check=True)
+    n64 = copy.deepcopy(net).double()
+    g = lambda p: n64((p[None] - mu.double()) / sd.double())[0, 0]  # noqa: E731
+    truth = torch.func.vmap(torch.func.jacrev(g))(X.double()).detach().numpy()
+    np.testing.assert_allclose(d[1][:, 0], truth, rtol=1e-4, atol=1e-7)
+    assert d.check.passed and not d.check.kink_points, d.check
