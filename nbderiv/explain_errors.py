@@ -356,10 +356,11 @@ def _freed(where, line, source):
                 "create_graph=True)\n"
                 "g2, = torch.autograd.grad(g, x, grad_outputs=torch.ones_like(g))  # second "
                 "derivative")
+    y = sorted(_differentiated_names(culprit))
     return (f"{where} differentiates through a graph whose saved values were already freed, "
             f"by the call before it that ran backward through the same graph: `{culprit}`. "
             f"It has neither retain_graph=True nor create_graph=True, so it released the graph "
-            f"(the graph of y and, after a create_graph=True call, that of its result). Give "
+            f"(that of {y[0] if y else 'its output'}, back to the input). Give "
             f"that call retain_graph=True (or create_graph=True where you differentiate its "
             f"result again), or recompute the output before the second call.",
             _rerun_with(culprit, line, source))
@@ -371,6 +372,13 @@ def _rerun_with(culprit, line, source) -> str:
     ``retain_graph=True`` on ``culprit`` (the graph is gone: running that call alone again
     would fail the same way); the fixed call alone where those lines are not found."""
     fixed = _with_keyword(culprit, "retain_graph=True") + "   # keeps the graph for what follows"
+    same = _differentiated_names(culprit) & _differentiated_names(line or "")
+    made = re.match(r"\s*([A-Za-z_]\w*)", culprit)
+    note = ""
+    if same and made and _differentiated_names(culprit) == _differentiated_names(line or ""):
+        y, g = sorted(same)[0], made.group(1)
+        note = (f"\n# both calls differentiate {y}: the second gives its first derivative again."
+                f"\n# A second derivative differentiates {g} (made with create_graph=True).")
     lines = (source or "").splitlines()
     target = (line or "").strip()
     end = next((i for i, raw in enumerate(lines) if raw.strip() == target and target), None)
@@ -379,14 +387,14 @@ def _rerun_with(culprit, line, source) -> str:
     start = next((i for i, raw in enumerate(lines[:end or 0]) if any(
         re.match(rf"\s*{re.escape(n)}\s*(,[^=]*)?=(?!=)", raw) for n in names)), None)
     if end is None or start is None:
-        return fixed
+        return fixed + note
     chunk = [fixed if raw.strip() == culprit else raw for raw in lines[start:end + 1]]
     text = textwrap.dedent("\n".join(chunk))
     try:
         ast.parse(text)
     except SyntaxError:  # the lines start or end inside a block
-        return fixed
-    return text
+        return fixed + note
+    return text + note
 
 
 _GRAD_CALL = re.compile(r"\.backward\(|\bgrad\(|\.gradient\(")
