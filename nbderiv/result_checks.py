@@ -201,7 +201,7 @@ _FLAT_TAILED = frozenset({
 
 
 def _underflowed(call, layers, y, wrt, unmoved, points, out_names, in_names) -> tuple:
-    """(unmoved, finding) for the zero pairs nothing has explained yet: where a float64 copy
+    """For the zero pairs nothing has explained yet: where a float64 copy
     finds tiny slopes that float32 rounds to exactly 0 (tanh units driven by raw inputs in
     the hundreds to exactly +-1), the output depends on x, and the pairs leave ``unmoved``.
     ``saturated`` for an output flat along every input, where those slopes (or, in a model
@@ -209,11 +209,11 @@ def _underflowed(call, layers, y, wrt, unmoved, points, out_names, in_names) -> 
     below its threshold and the output changes farther out along each input
     (:func:`~nbderiv.confirm.output_reach`); those pairs leave ``unmoved`` too.
 
-    Returns (unmoved, findings, farther): where the output changes farther out in jumps
-    only (a sweep over the distance where it wakes), the pairs are ``piecewise-constant``
-    (argmax, rounding), not saturated; ``farther`` marks the pairs of ``unmoved`` whose
-    output changes farther out (a flat region here: a clamp, dead ReLUs), for the words of
-    ``no-input-dependence``."""
+    Returns (unmoved, findings, farther, stairs): where the output changes farther out in
+    jumps only (a sweep over the distance where it wakes), the pairs are ``stairs``
+    (piecewise constant: argmax, rounding), not saturated; ``farther`` marks the pairs of
+    ``unmoved`` whose output changes farther out (a flat region here: a clamp, dead ReLUs),
+    for the words of ``no-input-dependence``."""
     d64 = confirm.float64_first_derivative(call, wrt, points)
     if d64 is not None:
         tiny = unmoved & np.any(d64 != 0, axis=0) & np.all(np.isfinite(d64), axis=0)
