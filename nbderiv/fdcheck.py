@@ -72,6 +72,7 @@ class FiniteDifferenceCheck:
     dtype: str = "float64"
     result_dtype: str = ""
     note: str = ""
+    per_input: bool = False  # steps of their own per input (sized by each): ``step`` the largest
 
     def summary(self) -> str:
         """One line that says what was compared with what, e.g. "autodiff agrees with float64
@@ -80,7 +81,9 @@ class FiniteDifferenceCheck:
             return f"not run ({self.note})" if self.note else "not run"
         parts = [f"order {k}: max abs err {a:.2g}, rel {r:.2g}" for k, (a, r) in
                  sorted(self.errors.items())]
-        what = f"{self.dtype} central differences of this model (h={self.step:.1g}"
+        h = f"h up to {self.step:.1g}, sized by each input" if self.per_input else \
+            f"h={self.step:.1g}"
+        what = f"{self.dtype} central differences of this model ({h}"
         if self.passed:
             text = (f"autodiff agrees with {what}, rel. tol. {self.tolerance:.0e}; the "
                     "differentiation is checked, not the model: reference= compares with a "
@@ -158,10 +161,12 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
     check = _compare(result, diffs, step, piecewise, ref_precision,
                      precision if precision != call.dtype else None,
                      noise_step=float(steps[list(wrt)].min()))
+    check.per_input = bool(steps[list(wrt)].min() < step)
     if why:
         check.note = _join(f"no float64 copy of this model could be made ({why}): checked "
                            f"in its own precision {ref_precision.name}, with a step "
-                           f"h={step:.1g} suited to {ref_precision.name}, so only errors above "
+                           f"{'up to ' if check.per_input else ''}h={step:.1g} suited to "
+                           f"{ref_precision.name}, so only errors above "
                            f"rel. {check.tolerance:.0e} show", check.note)
     if precision != call.dtype:
         check.note = _join(_rounds_inside(call.dtype, precision, check.tolerance), check.note)

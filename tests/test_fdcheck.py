@@ -264,3 +264,4 @@ def test_inputs_of_different_sizes_get_steps_of_their_own():
     truth = torch.func.vmap(torch.func.jacrev(g))(X.double()).detach().numpy()
     np.testing.assert_allclose(d[1][:, 0], truth, rtol=1e-4, atol=1e-7)
     assert d.check.passed and not d.check.kink_points, d.check
+    assert d.check.per_input and "h up to" in str(d.check)
