@@ -130,7 +130,7 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
     name = f"d{order}"
     # the code's own names, kept apart from the model's and x's (a model named f)
     taken = set(re.findall(r"[A-Za-z_]\w*", f"{model} {x}")) | set(keep)
-    fn, xv, yv = _fresh("f", taken), _fresh("x_", taken), _fresh("y", taken)
+    fn, xv, yv = fresh_name("f", taken), fresh_name("x_", taken), fresh_name("y", taken)
     many = _many(pshape, oshape)
     oshape = tuple(int(v) for v in (oshape or ()))
     nO = max(len(oshape), 1)  # output axes of the derivative (d_out when O has one axis or none)
@@ -217,8 +217,13 @@ def fix_code(framework, order, *, model="model", x="x", wrt=None, eval_first=Fal
     return f"d = nbderiv.derivatives({model}, {x}, order={order})\n{name} = d[{order}]"
 
 
-def _fresh(name, taken) -> str:
-    """``name``, or ``name`` with underscores added until it is none of ``taken``."""
+def fresh_name(name, taken) -> str:
+    """``name``, or ``name`` with underscores added until it is none of ``taken`` (code
+    written for a notebook keeps its own names off the notebook's).
+
+    >>> fresh_name("f", {"f", "f_"})
+    'f__'
+    """
     while name in taken:
         name += "_"
     return name
@@ -246,7 +251,7 @@ def diagonal_blocks_code(framework, *, model="model", x="x", wrt=None, dtype="fl
     oshape = tuple(int(v) for v in (oshape or ()))
     lines = []
     taken = set(re.findall(r"[A-Za-z_]\w*", f"{model} {x}"))
-    xv, yv = _fresh("x_", taken), _fresh("y", taken)
+    xv, yv = fresh_name("x_", taken), fresh_name("y", taken)
     if mine is not None:
         n = int(jshape[0])
         if framework == "torch":

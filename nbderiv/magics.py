@@ -54,6 +54,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .errors import NbderivError
+from .explain_fix import fresh_name
 from .magic_explain import ExplainCell
 from .magic_parsing import (
     RANGE_POINTS,
@@ -486,11 +487,11 @@ def _code_with_names(code: str, model_text: str, x_text, x, keep=()) -> str:
             len(x) ** (1 / np.shape(x)[1])  # each argument / feature takes n values
         g = f"np.linspace({float(lo)!r}, {float(hi)!r}, {int(round(n))}, dtype=np.float32)"
         taken = theirs | set(re.findall(r"[A-Za-z_]\w*", code))
-        xr = _fresh("x_range", taken)
+        xr = fresh_name("x_range", taken)
         if not isinstance(x, tuple) and np.shape(x)[1] == 1:
             head.append(f"{xr} = {g}.reshape(-1, 1)      # the range {x_text}")
         else:
-            a, b = _fresh("a", taken), _fresh("b", taken)
+            a, b = fresh_name("a", taken), fresh_name("b", taken)
             head.append(f"{a}, {b} = np.meshgrid({g}, {g})      # the grid of {x_text}")
             head.append(f"{xr} = ({a}.reshape(-1, 1), {b}.reshape(-1, 1))"
                         if isinstance(x, tuple) else
@@ -510,13 +511,6 @@ def _code_with_names(code: str, model_text: str, x_text, x, keep=()) -> str:
     return "\n".join(head + [code]) if head else code
 
 
-def _fresh(name, taken) -> str:
-    """``name``, with underscores added until it is none of ``taken``."""
-    while name in taken:
-        name += "_"
-    return name
-
-
 def _own_names_apart(code: str, theirs: set) -> str:
     """``code`` with each name it assigns (or binds in a lambda or loop) that is also one of
     ``theirs`` renamed (``p`` -> ``p_``), so that putting the line's names in does not mix
@@ -532,7 +526,7 @@ def _own_names_apart(code: str, theirs: set) -> str:
     clash = (bound & theirs) - {"model", "x"}
     taken = theirs | set(re.findall(r"[A-Za-z_]\w*", code))
     for name in sorted(clash):
-        new = _fresh(name + "_", taken)
+        new = fresh_name(name + "_", taken)
         taken.add(new)
         code = re.sub(rf"(?<![\w.]){name}(?!\w)", new, code)
     return code

@@ -47,3 +47,16 @@ def per_point_differences(f, x, h=1e-6):
                 out = np.zeros((n, col.shape[0], m))
             out[i, :, j] = col
     return out
+
+
+def nbderiv_shell(setup: str):
+    """IPython's shell with ``%load_ext nbderiv`` done (once) and ``setup`` run in it."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    ip = InteractiveShell.instance()
+    if "nbderiv" not in ip.extension_manager.loaded:
+        with capture_output():
+            ip.run_line_magic("load_ext", "nbderiv")
+    ip.run_cell(setup, store_history=False)
+    return ip

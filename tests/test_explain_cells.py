@@ -12,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("IPython")
 
+from checks import nbderiv_shell  # noqa: E402
+
 SETUP = """
 import torch, nbderiv
 torch.manual_seed(0)
@@ -22,15 +24,7 @@ X = torch.rand(8, 2)
 
 @pytest.fixture(scope="module")
 def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-    from IPython.utils.capture import capture_output
-
-    ip = InteractiveShell.instance()
-    if "nbderiv" not in ip.extension_manager.loaded:
-        with capture_output():
-            ip.run_line_magic("load_ext", "nbderiv")
-    ip.run_cell(SETUP, store_history=False)
-    return ip
+    return nbderiv_shell(SETUP)
 
 
 def run(shell, body, line="net X"):

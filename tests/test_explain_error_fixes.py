@@ -13,6 +13,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("IPython")
+
+from checks import nbderiv_shell  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SETUP = """
@@ -27,15 +30,7 @@ xs = torch.linspace(-1, 1, 8).reshape(-1, 1)
 
 @pytest.fixture(scope="module")
 def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-    from IPython.utils.capture import capture_output
-
-    ip = InteractiveShell.instance()
-    if "nbderiv" not in ip.extension_manager.loaded:
-        with capture_output():
-            ip.run_line_magic("load_ext", "nbderiv")
-    ip.run_cell(SETUP, store_history=False)
-    return ip
+    return nbderiv_shell(SETUP)
 
 
 def explain(shell, line, body):

@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("IPython")
 
+from checks import nbderiv_shell  # noqa: E402
+
 SETUP = """
 import torch, numpy as np
 torch.manual_seed(0)
@@ -28,15 +30,7 @@ pinn = PINN()
 
 @pytest.fixture(scope="module")
 def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-    from IPython.utils.capture import capture_output
-
-    ip = InteractiveShell.instance()
-    if "nbderiv" not in ip.extension_manager.loaded:
-        with capture_output():
-            ip.run_line_magic("load_ext", "nbderiv")
-    ip.run_cell(SETUP, store_history=False)
-    return ip
+    return nbderiv_shell(SETUP)
 
 
 def code_and_result(shell, line):
