@@ -386,15 +386,22 @@ def _rerun_with(culprit, line, source) -> str:
     names = _differentiated_names(first) if first else set()
     start = next((i for i, raw in enumerate(lines[:end or 0]) if any(
         re.match(rf"\s*{re.escape(n)}\s*(,[^=]*)?=(?!=)", raw) for n in names)), None)
-    if end is None or start is None:
-        return fixed + note
-    chunk = [fixed if raw.strip() == culprit else raw for raw in lines[start:end + 1]]
+    text = None if end is None or start is None else \
+        _lines_again(lines[start:end + 1], culprit, fixed)
+    return (text or fixed) + note
+
+
+def _lines_again(lines, old: str, new: str) -> str | None:
+    """The cell's ``lines`` again, dedented, the line that reads ``old`` (stripped) written
+    ``new`` in its place and indentation; None where they do not parse on their own (they
+    start or end inside a block)."""
+    chunk = [raw.replace(old, new) if raw.strip() == old else raw for raw in lines]
     text = textwrap.dedent("\n".join(chunk))
     try:
         ast.parse(text)
-    except SyntaxError:  # the lines start or end inside a block
-        return fixed + note
-    return text + note
+    except SyntaxError:
+        return None
+    return text
 
 
 _GRAD_CALL = re.compile(r"\.backward\(|\bgrad\(|\.gradient\(")
@@ -637,16 +644,10 @@ def _rerun_tape_block(made, fixed, line, source) -> str:
     end = next((i for i, raw in enumerate(lines) if raw.strip() == (line or "").strip()), None)
     start = None if at is None else next(
         (i for i in range(at, -1, -1) if re.search(r"GradientTape\(", lines[i])), None)
-    if start is None or end is None or end < at:
-        return fixed + "      # a tensor the tape records"
-    chunk = [raw.replace(made, fixed + "      # a tensor the tape records")
-             if raw.strip() == made else raw for raw in lines[start:end + 1]]
-    text = textwrap.dedent("\n".join(chunk))
-    try:
-        ast.parse(text)
-    except SyntaxError:
-        return fixed + "      # a tensor the tape records"
-    return text
+    fixed += "      # a tensor the tape records"
+    text = None if start is None or end is None or end < at else \
+        _lines_again(lines[start:end + 1], made, fixed)
+    return text or fixed
 
 
 _WORDS = {"numpy-in-tape": _numpy_in_tape, "tape-used-twice": _tape_twice, "gradient-of-none": _gradient_of_none, "no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,
