@@ -6,7 +6,8 @@ student's own line and tensors, and the fix; ``None`` for any other error (shown
 :func:`explain_warning` does the same for torch's warning about ``.grad`` of a non-leaf.
 
 Codes: ``no-grad-required``, ``non-scalar-backward``, ``unused-input``, ``graph-freed``,
-``inplace-modified``, ``numpy-requires-grad``, ``non-leaf-grad``, ``integer-dtype``, and for
+``inplace-modified``, ``numpy-requires-grad``, ``non-leaf-grad``, ``integer-dtype``,
+``func-grad-non-scalar`` (``torch.func.grad``), and for
 TensorFlow ``tape-used-twice``, ``gradient-of-none``, ``numpy-in-tape``.
 Nothing here imports a framework.
 
@@ -47,6 +48,9 @@ PATTERNS = (
                          r"but received None"),
     # tape.gradient of a NumPy array (model.predict, .numpy() inside the tape)
     ("numpy-in-tape", r"'numpy\.ndarray' object has no attribute '_id'"),
+    # torch.func.grad of a function whose output is not one number (vmap(grad(net))(x))
+    ("func-grad-non-scalar", r"Expected f\(\*args\) to return a scalar Tensor, got tensor with "
+                             r"\d+ dims"),
 )
 # torch.autograd.grad(y, x) where y has a graph (the weights) but x does not require grad
 INPUT_NO_GRAD = r"One of the differentiated Tensors does not require grad"
@@ -650,6 +654,34 @@ def _rerun_tape_block(made, fixed, line, source) -> str:
     return text or fixed
 
 
-_WORDS = {"numpy-in-tape": _numpy_in_tape, "tape-used-twice": _tape_twice, "gradient-of-none": _gradient_of_none, "no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,
+def _func_grad(where, line, source):
+    """torch.func.grad(f) of an f that returns a tensor with axes: under vmap, f sees one
+    point and returns that point's outputs, shape (d_out,) for a Linear head."""
+    calls = _calls(line)  # outermost first
+    mapped = any(_func_name(c) == "vmap" for c in calls)
+    grads = [c for c in calls if _func_name(c) == "grad" and c.args and (
+        isinstance(c.func, ast.Name) or ast.unparse(c.func).endswith("func.grad"))]
+    f = ast.unparse(grads[-1].args[0]) if grads else "f"
+    called = next((c for c in calls if isinstance(c.func, ast.Call) and c.args), None)
+    x = ast.unparse(called.args[0]) if called is not None else "x"
+    point = (f"under vmap, {f} is called on one point (its batch axis taken away) and "
+             f"returns that point's outputs, e.g. shape (1,) for a model ending in "
+             f"Linear(..., 1): one dim, not a scalar" if mapped else
+             f"{f} is called on the whole batch and returns one output per point, while "
+             f"torch.func.grad wants a function of one point (mapped over the points by vmap)")
+    if len(grads) >= 2:  # grad(grad(f)): a second derivative
+        fix = (f"from torch.func import vmap, hessian\n"
+               f"H = vmap(hessian({f}))({x})      # (N, d_out, d_in, d_in): per-point Hessians\n"
+               f"# one output: vmap(hessian(lambda p: {f}(p)[0]))({x})  # (N, d_in, d_in)")
+    else:
+        fix = (f"from torch.func import vmap, jacrev, grad\n"
+               f"J = vmap(jacrev({f}))({x})       # (N, d_out, d_in): per-point Jacobians\n"
+               f"# one output: vmap(grad(lambda p: {f}(p)[0]))({x})  # (N, d_in)")
+    return (f"{where} takes torch.func.grad of {f}, which must return a scalar (a tensor with "
+            f"0 dims): grad differentiates one number. Here {point}. Index one output "
+            f"({f}(p)[0]) or use jacrev / hessian, which differentiate every output.", fix)
+
+
+_WORDS = {"func-grad-non-scalar": _func_grad, "numpy-in-tape": _numpy_in_tape, "tape-used-twice": _tape_twice, "gradient-of-none": _gradient_of_none, "no-grad-required": _no_grad, "non-scalar-backward": _non_scalar,
           "unused-input": _unused, "graph-freed": _freed, "inplace-modified": _inplace,
           "numpy-requires-grad": _numpy, "integer-dtype": _integer}

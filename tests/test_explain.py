@@ -563,6 +563,25 @@ def test_cell_magic_explains_classic_errors(shell, code, body, words):
     assert sum(f"[{code}]" in o.data.get("text/plain", "") for o in out.outputs) == 1
 
 
+@pytest.mark.parametrize("body, key, order", [
+    ("g = torch.func.vmap(torch.func.grad(net1))(x1)\n", "J", 1),
+    ("from torch.func import vmap, grad\nh = vmap(grad(grad(net1)))(x1)\n", "H", 2)])
+def test_func_grad_of_a_vector_output_is_explained_and_the_fix_runs(shell, body, key, order):
+    """vmap(grad(net)) where net returns shape (1,) per point: torch's own error used to be
+    all the student saw. The fix's per-point derivatives match float64 vmap(jacrev/hessian)."""
+    value, out = explained(shell, "%%nnderiv explain\n" + body)
+    assert [e.code for e in value] == ["func-grad-non-scalar"], value
+    assert "under vmap, net1 is called on one point" in value[0].message
+    assert "Traceback" not in out.stdout + out.stderr
+    result, _ = cell(shell, value[0].fix)
+    assert result.success, result.error_in_exec
+    m64 = copy.deepcopy(shell.user_ns["net1"]).double()
+    fn = torch.func.jacrev(m64) if order == 1 else torch.func.hessian(m64)
+    truth = torch.func.vmap(fn)(shell.user_ns["x1"].double())
+    np.testing.assert_allclose(shell.user_ns[key].detach().numpy(), truth.detach().numpy(), rtol=1e-4,
+                               atol=1e-6)
+
+
 def test_input_without_requires_grad_fix_reruns_the_cells_own_model_call(shell):
     """The fix runs the cell's own line computing the output (a PINN called on (x, t)); it
     called model(t), which a two-argument model refuses. Truth: float64 du/dt."""
