@@ -406,6 +406,47 @@ def float64_first_derivative(call, wrt, points):
     return d1.reshape(d1.shape[0], d1.shape[1], -1)
 
 
+def unchanged_nearby(call, points, wrt, outputs):
+    """The points among ``points`` where ``outputs`` (indices) stay exactly as they are
+    (within rounding) when x moves by a small step and by a quarter of it, both ways, along
+    each input of ``wrt`` (4 random directions over them beyond 8 inputs): a flat piece of
+    the output. None where some point shows a slope instead (the same central difference at
+    both steps, beyond rounding: a graph autodiff does not see through, not a flat piece) or
+    the model cannot be evaluated there. A point within a step of a piece's edge is neither."""
+    if not points:
+        return None
+    X = call.features()[points].astype(np.float64)
+    scale = 1.0 + np.abs(X)
+    h = 16 * float(np.finfo(call.dtype).eps) ** 0.5
+    if len(wrt) <= 8:
+        dirs = []
+        for i in wrt:
+            v = np.zeros(call.width)
+            v[i] = 1.0
+            dirs.append(v)
+    else:
+        dirs = _directions(call.width, wrt, 4, seed=2)
+    steps = (h, h / 4)
+    rows = [X] + [X + sign * step * v * scale for v in dirs for step in steps
+                  for sign in (1.0, -1.0)]
+    y = _forward_rows(call, np.concatenate(rows).astype(call.dtype), list(points) * len(rows))
+    if y is None:
+        return None
+    y = y.reshape(len(rows), len(points), -1)[:, :, list(outputs)]       # (R, P, k)
+    f0 = y[0]
+    eps = _effective_eps(call, y)
+    level = 8 * 32 * eps * np.abs(y).max(axis=0) + 1e-300                # (P, k)
+    with np.errstate(invalid="ignore"):
+        moved = ~(np.abs(y[1:] - f0) <= level).all(axis=(0, 2))           # NaN: moved
+        d = y[1:].reshape(len(dirs), 2, 2, len(points), -1)              # dir, step, sign
+        fd = (d[:, :, 0] - d[:, :, 1]) / (2 * np.array(steps)[None, :, None, None])
+        both = (np.abs(d - f0) > level).all(axis=2).all(axis=1)          # (dirs, P, k)
+        sloped = both & (np.abs(fd[:, 0] - fd[:, 1]) <= 0.25 * np.abs(fd[:, 1]))
+    if np.any(sloped):
+        return None
+    return [p for p, m in zip(points, moved) if not m]
+
+
 REACH = (1.0, 3.0, 10.0, 30.0, 100.0)  # how far :func:`output_reach` moves x, in units of 1 + |x|
 
 

@@ -56,8 +56,8 @@ def structural_findings(layers: dict, order: int) -> list:
         return [Finding(
             "train-mode", "warning",
             f"layers that behave differently in training are in training mode: {names}. "
-            f"{kept_in} {'is' if len(outside) == 1 else 'are'} kept in a plain Python list "
-            "or dict, outside the model's module tree, so model.eval(), model.parameters() "
+            f"{kept_in} {'is' if len(outside) == 1 else 'are'} kept in a plain Python list, "
+            "dict, object or function, outside the model's module tree, so model.eval(), model.parameters() "
             f"and model.to() do not reach {'it' if len(outside) == 1 else 'them'}. Dropout "
             "makes derivatives random; batch statistics couple the points to each other.",
             "keep the layers in torch.nn.ModuleList / torch.nn.ModuleDict (or set each as an "
@@ -233,8 +233,8 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
                   "compute each point from its own input (reduce over the point's own axes, "
                   "dim=1 and up); ")
     elif outside:
-        remedy = ("call .eval() on " + ", ".join(outside[:6]) + ", kept in a plain list or dict "
-                  "where model.eval() does not reach (better: keep them in "
+        remedy = ("call .eval() on " + ", ".join(outside[:6]) + ", kept in a plain list, "
+                  "dict, object or function where model.eval() does not reach (better: keep them in "
                   "torch.nn.ModuleList), so each point is processed on its own, or remove the "
                   "batch-coupling layers; ")
     elif keras:
@@ -359,6 +359,47 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names,
         "round it or cast it to an integer on the way (a piecewise-constant function: its "
         "derivative is 0 wherever it exists), and that the points are not all in a dead ReLU "
         "region or where tanh/sigmoid units saturate.",
+    )
+
+
+def flat_region_finding(outputs, counts, total, checked, pieces=(), cause="flat") -> Finding:
+    """``flat-region``: the gradient of each of ``outputs`` is exactly 0 in every input at
+    ``counts`` of ``total`` points (not all), and at the ``checked`` points the forward pass
+    confirmed the output does not change when x moves a little. ``cause``: ``"flat"`` (a
+    flat piece: a float64 copy's gradient is 0 too), ``"saturated"`` (slopes float32 rounds
+    to 0: a float64 copy's are tiny), ``"saturated-float64"`` (tanh-like units saturated
+    beyond float64 too), ``"either"`` (the evidence cannot tell). ``pieces``: the functions
+    with flat pieces the model is known to use (``"clamp"``, ``"ReLU"``)."""
+    said = ", ".join(f"{o} at {c} of {total} points" for o, c in zip(outputs, counts))
+    known = f" (this model uses {', '.join(sorted(pieces))})" if pieces else ""
+    deep = ("units saturated so deeply (tanh or sigmoid inputs far from 0) that their slopes "
+            "round to exactly 0")
+    why = {
+        "flat": f"there the output sits on a flat piece of a function such as clamp, ReLU or "
+                f"hardtanh{known}: a float64 copy's gradient is exactly 0 there too",
+        "saturated": f"there the slopes are too small for float32: {deep} in float32 (a "
+                     "float64 copy's gradient is tiny there, not 0, at least at some of them)",
+        "saturated-float64": f"there {deep}, even in float64",
+        "either": f"there the output sits on a flat piece of a function such as clamp, ReLU "
+                  f"or hardtanh{known}, or in {deep}",
+    }[cause]
+    scale = "scale the inputs (and check the weights) so that the activations' inputs stay near 0"
+    fix = (scale + "." if cause.startswith("saturated") else
+           "if the flat piece bounds the output (a clamp, a ReLU at the end for a positive "
+           "output), use a smooth bound instead: softplus(z) for a positive output, lo + "
+           "(hi - lo) * sigmoid(z) for an interval; if hidden ReLUs are dead at these points, "
+           "a smooth activation (tanh, SiLU, GELU) or a leaky one keeps a gradient"
+           + (f"; if units saturate, {scale}." if cause == "either" else "."))
+    return Finding(
+        "flat-region", "warning",
+        f"the gradient of {said} is exactly 0 in every input: {why}. At index "
+        f"{_listed(checked)} the forward pass confirms that the output does not change when x "
+        "moves a little along each input. Terms built from derivatives with respect to x (a "
+        "PDE residual's u_x and u_xx, a gradient penalty) are exactly 0 at these points"
+        + (", and where the flat piece is at the output (a clamp, a ReLU at the end) a loss on "
+           "y itself gets no gradient from them either." if cause in ("flat", "either")
+           else "."),
+        fix, points=tuple(checked),
     )
 
 

@@ -1,6 +1,6 @@
 """The findings that need the computed derivatives: ``piecewise-linear`` (numerically),
-``at-kink``, ``graph-broken``, ``no-input-dependence``, ``saturated`` and ``non-finite``
-(outputs). Each is confirmed at the points it names before it is raised
+``at-kink``, ``graph-broken``, ``no-input-dependence``, ``saturated``, ``flat-region`` and
+``non-finite`` (outputs). Each is confirmed at the points it names before it is raised
 (:mod:`nbderiv.confirm`); :mod:`nbderiv.findings` words them.
 
 >>> import numpy as np
@@ -16,6 +16,7 @@ from . import confirm
 from .findings import (
     SATURATED_BELOW,
     coupling_finding,
+    flat_region_finding,
     graph_broken_finding,
     kink_finding,
     no_dependence_finding,
@@ -65,6 +66,12 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     out += _dependence_findings(call, layers, y, ders[0], wrt, out_names, in_names,
                                 skip=confirmed + list(candidates[confirm.KINK_CHECKS:]),
                                 bad_rows=bad_first)
+    if not {f.code for f in out} & _ZERO_EXPLAINED:
+        f = _flat_region(call, layers, ders[0], wrt, out_names,
+                         skip=confirmed + list(candidates[confirm.KINK_CHECKS:]),
+                         bad_rows=bad_first)
+        if f is not None:
+            out.append(f)
     if any(f.code == "graph-broken" for f in out) and not structurally_piecewise(layers):
         # autodiff's own zero second derivatives were the only evidence of piecewise
         # linearity, and the forward pass says autodiff is wrong here (z * z.detach())
@@ -188,6 +195,71 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         if f is not None:
             out.append(f)
     return out
+
+
+# findings that already account for exact zeros of the gradient
+_ZERO_EXPLAINED = frozenset({"graph-broken", "no-input-dependence", "piecewise-constant",
+                             "saturated"})
+FLAT_SHARE = 0.05  # flat-region: at least this share of the points (and 2) have zero gradients
+FLAT_CHECKS = 4    # flat points confirmed with the forward pass
+
+
+def _flat_region(call, layers, d1, wrt, out_names, skip, bad_rows) -> Finding | None:
+    """``flat-region`` for the outputs whose gradient is exactly 0 in every input at some of
+    the points (at least :data:`FLAT_SHARE` of them and 2, not all: that is
+    ``no-input-dependence``), off kinks and finite, where at least half of
+    :data:`FLAT_CHECKS` of those points, spread over them, show no change of the forward pass
+    when x moves along each input (or random directions over many inputs) and none shows a
+    slope (:func:`~nbderiv.confirm.unchanged_nearby`). The cause named: a flat piece where a float64
+    copy's gradient is exactly 0 too (saturated units in a model with tanh-like activations
+    and no flat pieces), slopes float32 rounds to 0 where it is not (saturated units); both
+    where the evidence cannot tell them apart. Not for random or coupled models."""
+    n = d1.shape[0]
+    verdict = call.verdict
+    if n < 2 or (verdict is not None and (verdict.stochastic or verdict.coupled)) \
+            or call.hidden_coupling is not None:
+        return None
+    flat = ~d1.reshape(n, d1.shape[1], -1).any(axis=2)                      # (n, d_out)
+    if not flat.any():  # the usual case: one pass over d1
+        return None
+    valid = np.ones(n, dtype=bool)
+    valid[[p for p in skip if p < n]] = False
+    valid[[p for p in (bad_rows or ()) if p < n]] = False
+    if call.non_finite_x:
+        valid[[p for p in call.non_finite_x if p < n]] = False
+    flat &= valid[:, None]
+    counts, total = flat.sum(axis=0), int(valid.sum())
+    partial = (counts >= max(2, int(np.ceil(FLAT_SHARE * total)))) & (counts < total)
+    outputs = [int(j) for j in np.flatnonzero(partial)]
+    if not outputs:
+        return None
+    rows = np.flatnonzero(flat[:, outputs].all(axis=1))  # flat for every such output
+    if rows.size == 0:
+        return None
+    # spread over the flat points, away from the first and last (often a piece's edges)
+    k = min(FLAT_CHECKS, rows.size)
+    looked = sorted({int(rows[int((i + 0.5) * rows.size / k)]) for i in range(k)})
+    checked = confirm.unchanged_nearby(call, looked, wrt, outputs)
+    if not checked or 2 * len(checked) < len(looked):  # a slope, or too few points confirmed
+        return None
+    called = call.backend.activations_called(call)
+    names = set(layers.get("activations", []))
+    pieces = {name for name in names if name in _FLAT_PIECES}
+    pieces |= {name[5:] for name in called if name.startswith("flat:")}
+    tails = bool(_FLAT_TAILED & names) or any(name.startswith("act:") for name in called)
+    d64 = confirm.float64_first_derivative(call, wrt, checked)
+    if d64 is None and call.dtype != np.float64:
+        cause = "either"     # no float64 copy to tell a flat piece from rounded slopes
+    elif call.dtype == np.float64 or not np.any(d64[:, outputs]):
+        # exactly 0 in float64 too: a flat piece, or tanh / sigmoid saturated beyond float64
+        cause = "either" if tails and pieces else "saturated-float64" if tails else "flat"
+    elif tails:
+        cause = "saturated"  # float64 sees (tiny) slopes, at least at some of the points
+    else:
+        return None          # float64 sees slopes where no known function saturates
+    return flat_region_finding([out_names[j] for j in outputs],
+                               [int(counts[j]) for j in outputs], total, checked, pieces,
+                               cause)
 
 
 # activations with flat pieces (module class names and Keras activation names)
