@@ -35,10 +35,14 @@ from typing import NamedTuple
 # found, never looked into (their backend knows their structure)
 FRAMEWORK_PACKAGES = frozenset({"torch", "tensorflow", "keras", "tf_keras", "jax", "jaxlib",
                                 "flax", "numpy"})
+# packages whose frames are not the user's own code when a model call fails (nbderiv's own
+# frames are told by their file, so that code in its docstrings counts as the user's)
+_NOT_USER = FRAMEWORK_PACKAGES | frozenset(getattr(sys, "stdlib_module_names", ()))
 _MAX_ITEMS = 64  # items of a list / tuple / dict looked at, per container
 
 _FUNCTIONS = (types.FunctionType, types.MethodType, functools.partial,
               types.BuiltinFunctionType, types.BuiltinMethodType)
+FUNCTIONS = _FUNCTIONS  # what a wrapper around a model can be
 _CONTAINERS = (list, tuple, set, frozenset, dict)
 _SKIP = (types.ModuleType, type, types.CodeType, types.CellType, str, bytes, int, float,
          complex, bool, type(None), type(Ellipsis))
@@ -107,6 +111,58 @@ def code_names(code) -> frozenset:
     return frozenset(names)
 
 
+@functools.lru_cache(maxsize=2048)
+def attribute_names(code) -> frozenset:
+    """The attribute names a code object and the code nested in it read (``cfg.center``,
+    ``mymodels.net(z)``: ``center``, ``net``).
+
+    >>> sorted(attribute_names((lambda z: models.net(z) * CFG.scale).__code__))
+    ['net', 'scale']
+    """
+    names = {ins.argval for ins in dis.get_instructions(code)
+             if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and isinstance(ins.argval, str)}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= attribute_names(const)
+    return frozenset(names)
+
+
+def _user_module(value) -> bool:
+    """A module of the user's own (``import config``, ``import mymodels``): not a framework's
+    nor the standard library's."""
+    return isinstance(value, types.ModuleType) and \
+        (getattr(value, "__name__", "") or "").split(".")[0] not in _NOT_USER
+
+
+def user_class(value) -> bool:
+    """A class of the user's own (``class CFG: ...``), not a framework's nor a builtin."""
+    return isinstance(value, type) and \
+        (getattr(value, "__module__", "") or "").split(".")[0] not in _NOT_USER | {"builtins"}
+
+
+def read_through(holder, names) -> list:
+    """(name, value) of the attributes ``names`` of a module or class of the user's own
+    (``config.CENTER``, ``Cfg.net``), read from the module's or the classes' own
+    ``__dict__`` (nothing is called; a class's attributes from its bases of the user's own
+    too); [] for anything else."""
+    if _user_module(holder):
+        own = vars(holder)
+        return [(n, own[n]) for n in sorted(names) if n in own and not n.startswith("__")]
+    if user_class(holder):
+        out = []
+        for n in sorted(names):
+            if n.startswith("__"):
+                continue
+            for c in holder.__mro__:
+                if not user_class(c):
+                    continue
+                if n in vars(c):
+                    out.append((n, vars(c)[n]))
+                    break
+        return out
+    return []
+
+
 def _function_parts(fn) -> list:
     """A plain function's closure cells, default values, ``__wrapped__``, and the globals its
     code names (looked up in its own globals; builtins are not)."""
@@ -121,17 +177,39 @@ def _function_parts(fn) -> list:
     if "__wrapped__" in own:
         parts.append(own["__wrapped__"])
     g = fn.__globals__
-    parts += [g[name] for name in sorted(code_names(fn.__code__)) if name in g]
-    return parts
+    held = [g[name] for name in sorted(code_names(fn.__code__)) if name in g]
+    attributes = attribute_names(fn.__code__)
+    # the attributes its code reads of a module or class of the user's own (mymodels.net,
+    # Cfg.net): the module and the class themselves are not looked into as a whole
+    for value in held + parts:
+        parts += [v for _, v in read_through(value, attributes)]
+    return parts + held
 
 
-def _attributes(obj) -> list:
-    """The values in an object's own ``__dict__`` (not properties, not ``__getattr__``)."""
+def own_attributes(obj) -> list:
+    """(name, value) of an object's own ``__dict__``, or of its ``__slots__`` (not
+    properties, not ``__getattr__``), at most :data:`_MAX_ITEMS`."""
     try:
         own = object.__getattribute__(obj, "__dict__")
     except (AttributeError, TypeError):
-        return []
-    return list(own.values())[:_MAX_ITEMS] if isinstance(own, dict) else []
+        own = None
+    if isinstance(own, dict):
+        return list(own.items())[:_MAX_ITEMS]
+    items = []
+    for cls in type(obj).__mro__:
+        slots = vars(cls).get("__slots__", ())
+        for name in [slots] if isinstance(slots, str) else list(slots):
+            if name in ("__dict__", "__weakref__"):
+                continue
+            try:
+                items.append((name, object.__getattribute__(obj, name)))
+            except AttributeError:  # a slot never set
+                pass
+    return items[:_MAX_ITEMS]
+
+
+def _attributes(obj) -> list:
+    return [value for _, value in own_attributes(obj)]
 
 
 def _parts(obj, looked_into: bool) -> list:
@@ -159,7 +237,7 @@ def _parts(obj, looked_into: bool) -> list:
     return parts
 
 
-def objects_inside(fn, depth: int = 3) -> list:
+def objects_inside(fn, depth: int = 5) -> list:
     """The objects that ``fn`` holds, up to ``depth`` steps in, each once (by identity), in
     the order found: closure cells, default values, ``__self__``, ``functools.partial`` func /
     args / keywords, ``__wrapped__``, the globals its code names (nested functions included),
@@ -198,9 +276,6 @@ def objects_inside(fn, depth: int = 3) -> list:
     return found
 
 
-# packages whose frames are not the user's own code when a model call fails (nbderiv's own
-# frames are told by their file, so that code in its docstrings counts as the user's)
-_NOT_USER = FRAMEWORK_PACKAGES | frozenset(getattr(sys, "stdlib_module_names", ()))
 _NBDERIV = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 

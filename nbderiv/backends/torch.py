@@ -353,14 +353,18 @@ class TorchBackend(Backend):
         norm needs nothing: an affine map with running statistics, coupled points without).
         Read from the model's modules and from the functions its forward pass calls (a
         functional ``F.layer_norm`` or ``F.scaled_dot_product_attention`` has no module)."""
+        notes = ()
+        model = uncompiled(call.model)
+        if not isinstance(model, torch.nn.Module) and \
+                call.dtype != np_dtype(torch.get_default_dtype()):
+            notes += (f"dtype:{call.dtype.name}",)  # a wrapper's model in another dtype
         if order < 2:
-            return ()
+            return notes
 
         def kinds():
             return {_kind(m) for _, m in named_modules(modules_of(call.model))}
         found = kept(call, "module kinds", kinds)
         called = self._functions_called(call)
-        notes = ()
         if found & _ATTENTION or "attention" in called:
             notes += ("attention",)
         if order >= 3:
@@ -519,7 +523,7 @@ class TorchBackend(Backend):
         model = uncompiled(model)
         if isinstance(model, torch.nn.Module):
             twin = copy.deepcopy(model).to(torch.float64)
-            for _, held in held_outside([twin]):
+            for _, held in held_outside([twin], functions=False):  # copied ones only
                 held.to(torch.float64)
             return twin
         return model

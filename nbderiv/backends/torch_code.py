@@ -145,7 +145,8 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
     ``TorchBackend.code_notes``): "attention" runs the model under the math attention
     kernel, "layer_norm" / "instance_norm" replace those fused kernels by the plain formula,
     "target" picks each point's ``target`` output (one int, or one per point) before
-    differentiating."""
+    differentiating, "dtype:float64" casts X to that dtype where the model is a function
+    (whose parameters the code cannot ask for)."""
     shapes = [tuple(s) for s in shapes] if shapes else [(w,) for w in widths]
     many = len(shapes) == 1 and len(shapes[0]) > 1  # one argument, points of several axes
     if len(shapes) == 1:
@@ -172,6 +173,9 @@ def torch_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()):
     else:
         differentiate = _DIFFERENTIATE_WRT.format(wrt=list(wrt))
     head = _CODE_HEAD.format(make_x=make_x, differentiate=differentiate)
+    dtype = next((n[len("dtype:"):] for n in notes if n.startswith("dtype:")), None)
+    if dtype:  # a function around a model in another dtype than torch's default
+        head = head.replace("else torch.get_default_dtype()", f"else torch.{dtype}")
     lines = [head]
     pad = ""
     if "attention" in notes:

@@ -44,6 +44,7 @@ class TorchState:
     def __init__(self, roots, copy=True):
         self.roots = list(roots)
         self.modes, self.registered, self.params = [], [], []
+        self.keys = []  # (a _parameters / _buffers / _modules dict, its names before the call)
         self._key, self.objects = None, []
         found = {}  # id -> tensor: registered ones and tensors held in attributes
         try:
@@ -52,10 +53,13 @@ class TorchState:
             raise
         except Exception:  # e.g. inference tensors keep no version counter: no key
             self.modes, self.registered, self.params, found = [], [], [], {}
+            self.keys = []
             self.parts, self.objects = None, []
             _plain_walk(self, found)
         self.found = list(found.values())
-        unique = {id(t): t for _, _, t in self.registered}  # tied tensors once
+        unique = {id(t): t for _, _, t in self.registered  # tied tensors once
+                  if t is not None and not isinstance(
+                      t, torch.nn.parameter.UninitializedTensorMixin)}
         meta = next((t for t in unique.values() if t.is_meta), None)
         if meta is not None:
             raise ModelTypeError(
@@ -81,6 +85,10 @@ class TorchState:
         return self._key
 
     def restore(self):
+        for store, names in self.keys:  # a parameter, buffer or layer created in forward
+            if len(store) != len(names):
+                for name in [k for k in store if k not in names]:
+                    del store[name]
         with torch.no_grad():
             for store, name, t in self.registered:
                 if _registered(store, name) is not t:  # replaced (or deleted) in forward
@@ -133,8 +141,10 @@ def _walk(state, found) -> list:
             if kind in _PLAIN_TYPES:  # a number, a flag
                 settings.append((name, value))
             elif name in _STORES:
+                state.keys.append((value, tuple(value)))
                 settings.append((name, _store(state, value, objects, found)))
             elif name == "_modules":
+                state.keys.append((value, tuple(value)))
                 todo.extend(sub for sub in value.values() if sub is not None)
                 objects.extend(sub for sub in value.values() if sub is not None)
                 settings.append((name, tuple((k, id(sub)) for k, sub in value.items())))
@@ -169,6 +179,7 @@ def _store(state, store, objects, found) -> tuple:
     for name, t in store.items():
         if t is None or isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
             out.append((name, None))
+            state.registered.append((store, name, t))  # a buffer filled in forward: None again
             continue
         out.append((name, id(t), t._version, t.data_ptr(), t.shape))
         objects.append(t)

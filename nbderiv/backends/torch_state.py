@@ -15,12 +15,13 @@ from __future__ import annotations
 import itertools
 import re
 import sys
+import types
 
 import numpy as np
 import torch
 
 from ..errors import ModelTypeError, OptionError
-from ..wrapped import objects_inside, uncompiled
+from ..wrapped import FUNCTIONS, is_framework_object, objects_inside, own_attributes, uncompiled
 from .torch_taylor import global_hooks, runs_class_forward
 
 
@@ -160,11 +161,15 @@ def named_modules(roots):
                 yield (".".join(p for p in (prefix, name) if p), module)
 
 
-def held_outside(roots) -> list:
+def held_outside(roots, functions=True) -> list:
     """(name, module) for the modules a model keeps outside its module tree: in plain Python
-    lists, tuples or dicts (instead of ``nn.ModuleList`` / ``nn.ModuleDict``), with their own
-    submodules; each once. ``model.eval()``, ``.parameters()`` and ``.to()`` do not reach
-    them (nbderiv still saves and puts back their state).
+    lists, tuples or dicts (instead of ``nn.ModuleList`` / ``nn.ModuleDict``), in objects of
+    your own (a helper or config object), and with ``functions`` in functions kept as
+    attributes (a lambda's closure), with their own submodules; each once.
+    ``model.eval()``, ``.parameters()`` and ``.to()`` do not reach them (nbderiv still saves
+    and puts back their state). ``functions=False`` for a copy of the model: ``deepcopy``
+    copies the containers and objects but not the functions, whose modules stay the
+    original's.
 
     >>> class Net(torch.nn.Module):
     ...     def __init__(self):
@@ -183,7 +188,7 @@ def held_outside(roots) -> list:
         for attribute, value in vars(module).items():
             if attribute in ("_parameters", "_buffers", "_modules") or "hooks" in attribute:
                 continue
-            for name, held in _modules_in(value, attribute):
+            for name, held in _modules_in(value, attribute, functions=functions):
                 if id(held) in seen:
                     continue
                 for inner, sub in held.named_modules():
@@ -195,16 +200,32 @@ def held_outside(roots) -> list:
     return out
 
 
-def _modules_in(value, name, depth=3):
-    """(name, module) for the modules in a plain list, tuple or dict, ``depth`` levels down."""
+def _modules_in(value, name, depth=4, functions=True, seen=None):
+    """(name, module) for the modules in a plain list, tuple or dict, an object of your own
+    (its ``__dict__`` or slots) or, with ``functions``, a function (its closure, defaults,
+    globals: :func:`~nbderiv.wrapped.objects_inside`), ``depth`` levels down."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
     if isinstance(value, torch.nn.Module):
         yield name, value
-    elif depth > 0 and type(value) in (list, tuple):
-        for i, v in enumerate(value):
-            yield from _modules_in(v, f"{name}[{i}]", depth - 1)
-    elif depth > 0 and isinstance(value, dict) and not isinstance(value, torch.nn.Module):
-        for k, v in value.items():
-            yield from _modules_in(v, f"{name}[{k!r}]", depth - 1)
+    elif depth <= 0 or isinstance(value, (str, bytes, int, float, bool, type(None))):
+        return
+    elif type(value) in (list, tuple):
+        for i, v in enumerate(value[:64]):
+            yield from _modules_in(v, f"{name}[{i}]", depth - 1, functions, seen)
+    elif isinstance(value, dict):
+        for k, v in list(value.items())[:64]:
+            yield from _modules_in(v, f"{name}[{k!r}]", depth - 1, functions, seen)
+    elif callable(value) and isinstance(value, FUNCTIONS):
+        if functions:
+            for held in objects_inside(value):
+                if isinstance(held, torch.nn.Module):
+                    yield f"{name}()", held
+    elif not is_framework_object(value) and not isinstance(value, (type, types.ModuleType)):
+        for attribute, v in own_attributes(value):
+            yield from _modules_in(v, f"{name}.{attribute}", depth - 1, functions, seen)
 
 
 def refuse_lazy(roots) -> None:

@@ -11,11 +11,21 @@ module-level variables they read) and a fingerprint of the tensors' values.
 from __future__ import annotations
 
 import functools
+import os
 import types
 
 import torch
 
-from ..wrapped import FRAMEWORK_PACKAGES, code_names, is_framework_object
+from ..wrapped import (
+    FRAMEWORK_PACKAGES,
+    FUNCTIONS,
+    attribute_names,
+    code_names,
+    is_framework_object,
+    objects_inside,
+    read_through,
+    user_class,
+)
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 _PLAIN_TYPES = frozenset(_PLAIN)
@@ -48,15 +58,21 @@ def _setting(name, value, objects, tensors, todo, depth=4):
         if isinstance(value, (list, tuple)) and len(value) <= _CONTAINER_MAX:
             return name, type(value).__name__, tuple(_setting("", v, objects, tensors, todo,
                                                               inner) for v in value)
-        attributes = _own_attributes(value)
+        attributes = _class_attributes(value) if isinstance(value, type) \
+            else _own_attributes(value)
         if attributes is not None:
             if _weak(value):
                 objects.append(value)
             return name, type(value).__name__, id(value), tuple(
                 (k, _setting("", v, objects, tensors, todo, inner)) for k, v in attributes)
-    # a function, a framework object, a large container: by identity
+    # a function, a framework object, a large container: by identity; the modules a function
+    # holds (a lambda kept as an attribute, around a model) are walked too
     if _weak(value):
         objects.append(value)
+    if isinstance(value, FUNCTIONS) and not is_framework_object(value):
+        inside = [m for m in objects_inside(value) if isinstance(m, torch.nn.Module)]
+        todo.extend(inside)
+        return name, type(value).__name__, id(value), tuple(id(m) for m in inside)
     return name, type(value).__name__, id(value)
 
 
@@ -77,6 +93,21 @@ def _own_attributes(value):
     if not isinstance(attributes, dict) or len(attributes) > _CONTAINER_MAX:
         return None
     return list(attributes.items())
+
+
+def _class_attributes(cls):
+    """A class of the user's own held as a setting (``self.opt = Opt``): its own and its
+    own bases' attributes that are not dunders, up to :data:`_CONTAINER_MAX` (functions by
+    identity, as :func:`_setting` takes them), or None for a framework's or the standard
+    library's class."""
+    if not user_class(cls):
+        return None
+    out = {}
+    for c in reversed(_own_classes(cls)):
+        for name, member in vars(c).items():
+            if not (name.startswith("__") and name.endswith("__")):
+                out[name] = member
+    return list(out.items()) if len(out) <= _CONTAINER_MAX else None
 
 
 def _slot_values(value):
@@ -130,8 +161,10 @@ def _functions_of(member) -> list:
 
 
 def _globals_read(fn, objects, tensors, todo, seen, helpers) -> list:
-    """The module-level variables ``fn``'s code reads, by value; the functions among them
-    (``helpers`` levels down) by identity and their own globals too."""
+    """The module-level variables ``fn``'s code reads, by value, and the attributes it reads
+    of the modules and classes of the user's own among them (``CFG.CENTER``,
+    ``config.scale``, ``mymodels.net``); the functions among them (``helpers`` levels down)
+    by identity and their own globals too."""
     if id(fn) in seen:
         return []
     seen.add(id(fn))
@@ -139,7 +172,18 @@ def _globals_read(fn, objects, tensors, todo, seen, helpers) -> list:
     g = fn.__globals__
     for global_name in _global_names(fn.__code__):
         value = g.get(global_name, _MISSING)
-        if value is _MISSING or isinstance(value, (types.ModuleType, type)):
+        if value is _MISSING:
+            continue
+        if isinstance(value, (types.ModuleType, type)):
+            if value is os and {"environ", "getenv"} & attribute_names(fn.__code__):
+                parts.append(("os.environ", tuple(sorted(os.environ.items()))))
+            for name, held in read_through(value, attribute_names(fn.__code__)):
+                if isinstance(held, types.FunctionType):
+                    objects.append(held)
+                    parts.append((f"{global_name}.{name}", id(held)))
+                else:
+                    parts.append(_setting(f"{global_name}.{name}", held, objects, tensors,
+                                          todo, depth=2))
             continue
         if isinstance(value, types.FunctionType):
             objects.append(value)
