@@ -117,14 +117,17 @@ def _varies(d1: np.ndarray) -> bool:
     return flat.shape[0] >= 2 and bool(np.ptp(flat, axis=0).max() > 0)
 
 
-def piecewise_finding(layers: dict, orders: list, order: int, wider=None) -> Finding | None:
+def piecewise_finding(layers: dict, orders: list, order: int, wider=None,
+                      curved=None) -> Finding | None:
     """``piecewise-linear`` when order >= 2 and every second derivative is exactly 0, and
-    either the structure says so (all activations piecewise linear) or the numbers do (the
-    first derivative changes between points: not simply an affine map).
-
-    ``wider()``, if given, returns (d1, d2) at a wider spread of points; it is asked only
-    when the points themselves cannot tell (d1 constant on them, opaque model), and counts
-    only if d2 is exactly 0 there too (a saturated tanh also has d2 == 0 at far-out points).
+    either the structure says so (all activations piecewise linear) or the numbers do: the
+    first derivative changes between points (not simply an affine map), the second is
+    exactly 0 at a wider spread of points too (``wider()`` returns their (d1, d2): an
+    inflection point, a polynomial piece or saturated units are flat at the points given
+    only), and the forward pass does not curve at the points (``curved()`` returns the
+    points where its second differences are not 0: then autodiff's 0 is wrong, a backward
+    pass that cannot be differentiated again, and the finding is ``graph-broken``; None for a
+    model known to be smooth, GELU or tanh units flat far out: no finding).
     """
     if order < 2 or len(orders) < 2:
         return None
@@ -134,16 +137,38 @@ def piecewise_finding(layers: dict, orders: list, order: int, wider=None) -> Fin
     acts = structurally_piecewise(layers)
     if acts:
         return _piecewise(acts)
-    if _varies(d1):
-        return _piecewise([])
-    if wider is not None and layers.get("opaque", True):
-        try:
-            wide_d1, wide_d2 = wider()
-        except Exception:  # a probe is a nicety: a model that rejects it is not an error
-            return None
-        if np.all(wide_d2 == 0) and _varies(np.concatenate([d1, wide_d1])):
-            return _piecewise([])
-    return None
+    if wider is None:
+        return None
+    try:
+        wide_d1, wide_d2 = wider()
+    except Exception:  # a probe is a nicety: a model that rejects it is not an error
+        return None
+    if not (np.all(wide_d2 == 0) and _varies(np.concatenate([d1, wide_d1]))):
+        return None
+    bent = curved() if curved is not None else []
+    if bent is None:  # the model is known to be smooth: flat here, not piecewise linear
+        return None
+    if bent:
+        return second_order_cut_finding(bent)
+    return _piecewise([])
+
+
+def second_order_cut_finding(points) -> Finding:
+    """``graph-broken`` for derivatives of order >= 2: autodiff's second derivative is exactly
+    0 at every point while the forward pass curves at ``points``."""
+    return Finding(
+        "graph-broken", "warning",
+        "autodiff's second derivative is exactly 0 at every point, yet the forward pass curves: "
+        f"its central second differences are not 0 at index {_listed(points)} (the same at two "
+        "steps, well above rounding). The first derivative is fine, but the backward pass of "
+        "some operation cannot be differentiated again: a custom torch.autograd.Function whose "
+        "backward uses NumPy, .detach() or @once_differentiable, or a tf.custom_gradient whose "
+        "gradient function stops the gradient. The derivatives of order >= 2 are wrong.",
+        "write that backward with differentiable framework operations (torch / tf functions of "
+        "the saved inputs, no NumPy, no detach), or use the built-in function (torch.sin, "
+        "tf.sin) instead of the custom one.",
+        points=tuple(points),
+    )
 
 
 def wide_probe_points(args, n_points: int = WIDE_PROBE_POINTS, seed: int = 0) -> list:

@@ -43,7 +43,14 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
             wide = wide_probe_points(args)
             orders = backend.derivatives(call.with_args(wide), wide, 2, wrt).orders
             return orders[0], orders[1]
-        f = piecewise_finding(layers, ders, order, wider)
+        def curved():
+            if _FLAT_TAILED & set(layers.get("activations", [])) or any(
+                    n.startswith("act:") for n in backend.activations_called(call)):
+                # smooth activations (GELU, tanh) far out: flat in float32 (and in float64),
+                # not piecewise linear; no claim
+                return None
+            return confirm.curvature_seen(call, confirm.graph_points(call, ders[0]), wrt)
+        f = piecewise_finding(layers, ders, order, wider, curved)
         if f is not None:
             out.append(f)
     if call.kink_rows is not None:  # looked for in the derivative pass, or known (memo)
@@ -72,6 +79,9 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
                          bad_rows=bad_first)
         if f is not None:
             out.append(f)
+    if sum(f.code == "graph-broken" for f in out) > 1:  # the first-order cut explains it all
+        out = [f for f in out if not (f.code == "graph-broken" and f.message.startswith(
+            "autodiff's second derivative"))]
     if any(f.code == "graph-broken" for f in out) and not structurally_piecewise(layers):
         # autodiff's own zero second derivatives were the only evidence of piecewise
         # linearity, and the forward pass says autodiff is wrong here (z * z.detach())

@@ -158,10 +158,23 @@ def test_piecewise_linear_numeric_rule_needs_exact_zeros_and_a_changing_slope():
     d1_varies = np.array([[[1.0]], [[2.0]]])
     d1_const = np.array([[[1.0]], [[1.0]]])
     zeros, tiny = np.zeros((2, 1, 1, 1)), np.full((2, 1, 1, 1), 1e-30)
-    assert dg.piecewise_finding(layers, [d1_varies, zeros], 2) is not None
-    assert dg.piecewise_finding(layers, [d1_varies, tiny], 2) is None
+
+    def wider():  # the wider spread of points: second derivatives 0 there too
+        return d1_varies, zeros
+    assert dg.piecewise_finding(layers, [d1_varies, zeros], 2, wider) is not None
+    # from the points alone (no wider spread to look at): an inflection point may be all it is
+    assert dg.piecewise_finding(layers, [d1_varies, zeros], 2) is None
+    # curvature at a wider spread: not piecewise linear
+    assert dg.piecewise_finding(layers, [d1_varies, zeros], 2,
+                                lambda: (d1_varies, np.ones((2, 1, 1, 1)))) is None
+    # the forward pass curves at point 1: autodiff's zeros are a cut graph
+    assert dg.piecewise_finding(layers, [d1_varies, zeros], 2, wider,
+                                lambda: [1]).code == "graph-broken"
+    # a model known to be smooth (GELU far out): no claim
+    assert dg.piecewise_finding(layers, [d1_varies, zeros], 2, wider, lambda: None) is None
+    assert dg.piecewise_finding(layers, [d1_varies, tiny], 2, wider) is None
     assert dg.piecewise_finding(layers, [d1_const, zeros], 2) is None
-    assert dg.piecewise_finding(layers, [d1_varies, zeros], 1) is None
+    assert dg.piecewise_finding(layers, [d1_varies, zeros], 1, wider) is None
     relu_layers = {"activations": ["ReLU"], "train_mode": [], "opaque": False}
     assert dg.piecewise_finding(relu_layers, [d1_const, zeros], 2) is not None
     assert dg.piecewise_finding(relu_layers, [d1_varies, tiny], 2) is None
@@ -170,7 +183,8 @@ def test_piecewise_linear_numeric_rule_needs_exact_zeros_and_a_changing_slope():
 def test_finding_helpers_on_nan_negative_zero_and_overflowing_rows():
     layers = {"activations": [], "train_mode": [], "opaque": True}
     d1_varies = np.array([[[1.0]], [[2.0]]])
-    assert dg.piecewise_finding(layers, [d1_varies, np.full((2, 1, 1, 1), -0.0)], 2) is not None
+    assert dg.piecewise_finding(layers, [d1_varies, np.full((2, 1, 1, 1), -0.0)], 2,
+                                lambda: (d1_varies, np.zeros((2, 1, 1, 1)))) is not None
     assert dg.piecewise_finding(layers, [d1_varies, np.array([0.0, np.nan]).reshape(2, 1, 1, 1)],
                                 2) is None  # NaN is not an exact zero
     big = np.finfo(np.float32).max

@@ -141,10 +141,12 @@ def _walk(state, found) -> list:
             if kind in _PLAIN_TYPES:  # a number, a flag
                 settings.append((name, value))
             elif name in _STORES:
-                state.keys.append((value, tuple(value)))
+                if isinstance(value, dict):  # (a TorchScript module's stores are not)
+                    state.keys.append((value, tuple(value)))
                 settings.append((name, _store(state, value, objects, found)))
             elif name == "_modules":
-                state.keys.append((value, tuple(value)))
+                if isinstance(value, dict):
+                    state.keys.append((value, tuple(value)))
                 todo.extend(sub for sub in value.values() if sub is not None)
                 objects.extend(sub for sub in value.values() if sub is not None)
                 settings.append((name, tuple((k, id(sub)) for k, sub in value.items())))

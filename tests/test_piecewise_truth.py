@@ -1,0 +1,118 @@
+"""piecewise-linear read from the numbers (no ReLU-type layer to see) is claimed only where
+it is true: second derivatives 0 at a wider spread of points too, the forward pass not
+curving at the points, and no smooth activation known. Truths: closed forms, float64 central
+second differences, the same weights written with torch.sin."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import nbderiv
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class NumpySin(torch.autograd.Function):
+    """sin with a right first derivative computed in NumPy: its backward cannot be
+    differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.from_numpy(np.cos(x.detach().numpy()))
+
+
+class Siren(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.l2(NumpySin.apply(3 * self.l1(x)))
+
+
+def test_a_backward_that_cannot_be_differentiated_again_is_graph_broken_not_piecewise():
+    """d2 = 0 everywhere from autodiff, yet the model (sin units) curves: the float64 second
+    differences of its forward pass are far from 0. It used to be called piecewise linear
+    ('a second derivative of 0 here is not a bug')."""
+    torch.manual_seed(0)
+    m = Siren()
+    x = torch.linspace(-1, 1, 15).reshape(-1, 1)
+    d = nbderiv.derivatives(m, x, order=2)
+    assert np.all(d[2] == 0)
+    m64, x64, h = copy.deepcopy(m).double(), x.double(), 1e-4
+    with torch.no_grad():
+        fd2 = ((m64(x64 + h) - 2 * m64(x64) + m64(x64 - h)) / h ** 2).numpy().ravel()
+    assert np.abs(fd2).max() > 0.5
+    assert "piecewise-linear" not in d.codes
+    f = d.finding("graph-broken")
+    assert f is not None and "cannot be differentiated again" in f.message
+    assert all(abs(fd2[p]) > 1e-3 for p in f.points)
+    # the first derivative is right: the same weights with torch.sin
+    ref = nbderiv.derivatives(lambda z: m.l2(torch.sin(3 * m.l1(z))), x, order=2)
+    np.testing.assert_allclose(d[1], ref[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["gelu-far-out", "quartic-inflections", "hardswish-outside"])
+def test_no_piecewise_linear_for_smooth_or_curved_models_flat_at_the_points(case):
+    """GELU units driven far out (d2 1e-136 in float64), a quartic at its two inflection
+    points (d2 = x**2 - x), Hardswish beyond +-3 (piecewise quadratic): d2 is 0 at these
+    points, the models are not piecewise linear."""
+    torch.manual_seed(0)
+    if case == "gelu-far-out":
+        model = nn.Sequential(nn.Linear(1, 8), nn.GELU(), nn.Linear(8, 1))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.sign(model[0].weight) * (1 + model[0].weight.abs()))
+        x = torch.linspace(-475.0, 475.0, 20).reshape(-1, 1)
+    elif case == "quartic-inflections":
+        model = lambda z: z ** 4 / 12 - z ** 3 / 6 + z  # noqa: E731
+        x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(1, 1), nn.Hardswish())
+        with torch.no_grad():
+            model[0].weight.fill_(1.0)
+            model[0].bias.zero_()
+        x = torch.cat([torch.linspace(-9, -4, 5), torch.linspace(4, 9, 5)]).reshape(-1, 1)
+    d = nbderiv.derivatives(model, x, order=2)
+    assert np.all(d[2] == 0)
+    assert "piecewise-linear" not in d.codes, d.findings
+
+
+def test_relu_called_inside_forward_is_still_piecewise_linear():
+    """torch.relu in a function (no layer to see): the numbers still say it, and the forward
+    pass confirms (no curvature at the points)."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(1, 16), nn.Linear(16, 1)
+    d = nbderiv.derivatives(lambda z: lin2(torch.relu(lin1(z))),
+                            torch.linspace(-2, 2, 30).reshape(-1, 1), order=2)
+    assert "piecewise-linear" in d.codes and "graph-broken" not in d.codes
+
+
+@pytest.mark.parametrize("case", ["x + t**2 at t = 0", "cos at 0", "even PINN on its axis"])
+def test_stationary_points_are_no_input_dependence(case):
+    """d1 = 0 along an input at every point because each point is a stationary point (the
+    output changes like h**2: nbderiv's own d2 is not 0 there). In float32 the change at the
+    smaller step sank below rounding, and no-input-dependence was claimed."""
+    torch.manual_seed(0)
+    if case == "x + t**2 at t = 0":
+        model = lambda z: z[:, :1] + z[:, 1:] ** 2  # noqa: E731
+        x, curved = torch.stack([torch.linspace(-1, 1, 10), torch.zeros(10)], 1), (1, 1)
+    elif case == "cos at 0":
+        model, x, curved = torch.cos, torch.zeros(5, 1), (0, 0)
+    else:
+        net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+        model = lambda x, t: net(torch.cat([x ** 2, t], 1))  # noqa: E731
+        x = (torch.zeros(10, 1), torch.linspace(0, 1, 10).reshape(-1, 1))
+        curved = (0, 0)
+    d = nbderiv.derivatives(model, x, order=2)
+    assert np.all(np.abs(d[2][:, 0, curved[0], curved[1]]) > 1e-3)  # it does curve
+    assert "no-input-dependence" not in d.codes, d.findings
