@@ -582,12 +582,36 @@ def _second_derivative_tapes(where, tape, first, line, source):
            f"    {dy} = {tape}.gradient({y}, {x})      # inside the outer tape's block: "
            f"recorded\n"
            f"{d2} = outer.gradient({dy}, {x})      # the second derivative")
-    return (f"{where} differentiates {dy}, the result of `{first}`: a second "
-            f"derivative. One tape cannot give it: {tape} released its recording after the "
-            f"first gradient call, and even with persistent=True the answer would be None, "
-            f"because {dy} was computed after the with-block, where no tape records. Take the "
-            f"first gradient inside an outer tape's block (nested tapes), then ask the outer "
-            f"tape for the gradient of {dy}.", fix)
+    if _inside_block(source, tape, first):  # recorded: persistent=True would do
+        why = (f"{tape} released its recording after the first gradient call. {dy} was "
+               f"computed inside {tape}'s block, so {tape} did record it: with "
+               f"tf.GradientTape(persistent=True) the same cell gives the second derivative "
+               f"(TensorFlow warns that a gradient inside its own tape's block is slow).")
+    else:
+        why = (f"{tape} released its recording after the first gradient call, and even with "
+               f"persistent=True the answer would be None, because {dy} was computed after "
+               f"the with-block, where no tape records.")
+    return (f"{where} differentiates {dy}, the result of `{first}`: a second derivative. "
+            f"One tape cannot give it: {why} Take the first gradient inside an outer tape's "
+            f"block (nested tapes), then ask the outer tape for the gradient of {dy}.", fix)
+
+
+def _inside_block(source, tape, line) -> bool:
+    """Whether the cell's ``line`` sits inside the block of ``with ... as <tape>:``."""
+    lines = (source or "").splitlines()
+    head = next((i for i, raw in enumerate(lines)
+                 if re.match(rf"\s*with\b.*\bas\s+{re.escape(tape)}\s*:", raw)), None)
+    if head is None:
+        return False
+    indent = len(lines[head]) - len(lines[head].lstrip())
+    for raw in lines[head + 1:]:
+        if not raw.strip():
+            continue
+        if len(raw) - len(raw.lstrip()) <= indent:  # the block ended before the line
+            return False
+        if raw.strip() == line.strip():
+            return True
+    return False
 
 
 def _gradient_of_none(where, line, source):

@@ -209,6 +209,35 @@ def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
     np.testing.assert_allclose(_values(ns["d2"]), truth, rtol=1e-4, atol=1e-6)
 
 
+def test_second_derivative_taken_inside_the_tapes_block_says_persistent_would_do(shell):
+    """dy = tape.gradient(y, kx) inside the block, then tape.gradient(dy, kx): the tape did
+    record dy, so persistent=True gives the second derivative; the message used to claim it
+    would give None ('dy was computed after the with-block'). Both claims are run: the cell
+    with persistent=True, and the fix, against a float64 twin's nested tapes."""
+    tf, twin, x64 = _keras_model(shell)
+    body = """\
+        with tf.GradientTape({arg}) as tape:
+            tape.watch(kx)
+            y = km(kx)
+            dy = tape.gradient(y, kx)
+        d2 = tape.gradient(dy, kx)
+        """
+    [e] = explain(shell, "km kx", body.format(arg=""))
+    assert e.code == "tape-used-twice"
+    assert "did record it" in e.message and "would be None" not in e.message
+    with tf.GradientTape() as outer:
+        outer.watch(x64)
+        with tf.GradientTape() as inner:
+            inner.watch(x64)
+            y = twin(x64)
+        g = inner.gradient(y, x64)
+    truth = outer.gradient(g, x64).numpy()
+    shell.run_cell(textwrap.dedent(body.format(arg="persistent=True")), store_history=False)
+    np.testing.assert_allclose(_values(shell.user_ns["d2"]), truth, rtol=1e-4, atol=1e-6)
+    ns = run_fix(shell, e.fix)
+    np.testing.assert_allclose(_values(ns["d2"]), truth, rtol=1e-4, atol=1e-6)
+
+
 def test_a_tf_function_computing_derivatives_is_explained(shell):
     """A @tf.function from an earlier cell (and tf.function(g)(x) in the cell) computing 2x
     the gradient: explained like the plain function ('2 times'), not 'computed no
