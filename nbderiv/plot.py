@@ -105,9 +105,25 @@ def _outputs(d: Derivatives, output) -> list:
     return [int(j) for j in items]
 
 
-def _pure(a: np.ndarray, k: int, p: int) -> np.ndarray:
+def _by_output(a, k: int, n_outputs: int) -> np.ndarray:
+    """``a`` ((N,) + O + (m,) * k, O each point's output shape) as (N, d_out) + (m,) * k:
+    an output of several axes (a decoder's (2, 2)) counted flat, in C order."""
+    a = np.asarray(a)
+    return a.reshape((a.shape[0], n_outputs) + a.shape[a.ndim - k:])
+
+
+def _pure(a: np.ndarray, k: int, p: int, n_outputs: int | None = None) -> np.ndarray:
     """The pure k-th partial along wrt position p: (N, d_out)."""
+    if n_outputs is not None:
+        a = _by_output(a, k, n_outputs)
     return a if k == 0 else a[(slice(None), slice(None)) + (p,) * k]
+
+
+def _output_name(d: Derivatives, j: int) -> str:
+    """``y[j]``, or ``y[0,1]`` for an output of several axes."""
+    if len(d.out_shape) > 1:
+        return "y[" + ",".join(str(int(i)) for i in np.unravel_index(j, d.out_shape)) + "]"
+    return f"y[{j}]"
 
 
 def _reference_values(d: Derivatives, reference, orders, p) -> dict:
@@ -127,7 +143,7 @@ def _reference_values(d: Derivatives, reference, orders, p) -> dict:
             raise OptionError(f"the reference has {reference.n_points} points, the result "
                               f"{d.n_points}. Fix: compute both at the same x.")
         _same_outputs(d, reference.n_outputs)
-        return {k: np.broadcast_to(_pure(np.asarray(reference[k]), k, p),
+        return {k: np.broadcast_to(_pure(np.asarray(reference[k]), k, p, reference.n_outputs),
                                    (d.n_points, d.n_outputs))
                 for k in orders if k <= reference.order}
     if not isinstance(reference, Mapping):
@@ -140,7 +156,7 @@ def _reference_values(d: Derivatives, reference, orders, p) -> dict:
             continue
         a = np.asarray(values, dtype=np.float64)
         if a.shape == d[k].shape:
-            a = _pure(a, k, p)
+            a = _pure(a, k, p, d.n_outputs)
         elif a.shape == (d.n_points,):
             a = a.reshape(-1, 1)
         if a.ndim != 2 or a.shape[0] != d.n_points or a.shape[1] not in (1, d.n_outputs):
@@ -162,7 +178,7 @@ def _fd_values(d: Derivatives, orders, p) -> dict:
     if not ref:
         raise OptionError("fd=True draws the finite-difference check, but this result has none. "
                           "Fix: compute it with nbderiv.derivatives(..., check=True).")
-    return {k: _pure(np.asarray(ref[k]), k, p) for k in orders if k in ref}
+    return {k: _pure(np.asarray(ref[k]), k, p, d.n_outputs) for k in orders if k in ref}
 
 
 # -- curves (one input) ---------------------------------------------------------------------
@@ -231,12 +247,13 @@ def _curves(d, p, ks, outputs, reference, fd, fig, ax, figsize):
     axes = [axis for _, axis in pairs]
     multi = d.n_outputs > 1
     for k, axis in pairs:
-        values = _pure(d[k], k, p)
+        values = _pure(d[k], k, p, d.n_outputs)
         for j in outputs:
             color = f"C{j % 10}"
-            tag = f"y[{j}] " if multi else ""
+            tag = f"{_output_name(d, j)} " if multi else ""
             style = dict(color=color, lw=1.8) if on_a_line else dict(color=color, ls="", marker=".")
-            axis.plot(xs, values[idx, j], label=(f"y[{j}]" if multi else "network"), **style)
+            axis.plot(xs, values[idx, j], label=(_output_name(d, j) if multi else "network"),
+                      **style)
             if k in refs:
                 axis.plot(xs, refs[k][idx, j], ls="--", lw=1.4, color="black" if not multi
                           else color, alpha=0.8, label=tag + "reference")
@@ -292,7 +309,8 @@ def _heatmaps(d, positions, ks, j, fig, ax, figsize):
                          len(rows), ncols)
     symbol = _output_symbol(d, j)
     for (k, multi), axis in pairs:
-        values = np.asarray(d[k][(slice(None), j) + multi], dtype=np.float64)
+        values = np.asarray(_by_output(d[k], k, d.n_outputs)[(slice(None), j) + multi],
+                            dtype=np.float64)
         if k == 0:
             norm, cmap = Normalize(*_finite_range(values)), "viridis"
         else:

@@ -365,3 +365,28 @@ def test_nan_values_are_noted_on_the_panels_that_leave_them_out():
         n_bad = int(np.isnan(np.sqrt(g[:, 0].numpy() + g[:, 1].numpy())).sum())
     assert n_bad and f"NaN/inf at {n_bad} points: not drawn" in notes
     plt.close(fig)
+
+
+def test_curves_of_an_output_with_several_axes_are_the_right_slices():
+    """A decoder-like output of shape (2, 2) per point: every line is one output's own
+    derivative (named y[a,b]); the plot used to draw dy[0,0]/dx1 under the label dy0/dx0, or
+    fail with a raw IndexError."""
+    import torch
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 4)
+    x = torch.linspace(-1, 1, 9).reshape(-1, 1).repeat(1, 2) * torch.tensor([1.0, 0.0])
+    d = nbderiv.derivatives(lambda z: torch.tanh(lin(z)).reshape(-1, 2, 2), x, order=2)
+    fig = d.plot(wrt=0)
+    order = np.argsort(d.features[:, 0], kind="stable")
+    for k, panel in fig.panels.items():
+        names = [line.get_label() for line in panel.lines]
+        assert names == ["y[0,0]", "y[0,1]", "y[1,0]", "y[1,1]"], names
+        for line, (a, b) in zip(panel.lines, [(0, 0), (0, 1), (1, 0), (1, 1)], strict=True):
+            truth = d[k][:, a, b] if k == 0 else d[k][(slice(None), a, b) + (0,) * k]
+            np.testing.assert_array_equal(line.get_ydata(), truth[order])
+    lin1 = torch.nn.Linear(1, 6)
+    d1 = nbderiv.derivatives(lambda z: torch.tanh(lin1(z)).reshape(-1, 2, 3),
+                             torch.linspace(-1, 1, 7).reshape(-1, 1))
+    assert len(d1.plot().panels[1].lines) == 6
+    d.plot()  # two inputs: heat maps of output 0 (y[0,0])
