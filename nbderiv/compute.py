@@ -189,6 +189,17 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
     ys = [y.reshape(y.shape[0], -1) for y in ys]
     if fewer is not None:
         fewer = np.asarray(fewer).reshape(np.shape(fewer)[0], -1)
+        if fewer.shape[1] != ys[0].shape[1]:
+            raise OutputError(
+                f"the model's output per point changes with the number of points: "
+                f"{ys[0].shape[1]} value(s) per point for {ys[0].shape[0]} points, "
+                f"{fewer.shape[1]} for {fewer.shape[0]}. An output that grows with the batch "
+                "(z @ z.T, torch.cdist(z, z), a pairwise kernel, or an argument of shape (N,) "
+                "broadcast against (N, 1)) is not a function of each point on its own, so it "
+                "has no per-point derivatives. Fix: compute each point's output from its own "
+                "input (for a tuple argument t of shape (N,), use t[:, None] or t.reshape(-1, "
+                "1) inside forward); for a kernel between the points, differentiate it with "
+                "torch.func.jacrev / tf.GradientTape.jacobian on the whole batch.")
     moved = [[], [], [0]] if moved is None else moved
     y1, y2 = ys[0], ys[1]
     scale = 1 + np.fmax.reduce(np.abs(y1), axis=None, initial=0)
@@ -278,7 +289,14 @@ def probe(call: Call) -> Verdict:
             raise model_rejected_input(exc, call.inputs, _expected_width(call),
                                        sliced_kwargs(call)) from None
         fewer = _fewer_points(call, batches[0], outputs[0])
-        verdict = verdict_of(call, outputs, moved, fewer)
+        try:
+            verdict = verdict_of(call, outputs, moved, fewer)
+        except OutputError:
+            # an argument of shape (N,) passed as (N, 1) that the model broadcasts against its
+            # own (N, 1) (t[:, None]): the outputs grow with N. As given, (N,), it fits
+            if _as_given(call, batches[0]):
+                return probe(call)
+            raise
         if verdict.stochastic:  # random: does it still couple points, with its randomness repeated?
             seeded = call.backend.seeded_forwards(call, batches)
             again = None if seeded is None else verdict_of(call, seeded, moved)

@@ -184,3 +184,35 @@ def test_a_kwargs_array_with_another_number_of_rows_is_named():
     text = str(info.value)
     assert "kwargs['m'] has shape (5, 1)" in text and "6 points" in text
     assert "expects" not in text
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "cdist"])
+def test_an_output_that_grows_with_the_batch_is_an_output_error(kernel):
+    """tanh(z @ z.T) and cdist(z, z): each point's output has N values. It used to end in
+    NumPy's own 'all the input array dimensions ... must match exactly'."""
+    import torch
+
+    from nbderiv.errors import OutputError
+
+    f = (lambda z: torch.tanh(z @ z.T)) if kernel == "matmul" else (lambda z: torch.cdist(z, z))
+    with pytest.raises(OutputError, match="changes with the number of points.*Fix:"):
+        nbderiv.derivatives(f, torch.randn(5, 2))
+
+
+def test_a_tuple_argument_broadcast_against_its_own_column_is_passed_as_given():
+    """forward(x, t) doing x * t[:, None] with t of shape (N,): passed as (N, 1) it does not
+    fail but broadcasts to (N, N, 2); passed as given it is each point's own. Truth:
+    float64 vmap(jacrev) over both arguments."""
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.tanh(x * t[:, None])
+
+    torch.manual_seed(0)
+    x, t = torch.randn(5, 2), torch.randn(5)
+    d = nbderiv.derivatives(Scaled(), (x, t), order=1)
+    jx, jt = torch.func.vmap(torch.func.jacrev(lambda a, b: torch.tanh(a * b), argnums=(0, 1)))(
+        x.double(), t.double())
+    np.testing.assert_allclose(d[1][:, :, :2], jx.numpy(), atol=1e-6)
+    np.testing.assert_allclose(d[1][:, :, 2], jt.numpy(), atol=1e-6)
