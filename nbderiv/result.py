@@ -140,12 +140,17 @@ class Derivatives:
     def _present(self, out_shape, point_shape=None) -> None:
         """Give y and d[k] each point's own output shape O, and (when every input is kept and
         x is one array of shape (N, *S)) the input axes the point shape S: d[k] becomes
-        (N,) + O + S * k and x (N, *S). Reshapes only (views, no copies)."""
+        (N,) + O + S * k; x is (N, *S) whatever ``wrt`` picks. Reshapes only (views, no
+        copies)."""
         out_shape = tuple(out_shape)
         n = self.n_points
         whole = point_shape is not None and len(self.wrt) == self.x.shape[1] \
             and self.wrt == tuple(range(self.x.shape[1]))
         in_shape = tuple(point_shape) if whole else (len(self.wrt),)
+        # x keeps each point's shape whatever wrt picks (wrt indexes its flattened features)
+        if point_shape is not None and len(point_shape) > 1 and \
+                self.x.shape[1:] != tuple(point_shape):
+            self.x = self.x.reshape((n,) + tuple(point_shape))
         if out_shape == self.out_shape and in_shape == self.in_shape:
             return
         self.y = self.y.reshape((n,) + out_shape)

@@ -189,3 +189,23 @@ def test_a_deterministic_float32_model_is_not_called_random_with_a_target():
     images = torch.rand(6, 1, 8, 8) * 255
     d = nbderiv.derivatives(net, images, target=torch.tensor([0, 1, 0, 1, 0, 1]))
     assert "train-mode" not in d.codes
+
+
+def test_x_keeps_each_points_shape_when_wrt_picks_some_pixels():
+    """d.x is (N, *S) as the README says, also with wrt= (it came back (N, D)); wrt indexes
+    the flattened features, and d[1]'s columns are those features' derivatives (truth:
+    float64 vmap(jacrev) of the image model)."""
+    import torch
+
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 2), torch.nn.Tanh(), torch.nn.Flatten(),
+                              torch.nn.Linear(12, 2))
+    x = torch.randn(3, 2, 3, 3)
+    c64 = __import__("copy").deepcopy(cnn).double()
+    J = torch.func.vmap(torch.func.jacrev(lambda p: c64(p[None])[0]))(x.double())
+    for wrt in ([4, 7], list(range(17, -1, -1))):
+        d = nbderiv.derivatives(cnn, x, wrt=wrt)
+        assert d.x.shape == (3, 2, 3, 3) and d.features.shape == (3, 18)
+        np.testing.assert_array_equal(d.x, x.numpy())
+        np.testing.assert_allclose(d[1], J.reshape(3, 2, 18)[:, :, wrt].detach().numpy(),
+                                   atol=1e-6)
