@@ -401,3 +401,29 @@ def test_coupled_samples_names_the_cause_it_has():
     bn = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
     f = nbderiv.derivatives(bn, torch.randn(5, 2)).finding("coupled-samples")
     assert "model.eval()" in f.fix and "running statistics were put back" in f.message
+
+
+def test_numpy_constants_in_kwargs_reach_a_torch_model_as_tensors():
+    """A NumPy constant in kwargs= (plain, or marked nbderiv.shared) used to reach forward as
+    an ndarray and fail with 'the forward pass leaves the framework (.numpy() ...)'. Truth:
+    float64 vmap(jacrev) with the constant as a tensor."""
+    import torch
+
+    torch.manual_seed(0)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x, scale=None):
+            return torch.tanh(self.lin(x)) * scale
+
+    m, x = Scaled(), torch.randn(4, 3)
+    scale = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    m64 = __import__("copy").deepcopy(m).double()
+    s64 = torch.as_tensor(scale, dtype=torch.float64)
+    truth = torch.func.vmap(torch.func.jacrev(lambda p: m64(p, s64)))(x.double())
+    for value in (scale, nbderiv.shared(scale)):
+        d = nbderiv.derivatives(m, x, kwargs={"scale": value})
+        np.testing.assert_allclose(d[1], truth.detach().numpy(), atol=1e-6)

@@ -139,6 +139,11 @@ class TorchBackend(Backend):
             model = model._call_impl
         widths = [math.prod(s) for s in shapes]
         n_in, extras, constants = call.n_inputs, call.extras, dict(call.constants)
+        for name, value in constants.items():  # NumPy constants as the model's tensors
+            if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+                constants[name] = torch.as_tensor(
+                    value, device=call.device or "cpu",
+                    dtype=getattr(torch, call.dtype.name) if value.dtype.kind == "f" else None)
 
         def fn(X):
             parts = torch.split(X, widths, dim=1) if len(widths) > 1 else (X,)
