@@ -283,7 +283,8 @@ class NbderivMagics(ExplainCell, Magics):
             display(draw_jacobian(J) if J is not None else
                     plot_jacobian(model, x, framework=framework, max_points=FULL_MAX_POINTS))
         if args.code:
-            print(_code_with_names(d.code, args.model, args.x, x, keep=self.shell.user_ns))
+            print(_code_with_names(d.code, args.model, args.x, x, keep=self.shell.user_ns,
+                                   target_text=args.target))
         return self._shown(d)
 
     def _widget(self, model, args):
@@ -463,12 +464,12 @@ def _usage(parse, line):
         raise UsageError(str(exc)) from None
 
 
-def _code_with_names(code: str, model_text: str, x_text, x, keep=()) -> str:
+def _code_with_names(code: str, model_text: str, x_text, x, keep=(), target_text=None) -> str:
     """``d.code`` (written for ``model`` and ``x``) with the names on the magic's line put in
     their place (nothing of the notebook's is rebound: an ``x`` of its own stays as it is,
     and the code's own names that are also names in ``keep``, the notebook's, get a ``_``;
     only its results ``d1`` ... ``dK`` are meant to be bound); a range's points are made
-    first, as ``x_range``.
+    first, as ``x_range``; ``target_text``, the line's ``--target``, in place of ``target``.
 
     >>> print(_code_with_names("y = model(x)  # the model's x", "net", "-1:1:3", np.zeros((3, 1))))
     import numpy as np
@@ -477,7 +478,8 @@ def _code_with_names(code: str, model_text: str, x_text, x, keep=()) -> str:
     """
     head = []
     # the names on the line are kept apart from the code's own (a model named p or a)
-    theirs = set(re.findall(r"[A-Za-z_]\w*", f"{model_text or ''} {x_text or ''}"))
+    theirs = set(re.findall(r"[A-Za-z_]\w*",
+                            f"{model_text or ''} {x_text or ''} {target_text or ''}"))
     results = set(re.findall(r"\bd\d+\b", code))
     code = _own_names_apart(code, theirs | ({str(k) for k in keep} - results))
     rng = None if x_text is None else parse_range(x_text)
@@ -504,10 +506,11 @@ def _code_with_names(code: str, model_text: str, x_text, x, keep=()) -> str:
         return text if re.fullmatch(r"[A-Za-z_][\w.]*(\[[^\]]*\])?|\(.*\)", text) \
             else f"({text})"
 
-    for old, new in (("model", model_text), ("x", x_text)):
+    for old, new in (("model", model_text), ("x", x_text), ("target", target_text)):
         if new is not None and new != old:
             put = named(new)
-            code = re.sub(rf"(?<![\w.]){old}(?!\w)", lambda _, put=put: put, code)
+            after = r"(?![\w=])" if old == "target" else r"(?!\w)"  # (not "# target=:")
+            code = re.sub(rf"(?<![\w.]){old}{after}", lambda _, put=put: put, code)
     return "\n".join(head + [code]) if head else code
 
 

@@ -93,3 +93,23 @@ def test_explain_with_a_range_for_x_says_ranges_are_for_the_line_magic(shell):
     with pytest.raises(UsageError) as info:
         shell.run_cell_magic("nnderiv", "explain p -1:1:8", "g = 1\n")
     assert "is a range" in str(info.value) and "%nnderiv p -1:1:8" in str(info.value)
+
+
+def test_code_with_a_target_reads_the_lines_labels(shell):
+    """--target labs --code: the printed code read a variable `target` the notebook does not
+    have (NameError); it reads the line's own labels, and gives the magic's numbers (each
+    point's own class score's gradient; truth: float64 vmap(jacrev) rows picked by label)."""
+    shell.run_cell("torch.manual_seed(0)\n"
+                   "cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Tanh(), "
+                   "torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 4))\n"
+                   "imgs, labs = torch.rand(3, 3, 6, 6), torch.tensor([0, 3, 1])\n",
+                   store_history=False)
+    code, d = code_and_result(shell, "cnn imgs --target labs")
+    assert "target" not in code.split("#")[0] or "labs" in code
+    got = run(shell, code)
+    ns = shell.user_ns
+    c64 = __import__("copy").deepcopy(ns["cnn"]).double()
+    J = torch.func.vmap(torch.func.jacrev(lambda q: c64(q[None])[0]))(ns["imgs"].double())
+    truth = J[torch.arange(3), ns["labs"]].detach().numpy()
+    np.testing.assert_allclose(got.reshape(3, -1), truth.reshape(3, -1), atol=1e-6)
+    np.testing.assert_allclose(d[1].reshape(3, -1), truth.reshape(3, -1), atol=1e-6)
