@@ -103,7 +103,8 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
     wrapped in :func:`nbderiv.shared` is passed as it is (a causal (T, T) mask when N == T).
 
     ``reference``, a known truth: a function of NumPy float64 arrays giving y
-    (``f(x)``, x of shape (N, d_in); ``f(x, t)`` for a tuple input), differentiated by
+    (``f(x)``, x of shape (N, d_in), or (N, *S) for images and sequences; ``f(x, t)`` for a
+    tuple input), differentiated by
     float64 central differences, or a dict ``{k: f_k}`` of closed-form d[k] (0: y). Then
     ``d.reference_errors = {k: (max_abs, max_rel)}`` (see :mod:`nbderiv.reference`).
 

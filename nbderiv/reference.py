@@ -64,9 +64,26 @@ def reference_errors(reference, call, result) -> dict:
             + fix) from None
 
 
+def _with_point_shapes(f, shapes):
+    """``f`` called with each argument of points of several axes (images, sequences) in
+    its own shape (N, *S), as the model gets it; vectors as they are."""
+    if not callable(f) or all(len(s) <= 1 for s in shapes):
+        return f
+
+    def shaped(*args):
+        return f(*[a.reshape((a.shape[0],) + tuple(s)) if i < len(shapes) and len(s) > 1
+                   else a for i, (a, s) in enumerate(zip(args, list(shapes) + [()] * len(args)))])
+    return shaped
+
+
 def _reference_errors(reference, call, result) -> dict:
     X = np.concatenate([a.astype(np.float64) for a in call.args], axis=1)
     widths = call.widths
+    shapes = [tuple(s) for s in call.point_shapes[:call.n_inputs]]
+    if isinstance(reference, dict):
+        reference = {k: _with_point_shapes(fk, shapes) for k, fk in reference.items()}
+    else:
+        reference = _with_point_shapes(reference, shapes)
     if isinstance(reference, dict):
         truths = {}
         for k, fk in reference.items():

@@ -209,3 +209,15 @@ def test_x_keeps_each_points_shape_when_wrt_picks_some_pixels():
         np.testing.assert_array_equal(d.x, x.numpy())
         np.testing.assert_allclose(d[1], J.reshape(3, 2, 18)[:, :, wrt].detach().numpy(),
                                    atol=1e-6)
+
+
+def test_reference_gets_image_points_in_their_own_shape():
+    """reference= used to get (N, C*H*W) rows while the model and d.x have (N, C, H, W): a
+    NumPy twin summing over axes (1, 2, 3) failed. The errors against it are float64's."""
+    import torch
+
+    x = torch.rand(4, 2, 3, 3, dtype=torch.float64)
+    d = nbderiv.derivatives(lambda z: torch.sin(z).sum(dim=(1, 2, 3)), x, order=1,
+                            reference=lambda z: np.sin(z).sum(axis=(1, 2, 3)))
+    assert d.reference_errors[0][0] == 0.0 and d.reference_errors[1][0] < 1e-8
+    np.testing.assert_allclose(d[1].reshape(4, 2, 3, 3), np.cos(x.numpy()), atol=1e-12)
