@@ -44,6 +44,8 @@ def _findings_before(call, order) -> dict:
     call.findings += dg.structural_findings(layers, order)
     if call.verdict.stochastic and not any(f.code == "train-mode" for f in call.findings):
         call.findings.append(dg.stochastic_finding())
+    elif call.verdict.self_updating and not any(f.code == "train-mode" for f in call.findings):
+        call.findings.append(dg.self_updating_finding())
     return layers
 
 
@@ -62,6 +64,8 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
     (coupled models) or the blocks of points. Inside the backend's ``preserved``."""
     verdict = probe(call)
     layers = _findings_before(call, order)
+    if verdict.self_updating:  # the probe's passes moved the state: from the user's again
+        call.backend.state_back(call)
     if verdict.coupled:
         block, ones_error = per_point(call, order, wrt)
         diag = float(abs(block.orders[0]).max())

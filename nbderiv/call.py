@@ -34,6 +34,8 @@ class Verdict:
     coupled: bool = False
     out_shape: tuple = None  # each point's output shape O (prod(O) == d_out)
     structural: bool = False  # settled by the model's structure (a plain stack of layers)
+    # outputs differ from pass to pass only because forward updates the model's own state
+    self_updating: bool = False
 
     def __post_init__(self):
         if self.out_shape is None:

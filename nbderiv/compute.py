@@ -302,6 +302,12 @@ def probe(call: Call) -> Verdict:
             again = None if seeded is None else verdict_of(call, seeded, moved)
             if again is not None and not again.stochastic:
                 verdict.coupled = again.coupled
+            # or not random at all: forward updates the model's own state (a buffer)
+            restored = call.backend.restored_forwards(call, batches)
+            same = None if restored is None else verdict_of(call, restored, moved)
+            if same is not None and not same.stochastic:
+                verdict.stochastic, verdict.coupled = False, same.coupled
+                verdict.self_updating = True
         call.facts.verdict = dataclasses.replace(verdict)
     call.verdict = verdict
     return verdict

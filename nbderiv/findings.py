@@ -96,6 +96,22 @@ def stochastic_finding() -> Finding:
     )
 
 
+def self_updating_finding() -> Finding:
+    """Two forward passes differed only because forward updates the model's own state."""
+    return Finding(
+        "train-mode", "warning",
+        "two forward passes on the same input gave different outputs, yet no random numbers "
+        "are involved: with the model's state put back before each pass they agree. Its "
+        "forward pass updates the model's own state each time it runs (a buffer written in "
+        "forward: a running statistic, the power iteration of spectral_norm in training "
+        "mode, a counter), usually only in training mode. nbderiv ran its passes from the "
+        "state before the call and put it back afterwards; the derivatives are those of one "
+        "pass from that state, and the next training step sees another function.",
+        "if the updates happen in training mode only (self.training), differentiate in eval "
+        "mode: model.eval() (model.train() afterwards to keep training).",
+    )
+
+
 # -- piecewise linear -------------------------------------------------------------------------
 def _piecewise(acts) -> Finding:
     source = (f"its nonlinearities ({', '.join(acts)}) are all piecewise linear"

@@ -215,9 +215,15 @@ def _dict_message(x: dict, names=None) -> str:
         return (start + f"Fix: pass x=({shown}): the model's inputs in the order it takes "
                 f"them ({', '.join(names)}).")
     takes = f" (this model takes {', '.join(names)})" if names else ""
+    args = ", ".join(str(k) if str(k).isidentifier() else f"a{i}" for i, k in enumerate(keys))
+    as_dict = ", ".join(f"{k!r}: {a}" for k, a in zip(keys, args.split(", ")))
+    given = ", ".join(f"x[{k!r}]" for k in keys)
+    one = (f" A model that takes the one dict itself (forward(self, batch) reading "
+           f"batch['x']) gets it from a function of separate arguments: "
+           f"nbderiv.derivatives(lambda {args}: model({{{as_dict}}}), ({given})).")
     return (start + "Fix: pass a tuple of the arrays in the order the model takes them"
             f"{takes}, e.g. x=(x['x'], x['t']) for a model called as model(x, t) or built "
-            "on keras.Input(name='x') and keras.Input(name='t') in that order.")
+            "on keras.Input(name='x') and keras.Input(name='t') in that order." + one)
 
 
 def input_names(prepared: PreparedInput, argument_names=None) -> tuple:
@@ -400,6 +406,10 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
             "the model on batches of points (some or all of the points of x). Fix: do not reduce "
             "over the points inside the model (no sum or mean over the first axis, such as "
             "y.sum() or y.mean(0)); return one row per point and reduce outside the model."
+            + (" A batch of one point that comes back without its axis is .squeeze() at "
+               "work: it drops every axis of size 1, the points' too when there is one. Use "
+               ".squeeze(-1) (or .reshape(len(x), -1)) instead." if n_points == 1 and
+               len(shape) < 2 else "")
         )
     d_out = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     return (n_points, d_out)

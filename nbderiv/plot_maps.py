@@ -103,8 +103,13 @@ def plot_saliency(d: Derivatives, *, points=None, output=None, orders=None, chan
     if rank not in (2, 3):
         raise OptionError(
             f"saliency maps are drawn for images (3 axes per point) and sequences (2 axes per "
-            f"point); this result's points have shape {d.in_shape}. Fix: for vector inputs use "
-            "d.plot(wrt=i) (curves) or d.plot(wrt=(i, j)) (heat maps), or index d[1] yourself.")
+            f"point); this result's points have shape {d.in_shape}. Fix: "
+            + ("index d[1] yourself, e.g. one frame t of a video (T, C, H, W): "
+               "plt.imshow(np.abs(d[1][p, j, t]).max(axis=0)) is that frame's saliency for "
+               "point p and output j; or compute with wrt= a few features to plot them as "
+               "curves." if rank > 3 else
+               "for vector inputs use d.plot(wrt=i) (curves) or d.plot(wrt=(i, j)) (heat "
+               "maps), or index d[1] yourself."))
     chosen = _points(d, points)
     ks = _orders(d, orders)
     j = _output(d, output)

@@ -216,3 +216,45 @@ def test_a_tuple_argument_broadcast_against_its_own_column_is_passed_as_given():
         x.double(), t.double())
     np.testing.assert_allclose(d[1][:, :, :2], jx.numpy(), atol=1e-6)
     np.testing.assert_allclose(d[1][:, :, 2], jt.numpy(), atol=1e-6)
+
+
+def test_squeeze_at_one_point_is_named():
+    """net(x).squeeze() gives (N,) for N > 1 but () for one point: the error used to talk
+    only about reducing over the points."""
+    import torch
+
+    from nbderiv.errors import OutputError
+
+    net = torch.nn.Linear(2, 1)
+    with pytest.raises(OutputError, match=r"\.squeeze\(-1\)"):
+        nbderiv.derivatives(lambda z: net(z).squeeze(), torch.randn(1, 2))
+
+
+def test_a_dict_for_a_model_that_takes_one_dict_points_to_a_wrapper_that_works():
+    """forward(self, batch) reading batch['x'], batch['t']: the dict error's only fix was a
+    tuple, which such a model refuses. The wrapper it names runs; truth: float64 vmap(jacrev)."""
+    import torch
+
+    from nbderiv.errors import InputTypeError
+
+    torch.manual_seed(0)
+
+    class OnDict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, batch):
+            return torch.tanh(self.lin(torch.cat([batch["x"], batch["t"]], 1)))
+
+    model, x = OnDict(), {"x": torch.randn(4, 2), "t": torch.randn(4, 1)}
+    with pytest.raises(InputTypeError) as info:
+        nbderiv.derivatives(model, x)
+    call = "nbderiv.derivatives(lambda x, t: model({'x': x, 't': t}), (x['x'], x['t']))"
+    assert call in str(info.value)
+    d = eval(call, {"nbderiv": nbderiv, "model": model, "x": x})
+    m64 = __import__("copy").deepcopy(model).double()
+    truth = torch.func.vmap(torch.func.jacrev(
+        lambda p: m64({"x": p[None, :2], "t": p[None, 2:]})[0]))(
+        torch.cat([x["x"], x["t"]], 1).double())
+    np.testing.assert_allclose(d[1], truth.detach().numpy(), atol=1e-6)

@@ -187,3 +187,37 @@ def test_code_for_a_function_around_a_float64_model_runs_in_float64():
     exec(d.code, ns)
     truth = torch.func.vmap(torch.func.hessian(model))(x.double())
     np.testing.assert_allclose(ns["d2"], truth.detach().numpy(), atol=1e-12)
+
+
+def test_a_forward_that_updates_its_own_buffers_is_not_called_random():
+    """Hook-based spectral_norm in training mode does one power iteration per call: two
+    passes differ, though no random numbers are drawn. It used to be 'stochastic, draws
+    random numbers itself' with a fix (seeding) that cannot help. The derivatives are those
+    of one pass from the user's state (truth: a float64 copy of that state, one pass), and
+    the state is left as it was: weight_u, and the plain attribute weight the hook sets."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    nn.utils.spectral_norm(net[0])
+    with torch.no_grad():
+        net(x)
+    twin = copy.deepcopy(net).double()
+    u0, w0 = net[0].weight_u.clone(), net[0].weight
+    d = nbderiv.derivatives(net, x)
+    f = d.finding("train-mode")
+    assert f is not None and "no random numbers" in f.message and "seed" not in f.fix
+    J = torch.autograd.functional.jacobian(twin, x.double())
+    np.testing.assert_allclose(d[1], torch.stack([J[n, :, n] for n in range(6)]).numpy(),
+                               atol=1e-6)
+    assert torch.equal(net[0].weight_u, u0) and net[0].weight is w0
+
+
+def test_dropout_is_still_random():
+    """The other side: a model that draws random numbers keeps its finding (dropout called
+    as a function, which no layer shows)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    d = nbderiv.derivatives(lambda z: torch.nn.functional.dropout(lin(z), 0.3, training=True),
+                            torch.randn(6, 3))
+    f = d.finding("train-mode")
+    assert f is not None and "draws random numbers" in f.message

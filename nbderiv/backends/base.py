@@ -139,6 +139,17 @@ class Backend:
         whether points influence each other; None (the default) where it cannot."""
         return None
 
+    def state_back(self, call) -> None:
+        """Put the model's state back as it was when the call began (for a model whose
+        forward updates its own state); nothing by default."""
+
+    def restored_forwards(self, call, batches):
+        """:meth:`forwards` with the model's state (buffers, parameters) put back as it was
+        before each batch, the random generators not seeded: where the outputs then agree, a
+        pass differs from the last only by the state forward updated (a running statistic,
+        a power iteration), not by random numbers. None (the default) where it cannot."""
+        return None
+
     def known_verdict(self, call):
         """A :class:`~nbderiv.call.Verdict` where the model's structure alone settles it, so
         that the probe's forward passes can be skipped; None (the default) to probe."""

@@ -199,12 +199,14 @@ class TorchBackend(Backend):
                 stochastic |= m.training and 0 < m.p < 1
         return Verdict(width, stochastic, False)
 
-    def forwards(self, call, batches, seed=None) -> list:
+    def forwards(self, call, batches, seed=None, restore=False) -> list:
         """Separate model calls on slices of one tensor: one copy to the device and one back
         (each copy waits for the GPU). ``seed``: torch's generators seeded with it before each
-        batch (see :meth:`seeded_forwards`)."""
+        batch (see :meth:`seeded_forwards`); ``restore``: the model's state put back before
+        each batch (see :meth:`restored_forwards`)."""
         fn = self._caller(call, flat=False)
         stacked = self._tensor(call, [np.concatenate(parts) for parts in zip(*batches)])
+        saved = TorchState(modules_of(call.model)) if restore else None
 
         def run():
             ys = []
@@ -213,9 +215,14 @@ class TorchBackend(Backend):
             for part in torch.split(stacked, batches[0][0].shape[0]):
                 if seed is not None:
                     torch.manual_seed(seed)
+                if saved is not None:
+                    saved.restore()
                 ys.append(fn(part.clone()))
             return np.split(to_numpy(torch.cat(ys)), len(batches))
         return _forward_only(call.model, run)
+
+    def restored_forwards(self, call, batches) -> list:
+        return self.forwards(call, batches, restore=True)
 
     def seeded_forwards(self, call, batches) -> list:
         cuda = [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
@@ -316,6 +323,15 @@ class TorchBackend(Backend):
             torch.random.set_rng_state(rng)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
+
+    def state_back(self, call) -> None:
+        """The model's state as it was when the call began (the innermost :meth:`preserved`
+        of this model): for a model whose forward updates its own state, the derivatives are
+        taken from the state the user had, not the one the probe's passes left."""
+        for model, saved in reversed(self._saved):
+            if model is call.model:
+                saved.restore()
+                return
 
     def block_rows(self, call):
         """About 2**18 values of the widest layer, so that one block's intermediates stay in

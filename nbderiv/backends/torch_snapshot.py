@@ -45,6 +45,7 @@ class TorchState:
         self.roots = list(roots)
         self.modes, self.registered, self.params = [], [], []
         self.keys = []  # (a _parameters / _buffers / _modules dict, its names before the call)
+        self.attributes = []  # (module, name, tensor) of the plain tensor attributes
         self._key, self.objects = None, []
         found = {}  # id -> tensor: registered ones and tensors held in attributes
         try:
@@ -53,7 +54,7 @@ class TorchState:
             raise
         except Exception:  # e.g. inference tensors keep no version counter: no key
             self.modes, self.registered, self.params, found = [], [], [], {}
-            self.keys = []
+            self.keys, self.attributes = [], []
             self.parts, self.objects = None, []
             _plain_walk(self, found)
         self.found = list(found.values())
@@ -85,6 +86,10 @@ class TorchState:
         return self._key
 
     def restore(self):
+        for m, name, t in self.attributes:  # the same tensor object again (not its values)
+            own = vars(m)
+            if own.get(name) is not t:
+                own[name] = t
         for store, names in self.keys:  # a parameter, buffer or layer created in forward
             if len(store) != len(names):
                 for name in [k for k in store if k not in names]:
@@ -153,6 +158,8 @@ def _walk(state, found) -> list:
             elif kind in _CONTAINERS and not value:  # an empty dict of hooks: as if absent
                 continue
             else:
+                if isinstance(value, torch.Tensor):  # a plain tensor attribute (a cache, the
+                    state.attributes.append((m, name, value))  # weight spectral_norm sets)
                 settings.append(_setting(name, value, objects, found, todo))
         if _own_classes(type(m)):
             settings.append(("class code", _code_state(type(m), objects, found, todo)))
