@@ -45,10 +45,32 @@ def _listed(points) -> str:
 
 # -- structure ------------------------------------------------------------------------------
 def structural_findings(layers: dict, order: int) -> list:
-    """``train-mode`` from the layer summary (``piecewise-linear`` waits for the numbers,
-    see :func:`piecewise_finding`)."""
+    """``train-mode`` and ``low-precision`` (layers computing in float16 / bfloat16) from the
+    layer summary (``piecewise-linear`` waits for the numbers, see
+    :func:`piecewise_finding`)."""
+    half = layers.get("half_compute") or []
+    out = [] if not half else [half_compute_finding(half)]
     if not layers.get("train_mode"):
-        return []
+        return out
+    return out + _train_mode_findings(layers)
+
+
+def half_compute_finding(layers) -> Finding:
+    """``low-precision``: layers whose dtype policy computes in float16 or bfloat16."""
+    return Finding(
+        "low-precision", "warning",
+        f"layers compute in half precision: {', '.join(layers[:6])}"
+        f"{' ...' if len(layers) > 6 else ''} (a Keras mixed-precision dtype policy: float32 "
+        "variables, float16 / bfloat16 arithmetic). The derivatives carry that rounding, about "
+        "1e-2 relative for bfloat16 and 1e-3 for float16, though nbderiv returns them as "
+        "float32 arrays; second derivatives are worse.",
+        "differentiate a copy built with the float32 policy (keras.config.set_dtype_policy("
+        "'float32') before building it, then copy the weights: copy.set_weights("
+        "model.get_weights())), or build the model with dtype='float32'.",
+    )
+
+
+def _train_mode_findings(layers: dict) -> list:
     names = ", ".join(layers["train_mode"][:6])
     outside = layers.get("outside_tree")
     if outside:  # kept in a plain list or dict: model.eval() never reaches them
@@ -57,8 +79,8 @@ def structural_findings(layers: dict, order: int) -> list:
             "train-mode", "warning",
             f"layers that behave differently in training are in training mode: {names}. "
             f"{kept_in} {'is' if len(outside) == 1 else 'are'} kept in a plain Python list, "
-            "dict, object or function, outside the model's module tree, so model.eval(), model.parameters() "
-            f"and model.to() do not reach {'it' if len(outside) == 1 else 'them'}. Dropout "
+            "dict, object or function, outside the model's module tree, so model.eval(), "
+            f"model.parameters() and model.to() do not reach {'it' if len(outside) == 1 else 'them'}. Dropout "
             "makes derivatives random; batch statistics couple the points to each other.",
             "keep the layers in torch.nn.ModuleList / torch.nn.ModuleDict (or set each as an "
             "attribute of the model), then call model.eval(); or call .eval() on each of them.",

@@ -111,6 +111,91 @@ def code_names(code) -> frozenset:
     return frozenset(names)
 
 
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _weak(value) -> bool:
+    return type(value).__weakrefoffset__ != 0
+
+
+def code_state(fn, depth: int = 2) -> tuple:
+    """(key, objects): what a trace of ``fn`` bakes in from Python: the values of the plain
+    numbers and strings its code reads (globals, closure cells, defaults, the attributes it
+    reads of your modules and classes, the own attributes of a callable object or a bound
+    method's object), and the identity of every other object among them (a model rebound to
+    a new one, a tensor replaced); functions it calls, ``depth`` levels down. A trace made
+    with ``k = 1.0`` computes with 1.0 after ``k = 3.0``: the key tells them apart.
+
+    >>> k = 1.0
+    >>> f = lambda z: z * k
+    >>> before = code_state(f)[0]
+    >>> k = 3.0
+    >>> code_state(f)[0] == before
+    False
+    """
+    parts, objects, seen = [], [], set()
+
+    def value(v, inner=True):
+        if isinstance(v, _PLAIN_VALUES):
+            return v
+        if inner and type(v) in (list, tuple, dict) and len(v) <= _MAX_ITEMS:
+            # a container read by the code: its items (a model kept in a dict and replaced)
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            return (type(v).__name__,) + tuple(
+                (k if isinstance(k, _PLAIN_VALUES) else id(k), value(i, False))
+                for k, i in items)
+        if _weak(v):
+            objects.append(v)
+        return ("id", id(v))
+
+    def attributes(obj):
+        for name, v in own_attributes(obj):
+            parts.append((name, value(v)))
+
+    def visit(f, level):
+        if id(f) in seen or level < 0:
+            return
+        seen.add(id(f))
+        if isinstance(f, types.MethodType):
+            visit(f.__func__, level)
+            attributes(f.__self__)
+        elif isinstance(f, functools.partial):
+            visit(f.func, level)
+            parts.extend(value(a) for a in f.args)
+            parts.extend((k, value(v)) for k, v in f.keywords.items())
+        elif isinstance(f, types.FunctionType):
+            code = f.__code__
+            parts.append(("code", id(code)))
+            for cell in f.__closure__ or ():
+                try:
+                    held = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                parts.append(value(held))
+                if isinstance(held, _FUNCTIONS):
+                    visit(held, level - 1)
+            parts.extend(value(v) for v in f.__defaults__ or ())
+            g, names = f.__globals__, attribute_names(code)
+            for name in sorted(code_names(code)):
+                if name not in g:
+                    continue
+                held = g[name]
+                if isinstance(held, (types.ModuleType, type)):
+                    parts.extend((f"{name}.{a}", value(v)) for a, v in read_through(held, names))
+                    continue
+                parts.append((name, value(held)))
+                if isinstance(held, _FUNCTIONS):
+                    visit(held, level - 1)
+        elif callable(f) and not isinstance(f, (type, types.BuiltinFunctionType)):
+            attributes(f)  # a callable object (a tf.Module): its settings
+            call = inspect.getattr_static(type(f), "__call__", None)
+            if isinstance(call, types.FunctionType):
+                visit(call, level)
+
+    visit(fn, depth)
+    return tuple(parts), objects
+
+
 @functools.lru_cache(maxsize=2048)
 def attribute_names(code) -> frozenset:
     """The attribute names a code object and the code nested in it read (``cfg.center``,

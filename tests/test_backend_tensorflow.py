@@ -807,7 +807,7 @@ def test_layer_summary_names_activations_and_opacity():
                             keras.layers.Dense(1)])
     s = tfb.BACKEND.layer_summary(seq)
     assert s == {"activations": ["relu", "tanh", "leaky_relu", "linear"], "train_mode": [],
-                 "opaque": False}
+                 "opaque": False, "half_compute": []}
     lam = keras.Sequential([keras.Input((1,)), keras.layers.Lambda(tf.sin)])
     assert tfb.BACKEND.layer_summary(lam)["opaque"] is True
     assert tfb.BACKEND.layer_summary(tf.sin)["opaque"] is True

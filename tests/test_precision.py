@@ -486,3 +486,27 @@ def test_the_keras_float64_advice_gives_a_float64_model():
 
     fix = low_precision_finding({1: (1e-3, 1e-3)}, np.float32).fix
     assert "keras.Input(shape, dtype='float64') with set_dtype_policy('float64')" in fix
+
+
+def test_keras_mixed_bfloat16_layers_are_low_precision():
+    """float32 variables, bfloat16 arithmetic: the derivatives are ~1e-2 off the float64
+    truth (the same variables in float64, by hand) with no finding before."""
+    import nbderiv
+
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+    keras.utils.set_random_seed(0)
+    x = np.random.RandomState(0).randn(6, 3).astype("float32")
+    m = keras.Sequential([keras.Input((3,)),
+                          keras.layers.Dense(16, activation="tanh", dtype="mixed_bfloat16"),
+                          keras.layers.Dense(2, dtype="mixed_bfloat16")])
+    W = [v.numpy().astype("float64") for v in m.weights]
+    xt = tf.constant(x.astype("float64"))
+    with tf.GradientTape() as t:
+        t.watch(xt)
+        y = tf.tanh(xt @ W[0] + W[1]) @ W[2] + W[3]
+    J = t.batch_jacobian(y, xt).numpy()
+    d = nbderiv.derivatives(m, x, order=1)
+    assert np.abs(d[1] - J).max() / np.abs(J).max() > 1e-3  # the rounding is real
+    f = d.finding("low-precision")
+    assert f is not None and "bfloat16" in f.message

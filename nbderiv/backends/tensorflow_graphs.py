@@ -54,6 +54,9 @@ def forget_if_edited(model):
     """Drop the model's cached traces and facts if its layers changed since they were made."""
     cache = cache_for(model)
     key, objects = structure_key(_owner(model))
+    if model is not _owner(model):  # a bound method: its function's reads too
+        more = structure_key(model)
+        key, objects = (key, more[0]), list(objects) + list(more[1])
     watch = cache.get("structure")
     if watch is not None and watch.same(key):
         return

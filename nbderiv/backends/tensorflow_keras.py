@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from ..wrapped import FRAMEWORK_PACKAGES, code_names, objects_inside
+from ..wrapped import FRAMEWORK_PACKAGES, code_names, code_state, objects_inside
 
 _NAMED = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "PReLU": "PReLU", "ELU": "elu",
           "Softmax": "softmax"}
@@ -122,10 +122,14 @@ def structure_key(model):
     :class:`~nbderiv.memo.StructureWatch` holds weakly so that a freed object's address reused by a new one
     still counts as a change. A model edited in place gets a new key, so its old traces are
     dropped. (None, []) for anything that is not a Keras layer."""
-    if not is_keras_layer(model):
-        return None, []
+    if not is_keras_layer(model):  # a function, a tf.Module: what its code reads
+        return code_state(model)
     parts, objects = [], []
     for layer in model._flatten_layers(include_self=True, recursive=True):
+        function = vars(layer).get("function")
+        if type(layer).__name__ == "Lambda" and callable(function):  # the Python it runs
+            parts.append(code_state(function)[0])
+            objects += code_state(function)[1]
         act = getattr(layer, "activation", None)
         if inspect.ismethod(act):  # a new bound method each time: its function and object
             objects.append(act.__self__)
@@ -149,6 +153,8 @@ def state_key(model) -> tuple:
     a fingerprint of its variables' values (Keras variables keep no version counter: a
     training step is seen in the values). (None, ()) for anything else, and for models with
     more than ``_FINGERPRINT_MAX`` values (reading them all would cost more than it saves)."""
+    if not is_keras_layer(model):
+        return None, ()
     key, objects = structure_key(model)
     if key is None:
         return None, ()
@@ -319,14 +325,26 @@ def layer_summary(model) -> dict:
     ``opaque`` is False only for Sequential / functional models of built-in layers.
     """
     if not is_keras_layer(model):  # a wrapper: the activations of the layers it holds
-        activations = [a for layer in held_layers(model)
-                       for a in layer_summary(layer)["activations"]]
-        return {"activations": activations, "train_mode": [], "opaque": True}
+        inner = [layer_summary(layer) for layer in held_layers(model)]
+        return {"activations": [a for s in inner for a in s["activations"]], "train_mode": [],
+                "opaque": True, "half_compute": [h for s in inner for h in s["half_compute"]]}
     layers = list(model._flatten_layers(include_self=False, recursive=True))
     activations = [a for a in map(_activation_name, layers or [model]) if a is not None]
     opaque = graph_kind(model) is None or not all(
         _is_keras_builtin(layer) or type(layer).__name__ in _CONTAINERS for layer in layers)
-    return {"activations": activations, "train_mode": [], "opaque": opaque}
+    return {"activations": activations, "train_mode": [], "opaque": opaque,
+            "half_compute": _half_compute(layers or [model])}
+
+
+def _half_compute(layers) -> list:
+    """'name (dtype)' of the layers whose dtype policy computes in float16 or bfloat16
+    (Keras mixed precision: float32 variables, half-precision arithmetic)."""
+    out = []
+    for layer in layers:
+        compute = str(getattr(layer, "compute_dtype", "") or "")
+        if compute in ("float16", "bfloat16"):
+            out.append(f"{layer.name} ({compute})")
+    return out
 
 
 # -- float64 copies --------------------------------------------------------------------------
