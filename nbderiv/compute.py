@@ -29,7 +29,7 @@ from . import memo
 from .backends import select_backend
 from .backends.base import Block, block_starts, equal_block_size
 from .call import Call, Extra, Verdict
-from .errors import ModelCallError, NbderivError, OptionError, OutputError
+from .errors import InputTypeError, ModelCallError, NbderivError, OptionError, OutputError
 from .inputs import Shared, input_findings, input_names, prepare_inputs
 from .model_errors import model_error_cause, model_error_fix, model_rejected_input
 from .model_errors_points import moved_points_error, per_point_data_failed, sliced_kwargs
@@ -42,6 +42,7 @@ def open_call(model, x, framework, *, target=None, kwargs=None) -> Call:
     as extra columns (see :class:`~nbderiv.call.Extra`); other kwargs are passed as they are."""
     backend = select_backend(model, x, framework)
     backend.begin(model)
+    x = _by_name(backend, model, x)
     inputs = prepare_inputs(x, to_numpy=backend.to_numpy,
                             argument_names=lambda n: backend.argument_names(model, n))
     dtype = np.dtype(backend.compute_dtype(model, inputs.arrays[0].dtype))
@@ -57,6 +58,30 @@ def open_call(model, x, framework, *, target=None, kwargs=None) -> Call:
     if bad:
         call.findings.append(dg.non_finite_finding("x", bad))
     return call
+
+
+def _by_name(backend, model, x):
+    """For a model built on a dict of inputs: a dict ``x`` with its keys, as the tuple of
+    its arrays in the model's order; a tuple is refused (it cannot say which array is which:
+    Keras would take them in the order of the sorted names, silently swapping x and t)."""
+    keys = backend.named_inputs(model)
+    if not keys:
+        return x
+    shown = "{" + ", ".join(f"{k!r}: ..." for k in keys) + "}"
+    if isinstance(x, dict):
+        if sorted(map(str, x)) != sorted(map(str, keys)):
+            raise InputTypeError(
+                f"x has the keys {', '.join(map(repr, x))}; the model's inputs are named "
+                f"{', '.join(map(repr, keys))}. Fix: pass x={shown} with exactly those keys.")
+        by_str = {str(k): v for k, v in x.items()}
+        return tuple(by_str[str(k)] for k in keys)
+    if isinstance(x, (tuple, list)) and len(x) == len(keys):
+        raise InputTypeError(
+            f"the model takes named inputs ({', '.join(map(repr, keys))}: a Keras model built "
+            f"on a dict of Inputs), and a tuple does not say which array is which (Keras would "
+            f"take them in the order of the sorted names, {', '.join(map(repr, keys))}). Fix: "
+            f"pass x as a dict, x={shown}.")
+    return x
 
 
 def _extras(backend, n, target, kwargs, dtype) -> tuple:

@@ -36,7 +36,7 @@ from ..result_memory import owned, result_array
 OPTIONAL = frozenset({
     "begin", "device", "argument_names", "known_verdict", "block_rows", "bytes_per_point",
     "kink_points", "input_width", "few_threads", "state_key", "seeded_forwards", "code_notes",
-    "activations_called",
+    "activations_called", "restored_forwards", "state_back", "named_inputs",
 })
 
 
@@ -137,6 +137,11 @@ class Backend:
         each batch (the user's generator state put back), so that a model with randomness
         (Dropout next to a train-mode BatchNorm) repeats it and the probe can still see
         whether points influence each other; None (the default) where it cannot."""
+        return None
+
+    def named_inputs(self, model):
+        """The keys of the dict a model takes as its input (a Keras model built on a dict of
+        Inputs), in the order the model lists its inputs; None for any other model."""
         return None
 
     def state_back(self, call) -> None:

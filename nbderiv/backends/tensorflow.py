@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import types
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from ..call import Verdict  # noqa: E402
 from ..errors import InputShapeError, InputTypeError, OptionError  # noqa: E402
 from ..inputs import check_output  # noqa: E402
 from ..result_memory import owned  # noqa: E402
+from ..wrapped import attribute_names  # noqa: E402
 from . import tensorflow_state as state  # noqa: E402
 from .base import Backend, Block, assemble  # noqa: E402
 from .tensorflow_code import tensorflow_code  # noqa: E402
@@ -133,11 +135,17 @@ def _keras_inputs(model):
     return list(inputs) if inputs else None
 
 
+def _reads_moments(model) -> bool:
+    """Whether a function calls ``tf.nn.moments`` itself (in its own code)."""
+    return isinstance(model, types.FunctionType) and \
+        "moments" in attribute_names(model.__code__)
+
+
 class TensorFlowBackend(Backend):
     name = "tensorflow"
     optional = frozenset({"begin", "argument_names", "known_verdict", "block_rows",
                           "bytes_per_point", "kink_points", "input_width", "state_key",
-                          "code_notes"})
+                          "code_notes", "named_inputs"})
 
     # -- conversion and placement ------------------------------------------------------
     def to_numpy(self, x) -> np.ndarray:
@@ -190,6 +198,17 @@ class TensorFlowBackend(Backend):
                    f"pass a tuple of {len(inputs)} arrays, one per Input, in order."))
         names = argument_names(model)
         return names[:n_args] if names and len(names) >= n_args else None
+
+    def named_inputs(self, model):
+        """The keys of a Keras model built on a dict of Inputs, in the order of its inputs
+        (Keras sorts a dict's keys when it flattens it)."""
+        if not is_keras_layer(model):
+            return None
+        try:
+            struct = model.input
+        except Exception:  # subclassed and unbuilt models have no input structure
+            return None
+        return sorted(struct) if isinstance(struct, dict) and len(struct) > 1 else None
 
     # -- evaluation ------------------------------------------------------------------
     @staticmethod
@@ -376,17 +395,18 @@ class TensorFlowBackend(Backend):
     def code_notes(self, call, order):
         """("moments",) from order 2 for a model with a Keras normalization layer that takes
         its variance from ``tf.nn.moments`` (see :func:`exact_moments`)."""
-        if order < 2:
-            return ()
         model = call.model
+        named = ("named",) if self.named_inputs(model) else ()  # a dict of named inputs
+        if order < 2:
+            return named
 
         def normalizes():
             layers = [model] if is_keras_layer(model) else list(held_layers(model))
             return any(type(sub).__name__ in _MOMENTS_LAYERS for layer in layers
                        for sub in layer._flatten_layers(include_self=True, recursive=True))
         moments = remembered(model, ("moments",), normalizes) if is_keras_layer(model) \
-            else normalizes()
-        return ("moments",) if moments else ()
+            else normalizes() or _reads_moments(model)
+        return named + (("moments",) if moments else ())
 
     # -- structure, for diagnostics --------------------------------------------------
     def kink_points(self, call, args, chunk=65536):

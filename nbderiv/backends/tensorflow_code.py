@@ -70,10 +70,13 @@ def plain_moments(x, axes, keepdims):  # the variance with its gradient through 
     return mean, variance
 
 
-original_moments = keras_tf_nn._compute_moments
+original_moments = keras_tf_nn._compute_moments, tf.nn.moments
 keras_tf_nn._compute_moments = plain_moments
+tf.nn.moments = lambda x, axes, shift=None, keepdims=False, name=None: \\
+    plain_moments(x, axes, keepdims)
 '''
-MOMENTS_RESTORE = "keras_tf_nn._compute_moments = original_moments      # put Keras' own back\n"
+MOMENTS_RESTORE = ("keras_tf_nn._compute_moments, tf.nn.moments = original_moments"
+                   "      # put the originals back\n")
 
 _MOMENTS = ("# Keras' normalization layers (LayerNormalization, GroupNormalization) take the variance"
             " from\n# tf.nn.moments, which stops the gradient through the mean inside it: right "
@@ -110,6 +113,11 @@ def tensorflow_code(*, order, wrt, widths, shapes=None, out_shape=None, notes=()
         call = (f"model({parts}) if hasattr(model, \"inputs\") \\\n"
                 f"        else model(*{parts})"
                 "   # a functional Keras model takes a list")
+        if "named" in notes:  # a Keras model built on a dict of Inputs takes a dict
+            make_x = ("# x is a dict of the model's named inputs: its arrays in the order of "
+                      "the sorted names.\nnames = sorted(x)\nx = tuple(x[k] for k in names)\n"
+                      + make_x)
+            call = f"model(dict(zip(names, {parts})))"
     select = ""
     if "target" in notes:  # Captum's convention: each point's own output, before differentiating
         make_x += ("\nT = np.broadcast_to(np.reshape(target, -1), (len(X),)).astype(np.int64)"

@@ -48,17 +48,26 @@ def exact_moments():
     """Keras' normalization layers get their mean and variance from ``tf.nn.moments``, which
     stops the gradient through the mean inside the variance: exact for first derivatives
     (d var / d mean = 0), wrong for second and higher ones. While nbderiv traces and runs its
-    computations, Keras uses the plain formula instead; the original is put back after."""
+    computations, Keras and ``tf.nn.moments`` called in a model's own code use the plain
+    formula instead; the originals are put back after."""
     module = sys.modules.get("keras.src.backend.tensorflow.nn")
     original = getattr(module, "_compute_moments", None)
-    if original is None:
-        yield
-        return
-    module._compute_moments = _plain_moments
+    public = tf.nn.moments  # and tf.nn.moments called in the model's own code
+    if original is not None:
+        module._compute_moments = _plain_moments
+    tf.nn.moments = _plain_public_moments
     try:
         yield
     finally:
-        module._compute_moments = original
+        tf.nn.moments = public
+        if original is not None:
+            module._compute_moments = original
+
+
+def _plain_public_moments(x, axes, shift=None, keepdims=False, name=None):
+    """``tf.nn.moments`` by the plain formula (its own stops the gradient through the mean
+    inside the variance: second derivatives wrong)."""
+    return _plain_moments(x, axes, keepdims)
 
 
 def _plain_moments(x, axes, keepdims):

@@ -76,7 +76,8 @@ class TorchBackend(Backend):
     name = "torch"
     optional = frozenset({"device", "argument_names", "known_verdict", "block_rows",
                           "bytes_per_point", "kink_points", "input_width", "few_threads",
-                          "state_key", "seeded_forwards", "code_notes", "activations_called"})
+                          "state_key", "seeded_forwards", "code_notes", "activations_called",
+                          "restored_forwards", "state_back"})
 
     def __init__(self):
         self._saved = []  # (model, TorchState) of the calls under way, innermost last
