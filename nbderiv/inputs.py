@@ -293,6 +293,15 @@ def check_wrt(wrt, width: int, names) -> tuple:
     """
     if wrt is None:
         return tuple(range(width))
+    if isinstance(wrt, str) or (isinstance(wrt, (list, tuple)) and wrt
+                                and all(isinstance(i, str) for i in wrt)):
+        wanted = [wrt] if isinstance(wrt, str) else list(wrt)
+        found = [k for w in wanted for k, n in enumerate(names or ())
+                 if str(n) == w or str(n).startswith(w + "[")]
+        fix = (f"wrt={found} (the feature(s) named {', '.join(map(repr, wanted))})"
+               if found else "e.g. wrt=[0]")
+        raise _option_error(f"wrt takes input indices, got {_short(wrt)}; the inputs are "
+                            f"{_some(names or ())}. Fix: {fix}.")
     wrt = _plain(wrt)
     if isinstance(wrt, np.ndarray):
         if wrt.dtype.kind == "b":

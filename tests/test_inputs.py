@@ -273,3 +273,15 @@ def test_a_dict_for_a_keras_model_follows_its_inputs_order():
                         keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
     with pytest.raises(InputTypeError, match=r"x=\(x\['t'\], x\['x'\]\)"):
         nbderiv.derivatives(keyed, {"x": v, "t": v})  # Keras passes a dict's values sorted
+
+
+def test_wrt_given_a_name_points_to_that_inputs_indices():
+    """wrt='t' for inputs ('x[0]', 'x[1]', 't') used to suggest wrt=[0, 1] (which is x)."""
+    from nbderiv.errors import OptionError
+    from nbderiv.inputs import check_wrt
+
+    names = ("x[0]", "x[1]", "t")
+    with pytest.raises(OptionError, match=r"Fix: wrt=\[2\]"):
+        check_wrt("t", 3, names)
+    with pytest.raises(OptionError, match=r"Fix: wrt=\[0, 1\]"):
+        check_wrt(["x"], 3, names)
