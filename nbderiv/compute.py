@@ -32,7 +32,12 @@ from .call import Call, Extra, Verdict
 from .errors import InputTypeError, ModelCallError, NbderivError, OptionError, OutputError
 from .inputs import Shared, input_findings, input_names, prepare_inputs
 from .model_errors import model_error_cause, model_error_fix, model_rejected_input
-from .model_errors_points import moved_points_error, per_point_data_failed, sliced_kwargs
+from .model_errors_points import (
+    first_line,
+    moved_points_error,
+    per_point_data_failed,
+    sliced_kwargs,
+)
 from .result_memory import result_array
 
 
@@ -149,7 +154,7 @@ def model_errors(call: Call, doing: str):
     except (NbderivError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        text = (str(exc).strip().splitlines() or [""])[0][:300].rstrip(".")
+        text = first_line(exc)[:300].rstrip(".")
         shapes = ", ".join(str(tuple(a.shape)) for a in call.args)
         raise ModelCallError(
             f"the model raised {type(exc).__name__} while nbderiv was {doing} on input of shape "
@@ -305,7 +310,7 @@ def probe(call: Call) -> Verdict:
             if odd:  # a kwargs= array with another number of rows than x has points
                 raise OptionError(
                     f"the model raised {type(exc).__name__} when nbderiv first called it: "
-                    f"{(str(exc).strip().splitlines() or [''])[0][:200].rstrip('.')}. "
+                    f"{first_line(exc)[:200].rstrip('.')}. "
                     + "; ".join(f"kwargs[{name!r}] has shape {shape}, whose first axis is not "
                                 f"the {call.n} points of x" for name, shape in odd)
                     + ": nbderiv passed it as it is, the same for every point. Fix: give "
@@ -398,7 +403,7 @@ def _fewer_points(call: Call, first, y_first):
             # a mask or labels that do not follow the points, not an output's first axis
             raise model_rejected_input(exc, call.inputs, _expected_width(call),
                                        sliced_kwargs(call)) from None
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = first_line(exc)
         text = text.split(" Fix:")[0].split("; nbderiv needs")[0][:200]
         if model_error_cause(exc) == "batchnorm-one":  # a train-mode BatchNorm, not the output
             raise ModelCallError(

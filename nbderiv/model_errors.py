@@ -23,7 +23,7 @@ import numpy as np
 from .errors import InputShapeError, ModelCallError, NbderivError, OptionError
 from .explain_errors import LEAF_INPLACE
 from .inputs import PreparedInput
-from .model_errors_points import held_data_note, with_context
+from .model_errors_points import first_line, held_data_note, with_context
 from .wrapped import user_frames
 
 # What a model's error message says about its cause (lower case).
@@ -153,7 +153,7 @@ def _inputs_taken(exc: Exception, given: int | None):
 def _arguments_error(exc: Exception, prepared: PreparedInput | None, given: int | None) -> str:
     """Why the model refused x's arguments, and the tuple that fits (cause 'arguments')."""
     takes, got = _inputs_taken(exc, given)
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = first_line(exc)
     text = text.split(" Pass inputs as a dict")[0][:300].rstrip(".")  # nbderiv takes no dict
     if takes is None:
         return (f"The model takes more inputs than x gives it ({text}). Fix: pass one array "
@@ -414,7 +414,7 @@ def model_rejected_input(exc: Exception, prepared: PreparedInput, expected_width
     multi = len(prepared.arrays) == 1 and len(point_shape) > 1
     shapes = [(prepared.n_points,) + tuple(s) for s in prepared.point_shapes]
     shown = shapes[0] if len(shapes) == 1 else tuple(shapes)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     cause = model_error_cause(exc)
     if cause == "arguments":  # x's arguments, not their shapes
         message = _arguments_error(exc, prepared, len(prepared.arrays))

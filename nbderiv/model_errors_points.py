@@ -11,9 +11,32 @@ kwargs['mask'] (shape (20, 20)) has a first axis of length 20, the number
 
 from __future__ import annotations
 
+import re
+
 from .errors import ModelCallError
 from .inputs import PreparedInput, shape_of
 from .wrapped import user_frames
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc) -> str:
+    """The line of an exception's text that says what went wrong: its first, or, for Keras'
+    wrapper ('Exception encountered when calling Net.call().'), that and the cause after it
+    (terminal colours and TensorFlow's function-node prefix taken out).
+
+    >>> first_line(ValueError("Exception encountered when calling Net.call().\\n\\n"
+    ...                       "{{function_node f}} ConcatOp : shapes differ [Op:ConcatV2]"))
+    'Exception encountered when calling Net.call(): ConcatOp : shapes differ [Op:ConcatV2]'
+    """
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).strip().splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Exception encountered when calling") and len(lines) > 1:
+        cause = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", lines[1])
+        return f"{lines[0].rstrip('.')}: {cause}"
+    return lines[0]
 
 
 def sliced_kwargs(call) -> tuple:
@@ -108,7 +131,7 @@ def moved_points_error(exc: Exception, prepared: PreparedInput) -> ModelCallErro
     """The model takes x, but fails once a point moves a little (the probe moves points by
     0.1 (1 + |x|) to see whether points depend on each other; differentiating needs the same
     of any step): x is not a continuous quantity, e.g. token ids or indices."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200].rstrip(".")
+    text = first_line(exc)[:200].rstrip(".")
     return ModelCallError(
         f"the model takes x of shape {prepared.original_shapes[0]}, but raised "
         f"{type(exc).__name__} ({text}) once nbderiv moved a point a little (by "

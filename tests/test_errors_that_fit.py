@@ -258,3 +258,23 @@ def test_a_dict_for_a_model_that_takes_one_dict_points_to_a_wrapper_that_works()
         lambda p: m64({"x": p[None, :2], "t": p[None, 2:]})[0]))(
         torch.cat([x["x"], x["t"]], 1).double())
     np.testing.assert_allclose(d[1], truth.detach().numpy(), atol=1e-6)
+
+
+def test_a_keras_models_own_error_keeps_its_cause():
+    """Keras wraps an error inside call as 'Exception encountered when calling Net.call().'
+    with the cause on the next lines; the message kept only that first line."""
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4)
+
+        def call(self, z):
+            return tf.concat([self.dense(z), z[:, :1]], axis=0)  # axis 0: a bug
+
+    from nbderiv.errors import NbderivError
+
+    with pytest.raises(NbderivError, match="ConcatOp"):
+        nbderiv.derivatives(Net(), np.random.default_rng(0).normal(size=(6, 3)).astype("f4"))
