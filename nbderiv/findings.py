@@ -373,10 +373,14 @@ def non_finite_finding(where: str, points, derivatives_only: bool = False) -> Fi
             "point(s)). The output itself is finite there, only its derivatives are not: an "
             "operation has no finite derivative at those points (sqrt, log or a fractional "
             "power at 0), or a torch.where / tf.where picks a safe branch while the other one "
-            "is NaN or inf there: autodiff differentiates both branches, and 0 x NaN is NaN.",
+            "is NaN or inf there: autodiff differentiates both branches, and 0 x NaN is NaN; "
+            "or an activation's own derivative formula overflows in float32 at large inputs "
+            "(Mish or tanh-approximated GELU with inputs beyond about 20-90, at orders 2 and "
+            "up), where the true values are about 0.",
             "find that operation; inside a where, make the branch not taken safe too, e.g. "
             "torch.where(z > 0, torch.sqrt(torch.where(z > 0, z, 1.0)), 0.0) instead of "
-            "torch.where(z > 0, torch.sqrt(z), 0.0).",
+            "torch.where(z > 0, torch.sqrt(z), 0.0); for an overflowing activation, scale the "
+            "inputs or compute in float64.",
             points=tuple(points),
         )
     return Finding(

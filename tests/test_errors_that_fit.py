@@ -278,3 +278,14 @@ def test_a_keras_models_own_error_keeps_its_cause():
 
     with pytest.raises(NbderivError, match="ConcatOp"):
         nbderiv.derivatives(Net(), np.random.default_rng(0).normal(size=(6, 3)).astype("f4"))
+
+
+def test_a_framework_that_is_not_the_models_is_named():
+    """framework='torch' on a Keras model used to end in 'the model returned EagerTensor,
+    not a tensor'."""
+    keras = pytest.importorskip("keras")
+    from nbderiv.errors import OptionError
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    with pytest.raises(OptionError, match="framework='torch', but the model is a tensorflow"):
+        nbderiv.derivatives(model, np.zeros((3, 1), "float32"), framework="torch")

@@ -216,7 +216,15 @@ def select_backend(model, x, framework=None):
             f"net = {model.__qualname__}(...) with its sizes (and its trained weights), then "
             "nbderiv.derivatives(net, x).")
     if framework is not None:
-        return get_backend(framework_name(model, x, framework))
+        chosen = framework_name(model, x, framework)
+        # a torch module or a Keras model says its own (a function may mix them)
+        own = framework_of_model(model) if _framework_kind(uncompiled(model)) else None
+        if own is not None and own != chosen:
+            raise OptionError(
+                f"framework={framework!r}, but the model is a {own} model "
+                f"({type(model).__name__}). Fix: leave framework out (nbderiv reads it from "
+                f"the model), or pass framework={own!r}.")
+        return get_backend(chosen)
     name = _of_model_or_input(model, x) if callable(model) else framework_of_model(model)
     if name is None:
         if not callable(model):
