@@ -43,7 +43,7 @@ def _findings_before(call, order) -> dict:
     layers = kept(call, "layers", lambda: call.backend.layer_summary(call.model))
     call.findings += dg.structural_findings(layers, order)
     if call.verdict.stochastic and not any(f.code == "train-mode" for f in call.findings):
-        call.findings.append(dg.stochastic_finding())
+        call.findings.append(dg.stochastic_finding(keras=call.backend.name == "tensorflow"))
     elif call.verdict.self_updating and not any(f.code == "train-mode" for f in call.findings):
         call.findings.append(dg.self_updating_finding())
     return layers

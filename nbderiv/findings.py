@@ -101,20 +101,32 @@ def structurally_piecewise(layers: dict) -> list:
     return sorted(set(acts)) if acts and all(a in PIECEWISE_LINEAR for a in acts) else []
 
 
-def stochastic_finding() -> Finding:
-    """Two forward passes differed and no layer in training mode explains it."""
+def stochastic_finding(keras: bool = False) -> Finding:
+    """Two forward passes differed and no layer in training mode explains it (``keras``: the
+    words of a Keras model, whose layers run in training mode only when called so)."""
+    if keras:
+        return Finding(
+            "train-mode", "warning",
+            "two forward passes on the same input gave different outputs: the model draws "
+            "random numbers in its call (a Dropout or noise layer called with training=True, "
+            "Monte Carlo dropout, keras.random or tf.random without a seed). Where the noise "
+            "is only added to the output, the derivatives are not affected; where it "
+            "multiplies or feeds later layers, they are random too. nbderiv's checks that "
+            "compare outputs are off for this model.",
+            "call those layers without training=True while you differentiate (a flag of your "
+            "own in call), or seed them (keras.utils.set_random_seed) before each call.",
+        )
     return Finding(
         "train-mode", "warning",
         "two forward passes on the same input gave different outputs, and no layer in training "
         "mode explains it: the model is stochastic, it draws random numbers itself "
-        "(torch.randn or F.dropout(x, training=True) in forward, a noise layer, Keras layers "
-        "called with "
-        "training=True). Where the noise is only added to the output, the derivatives are not "
-        "affected; where it multiplies or feeds later layers, they are random too. nbderiv's "
-        "checks that compare outputs are off for this model.",
+        "(torch.randn or F.dropout(x, training=True) in forward, a noise layer). Where the "
+        "noise is only added to the output, the derivatives are not affected; where it "
+        "multiplies or feeds later layers, they are random too. nbderiv's checks that compare "
+        "outputs are off for this model.",
         "make forward deterministic while you differentiate: switch the noise off (a flag, or "
-        "self.training checks with model.eval()), or seed it (torch.manual_seed / "
-        "keras.utils.set_random_seed) before each call.",
+        "self.training checks with model.eval()), or seed it (torch.manual_seed) before each "
+        "call.",
     )
 
 

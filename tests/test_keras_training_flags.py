@@ -86,3 +86,18 @@ def test_a_subclassed_call_whose_training_defaults_to_true():
     np.testing.assert_allclose(d.y, y, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(d[1], truth, rtol=1e-8, atol=1e-10)
     assert "coupled-samples" in d.codes
+
+
+def test_mc_dropout_is_told_in_keras_words():
+    """Dropout called with training=True: the finding used torch's words (forward,
+    torch.randn, model.eval()) and said no layer in training mode explains it."""
+    import nbderiv
+
+    inp = keras.Input((2,))
+    h = keras.layers.Dense(8, activation="tanh")(inp)
+    h = keras.layers.Dropout(0.3)(h, training=True)
+    model = keras.Model(inp, keras.layers.Dense(1)(h))
+    d = nbderiv.derivatives(model, np.random.default_rng(0).normal(size=(6, 2)).astype("f4"))
+    f = d.finding("train-mode")
+    assert f is not None and "training=True" in f.message
+    assert "torch" not in f.message + f.fix and "in forward" not in f.message
