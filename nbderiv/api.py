@@ -102,6 +102,8 @@ def derivatives(model, x, order=DEFAULT_ORDER, *, wrt=None, framework=None, chec
 
     ``target``: one int, or one int per point, selects one output per point before
     differentiating (saliency: d score[label] / d image); the output axis then has length 1.
+    For outputs of several axes per point (segmentation logits (C, H, W)) it indexes the
+    flattened output, C order: ``np.ravel_multi_index((c, h, w), O)``.
     ``kwargs``: extra keyword arguments for the model, never differentiated; arrays whose
     first axis has length N (e.g. a padding mask) are sliced with the points, and a value
     wrapped in :func:`nbderiv.shared` is passed as it is (a causal (T, T) mask when N == T).

@@ -164,6 +164,9 @@ def code_state(fn, depth: int = 2) -> tuple:
             parts.extend(value(a) for a in f.args)
             parts.extend((k, value(v)) for k, v in f.keywords.items())
         elif isinstance(f, types.FunctionType):
+            if framework_function(f):  # the framework's code: by identity only
+                parts.append(("id", id(f)))
+                return
             code = f.__code__
             parts.append(("code", id(code)))
             for cell in f.__closure__ or ():
@@ -248,6 +251,11 @@ def read_through(holder, names) -> list:
     return []
 
 
+def framework_function(fn) -> bool:
+    """Whether ``fn`` is a function defined in a framework package (``F.relu``)."""
+    return (getattr(fn, "__module__", "") or "").split(".")[0] in FRAMEWORK_PACKAGES
+
+
 def _function_parts(fn) -> list:
     """A plain function's closure cells, default values, ``__wrapped__``, and the globals its
     code names (looked up in its own globals; builtins are not)."""
@@ -301,7 +309,9 @@ def _parts(obj, looked_into: bool) -> list:
     """The objects directly inside ``obj``. ``looked_into``: ``obj`` is an object of the
     user's (not a function), whose own attributes count."""
     if isinstance(obj, types.FunctionType):
-        return _function_parts(obj)
+        # a framework's own function (torch.nn.functional.relu kept as an attribute): its
+        # globals are the framework's, never the user's models
+        return [] if framework_function(obj) else _function_parts(obj)
     if isinstance(obj, types.MethodType):
         return [obj.__self__, obj.__func__]
     if isinstance(obj, functools.partial):

@@ -21,6 +21,7 @@ from ..wrapped import (
     FUNCTIONS,
     attribute_names,
     code_names,
+    framework_function,
     is_framework_object,
     objects_inside,
     read_through,
@@ -69,7 +70,8 @@ def _setting(name, value, objects, tensors, todo, depth=4):
     # holds (a lambda kept as an attribute, around a model) are walked too
     if _weak(value):
         objects.append(value)
-    if isinstance(value, FUNCTIONS) and not is_framework_object(value):
+    if isinstance(value, FUNCTIONS) and not is_framework_object(value) \
+            and not framework_function(value):
         inside = [m for m in objects_inside(value) if isinstance(m, torch.nn.Module)]
         todo.extend(inside)
         return name, type(value).__name__, id(value), tuple(id(m) for m in inside)
