@@ -107,8 +107,8 @@ def stochastic_finding(keras: bool = False) -> Finding:
     if keras:
         return Finding(
             "train-mode", "warning",
-            "two forward passes on the same input gave different outputs: the model draws "
-            "random numbers in its call (a Dropout or noise layer called with training=True, "
+            "two forward passes on the same input gave different outputs: the model is "
+            "stochastic, it draws random numbers in its call (a Dropout or noise layer called with training=True, "
             "Monte Carlo dropout, keras.random or tf.random without a seed). Where the noise "
             "is only added to the output, the derivatives are not affected; where it "
             "multiplies or feeds later layers, they are random too. nbderiv's checks that "

@@ -233,7 +233,9 @@ class NbderivMagics(ExplainCell, Magics):
         note = (f"grid: {_count(n)} x {_count(n)} = {_count(n ** d_in)} points ({text} on each "
                 f"of the {d_in} inputs)")
         if separate is not None:  # one argument each, as derivatives() reads a tuple
-            return (a.reshape(-1, 1), b.reshape(-1, 1)), framework, note
+            pair = (a.reshape(-1, 1), b.reshape(-1, 1))
+            keys = _named_inputs(model, framework)  # a Keras model on a dict of Inputs
+            return (dict(zip(keys, pair)) if keys else pair), framework, note
         return np.stack([a.ravel(), b.ravel()], axis=1), framework, note
 
     def _derivatives(self, model, args):
@@ -462,6 +464,16 @@ def _usage(parse, line):
         return parse(line)
     except LineError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _named_inputs(model, framework):
+    """The input names of a model built on a dict of inputs (in its order), or None."""
+    from .backends import get_backend
+
+    try:
+        return get_backend(framework).named_inputs(model) if framework else None
+    except Exception:  # a nicety for the grid: never fail the magic here
+        return None
 
 
 def _code_with_names(code: str, model_text: str, x_text, x, keep=(), target_text=None) -> str:

@@ -309,9 +309,7 @@ def _parts(obj, looked_into: bool) -> list:
     """The objects directly inside ``obj``. ``looked_into``: ``obj`` is an object of the
     user's (not a function), whose own attributes count."""
     if isinstance(obj, types.FunctionType):
-        # a framework's own function (torch.nn.functional.relu kept as an attribute): its
-        # globals are the framework's, never the user's models
-        return [] if framework_function(obj) else _function_parts(obj)
+        return _function_parts(obj)
     if isinstance(obj, types.MethodType):
         return [obj.__self__, obj.__func__]
     if isinstance(obj, functools.partial):

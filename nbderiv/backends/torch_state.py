@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from ..errors import ModelTypeError, OptionError
-from ..wrapped import FUNCTIONS, is_framework_object, objects_inside, own_attributes, uncompiled
+from ..wrapped import (
+    FUNCTIONS,
+    framework_function,
+    is_framework_object,
+    objects_inside,
+    own_attributes,
+    uncompiled,
+)
 from .torch_taylor import global_hooks, runs_class_forward
 
 
@@ -219,7 +226,7 @@ def _modules_in(value, name, depth=4, functions=True, seen=None):
         for k, v in list(value.items())[:64]:
             yield from _modules_in(v, f"{name}[{k!r}]", depth - 1, functions, seen)
     elif callable(value) and isinstance(value, FUNCTIONS):
-        if functions:
+        if functions and not framework_function(value):  # (F.relu: the framework's code)
             for held in objects_inside(value):
                 if isinstance(held, torch.nn.Module):
                     yield f"{name}()", held
