@@ -69,6 +69,26 @@ def _directions(width: int, wrt, count: int, seed: int = 0) -> list:
     return out
 
 
+def _axes_or_random(width: int, wrt, most: int, count: int, seed: int) -> list:
+    """Unit directions along each input of ``wrt`` (D,) when there are at most ``most`` of
+    them, else ``count`` seeded random ones over them (:func:`_directions`)."""
+    if len(wrt) > most:
+        return _directions(width, wrt, count, seed=seed)
+    dirs = []
+    for i in wrt:
+        v = np.zeros(width)
+        v[i] = 1.0
+        dirs.append(v)
+    return dirs
+
+
+def _moved(X, scale, dirs, steps) -> list:
+    """The points ``X`` themselves, then moved by each step both ways (+, -) along each
+    direction, in steps scaled by ``scale`` (1 + |x|): rows [X, (dir, step, sign)...]."""
+    return [X] + [X + sign * step * v * scale for v in dirs for step in steps
+                  for sign in (1.0, -1.0)]
+
+
 def _effective_eps(call, y, half=False) -> float:
     """The rounding unit the outputs were computed with: float32's if every value is exactly a
     float32 (a "float64" copy that computed in float32), else the dtype's. ``half``: also
@@ -233,13 +253,9 @@ def graph_consistency(call, d1, wrt, zero_inputs=(), skip=(), points: int = GRAP
         v[wrt[i]] = 1.0
         dirs.append(("zero", i, v))
     dirs += [("random", None, v) for v in _directions(call.width, wrt, 2, seed=1)]
-    rows, at = [X], list(pts)  # the points themselves first: f0
-    for _, _, v in dirs:
-        for h in steps:
-            for sign in (1.0, -1.0):
-                rows.append(X + sign * h * v * scale)
-                at += pts
-    y = _forward_rows(call, np.concatenate(rows).astype(call.dtype), at, batch_rows=n_rows)
+    rows = _moved(X, scale, [v for _, _, v in dirs], steps)  # the points themselves first: f0
+    y = _forward_rows(call, np.concatenate(rows).astype(call.dtype), list(pts) * len(rows),
+                      batch_rows=n_rows)
     if y is None:
         return result
     P = len(pts)
@@ -419,17 +435,9 @@ def unchanged_nearby(call, points, wrt, outputs):
     X = call.features()[points].astype(np.float64)
     scale = 1.0 + np.abs(X)
     h = 16 * float(np.finfo(call.dtype).eps) ** 0.5
-    if len(wrt) <= 8:
-        dirs = []
-        for i in wrt:
-            v = np.zeros(call.width)
-            v[i] = 1.0
-            dirs.append(v)
-    else:
-        dirs = _directions(call.width, wrt, 4, seed=2)
+    dirs = _axes_or_random(call.width, wrt, most=8, count=4, seed=2)
     steps = (h, h / 4)
-    rows = [X] + [X + sign * step * v * scale for v in dirs for step in steps
-                  for sign in (1.0, -1.0)]
+    rows = _moved(X, scale, dirs, steps)
     y = _forward_rows(call, np.concatenate(rows).astype(call.dtype), list(points) * len(rows))
     if y is None:
         return None
@@ -461,17 +469,9 @@ def curvature_seen(call, points, wrt) -> list:
     scale = 1.0 + np.abs(X)
     eps = float(np.finfo(c.dtype).eps)
     h = eps ** 0.25
-    if len(wrt) <= 4:
-        dirs = []
-        for i in wrt:
-            v = np.zeros(c.width)
-            v[i] = 1.0
-            dirs.append(v)
-    else:
-        dirs = _directions(c.width, wrt, 2, seed=3)
+    dirs = _axes_or_random(c.width, wrt, most=4, count=2, seed=3)
     steps = (h, h / 2)
-    rows = [X] + [X + sign * step * v * scale for v in dirs for step in steps
-                  for sign in (1.0, -1.0)]
+    rows = _moved(X, scale, dirs, steps)
     try:
         y = _forward_rows(c, np.concatenate(rows).astype(c.dtype), list(points) * len(rows))
     except Exception:  # the float64 copy cannot run these points: no claim

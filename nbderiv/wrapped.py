@@ -103,18 +103,15 @@ def code_names(code) -> frozenset:
     >>> sorted(code_names((lambda z: trainer.model(z) + [w for w in weights][0]).__code__))
     ['trainer', 'weights']
     """
-    names = {ins.argval for ins in dis.get_instructions(code)
-             if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str)}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= code_names(const)
-    return frozenset(names)
+    return _loaded(code, ("LOAD_GLOBAL", "LOAD_NAME"))
 
 
 _PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _weak(value) -> bool:
+def weakly_held(value) -> bool:
+    """Whether ``value`` can be held weakly: the others (lists, dicts, numbers) are named in
+    a key by identity and never held, so that nothing in a cache keeps a model alive."""
     return type(value).__weakrefoffset__ != 0
 
 
@@ -144,7 +141,7 @@ def code_state(fn, depth: int = 2) -> tuple:
             return (type(v).__name__,) + tuple(
                 (k if isinstance(k, _PLAIN_VALUES) else id(k), value(i, False))
                 for k, i in items)
-        if _weak(v):
+        if weakly_held(v):
             objects.append(v)
         return ("id", id(v))
 
@@ -207,11 +204,17 @@ def attribute_names(code) -> frozenset:
     >>> sorted(attribute_names((lambda z: models.net(z) * CFG.scale).__code__))
     ['net', 'scale']
     """
+    return _loaded(code, ("LOAD_ATTR", "LOAD_METHOD"))
+
+
+def _loaded(code, opnames) -> frozenset:
+    """The names the instructions ``opnames`` of a code object and the code nested in it
+    take."""
     names = {ins.argval for ins in dis.get_instructions(code)
-             if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and isinstance(ins.argval, str)}
+             if ins.opname in opnames and isinstance(ins.argval, str)}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= attribute_names(const)
+            names |= _loaded(const, opnames)
     return frozenset(names)
 
 
@@ -279,15 +282,16 @@ def _function_parts(fn) -> list:
     return parts + held
 
 
-def own_attributes(obj) -> list:
+def own_attributes(obj, most: int | None = _MAX_ITEMS) -> list:
     """(name, value) of an object's own ``__dict__``, or of its ``__slots__`` (not
-    properties, not ``__getattr__``), at most :data:`_MAX_ITEMS`."""
+    properties, not ``__getattr__``; a slot never set is left out), at most ``most`` (None:
+    all)."""
     try:
         own = object.__getattribute__(obj, "__dict__")
     except (AttributeError, TypeError):
         own = None
     if isinstance(own, dict):
-        return list(own.items())[:_MAX_ITEMS]
+        return list(own.items())[:most]
     items = []
     for cls in type(obj).__mro__:
         slots = vars(cls).get("__slots__", ())
@@ -298,7 +302,7 @@ def own_attributes(obj) -> list:
                 items.append((name, object.__getattribute__(obj, name)))
             except AttributeError:  # a slot never set
                 pass
-    return items[:_MAX_ITEMS]
+    return items[:most]
 
 
 def _attributes(obj) -> list:

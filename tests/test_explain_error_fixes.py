@@ -187,6 +187,17 @@ def test_gradient_of_predict_inside_a_tape_is_explained(shell):
                                atol=1e-6)
 
 
+def _nested_tapes_d2(tf, twin, x64):
+    """The truth of a second derivative: a float64 twin's nested tapes."""
+    with tf.GradientTape() as outer:
+        outer.watch(x64)
+        with tf.GradientTape() as inner:
+            inner.watch(x64)
+            y = twin(x64)
+        g = inner.gradient(y, x64)
+    return outer.gradient(g, x64).numpy()
+
+
 def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
     tf, twin, x64 = _keras_model(shell)
     [e] = explain(shell, "km kx", """\
@@ -198,14 +209,7 @@ def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
         """)
     assert e.code == "tape-used-twice" and "second derivative" in e.message
     ns = run_fix(shell, e.fix)
-    # truth: a float64 twin's nested tapes
-    with tf.GradientTape() as outer:
-        outer.watch(x64)
-        with tf.GradientTape() as inner:
-            inner.watch(x64)
-            y = twin(x64)
-        g = inner.gradient(y, x64)
-    truth = outer.gradient(g, x64).numpy()
+    truth = _nested_tapes_d2(tf, twin, x64)
     np.testing.assert_allclose(_values(ns["d2"]), truth, rtol=1e-4, atol=1e-6)
 
 
@@ -225,13 +229,7 @@ def test_second_derivative_taken_inside_the_tapes_block_says_persistent_would_do
     [e] = explain(shell, "km kx", body.format(arg=""))
     assert e.code == "tape-used-twice"
     assert "did record it" in e.message and "would be None" not in e.message
-    with tf.GradientTape() as outer:
-        outer.watch(x64)
-        with tf.GradientTape() as inner:
-            inner.watch(x64)
-            y = twin(x64)
-        g = inner.gradient(y, x64)
-    truth = outer.gradient(g, x64).numpy()
+    truth = _nested_tapes_d2(tf, twin, x64)
     shell.run_cell(textwrap.dedent(body.format(arg="persistent=True")), store_history=False)
     np.testing.assert_allclose(_values(shell.user_ns["d2"]), truth, rtol=1e-4, atol=1e-6)
     ns = run_fix(shell, e.fix)

@@ -24,8 +24,10 @@ from ..wrapped import (
     framework_function,
     is_framework_object,
     objects_inside,
+    own_attributes,
     read_through,
     user_class,
+    weakly_held,
 )
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
@@ -62,13 +64,13 @@ def _setting(name, value, objects, tensors, todo, depth=4):
         attributes = _class_attributes(value) if isinstance(value, type) \
             else _own_attributes(value)
         if attributes is not None:
-            if _weak(value):
+            if weakly_held(value):
                 objects.append(value)
             return name, type(value).__name__, id(value), tuple(
                 (k, _setting("", v, objects, tensors, todo, inner)) for k, v in attributes)
     # a function, a framework object, a large container: by identity; the modules a function
     # holds (a lambda kept as an attribute, around a model) are walked too
-    if _weak(value):
+    if weakly_held(value):
         objects.append(value)
     if isinstance(value, FUNCTIONS) and not is_framework_object(value) \
             and not framework_function(value):
@@ -88,13 +90,8 @@ def _own_attributes(value):
     framework objects: taken by identity)."""
     if isinstance(value, _NOT_BY_VALUE) or is_framework_object(value):
         return None
-    try:
-        attributes = object.__getattribute__(value, "__dict__")
-    except (AttributeError, TypeError):
-        attributes = _slot_values(value)
-    if not isinstance(attributes, dict) or len(attributes) > _CONTAINER_MAX:
-        return None
-    return list(attributes.items())
+    attributes = own_attributes(value, most=None)
+    return attributes if len(attributes) <= _CONTAINER_MAX else None
 
 
 def _class_attributes(cls):
@@ -110,25 +107,6 @@ def _class_attributes(cls):
             if not (name.startswith("__") and name.endswith("__")):
                 out[name] = member
     return list(out.items()) if len(out) <= _CONTAINER_MAX else None
-
-
-def _slot_values(value):
-    """{slot: value} of an object whose class declares ``__slots__`` (a
-    ``dataclass(slots=True)``), or None."""
-    names = []
-    for c in type(value).__mro__:
-        slots = c.__dict__.get("__slots__", ())
-        names += [slots] if isinstance(slots, str) else list(slots)
-    names = [n for n in names if n not in ("__dict__", "__weakref__")]
-    if not names:
-        return None
-    out = {}
-    for name in names:
-        try:
-            out[name] = object.__getattribute__(value, name)
-        except AttributeError:  # a slot never set
-            pass
-    return out
 
 
 def _code_state(cls, objects, tensors, todo) -> tuple:
@@ -211,12 +189,6 @@ def _own_classes(cls) -> tuple:
 def _global_names(code) -> tuple:
     """The names a function's code (and the code nested in it) looks up, sorted."""
     return tuple(sorted(code_names(code)))
-
-
-def _weak(value) -> bool:
-    """Whether ``value`` can be held weakly: the others (lists, dicts, numbers) are named in
-    the key by identity and never held, so that nothing in the memo keeps a model alive."""
-    return type(value).__weakrefoffset__ != 0
 
 
 def _values(tensors, saved=None) -> tuple:
