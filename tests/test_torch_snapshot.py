@@ -97,3 +97,30 @@ def test_the_saved_copy_is_one_flat_copy_per_dtype_and_restores_tied_weights():
     saved.restore()
     assert head.weight is emb.weight and torch.equal(emb.weight, original)
     assert torch.equal(net["norm"].bias, torch.zeros(3, dtype=torch.float64))
+
+
+class HoldsItsWeightInAList(nn.Module):
+    """A parameter also held in a plain list of the parent, met there before the layer that
+    registers it is walked; forward freezes it and gives it a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1).double()
+        self.held = [self.lin.weight]
+
+    def forward(self, x):
+        self.lin.weight.requires_grad_(False)
+        self.lin.weight.grad = torch.ones_like(self.lin.weight)
+        return torch.tanh(self.lin(x))
+
+
+def test_a_parameter_met_first_in_a_plain_attribute_gets_its_flags_and_grad_back():
+    net = HoldsItsWeightInAList()
+    w = net.lin.weight
+    x = torch.rand(5, 2, dtype=torch.float64)
+    d = nbderiv.derivatives(net, x)
+    assert w.requires_grad and w.grad is None
+    # the derivative itself: tanh'(x @ w.T + b) w
+    z = x @ w.detach().T + net.lin.bias.detach()
+    truth = (1 - torch.tanh(z) ** 2)[:, :, None] * w.detach()[None]
+    assert abs(d[1] - truth.numpy()).max() < 1e-12

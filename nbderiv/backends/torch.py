@@ -251,8 +251,9 @@ class TorchBackend(Backend):
         batch = kept(call, "batched", lambda: batched_backward_pays(call))
         forward = call.d_out > len(wrt)
         # reverse mode runs the model once: the kinks are looked for in that same pass
-        watcher = None if call.kink_rows is not None or kink_free(model) \
-            or call.facts.kink_free else KinkWatcher(X.shape[0])
+        known_free = call.known is not None and call.known.kink_free  # (facts read already)
+        watcher = None if call.kink_rows is not None or known_free \
+            or kink_free(model) or call.facts.kink_free else KinkWatcher(X.shape[0])
         with grad_enabled(True), exact_norms(order, forward=forward):
             y = None
             if forward and call.facts.forward_agrees is not False:

@@ -47,6 +47,7 @@ class TorchState:
         self.keys = []  # (a _parameters / _buffers / _modules dict, its names before the call)
         self.attributes = []  # (module, name, tensor) of the plain tensor attributes
         self._key, self.objects = None, []
+        self.unique = {}  # id -> registered tensor (tied tensors once)
         found = {}  # id -> tensor: registered ones and tensors held in attributes
         try:
             self.parts = _walk(self, found)
@@ -54,22 +55,19 @@ class TorchState:
             raise
         except Exception:  # e.g. inference tensors keep no version counter: no key
             self.modes, self.registered, self.params, found = [], [], [], {}
-            self.keys, self.attributes = [], []
+            self.keys, self.attributes, self.unique = [], [], {}
             self.parts, self.objects = None, []
             _plain_walk(self, found)
         self.found = list(found.values())
-        unique = {id(t): t for _, _, t in self.registered  # tied tensors once
-                  if t is not None and not isinstance(
-                      t, torch.nn.parameter.UninitializedTensorMixin)}
-        meta = next((t for t in unique.values() if t.is_meta), None)
-        if meta is not None:
+        saved = _Saved(list(self.unique.values()), copy)
+        if saved.on_meta:
             raise ModelTypeError(
                 "the model's weights are on the 'meta' device: they have shapes but no values "
                 "(a model built under torch.device('meta') or an empty-weights context), so "
                 "it has no outputs to differentiate. Fix: give it real weights first, e.g. "
                 "model = model.to_empty(device='cpu') then model.load_state_dict(state), or "
                 "build it without the meta device.")
-        self.saved = _Saved(list(unique.values())) if copy else None
+        self.saved = saved if copy else None
 
     def key(self) -> tuple:
         """(key, objects) for :mod:`nbderiv.memo` (see :func:`state_key`), or (None, ())."""
@@ -96,7 +94,11 @@ class TorchState:
                     del store[name]
         with torch.no_grad():
             for store, name, t in self.registered:
-                if _registered(store, name) is not t:  # replaced (or deleted) in forward
+                try:
+                    now = store.get(name)
+                except AttributeError:  # a TorchScript module's store (no .get)
+                    now = _registered(store, name)
+                if now is not t:  # replaced (or deleted) in forward
                     store[name] = t
             self.saved.put_back()
             for p, requires_grad, grad, value in self.params:
@@ -127,7 +129,7 @@ def _walk(state, found) -> list:
     module = torch.nn.modules.module
     parts = [tuple(tuple(getattr(module, name, None) or ()) for name in _GLOBAL)]
     objects = state.objects
-    lazy = torch.nn.modules.lazy.LazyModuleMixin
+    lazy, script = torch.nn.modules.lazy.LazyModuleMixin, torch.jit.ScriptModule
     todo, seen, i = list(state.roots), set(), 0
     while i < len(todo):
         m = todo[i]
@@ -139,22 +141,23 @@ def _walk(state, found) -> list:
             raise _uninitialised(state.roots, m)
         state.modes.append((m, m.training))
         settings = []
-        for name, value in vars(m).items():
-            if name in _IGNORED:  # the common case first: most of what nn.Module holds
-                continue
+        own = vars(m)
+        # most of what nn.Module holds is bookkeeping: left out in one pass
+        for name, value in [item for item in own.items() if item[0] not in _IGNORED]:
             kind = type(value)
             if kind in _PLAIN_TYPES:  # a number, a flag
                 settings.append((name, value))
             elif name in _STORES:
-                if isinstance(value, dict):  # (a TorchScript module's stores are not)
+                if kind is dict:  # (a TorchScript module's stores are not)
                     state.keys.append((value, tuple(value)))
                 settings.append((name, _store(state, value, objects, found)))
             elif name == "_modules":
-                if isinstance(value, dict):
+                if kind is dict:
                     state.keys.append((value, tuple(value)))
-                todo.extend(sub for sub in value.values() if sub is not None)
-                objects.extend(sub for sub in value.values() if sub is not None)
-                settings.append((name, tuple((k, id(sub)) for k, sub in value.items())))
+                subs = [sub for sub in value.values() if sub is not None]
+                todo += subs
+                objects += subs
+                settings.append((name, tuple(zip(value, map(id, value.values())))))
             elif kind in _CONTAINERS and not value:  # an empty dict of hooks: as if absent
                 continue
             else:
@@ -163,7 +166,7 @@ def _walk(state, found) -> list:
                 settings.append(_setting(name, value, objects, found, todo))
         if _own_classes(type(m)):
             settings.append(("class code", _code_state(type(m), objects, found, todo)))
-        if isinstance(m, torch.jit.ScriptModule) and "_c" in vars(m):
+        if isinstance(m, script) and "_c" in own:
             settings.append(("script attributes", _script_attributes(m, objects, found, todo)))
         parts.append((id(m), type(m), tuple(settings)))
         objects.append(m)
@@ -185,27 +188,38 @@ def _script_attributes(m, objects, found, todo) -> tuple:
 def _store(state, store, objects, found) -> tuple:
     """A module's ``_parameters`` or ``_buffers`` as part of the key; its tensors saved."""
     out = []
+    registered = state.registered
     for name, t in store.items():
-        if t is None or isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
-            out.append((name, None))
-            state.registered.append((store, name, t))  # a buffer filled in forward: None again
+        registered.append((store, name, t))
+        if t is None or isinstance(t, _UNINITIALISED):
+            out.append((name, None))  # a buffer filled in forward: None again
             continue
         out.append((name, id(t), t._version, t.data_ptr(), t.shape))
         objects.append(t)
-        _register(state, store, name, t, found)
+        if id(t) not in state.unique:  # (tied tensors once)
+            _found(state, t, found)
     return tuple(out)
 
 
 def _register(state, store, name, t, found) -> None:
     """One registered tensor to put back: where it is registered, and for a parameter its
     ``requires_grad`` and ``.grad`` (shared, tied tensors are saved once)."""
-    if id(t) not in found:
-        found[id(t)] = t
-        if isinstance(t, torch.nn.Parameter):
-            grad = t.grad
-            state.params.append((t, t.requires_grad, grad,
-                                 None if grad is None else grad.detach().clone()))
+    if id(t) not in state.unique:
+        _found(state, t, found)
     state.registered.append((store, name, t))
+
+
+def _found(state, t, found) -> None:
+    """A registered tensor met for the first time (perhaps held in an attribute too): kept to
+    be saved, and for a parameter its ``requires_grad`` and ``.grad``."""
+    found[id(t)] = state.unique[id(t)] = t
+    if isinstance(t, torch.nn.Parameter):
+        grad = t.grad
+        state.params.append((t, t.requires_grad, grad,
+                             None if grad is None else grad.detach().clone()))
+
+
+_UNINITIALISED = torch.nn.parameter.UninitializedTensorMixin
 
 
 def _plain_walk(state, found) -> None:
@@ -240,14 +254,18 @@ class _Saved:
     dtype and device (one ``torch.cat``: cheaper than a clone per tensor, and compared back
     in one ``torch.equal``), the others one by one."""
 
-    def __init__(self, tensors):
+    def __init__(self, tensors, copy=True):
         groups, self.others = {}, []
         for t in tensors:
             if t.is_floating_point():
                 groups.setdefault((t.dtype, t.device), []).append(t)
             else:
-                self.others.append((t, t.detach().clone()))
+                self.others.append((t, t.detach().clone() if copy else None))
+        self.on_meta = any(device.type == "meta" for _, device in groups) or any(
+            t.is_meta for t, _ in self.others)
         self.groups = []
+        if self.on_meta or not copy:  # no values to copy
+            return
         for ts in groups.values():
             flat = _flat(ts)
             self.groups.append((ts, [t.shape for t in ts], flat.clone() if len(ts) == 1 else flat))

@@ -43,6 +43,10 @@ def _setting(name, value, objects, tensors, todo, depth=4):
     own (a config, an ``argparse.Namespace``) are taken by value, ``depth`` levels down."""
     if isinstance(value, _PLAIN):
         return name, value
+    kind = type(value)
+    if (kind is tuple or kind is list) and len(value) <= _CONTAINER_MAX and all(
+            type(v) in _PLAIN_TYPES for v in value):  # kernel sizes, strides: in one step
+        return name, kind.__name__ + " of plain values", tuple(value)
     if isinstance(value, torch.Tensor):
         tensors[id(value)] = value
         objects.append(value)
@@ -229,7 +233,12 @@ def _values(tensors, saved=None) -> tuple:
                 out = tuple(torch.stack(sums).tolist())
             except RuntimeError:  # several dtypes
                 out = tuple(n.item() for n in sums)
-    return out + tuple(t.sum().item() for t in others if not t.is_complex())
+    others = [t for t in others if not t.is_complex()]
+    try:  # one read back for all (integer buffers: BatchNorm's num_batches_tracked)
+        sums = tuple(torch.stack([t.sum() for t in others]).tolist()) if others else ()
+    except RuntimeError:  # several dtypes or devices
+        sums = tuple(t.sum().item() for t in others)
+    return out + sums
 
 
 _WEIGHTS: dict = {}
