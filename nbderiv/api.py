@@ -69,7 +69,11 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
     if verdict.coupled:
         block, ones_error = per_point(call, order, wrt)
         diag = float(abs(block.orders[0]).max())
-        if ones_error <= 64 * float(np.finfo(call.dtype).eps) * diag:
+        if ones_error <= 64 * float(np.finfo(call.dtype).eps) * diag and verdict.size_only:
+            # the outputs follow the number of points, not the other points' values (moving
+            # them changed nothing, and autodiff sees no cross-terms): x.shape[0] in forward
+            call.findings.append(dg.batch_size_finding(call.n))
+        elif ones_error <= 64 * float(np.finfo(call.dtype).eps) * diag:
             # the forward pass couples points, autodiff sees none of it (.item(), .detach(),
             # or a coupling the probe's moves set off that is not active at these points):
             # the result checks compare with the forward pass where it may act
@@ -254,10 +258,13 @@ def diagnose(model, x, order=2, *, wrt=None, framework=None) -> list:
         few = call.with_args(call.rows(0, dg.PROBE_POINTS), verdict=verdict)
         if verdict.coupled:
             block, ones_error = per_point(few, min(order, 2), wrt)
-            call.findings.append(dg.coupling_finding(
-                ones_error, float(abs(block.orders[0]).max()), few.n,
-                outside=layers.get("outside_tree", ()), batch_stats=layers.get("batch_stats", ()),
-                **_coupling_causes(call, layers)))
+            diag = float(abs(block.orders[0]).max())
+            if verdict.size_only and ones_error <= 64 * float(np.finfo(call.dtype).eps) * diag:
+                call.findings.append(dg.batch_size_finding(call.n))
+            else:
+                call.findings.append(dg.coupling_finding(
+                    ones_error, diag, few.n, outside=layers.get("outside_tree", ()),
+                    batch_stats=layers.get("batch_stats", ()), **_coupling_causes(call, layers)))
         else:
             with model_errors(few, f"differentiating it (order {min(order, 2)})"):
                 block = call.backend.derivatives(few, few.args, min(order, 2), wrt)

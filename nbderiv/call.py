@@ -36,6 +36,9 @@ class Verdict:
     structural: bool = False  # settled by the model's structure (a plain stack of layers)
     # outputs differ from pass to pass only because forward updates the model's own state
     self_updating: bool = False
+    # coupled only through the number of points: leaving one out changed the others' outputs,
+    # moving some did not (a model that uses x.shape[0])
+    size_only: bool = False
 
     def __post_init__(self):
         if self.out_shape is None:

@@ -233,29 +233,47 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
     moved = [[], [], [0]] if moved is None else moved
     y1, y2 = ys[0], ys[1]
     scale = 1 + np.fmax.reduce(np.abs(y1), axis=None, initial=0)
-    tol = 100 * _output_eps(y1, call.dtype) * scale
+    eps = _output_eps(y1, call.dtype)
+    tol = 100 * eps * scale
     # the same model call twice: the same numbers? (not the same bits: a copy of the points
     # at another memory alignment may take another vectorised path and round the last bit
     # differently, tf.sin included)
-    stochastic = y1.tobytes() != y2.tobytes() and _differ(y1, y2, _output_eps(y1, call.dtype))
-    coupled = False
+    stochastic = y1.tobytes() != y2.tobytes() and _differ(y1, y2, eps)
+    by_moves = by_size = False  # other points moved / one point left out changed outputs
     if not stochastic and y1.shape[0] >= 2:
-        compare = []  # (outputs, the rows to compare, their tolerance)
+        compare = []  # (outputs, the rows to compare, their tolerance, a change of size?)
         for y, rows in zip(ys[2:], moved[2:]):
             keep = np.ones(y1.shape[0], dtype=bool)  # (np.setdiff1d would load numpy.ma)
             keep[list(rows)] = False
-            compare.append((y, np.flatnonzero(keep), tol))
+            compare.append((y, np.flatnonzero(keep), tol, False))
         if fewer is not None:  # fewer points: other summation orders may change the last
             # bits (another BLAS path for another batch size); allow more
             compare.append((np.concatenate([fewer, y1[-1:]]), np.arange(y1.shape[0] - 1),
-                            1e3 * tol))
-        for y, keep, allowed in compare:
+                            1e3 * tol, True))
+        for y, keep, allowed, size in compare:
             if keep.size == 0:
                 continue
             with np.errstate(invalid="ignore"):  # inf - inf at points where y is infinite
                 change = np.fmax.reduce(np.abs(y[keep] - y1[keep]), axis=None, initial=0)
-            coupled |= bool(change > allowed)
-    return Verdict(int(y1.shape[1]), stochastic, coupled, out_shape)
+            if change > allowed or (size and _every_point_moved(y[keep], y1[keep], eps)):
+                by_size, by_moves = by_size or size, by_moves or not size
+    coupled = by_moves or by_size
+    return Verdict(int(y1.shape[1]), stochastic, coupled, out_shape,
+                   size_only=coupled and not by_moves)
+
+
+def _every_point_moved(y: np.ndarray, y1: np.ndarray, eps: float) -> bool:
+    """Whether the outputs of every one of at least 3 points (rows) changed by more than
+    sqrt(eps) of their size (``eps``: the outputs' rounding step) when one point was left out
+    of the batch: far beyond another summation order's rounding, and what a model that scales
+    by the batch size does (``net(x) / x.shape[0]``: outputs of any size move by the same
+    share, which the absolute tolerance misses for small outputs)."""
+    if y.shape[0] < 3:
+        return False
+    with np.errstate(invalid="ignore"):
+        size = np.maximum(np.abs(y), np.abs(y1))
+        moved = np.abs(y - y1) > np.sqrt(eps) * size + 1e-30
+    return bool(np.all(moved.any(axis=1)))
 
 
 def _differ(a: np.ndarray, b: np.ndarray, eps: float) -> bool:
@@ -331,12 +349,13 @@ def probe(call: Call) -> Verdict:
             seeded = call.backend.seeded_forwards(call, batches)
             again = None if seeded is None else verdict_of(call, seeded, moved)
             if again is not None and not again.stochastic:
-                verdict.coupled = again.coupled
+                verdict.coupled, verdict.size_only = again.coupled, again.size_only
             # or not random at all: forward updates the model's own state (a buffer)
             restored = call.backend.restored_forwards(call, batches)
             same = None if restored is None else verdict_of(call, restored, moved)
             if same is not None and not same.stochastic:
                 verdict.stochastic, verdict.coupled = False, same.coupled
+                verdict.size_only = same.size_only
                 verdict.self_updating = True
         call.facts.verdict = dataclasses.replace(verdict)
     call.verdict = verdict

@@ -30,12 +30,13 @@ from typing import NamedTuple
 import numpy as np
 
 from .findings import structurally_piecewise
+from .reference import step_scales
 
 # relative tolerance (of the largest value of that order) per dtype of the checked result; it
 # must also cover the truncation error
 # of central differences (about h**2 times the next derivative), which dominates in float64
 TOLERANCE = {"float16": 5e-2, "bfloat16": 5e-2, "float32": 2e-3, "float64": 1e-4}
-RELATIVE_STEP = 1e-4     # h = RELATIVE_STEP * max(1, max |x|), in float64
+RELATIVE_STEP = 1e-4     # h = RELATIVE_STEP * max(1, max |x|) in float64 (see reference.step_scales)
 # the step in the model's own dtype when no float64 copy can be made: about eps ** (1/3),
 # which balances rounding (eps / h) against truncation (h**2)
 STEP = {"float64": RELATIVE_STEP, "float32": 5e-3, "float16": 1e-1, "bfloat16": 2e-1}
@@ -137,9 +138,12 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
                             "finite differences of a random function mean nothing")
         # a step per input, scaled by that input's own size (x in [3, 7] beside t in
         # [50, 150]: one step for both would be far too coarse for x)
+        # (in float64, far from 0 compared with its spread, an input's step is scaled by that
+        # spread: sin at x = 1e4 varies on a scale of 1, not 1e4; see reference.step_scales)
         sizes = np.nanmax(np.where(np.isfinite(X), np.abs(X), np.nan), axis=0, initial=0.0)
-        steps = STEP.get(ref_precision.name, RELATIVE_STEP) * np.maximum(
+        scales = step_scales(X) if ref_precision == np.float64 else np.maximum(
             1.0, np.nan_to_num(sizes, nan=1.0))
+        steps = STEP.get(ref_precision.name, RELATIVE_STEP) * scales
         step = float(steps[list(wrt)].max())
         if coupled:
             if X.shape[0] > COUPLED_MAX_N:

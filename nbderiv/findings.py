@@ -337,6 +337,25 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
     )
 
 
+def batch_size_finding(n_points: int) -> Finding:
+    """``coupled-samples`` for a model whose outputs follow the number of points in the batch
+    (``x.shape[0]`` or ``len(x)`` in forward), not the other points' values: the probe saw
+    the outputs change when one point was left out and not when others moved, and autodiff
+    sees no cross-terms."""
+    return Finding(
+        "coupled-samples", "warning",
+        "each point's output depends on how many points the batch holds, not on the other "
+        "points' values: leaving one point out changed the others' outputs, moving points "
+        "changed nothing, and autodiff sees no cross-terms dy_n/dx_m (m != n). The model uses "
+        "the batch size (x.shape[0], len(x), a mean over the batch of something the same for "
+        f"every point). These derivatives belong to this batch of {n_points} points: the same "
+        "point in a batch of another size has other outputs and other derivatives (the "
+        "grad_outputs=ones trick gives these same values, for this batch).",
+        "compute each point's output without the batch size (divide by a constant; leave the "
+        "average over the batch to the loss), or differentiate with the batch size the model "
+        "is used with.")
+
+
 def _no_running_stats(layers) -> tuple:
     """(note, fix) for batch norm layers built with ``track_running_stats=False``: they have
     no running statistics to switch to, so in eval mode too they use the batch's."""

@@ -31,6 +31,7 @@ True
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 
@@ -118,6 +119,25 @@ def _shaped(value, shape, what) -> np.ndarray:
     return value.reshape(shape)
 
 
+def step_scales(X: np.ndarray) -> np.ndarray:
+    """Per input (column of ``X``, (N, m)): what a central-difference step is a share of,
+    ``max(1, |x|)``, except for inputs far from 0 compared with their spread over the points
+    (x in [1e4, 1e4 + 3]: a step of 1e-4 |x| = 1 would span a sixth of sin's period), scaled
+    down to that spread, but never below 1 nor below 1e-3 |x| (far above float64's rounding of
+    x itself).
+
+    >>> step_scales(np.array([[0.5, 1e4, 50.0], [0.9, 1e4 + 3, 150.0]])).tolist()
+    [1.0, 10.003, 100.0]
+    """
+    X = np.where(np.isfinite(X), X, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column with no finite value
+        top = np.nan_to_num(np.nanmax(np.abs(X), axis=0), nan=1.0)
+        spread = np.nan_to_num(np.nanmax(X, axis=0) - np.nanmin(X, axis=0), nan=0.0)
+    spread = np.where(spread > 0, spread, 1.0)  # one point, or a constant input
+    return np.maximum(1.0, np.minimum(top, np.maximum(spread, 1e-3 * top)))
+
+
 def step_for(order: int) -> float:
     """The relative step of order-k central differences in float64: eps ** (1 / (k + 2))."""
     return _EPS64 ** (1.0 / (order + 2))
@@ -125,23 +145,24 @@ def step_for(order: int) -> float:
 
 def _central_differences(f, X, widths, order, wrt) -> dict:
     """{k: truth of d[k]} for k = 0..order: nested central differences of f, 2**k
-    evaluations per distinct mixed partial, step eps ** (1/(k+2)) * max(1, |x|)."""
+    evaluations per distinct mixed partial, step eps ** (1/(k+2)) times each input's
+    :func:`step_scales`."""
     y = _evaluate(f, X, widths).reshape(X.shape[0], -1)
     n, d_out = y.shape
     truths = {0: y}
-    scale = max(1.0, float(np.abs(X[np.isfinite(X)]).max(initial=0.0)))
+    scales = step_scales(X)
     m = len(wrt)
     for k in range(1, order + 1):
-        h = step_for(k) * scale
+        h = step_for(k) * scales
         out = np.empty((n, d_out) + (m,) * k)
         for idx in itertools.combinations_with_replacement(range(m), k):
             total = np.zeros((n, d_out))
             for signs in itertools.product((1.0, -1.0), repeat=k):
                 Xs = X.copy()
                 for s, p in zip(signs, idx, strict=True):
-                    Xs[:, wrt[p]] += s * h
+                    Xs[:, wrt[p]] += s * h[wrt[p]]
                 total += np.prod(signs) * _evaluate(f, Xs, widths).reshape(n, d_out)
-            value = total / (2 * h) ** k
+            value = total / np.prod([2 * h[wrt[p]] for p in idx])
             for perm in set(itertools.permutations(idx)):
                 out[(slice(None), slice(None)) + perm] = value
         truths[k] = out
