@@ -279,3 +279,29 @@ def test_inputs_far_from_zero_get_steps_sized_by_their_spread():
     xs = x.numpy()[:, 0]
     assert np.abs(d[1][:, 0, 0] - np.cos(xs)).max() < 1e-9
     assert np.abs(d[2][:, 0, 0, 0] + np.sin(xs)).max() < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inputs_on_a_small_scale_are_checked_at_a_step_that_resolves_them(dtype):
+    """A smooth net reading x / 1e-4, at x in [1e-4, 3e-4]: a step of 1e-4 spans its whole
+    range (the check failed, blaming a cut graph); smaller steps agree with autodiff, which
+    matches float64 vmap(jacrev) of the same weights."""
+    from torch.func import jacrev, vmap
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    x = torch.linspace(1e-4, 3e-4, 10, dtype=dtype)[:, None]
+    d = nbderiv.derivatives(lambda z: inner(z / 1e-4), x, order=2, check=True)
+    assert d.check.passed and d.codes == [], d.check.summary()
+    inner64 = inner.double()
+    truth = vmap(jacrev(lambda z: inner64(z[None] / 1e-4)[0]))(x.double()).detach().numpy()
+    assert np.abs(d[1] - truth).max() <= (1e-10 if dtype == torch.float64 else 1e-5) * \
+        np.abs(truth).max()
+
+
+def test_reference_on_a_small_scale_keeps_the_step_that_converges():
+    x = torch.linspace(1e-4, 5e-4, 10, dtype=torch.float64)[:, None]
+    d = nbderiv.derivatives(lambda z: torch.sin(1e4 * z), x, order=2,
+                            reference=lambda z: np.sin(1e4 * z))
+    assert all(rel < 1e-4 for _, rel in d.reference_errors.values()), d.reference_errors
+    xs = x.numpy()[:, 0]
+    assert np.abs(d[1][:, 0, 0] - 1e4 * np.cos(1e4 * xs)).max() < 1e-7

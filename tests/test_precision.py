@@ -167,18 +167,36 @@ def test_torch_model_checked_in_float64_against_numpy_truth():
         np.testing.assert_allclose(c.reference[k], ref, atol=1e-6 * np.abs(ref).max())
 
 
-def test_smooth_but_sharp_model_is_not_blamed_on_kinks():
+def test_smooth_but_sharp_model_is_checked_at_a_step_that_resolves_it():
     torch = pytest.importorskip("torch")
     import nbderiv
 
-    # tanh(3000 x): no kink anywhere, but it bends within a 1e-4 step near 0
-    d = nbderiv.derivatives(lambda x: torch.tanh(3000 * x),
-                            torch.tensor([[1e-5], [0.5]], dtype=torch.float64),
-                            order=2, check=True)
+    # tanh(3000 x): no kink anywhere, but it bends within a 1e-4 step near 0. The first
+    # step's differences disagree (it used to end there, a MISMATCH on right derivatives);
+    # at smaller steps they converge to autodiff, which is right (closed form)
+    x = np.array([[1e-5], [0.5]])
+    d = nbderiv.derivatives(lambda x: torch.tanh(3000 * x), torch.tensor(x), order=2,
+                            check=True)
     c = d.check
-    assert not c.passed and 0 in c.nonsmooth_points and c.kink_points == ()
-    assert "curves too sharply" in c.note and "kink lies" not in c.note
-    assert c.summary().startswith("MISMATCH: autodiff disagrees with float64")
+    assert c.passed and c.kink_points == () and c.step < 1e-5, c.summary()
+    assert "times smaller they agree" in c.note and "kink lies" not in c.summary()
+    t = np.tanh(3000 * x[:, 0])
+    d1, d2 = 3000 * (1 - t**2), -2 * 3000**2 * t * (1 - t**2)
+    np.testing.assert_allclose(d[1][:, 0, 0], d1, rtol=1e-12)
+    np.testing.assert_allclose(d[2][:, 0, 0, 0], d2, rtol=1e-10, atol=1e-6)
+    np.testing.assert_allclose(c.reference[1][:, 0, 0], d1, rtol=1e-4)
+
+
+def test_a_cut_graph_fails_the_check_at_every_step():
+    torch = pytest.importorskip("torch")
+    import nbderiv
+
+    # the slope cut out by .detach(): smaller steps converge to the true slope, never to
+    # autodiff's
+    d = nbderiv.derivatives(lambda x: torch.sin(x) + x.detach() ** 2,
+                            torch.linspace(0.5, 1.5, 6, dtype=torch.float64)[:, None],
+                            check=True)
+    assert not d.check.passed and "times smaller they agree" not in d.check.note
 
 
 # -- reference= : the error against a known truth -------------------------------------------
