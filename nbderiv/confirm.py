@@ -465,17 +465,27 @@ def curvature_seen(call, points, wrt) -> list:
     if not points:
         return []
     c = _float64_call(call)
+    try:
+        return _curved(c, points, wrt)
+    except Exception:  # the float64 copy cannot run these points (a copy of a function
+        if c is call:  # around a float32 network): in the model's own dtype, else no claim
+            return []
+    try:
+        return _curved(call, points, wrt)
+    except Exception:
+        return []
+
+
+def _curved(c, points, wrt) -> list:
     X = c.features()[points].astype(np.float64)
     scale = 1.0 + np.abs(X)
     eps = float(np.finfo(c.dtype).eps)
-    h = eps ** 0.25
+    # below float64 the noise allowance (1024 eps / h**2) needs a wider step than eps**(1/4)
+    h = eps ** 0.25 * (1 if c.dtype == np.float64 else 4)
     dirs = _axes_or_random(c.width, wrt, most=4, count=2, seed=3)
     steps = (h, h / 2)
     rows = _moved(X, scale, dirs, steps)
-    try:
-        y = _forward_rows(c, np.concatenate(rows).astype(c.dtype), list(points) * len(rows))
-    except Exception:  # the float64 copy cannot run these points: no claim
-        return []
+    y = _forward_rows(c, np.concatenate(rows).astype(c.dtype), list(points) * len(rows))
     if y is None:
         return []
     y = y.reshape(len(rows), len(points), -1)

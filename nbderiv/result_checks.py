@@ -72,7 +72,7 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     bad_first = set(non_finite_points(y, ders[0]))  # rows of y or d1 with a NaN or inf
     out += _dependence_findings(call, layers, y, ders[0], wrt, out_names, in_names,
                                 skip=confirmed + list(candidates[confirm.KINK_CHECKS:]),
-                                bad_rows=bad_first)
+                                bad_rows=bad_first, d2=ders[1] if len(ders) > 1 else None)
     if not {f.code for f in out} & _ZERO_EXPLAINED:
         f = _flat_region(call, layers, ders[0], wrt, out_names,
                          skip=confirmed + list(candidates[confirm.KINK_CHECKS:]),
@@ -105,7 +105,7 @@ def _zero_pairs(d1: np.ndarray) -> np.ndarray:
 
 
 def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
-                         bad_rows=None) -> list:
+                         bad_rows=None, d2=None) -> list:
     """``graph-broken`` (confirmed with central differences of the forward pass), then
     ``no-input-dependence`` for the zero pairs the forward pass confirms, then
     ``saturated``. A zero pair needs a point off the kinks (those in ``skip``, confirmed or
@@ -167,6 +167,14 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
                                                                      strict=True)]
         out.append(graph_broken_finding(pairs, moved, disagree, slope, hidden_coupling=hidden))
     unmoved = zero & ~broken & ~varies  # the zero pairs nothing contradicts
+    if d2 is not None and unmoved.any():
+        # a zero slope whose own derivative is not 0 (u = x * net(x, t) on x = 0: u_t = 0
+        # there, u_xt is not): the output depends on that input next to these points
+        n2 = d2.shape[0]
+        d2 = d2.reshape(n2, d2.shape[1], d2.shape[2], -1)[off_kinks[:n2]]   # (n, d_out, m, m)
+        with np.errstate(invalid="ignore"):
+            bends = np.nan_to_num(np.abs(d2), nan=0.0).max(axis=(0, 3)) > 0    # (d_out, m)
+        unmoved &= ~bends
     if check["fd_max"] is not TRUSTED and not check["checked"]:
         unmoved[:] = False  # no point the forward pass could be compared at: unconfirmed
     stairs = np.zeros_like(zero)
@@ -250,6 +258,10 @@ def _flat_region(call, layers, d1, wrt, out_names, skip, bad_rows) -> Finding | 
     k = min(FLAT_CHECKS, rows.size)
     looked = sorted({int(rows[int((i + 0.5) * rows.size / k)]) for i in range(k)})
     checked = confirm.unchanged_nearby(call, looked, wrt, outputs)
+    if checked:  # a smooth stationary point (cos at 0, an even net at the origin) changes
+        # like h**2, below the small steps' reach: the forward pass curving says so
+        curved = set(confirm.curvature_seen(call, checked, wrt))
+        checked = [p for p in checked if p not in curved]
     if not checked or 2 * len(checked) < len(looked):  # a slope, or too few points confirmed
         return None
     called = call.backend.activations_called(call)

@@ -170,3 +170,46 @@ def test_steep_tanh_units_saturated_partly_beyond_float64_are_saturation():
     loss = ((net(x[list(f.points)]) - 1.0) ** 2).mean()
     (g,) = torch.autograd.grad(loss, net[2].weight)
     assert float(g.abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("name", ["cos", "even-net", "even-net-1d"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_smooth_stationary_points_are_no_flat_region(name, order):
+    """Points at a smooth minimum or maximum (cos at 0, a net of x**2 at the origin) have a
+    gradient of exactly 0 and change only like h**2 nearby: the forward pass curves there, so
+    no flat piece is claimed (it was, with a fix to replace a clamp the model does not
+    have). The second derivative there is not 0 (closed form / float64 Hessian)."""
+    torch.manual_seed(1)
+    width = 1 if name == "even-net-1d" else 2
+    net = nn.Sequential(nn.Linear(width, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = (lambda z: torch.cos(z).sum(1, keepdim=True)) if name == "cos" else \
+        (lambda z: net(z ** 2))
+    x = torch.randn(20, width, generator=torch.Generator().manual_seed(0))
+    x[:4] = 0.0
+    d = nbderiv.derivatives(model, x, order=order)
+    assert "flat-region" not in _codes(d), d.findings
+    assert np.all(d[1][:4] == 0)
+    if order == 2 and name == "cos":
+        np.testing.assert_allclose(d[2][:4, 0], np.broadcast_to(-np.eye(2), (4, 2, 2)),
+                                   atol=1e-6)
+    if order == 2 and name != "cos":
+        from torch.func import hessian
+        net64 = copy.deepcopy(net).double()
+        H = hessian(lambda z: net64(z[None] ** 2)[0, 0])(torch.zeros(width, dtype=torch.float64))
+        assert np.abs(H.detach().numpy()).max() > 1e-3
+        np.testing.assert_allclose(d[2][0, 0], H.detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_hard_boundary_ansatz_on_its_boundary_is_no_input_independence():
+    """u = x * net(x, t) at points on x = 0 (a PINN's hard Dirichlet condition): u_t is 0
+    there, but u_xt is not (closed form: net(0, t)'s t-derivative), so u depends on t next to
+    these points; no no-input-dependence."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    xt = torch.stack([torch.zeros(10), torch.linspace(0, 1, 10)], 1).double()
+    d = nbderiv.derivatives(lambda z: z[:, :1] * net(z), xt, order=2)
+    assert "no-input-dependence" not in _codes(d), d.findings
+    assert np.all(d[1][:, 0, 1] == 0)
+    from torch.func import jacrev, vmap
+    net_t = vmap(jacrev(lambda z: net(z[None])[0, 0]))(xt)[:, 1].detach().numpy()
+    np.testing.assert_allclose(d[2][:, 0, 0, 1], net_t, rtol=1e-10)
