@@ -374,9 +374,11 @@ def _option_error(message):
     return OptionError(message)
 
 
-def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_name: str = "") -> tuple:
+def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_name: str = "",
+                 returned=None) -> tuple:
     """Validate a model output's shape/dtype; return the (N, d_out) shape it is read as.
-    ``n_points`` is the number of points in the batch the model was called on.
+    ``n_points`` is the number of points in the batch the model was called on; ``returned``,
+    what a model returned that is no tensor (for a fix that names its keys or length).
 
     >>> check_output((5, 2, 3), True, "float32", 5)
     (5, 6)
@@ -388,10 +390,7 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
                 "cannot follow NumPy (its derivatives would all read 0). Fix: compute with the "
                 "framework's operations (torch.sin / tf.sin instead of np.sin, no .numpy()) "
                 "and return one tensor of shape (N, d_out).")
-        raise OutputError(
-            f"the model returned {type_name or 'a non-tensor'}, not a tensor. "
-            "Fix: make the model (or a wrapper lambda) return one tensor of shape (N, d_out)."
-        )
+        raise OutputError(_not_a_tensor(type_name, returned))
     if "complex" in dtype_name:
         raise OutputError(
             f"the model's output has dtype {dtype_name}; nbderiv differentiates real outputs "
@@ -467,6 +466,29 @@ def target_values(target, n: int, to_numpy) -> np.ndarray:
                           "the model's outputs, 0..d_out-1, and a negative one does not count "
                           f"from the end here. {fix}")
     return t
+
+
+def _not_a_tensor(type_name, returned) -> str:
+    """The message for a model output that is no tensor: a dict's keys or a tuple's length
+    named, with the wrapper that picks one."""
+    if hasattr(returned, "keys") and callable(returned.keys):
+        try:
+            keys = [k for k in returned.keys()]
+        except Exception:
+            keys = []
+        if keys:
+            shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
+            return (f"the model returned a {type_name} with the keys {shown}, not one tensor: "
+                    "nbderiv differentiates one output tensor. Fix: pass a wrapper that picks "
+                    f"it, e.g. lambda z: model(z)[{keys[0]!r}] (several: torch.cat / tf.concat "
+                    "of them along axis 1).")
+    if isinstance(returned, (tuple, list)) and returned:
+        return (f"the model returned a {type_name} of {len(returned)} values, not one tensor "
+                "(an RNN returns (output, state), some models (y, extras)): nbderiv "
+                "differentiates one output tensor. Fix: pass a wrapper that picks it, e.g. "
+                "lambda z: model(z)[0].")
+    return (f"the model returned {type_name or 'a non-tensor'}, not a tensor. "
+            "Fix: make the model (or a wrapper lambda) return one tensor of shape (N, d_out).")
 
 
 def check_target(largest: int, d_out: int) -> None:

@@ -289,3 +289,17 @@ def test_a_framework_that_is_not_the_models_is_named():
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     with pytest.raises(OptionError, match="framework='torch', but the model is a tensorflow"):
         nbderiv.derivatives(model, np.zeros((3, 1), "float32"), framework="torch")
+
+
+def test_a_model_returning_a_dict_or_a_tuple_is_told_how_to_pick_one_output():
+    """A model returning {'mean': ..., 'logvar': ...} or an RNN's (output, state) was told
+    only 'returned dict, not a tensor'; now the keys (or the length) and the wrapper."""
+    torch = pytest.importorskip("torch")
+    from nbderiv.errors import OutputError
+
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(OutputError, match=r"keys 'mean', 'logvar'.*lambda z: model\(z\)\['mean'\]"):
+        nbderiv.derivatives(lambda z: {"mean": net(z), "logvar": net(z)}, torch.rand(4, 2))
+    rnn = torch.nn.GRU(2, 3, batch_first=True)
+    with pytest.raises(OutputError, match=r"tuple of 2 values.*lambda z: model\(z\)\[0\]"):
+        nbderiv.derivatives(rnn, torch.rand(4, 5, 2))

@@ -334,7 +334,7 @@ def _outputs_key(call):
 def _as_output(out, n, raw=False):
     """Validate what the model returned and reshape it to (n, d_out) (``raw``: keep it)."""
     if not (isinstance(out, (tf.Tensor, tf.Variable)) or tf.is_tensor(out)):
-        check_output(None, False, "", n, type(out).__name__)
+        check_output(None, False, "", n, type(out).__name__, out)
     out = tf.convert_to_tensor(out)
     shape = check_output(tuple(out.shape), out.dtype.is_floating or out.dtype.is_complex,
                          out.dtype.name, n)

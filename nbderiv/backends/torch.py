@@ -162,7 +162,7 @@ class TorchBackend(Backend):
             with eager():
                 out = model(*parts[:n_in], **kwargs)
             if not isinstance(out, torch.Tensor):
-                check_output(None, False, "", X.shape[0], type(out).__name__)
+                check_output(None, False, "", X.shape[0], type(out).__name__, out)
             shape = check_output(tuple(out.shape), out.is_floating_point() or out.is_complex(),
                                  str(out.dtype).replace("torch.", ""), X.shape[0])
             if target is not None:
