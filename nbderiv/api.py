@@ -85,6 +85,7 @@ def _differentiate(call, order, wrt, *, chunk_size=None, memory_budget=DEFAULT_M
                                                      **_coupling_causes(call, layers)))
         return block, layers
     rows, chunked = block_rows(call, order, len(wrt), chunk_size, memory_budget)
+    call.block_rows = rows
     block = run_blocks(call, order, wrt, rows, progress)
     if chunked:
         block = block._replace(method=block.method + " (chunked)")

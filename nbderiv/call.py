@@ -86,6 +86,7 @@ class Call:
     # to compare autodiff with the forward pass at besides the first ones, the coupling
     # finding's numbers); see api._differentiate and result_checks
     hidden_coupling: tuple | None = None
+    block_rows: int | None = None  # points per backend call (chunk_size, memory budget)
 
     @property
     def facts(self) -> Facts:

@@ -262,6 +262,35 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
                    size_only=coupled and not by_moves)
 
 
+def _with_sequence_first_hint(call: Call, exc: OutputError) -> OutputError:
+    """``exc``, or for a model with sequence-first layers the same facts with the fix that
+    fits (:func:`_sequence_first_hint`) in place of the general one."""
+    hint = _sequence_first_hint(call)
+    if not hint:
+        return exc
+    facts = re.split(r"; nbderiv needs|: its first axis| Fix:", str(exc))[0]
+    return OutputError(f"{facts}: the model's output does not follow the points. {hint}")
+
+
+def _sequence_first_hint(call: Call) -> str:
+    """For an output that does not follow the points, from a model with sequence-first
+    layers (an RNN or attention built without ``batch_first=True``): what nbderiv takes as
+    the points and the wrapper that fits, else ''."""
+    try:
+        seq_first = call.backend.layer_summary(call.model).get("seq_first", ())
+    except Exception:  # only for the message
+        return ""
+    if not seq_first or len(call.point_shapes[0]) < 2:
+        return ""
+    names = ", ".join(seq_first[:4])
+    return (f"The model holds {names}, built without batch_first=True: it reads axis 0 of its "
+            "input as the time steps, while nbderiv takes axis 0 of x as the points. Fix: "
+            "give nbderiv the points first, x of shape (N, T, F), and build the layer with "
+            "batch_first=True; or keep the model and pass a wrapper that turns the points "
+            "back to time-major: nbderiv.derivatives(lambda z: model(z.transpose(0, 1)), "
+            "x.transpose(0, 1)) for x of shape (T, N, F).")
+
+
 def _every_point_moved(y: np.ndarray, y1: np.ndarray, eps: float) -> bool:
     """Whether the outputs of every one of at least 3 points (rows) changed by more than
     sqrt(eps) of their size (``eps``: the outputs' rounding step) when one point was left out
@@ -317,6 +346,8 @@ def probe(call: Call) -> Verdict:
         batches, moved = probe_batches(call)
         try:
             outputs = call.backend.forwards(call, batches)
+        except OutputError as exc:
+            raise _with_sequence_first_hint(call, exc) from None
         except NbderivError:
             raise
         except Exception as exc:
@@ -336,7 +367,10 @@ def probe(call: Call) -> Verdict:
                     from None
             raise model_rejected_input(exc, call.inputs, _expected_width(call),
                                        sliced_kwargs(call)) from None
-        fewer = _fewer_points(call, batches[0], outputs[0])
+        try:
+            fewer = _fewer_points(call, batches[0], outputs[0])
+        except OutputError as exc:
+            raise _with_sequence_first_hint(call, exc) from None
         try:
             verdict = verdict_of(call, outputs, moved, fewer)
         except OutputError:

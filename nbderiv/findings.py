@@ -221,6 +221,27 @@ def second_order_cut_finding(points) -> Finding:
     )
 
 
+def partial_second_order_cut_finding(points, rel_error: float) -> Finding:
+    """``graph-broken`` for a second derivative that is partly cut: autodiff's d2 disagrees
+    with central differences of its own d1 at ``points`` (by up to ``rel_error`` of its
+    largest value) at every step tried, while d1 agrees with the forward pass."""
+    return Finding(
+        "graph-broken", "warning",
+        f"autodiff's second derivative disagrees with central differences of its own first "
+        f"derivative at index {_listed(points)}: off by up to {rel_error:.0%} of its largest "
+        "value, at every step tried (float64), while the first derivative agrees with the "
+        "forward pass. Part of the backward pass cannot be differentiated again, so part of "
+        "the second derivative is missing: a custom torch.autograd.Function whose backward "
+        "uses .detach(), NumPy or @once_differentiable on one branch of the model, or a "
+        "tf.custom_gradient whose gradient function stops the gradient. The derivatives of "
+        "order >= 2 are wrong.",
+        "write that backward with differentiable framework operations (torch / tf functions of "
+        "the saved inputs, no NumPy, no detach), or use the built-in function (torch.sin, "
+        "tf.sin) instead of the custom one; check=True shows the differences.",
+        points=tuple(points),
+    )
+
+
 def wide_probe_points(args, n_points: int = WIDE_PROBE_POINTS, seed: int = 0) -> list:
     """Points spread over three times the range of ``args`` (deterministic), same dtypes."""
     rng = np.random.default_rng(seed)
@@ -297,7 +318,8 @@ def coupling_finding(ones_error: float, diag: float, n_points: int | None = None
     if seq_first:
         names = ", ".join(seq_first[:6])
         seq_note = (f" {names} was built without batch_first=True: it reads axis 0 of its input "
-                    "as the sequence, so given (N, T, D) points it attends across the points.")
+                    "as the sequence, so given (N, T, D) points it runs (or attends) across the "
+                    "points.")
         seq_fix = (f"build {names} with batch_first=True for (N, T, D) input (or pass it "
                    "(T, N, D), x.transpose(0, 1)); ")
     if seq_fix:
@@ -456,7 +478,9 @@ def no_dependence_finding(d1: np.ndarray, output_names, input_names,
         "if a dependence is expected, check that forward really uses that input and does not "
         "round it or cast it to an integer on the way (a piecewise-constant function: its "
         "derivative is 0 wherever it exists), and that the points are not all in a dead ReLU "
-        "region or where tanh/sigmoid units saturate.",
+        "region, where tanh/sigmoid units saturate, or where that input wins no max / max "
+        "pooling (a max passes on only its largest input: one that wins at none of these "
+        "points has slope 0 at all of them).",
     )
 
 

@@ -22,6 +22,7 @@ from .findings import (
     no_dependence_finding,
     non_finite_finding,
     non_finite_points,
+    partial_second_order_cut_finding,
     piecewise_constant_finding,
     piecewise_finding,
     saturated_finding,
@@ -79,6 +80,10 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
                          bad_rows=bad_first)
         if f is not None:
             out.append(f)
+    f = _second_order_cut(call, layers, y, ders, wrt, confirmed + list(candidates),
+                          list(earlier) + out)
+    if f is not None:
+        out.append(f)
     if sum(f.code == "graph-broken" for f in out) > 1:  # the first-order cut explains it all
         out = [f for f in out if not (f.code == "graph-broken" and f.message.startswith(
             "autodiff's second derivative"))]
@@ -213,6 +218,74 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         if f is not None:
             out.append(f)
     return out
+
+
+SECOND_CHECK_INPUTS = 8  # order >= 2 results are compared with differences of d1 up to this
+SECOND_CHECK_POINTS = 3  # many inputs, at this many points
+
+
+class _Rows:
+    """The part of a Derivatives that :func:`~nbderiv.fdcheck.finite_difference_check`
+    reads, for a few of its rows."""
+
+    def __init__(self, y, ders, wrt, codes):
+        self.y, self._ders, self.wrt, self.order = y, ders, list(wrt), len(ders)
+        self.codes, self.findings = codes, []
+
+    def __getitem__(self, k):
+        return self._ders[k - 1]
+
+
+def _second_order_cut(call, layers, y, ders, wrt, skip, found) -> Finding | None:
+    """``graph-broken`` for a second derivative that is only partly cut: at the first few
+    points (off kinks), autodiff's d2 disagrees with float64 central differences of its own
+    d1 at every step tried (the check of ``check=True``, there), while its d1 agrees with the
+    forward pass's differences. A custom ``autograd.Function`` whose backward detaches one
+    factor (``g * torch.cos(x).detach()``) beside smooth layers does this: d2 was silently
+    55% off. Only for models of up to :data:`SECOND_CHECK_INPUTS` inputs in float32 or
+    float64 that are not a plain stack of the framework's layers, random, coupled or
+    piecewise (their d2 has its own findings); an agreement is remembered for the same points
+    on the same model state."""
+    from .fdcheck import TOLERANCE, finite_difference_check
+
+    verdict = call.verdict
+    if len(ders) < 2 or len(wrt) > SECOND_CHECK_INPUTS or verdict is None \
+            or verdict.structural or verdict.stochastic or verdict.coupled \
+            or call.hidden_coupling is not None or call.dtype.itemsize < 4 \
+            or structurally_piecewise(layers) or not np.any(ders[1]):
+        return None  # (a plain stack of the framework's own layers cannot be cut)
+    codes = {f.code for f in found}
+    if codes & {"graph-broken", "piecewise-linear", "at-kink", "non-finite", "low-precision"}:
+        return None
+    pts = confirm.graph_points(call, ders[0], skip)[:SECOND_CHECK_POINTS]
+    if len(pts) < 2:
+        return None
+    seen = ("second order", tuple(wrt), tuple(pts), call.features()[pts].tobytes())
+    if seen in call.facts.graph_agrees:
+        return None
+    few = call.with_args([a[pts] for a in call.args])
+    rows = _Rows(y[pts], [d[pts] for d in ders[:2]], wrt, sorted(codes))
+    limit = call.block_rows or len(pts) * 2 * len(wrt)
+
+    def compute(c, k):  # in blocks of at most the call's own (chunk_size=)
+        from .compute import run_blocks
+        return run_blocks(c, k, wrt, min(limit, c.n))
+
+    try:
+        check = finite_difference_check(few, rows, compute=compute)
+    except Exception:  # a confirmation must never break the computation
+        return None
+    if check.passed:
+        call.facts.graph_agrees[seen] = (None, 0.0)
+        return None
+    if check.dtype != "float64" or check.kink_points or 2 not in check.errors:
+        return None  # no float64 copy to tell a cut from rounding, or a kink: no claim
+    tol = TOLERANCE["float64"]
+    first, second = check.errors.get(1, (0.0, 0.0))[1], check.errors[2][1]
+    off = [pts[i] for i in check.nonsmooth_points if i < len(pts)]
+    if not (first <= tol and second > 100 * tol and len(off) >= 2):
+        return None
+    return partial_second_order_cut_finding(off, second)
 
 
 # findings that already account for exact zeros of the gradient

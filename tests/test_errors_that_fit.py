@@ -303,3 +303,64 @@ def test_a_model_returning_a_dict_or_a_tuple_is_told_how_to_pick_one_output():
     rnn = torch.nn.GRU(2, 3, batch_first=True)
     with pytest.raises(OutputError, match=r"tuple of 2 values.*lambda z: model\(z\)\[0\]"):
         nbderiv.derivatives(rnn, torch.rand(4, 5, 2))
+
+
+class _TimeMajor:
+    """A GRU regressor built without batch_first=True (time-major, (T, N, F) input)."""
+
+    @staticmethod
+    def build():
+        torch = pytest.importorskip("torch")
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.rnn, self.fc = torch.nn.GRU(3, 8), torch.nn.Linear(8, 2)
+
+            def forward(self, x):
+                return self.fc(self.rnn(x)[0][-1])
+
+        return Net().eval()
+
+
+@pytest.mark.parametrize("T, N", [(5, 6), (6, 6)])
+def test_a_time_major_rnn_given_time_major_x_is_told_batch_first_and_the_wrapper(T, N):
+    """x of shape (T, N, F) for a time-major GRU: the output has N rows for T 'points'. The
+    error used to say 'do not reduce over the points' (or, for T == N, 'an output indexed like
+    x[-1]'); it names the layer, batch_first and a wrapper, and the wrapper runs (its values
+    match float64 vmap(jacrev) of the model on each point alone)."""
+    torch = pytest.importorskip("torch")
+    from nbderiv.errors import OutputError
+    net = _TimeMajor.build()
+    x = torch.randn(T, N, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(OutputError, match=r"rnn \(GRU\), built without batch_first=True") as info:
+        nbderiv.derivatives(net, x)
+    assert "do not reduce" not in str(info.value) and "x[-1]" not in str(info.value)
+    d = nbderiv.derivatives(lambda z: net(z.transpose(0, 1)), x.transpose(0, 1))
+    import copy
+    net64 = copy.deepcopy(net).double()
+    J = np.stack([torch.autograd.functional.jacobian(lambda p: net64(p[:, None])[0],
+                                                     x[:, n].double()).numpy()
+                  for n in range(N)])
+    np.testing.assert_allclose(d[1], J, atol=1e-5)
+
+
+def test_a_gru_that_forgot_batch_first_couples_the_points_and_the_fix_names_it():
+    """forward written for (N, T, F) (h[:, -1]) around a GRU built without batch_first=True:
+    it runs across the points; coupled-samples' fix names batch_first (it named model.eval())."""
+    torch = pytest.importorskip("torch")
+
+    class Forgot(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn, self.fc = torch.nn.GRU(3, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    d = nbderiv.derivatives(Forgot().eval(),
+                            torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(1)))
+    f = d.finding("coupled-samples")
+    assert "batch_first=True" in f.fix and "rnn (GRU)" in f.message

@@ -116,3 +116,71 @@ def test_stationary_points_are_no_input_dependence(case):
     d = nbderiv.derivatives(model, x, order=2)
     assert np.all(np.abs(d[2][:, 0, curved[0], curved[1]]) > 1e-3)  # it does curve
     assert "no-input-dependence" not in d.codes, d.findings
+
+
+class DetachedCosSin(torch.autograd.Function):
+    """sin whose backward detaches its cos factor: first derivative right, second derivative
+    missing the part through this function."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.cos(x).detach()
+
+
+class HalfCut(nn.Module):
+    """A smooth model whose second derivative is partly cut: sin through DetachedCosSin beside
+    tanh (the user's code, not a plain stack)."""
+
+    def __init__(self, act):
+        super().__init__()
+        torch.manual_seed(0)
+        self.act, self.a, self.b = act, nn.Linear(2, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(self.act(h) + torch.tanh(h))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_partly_cut_second_derivative_is_graph_broken(dtype):
+    """d2 was silently 55% off with no finding; now graph-broken, confirmed by float64
+    differences of d1 at the points it names. Truth: the same weights with torch.sin
+    (float64 vmap(hessian)); d1 is right, d2 is not."""
+    from torch.func import hessian, jacrev, vmap
+    cut, ok = HalfCut(DetachedCosSin.apply).to(dtype), HalfCut(torch.sin).double()
+    ok.load_state_dict({k: v.double() for k, v in cut.state_dict().items()})
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    d = nbderiv.derivatives(cut, x, order=2)
+    one = lambda z: ok(z[None])[0]  # noqa: E731
+    J = vmap(jacrev(one))(x.double()).detach().numpy()
+    H = vmap(hessian(one))(x.double()).detach().numpy()
+    assert np.abs(d[1] - J).max() <= 1e-5 * np.abs(J).max()
+    assert np.abs(d[2] - H).max() > 0.1 * np.abs(H).max()  # really wrong
+    assert d.codes == ["graph-broken"], d.findings
+    f = d.finding("graph-broken")
+    assert "second derivative" in f.message and "detach" in f.message and len(f.points) >= 2
+    # the same model with torch.sin: no finding, the right numbers
+    d_ok = nbderiv.derivatives(HalfCut(torch.sin).to(dtype), x, order=2)
+    assert d_ok.codes == []
+
+
+def test_a_smooth_custom_function_with_a_differentiable_backward_is_no_cut():
+    class Sin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.sin(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * torch.cos(x)
+
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert nbderiv.derivatives(HalfCut(Sin.apply).double(), x, order=2).codes == []

@@ -466,7 +466,8 @@ class TorchBackend(Backend):
             if no_running:
                 batch_stats.append(f"{name or 'model'} ({kind})")
             # attention that reads axis 0 as the sequence: it mixes the points of the batch
-            if kind == "MultiheadAttention" and not getattr(module, "batch_first", True):
+            if (kind == "MultiheadAttention" or isinstance(module, torch.nn.RNNBase)) \
+                    and not getattr(module, "batch_first", True):  # (an RNN: time-major)
                 seq_first.append(f"{name or 'model'} ({kind})")
             # an LSTM / GRU / RNN of several layers drops out between them in training
             rnn_dropout = isinstance(module, torch.nn.RNNBase) and module.num_layers > 1 \
