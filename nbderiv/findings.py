@@ -70,8 +70,28 @@ def half_compute_finding(layers) -> Finding:
     )
 
 
+def _train_effects(layers) -> str:
+    """What training mode does, for the kinds of layer listed (names like 'drop (Dropout)')."""
+    text = " ".join(layers)
+    effects = []
+    if "ropout" in text or "RReLU" in text or "Noise" in text:
+        effects.append("Dropout (and random noise) makes derivatives random")
+    if "BatchNorm" in text:
+        effects.append("batch statistics couple the points to each other")
+    if "InstanceNorm" in text:
+        effects.append("an InstanceNorm with running statistics normalizes each point with its "
+                       "own statistics in training and with the running ones in eval (another "
+                       "function, no coupling)")
+    if not effects:
+        effects = ["Dropout makes derivatives random", "batch statistics couple the points to "
+                   "each other"]
+    return "; ".join(effects) + "."
+
+
 def _train_mode_findings(layers: dict) -> list:
     names = ", ".join(layers["train_mode"][:6])
+    effects = _train_effects(layers["train_mode"])
+    effects = effects[0].upper() + effects[1:]
     outside = layers.get("outside_tree")
     if outside:  # kept in a plain list or dict: model.eval() never reaches them
         kept_in = ", ".join(outside[:6])
@@ -80,16 +100,15 @@ def _train_mode_findings(layers: dict) -> list:
             f"layers that behave differently in training are in training mode: {names}. "
             f"{kept_in} {'is' if len(outside) == 1 else 'are'} kept in a plain Python list, "
             "dict, object or function, outside the model's module tree, so model.eval(), "
-            f"model.parameters() and model.to() do not reach {'it' if len(outside) == 1 else 'them'}. Dropout "
-            "makes derivatives random; batch statistics couple the points to each other.",
+            f"model.parameters() and model.to() do not reach {'it' if len(outside) == 1 else 'them'}. "
+            f"{effects}",
             "keep the layers in torch.nn.ModuleList / torch.nn.ModuleDict (or set each as an "
             "attribute of the model), then call model.eval(); or call .eval() on each of them.",
         )]
     return [Finding(
         "train-mode", "warning",
-        f"layers that behave differently in training are in training mode: {names}. Dropout "
-        "makes derivatives random; batch statistics couple the points to each other. "
-        "nbderiv does not change the mode for you.",
+        f"layers that behave differently in training are in training mode: {names}. "
+        f"{effects} nbderiv does not change the mode for you.",
         "call model.eval() (torch) or the model with training=False (Keras) before "
         "differentiating.",
     )]

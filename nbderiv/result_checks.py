@@ -252,8 +252,12 @@ def _second_order_cut(call, layers, y, ders, wrt, skip, found) -> Finding | None
     if len(ders) < 2 or len(wrt) > SECOND_CHECK_INPUTS or verdict is None \
             or verdict.structural or verdict.stochastic or verdict.coupled \
             or call.hidden_coupling is not None or call.dtype.itemsize < 4 \
-            or structurally_piecewise(layers) or not np.any(ders[1]):
-        return None  # (a plain stack of the framework's own layers cannot be cut)
+            or structurally_piecewise(layers) or not layers.get("opaque", True) \
+            or (call.backend.name == "torch"
+                and type(call.model).__module__.split(".")[0] == "keras"):
+        # (a plain stack of the framework's own layers cannot be cut; a Keras model on the
+        # torch backend: copying it in float64 would import TensorFlow)
+        return None
     codes = {f.code for f in found}
     if codes & {"graph-broken", "piecewise-linear", "at-kink", "non-finite", "low-precision"}:
         return None
@@ -284,6 +288,12 @@ def _second_order_cut(call, layers, y, ders, wrt, skip, found) -> Finding | None
     first, second = check.errors.get(1, (0.0, 0.0))[1], check.errors[2][1]
     off = [pts[i] for i in check.nonsmooth_points if i < len(pts)]
     if not (first <= tol and second > 100 * tol and len(off) >= 2):
+        return None
+    seconds = [errors.get(2, np.nan) for _, errors in check.tried]
+    if len(seconds) < 2 or not abs(seconds[-1] - seconds[-2]) <= 0.02 * max(seconds[-2:]):
+        # the error still moves with the step: a variation too fast for the steps tried,
+        # not a cut (whose differences settle on the true d2, away from autodiff's, and give
+        # the same error at every small step)
         return None
     return partial_second_order_cut_finding(off, second)
 

@@ -285,12 +285,22 @@ def test_inputs_far_from_zero_get_steps_sized_by_their_spread():
 def test_inputs_on_a_small_scale_are_checked_at_a_step_that_resolves_them(dtype):
     """A smooth net reading x / 1e-4, at x in [1e-4, 3e-4]: a step of 1e-4 spans its whole
     range (the check failed, blaming a cut graph); smaller steps agree with autodiff, which
-    matches float64 vmap(jacrev) of the same weights."""
+    matches float64 vmap(jacrev) of the same weights. (Smaller steps are tried in float64
+    only: a float32 check's rounding allowance would let anything pass there.)"""
     from torch.func import jacrev, vmap
     torch.manual_seed(0)
     inner = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+
+    class Scaled(nn.Module):  # (a module: its float64 copy is what the check runs)
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z):
+            return self.inner(z / 1e-4)
+
     x = torch.linspace(1e-4, 3e-4, 10, dtype=dtype)[:, None]
-    d = nbderiv.derivatives(lambda z: inner(z / 1e-4), x, order=2, check=True)
+    d = nbderiv.derivatives(Scaled(), x, order=2, check=True)
     assert d.check.passed and d.codes == [], d.check.summary()
     inner64 = inner.double()
     truth = vmap(jacrev(lambda z: inner64(z[None] / 1e-4)[0]))(x.double()).detach().numpy()
@@ -305,3 +315,21 @@ def test_reference_on_a_small_scale_keeps_the_step_that_converges():
     assert all(rel < 1e-4 for _, rel in d.reference_errors.values()), d.reference_errors
     xs = x.numpy()[:, 0]
     assert np.abs(d[1][:, 0, 0] - 1e4 * np.cos(1e4 * xs)).max() < 1e-7
+
+
+def test_a_cut_graph_in_a_model_with_no_float64_copy_still_fails_the_check():
+    """NumPy inside forward, float32 results: no float64 copy, so no smaller steps (whose
+    float32 rounding allowance would exceed the derivative and pass autodiff's zeros)."""
+    class NumpyInside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x):
+            z = np.pi * x.detach().numpy()
+            return self.lin(torch.from_numpy(np.concatenate([np.sin(z), np.cos(z)], 1)).float())
+
+    d = nbderiv.derivatives(NumpyInside(), torch.linspace(-1, 1, 5)[:, None], check=True)
+    assert not d.check.passed and np.all(d[1] == 0)
+    assert np.abs(d.check.reference[1]).max() > 0.5  # the differences see the slope

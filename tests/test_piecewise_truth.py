@@ -184,3 +184,22 @@ def test_a_smooth_custom_function_with_a_differentiable_backward_is_no_cut():
 
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert nbderiv.derivatives(HalfCut(Sin.apply).double(), x, order=2).codes == []
+
+
+def test_a_fully_cut_second_derivative_beside_an_unused_smooth_layer_is_graph_broken():
+    """d2 == 0 everywhere from a custom Function that detaches its derivative, in a module
+    that also holds an unused tanh network: the smooth activation made the curvature check
+    step back (no claim), and d2 was silently 0 where the truth is -4 sin(2x)."""
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.unused = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def forward(self, x):
+            return DetachedCosSin.apply(2 * x)
+
+    x = torch.linspace(-1, 1, 11, dtype=torch.float64)[:, None]
+    d = nbderiv.derivatives(Holder().double(), x, order=2)
+    assert np.all(d[2] == 0) and np.abs(d[1][:, 0, 0] - 2 * np.cos(2 * x.numpy()[:, 0])).max() < 1e-12
+    assert d.codes == ["graph-broken"], d.findings
