@@ -476,3 +476,19 @@ def test_points_where_a_clamp_flattens_the_input_are_no_saturation():
         codes = [f.code for f in found]
         assert "saturated" not in codes, codes
         assert codes == ["no-input-dependence"] and "flat region" in found[0].message
+
+
+def test_inputs_in_a_narrow_range_get_no_false_graph_broken():
+    """A float32 function reading x / 1e-4 at x in [-1e-4, 1e-4]: the forward pass's steps of
+    (1 + |x|) spanned hundreds of its periods, and their noise passed for a disagreement with
+    autodiff (graph-broken). Steps follow the narrow spread now; autodiff is right (float64
+    closed form of the sin part, vmap(jacrev) of the float64 net)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = (torch.linspace(-1, 1, 21) * 1e-4)[:, None]
+    d = nbderiv.derivatives(lambda z: net(z / 1e-4) + torch.sin(3 * z / 1e-4), x)
+    assert d.codes == [], d.findings
+    net64 = copy.deepcopy(net).double()
+    J = vmap(jacrev(lambda z: net64(z[None] / 1e-4)[0, 0]))(x.double()).detach().numpy()[:, 0]
+    truth = J + 3e4 * np.cos(3 * x.double().numpy()[:, 0] / 1e-4)
+    assert np.abs(d[1][:, 0, 0] - truth).max() < 1e-5 * np.abs(truth).max()
