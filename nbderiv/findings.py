@@ -240,20 +240,26 @@ def second_order_cut_finding(points) -> Finding:
     )
 
 
-def partial_second_order_cut_finding(points, rel_error: float) -> Finding:
-    """``graph-broken`` for a second derivative that is partly cut: autodiff's d2 disagrees
-    with central differences of its own d1 at ``points`` (by up to ``rel_error`` of its
-    largest value) at every step tried, while d1 agrees with the forward pass."""
+_ORDINALS = {1: "first", 2: "second", 3: "third"}
+
+
+def partial_second_order_cut_finding(points, rel_error: float, order: int = 2) -> Finding:
+    """``graph-broken`` for a derivative of ``order`` >= 2 that is partly cut: autodiff's
+    d[order] disagrees with central differences of its own d[order - 1] at ``points`` (by up
+    to ``rel_error`` of its largest value) at every small step tried, while the lower orders
+    agree."""
+    name, lower = _ORDINALS.get(order, f"order-{order}"), _ORDINALS.get(order - 1, "lower")
     return Finding(
         "graph-broken", "warning",
-        f"autodiff's second derivative disagrees with central differences of its own first "
+        f"autodiff's {name} derivative disagrees with central differences of its own {lower} "
         f"derivative at index {_listed(points)}: off by up to {rel_error:.0%} of its largest "
-        "value, at every step tried (float64), while the first derivative agrees with the "
-        "forward pass. Part of the backward pass cannot be differentiated again, so part of "
-        "the second derivative is missing: a custom torch.autograd.Function whose backward "
-        "uses .detach(), NumPy or @once_differentiable on one branch of the model, or a "
-        "tf.custom_gradient whose gradient function stops the gradient. The derivatives of "
-        "order >= 2 are wrong.",
+        f"value, at every small step tried (float64), while the {lower} derivative "
+        f"{'agrees with the forward pass' if order == 2 else 'and those below it agree'}. "
+        f"Part of the backward pass cannot be differentiated again, so part of the {name} "
+        "derivative is missing: a custom torch.autograd.Function whose backward uses "
+        ".detach(), NumPy or @once_differentiable on one branch of the model (or inside the "
+        "backward of another custom Function), or a tf.custom_gradient whose gradient function "
+        f"stops the gradient. The derivatives of order >= {order} are wrong.",
         "write that backward with differentiable framework operations (torch / tf functions of "
         "the saved inputs, no NumPy, no detach), or use the built-in function (torch.sin, "
         "tf.sin) instead of the custom one; check=True shows the differences.",

@@ -264,11 +264,12 @@ def _second_order_cut(call, layers, y, ders, wrt, skip, found) -> Finding | None
     pts = confirm.graph_points(call, ders[0], skip)[:SECOND_CHECK_POINTS]
     if len(pts) < 2:
         return None
-    seen = ("second order", tuple(wrt), tuple(pts), call.features()[pts].tobytes())
+    top = min(len(ders), 3)  # orders compared (the third with differences of the second)
+    seen = ("orders", top, tuple(wrt), tuple(pts), call.features()[pts].tobytes())
     if seen in call.facts.graph_agrees:
         return None
     few = call.with_args([a[pts] for a in call.args])
-    rows = _Rows(y[pts], [d[pts] for d in ders[:2]], wrt, sorted(codes))
+    rows = _Rows(y[pts], [d[pts] for d in ders[:top]], wrt, sorted(codes))
     limit = call.block_rows or len(pts) * 2 * len(wrt)
 
     def compute(c, k):  # in blocks of at most the call's own (chunk_size=)
@@ -285,17 +286,22 @@ def _second_order_cut(call, layers, y, ders, wrt, skip, found) -> Finding | None
     if check.dtype != "float64" or check.kink_points or 2 not in check.errors:
         return None  # no float64 copy to tell a cut from rounding, or a kink: no claim
     tol = TOLERANCE["float64"]
-    first, second = check.errors.get(1, (0.0, 0.0))[1], check.errors[2][1]
     off = [pts[i] for i in check.nonsmooth_points if i < len(pts)]
-    if not (first <= tol and second > 100 * tol and len(off) >= 2):
-        return None
-    seconds = [errors.get(2, np.nan) for _, errors in check.tried]
-    if len(seconds) < 2 or not abs(seconds[-1] - seconds[-2]) <= 0.02 * max(seconds[-2:]):
-        # the error still moves with the step: a variation too fast for the steps tried,
-        # not a cut (whose differences settle on the true d2, away from autodiff's, and give
-        # the same error at every small step)
-        return None
-    return partial_second_order_cut_finding(off, second)
+    for k in range(2, top + 1):  # the lowest order that is off, every lower one right
+        lower_right = all(check.errors.get(j, (0.0, 0.0))[1] <= tol for j in range(1, k))
+        error = check.errors.get(k, (0.0, 0.0))[1]
+        if not lower_right or len(off) < 2:
+            return None
+        if not error > 100 * tol:
+            continue
+        errors = [tried.get(k, np.nan) for _, tried in check.tried]
+        if len(errors) < 2 or not abs(errors[-1] - errors[-2]) <= 0.02 * max(errors[-2:]):
+            # the error still moves with the step: a variation too fast for the steps
+            # tried, not a cut (whose differences settle on the true derivative, away from
+            # autodiff's, and give the same error at every small step)
+            return None
+        return partial_second_order_cut_finding(off, error, order=k)
+    return None
 
 
 # findings that already account for exact zeros of the gradient

@@ -203,3 +203,45 @@ def test_a_fully_cut_second_derivative_beside_an_unused_smooth_layer_is_graph_br
     d = nbderiv.derivatives(Holder().double(), x, order=2)
     assert np.all(d[2] == 0) and np.abs(d[1][:, 0, 0] - 2 * np.cos(2 * x.numpy()[:, 0])).max() < 1e-12
     assert d.codes == ["graph-broken"], d.findings
+
+
+class CosDetached(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.cos(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return -g * torch.sin(x).detach()
+
+
+class SinRightTwice(torch.autograd.Function):
+    """sin whose first and second derivatives are right, its third cut (its backward uses
+    CosDetached, whose own backward detaches)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * CosDetached.apply(x)
+
+
+def test_a_cut_third_derivative_is_graph_broken_at_order_3_only():
+    x = torch.randn(12, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model = HalfCut(SinRightTwice.apply).double()
+    ok = HalfCut(torch.sin).double()
+    ok.load_state_dict(model.state_dict())
+    assert nbderiv.derivatives(model, x, order=2).codes == []
+    d = nbderiv.derivatives(model, x, order=3)
+    assert d.codes == ["graph-broken"] and "third derivative" in d.findings[0].message
+    from torch.func import jacfwd, jacrev, vmap
+    one = lambda z: ok(z[None])[0]  # noqa: E731
+    T = vmap(jacfwd(jacrev(jacrev(one))))(x).detach().numpy()
+    assert np.abs(d[2] - vmap(jacrev(jacrev(one)))(x).detach().numpy()).max() < 1e-10
+    assert np.abs(d[3] - T).max() > 0.1 * np.abs(T).max()  # really cut
