@@ -200,6 +200,8 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
                                      out_shape=call.verdict.out_shape,
                                      notes=result._code_notes + ("target",) * has_target)
     result._time_axis = kept(call, "time axis", lambda: _time_axis(call))
+    if has_target:  # (the target travels as the last extra column, as ints)
+        result._targets = call.args[-1][:, 0].astype(np.int64)
     result._present(call.verdict.out_shape,
                     call.point_shapes[0] if call.n_inputs == 1 else None)
     return result, J

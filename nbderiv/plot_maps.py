@@ -173,12 +173,15 @@ def _per_value(d, n, j, k) -> np.ndarray:
 # -- titles -------------------------------------------------------------------------------
 def _y_text(d, n, j) -> str:
     y = np.asarray(d.y[n], dtype=np.float64).reshape(-1)[j]
-    name = "y" if d.n_outputs == 1 else f"y[{j}]"
+    targets = getattr(d, "_targets", None)
+    name = f"y[{int(targets[n])}]" if targets is not None else \
+        "y" if d.n_outputs == 1 else f"y[{j}]"
     return f"{name} = {y:.3g}"
 
 
 def _saliency_label(k, j, d) -> str:
-    y = "y" if d.n_outputs == 1 else f"y_{{{j}}}"
+    y = "y_{target}" if getattr(d, "_targets", None) is not None else \
+        "y" if d.n_outputs == 1 else f"y_{{{j}}}"
     if k == 1:
         return rf"$|\partial {y}/\partial x|$"
     return rf"$|\partial^{k} {y}/\partial x^{k}|$"

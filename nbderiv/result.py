@@ -133,6 +133,7 @@ class Derivatives:
         self._code_notes = ()  # see Backend.code_notes
         self._stochastic = False  # the model's outputs were random (dropout in training)
         self._time_axis = 0  # sequences: 1 where each point is (channels, length) (Conv1d)
+        self._targets = None  # target=: each point's chosen output (flat index), for titles
         self.notes = list(notes)  # lines shown in the summary, e.g. the size of a grid
         self.out_shape = tuple(y.shape[1:]) if y.ndim > 1 else (1,)  # each point's output shape
         self.in_shape = (len(self.wrt),)  # the input axes' shape in d[k] (per input axis group)

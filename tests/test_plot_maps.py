@@ -68,7 +68,7 @@ def test_image_panels_show_the_input_and_the_channel_max_of_abs_gradient():
         saliency = _array(fig.panels[1, n])
         np.testing.assert_allclose(saliency, np.abs(d[1][n, 0]).max(axis=0), rtol=0, atol=0)
         assert saliency.shape == (6, 6)
-        assert f"y = {d.y[n, 0]:.3g}" in fig.panels["input", n].get_title()
+        assert f"y[{int(labels[n])}] = {d.y[n, 0]:.3g}" in fig.panels["input", n].get_title()
     # the target's gradient: the same as the full Jacobian's row of that label
     full = nbderiv.derivatives(_cnn(), x)
     np.testing.assert_allclose(d[1][:, 0], full[1][np.arange(8), labels.numpy()], atol=1e-12)
@@ -192,3 +192,21 @@ def test_conv1d_points_are_drawn_channel_by_position():
         np.testing.assert_allclose(heat, np.abs(jac.numpy()), atol=1e-12)
         assert fig.panels[1, n].get_ylabel() == "channel"
         assert fig.panels[1, n].get_xlabel() == "position"
+
+
+def test_saliency_titles_name_each_points_target():
+    """target=labels: each point's title names its chosen output, y[label] = its score (the
+    titles read 'y = ...' without saying which output was differentiated)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Tanh(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = [4, 1, 2]
+    d = nbderiv.derivatives(cnn, x, target=labels)
+    titles = [a.get_title() for a in d.plot().axes]
+    with torch.no_grad():
+        scores = cnn(x).numpy()
+    for n, label in enumerate(labels):
+        assert f"point {n}\ny[{label}] = {scores[n, label]:.3g}" in titles
+    assert any("target" in t for t in titles)
