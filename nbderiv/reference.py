@@ -95,20 +95,8 @@ def _reference_errors(reference, call, result) -> dict:
                     "reference={1: np.cos, 2: lambda x: -np.sin(x)}.")
             truths[k] = _shaped(_evaluate(fk, X, widths), result[k].shape, f"reference[{k}]")
     elif callable(reference):
-        # a function that varies on a smaller scale than x (sin(1e4 x), Fourier features)
-        # needs a smaller step: where the first step's error is above rounding, the steps
-        # 16 and 256 times smaller are tried too, and each order keeps its smallest error
-        errors = None
-        for shrink in (1, 16, 256):
-            truths = {k: _shaped(v, result[k].shape, "the reference function") for k, v in
-                      _central_differences(reference, X, widths, result.order, result.wrt,
-                                           shrink).items()}
-            now = {k: _error(result[k], truth) for k, truth in sorted(truths.items())}
-            errors = now if errors is None else {
-                k: min(errors[k], now[k], key=lambda e: (np.isnan(e[1]), e[1])) for k in now}
-            if all(not rel > CONVERGED for _, rel in errors.values()):
-                break
-        return errors
+        truths = {k: _shaped(v, result[k].shape, "the reference function") for k, v in
+                  central_differences(reference, X, widths, result.order, result.wrt).items()}
     else:
         raise OptionError(
             f"reference must be a function of x or a dict {{order: function}}, got "
@@ -129,9 +117,6 @@ def _shaped(value, shape, what) -> np.ndarray:
             f"{what} returned shape {value.shape}, which does not fit the result's shape "
             f"{shape}. Fix: return one row per point with the model's outputs, e.g. (N, d_out).")
     return value.reshape(shape)
-
-
-CONVERGED = 1e-6  # a relative error of reference= below this needs no smaller step
 
 
 def step_scales(X: np.ndarray) -> np.ndarray:
@@ -156,6 +141,38 @@ def step_scales(X: np.ndarray) -> np.ndarray:
 def step_for(order: int) -> float:
     """The relative step of order-k central differences in float64: eps ** (1 / (k + 2))."""
     return _EPS64 ** (1.0 / (order + 2))
+
+
+SHRINKS = (1, 16, 256)  # the steps tried, as divisors of the first
+
+
+def central_differences(f, X, widths, order, wrt) -> dict:
+    """{k: truth of d[k]} for k = 0..order (:func:`_central_differences`), each order at the
+    step that suits the function, chosen from the differences alone (never by agreement with
+    the model): the first step where it and the next smaller one agree at least as well as
+    the two smaller ones (a function varying on the scale of x: the first step, whose
+    differences the smaller steps' rounding only blurs); else, for a function that varies
+    on a smaller scale than x (sin(1e4 x) at x ~ 1e-4, Fourier features), the smaller
+    steps, the smallest one where its rounding (eps max |f| / h**k) stays below how far
+    the two smaller steps differ."""
+    runs = [_central_differences(f, X, widths, order, wrt, shrink) for shrink in SHRINKS]
+    truths = {0: runs[0][0]}
+    size = float(np.nanmax(np.abs(runs[0][0]), initial=0.0)) if runs[0][0].size else 0.0
+    finite = np.isfinite(X)
+    h0 = float((step_scales(X)[list(wrt)] if len(wrt) else np.ones(1)).min()) \
+        if finite.any() else 1.0
+    for k in range(1, order + 1):
+        t0, t1, t2 = (r[k] for r in runs)
+        with np.errstate(invalid="ignore"):
+            d01 = float(np.nanmax(np.abs(t0 - t1), initial=0.0))
+            d12 = float(np.nanmax(np.abs(t1 - t2), initial=0.0))
+        if d01 <= d12:
+            truths[k] = t0
+            continue
+        h2 = step_for(k) * h0 / SHRINKS[2]
+        rounding = _EPS64 * size / h2 ** k
+        truths[k] = t2 if rounding < d12 else t1
+    return truths
 
 
 def _central_differences(f, X, widths, order, wrt, shrink=1) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import NbderivError, OptionError
-from .reference import _central_differences
+from .reference import central_differences
 
 AUTODIFF, CENTRAL = "autodiff", "central differences"
 
@@ -60,7 +60,7 @@ def reference_derivatives(reference, X, order, wrt, framework=None, how=None) ->
         if how == AUTODIFF:
             raise _reference_failed(failures, X)
     try:
-        return _central_differences(reference, X, [X.shape[1]], order, list(wrt)), CENTRAL
+        return central_differences(reference, X, [X.shape[1]], order, list(wrt)), CENTRAL
     except Exception as exc:  # noqa: BLE001 - the reference's own errors too
         failures.append(f"called on NumPy float64 x of shape {X.shape}, {_reason(exc)}")
     raise _reference_failed(failures, X)

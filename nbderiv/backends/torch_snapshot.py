@@ -157,7 +157,7 @@ def _walk(state, found) -> list:
                 subs = [sub for sub in value.values() if sub is not None]
                 todo += subs
                 objects += subs
-                settings.append((name, tuple(zip(value, map(id, value.values())))))
+                settings.append((name, tuple((k, id(sub)) for k, sub in value.items())))
             elif kind in _CONTAINERS and not value:  # an empty dict of hooks: as if absent
                 continue
             else:
