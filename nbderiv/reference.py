@@ -124,7 +124,7 @@ def step_scales(X: np.ndarray) -> np.ndarray:
     ``max(1, |x|)``, except for inputs far from 0 compared with their spread over the points
     (x in [1e4, 1e4 + 3]: a step of 1e-4 |x| = 1 would span a sixth of sin's period), scaled
     down to that spread, but never below 1 nor below 1e-3 |x| (far above float64's rounding of
-    x itself).
+    x itself). One point, or an input constant over the points, has no spread: max(1, |x|).
 
     >>> step_scales(np.array([[0.5, 1e4, 50.0], [0.9, 1e4 + 3, 150.0]])).tolist()
     [1.0, 10.003, 100.0]
@@ -134,7 +134,7 @@ def step_scales(X: np.ndarray) -> np.ndarray:
         warnings.simplefilter("ignore", RuntimeWarning)  # a column with no finite value
         top = np.nan_to_num(np.nanmax(np.abs(X), axis=0), nan=1.0)
         spread = np.nan_to_num(np.nanmax(X, axis=0) - np.nanmin(X, axis=0), nan=0.0)
-    spread = np.where(spread > 0, spread, 1.0)  # one point, or a constant input
+    spread = np.where(spread > 0, spread, top)  # one point, or a constant input: no spread
     return np.maximum(1.0, np.minimum(top, np.maximum(spread, 1e-3 * top)))
 
 
