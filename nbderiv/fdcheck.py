@@ -165,9 +165,13 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         layers = {}
     piecewise = bool({"piecewise-linear", "at-kink"} & set(result.codes)
                      or structurally_piecewise(layers))
-    check = _compare(result, diffs, step, piecewise, ref_precision,
-                     precision if precision != call.dtype else None,
-                     noise_step=float(steps[list(wrt)].min()))
+
+    def compared(diffs, shrink=1):  # the differences at steps / shrink against the result
+        return _compare(result, diffs, step / shrink, piecewise, ref_precision,
+                        precision if precision != call.dtype else None,
+                        noise_step=float(steps[list(wrt)].min()) / shrink)
+
+    check = compared(diffs)
     tried = [(step, {k: e[1] for k, e in check.errors.items()})]
     if not check.passed and ref_precision == np.float64 and not coupled and not piecewise:
         # a smooth function that varies on a smaller scale than x (sin(1e4 x) at x ~ 1e-4,
@@ -177,11 +181,8 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         # past the derivatives themselves at small steps, and anything would pass
         for shrink in (16, 256, 4096):
             try:
-                smaller = _compare(result, _differences(compute, at, X, order, wrt,
-                                                        steps / shrink, dtype),
-                                   step / shrink, piecewise, ref_precision,
-                                   precision if precision != call.dtype else None,
-                                   noise_step=float(steps[list(wrt)].min()) / shrink)
+                smaller = compared(_differences(compute, at, X, order, wrt, steps / shrink,
+                                                dtype), shrink)
             except Exception:  # the check must never break the computation it checks
                 break
             tried.append((step / shrink, {k: e[1] for k, e in smaller.errors.items()}))
