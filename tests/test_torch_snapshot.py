@@ -124,3 +124,26 @@ def test_a_parameter_met_first_in_a_plain_attribute_gets_its_flags_and_grad_back
     z = x @ w.detach().T + net.lin.bias.detach()
     truth = (1 - torch.tanh(z) ** 2)[:, :, None] * w.detach()[None]
     assert abs(d[1] - truth.numpy()).max() < 1e-12
+
+
+class _NoisyInput(torch.nn.Module):
+    """Input noise drawn from a generator of the model's own (a seeded augmentation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1)
+        self.noise = torch.Generator().manual_seed(3)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x + 1e-3 * torch.randn(x.shape, generator=self.noise)))
+
+
+def test_a_generator_held_by_the_model_is_put_back_where_it_was():
+    torch.manual_seed(0)
+    net = _NoisyInput()
+    before = net.noise.get_state().clone()
+    expected_next = torch.randn(4, generator=torch.Generator().set_state(before))
+    nbderiv.derivatives(net, torch.randn(6, 2), order=2, progress=False)
+    assert torch.equal(net.noise.get_state(), before)
+    # the user's next draw is the one they would have had without the call
+    assert torch.equal(torch.randn(4, generator=net.noise), expected_next)

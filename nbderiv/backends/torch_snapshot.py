@@ -46,6 +46,7 @@ class TorchState:
         self.modes, self.registered, self.params = [], [], []
         self.keys = []  # (a _parameters / _buffers / _modules dict, its names before the call)
         self.attributes = []  # (module, name, tensor) of the plain tensor attributes
+        self.generators = []  # (torch.Generator held by a module, its state before the call)
         self._key, self.objects = None, []
         self.unique = {}  # id -> registered tensor (tied tensors once)
         found = {}  # id -> tensor: registered ones and tensors held in attributes
@@ -55,7 +56,7 @@ class TorchState:
             raise
         except Exception:  # e.g. inference tensors keep no version counter: no key
             self.modes, self.registered, self.params, found = [], [], [], {}
-            self.keys, self.attributes, self.unique = [], [], {}
+            self.keys, self.attributes, self.unique, self.generators = [], [], {}, []
             self.parts, self.objects = None, []
             _plain_walk(self, found)
         self.found = list(found.values())
@@ -111,6 +112,9 @@ class TorchState:
         for m, mode in self.modes:
             if m.training is not mode:  # (nn.Module's __setattr__ is slow)
                 m.training = mode
+        for generator, before in self.generators:
+            if not torch.equal(generator.get_state(), before):
+                generator.set_state(before)
 
 
 def _registered(store, name):
@@ -163,6 +167,8 @@ def _walk(state, found) -> list:
             else:
                 if isinstance(value, torch.Tensor):  # a plain tensor attribute (a cache, the
                     state.attributes.append((m, name, value))  # weight spectral_norm sets)
+                elif kind is torch.Generator:  # a model's own random stream (noise layers)
+                    state.generators.append((value, value.get_state()))
                 settings.append(_setting(name, value, objects, found, todo))
         if _own_classes(type(m)):
             settings.append(("class code", _code_state(type(m), objects, found, todo)))
