@@ -101,3 +101,25 @@ def test_mc_dropout_is_told_in_keras_words():
     f = d.finding("train-mode")
     assert f is not None and "training=True" in f.message
     assert "torch" not in f.message + f.fix and "in forward" not in f.message
+
+
+class _UnseededNoise(keras.layers.Layer):
+    """Noise from the global streams: keras.random without seed=, tf.random's Generator."""
+
+    def call(self, x):
+        g = tf.random.get_global_generator()
+        return x + 1e-2 * keras.random.normal(tf.shape(x)) + 1e-2 * g.normal(tf.shape(x))
+
+
+def test_unseeded_draws_leave_the_global_random_streams_where_they_were():
+    from keras.src.random.seed_generator import global_seed_generator
+    i = keras.Input((2,))
+    model = keras.Model(i, keras.layers.Dense(1)(_UnseededNoise()(i)))
+    model(np.zeros((1, 2), "float32"))  # both global generators exist now
+    keras_before = global_seed_generator().state.numpy().copy()
+    tf_before = tf.random.get_global_generator().state.numpy().copy()
+    d = nbderiv.derivatives(model, np.random.default_rng(0).random((5, 2), "float32"),
+                            progress=False)
+    assert any("stochastic" in f.message for f in d.findings)
+    np.testing.assert_array_equal(global_seed_generator().state.numpy(), keras_before)
+    np.testing.assert_array_equal(tf.random.get_global_generator().state.numpy(), tf_before)

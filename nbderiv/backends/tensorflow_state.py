@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -141,11 +142,53 @@ def graph_has_seeded_random(types: set) -> bool:
 
 @contextlib.contextmanager
 def preserved(model):
-    """The model's variables are put back as they were when the block ends."""
+    """The model's variables, and the global random streams unseeded draws advance, are put
+    back as they were when the block ends."""
     snapshot = Snapshot(model)
+    streams = _GlobalStreams()
     _OPEN_SNAPSHOTS.append(snapshot)
     try:
         yield
     finally:
         _OPEN_SNAPSHOTS.remove(snapshot)
         snapshot.restore()
+        streams.restore()
+
+
+class _GlobalStreams:
+    """The streams of random numbers every unseeded draw advances: Keras' global
+    SeedGenerator (``keras.random.normal(shape)`` without ``seed=``) and ``tf.random``'s
+    global Generator, saved where they exist (Keras is never imported here) and put back
+    (one created during the block is dropped again, as if never drawn from)."""
+
+    _KERAS = "keras.src.backend.common.global_state"
+    _KERAS_NAME = "global_seed_generator"
+
+    def __init__(self):
+        from tensorflow.python.ops import stateful_random_ops
+        self.tf_module = stateful_random_ops
+        self.tf_generator = getattr(stateful_random_ops, "global_generator", None)
+        self.tf_state = _state_of(self.tf_generator)
+        keras_state = sys.modules.get(self._KERAS)
+        self.keras_generator = None if keras_state is None else \
+            keras_state.get_global_attribute(self._KERAS_NAME)
+        self.keras_state = _state_of(self.keras_generator)
+
+    def restore(self):
+        if getattr(self.tf_module, "global_generator", None) is not self.tf_generator:
+            self.tf_module.global_generator = self.tf_generator
+        _put_state(self.tf_generator, self.tf_state)
+        keras_state = sys.modules.get(self._KERAS)
+        if keras_state is not None and \
+                keras_state.get_global_attribute(self._KERAS_NAME) is not self.keras_generator:
+            keras_state.set_global_attribute(self._KERAS_NAME, self.keras_generator)
+        _put_state(self.keras_generator, self.keras_state)
+
+
+def _state_of(generator):
+    return None if generator is None else np.array(generator.state.numpy(), copy=True)
+
+
+def _put_state(generator, value):
+    if generator is not None and not np.array_equal(generator.state.numpy(), value):
+        generator.state.assign(value)
