@@ -420,6 +420,13 @@ def check_output(shape, is_floating: bool, dtype_name: str, n_points: int, type_
                len(shape) < 2 else "")
         )
     d_out = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    if d_out == 0:
+        raise OutputError(
+            f"the model returned shape {tuple(shape)}: no output values per point, so there is "
+            "nothing to differentiate. A slice past the end of the features (x[:, 1:] on "
+            "points of one feature) or of an output of the wrong width does this. Fix: check "
+            "the width of each input the model slices, and that it returns at least one value "
+            "per point.")
     return (n_points, d_out)
 
 

@@ -212,7 +212,9 @@ class NbderivMagics(ExplainCell, Magics):
                              "does not say. Fix: pass X as a tensor, e.g. "
                              "torch.linspace(-2, 2, 200).")
         lo, hi, n = rng
-        separate = _separate_inputs(model, framework)
+        from .widgets import separate_inputs
+
+        separate = separate_inputs(model, framework)
         if separate is not None:  # forward(x, t), a Keras model of several Inputs
             d_in = len(separate)
             _one_feature_each(text, separate)
@@ -291,19 +293,16 @@ class NbderivMagics(ExplainCell, Magics):
 
     def _widget(self, model, args):
         from .backends import framework_name
-        from .widgets import explore, explorer_input_dim
+        from .widgets import explore, explorer_input_dim, separate_inputs
 
         domain, n, framework = (-3.0, 3.0), 200, framework_name(model, framework=args.framework)
-        separate = None if framework is None else _separate_inputs(model, framework)
-        if separate is not None:
-            names = ", ".join(name for name, _ in separate)
-            raise UsageError(f"--widget explores a model of one argument; this one takes "
-                             f"{len(separate)} separate inputs ({names}). Fix: plot it on a grid "
-                             f"over them instead, e.g. %nnderiv {args.model} -2:2:50 --plot.")
         rng = None if args.x is None else parse_range(args.x)
-        d_in = None if framework is None else explorer_input_dim(
-            model, framework=framework, what="the explorer (--widget)", d_in_fix=_WIDGET_FIX,
-            model_name=args.model, x_name=args.x if args.x is not None and rng is None else None)
+        d_in = None  # separate inputs (forward(x, t)): the explorer reads their widths itself
+        if framework is not None and separate_inputs(model, framework) is None:
+            d_in = explorer_input_dim(
+                model, framework=framework, what="the explorer (--widget)",
+                d_in_fix=_WIDGET_FIX, model_name=args.model,
+                x_name=args.x if args.x is not None and rng is None else None)
         if args.x is not None:
             if rng is not None:
                 domain, n = (rng[0], rng[1]), rng[2] or RANGE_POINTS[1]
@@ -367,53 +366,6 @@ def _input_width(model, framework, fix) -> int:
         if text.endswith(_EXPLORER_FIX):
             text = f"{text[:-len(_EXPLORER_FIX)]}{fix}"
         raise UsageError(text) from None
-
-
-def _required_positional(fn, skip=()) -> list | None:
-    """The names of ``fn``'s positional parameters without a default, or None when its
-    signature cannot be read."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    return [p.name for p in params
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-            and p.default is p.empty and p.name not in skip]
-
-
-def _separate_inputs(model, framework) -> list | None:
-    """[(name, per-point shape or None)] for a model that takes several separate inputs (a
-    Keras model of several ``Input``s, a torch ``forward(x, t)``, a Keras layer's
-    ``call(x, t)``, a function ``f(x, t)``), from its structure alone; None for a model of
-    one input (or one the magic cannot read)."""
-    if framework == "tensorflow":
-        from .backends.tensorflow_keras import graph_kind, is_keras_layer
-
-        if graph_kind(model) == "functional":
-            inputs = list(model.inputs)
-            if len(inputs) < 2:
-                return None
-            if isinstance(model.input, dict):  # passed in the order of their sorted keys
-                names = sorted(model.input)
-                inputs = [model.input[k] for k in names]
-            else:  # named as d.inputs names them: automatic names are arg0, arg1, ...
-                names = [getattr(t, "name", None) or "" for t in inputs]
-                if any(not nm or nm.startswith(("keras_tensor", "input_layer"))
-                       for nm in names):
-                    names = [f"arg{i}" for i in range(len(inputs))]
-            return [(nm, tuple(t.shape[1:])) for nm, t in zip(names, inputs)]
-        if graph_kind(model) is not None:
-            return None
-        fn = model.call if is_keras_layer(model) else model
-        names = _required_positional(fn, skip=("training", "mask"))
-    elif framework == "torch":
-        forward = getattr(model, "forward", None)
-        names = _required_positional(forward if forward is not None else model)
-    else:
-        return None
-    return [(nm, None) for nm in names] if names and len(names) >= 2 else None
 
 
 def _one_feature_each(text, separate) -> None:

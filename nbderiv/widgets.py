@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from .backends import framework_name
-from .errors import InputShapeError, ModelCallError, NbderivError, OptionError
+from .errors import InputShapeError, ModelCallError, NbderivError, OptionError, OutputError
 from .options import positive_int
 from .reference_views import reference_derivatives
 
@@ -105,6 +105,110 @@ def point_shape(model, framework=None) -> tuple | None:
     if isinstance(width, tuple) and len(width) > 1:
         return width
     return None
+
+
+def required_positional(fn, skip=()) -> list | None:
+    """The names of ``fn``'s positional parameters without a default, or None when its
+    signature cannot be read."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is p.empty and p.name not in skip]
+
+
+def separate_inputs(model, framework) -> list | None:
+    """[(name, per-point shape or None)] for a model that takes several separate inputs (a
+    Keras model of several ``Input``s, a torch ``forward(x, t)``, a Keras layer's
+    ``call(x, t)``, a function ``f(x, t)``), from its structure alone; None for a model of
+    one input (or one the magic cannot read)."""
+    if framework == "tensorflow":
+        from .backends.tensorflow_keras import graph_kind, is_keras_layer
+
+        if graph_kind(model) == "functional":
+            inputs = list(model.inputs)
+            if len(inputs) < 2:
+                return None
+            if isinstance(model.input, dict):  # passed in the order of their sorted keys
+                names = sorted(model.input)
+                inputs = [model.input[k] for k in names]
+            else:  # named as d.inputs names them: automatic names are arg0, arg1, ...
+                names = [getattr(t, "name", None) or "" for t in inputs]
+                if any(not nm or nm.startswith(("keras_tensor", "input_layer"))
+                       for nm in names):
+                    names = [f"arg{i}" for i in range(len(inputs))]
+            return [(nm, tuple(t.shape[1:])) for nm, t in zip(names, inputs)]
+        if graph_kind(model) is not None:
+            return None
+        fn = model.call if is_keras_layer(model) else model
+        names = required_positional(fn, skip=("training", "mask"))
+    elif framework == "torch":
+        forward = getattr(model, "forward", None)
+        names = required_positional(forward if forward is not None else model)
+    else:
+        return None
+    return [(nm, None) for nm in names] if names and len(names) >= 2 else None
+
+
+def argument_widths(model, framework, d_in=None) -> tuple:
+    """(widths, feature names) of a model that takes several separate inputs, one slider per
+    feature (a PINN's ``forward(x, t)``: ((1, 1), ['x', 't'])), or (None, None) for a model
+    of one input array. A width the model does not declare is 1, unless ``d_in`` gives the
+    widths, one per input (``d_in=(2, 1)`` for ``forward(xy, t)``).
+
+    >>> import torch
+    >>> class Heat(torch.nn.Module):
+    ...     def forward(self, x, t):
+    ...         return torch.exp(-t) * torch.sin(x)
+    >>> argument_widths(Heat(), "torch")
+    ((1, 1), ['x', 't'])
+    """
+    from .inputs import _feature_names
+
+    separate = None if framework is None else separate_inputs(model, framework)
+    if separate is None:
+        if isinstance(d_in, (tuple, list)):
+            raise OptionError(f"d_in={tuple(d_in)!r} gives one width per separate input, but "
+                              "the model takes one input array. Fix: pass its number of "
+                              "features, e.g. d_in=2.")
+        return None, None
+    names = [name for name, _ in separate]
+    declared = []
+    for name, shape in separate:
+        if shape is not None and (len(shape) != 1 or shape[0] is None):
+            raise OptionError(
+                f"nbderiv.explore {EXPLORER_TAKES}; the model's input {name} has per-point "
+                f"shape {shape}. Fix: see its derivatives with nbderiv.derivatives(model, "
+                f"({', '.join(names)})).plot() instead.")
+        declared.append(None if shape is None else int(shape[0]))
+    fix = (f"Fix: pass one width per input, d_in=({', '.join(str(w or 1) for w in declared)}"
+           f"{',' if len(names) == 1 else ''}) for inputs {', '.join(names)}.")
+    if d_in is None:
+        widths = tuple(w or 1 for w in declared)
+    elif isinstance(d_in, (tuple, list)):
+        if len(d_in) != len(names):
+            raise OptionError(f"d_in gives {len(d_in)} width(s), the model takes {len(names)} "
+                              f"separate inputs ({', '.join(names)}). {fix}")
+        widths = tuple(positive_int(w, "d_in", example=1) for w in d_in)
+        clash = [(nm, w, own) for nm, w, own in zip(names, widths, declared)
+                 if own is not None and own != w]
+        if clash:
+            nm, w, own = clash[0]
+            raise OptionError(f"d_in gives input {nm} width {w}; the model declares {own}. "
+                              f"{fix}")
+    else:
+        total = positive_int(d_in, "d_in")
+        widths = tuple(w or 1 for w in declared)
+        if total != sum(widths):
+            raise OptionError(f"d_in={total}, but the model takes {len(names)} separate inputs "
+                              f"({', '.join(names)}) of {sum(widths)} feature(s) in all, as "
+                              f"far as nbderiv can tell. {fix}")
+    shapes = tuple((w,) for w in widths)
+    return widths, list(_feature_names(tuple(names), widths, shapes))
 
 
 def _saliency_fix(model_name: str, x_name: str) -> str:
@@ -198,7 +302,11 @@ def explore(model, domain=(-3, 3), n=200, reference=None, *, framework=None, d_i
     Each change recomputes with :func:`nbderiv.derivatives` and redraws.
     ``d_in`` gives the input width when it cannot be read from the model (see
     :func:`input_dim`); ``point`` the starting values of the inputs; ``width`` the plot's
-    width in pixels.
+    width in pixels. A model of several separate inputs (a PINN's ``forward(x, t)``, a Keras
+    model of several ``Input``s) gets one slider per feature of each, named after them; an
+    input's width is read from its Keras ``Input``, else 1, unless ``d_in`` gives one width
+    per input (``d_in=(2, 1)`` for ``forward(xy, t)``); ``reference`` then takes the inputs
+    side by side, one (N, d_in) array.
 
     >>> import torch, nbderiv
     >>> w = nbderiv.explore(torch.sin, domain=(0, 1), n=11, reference=torch.sin, framework="torch")
@@ -229,12 +337,18 @@ class _Explorer:
                               f"Fix: order={max_order} or less, or max_order={order}.")
         lo, hi = domain_pair(domain)
         self.grid = slider_grid(lo, hi)
-        self.d_in = explorer_input_dim(model, framework=self.framework, d_in=d_in)
+        self.widths, names = argument_widths(model, self.framework, d_in)
+        self.argument_names = None if self.widths is None else \
+            [name for name, _ in separate_inputs(model, self.framework)]
+        if self.widths is None:
+            self.d_in = explorer_input_dim(model, framework=self.framework, d_in=d_in)
+            names = ["x"] if self.d_in == 1 else [f"x[{i}]" for i in range(self.d_in)]
+        else:
+            self.d_in = sum(self.widths)
         point = np.zeros(self.d_in) if point is None else np.asarray(point, dtype=float)
         if point.shape != (self.d_in,):
             raise OptionError(f"point must hold {self.d_in} value(s) (one per input), got "
                               f"shape {point.shape}. Fix: e.g. point={[0.0] * self.d_in}.")
-        names = ["x"] if self.d_in == 1 else [f"x[{i}]" for i in range(self.d_in)]
         self.names = names
         c = {}
         c["order"] = W.Dropdown(options=list(range(1, max_order + 1)), value=order,
@@ -261,10 +375,11 @@ class _Explorer:
         self.last_data = None
         try:
             self.refresh(raise_errors=True)  # the first computation tells how many outputs
-        except (InputShapeError, ModelCallError) as exc:
+        except (InputShapeError, ModelCallError, OutputError) as exc:
             if isinstance(exc, ModelCallError) and "first called it" not in str(exc):
                 raise  # it failed while being differentiated: its own fix is the one
-            raise _points_refused(exc, self.n, self.d_in) from None
+            raise _points_refused(exc, self.n, self.d_in, self.argument_names,
+                                  self.widths) from None
         if self.last_data is not None and self.last_data["derivatives"].n_outputs > 1:
             n_out = self.last_data["derivatives"].n_outputs
             c["output"] = W.Dropdown(options=[(f"y[{j}]", j) for j in range(n_out)], value=0,
@@ -342,7 +457,9 @@ class _Explorer:
         start = time.perf_counter()
         xs, X = self.points(s)
         i, k_max = s["input"], s["order"]
-        d = derivatives(self.model, X, order=k_max, wrt=[i], framework=self.framework,
+        given = X if self.widths is None else \
+            tuple(np.split(X, np.cumsum(self.widths)[:-1], axis=1))  # one array per input
+        d = derivatives(self.model, given, order=k_max, wrt=[i], framework=self.framework,
                         check=s["fd"])
         ref = None
         if self.reference is not None:  # the true function: (N, d_out_ref) per order
@@ -399,11 +516,19 @@ class _Explorer:
         return "<br>".join(parts)
 
 
-def _points_refused(exc, n: int, d_in: int) -> NbderivError:
+def _points_refused(exc, n: int, d_in: int, names=None, widths=None) -> NbderivError:
     """The model's refusal of the explorer's first points (its first call failed), with fixes
     the explorer has (the model's own error says to reshape x, which is no control of the
-    explorer's)."""
+    explorer's); ``names`` / ``widths``: the separate inputs, when the model takes several."""
     body = str(exc).split(" Fix:")[0].rstrip(". ")
+    if widths is not None:
+        given = ", ".join(f"{name} of shape ({n}, {w})" for name, w in zip(names, widths))
+        return type(exc)(
+            f"the model failed on the explorer's points, {given}: {body}. Fix: if an input "
+            f"takes another number of features, pass their widths, one per input, e.g. "
+            f"d_in=({', '.join(str(w) for w in widths)}{',' if len(widths) == 1 else ''}) "
+            f"with the right numbers; else call the model yourself on inputs of those shapes "
+            "and fix the error it raises there.")
     return type(exc)(
         f"the model failed on the explorer's points, {n} points of {d_in} feature(s): {body}. "
         f"nbderiv.explore {EXPLORER_TAKES}. Fix: if the model takes another number of "

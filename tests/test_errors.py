@@ -110,6 +110,15 @@ def test_output_not_floating_point(fn):
     assert re.search(r"int|bool", msg) and "float" in msg
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_an_output_of_no_values_per_point_says_so(order):
+    """x[:, 1:] on points of one feature: (N, 0); it was torch's 'stack expects a non-empty
+    TensorList' from deep inside the backward passes."""
+    msg = raises(errors.OutputError, nbderiv.derivatives, lambda x: torch.sin(x[:, 1:]),
+                 torch.rand(5, 1), order=order)
+    assert "shape (5, 0)" in msg and "no output values per point" in msg and "Fix:" in msg
+
+
 def test_output_reduced_over_the_batch():
     msg = raises(errors.OutputError, nbderiv.derivatives, lambda x: x.sum(dim=0, keepdim=True),
                  torch.rand(6, 2))

@@ -530,8 +530,10 @@ def test_a_range_on_a_keras_model_of_two_inputs_is_a_grid_over_them(shell):
                                atol=1e-5)
     d, _ = magic(shell, "two 0:1 -q -o 1")  # without a count: 50 per input, as for lin2
     assert d.n_points == 2500
-    msg = usage_error(shell, "two --widget")  # the explorer takes one argument
-    assert "2 separate inputs (arg0, arg1)" in msg and "%nnderiv two -2:2:50 --plot" in msg
+    w, _ = magic(shell, "two -1:1:9 --widget")  # the explorer gives each input a slider
+    assert [label for label, _ in w.controls["input"].options] == ["arg0", "arg1"]
+    z = 0.7 * np.linspace(-1, 1, 9) + 0.2  # along arg0, arg1 held at 0
+    np.testing.assert_allclose(w.last_data["y"][1], 0.7 * tanh_k(z, 1), atol=1e-5)
 
 
 def test_a_range_on_a_keras_model_of_named_inputs_and_wide_inputs(shell):
@@ -588,7 +590,13 @@ def test_a_range_on_a_torch_forward_of_two_arguments_is_a_grid_over_them(shell):
                                tanh_k(u * v, 2) * 1.5 * v * -0.5 * u + dy * -0.75, atol=1e-5)
     msg = usage_error(shell, "three -1:1:5 --framework torch")  # a function of three
     assert "takes 3 separate inputs" in msg and "tuple of 3 arrays" in msg
-    assert "separate inputs (x, t)" in usage_error(shell, "pinn --widget")
+    w, _ = magic(shell, "pinn -1:1:6 --widget")  # x and t, each a slider
+    assert [label for label, _ in w.controls["input"].options] == ["x", "t"]
+    w.controls["input"].value, w.controls["t"].value = 1, 0.0  # along t, x held at 0.5
+    w.controls["x"].value = 0.5
+    t = np.linspace(-1, 1, 6)
+    u, v = 1.5 * 0.5, 1 - 0.5 * t
+    np.testing.assert_allclose(w.last_data["y"][1], tanh_k(u * v, 1) * u * -0.5, atol=1e-5)
 
 
 def test_a_range_count_must_be_an_int(shell):

@@ -415,3 +415,47 @@ def test_a_keras_model_as_the_reference_of_a_torch_model_is_differentiated_byker
     with pytest.raises(OptionError, match="d_ref = nbderiv.derivatives"):
         nbderiv.derivatives(net, np.linspace(-2, 2, 9).reshape(-1, 1).astype(np.float32),
                             order=2, reference=ref)
+
+
+class _HeatOnAPlane(torch.nn.Module):
+    """u(xy, t) = exp(-t) sin(x) cos(y): a PINN's forward of two separate inputs."""
+
+    def forward(self, xy, t):
+        return torch.exp(-t) * torch.sin(xy[:, :1]) * torch.cos(xy[:, 1:])
+
+
+def test_explore_gives_each_feature_of_separate_inputs_a_slider():
+    net = _HeatOnAPlane()
+    refused = r"xy of shape \(11, 1\), t of shape \(11, 1\).*no output values.*d_in=\(1, 1\)"
+    with pytest.raises(ValueError, match=refused):
+        nbderiv.explore(net, n=11, framework="torch")  # xy's width cannot be read: 1 each
+    w = nbderiv.explore(net, domain=(-1, 1), n=11, d_in=(2, 1), framework="torch")
+    names = [label for label, _ in w.controls["input"].options]
+    assert names == ["xy[0]", "xy[1]", "t"]
+    w.controls["xy[0]"].value, w.controls["xy[1]"].value = 0.5, 0.25
+    w.controls["input"].value = 2  # along t
+    t = np.linspace(-1, 1, 11)
+    u = np.exp(-t) * np.sin(0.5) * np.cos(0.25)
+    for k in range(3):  # d^k u / dt^k = (-1)^k u
+        np.testing.assert_allclose(w.last_data["y"][k], (-1) ** k * u, rtol=1e-5)
+    w.controls["input"].value = 1  # along y, x = 0.5 and t = 0 held
+    y = np.linspace(-1, 1, 11)
+    np.testing.assert_allclose(w.last_data["y"][2], -np.sin(0.5) * np.cos(y), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(OptionError, match="gives 3 width"):
+        nbderiv.explore(net, d_in=(1, 1, 1), framework="torch")
+    with pytest.raises(OptionError, match="one input array"):
+        nbderiv.explore(tanh_unit(), d_in=(1, 1))
+
+
+def test_explore_reads_the_widths_of_a_keras_model_of_several_inputs():
+    keras = keras_or_skip()
+    x, t = keras.Input((1,), name="x"), keras.Input((1,), name="t")
+    model = keras.Model([x, t], keras.layers.Multiply()([x, t]))  # y = x t
+    w = nbderiv.explore(model, domain=(-1, 1), n=5, order=2)
+    assert [label for label, _ in w.controls["input"].options] == ["x", "t"]
+    w.controls["t"].value = 0.5
+    np.testing.assert_allclose(w.last_data["y"][1], np.full(5, 0.5), atol=1e-6)  # dy/dx = t
+    np.testing.assert_allclose(w.last_data["y"][2], np.zeros(5), atol=1e-6)
+    with pytest.raises(OptionError, match="the model declares 1"):
+        nbderiv.explore(model, d_in=(2, 1))
