@@ -187,7 +187,7 @@ def _varies(d1: np.ndarray) -> bool:
 
 
 def piecewise_finding(layers: dict, orders: list, order: int, wider=None,
-                      curved=None) -> Finding | None:
+                      curved=None, wider_only=False) -> Finding | None:
     """``piecewise-linear`` when order >= 2 and every second derivative is exactly 0, and
     either the structure says so (all activations piecewise linear) or the numbers do: the
     first derivative changes between points (not simply an affine map), the second is
@@ -196,7 +196,9 @@ def piecewise_finding(layers: dict, orders: list, order: int, wider=None,
     only), and the forward pass does not curve at the points (``curved()`` returns the
     points where its second differences are not 0: then autodiff's 0 is wrong, a backward
     pass that cannot be differentiated again, and the finding is ``graph-broken``; None for a
-    model known to be smooth, GELU or tanh units flat far out: no finding).
+    model known to be smooth, GELU or tanh units flat far out: no finding). ``wider_only``:
+    only the wider points' d1 counts (they move along the differentiated inputs alone; the
+    given points' d1 may change with the others: x0 * x1 in x0).
     """
     if order < 2 or len(orders) < 2:
         return None
@@ -212,7 +214,8 @@ def piecewise_finding(layers: dict, orders: list, order: int, wider=None,
         wide_d1, wide_d2 = wider()
     except Exception:  # a probe is a nicety: a model that rejects it is not an error
         return None
-    if not (np.all(wide_d2 == 0) and _varies(np.concatenate([d1, wide_d1]))):
+    seen = wide_d1 if wider_only else np.concatenate([d1, wide_d1])
+    if not (np.all(wide_d2 == 0) and _varies(seen)):
         return None
     bent = curved() if curved is not None else []
     if bent is None:  # the model is known to be smooth: flat here, not piecewise linear

@@ -40,8 +40,12 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     out = []
     codes = {f.code for f in earlier}
     if "piecewise-linear" not in codes:
+        subset = len(set(wrt)) < sum(a.shape[1] for a in args)
+
         def wider():
             wide = wide_probe_points(args)
+            if subset:  # moved along wrt alone: x1 changes x0 * x1's slope in x0, no kink
+                wide = _others_held(wide, args, wrt)
             orders = backend.derivatives(call.with_args(wide), wide, 2, wrt).orders
             return orders[0], orders[1]
         def curved():
@@ -51,7 +55,7 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
                 # not piecewise linear; no claim
                 return None
             return confirm.curvature_seen(call, confirm.graph_points(call, ders[0]), wrt)
-        f = piecewise_finding(layers, ders, order, wider, curved)
+        f = piecewise_finding(layers, ders, order, wider, curved, wider_only=subset)
         if f is not None:
             out.append(f)
     if call.kink_rows is not None:  # looked for in the derivative pass, or known (memo)
@@ -107,6 +111,19 @@ def _zero_pairs(d1: np.ndarray) -> np.ndarray:
     if d1.shape[0] == 0 or d1.all():
         return np.zeros(d1.shape[1:], dtype=bool)
     return ~np.any(d1, axis=0)
+
+
+def _others_held(wide, args, wrt) -> list:
+    """``wide``'s points with every feature outside ``wrt`` held at the first point's value
+    (features numbered across the arguments, as ``wrt`` numbers them)."""
+    out, start = [], 0
+    for spread, a in zip(wide, args):
+        held = ~np.isin(np.arange(start, start + a.shape[1]), wrt)
+        spread = spread.copy()
+        spread[:, held] = a[0, held]
+        out.append(spread)
+        start += a.shape[1]
+    return out
 
 
 def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,

@@ -245,3 +245,25 @@ def test_a_cut_third_derivative_is_graph_broken_at_order_3_only():
     T = vmap(jacfwd(jacrev(jacrev(one))))(x).detach().numpy()
     assert np.abs(d[2] - vmap(jacrev(jacrev(one)))(x).detach().numpy()).max() < 1e-10
     assert np.abs(d[3] - T).max() > 0.1 * np.abs(T).max()  # really cut
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_linear_in_the_differentiated_input_with_a_slope_set_by_another_is_not_piecewise(
+        framework):
+    """y = x0 exp(x1), wrt=[0]: d2y/dx0^2 is exactly 0 and dy/dx0 = exp(x1) changes from point
+    to point, through x1 alone: no kink anywhere (the finding said piecewise linear). A kink
+    in x0 with x1 as its slope still is one."""
+    x = np.random.default_rng(0).normal(size=(40, 2))
+    if framework == "torch":
+        smooth = lambda z: z[:, :1] * torch.exp(z[:, 1:])  # noqa: E731
+        kinked = lambda z: torch.where(z[:, :1] > 0, z[:, :1], 0.1 * z[:, :1]) * z[:, 1:]  # noqa: E731,E501
+    else:
+        tf = pytest.importorskip("tensorflow")
+        smooth = lambda z: z[:, :1] * tf.exp(z[:, 1:])  # noqa: E731
+        kinked = lambda z: tf.where(z[:, :1] > 0, z[:, :1], 0.1 * z[:, :1]) * z[:, 1:]  # noqa: E731,E501
+    d = nbderiv.derivatives(smooth, x, order=2, wrt=[0], framework=framework, progress=False)
+    assert not d.findings
+    np.testing.assert_allclose(d[1][:, 0, 0], np.exp(x[:, 1]), rtol=1e-6)
+    assert np.all(d[2] == 0)
+    d = nbderiv.derivatives(kinked, x, order=2, wrt=[0], framework=framework, progress=False)
+    assert "piecewise-linear" in [f.code for f in d.findings]
