@@ -74,8 +74,8 @@ class FiniteDifferenceCheck:
     result_dtype: str = ""
     note: str = ""
     per_input: bool = False  # steps of their own per input (sized by each): ``step`` the largest
-    # (step, {k: max_rel}) of each step tried, the first one first (smaller ones are tried
-    # in float64 where the first disagreed)
+    # (step, {k: (max_abs, max_rel)}) of each step tried, the first one first (smaller ones
+    # are tried in float64 where the first disagreed)
     tried: list = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
@@ -172,7 +172,7 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
                         noise_step=float(steps[list(wrt)].min()) / shrink)
 
     check = compared(diffs)
-    tried = [(step, {k: e[1] for k, e in check.errors.items()})]
+    tried = [(step, dict(check.errors))]
     if not check.passed and ref_precision == np.float64 and not coupled and not piecewise:
         # a smooth function that varies on a smaller scale than x (sin(1e4 x) at x ~ 1e-4,
         # Fourier features): its differences converge to autodiff at smaller steps; a cut
@@ -185,7 +185,7 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
                                                 dtype), shrink)
             except Exception:  # the check must never break the computation it checks
                 break
-            tried.append((step / shrink, {k: e[1] for k, e in smaller.errors.items()}))
+            tried.append((step / shrink, dict(smaller.errors)))
             if smaller.passed:
                 smaller.note = _join(
                     f"at the first step (h={step:.1g}) the differences disagreed (the "

@@ -311,11 +311,13 @@ def _second_order_cut(call, layers, y, ders, wrt, skip, found) -> Finding | None
             return None
         if not error > 100 * tol:
             continue
-        errors = [tried.get(k, np.nan) for _, tried in check.tried]
+        errors = [tried.get(k, (np.nan, np.nan))[0] for _, tried in check.tried]
         if len(errors) < 2 or not abs(errors[-1] - errors[-2]) <= 0.02 * max(errors[-2:]):
             # the error still moves with the step: a variation too fast for the steps
-            # tried, not a cut (whose differences settle on the true derivative, away from
-            # autodiff's, and give the same error at every small step)
+            # tried, or the differences' own truncation error where d2 is 0 (x**4 at 0:
+            # 4 h**2, 100% of differences that small at every step), not a cut (whose
+            # differences settle on the true derivative, away from autodiff's: the same
+            # error, in the derivative's own units, at every small step)
             return None
         return partial_second_order_cut_finding(off, error, order=k)
     return None

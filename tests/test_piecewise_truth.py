@@ -267,3 +267,26 @@ def test_linear_in_the_differentiated_input_with_a_slope_set_by_another_is_not_p
     assert np.all(d[2] == 0)
     d = nbderiv.derivatives(kinked, x, order=2, wrt=[0], framework=framework, progress=False)
     assert "piecewise-linear" in [f.code for f in d.findings]
+
+
+class _Quartic(nn.Module):
+    """V(x) = |x|^4 (a potential): its Hessian 4|x|^2 I + 8 x x^T is exactly 0 at 0."""
+
+    def forward(self, x):
+        return (x ** 2).sum(dim=1, keepdim=True) ** 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_points_where_the_second_derivative_is_zero_are_no_cut(dtype):
+    """The first points at 0: the differences of d1 give 4 h^2 there, 100% of themselves at
+    every step (the finding said part of the second derivative was cut). Truth: float64
+    vmap(hessian)."""
+    from torch.func import hessian, vmap
+    rest = torch.randn(12, 2, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    x = torch.cat([torch.zeros(3, 2, dtype=dtype), rest])
+    model = _Quartic()
+    d = nbderiv.derivatives(model, x, order=2, progress=False)
+    assert d.codes == [], d.findings
+    H = vmap(hessian(lambda z: model(z[None])[0, 0]))(x.double()).numpy()
+    np.testing.assert_allclose(d[2][:, 0], H, atol=1e-5 * np.abs(H).max())
+    assert np.all(d[2][:3] == 0)
