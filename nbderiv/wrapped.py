@@ -376,6 +376,70 @@ def objects_inside(fn, depth: int = 5) -> list:
 _NBDERIV = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def with_replaced(fn, replace):
+    """A copy of the wrapper ``fn`` (lambda, closure, function, ``functools.partial``, bound
+    method) that holds ``replace(obj)`` wherever it held an object ``replace`` gives a
+    replacement for (not None): in closure cells, the globals its code names, a partial's
+    arguments, a method's ``__self__``. Each object is replaced once (shared ones stay
+    shared). None where nothing was replaced; ``fn`` itself is never changed.
+
+    >>> net, other = object(), object()
+    >>> f = lambda z: (net, z)
+    >>> g = with_replaced(f, lambda obj: other if obj is net else None)
+    >>> g(1)[0] is other, f(1)[0] is net
+    (True, True)
+    """
+    done = {}
+
+    def swap(obj):
+        if id(obj) not in done:
+            new = replace(obj)
+            done[id(obj)] = (obj, new)
+        new = done[id(obj)][1]
+        return obj if new is None else new
+
+    def rebuilt(f, depth=3):
+        if depth == 0:
+            return None
+        if isinstance(f, functools.partial):
+            inner = rebuilt(f.func, depth - 1) or f.func
+            new = functools.partial(inner, *map(swap, f.args),
+                                    **{k: swap(v) for k, v in f.keywords.items()})
+            return new if inner is not f.func or any(
+                a is not b for a, b in zip(new.args, f.args)) or any(
+                new.keywords[k] is not v for k, v in f.keywords.items()) else None
+        if inspect.ismethod(f):
+            owner = swap(f.__self__)
+            return types.MethodType(f.__func__, owner) if owner is not f.__self__ else None
+        if not isinstance(f, types.FunctionType):
+            return None
+        cells, changed = [], False
+        for cell in f.__closure__ or ():
+            try:
+                held = cell.cell_contents
+            except ValueError:  # an empty cell
+                cells.append(cell)
+                continue
+            new = swap(held)
+            if new is held and isinstance(held, (types.FunctionType, functools.partial)):
+                new = rebuilt(held, depth - 1) or held  # a function it calls, closing over a model
+            changed |= new is not held
+            cells.append(types.CellType(new) if new is not held else cell)
+        names = {name: f.__globals__[name] for name in code_names(f.__code__)
+                 if name in f.__globals__}
+        swapped = {name: swap(value) for name, value in names.items()}
+        swapped = {name: value for name, value in swapped.items() if value is not names[name]}
+        if not changed and not swapped:
+            return None
+        namespace = {**f.__globals__, **swapped} if swapped else f.__globals__
+        new = types.FunctionType(f.__code__, namespace, f.__name__, f.__defaults__,
+                                 tuple(cells) if f.__closure__ else None)
+        new.__kwdefaults__ = f.__kwdefaults__
+        return new
+
+    return rebuilt(fn)
+
+
 def user_frames(tb) -> list:
     """The user's own functions that were running when an exception was raised, outermost
     first, from its traceback ``tb``: each a :class:`Running` (how to name the function, the

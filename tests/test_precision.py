@@ -187,6 +187,33 @@ def test_smooth_but_sharp_model_is_checked_at_a_step_that_resolves_it():
     np.testing.assert_allclose(c.reference[1][:, 0, 0], d1, rtol=1e-4)
 
 
+def test_inputs_standardised_from_a_narrow_range_lose_float32_digits_told_as_such():
+    """x in [1, 1 + 1e-4], standardised inside forward: float32 rounds x - 1.00005 to a few
+    digits. The first step (1e-4) spans the whole range; smaller steps agree with float64
+    autodiff, and what stays off is float32's (the check blamed kinks or a cut graph).
+    Truth: float64 vmap(hessian) of a float64 copy."""
+    torch = pytest.importorskip("torch")
+    import copy
+
+    import nbderiv
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model = lambda x: net((x - 1.00005) / 2.9e-5)  # noqa: E731
+    x = 1 + 1e-4 * torch.rand(40, 1, generator=torch.Generator().manual_seed(0))
+    d = nbderiv.derivatives(model, x, order=2, check=True, progress=False)
+    c = d.check
+    assert not c.passed and c.kink_points == () and c.nonsmooth_points == (), c.summary()
+    assert "kink" not in c.summary() and "cuts the graph" not in c.summary()
+    assert "low-precision" in d.codes, d.findings
+    net64 = copy.deepcopy(net).double()
+    H = torch.func.vmap(torch.func.hessian(
+        lambda z: net64((z - 1.00005) / 2.9e-5)[0]))(x.double()).detach().numpy().ravel()
+    real = np.abs(d[2].ravel() - H).max() / np.abs(H).max()
+    assert 2e-3 < real < 2e-2  # float32's own loss, as the check reports it
+    assert c.errors[2][1] == pytest.approx(real, rel=0.2)
+
+
 def test_a_cut_graph_fails_the_check_at_every_step():
     torch = pytest.importorskip("torch")
     import nbderiv

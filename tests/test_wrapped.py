@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from nbderiv.wrapped import is_framework_object, objects_inside
+from nbderiv.wrapped import is_framework_object, objects_inside, with_replaced
 
 
 # -- objects_inside, no framework needed ------------------------------------------------------
@@ -125,6 +125,26 @@ def test_framework_objects_are_returned_never_looked_into():
     found = objects_inside(lambda x: thing(x))
     assert found == [thing] and thing.secret not in found
     assert objects_inside(thing) == []
+
+
+GLOBAL_BOX = Box()
+
+
+def test_with_replaced_swaps_what_a_wrapper_holds_and_leaves_it_as_it_was():
+    a, b = Box(), Box()
+    swapped = {id(a): Box(), id(b): Box(), id(GLOBAL_BOX): Box()}
+    replace = lambda obj: swapped.get(id(obj))  # noqa: E731
+    closure = lambda z: (a, b, a, z)  # noqa: E731
+    new = with_replaced(closure, replace)
+    assert new(1) == (swapped[id(a)], swapped[id(b)], swapped[id(a)], 1)
+    assert closure(1) == (a, b, a, 1)  # the user's wrapper is unchanged
+    new = with_replaced(lambda z: GLOBAL_BOX(z) and GLOBAL_BOX, replace)
+    assert new(1) is swapped[id(GLOBAL_BOX)] and GLOBAL_BOX is not swapped[id(GLOBAL_BOX)]
+    part = functools.partial(lambda m, z, k=None: (m, k), a, k=b)
+    assert with_replaced(part, replace)(0) == (swapped[id(a)], swapped[id(b)])
+    assert with_replaced(a.__call__, replace).__self__ is swapped[id(a)]
+    assert with_replaced(lambda z: z, replace) is None  # nothing to swap
+    assert with_replaced(Box(), replace) is None  # a callable object: not rebuilt
 
 
 def test_objects_inside_imports_no_framework():
@@ -512,3 +532,27 @@ def test_an_attribute_read_is_no_global_of_that_name():
         assert holder.net in found and net not in found
     finally:
         del net
+
+
+@pytest.mark.parametrize("kind", ["lambda", "partial", "closure", "global"])
+def test_a_torch_wrapper_is_checked_on_a_float64_copy_of_its_modules(kind):
+    """check=True on a float32 net inside a wrapper: the wrapper is rebuilt around float64
+    copies of its modules (it was checked in float32, with float32's wide allowance); the
+    user's net and wrapper stay float32. Truth: float64 vmap(jacrev) of a copy."""
+    torch = _torch()
+    import nbderiv
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 2))
+    before = _state(net)
+    model = wrap(kind, net)
+    x = torch.randn(4, 192, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(model, x, check=True, progress=False)
+    assert d.check.passed and d.check.dtype == "float64", d.check.summary()
+    assert "float64 central differences" in d.check.summary()
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert all(torch.equal(t, before[name]) for name, t in _state(net).items())
+    net64 = copy.deepcopy(net).double()
+    J = torch.func.vmap(torch.func.jacrev(lambda z: net64(z[None])[0]))(x.double())
+    np.testing.assert_allclose(d[1], J.detach().numpy(), atol=1e-5)

@@ -30,7 +30,7 @@ from ..call import Verdict
 from ..errors import ModelTypeError, NbderivError
 from ..inputs import check_output, check_target
 from ..memo import kept
-from ..wrapped import objects_inside, uncompiled
+from ..wrapped import objects_inside, uncompiled, with_replaced
 from .base import Backend, Block, assemble
 from .torch_autodiff import (
     exact_norms,
@@ -550,7 +550,10 @@ class TorchBackend(Backend):
             for _, held in held_outside([twin], functions=False):  # copied ones only
                 held.to(torch.float64)
             return twin
-        return model
+        # a wrapper (lambda z: net(z.reshape(...)), a partial, a bound method): the same
+        # wrapper around float64 copies of the modules it holds
+        return with_replaced(model, lambda obj: self.float64_copy(obj)
+                             if isinstance(obj, torch.nn.Module) else None) or model
 
 
 def _kind(module) -> str:
