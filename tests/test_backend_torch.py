@@ -860,3 +860,19 @@ def test_taylor_mode_past_order_20():
         truth = [float(sum(V[u] * W[u] ** k * mp.diff(mp.tanh, W[u] * float(xi) + b[u], k)
                            for u in range(4))) for xi in x.ravel()]
         np.testing.assert_allclose(d[k].ravel(), truth, rtol=1e-9)
+
+
+def test_a_training_mode_rrelu_is_named_among_the_train_mode_layers():
+    """RReLU draws its negative slopes at random in training mode: named as such (it was
+    'no layer in training mode explains it'), and model.eval() is the fix that works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.RReLU(), nn.Linear(16, 1))
+    x = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    f = nbderiv.derivatives(model, x, progress=False).finding("train-mode")
+    assert "RReLU" in f.message and "no layer in training mode explains" not in f.message
+    assert model.training
+    d = nbderiv.derivatives(model.eval(), x, progress=False)
+    assert d.codes == []
+    leaky = nn.Sequential(model[0], model[1], nn.LeakyReLU((1 / 8 + 1 / 3) / 2), model[3])
+    J = torch.func.vmap(torch.func.jacrev(lambda z: leaky(z[None])[0]))(x)  # eval: the mean
+    np.testing.assert_allclose(d[1], J.detach().numpy(), rtol=1e-5, atol=1e-7)

@@ -69,7 +69,8 @@ _ACTIVATION_NAMES = {
 }
 _ATTENTION = frozenset({"MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
                         "Transformer", "TransformerEncoder", "TransformerDecoder"})
-_STOCHASTIC_OR_BATCH = ("Dropout", "BatchNorm", "InstanceNorm", "SyncBatchNorm", "AlphaDropout")
+_STOCHASTIC_OR_BATCH = ("Dropout", "BatchNorm", "InstanceNorm", "SyncBatchNorm", "AlphaDropout",
+                        "FeatureAlphaDropout", "RReLU")
 
 
 class TorchBackend(Backend):
