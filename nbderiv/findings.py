@@ -601,14 +601,24 @@ def graph_broken_finding(pairs, moved_points, disagree_points, slope,
             f"{_listed(disagree_points)} (the differences agree at two step sizes, so no kink "
             "explains it)")
     points = sorted(set(moved_points) | set(disagree_points))
-    return Finding(
-        "graph-broken", "warning",
-        "; ".join(parts) + ". Part of the computation is cut out of the autodiff graph, so the "
-        "derivatives nbderiv (and plain autodiff) returns are wrong: the output does depend on x.",
-        f"look in forward for {GRAPH_CAUSES}; compute everything with framework operations "
-        "(torch.sin / tf.sin, no NumPy round trip) and keep gradients enabled.",
-        points=tuple(points),
-    )
+    if disagree_points and not pairs and not hidden_coupling:
+        # autodiff gives slopes, the wrong ones: a cut, or a gradient written by hand
+        cause = ("Part of the computation is cut out of the autodiff graph, or a gradient "
+                 "written by hand (a custom torch.autograd.Function's backward, a "
+                 "tf.custom_gradient) returns the wrong derivative, so the derivatives nbderiv "
+                 "(and plain autodiff) returns are wrong.")
+        fix = (f"look in forward for {GRAPH_CAUSES}; check any custom backward against "
+               "finite differences (torch.autograd.gradcheck on float64 inputs, or "
+               "nbderiv.derivatives(f, x, check=True)); compute everything with framework "
+               "operations and keep gradients enabled.")
+    else:
+        cause = ("Part of the computation is cut out of the autodiff graph, so the derivatives "
+                 "nbderiv (and plain autodiff) returns are wrong: the output does depend on x.")
+        fix = (f"look in forward for {GRAPH_CAUSES}; compute everything with framework "
+               "operations (torch.sin / tf.sin, no NumPy round trip) and keep gradients "
+               "enabled.")
+    return Finding("graph-broken", "warning", "; ".join(parts) + ". " + cause, fix,
+                   points=tuple(points))
 
 
 def saturated_finding(outputs, ratio: float, reach: float | None = None,

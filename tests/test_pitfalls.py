@@ -541,3 +541,28 @@ def test_train_mode_is_read_from_torch_classes_not_from_a_class_name():
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 8), MyDropout(0.5), torch.nn.Linear(8, 1))
     assert "train-mode" in nbderiv.derivatives(net.train(), X).codes
+
+
+def test_a_custom_backward_that_returns_the_wrong_slope_is_named_among_the_causes():
+    """backward returns g * sin(x) for sin: autodiff's slopes are wrong, not 0; the finding
+    named only detach / NumPy / no_grad, none of which the model uses. Truth: cos(x)."""
+    torch = pytest.importorskip("torch")
+
+    class WrongSin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.sin(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * torch.sin(x)  # should be cos
+
+    x = torch.linspace(0.3, 2.5, 12, dtype=torch.float64).reshape(-1, 2)
+    d = nbderiv.derivatives(lambda z: WrongSin.apply(z).sum(1, keepdim=True), x,
+                            progress=False)
+    f = d.finding("graph-broken")
+    assert f is not None and "custom torch.autograd.Function's backward" in f.message
+    assert "gradcheck" in f.fix
+    assert np.abs(d[1][:, 0] - np.cos(x.numpy())).max() > 0.1  # autodiff is really off
