@@ -41,7 +41,10 @@ DEFAULT_JACOBIAN_BUDGET = 256 * 2 ** 20  # full cross-sample Jacobian, bytes
 def _findings_before(call, order) -> dict:
     """The layer summary and the findings that need no derivatives (structure, randomness)."""
     layers = kept(call, "layers", lambda: call.backend.layer_summary(call.model))
-    call.findings += dg.structural_findings(layers, order)
+    verdict = call.verdict
+    inert = call.n >= 2 and not (verdict.stochastic or verdict.coupled or verdict.self_updating
+                                 or call.hidden_coupling is not None)
+    call.findings += dg.structural_findings(layers, order, inert=inert)
     if call.verdict.stochastic and not any(f.code == "train-mode" for f in call.findings):
         call.findings.append(dg.stochastic_finding(keras=call.backend.name == "tensorflow"))
     elif call.verdict.self_updating and not any(f.code == "train-mode" for f in call.findings):

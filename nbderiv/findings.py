@@ -17,6 +17,8 @@ shadows the function ``nbderiv.diagnose``.)
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .result import Finding
@@ -44,15 +46,27 @@ def _listed(points) -> str:
 
 
 # -- structure ------------------------------------------------------------------------------
-def structural_findings(layers: dict, order: int) -> list:
+def structural_findings(layers: dict, order: int, inert: bool = False) -> list:
     """``train-mode`` and ``low-precision`` (layers computing in float16 / bfloat16) from the
     layer summary (``piecewise-linear`` waits for the numbers, see
-    :func:`piecewise_finding`)."""
+    :func:`piecewise_finding`). ``inert``: the probe saw neither randomness nor coupled
+    points, so training-mode layers whose only effects are those (dropout, noise, RReLU,
+    BatchNorm) did nothing here (defined but not called in forward): not listed."""
     half = layers.get("half_compute") or []
     out = [] if not half else [half_compute_finding(half)]
     if not layers.get("train_mode"):
         return out
+    if inert:
+        active = [name for name in layers["train_mode"] if not _RANDOM_OR_BATCH.search(name)]
+        if not active:
+            return out
+        if len(active) < len(layers["train_mode"]):
+            layers = {**layers, "train_mode": active}
     return out + _train_mode_findings(layers)
+
+
+# training-mode layers whose only effects are randomness or batch statistics
+_RANDOM_OR_BATCH = re.compile(r"ropout|Noise|RReLU|BatchNorm")
 
 
 def half_compute_finding(layers) -> Finding:

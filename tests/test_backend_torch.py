@@ -876,3 +876,34 @@ def test_a_training_mode_rrelu_is_named_among_the_train_mode_layers():
     leaky = nn.Sequential(model[0], model[1], nn.LeakyReLU((1 / 8 + 1 / 3) / 2), model[3])
     J = torch.func.vmap(torch.func.jacrev(lambda z: leaky(z[None])[0]))(x)  # eval: the mean
     np.testing.assert_allclose(d[1], J.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+class _OptionalNorm(nn.Module):
+    """BatchNorm and Dropout built, called only when ``use_norm`` (a config switch)."""
+
+    def __init__(self, use_norm):
+        super().__init__()
+        self.use_norm = use_norm
+        self.a, self.b = nn.Linear(2, 8), nn.Linear(8, 1)
+        self.bn, self.drop = nn.BatchNorm1d(8), nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.use_norm:
+            h = self.drop(self.bn(h))
+        return self.b(torch.tanh(h))
+
+
+def test_training_mode_layers_that_forward_never_calls_make_no_train_mode_finding():
+    """The finding said dropout makes the derivatives random and batch statistics couple the
+    points; the probe saw neither (the layers are not called). Called, they are named."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    unused = _OptionalNorm(use_norm=False)
+    d = nbderiv.derivatives(unused, x, progress=False)
+    assert d.codes == [] and d.method == "reverse-ones"
+    J = torch.func.vmap(torch.func.jacrev(lambda z: unused(z[None])[0]))(x)
+    np.testing.assert_allclose(d[1], J.detach().numpy(), rtol=1e-5, atol=1e-7)
+    d = nbderiv.derivatives(_OptionalNorm(use_norm=True), x, progress=False)
+    f = d.finding("train-mode")
+    assert f is not None and "bn (BatchNorm1d)" in f.message and "drop (Dropout)" in f.message
