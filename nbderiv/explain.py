@@ -157,6 +157,8 @@ def explain(mine, model, x, order=None, *, wrt=None, names=None, _cell=None) -> 
     M = to_array(mine)
     truth = _Truth(model, x, wrt)
     truth.get(order or 1)
+    if wrt is not None:  # one index, negative ones, a tensor: as derivatives read them
+        wrt = truth.wrt = list(truth.d.wrt)
     framework = truth.d.framework
     orig_framework = _framework_of(mine) or framework
     ctx = _Context(name, mname, xname, framework, truth, wrt, mine, x, model,

@@ -792,3 +792,18 @@ def test_selected_outputs_saliency_for_each_points_label_and_one_output():
     assert one.code == "selected-outputs" and "output 2 alone" in one.message
     wrong = nbderiv.explain(x.grad * 1.5, net, x.detach())
     assert wrong.code == "wrong"
+
+
+def test_wrt_as_one_index_or_a_negative_one_reads_as_derivatives_reads_it():
+    """wrt=0 crashed inside the fix ('int' object is not iterable); wrt=-1 is the last input.
+    Truth: the closed form of pair, y = x1**2 sin(x2)."""
+    X = torch.rand(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x1, x2 = X[:, 0].numpy(), X[:, 1].numpy()
+    dy_dx1, dy_dx2 = 2 * x1 * np.sin(x2), x1 ** 2 * np.cos(x2)
+    swapped = dy_dx2[:, None]  # the other input's column
+    for wrt, other in [(0, [0]), (-1, [1]), (torch.tensor(1), [1])]:
+        e = nbderiv.explain(swapped, pair, X, wrt=wrt)
+        assert e.code == nbderiv.explain(swapped, pair, X, wrt=other).code
+    assert nbderiv.explain(swapped, pair, X, wrt=0).code != "correct"
+    assert nbderiv.explain(swapped, pair, X, wrt=-1).code.startswith("correct")
+    assert nbderiv.explain(dy_dx1[:, None], pair, X, wrt=0).code.startswith("correct")
