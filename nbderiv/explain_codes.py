@@ -82,6 +82,25 @@ class _Context:
                 f"d{k} = d[{k}]      # {self.layout(k, wrt=wrt is not None)}")
 
     def fix(self, k, eval_first=False):
+        """The code that computes the right order-k derivative; where the model cuts its
+        own graph (finding graph-broken), no autodiff outside it can: what to change in it,
+        and the central differences of its outputs meanwhile."""
+        code = self.autodiff_fix(k, eval_first)
+        if "graph-broken" not in self.truth.codes:
+            return code
+        return ("# The model itself cuts the graph: no autodiff outside it can follow x "
+                "through the cut.\n"
+                "# 1. In forward/call keep framework operations throughout, e.g.\n"
+                "#    torch.tanh(x) instead of np.tanh(x.detach().numpy()); no .detach(), "
+                ".item(), tf.stop_gradient.\n"
+                "# 2. Then the per-point derivative (uncomment once the model is fixed):\n"
+                + "\n".join("# " + line for line in code.splitlines()) + "\n"
+                "# Meanwhile, the derivative of the model as it is now, by float64 central "
+                "differences of its outputs:\n"
+                f"d{k} = nbderiv.derivatives({self.mname}, {self.xname}, order={k}, "
+                f"check=True).check.reference[{k}]")
+
+    def autodiff_fix(self, k, eval_first=False):
         if isinstance(self.x, tuple):
             return self.tuple_code(k, self.wrt)
         if k >= 2 and not eval_first and self.truth.coupled:
@@ -889,19 +908,7 @@ class _Context:
                    ".item(), torch.no_grad(), tf.stop_gradient, an integer cast, or "
                    "allow_unused=True / unconnected_gradients='zero' on a tensor that was "
                    "replaced by a copy).")
-        fix = self.fix(k)
-        if model_cut:  # no code outside the model can follow x through its cut
-            fix = ("# The model itself cuts the graph: no autodiff outside it can follow x "
-                   "through the cut.\n"
-                   "# 1. In forward/call keep framework operations throughout, e.g.\n"
-                   "#    torch.tanh(x) instead of np.tanh(x.detach().numpy()); no .detach(), "
-                   ".item(), tf.stop_gradient.\n"
-                   "# 2. Then the per-point derivative (uncomment once the model is fixed):\n"
-                   + "\n".join("# " + line for line in fix.splitlines()) + "\n"
-                   "# Meanwhile, the derivative of the model as it is now, by float64 central "
-                   "differences of its outputs:\n"
-                   f"d{k} = nbderiv.derivatives({self.mname}, {self.xname}, order={k}, "
-                   f"check=True).check.reference[{k}]")
+        fix = self.fix(k)  # (where the model cuts its graph: central differences)
         return self.result(
             "zeros-graph-broken",
             f"{name} (shape {_shape(M.shape)}) is zero where the true {_ordinal(k)} derivative "

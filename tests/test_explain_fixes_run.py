@@ -190,3 +190,35 @@ def test_a_graph_cut_inside_the_model_gets_a_fix_that_gives_its_true_derivative(
         x.double()).detach().numpy()
     assert np.abs(truth).max() > 0.05
     np.testing.assert_allclose(_run_fix(e.fix, m, x), truth, rtol=1e-3, atol=1e-5)
+
+
+class _HalfDetached(torch.nn.Module):
+    """a(z) + b(z.detach()): the model cuts part of its own graph."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = torch.nn.Linear(2, 1).double()
+        self.b = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
+                                     torch.nn.Linear(8, 1)).double()
+
+    def forward(self, z):
+        return self.a(z) + self.b(z.detach())
+
+
+def test_the_fix_for_a_model_that_cuts_its_own_graph_gives_the_true_slopes():
+    """The student's autograd.grad sees the a-part only: wrong. The fix was vmap(jacrev),
+    which sees the same a-part (the student's numbers again); now central differences of the
+    forward pass. Truth: float64 central differences written here."""
+    model = _HalfDetached()
+    X = torch.rand(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = X.clone().requires_grad_(True)
+    (mine,) = torch.autograd.grad(model(x).sum(), x)
+    e = nbderiv.explain(mine, model, X)
+    assert e.code == "wrong"
+    h, eye = 1e-6, torch.eye(2, dtype=torch.float64)
+    with torch.no_grad():
+        fd = torch.stack([(model(X + h * eye[j]) - model(X - h * eye[j]))[:, 0] / (2 * h)
+                          for j in range(2)], 1).numpy()
+    np.testing.assert_allclose(_run_fix(e.fix, model, X).reshape(8, 2), fd, atol=1e-6)
+    assert np.abs(fd - mine.numpy()).max() > 1e-2  # the student's numbers are off
