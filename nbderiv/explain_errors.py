@@ -358,8 +358,11 @@ def _freed(where, line, source):
                 f"retain_graph=True, or recompute y = model(x).",
                 "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), "
                 "create_graph=True)\n"
-                "g2, = torch.autograd.grad(g, x, grad_outputs=torch.ones_like(g))  # second "
-                "derivative")
+                "# second derivatives, one input column of g at a time (N, d_in, d_in): "
+                "grad(g, x) of all of g at once would add the columns up\n"
+                "g2 = torch.stack([torch.autograd.grad(g[:, i], x, torch.ones_like(g[:, i]), "
+                "retain_graph=True)[0]\n"
+                "                  for i in range(g.shape[1])], dim=1)")
     y = sorted(_differentiated_names(culprit))
     return (f"{where} differentiates through a graph whose saved values were already freed, "
             f"by the call before it that ran backward through the same graph: `{culprit}`. "
@@ -381,11 +384,16 @@ def _rerun_with(culprit, line, source) -> str:
     note = ""
     if same and made and _differentiated_names(culprit) == _differentiated_names(line or ""):
         y, g = sorted(same)[0], made.group(1)
-        note = (f"\n# both calls differentiate {y}: the second gives its first derivative again."
-                f"\n# A second derivative differentiates {g} (made with create_graph=True).")
+        note = f"\n# both calls differentiate {y}: the second gives its first derivative again."
+        if ".backward(" in culprit:
+            note += ("\n# .backward() adds to .grad: after both calls it holds that gradient "
+                     "twice (set .grad = None in between).")
+        else:
+            note += f"\n# A second derivative differentiates {g} (made with create_graph=True)."
     lines = (source or "").splitlines()
     target = (line or "").strip()
-    end = next((i for i, raw in enumerate(lines) if raw.strip() == target and target), None)
+    end = next((i for i in range(len(lines) - 1, -1, -1)  # (its last occurrence: see above)
+                if lines[i].strip() == target and target), None)
     first = next((raw for raw in lines if _GRAD_CALL.search(raw.split("#", 1)[0])), None)
     names = _differentiated_names(first) if first else set()
     start = next((i for i, raw in enumerate(lines[:end or 0]) if any(
@@ -399,7 +407,8 @@ def _lines_again(lines, old: str, new: str) -> str | None:
     """The cell's ``lines`` again, dedented, the line that reads ``old`` (stripped) written
     ``new`` in its place and indentation; None where they do not parse on their own (they
     start or end inside a block)."""
-    chunk = [raw.replace(old, new) if raw.strip() == old else raw for raw in lines]
+    at = next((i for i, raw in enumerate(lines) if raw.strip() == old), None)
+    chunk = [raw.replace(old, new) if i == at else raw for i, raw in enumerate(lines)]
     text = textwrap.dedent("\n".join(chunk))
     try:
         ast.parse(text)
@@ -418,8 +427,10 @@ def _freeing_call(line, source):
     ``u_x[:, 1]``), else the last one; None when there is none."""
     lines = (source or "").splitlines()
     target = (line or "").strip()
-    end = next((i for i, raw in enumerate(lines) if raw.strip() == target and target),
-               len(lines))
+    # the line that failed: its last occurrence (the same line written twice, e.g.
+    # loss.backward() then loss.backward() again: the first one ran)
+    end = next((i for i in range(len(lines) - 1, -1, -1)
+                if lines[i].strip() == target and target), len(lines))
     wanted = _differentiated_names(target)
     last = shared = None
     for raw in lines[:end]:
@@ -581,7 +592,9 @@ def _second_derivative_tapes(where, tape, first, line, source):
            f"        {model_line}\n"
            f"    {dy} = {tape}.gradient({y}, {x})      # inside the outer tape's block: "
            f"recorded\n"
-           f"{d2} = outer.gradient({dy}, {x})      # the second derivative")
+           f"# each point's second derivatives (N, d_in, d_in); outer.gradient({dy}, {x})\n"
+           f"# would add up the columns of {dy} when x has several\n"
+           f"{d2} = outer.batch_jacobian({dy}, {x})")
     if _inside_block(source, tape, first):  # recorded: persistent=True would do
         why = (f"{tape} released its recording after the first gradient call. {dy} was "
                f"computed inside {tape}'s block, so {tape} did record it: with "

@@ -95,6 +95,23 @@ def test_graph_freed_blames_the_call_on_the_same_output(shell):
     assert e.code == "graph-freed" and "`g = torch.autograd.grad(y.sum(), x)`" in e.message
 
 
+def test_backward_twice_on_the_same_line_names_the_first_call(shell):
+    """loss.backward() written twice: the first is the call that freed the graph (it was not
+    found: the failing line was read as the first one), and its fix runs; the gradient it
+    leaves in x.grad is the sum over the points, twice. Truth: float64 vmap(jacrev)."""
+    [e] = explain(shell, "net pts", """\
+        x = pts.clone().requires_grad_(True)
+        loss = net(x).sum()
+        loss.backward()
+        loss.backward()
+        """)
+    assert e.code == "graph-freed" and "`loss.backward()`" in e.message
+    assert "retain_graph=True" in e.fix and "holds that gradient twice" in e.fix
+    ns = run_fix(shell, "x = pts.clone().requires_grad_(True)\n" + e.fix)
+    truth = pinn_truth(shell, "net", shell.user_ns["pts"], 1)  # (N, 2)
+    np.testing.assert_allclose(_values(ns["x"].grad), 2 * truth, rtol=1e-4, atol=1e-6)
+
+
 def test_create_graph_forgotten_fix_gives_the_second_derivative(shell):
     [e] = explain(shell, "net1 xs", """\
         x = xs.clone().requires_grad_(True)
@@ -209,8 +226,48 @@ def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
         """)
     assert e.code == "tape-used-twice" and "second derivative" in e.message
     ns = run_fix(shell, e.fix)
-    truth = _nested_tapes_d2(tf, twin, x64)
-    np.testing.assert_allclose(_values(ns["d2"]), truth, rtol=1e-4, atol=1e-6)
+    truth = _nested_tapes_d2(tf, twin, x64)  # (N, 1): one input
+    np.testing.assert_allclose(_values(ns["d2"]).reshape(truth.shape), truth, rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_the_nested_tapes_fix_gives_each_points_hessian_for_several_inputs(shell):
+    """A PINN of (x, t): outer.gradient(u_x, x) would add the Hessian's columns up (what
+    explain itself calls summed-inputs); the fix's batch_jacobian gives each point's 2 x 2
+    Hessian. Truth: a float64 twin's nested tapes, one column of u_x at a time."""
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
+    pinn = keras.Sequential([keras.Input((2,))] + layers)
+    X = tf.random.stateless_uniform((8, 2), seed=(1, 2))
+    shell.user_ns.update(pinn=pinn, X=X, tf=tf)
+    [e] = explain(shell, "pinn X", """\
+        x = tf.identity(X)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            u = pinn(x)
+            u_x = tape.gradient(u, x)
+        u_xx = tape.gradient(u_x, x)
+        """)
+    assert e.code == "tape-used-twice"
+    twin = keras.Sequential([keras.Input((2,)),
+                             keras.layers.Dense(16, activation="tanh", dtype="float64"),
+                             keras.layers.Dense(1, dtype="float64")])
+    twin.set_weights([w.astype(np.float64) for w in pinn.get_weights()])
+    x64 = tf.cast(X, tf.float64)
+    columns = []
+    for j in range(2):
+        with tf.GradientTape() as outer:
+            outer.watch(x64)
+            with tf.GradientTape() as inner:
+                inner.watch(x64)
+                y = twin(x64)
+            g = inner.gradient(y, x64)[:, j]
+        columns.append(outer.gradient(g, x64).numpy())  # d/dx of u_xj: row j of H
+    truth = np.stack(columns, axis=1)  # (N, 2, 2)
+    ns = run_fix(shell, e.fix)
+    np.testing.assert_allclose(_values(ns["u_xx"]), truth, rtol=1e-4, atol=1e-6)
 
 
 def test_second_derivative_taken_inside_the_tapes_block_says_persistent_would_do(shell):
@@ -233,7 +290,8 @@ def test_second_derivative_taken_inside_the_tapes_block_says_persistent_would_do
     shell.run_cell(textwrap.dedent(body.format(arg="persistent=True")), store_history=False)
     np.testing.assert_allclose(_values(shell.user_ns["d2"]), truth, rtol=1e-4, atol=1e-6)
     ns = run_fix(shell, e.fix)
-    np.testing.assert_allclose(_values(ns["d2"]), truth, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_values(ns["d2"]).reshape(truth.shape), truth, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_a_tf_function_computing_derivatives_is_explained(shell):
@@ -294,3 +352,20 @@ def test_a_none_from_work_outside_the_tape_names_it_and_the_fix_runs(shell, body
         target = y[:, 0] if name == "g0" else y
     truth = tape.gradient(target, x64).numpy()
     np.testing.assert_allclose(_values(ns[name]), truth, rtol=1e-4, atol=1e-6)
+
+
+def test_the_freed_graph_fix_without_a_culprit_gives_each_points_hessian():
+    """No earlier call in the cell (it ran in another cell): the generic fix. Its second step
+    was grad(g, x, ones_like(g)), the sum of the Hessian's columns for several inputs.
+    Truth: float64 vmap(hessian)."""
+    from nbderiv.explain_errors import _freed
+
+    _, fix = _freed("line 1", "g2 = torch.autograd.grad(y.sum(), x)", "")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1)).double()
+    x = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    ns = {"torch": torch, "x": x, "y": net(x)}
+    exec(fix, ns)  # noqa: S102
+    H = torch.func.vmap(torch.func.hessian(lambda p: net(p[None])[0, 0]))(x.detach())
+    np.testing.assert_allclose(_values(ns["g2"]), _values(H), atol=1e-12)
