@@ -358,11 +358,11 @@ def _freed(where, line, source):
                 f"retain_graph=True, or recompute y = model(x).",
                 "g, = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), "
                 "create_graph=True)\n"
-                "# second derivatives, one input column of g at a time (N, d_in, d_in): "
-                "grad(g, x) of all of g at once would add the columns up\n"
-                "g2 = torch.stack([torch.autograd.grad(g[:, i], x, torch.ones_like(g[:, i]), "
-                "retain_graph=True)[0]\n"
-                "                  for i in range(g.shape[1])], dim=1)")
+                "g2, = torch.autograd.grad(g, x, grad_outputs=torch.ones_like(g), "
+                "retain_graph=True)  # second derivative\n"
+                "# x of several columns: g2 adds them up; d2y/dx0^2 alone:\n"
+                "# g2_00 = torch.autograd.grad(g[:, 0:1], x, torch.ones_like(g[:, 0:1]), "
+                "retain_graph=True)[0][:, 0:1]")
     y = sorted(_differentiated_names(culprit))
     return (f"{where} differentiates through a graph whose saved values were already freed, "
             f"by the call before it that ran backward through the same graph: `{culprit}`. "
@@ -568,6 +568,9 @@ def _tape_twice(where, line, source):
             f"# then: del {tape}  when done; or one call for both: {tape}.gradient([u, v], x)")
 
 
+_ORDINAL_WORDS = {2: "second", 3: "third", 4: "fourth"}
+
+
 def _second_derivative_tapes(where, tape, first, line, source):
     """(message, fix) where the second gradient call differentiates the first one's result
     (``dy = tape.gradient(y, x)`` then ``tape.gradient(dy, x)``): a second derivative, which
@@ -581,20 +584,47 @@ def _second_derivative_tapes(where, tape, first, line, source):
     if m is None or target != m.group(1) or not y or not x:
         return None
     dy = m.group(1)
-    made = _first_use(source, [rf"^\s*{re.escape(y)}\s*=[^=]"]) if y.isidentifier() else None
     assigned = re.match(r"\s*([A-Za-z_]\w*)\s*,?\s*=[^=]", line or "")
     d2 = assigned.group(1) if assigned else "d2"
-    model_line = made.strip() if made else f"{y} = model({x})"
-    fix = (f"with tf.GradientTape() as outer:\n"
-           f"    outer.watch({x})\n"
-           f"    with tf.GradientTape() as {tape}:\n"
-           f"        {tape}.watch({x})\n"
-           f"        {model_line}\n"
-           f"    {dy} = {tape}.gradient({y}, {x})      # inside the outer tape's block: "
-           f"recorded\n"
-           f"# each point's second derivatives (N, d_in, d_in); outer.gradient({dy}, {x})\n"
-           f"# would add up the columns of {dy} when x has several\n"
-           f"{d2} = outer.batch_jacobian({dy}, {x})")
+    # the chain of gradient calls back to the model: u_xx <- u_x <- u = model(x)
+    steps = [(d2, "outer", dy)]  # (result, tape, what it differentiates), outermost first
+    tapes_used = {"outer"}
+    target_name, source_line = dy, first
+    model_line = None
+    for _ in range(6):
+        src_tape = (_receiver(source_line, "gradient") or tape).split(".")[0]
+        inner, _ = _grad_args(source_line, names=("gradient",))
+        name = src_tape if src_tape not in tapes_used else f"{src_tape}_{len(steps)}"
+        tapes_used.add(name)
+        steps.append((target_name, name, inner))
+        made = _first_use(source, [rf"^\s*{re.escape(inner)}\s*=[^=]"]) \
+            if inner and inner.isidentifier() else None
+        if made is None or ".gradient(" not in made:
+            model_line = made.strip() if made else f"{inner} = model({x})"
+            break
+        target_name, source_line = inner, made
+    if model_line is None:
+        return None
+    order = len(steps)
+    nth = _ORDINAL_WORDS.get(order, f"order-{order}")
+    lines = []
+    for i, (_, name, _) in enumerate(steps):  # the tapes, outermost first
+        lines += [f"{'    ' * i}with tf.GradientTape() as {name}:",
+                  f"{'    ' * (i + 1)}{name}.watch({x})"]
+    lines.append(f"{'    ' * len(steps)}{model_line}")
+    for i in range(len(steps) - 1, 0, -1):  # each gradient inside the blocks around it
+        result, name, inner = steps[i]
+        lines.append(f"{'    ' * i}{result} = {name}.gradient({inner}, {x})"
+                     + ("      # inside the outer tape's block: recorded" if i == 1 else ""))
+    lines.append(f"{d2} = outer.gradient({dy}, {x})      # the {nth} derivative")
+    if order == 2:
+        lines.append(f"# x of several columns: gradient adds them up; for d2/dx0^2 take column "
+                     f"0 where {dy} is made, ...gradient(...)[:, 0:1], and keep [:, 0:1] of "
+                     f"{d2}")
+    else:
+        lines.append("# x of several columns: each gradient call adds them up; take the "
+                     "column you want, [:, 0:1], where each result is made")
+    fix = "\n".join(lines)
     if _inside_block(source, tape, first):  # recorded: persistent=True would do
         why = (f"{tape} released its recording after the first gradient call. {dy} was "
                f"computed inside {tape}'s block, so {tape} did record it: with "
@@ -604,7 +634,7 @@ def _second_derivative_tapes(where, tape, first, line, source):
         why = (f"{tape} released its recording after the first gradient call, and even with "
                f"persistent=True the answer would be None, because {dy} was computed after "
                f"the with-block, where no tape records.")
-    return (f"{where} differentiates {dy}, the result of `{first}`: a second derivative. "
+    return (f"{where} differentiates {dy}, the result of `{first}`: a {nth} derivative. "
             f"One tape cannot give it: {why} Take the first gradient inside an outer tape's "
             f"block (nested tapes), then ask the outer tape for the gradient of {dy}.", fix)
 

@@ -231,15 +231,45 @@ def test_second_derivative_with_one_tape_gets_nested_tapes(shell):
                                atol=1e-6)
 
 
-def test_the_nested_tapes_fix_gives_each_points_hessian_for_several_inputs(shell):
-    """A PINN of (x, t): outer.gradient(u_x, x) would add the Hessian's columns up (what
-    explain itself calls summed-inputs); the fix's batch_jacobian gives each point's 2 x 2
-    Hessian. Truth: a float64 twin's nested tapes, one column of u_x at a time."""
+def test_the_nested_tapes_fix_for_a_third_derivative_nests_three_tapes(shell):
+    """u_xxx from the tape that gave u_xx: the fix reused t1 (already used) and u (computed
+    outside the new tapes), and failed the same way. Truth: a float64 twin's three nested
+    tapes."""
+    tf, twin, x64 = _keras_model(shell)
+    [e] = explain(shell, "km kx", """\
+        x = tf.identity(kx)
+        with tf.GradientTape() as t2:
+            with tf.GradientTape() as t1:
+                t1.watch(x)
+                u = km(x)
+            u_x = t1.gradient(u, x)
+        u_xx = t2.gradient(u_x, x)
+        u_xxx = t2.gradient(u_xx, x)
+        """)
+    assert e.code == "tape-used-twice" and "a third derivative" in e.message
+    with tf.GradientTape() as a:
+        a.watch(x64)
+        with tf.GradientTape() as b:
+            b.watch(x64)
+            with tf.GradientTape() as c:
+                c.watch(x64)
+                y = twin(x64)
+            g = c.gradient(y, x64)
+        g2 = b.gradient(g, x64)
+    truth = a.gradient(g2, x64).numpy()
+    ns = run_fix(shell, "x = tf.identity(kx)\n" + e.fix)
+    np.testing.assert_allclose(_values(ns["u_xxx"]), truth, rtol=1e-4, atol=1e-5)
+
+
+def test_the_nested_tapes_fix_says_how_to_take_one_column_of_several(shell):
+    """A PINN of (x, t): outer.gradient(u_x, x) adds the Hessian's columns up (what explain
+    itself calls summed-inputs); the fix says so, and its one-column form gives d2u/dx0^2.
+    Truth: a float64 twin's nested tapes on column 0."""
     tf = pytest.importorskip("tensorflow")
     keras = pytest.importorskip("keras")
     keras.utils.set_random_seed(0)
-    layers = [keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
-    pinn = keras.Sequential([keras.Input((2,))] + layers)
+    pinn = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16, activation="tanh"),
+                             keras.layers.Dense(1)])
     X = tf.random.stateless_uniform((8, 2), seed=(1, 2))
     shell.user_ns.update(pinn=pinn, X=X, tf=tf)
     [e] = explain(shell, "pinn X", """\
@@ -251,22 +281,22 @@ def test_the_nested_tapes_fix_gives_each_points_hessian_for_several_inputs(shell
         u_xx = tape.gradient(u_x, x)
         """)
     assert e.code == "tape-used-twice"
+    assert "take column 0 where u_x is made" in e.fix and "keep [:, 0:1] of u_xx" in e.fix
     twin = keras.Sequential([keras.Input((2,)),
                              keras.layers.Dense(16, activation="tanh", dtype="float64"),
                              keras.layers.Dense(1, dtype="float64")])
     twin.set_weights([w.astype(np.float64) for w in pinn.get_weights()])
     x64 = tf.cast(X, tf.float64)
-    columns = []
-    for j in range(2):
-        with tf.GradientTape() as outer:
-            outer.watch(x64)
-            with tf.GradientTape() as inner:
-                inner.watch(x64)
-                y = twin(x64)
-            g = inner.gradient(y, x64)[:, j]
-        columns.append(outer.gradient(g, x64).numpy())  # d/dx of u_xj: row j of H
-    truth = np.stack(columns, axis=1)  # (N, 2, 2)
-    ns = run_fix(shell, e.fix)
+    with tf.GradientTape() as outer:
+        outer.watch(x64)
+        with tf.GradientTape() as inner:
+            inner.watch(x64)
+            y = twin(x64)
+        g = inner.gradient(y, x64)[:, 0:1]
+    truth = outer.gradient(g, x64).numpy()[:, 0:1]  # d2u/dx0^2
+    one_column = e.fix.replace("tape.gradient(u, x)", "tape.gradient(u, x)[:, 0:1]").replace(
+        "outer.gradient(u_x, x)", "outer.gradient(u_x, x)[:, 0:1]")
+    ns = run_fix(shell, "x = tf.identity(X)\n" + one_column)
     np.testing.assert_allclose(_values(ns["u_xx"]), truth, rtol=1e-4, atol=1e-6)
 
 
@@ -354,18 +384,22 @@ def test_a_none_from_work_outside_the_tape_names_it_and_the_fix_runs(shell, body
     np.testing.assert_allclose(_values(ns[name]), truth, rtol=1e-4, atol=1e-6)
 
 
-def test_the_freed_graph_fix_without_a_culprit_gives_each_points_hessian():
-    """No earlier call in the cell (it ran in another cell): the generic fix. Its second step
-    was grad(g, x, ones_like(g)), the sum of the Hessian's columns for several inputs.
-    Truth: float64 vmap(hessian)."""
+def test_the_freed_graph_fix_without_a_culprit_gives_the_second_derivatives():
+    """No earlier call in the cell (it ran in another cell): the generic fix. For one input
+    its g2 is the second derivative; for several, g2 adds the Hessian's columns up, and its
+    commented one-column line gives d2y/dx0^2. Truth: float64 vmap(hessian)."""
     from nbderiv.explain_errors import _freed
 
     _, fix = _freed("line 1", "g2 = torch.autograd.grad(y.sum(), x)", "")
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
-                              torch.nn.Linear(8, 1)).double()
-    x = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
-    ns = {"torch": torch, "x": x, "y": net(x)}
-    exec(fix, ns)  # noqa: S102
-    H = torch.func.vmap(torch.func.hessian(lambda p: net(p[None])[0, 0]))(x.detach())
-    np.testing.assert_allclose(_values(ns["g2"]), _values(H), atol=1e-12)
+    for d_in in (1, 2):
+        net = torch.nn.Sequential(torch.nn.Linear(d_in, 8), torch.nn.Tanh(),
+                                  torch.nn.Linear(8, 1)).double()
+        x = torch.rand(5, d_in, dtype=torch.float64, requires_grad=True)
+        ns = {"torch": torch, "x": x, "y": net(x)}
+        exec(fix.replace("# g2_00 =", "g2_00 ="), ns)  # noqa: S102
+        H = _values(torch.func.vmap(torch.func.hessian(lambda p, net=net: net(p[None])[0, 0]))(
+            x.detach()))
+        np.testing.assert_allclose(_values(ns["g2_00"])[:, 0], H[:, 0, 0], atol=1e-12)
+        if d_in == 1:
+            np.testing.assert_allclose(_values(ns["g2"])[:, 0], H[:, 0, 0], atol=1e-12)
