@@ -165,7 +165,7 @@ def explain(mine, model, x, order=None, *, wrt=None, names=None, _cell=None) -> 
                    make=Explanation)
     ctx.cell = _cell
     if M is None:
-        return ctx.none(order or 1)
+        return ctx.none(order)
     if M.dtype == bool:
         M = M.astype(np.float64)
     ctx.orig_framework = orig_framework

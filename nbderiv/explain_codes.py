@@ -1053,13 +1053,17 @@ class _Context:
         return int(wrt[i]) if wrt is not None and i < len(wrt) else int(i)
 
     # -- None --------------------------------------------------------------------------------------
-    def none(self, k):
+    def none(self, k=None):
+        """``k``: the order meant (None: 1, or what the cell's code shows, a gradient of a
+        gradient being a second derivative)."""
+        from_code = self.none_from_code()
+        if k is None:
+            k = from_code[2] if from_code is not None and len(from_code) > 2 else 1
         causes = none_causes(self.model, self.x, self.truth, self.framework, self.xname,
                              self.mname)
         intro = f"The cause that fits {self.mname} and {self.xname}:"
-        from_code = self.none_from_code()
         if from_code is not None:
-            causes, intro = from_code
+            causes, intro = from_code[:2]
         T = self.truth_k(k)  # central differences where the model cuts its own graph
         head = (f"{self.name} is None: autodiff returned no gradient at all (the true "
                 f"{_ordinal(k)} derivative has shape {_shape(T.shape)}, largest value "
@@ -1079,7 +1083,7 @@ class _Context:
         if cell is None:
             return None
         source, ns = cell
-        from .explain_tape import grad_owner, tape_causes
+        from .explain_tape import grad_owner, tape_causes, unused_grad_causes
 
         if self.framework == "tensorflow":
             code = tape_causes(self.name, source, ns, self.mname)
@@ -1093,6 +1097,9 @@ class _Context:
                 return (facts, f"The cause that fits {self.mname} and {self.xname}:") \
                     if facts else (code, "What is known:")
             return code + facts, "The cause in this cell:"
+        chain = unused_grad_causes(self.name, source)
+        if chain is not None:
+            return chain[0], "The cause in this cell:", chain[1]
         owner = grad_owner(self.name, source)
         obj = ns.get(owner) if owner else None
         if obj is None or obj is self.x or _framework_of(obj) != "torch":

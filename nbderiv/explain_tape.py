@@ -325,3 +325,67 @@ def grad_owner(name, source):
             owner = (value.value.id if isinstance(value, ast.Attribute) and value.attr == "grad"
                      and isinstance(value.value, ast.Name) else None)
     return owner
+
+
+def _autograd_call(value):
+    """The ``torch.autograd.grad(...)`` call node of ``value`` (also ``grad(...)[0]``, and
+    ``grad(...)`` unpacked), or None."""
+    if isinstance(value, ast.Subscript):
+        value = value.value
+    if isinstance(value, ast.Call):
+        func = value.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name == "grad" and "autograd" in _text(func):
+            return value
+    return None
+
+
+def _keyword_true(call, name) -> bool:
+    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is True
+               for k in call.keywords)
+
+
+def unused_grad_causes(name, source):
+    """([(code, why, fix)], order) for a torch ``None`` that ``name = torch.autograd.grad(a,
+    x, allow_unused=True)[0]`` made, where ``a`` comes from an earlier ``grad`` call without
+    ``create_graph=True``: that first derivative is a plain tensor with no graph back to x
+    (``requires_grad_(True)`` on it makes a new leaf), and allow_unused=True turned autograd's
+    error into None. None when the cell shows no such chain."""
+    try:
+        tree = ast.parse(textwrap.dedent(source or ""))
+    except SyntaxError:
+        return None
+    made = {}  # name -> (line, its grad call) of the assignments from a grad call
+    found = None
+    for line, names, value, node in _assignments(tree):
+        call = _autograd_call(value)
+        if call is None:
+            continue
+        if name in names and _keyword_true(call, "allow_unused"):
+            found = (line, call, node)
+        for n in names:
+            made.setdefault(n, (line, call, node))
+    if found is None or not found[1].args:
+        return None
+    line, call, node = found
+    for base in sorted(_names(call.args[0])):
+        first = made.get(base)
+        if first is None or first[0] >= line or _keyword_true(first[1], "create_graph"):
+            continue
+        first_text = _text(first[2])
+        fixed_call = ast.parse(_text(first[1])).body[0].value
+        fixed_call.keywords.append(ast.keyword("create_graph", ast.Constant(True)))
+        fixed_first = first_text.replace(_text(first[1]), ast.unparse(fixed_call))
+        again = ast.parse(_text(call)).body[0].value
+        again.keywords = [k for k in again.keywords if k.arg != "allow_unused"]
+        fixed_line = _text(node).replace(_text(call), ast.unparse(again))
+        why = (f"{base} comes from `{first_text}`, which has no create_graph=True: autograd "
+               f"returns it as a plain tensor with no graph back to the input (a "
+               f"requires_grad_(True) on it makes it a new leaf, unconnected to the input), so "
+               f"nothing links `{_text(node)}` to its input; allow_unused=True turned "
+               "autograd's error ('One of the differentiated Tensors appears to not have been "
+               "used in the graph') into this None.")
+        fix = (f"{fixed_first}   # keeps the graph: {base} can be differentiated again\n"
+               f"{fixed_line}   # no allow_unused: a None should be an error")
+        return [("first-derivative-without-graph", why, fix)], 2
+    return None

@@ -403,3 +403,22 @@ def test_the_freed_graph_fix_without_a_culprit_gives_the_second_derivatives():
         np.testing.assert_allclose(_values(ns["g2_00"])[:, 0], H[:, 0, 0], atol=1e-12)
         if d_in == 1:
             np.testing.assert_allclose(_values(ns["g2"])[:, 0], H[:, 0, 0], atol=1e-12)
+
+
+def test_a_none_from_allow_unused_names_the_first_grad_without_create_graph(shell):
+    """u_x from a grad call without create_graph=True, then requires_grad_(True) on it and
+    allow_unused=True on the second call: None. It was blamed on x.requires_grad (x does
+    require grad) and read as a first derivative. Truth: float64 vmap(hessian)."""
+    [e] = [r for r in explain(shell, "net pts", """\
+        x = pts.clone().requires_grad_(True)
+        u = net(x)
+        u_x = torch.autograd.grad(u, x, torch.ones_like(u))[0]
+        u_x.requires_grad_(True)
+        u_xx = torch.autograd.grad(u_x[:, 0].sum(), x, allow_unused=True)[0]
+        """) if r.code == "none"]
+    assert e.code == "none" and "second derivative" in e.message
+    assert "no create_graph=True" in e.message and "requires_grad is False" not in e.message
+    ns = run_fix(shell, "x = pts.clone().requires_grad_(True)\nu = net(x)\n"
+                 + e.fix.split("\n# the per-point")[0])
+    H = pinn_truth(shell, "net", shell.user_ns["pts"], 2)  # (N, 2, 2)
+    np.testing.assert_allclose(_values(ns["u_xx"]), H[:, 0, :], rtol=1e-4, atol=1e-6)
