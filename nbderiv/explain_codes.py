@@ -182,6 +182,11 @@ class _Context:
         if "graph-broken" in self.truth.codes and M.size and not np.any(M):
             return self.zeros_graph_broken(M, order or 1, self.truth_k(order or 1))
         orders = [order] if order is not None else self.preferred_orders(M)
+        zeros = bool(M.size) and not np.any(M)
+        if zeros and order is None:  # zeros fit any order whose truth is 0: no guessing up
+            found = self.zeros_of_unknown_order(M, orders)
+            if found is not None:
+                return found
         for k in orders:
             found = self.match_order(M, k)
             if found is not None:
@@ -189,7 +194,7 @@ class _Context:
         if self.truth.random:
             return self.random(order or orders[0])
         n, d_out, n_in = self.dims()
-        if order is not None:
+        if order is not None and not zeros:  # (zeros match every order whose truth is 0)
             for k in [j for j in range(0, MAX_ORDER + 1) if j != order]:
                 T = self.truth.get(k)
                 how = match(M, T, self.dtype_for(M, k))
@@ -882,7 +887,28 @@ class _Context:
             + f"The {_ordinal(order)} derivative has shape {_shape(self.truth.get(order).shape)}"
             f" = {self.layout(order)}.", order)
 
-    def zeros_graph_broken(self, M, k, T, partial=None):
+    def zeros_of_unknown_order(self, M, orders):
+        """All zeros, order not given, where the lowest order its shape fits has a truth
+        that is not 0 but a higher one's is (a ReLU net's second derivative): the zeros are
+        read at the lowest order, and the message says which order they would be right for."""
+        k0 = orders[0]
+        T0 = self.truth_k(k0)
+        if M.size not in (T0.size, T0.size // max(self.dims()[1], 1)) or not np.any(
+                ~_close(np.zeros_like(T0, dtype=float), T0.astype(float),
+                        self.dtype_for(M, k0))):
+            return None
+        right = [k for k in orders[1:] if (lambda f: f is not None and f.code.startswith(
+            "correct"))(self.match_order(M, k))]
+        if not right:
+            return None
+        k1 = right[0]
+        note = (f" If {self.name} was meant as the {_ordinal(k1)} derivative instead, all "
+                f"zeros is right there ({self.mname}'s {_ordinal(k1)} derivatives are 0 at "
+                f"these points): zeros alone cannot tell the two apart. Pass order={k1} to "
+                "check it as such.")
+        return self.zeros_graph_broken(M, k0, T0, note=note)
+
+    def zeros_graph_broken(self, M, k, T, partial=None, note=""):
         name = self.name
         where = ""
         if partial is not None:
@@ -912,8 +938,8 @@ class _Context:
         return self.result(
             "zeros-graph-broken",
             f"{name} (shape {_shape(M.shape)}) is zero where the true {_ordinal(k)} derivative "
-            f"is not.{where} The truth reaches {_num(T[big])} at point {big[0]}. {because}",
-            k, fix=fix, truth=T)
+            f"is not.{where} The truth reaches {_num(T[big])} at point {big[0]}. {because}"
+            + note, k, fix=fix, truth=T)
 
     def wrong(self, M, k, T):
         name, (n, d_out, n_in) = self.name, self.dims()

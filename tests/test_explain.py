@@ -807,3 +807,23 @@ def test_wrt_as_one_index_or_a_negative_one_reads_as_derivatives_reads_it():
     assert nbderiv.explain(swapped, pair, X, wrt=0).code != "correct"
     assert nbderiv.explain(swapped, pair, X, wrt=-1).code.startswith("correct")
     assert nbderiv.explain(dy_dx1[:, None], pair, X, wrt=0).code.startswith("correct")
+
+
+def test_all_zeros_are_read_at_the_lowest_order_and_say_which_order_they_would_fit():
+    """A cut graph's zeros on a ReLU net (whose second derivative is 0): read as 'the right
+    second derivatives' without order=, and as 'one differentiation too far' with order=1.
+    Truth: vmap(jacrev) (d1 is not 0) and vmap(hessian) (d2 is 0)."""
+    torch.manual_seed(0)
+    relu = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    X = torch.rand(50, 1, generator=torch.Generator().manual_seed(0))
+    J = torch.func.vmap(torch.func.jacrev(lambda p: relu(p[None])[0]))(X)
+    H = torch.func.vmap(torch.func.hessian(lambda p: relu(p[None])[0]))(X)
+    assert J.abs().max() > 0.05 and H.abs().max() == 0
+    zeros = np.zeros((50, 1), dtype=np.float32)
+    e = nbderiv.explain(zeros, relu, X)
+    assert e.code == "zeros-graph-broken" and e.order == 1
+    assert "meant as the second derivative instead, all zeros is right" in e.message
+    e = nbderiv.explain(zeros, relu, X, order=1)
+    assert e.code == "zeros-graph-broken"
+    e = nbderiv.explain(zeros, relu, X, order=2)
+    assert e.code.startswith("correct")
