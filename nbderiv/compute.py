@@ -384,6 +384,11 @@ def probe(call: Call) -> Verdict:
             again = None if seeded is None else verdict_of(call, seeded, moved)
             if again is not None and not again.stochastic:
                 verdict.coupled, verdict.size_only = again.coupled, again.size_only
+                if again.coupled and not again.size_only and call.backend.seeded_cross_terms(
+                        call, batches[0], moved[2]) is False:
+                    # moved points changed the others' random draws (RReLU draws one per
+                    # negative input), not their outputs' dependence: autodiff sees none
+                    verdict.coupled = False
             # or not random at all: forward updates the model's own state (a buffer)
             restored = call.backend.restored_forwards(call, batches)
             same = None if restored is None else verdict_of(call, restored, moved)

@@ -121,6 +121,26 @@ def test_a_random_model_with_train_mode_batchnorm_is_still_found_coupled():
     np.testing.assert_allclose(d[1], blocks, atol=1e-6)
 
 
+def test_random_draws_that_follow_the_data_are_no_coupling():
+    """RReLU in training mode draws a slope for each negative input only: moving some points
+    shifts the other points' draws in a seeded pass, which read as coupled-samples (and the
+    slow per-point blocks). In one pass, autograd's cross-terms are exactly 0: no coupling.
+    With a train-mode BatchNorm beside it, the coupling is real and still found. Truth: the
+    batch Jacobian of one forward pass."""
+    torch.manual_seed(0)
+    rrelu = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.RReLU(), torch.nn.Linear(16, 1))
+    x = torch.randn(30, 2)  # (after the weights, from the same seed)
+    J = torch.autograd.functional.jacobian(rrelu, x).reshape(30, 30, 2)
+    J[range(30), range(30)] = 0
+    assert J.abs().max() == 0  # no cross-terms
+    d = nbderiv.derivatives(rrelu, x, progress=False)
+    assert "coupled-samples" not in d.codes and d.method == "reverse-ones", d.codes
+    assert "train-mode" in d.codes
+    bn = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.BatchNorm1d(16), torch.nn.RReLU(),
+                             torch.nn.Linear(16, 1))
+    assert "coupled-samples" in nbderiv.derivatives(bn, x, progress=False).codes
+
+
 def test_float64_points_before_float32_layers_are_not_taken_for_coupled():
     """A Keras model with a float64 Input and float32 layers: its outputs are float32 values,
     whose last bit may move with the number of points; the coupling tolerance follows them."""

@@ -37,6 +37,7 @@ OPTIONAL = frozenset({
     "begin", "device", "argument_names", "known_verdict", "block_rows", "bytes_per_point",
     "kink_points", "input_width", "few_threads", "state_key", "seeded_forwards", "code_notes",
     "activations_called", "restored_forwards", "state_back", "named_inputs",
+    "seeded_cross_terms",
 })
 
 
@@ -137,6 +138,14 @@ class Backend:
         each batch (the user's generator state put back), so that a model with randomness
         (Dropout next to a train-mode BatchNorm) repeats it and the probe can still see
         whether points influence each other; None (the default) where it cannot."""
+        return None
+
+    def seeded_cross_terms(self, call, batch, rows):
+        """Whether, in one forward pass on ``batch`` with the random number generators seeded
+        as :meth:`seeded_forwards` seeds them, autodiff sees the other points' outputs depend
+        on the inputs at ``rows``: True / False, or None (the default) where it cannot tell.
+        Random draws whose number depends on the data (RReLU draws a slope for each negative
+        input only) shift between batches, which reads as coupling in seeded forward passes."""
         return None
 
     def named_inputs(self, model):

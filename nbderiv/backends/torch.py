@@ -78,7 +78,7 @@ class TorchBackend(Backend):
     optional = frozenset({"device", "argument_names", "known_verdict", "block_rows",
                           "bytes_per_point", "kink_points", "input_width", "few_threads",
                           "state_key", "seeded_forwards", "code_notes", "activations_called",
-                          "restored_forwards", "state_back"})
+                          "restored_forwards", "state_back", "seeded_cross_terms"})
 
     def __init__(self):
         self._saved = []  # (model, TorchState) of the calls under way, innermost last
@@ -230,6 +230,23 @@ class TorchBackend(Backend):
         cuda = [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # the user's generator state put back
             return self.forwards(call, batches, seed=0)
+
+    def seeded_cross_terms(self, call, batch, rows):
+        cuda = [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
+        fn = self._caller(call)
+        try:
+            with torch.random.fork_rng(devices=cuda), grad_enabled(True):
+                torch.manual_seed(0)
+                X = self._tensor(call, batch).requires_grad_(True)
+                y = fn(X)
+                keep = torch.ones(X.shape[0], dtype=torch.bool)
+                keep[list(rows)] = False
+                if not keep.any() or not y.requires_grad:
+                    return None
+                (g,) = torch.autograd.grad(y[keep.to(y.device)].sum(), X, allow_unused=True)
+        except Exception:  # a confirmation: a model it does not suit is not an error
+            return None
+        return g is not None and bool(g[list(rows)].abs().max() > 0)
 
     def derivatives(self, call, args, order, wrt, out=None) -> Block:
         _refuse_script_norms(call, order)
