@@ -123,3 +123,40 @@ def test_unseeded_draws_leave_the_global_random_streams_where_they_were():
     assert any("stochastic" in f.message for f in d.findings)
     np.testing.assert_array_equal(global_seed_generator().state.numpy(), keras_before)
     np.testing.assert_array_equal(tf.random.get_global_generator().state.numpy(), tf_before)
+
+
+def test_a_tf_function_around_the_model_keeps_its_statistics_and_seeds():
+    """tf.function(lambda z: m(z, training=True)): its BatchNorm moving statistics moved and
+    its Dropout's seed generator advanced (a plain lambda was put back); the variables a
+    tf.function's Python function holds are saved now. Values: the diagonal blocks of the
+    batch Jacobian of one call, on a float64 twin."""
+    keras.utils.set_random_seed(3)
+    m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                          keras.layers.BatchNormalization(), keras.layers.Activation("tanh"),
+                          keras.layers.Dense(1)])
+    bn = m.layers[1]
+    before = [v.numpy().copy() for v in m.variables]
+    x = np.random.default_rng(3).normal(size=(6, 3))
+    d = nbderiv.derivatives(tf.function(lambda z: m(z, training=True)), x, progress=False)
+    assert "coupled-samples" in d.codes
+    for v, value in zip(m.variables, before):
+        np.testing.assert_array_equal(v.numpy(), value)
+    twin = keras.Sequential([keras.Input((3,), dtype="float64"),
+                             keras.layers.Dense(4, dtype="float64"),
+                             keras.layers.BatchNormalization(dtype="float64"),
+                             keras.layers.Activation("tanh", dtype="float64"),
+                             keras.layers.Dense(1, dtype="float64")])
+    twin.set_weights(m.get_weights())
+    X = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(X)
+        y = twin(X, training=True)
+    J = tape.jacobian(y, X).numpy()
+    np.testing.assert_allclose(d[1][:, 0], np.stack([J[n, 0, n] for n in range(6)]),
+                               atol=1e-5)
+    assert any(v is bn.moving_mean for v in m.variables)  # (among those compared above)
+    drop = keras.Sequential([keras.Input((3,)), keras.layers.Dense(8, activation="tanh"),
+                             keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    seed = drop.layers[1].seed_generator.state.numpy().copy()
+    nbderiv.derivatives(tf.function(lambda z: drop(z, training=True)), x, progress=False)
+    np.testing.assert_array_equal(drop.layers[1].seed_generator.state.numpy(), seed)

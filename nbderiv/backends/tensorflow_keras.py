@@ -74,10 +74,19 @@ def graph_kind(model):
 _GRAPH_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _python_function(model):
+    """The Python function a ``tf.function`` wraps (what it holds is what it runs: the
+    models in its closure, the model it was made from); ``model`` itself otherwise."""
+    if isinstance(model, tf.types.experimental.GenericFunction):
+        return getattr(model, "python_function", model)
+    return model
+
+
 def model_variables(model) -> list:
     """Every variable of a Keras layer or ``tf.Module`` (trainable or not); for a wrapper (a
-    lambda, partial, bound method, closure or callable object), those of the Keras layers,
-    ``tf.Module``s and variables it holds, each once; else []."""
+    lambda, partial, bound method, closure, callable object or ``tf.function``), those of the
+    Keras layers, ``tf.Module``s and variables it holds, each once; else []."""
+    model = _python_function(model)
     if is_keras_layer(model) or isinstance(model, tf.Module):
         return list(model.variables)
     if not callable(model):
@@ -99,6 +108,7 @@ def model_variables(model) -> list:
 
 def held_layers(model) -> list:
     """The Keras layers a wrapper holds (none of them inside another); [model] for a layer."""
+    model = _python_function(model)
     if is_keras_layer(model):
         return [model]
     if not callable(model):
