@@ -1419,3 +1419,24 @@ def test_a_tf_function_is_tensorflow_and_its_signature_dtype_is_used():
     assert d.framework == "tensorflow" and d[1].dtype == np.float32
     assert_close(d[1][:, 0], np.cos(x), 1e-6)
     assert_close(d[2][:, 0], np.stack([np.diag(-np.sin(p)) for p in x]), 1e-6)
+
+
+def test_a_tf_function_whose_signature_fixes_the_number_of_points_is_told_so():
+    """input_signature=[TensorSpec((6, 2))]: TensorFlow's error named two TensorSpecs and the
+    fix said to reshape x, which already fits; the first axis must be free."""
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(7)
+    base = keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="tanh"),
+                             keras.layers.Dense(1)])
+    x = np.random.default_rng(7).normal(size=(6, 2)).astype("float32")
+    fixed = tf.function(lambda z: base(z), input_signature=[tf.TensorSpec((6, 2), tf.float32)])
+    assert fixed(x).shape == (6, 1)  # x itself fits
+    with pytest.raises(InputShapeError, match=r"fixes the number of points.*shape=\(None, 2\)"):
+        nbderiv.derivatives(fixed, x, progress=False)
+    free = tf.function(lambda z: base(z), input_signature=[tf.TensorSpec((None, 2), tf.float32)])
+    d = nbderiv.derivatives(free, x, progress=False)
+    X = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(X)
+        y = base(X)
+    np.testing.assert_allclose(d[1][:, 0], tape.batch_jacobian(y, X).numpy()[:, 0], atol=1e-6)

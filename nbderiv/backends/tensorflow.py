@@ -163,6 +163,7 @@ class TensorFlowBackend(Backend):
 
     def begin(self, model):
         forget_if_edited(model)
+        _refuse_fixed_batch(model)
 
     def compute_dtype(self, model, x_dtype) -> np.dtype:
         """The model's variables' dtype, widened to the dtype its Keras ``Input``s declare
@@ -469,3 +470,22 @@ class TensorFlowBackend(Backend):
 
 
 BACKEND = TensorFlowBackend()
+
+
+def _refuse_fixed_batch(model) -> None:
+    """A ``tf.function`` whose ``input_signature`` fixes the number of points: nbderiv calls
+    the model on a few points, on blocks and on all of them, which such a function refuses
+    (TensorFlow's own error names two TensorSpecs, as if x had the wrong shape)."""
+    if not isinstance(model, tf.types.experimental.GenericFunction):
+        return
+    signature = getattr(model, "input_signature", None) or ()
+    for spec in tf.nest.flatten(signature):
+        shape = getattr(spec, "shape", None)
+        if shape is not None and shape.rank and shape[0] is not None:
+            fixed = tuple(None if d is None else int(d) for d in shape)
+            free = (None,) + fixed[1:]
+            raise InputShapeError(
+                f"the tf.function's input_signature fixes the number of points: "
+                f"TensorSpec(shape={fixed}). nbderiv calls the model on a few points, then on "
+                "blocks of them, so the first axis must be free. Fix: input_signature=["
+                f"tf.TensorSpec(shape={free}, dtype=...)] (None for the number of points).")
