@@ -113,11 +113,14 @@ def _effective_eps(call, y, half=False) -> float:
 
 
 def _float64_call(call):
-    """The call on a float64 copy of the model (or the model's own dtype if none)."""
+    """The call on a float64 copy of the model (or the model's own dtype if none); one copy
+    per call, shared by its checks (a TensorFlow copy is traced anew: seconds for an RNN)."""
     if call.dtype == np.float64:
         return call
+    model = call.__dict__.get("_float64_model")
     try:
-        model = call.backend.float64_copy(call.model)
+        if model is None:
+            model = call.__dict__["_float64_model"] = call.backend.float64_copy(call.model)
     except Exception:  # the check is then done in the model's own dtype
         return call
     f64 = np.dtype("float64")
