@@ -1440,3 +1440,25 @@ def test_a_tf_function_whose_signature_fixes_the_number_of_points_is_told_so():
         tape.watch(X)
         y = base(X)
     np.testing.assert_allclose(d[1][:, 0], tape.batch_jacobian(y, X).numpy()[:, 0], atol=1e-6)
+
+
+def test_a_checks_float64_copy_runs_eagerly_with_the_same_numbers():
+    """A float64 copy made for a check runs a few times on a few points: tracing its
+    derivatives cost seconds per copy for a GRU (a Keras GRU's call took 22 s). It runs
+    eagerly; the model itself is still traced. Truth: a float64 twin's nested tapes."""
+    keras = pytest.importorskip("keras")
+    from nbderiv.backends.tensorflow import BACKEND, _one_off
+
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((7, 3)), keras.layers.GRU(6, return_sequences=True),
+                              keras.layers.Dense(2)])
+    twin = BACKEND.float64_copy(model)
+    assert _one_off(twin) and not _one_off(model)
+    x = np.random.default_rng(2).normal(size=(4, 7, 3))
+    d = nbderiv.derivatives(twin, x, progress=False)
+    X = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(X)
+        y = twin(X)
+    J = tape.batch_jacobian(y, X).numpy()  # (N, 7, 2, 7, 3)
+    np.testing.assert_allclose(d[1], J, atol=1e-10)

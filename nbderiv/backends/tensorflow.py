@@ -26,6 +26,7 @@ import functools
 import math
 import sys
 import types
+import weakref
 
 import numpy as np
 
@@ -223,6 +224,8 @@ class TensorFlowBackend(Backend):
         if full not in cache:
             width = call.width
             cache[full] = Traced(build(), width, tf.as_dtype(call.dtype))
+            if _one_off(call.model):  # a check's float64 copy: run a few times, never traced
+                cache[full].eager = True
         return cache[full]
 
     def _out_shape(self, call, shapes):
@@ -466,10 +469,26 @@ class TensorFlowBackend(Backend):
 
     def float64_copy(self, model):
         state.before_writing()  # the copy is compared with the model by eager calls
-        return float64_copy(model)
+        twin = float64_copy(model)
+        try:
+            _RUN_EAGERLY.add(twin)
+        except TypeError:  # not weakly referenceable: traced as any model
+            pass
+        return twin
 
 
 BACKEND = TensorFlowBackend()
+
+# float64 copies made for a check: each runs a few times on a few points, for which tracing
+# (seconds for an RNN's derivatives) costs far more than running eagerly
+_RUN_EAGERLY: weakref.WeakSet = weakref.WeakSet()
+
+
+def _one_off(model) -> bool:
+    try:
+        return model in _RUN_EAGERLY
+    except TypeError:
+        return False
 
 
 def _refuse_fixed_batch(model) -> None:
