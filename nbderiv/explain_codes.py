@@ -15,6 +15,7 @@ import numpy as np
 
 from .backends.tensorflow_code import MOMENTS_RESTORE, MOMENTS_SWAP
 from .explain_causes import none_causes
+from .explain_errors import ordinal as _ordinal
 from .explain_fix import (
     _framework_of,
     _layout,
@@ -42,10 +43,6 @@ SLICE_JACOBIAN_MAX = 1 << 20
 
 def _num(v) -> str:
     return f"{float(v):.4g}"
-
-
-def _ordinal(k) -> str:
-    return {0: "zeroth", 1: "first", 2: "second", 3: "third"}.get(k, f"order-{k}")
 
 
 def _axis_names(k) -> list:
@@ -228,10 +225,8 @@ class _Context:
                     return found
         k = order if order is not None else orders[0]
         T = self.truth_k(k)
-        if M.size and not np.any(M) and np.any(~_close(np.zeros_like(T, dtype=float),
-                                                       T.astype(float), self.dtype_for(M, k))):
-            if M.size in (T.size, T.size // max(d_out, 1)):
-                return self.zeros_graph_broken(M, k, T)
+        if self.zeros_against(M, k, T):
+            return self.zeros_graph_broken(M, k, T)
         if M.size == T.size:
             Mv = M.reshape(T.shape).astype(np.float64)
             bad = ~_close(Mv, T.astype(np.float64), self.dtype_for(M, k))
@@ -887,21 +882,26 @@ class _Context:
             + f"The {_ordinal(order)} derivative has shape {_shape(self.truth.get(order).shape)}"
             f" = {self.layout(order)}.", order)
 
+    def zeros_against(self, M, k, T) -> bool:
+        """Whether ``M`` is all zeros, of the size of ``T`` (the order-k truth) or of one of its
+        outputs, where ``T`` is not 0 within ``M``'s tolerance."""
+        return bool(M.size) and not np.any(M) \
+            and M.size in (T.size, T.size // max(self.dims()[1], 1)) \
+            and bool(np.any(~_close(np.zeros_like(T, dtype=float), T.astype(float),
+                                    self.dtype_for(M, k))))
+
     def zeros_of_unknown_order(self, M, orders):
         """All zeros, order not given, where the lowest order its shape fits has a truth
         that is not 0 but a higher one's is (a ReLU net's second derivative): the zeros are
         read at the lowest order, and the message says which order they would be right for."""
         k0 = orders[0]
         T0 = self.truth_k(k0)
-        if M.size not in (T0.size, T0.size // max(self.dims()[1], 1)) or not np.any(
-                ~_close(np.zeros_like(T0, dtype=float), T0.astype(float),
-                        self.dtype_for(M, k0))):
+        if not self.zeros_against(M, k0, T0):
             return None
-        right = [k for k in orders[1:] if (lambda f: f is not None and f.code.startswith(
-            "correct"))(self.match_order(M, k))]
-        if not right:
+        k1 = next((k for k in orders[1:] if (found := self.match_order(M, k)) is not None
+                   and found.code.startswith("correct")), None)
+        if k1 is None:
             return None
-        k1 = right[0]
         note = (f" If {self.name} was meant as the {_ordinal(k1)} derivative instead, all "
                 f"zeros is right there ({self.mname}'s {_ordinal(k1)} derivatives are 0 at "
                 f"these points): zeros alone cannot tell the two apart. Pass order={k1} to "

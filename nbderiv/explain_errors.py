@@ -392,8 +392,7 @@ def _rerun_with(culprit, line, source) -> str:
             note += f"\n# A second derivative differentiates {g} (made with create_graph=True)."
     lines = (source or "").splitlines()
     target = (line or "").strip()
-    end = next((i for i in range(len(lines) - 1, -1, -1)  # (its last occurrence: see above)
-                if lines[i].strip() == target and target), None)
+    end = _failing_line(lines, target)
     first = next((raw for raw in lines if _GRAD_CALL.search(raw.split("#", 1)[0])), None)
     names = _differentiated_names(first) if first else set()
     start = next((i for i, raw in enumerate(lines[:end or 0]) if any(
@@ -420,6 +419,14 @@ def _lines_again(lines, old: str, new: str) -> str | None:
 _GRAD_CALL = re.compile(r"\.backward\(|\bgrad\(|\.gradient\(")
 
 
+def _failing_line(lines, target) -> int | None:
+    """The index of the line that failed, ``target`` (stripped), among the cell's ``lines``:
+    its last occurrence (the same line written twice, loss.backward() then loss.backward()
+    again: the first one ran); None when it is not there."""
+    return next((i for i in range(len(lines) - 1, -1, -1)
+                 if target and lines[i].strip() == target), None)
+
+
 def _freeing_call(line, source):
     """The backward/grad call before ``line`` in ``source`` that keeps no graph (no
     retain_graph=True, no create_graph=True) and freed the graph ``line`` needs: the last one
@@ -427,10 +434,8 @@ def _freeing_call(line, source):
     ``u_x[:, 1]``), else the last one; None when there is none."""
     lines = (source or "").splitlines()
     target = (line or "").strip()
-    # the line that failed: its last occurrence (the same line written twice, e.g.
-    # loss.backward() then loss.backward() again: the first one ran)
-    end = next((i for i in range(len(lines) - 1, -1, -1)
-                if lines[i].strip() == target and target), len(lines))
+    end = _failing_line(lines, target)
+    end = len(lines) if end is None else end
     wanted = _differentiated_names(target)
     last = shared = None
     for raw in lines[:end]:
@@ -568,7 +573,9 @@ def _tape_twice(where, line, source):
             f"# then: del {tape}  when done; or one call for both: {tape}.gradient([u, v], x)")
 
 
-_ORDINAL_WORDS = {2: "second", 3: "third", 4: "fourth"}
+def ordinal(k) -> str:
+    """``"second"`` for 2: the order of a derivative in words."""
+    return {0: "zeroth", 1: "first", 2: "second", 3: "third"}.get(k, f"order-{k}")
 
 
 def _second_derivative_tapes(where, tape, first, line, source):
@@ -606,7 +613,7 @@ def _second_derivative_tapes(where, tape, first, line, source):
     if model_line is None:
         return None
     order = len(steps)
-    nth = _ORDINAL_WORDS.get(order, f"order-{order}")
+    nth = ordinal(order)
     lines = []
     for i, (_, name, _) in enumerate(steps):  # the tapes, outermost first
         lines += [f"{'    ' * i}with tf.GradientTape() as {name}:",

@@ -25,6 +25,8 @@ from __future__ import annotations
 import ast
 import textwrap
 
+from .explain_errors import _with_keyword
+
 GRADIENT_CALLS = ("gradient", "jacobian", "batch_jacobian")
 # TensorFlow operations whose gradient is None (checked: tape.gradient through each is None)
 NO_GRADIENT = {
@@ -373,9 +375,7 @@ def unused_grad_causes(name, source):
         if first is None or first[0] >= line or _keyword_true(first[1], "create_graph"):
             continue
         first_text = _text(first[2])
-        fixed_call = ast.parse(_text(first[1])).body[0].value
-        fixed_call.keywords.append(ast.keyword("create_graph", ast.Constant(True)))
-        fixed_first = first_text.replace(_text(first[1]), ast.unparse(fixed_call))
+        fixed_first = _with_keyword(first_text, "create_graph=True")
         again = ast.parse(_text(call)).body[0].value
         again.keywords = [k for k in again.keywords if k.arg != "allow_unused"]
         fixed_line = _text(node).replace(_text(call), ast.unparse(again))

@@ -227,12 +227,12 @@ class TorchBackend(Backend):
         return self.forwards(call, batches, restore=True)
 
     def seeded_forwards(self, call, batches) -> list:
-        cuda = [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
+        cuda = _cuda_devices(call)
         with torch.random.fork_rng(devices=cuda):  # the user's generator state put back
             return self.forwards(call, batches, seed=0)
 
     def seeded_cross_terms(self, call, batch, rows):
-        cuda = [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
+        cuda = _cuda_devices(call)
         fn = self._caller(call)
         try:
             with torch.random.fork_rng(devices=cuda), grad_enabled(True):
@@ -641,6 +641,12 @@ class _FunctionRecorder(torch.overrides.TorchFunctionMode):
                         if any(f in self.seen for f in funcs)] + \
             [f"flat:{name}" for name, funcs in pieces.items()
              if any(f in self.seen for f in funcs)]
+
+
+def _cuda_devices(call) -> list:
+    """The CUDA device whose generator a seeded pass forks, as torch.random.fork_rng takes it
+    (none for a CPU call)."""
+    return [call.device.index or 0] if getattr(call.device, "type", "") == "cuda" else []
 
 
 def _forward_only(model, run):
