@@ -43,6 +43,11 @@ STEP = {"float64": RELATIVE_STEP, "float32": 5e-3, "float16": 1e-1, "bfloat16": 
 # how far the float64 copy may be from the model's own outputs (relative to max |y|): a wrong
 # copy (other weights, other structure) differs by O(1); rounding in float32 by far less
 COPY_AGREEMENT = 5e-2
+# d[k] counts as 0 up to the result's rounding where float64 autodiff and the differences both
+# stay below this many times the rounding of y (float32 y against its float64 copy's), carried
+# to d[k] by the inputs' size (the sum of softmax probabilities: y = 1 +- 6e-8, d = 0)
+ROUNDING_MARGIN = 4.0
+INNER_MARGIN = 30.0  # the differences' rounding, over eps * (the size of what y is computed from)
 COUPLED_POINTS = 4       # points checked one by one when the model couples points
 COUPLED_MAX_N = 256      # above this the per-point differences of a coupled model cost too much
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -77,6 +82,9 @@ class FiniteDifferenceCheck:
     # (step, {k: (max_abs, max_rel)}) of each step tried, the first one first (smaller ones
     # are tried in float64 where the first disagreed)
     tried: list = field(default_factory=list, repr=False)
+    # whether the differences' rounding allowance exceeds the tolerance at some order (at
+    # that step they cannot confirm anything finer)
+    rounding_bound: bool = field(default=False, repr=False)
 
     def summary(self) -> str:
         """One line that says what was compared with what, e.g. "autodiff agrees with float64
@@ -119,7 +127,7 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         def compute(c, k):
             return c.backend.derivatives(c, c.args, k, wrt)
     X = np.concatenate([a.astype(np.float64) for a in call.args], axis=1)
-    model64, why, precision = _float64_model(call, result, X)
+    model64, why, precision, rounding = _float64_model(call, result, X)
     # dtype: what the points are fed in; precision: what the model computes in (float32 for
     # a model that takes float64 input but rounds to float32 inside), which sets the step
     # and the tolerance of a check that has no float64 copy
@@ -163,13 +171,16 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         layers = backend.layer_summary(call.model)
     except Exception:  # structure is only used for wording
         layers = {}
+    size = float(np.nan_to_num(np.nanmax(np.maximum(1.0, sizes[list(wrt)]), initial=1.0),
+                               nan=1.0))
     piecewise = bool({"piecewise-linear", "at-kink"} & set(result.codes)
                      or structurally_piecewise(layers))
 
     def compared(diffs, shrink=1):  # the differences at steps / shrink against the result
         return _compare(result, diffs, step / shrink, piecewise, ref_precision,
                         precision if precision != call.dtype else None,
-                        noise_step=float(steps[list(wrt)].min()) / shrink)
+                        noise_step=float(steps[list(wrt)].min()) / shrink,
+                        rounding=rounding, size=size)
 
     check = compared(diffs)
     tried = [(step, dict(check.errors))]
@@ -186,7 +197,7 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
             except Exception:  # the check must never break the computation it checks
                 break
             tried.append((step / shrink, dict(smaller.errors)))
-            if smaller.passed:
+            if smaller.passed and not smaller.rounding_bound:
                 smaller.note = _join(
                     f"at the first step (h={step:.1g}) the differences disagreed (the "
                     f"function varies on a smaller scale than x, or bends sharply within "
@@ -238,11 +249,12 @@ def _rounds_inside(dtype, precision, tolerance) -> str:
 
 
 def _float64_model(call, result, X):
-    """(model, None, precision): a model that computes in float64 (the model itself when it
-    already does, else a float64 copy of it), or (None, why not, precision). ``precision`` is
-    the dtype the model computes its results in: ``call.dtype``, or float32 for a model that
-    takes float64 input but rounds to float32 inside. A copy must compute in float64 and
-    reproduce the model's outputs at the first points."""
+    """(model, None, precision, rounding): a model that computes in float64 (the model itself
+    when it already does, else a float64 copy of it), or (None, why not, precision, 0).
+    ``precision`` is the dtype the model computes its results in: ``call.dtype``, or float32
+    for a model that takes float64 input but rounds to float32 inside. A copy must compute
+    in float64 and reproduce the model's outputs at the first points; ``rounding`` is then
+    how far the result's y is from the copy's (its rounding; 0 for the model itself)."""
     precision = call.dtype
     if call.dtype == np.float64:
         try:
@@ -250,29 +262,30 @@ def _float64_model(call, result, X):
         except Exception:  # the check itself will say what fails
             resolves = True
         if resolves is not False:
-            return call.model, None, precision
+            return call.model, None, precision, 0.0
         precision = np.dtype(np.float32)
     try:
         model64 = call.backend.float64_copy(call.model)
     except Exception as exc:
-        return None, f"copying failed: {_first_line(exc)}", precision
+        return None, f"copying failed: {_first_line(exc)}", precision, 0.0
     try:
         y, resolves = _sensitivity(call, model64, X)
     except Exception as exc:
-        return None, f"it fails in float64: {_first_line(exc)}", precision
+        return None, f"it fails in float64: {_first_line(exc)}", precision, 0.0
     if resolves is False:
         return None, ("its float64 version still computes in lower precision somewhere (an "
                       "input change below float32's resolution leaves the output unchanged)"), \
-            precision
+            precision, 0.0
     own = np.asarray(result.y[:len(y)], dtype=np.float64)
-    differs = own.shape != y.shape
+    differs, rounding = own.shape != y.shape, 0.0
     if not differs:
         ok = np.isfinite(own) & np.isfinite(y)
         scale = float(np.abs(own[ok]).max(initial=0.0))
-        differs = ok.any() and np.abs(y[ok] - own[ok]).max() > COPY_AGREEMENT * scale + 1e-30
+        rounding = float(np.abs(y[ok] - own[ok]).max(initial=0.0))
+        differs = ok.any() and rounding > COPY_AGREEMENT * scale + 1e-30
     if differs:
-        return None, "its float64 copy does not reproduce the model's outputs", precision
-    return model64, None, precision
+        return None, "its float64 copy does not reproduce the model's outputs", precision, 0.0
+    return model64, None, precision, rounding
 
 
 def _sensitivity(call, model, X):
@@ -377,10 +390,15 @@ def _per_point_max(a: np.ndarray) -> np.ndarray:
 
 
 def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
-             noise_step=None) -> FiniteDifferenceCheck:
+             noise_step=None, rounding=0.0, size=1.0) -> FiniteDifferenceCheck:
     """``dtype``: the precision ``result`` was computed in (its arrays' dtype unless the model
     rounds to a lower one inside); ``step``: the largest step (reported), ``noise_step`` the
-    smallest (the rounding of its quotients is the largest)."""
+    smallest (the rounding of its quotients is the largest); ``rounding``: how far the
+    result's y is from the float64 copy's (0 without one), ``size`` the inputs' (>= 1).
+
+    The rounding tells the size of the numbers y is computed from, ``rounding / eps``: of
+    order 1 for a sum of softmax probabilities, where |y| shows it, but also where they
+    cancel to a y near 0. The differences' own rounding is sized by it too."""
     noise_step = step if noise_step is None else noise_step
     dtype = np.dtype(result.y.dtype if dtype is None else dtype)
     tol = max(TOLERANCE.get(dtype.name, 1e-6), TOLERANCE.get(ref_dtype.name, 1e-6))
@@ -393,7 +411,8 @@ def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
     rows = diffs.rows
     nonsmooth = np.zeros(len(rows), dtype=bool)
     kinks = np.zeros(len(rows), dtype=bool)
-    precision_orders, skipped = [], 0
+    precision_orders, skipped, zeros = [], 0, {}
+    inner = rounding / float(np.finfo(dtype).eps)  # the size of what y is computed from
     for k in range(1, result.order + 1):
         ref, auto, got = diffs.refs[k], diffs.autos[k], result[k].astype(np.float64)
         ok = rows.copy()
@@ -405,10 +424,18 @@ def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
             check.errors[k] = (float("nan"), float("nan"))
             continue
         scale = max(_per_point_max(ref[ok]).max(), _per_point_max(auto[ok]).max(), 1e-300)
-        noise = margin * eps * _per_point_max(diffs.lowers[k - 1][ok]).max() / noise_step
+        # the differences' own rounding: of the lower order's values (|y| misses what
+        # cancels, the wide margin covers it) or of what y is computed from (measured)
+        noise = eps * max(margin * _per_point_max(diffs.lowers[k - 1][ok]).max(),
+                          INNER_MARGIN * inner / size ** (k - 1)) / noise_step
+        check.rounding_bound |= bool(noise > tol * scale)
         allow = tol * scale + noise
-        err = _per_point_max(got[ok] - ref[ok])
         fd_off = _per_point_max(auto[ok] - ref[ok]) > allow   # not smooth within +-h
+        floor = ROUNDING_MARGIN * rounding / size ** k
+        if 0 < scale <= floor:  # d[k] is 0 up to the result's rounding: it may be off by that
+            allow = max(allow, floor)
+            zeros[k] = (scale, floor)
+        err = _per_point_max(got[ok] - ref[ok])
         precision = _per_point_max(got[ok] - auto[ok]) > allow
         bad = err > allow
         check.errors[k] = (float(err.max()), float(err.max() / scale))
@@ -448,6 +475,16 @@ def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
             "differences: the function curves too sharply for this step, or autodiff is "
             "wrong here (a .detach(), .numpy()/NumPy call, no_grad or integer cast inside "
             "the model cuts the graph)"))
+    zeros = {k: v for k, v in zeros.items() if check.errors[k][0] > tol * v[0]}
+    if zeros:
+        check.note = _join(check.note, (
+            f"{' and '.join(f'd[{k}]' for k in zeros)} {'are' if len(zeros) > 1 else 'is'} 0 "
+            "up to rounding: float64 autodiff and the "
+            f"differences stay below {max(s for s, _ in zeros.values()):.1g}, and the "
+            f"{dtype.name} result's values are within {dtype.name}'s rounding of y "
+            f"(+-{rounding:.1g}) carried to the derivative; the output is constant along the "
+            "inputs up to rounding (the sum of softmax probabilities, a normalisation's "
+            "mean)"))
     if check.low_precision:
         check.note = _join(check.note, f"{dtype.name} results lose digits at order(s) "
                                        f"{', '.join(map(str, precision_orders))}; use float64")

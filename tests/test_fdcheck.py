@@ -333,3 +333,34 @@ def test_a_cut_graph_in_a_model_with_no_float64_copy_still_fails_the_check():
     d = nbderiv.derivatives(NumpyInside(), torch.linspace(-1, 1, 5)[:, None], check=True)
     assert not d.check.passed and np.all(d[1] == 0)
     assert np.abs(d.check.reference[1]).max() > 0.5  # the differences see the slope
+
+
+def _softmax_sum_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5), nn.Softmax(1))
+
+
+def test_an_output_constant_up_to_rounding_checks_as_zero_derivatives_not_kinks():
+    # the sum of softmax probabilities is exactly 1, so every derivative is exactly 0; float32
+    # autodiff gives ~1e-9 and the float64 differences ~1e-13 of rounding noise. The check
+    # told of kinks and a cut graph at order 2 (and passed order 1 by "a smaller scale")
+    net = _softmax_sum_net()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(lambda z: net(z).sum(1, keepdim=True), x, order=2, check=True)
+    c = d.check
+    assert c.passed and c.kink_points == () and c.nonsmooth_points == (), c.summary()
+    assert "0 up to rounding" in c.note and "kink" not in c.note and "smaller" not in c.note
+    for k in (1, 2):  # the closed form: 0, and the result is float32 rounding of it
+        assert np.abs(d[k]).max() < 1e-6
+
+
+def test_a_small_cut_derivative_beside_a_constant_output_is_still_a_mismatch():
+    # y = sum(softmax) + 1e-3 * x0 with x0 detached: the true d/dx0 is 1e-3, autodiff says 0;
+    # small, but far above the rounding of y: the rounding allowance must not hide it
+    net = _softmax_sum_net()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(lambda z: net(z).sum(1, keepdim=True) + 1e-3 * z[:, :1].detach(),
+                            x, order=1, check=True)
+    assert not d.check.passed
+    np.testing.assert_allclose(d.check.reference[1][:, 0, 0], 1e-3, rtol=1e-3)
+    assert "0 up to rounding" not in d.check.note
