@@ -168,6 +168,9 @@ def derivatives_and_jacobian(model, x, order=DEFAULT_ORDER, *, wrt=None, framewo
         if check:  # inside preserved(): a check that has to use the model itself restores it too
             from .fdcheck import finite_difference_check
 
+            if call.verdict.self_updating:  # copied from the state the result was taken in
+                call.backend.state_back(call)
+
             rows = block_rows(call, order, len(wrt), chunk_size, memory_budget)[0]
             result.check = finite_difference_check(
                 call, result, coupled=call.verdict.coupled,

@@ -7,6 +7,7 @@ not differentiable (points whose +-h interval straddles a ReLU kink).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import numpy as np
@@ -364,3 +365,24 @@ def test_a_small_cut_derivative_beside_a_constant_output_is_still_a_mismatch():
     assert not d.check.passed
     np.testing.assert_allclose(d.check.reference[1][:, 0, 0], 1e-3, rtol=1e-3)
     assert "0 up to rounding" not in d.check.note
+
+
+def test_a_model_that_updates_its_own_state_is_checked_not_called_random():
+    # spectral_norm in training mode runs one power iteration per forward pass (u, v
+    # updated): two passes differ, but not by random numbers. The check said "random"
+    # and did not run
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    spectral_norm(net[0])
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(net, x, order=2, check=True)
+    assert d.check.passed and d.check.errors, d.check.summary()
+    assert "random" not in d.check.note
+    # the truth: one training-mode pass of a float64 copy from the user's state, its
+    # cross-point Jacobian's diagonal blocks (torch.autograd.functional: one forward pass)
+    net64 = copy.deepcopy(net).double()
+    J = torch.autograd.functional.jacobian(lambda z: copy.deepcopy(net64)(z), x.double())
+    np.testing.assert_allclose(d[1], J.diagonal(dim1=0, dim2=2).permute(2, 0, 1).numpy(),
+                               atol=1e-6)

@@ -340,3 +340,26 @@ def test_forward_only_passes_of_ordinary_models_still_run_without_gradients():
 
     nbderiv.derivatives(model, torch.randn(5, 3, dtype=torch.float64), order=1)
     assert False in seen and True in seen  # the probe without, the derivatives with
+
+
+def test_a_scripted_cnn_gives_no_warning_from_its_float64_copy():
+    # the float64 copy the findings' checks make of a TorchScript module warned "The .grad
+    # attribute of a Tensor that is not a leaf Tensor is being accessed" (torch's .to() on
+    # the copy), nothing the user did
+    import warnings
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 5)).eval()
+    x = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = nbderiv.derivatives(torch.jit.script(cnn), x, order=2, wrt=[1, 2])
+    assert not [w for w in caught if ".grad attribute" in str(w.message)]
+    cnn64 = copy.deepcopy(cnn).double()
+
+    full = x.double().reshape(4, -1)
+
+    def one(p, z):  # a point's output as a function of its two differentiated pixels
+        return cnn64(torch.cat([p[:1], z, p[3:]]).reshape(1, 3, 6, 6))[0]
+    d2 = vmap(lambda p: hessian(lambda z: one(p, z))(p[1:3]))(full).detach().numpy()
+    np.testing.assert_allclose(d[2], d2, atol=1e-5)

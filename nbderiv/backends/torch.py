@@ -20,6 +20,7 @@ import copy
 import inspect
 import itertools
 import math
+import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
 
@@ -564,9 +565,12 @@ class TorchBackend(Backend):
         ``.to()`` does not reach); a ``torch.compile``'d model's original."""
         model = uncompiled(model)
         if isinstance(model, torch.nn.Module):
-            twin = copy.deepcopy(model).to(torch.float64)
-            for _, held in held_outside([twin], functions=False):  # copied ones only
-                held.to(torch.float64)
+            with warnings.catch_warnings():  # .to() of a TorchScript copy reads its
+                # parameters' .grad through the C++ object, and torch warns of non-leaves
+                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor")
+                twin = copy.deepcopy(model).to(torch.float64)
+                for _, held in held_outside([twin], functions=False):  # copied ones only
+                    held.to(torch.float64)
             return twin
         # a wrapper (lambda z: net(z.reshape(...)), a partial, a bound method): the same
         # wrapper around float64 copies of the modules it holds
