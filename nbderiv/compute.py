@@ -202,10 +202,12 @@ def probe_batches(call: Call, points=None) -> tuple:
     extremes = list(dict.fromkeys(n for n in ranked if n != 0))[:max(k - 2, 0)]
     out = [a.copy() for a in first]
     for a in out[:call.n_inputs]:  # extras (labels, masks) stay as they are
-        centre = a.mean(axis=0)
-        for n in extremes:  # halfway to the middle: inside the data's range, never beyond it
-            a[n] = (a[n] + (centre - a[n]) / 2).astype(a.dtype)
-        a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
+        kept = np.isfinite(a)  # the middle of the finite values (an inf pixel has none)
+        centre = np.where(kept, a, 0).sum(axis=0) / np.maximum(kept.sum(axis=0), 1)
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite value stays so
+            for n in extremes:  # halfway to the middle: inside the data's range, not beyond
+                a[n] = (a[n] + (centre - a[n]) / 2).astype(a.dtype)
+            a[0] += (0.1 * (1 + np.abs(a[0]))).astype(a.dtype)
     return [first, first, out], [[], [], [0] + extremes]
 
 

@@ -183,7 +183,8 @@ def _fd_values(d: Derivatives, orders, p) -> dict:
 
 # -- curves (one input) ---------------------------------------------------------------------
 def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, reference=None,
-                     fd=False, fig=None, ax=None, figsize=None, points=None, channel_axis=None):
+                     fd=False, fig=None, ax=None, figsize=None, points=None, channel_axis=None,
+                     kind=None):
     """Plot y and its derivatives; returns the Figure (never shows it).
 
     One differentiated input (or ``wrt=i``): one panel per order against x (points sorted,
@@ -196,7 +197,8 @@ def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, refe
     Two inputs (or ``wrt=(i, j)``): heatmaps of y and each partial of the given ``orders``
     for one ``output`` (default 0), on the grid when the points form one, else scattered.
     Images and sequences (``len(d.in_shape)`` 3 or 2): saliency maps of the first ``points``
-    points, see :func:`nbderiv.plot_maps.plot_saliency` (``channel_axis`` too).
+    points, see :func:`nbderiv.plot_maps.plot_saliency` (``channel_axis`` and ``kind`` too:
+    ``kind="image"`` draws (H, W) points, MNIST without a channel axis, as images).
 
     >>> import torch, nbderiv
     >>> d = nbderiv.derivatives(torch.tanh, torch.linspace(-2, 2, 41), order=2, check=True)
@@ -215,10 +217,11 @@ def plot_derivatives(d: Derivatives, *, output=None, orders=None, wrt=None, refe
         from .plot_maps import plot_saliency
 
         return plot_saliency(d, points=points, output=output, orders=orders,
-                             channel_axis=channel_axis, fig=fig, ax=ax, figsize=figsize)
-    if points is not None or channel_axis is not None:
-        raise OptionError("points= and channel_axis= belong to saliency maps (a result whose "
-                          "points are images or sequences). Fix: leave them out.")
+                             channel_axis=channel_axis, fig=fig, ax=ax, figsize=figsize,
+                             kind=kind)
+    if points is not None or channel_axis is not None or kind is not None:
+        raise OptionError("points=, channel_axis= and kind= belong to saliency maps (a result "
+                          "whose points are images or sequences). Fix: leave them out.")
     positions = _plotted_positions(d, wrt)
     ks = _orders(d, orders)
     if len(positions) == 2:

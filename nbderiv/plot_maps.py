@@ -7,6 +7,8 @@ sequence, and what ``%nnderiv model images --plot`` shows) puts each point's inp
 - **images** (3 axes per point: torch ``(C, H, W)``, Keras ``(H, W, C)``): the image, and
   ``|∂y/∂x|`` per pixel with the channels reduced by their maximum (as Captum's
   ``visualize_image_attr`` does), one column per point;
+- **images of one channel** (2 axes per point, ``(H, W)``, square, 8 x 8 or more: MNIST's
+  ``(28, 28)``; ``kind="image"`` for others): drawn as gray images;
 - **sequences** (2 axes per point, ``(T, F)``): time x feature heat maps of the input and of
   ``|∂y/∂x|``, drawn transposed (feature on the vertical axis, time step on the
   horizontal: the array shown is ``|d[1][n, j]|.T``, shape (F, T)), one row per point; points
@@ -33,7 +35,9 @@ True
 from __future__ import annotations
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.colors import Normalize
+from matplotlib.ticker import MaxNLocator
 
 from .errors import OptionError
 from .options import is_int
@@ -78,7 +82,7 @@ def saliency_map(d: Derivatives, n: int, *, output=0, order=1, channel_axis=None
 
 
 def plot_saliency(d: Derivatives, *, points=None, output=None, orders=None, channel_axis=None,
-                  fig=None, ax=None, figsize=None, cmap="Blues"):
+                  fig=None, ax=None, figsize=None, cmap="Blues", kind=None):
     """Saliency maps of an image or sequence result (see the module docstring); returns the
     Figure (never shows it).
 
@@ -86,7 +90,10 @@ def plot_saliency(d: Derivatives, *, points=None, output=None, orders=None, chan
     indices). ``output``: the output drawn (a flat index into each point's outputs; default
     0, the target's output with ``target=``). ``orders``: the orders drawn (default 1).
     ``channel_axis``: the image's channel axis when the guess (size 1, 3 or 4 at one end,
-    else the framework's convention) is wrong.
+    else the framework's convention) is wrong. ``kind``: how points of 2 axes are drawn,
+    "sequence" (time x feature) or "image" (one channel, (H, W)); by default square ones of
+    8 x 8 or more (MNIST's (28, 28)) are images, other ones sequences, and a Conv1d's
+    (C, L) points sequences.
 
     >>> import torch, nbderiv
     >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(),
@@ -114,9 +121,27 @@ def plot_saliency(d: Derivatives, *, points=None, output=None, orders=None, chan
     ks = _orders(d, orders)
     j = _output(d, output)
     if rank == 3:
+        if kind not in (None, "image"):
+            raise OptionError(f"kind={kind!r}: points of 3 axes {d.in_shape} are drawn as "
+                              "images. Fix: leave kind out.")
         c = channel_axis_of(d.in_shape, d.framework, channel_axis)
         return _images(d, chosen, ks, j, c, cmap, fig, ax, figsize)
+    if _drawn_as(d, kind) == "image":
+        return _images(d, chosen, ks, j, None, cmap, fig, ax, figsize)
     return _sequences(d, chosen, ks, j, cmap, fig, ax, figsize)
+
+
+def _drawn_as(d, kind) -> str:
+    """How points of 2 axes are drawn: ``kind``, else "image" for square ones of 8 x 8 or
+    more not fed to a Conv1d, else "sequence"."""
+    if kind is None:
+        h, w = d.in_shape
+        square = h == w and h >= 8 and getattr(d, "_time_axis", 0) == 0
+        return "image" if square else "sequence"
+    if kind not in ("image", "sequence"):
+        raise OptionError(f"kind must be 'image' or 'sequence', got {kind!r}. Fix: "
+                          "kind='image' for (H, W) points, 'sequence' for (T, F).")
+    return kind
 
 
 # -- options ------------------------------------------------------------------------------
@@ -190,14 +215,38 @@ def _saliency_label(k, j, d) -> str:
 # -- images -------------------------------------------------------------------------------
 def _shown_image(x, c):
     """The point's image as drawn: (H, W, 3) RGB for 3 channels (rescaled to [0, 1] when
-    its values leave that range), else (H, W) (one channel, or the mean of the channels)."""
-    hwc = np.moveaxis(np.asarray(x, dtype=np.float64), c, -1)
+    its finite values leave that range; a NaN or inf value black), else (H, W) (one channel,
+    the mean of the channels, or the point itself when ``c`` is None; non-finite values
+    masked: drawn in the colour map's 'bad' colour)."""
+    x = np.asarray(x, dtype=np.float64)
+    if c is None:
+        return np.ma.masked_invalid(x), "gray"
+    hwc = np.moveaxis(x, c, -1)
     if hwc.shape[-1] == 3:
-        lo, hi = float(hwc.min()), float(hwc.max())
+        kept = np.isfinite(hwc)
+        lo = float(hwc[kept].min(initial=0.0))
+        hi = float(hwc[kept].max(initial=0.0))
         if lo < 0 or hi > 1:
             hwc = (hwc - lo) / (hi - lo) if hi > lo else np.zeros_like(hwc)
-        return hwc, None
-    return hwc.mean(axis=-1), "gray"
+        return np.where(kept, hwc, 0.0), None
+    return np.ma.masked_invalid(hwc.mean(axis=-1)), "gray"
+
+
+def _size_map(axis, values, cmap, **kwargs):
+    """``values`` (sizes >= 0) drawn from 0 to their largest finite value, NaN and inf in
+    red; returns (the image, its caption: "max 0.12", "all 0", "all NaN", "max 0.1, 3 NaN")."""
+    bad = ~np.isfinite(values)
+    largest = float(np.max(values[~bad], initial=0.0))
+    colours = colormaps[cmap].with_extremes(bad="#d62728")
+    art = axis.imshow(np.ma.masked_invalid(values), cmap=colours,
+                      norm=Normalize(0.0, largest or 1.0), interpolation="nearest", **kwargs)
+    n_bad = int(bad.sum())
+    if n_bad == values.size:
+        return art, "all NaN" if np.isnan(values).all() else "all non-finite"
+    said = "all 0" if largest == 0 else f"max {largest:.2g}"
+    if n_bad:
+        said += f", {n_bad} NaN/inf in red"
+    return art, said
 
 
 def _images(d, chosen, ks, j, c, cmap, fig, ax, figsize):
@@ -206,19 +255,16 @@ def _images(d, chosen, ks, j, c, cmap, fig, ax, figsize):
     ncols = len(chosen)
     fig, pairs = panels_for(fig, ax, cells, figsize or (1.9 * ncols + 0.6, 2.0 * len(rows)),
                             len(rows), ncols)
-    channels = d.in_shape[c]
+    channels = 1 if c is None else d.in_shape[c]
     for (row, n), axis in pairs:
         if row == "input":
-            image, gray = _shown_image(d.x[n], c)
+            image, gray = _shown_image(np.asarray(d.x[n]).reshape(d.in_shape), c)
             axis.imshow(image, cmap=gray, interpolation="nearest")
             axis.set_title(f"point {n}\n{_y_text(d, n, j)}", fontsize=9)
         else:
             values = saliency_map(d, n, output=j, order=row, channel_axis=c)
-            largest = float(np.nanmax(values, initial=0.0))
-            top = largest or 1.0  # an all-zero map: a colour scale that still exists
-            axis.imshow(values, cmap=cmap, norm=Normalize(0.0, top), interpolation="nearest")
+            _, said = _size_map(axis, values, cmap)
             reduced = f", max of {channels} ch." if channels > 1 else ""
-            said = "all 0" if largest == 0 else f"max {largest:.2g}"
             axis.set_title(f"{_saliency_label(row, j, d)}\n({said}{reduced})", fontsize=9)
         axis.set_xticks([])
         axis.set_yticks([])
@@ -243,19 +289,19 @@ def _sequences(d, chosen, ks, j, cmap, fig, ax, figsize):
     extent = (-0.5, t - 0.5, f - 0.5, -0.5)
     for (col, n), axis in pairs:
         if col == "input":
-            values = shown(np.asarray(d.x[n], dtype=np.float64))
-            art = axis.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest",
-                              extent=extent)
+            values = shown(np.asarray(d.x[n], dtype=np.float64).reshape(d.in_shape))
+            art = axis.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto",
+                              interpolation="nearest", extent=extent)
             axis.set_title(f"point {n}: x ({_y_text(d, n, j)})", fontsize=9)
         else:
             values = shown(saliency_map(d, n, output=j, order=col))
-            largest = float(np.nanmax(values, initial=0.0))
-            art = axis.imshow(values, cmap=cmap, norm=Normalize(0.0, largest or 1.0),
-                              aspect="auto", interpolation="nearest", extent=extent)
-            axis.set_title(f"point {n}: {_saliency_label(col, j, d)}"
-                           + (" (all 0)" if largest == 0 else ""), fontsize=9)
+            art, said = _size_map(axis, values, cmap, aspect="auto", extent=extent)
+            shown_said = "" if said.startswith("max ") and "NaN" not in said else f" ({said})"
+            axis.set_title(f"point {n}: {_saliency_label(col, j, d)}{shown_said}", fontsize=9)
         fig.colorbar(art, ax=axis, shrink=0.9)
         axis.set_xlabel("position" if channels_first else "time step")
         axis.set_ylabel("channel" if channels_first else "feature")
+        for which in (axis.xaxis, axis.yaxis):  # whole time steps and features only
+            which.set_major_locator(MaxNLocator(integer=True))
         remember(fig, (col, n), axis)
     return fig

@@ -210,3 +210,77 @@ def test_saliency_titles_name_each_points_target():
     for n, label in enumerate(labels):
         assert f"point {n}\ny[{label}] = {scores[n, label]:.3g}" in titles
     assert any("target" in t for t in titles)
+
+
+def _mnist_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3)).double()
+
+
+def test_square_points_of_two_axes_are_drawn_as_one_channel_images():
+    # MNIST without a channel axis, (N, 28, 28): drawn as time x feature heat maps it came out
+    # transposed (an 'L' read as a '7'); now as images, the way plt.imshow(x[0]) shows them
+    x = torch.zeros(2, 28, 28, dtype=torch.float64)
+    x[:, 2:20, 6:9] = 1.0
+    x[:, 17:20, 6:22] = 1.0
+    d = nbderiv.derivatives(_mnist_mlp(), x, target=2)
+    fig = d.plot()
+    np.testing.assert_array_equal(_array(fig.panels["input", 0]), x[0].numpy())
+    net = _mnist_mlp()
+    truth = torch.func.vmap(torch.func.jacrev(lambda p: net(p[None])[0, 2]))(x).detach()
+    np.testing.assert_allclose(_array(fig.panels[1, 1]), np.abs(truth[1].numpy()), atol=1e-12)
+    assert fig.panels[1, 0].get_xlabel() == ""
+    seq = d.plot(kind="sequence")  # asked for: the heat map, transposed, with its axes named
+    np.testing.assert_allclose(_array(seq.panels[1, 0]), np.abs(truth[0].numpy()).T,
+                               atol=1e-12)
+    assert seq.panels[1, 0].get_xlabel() == "time step"
+    with pytest.raises(OptionError, match="kind must be 'image' or 'sequence'"):
+        d.plot(kind="video")
+
+
+def test_non_finite_saliency_is_said_and_drawn_apart_from_zero():
+    # a NaN map was drawn white and captioned "(all 0)"
+    x = torch.rand(3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[1, 2, 2] = float("nan")  # through a dense layer: every derivative of point 1 is NaN
+    d = nbderiv.derivatives(_mnist_mlp(), x, target=0)
+    assert np.isnan(d[1][1]).all() and np.isfinite(d[1][0]).all()
+    fig = d.plot()
+    assert "all NaN" in fig.panels[1, 1].get_title()
+    assert "max" in fig.panels[1, 0].get_title() and "NaN" not in fig.panels[1, 0].get_title()
+    x = torch.rand(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[1, 0, 2, 2] = float("nan")  # through a convolution: the pixels around it only
+    d = nbderiv.derivatives(_cnn(), x, target=0)
+    bad = np.isnan(d[1][1, 0]).any(axis=0)
+    assert 0 < bad.sum() < bad.size
+    panel = d.plot().panels[1, 1]
+    assert f"{bad.sum()} NaN/inf in red" in panel.get_title()
+    np.testing.assert_array_equal(np.ma.getmaskarray(panel.images[0].get_array()), bad)
+    fake = _fake((4, 5), "torch")
+    fake[1][0, 0, 0, 3] = np.inf  # one value of point 0 (d[1] is (N, 1, 4, 5))
+    seq = plot_saliency(fake, kind="sequence")
+    assert "1 NaN/inf in red" in seq.panels[1, 0].get_title()
+    assert np.ma.getmaskarray(seq.panels[1, 0].images[0].get_array()).sum() == 1
+
+
+def test_an_infinite_pixel_leaks_no_warnings_and_leaves_the_image_visible():
+    import warnings
+
+    x = torch.rand(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[2, 1, 4, 4] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's invalid-value warnings
+        d = nbderiv.derivatives(_cnn(), x, target=0)
+        fig = d.plot()
+    shown = _array(fig.panels["input", 2])
+    finite = x[2].numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(shown[0, 0], finite[0, 0])  # values in [0, 1]: drawn as they are
+    assert shown.std() > 0.1
+
+
+def test_sequence_heat_maps_tick_whole_steps_and_features():
+    fig = plot_saliency(_fake((10, 20), "torch"), kind="sequence")
+    axis = fig.panels[1, 0]
+    fig.canvas.draw()
+    for ticks in (axis.get_xticks(), axis.get_yticks()):
+        assert np.array_equal(ticks, np.round(ticks))
