@@ -398,9 +398,58 @@ def probe(call: Call) -> Verdict:
                 verdict.stochastic, verdict.coupled = False, same.coupled
                 verdict.size_only = same.size_only
                 verdict.self_updating = True
+        if verdict.coupled and sliced_kwargs(call):
+            _refuse_if_slicing_couples(call)
         call.facts.verdict = dataclasses.replace(verdict)
     call.verdict = verdict
     return verdict
+
+
+def _refuse_if_slicing_couples(call: Call) -> None:
+    """A coupled verdict where kwargs= arrays are sliced with the points: passed whole
+    instead, are the points independent? Then the model uses them as one value for every
+    point (position ids or a (T, T) mask with T == N, which a probe of one point gets one row
+    of, and broadcasts), and the call is refused with the fix, :func:`nbderiv.shared`."""
+    names = [name for name, _ in sliced_kwargs(call)]
+    whole = _with_kwargs_whole(call)
+    try:
+        batches, moved = probe_batches(whole)
+        outputs = call.backend.forwards(whole, batches)
+        fewer = _fewer_points(whole, batches[0], outputs[0])
+        independent = not verdict_of(whole, outputs, moved, fewer).coupled
+    except Exception:  # the model does not take them whole: they are per point
+        return
+    if independent:
+        sliced = " and ".join(f"kwargs[{name!r}] (shape {shape})"
+                              for name, shape in sliced_kwargs(call))
+        name = names[0]
+        value = name if name.isidentifier() else "value"
+        raise OptionError(
+            f"{sliced} {'has' if len(names) == 1 else 'have'} a first axis of length "
+            f"{call.n}, the number of points, so nbderiv slices {'it' if len(names) == 1 else 'them'} "
+            "with the points: each model call gets only its own points' rows. So sliced, "
+            "the model's output for a point changes with the other points in the batch; "
+            "passed whole it does not: the model uses it as one value for every point "
+            "(position ids of length T, a (T, T) mask, with T == N). Fix: pass it as it is, "
+            f"kwargs={{{name!r}: nbderiv.shared({value})}}.")
+
+
+def _with_kwargs_whole(call: Call) -> Call:
+    """``call`` with its sliced kwargs= arrays passed whole, as constants (the target stays
+    sliced)."""
+    keep = [i for i, e in enumerate(call.extras) if not e.name]
+    constants = dict(call.constants)
+    n_in = call.n_inputs
+    for e, a in zip(call.extras, call.args[n_in:]):
+        if e.name:
+            value = a.reshape((a.shape[0],) + tuple(e.shape))
+            constants[e.name] = value != 0 if e.dtype == "bool" else value.astype(e.dtype)
+    whole = dataclasses.replace(
+        call, extras=tuple(call.extras[i] for i in keep),
+        args=list(call.args[:n_in]) + [call.args[n_in + i] for i in keep],
+        constants=constants, verdict=None, findings=[], known=None)
+    whole.__dict__.pop("_memo_key", None)
+    return whole
 
 
 def _odd_rows(call: Call, text: str) -> list:

@@ -99,6 +99,54 @@ def test_a_sliced_mask_is_named_when_the_probe_takes_every_point():
     assert "kwargs={'mask': nbderiv.shared(mask)}" in str(info.value)
 
 
+class _MaskedAttention(nn.Module):
+    """Hand-written self-attention with a boolean (T, T) mask, which broadcasts over the
+    batch (a (1, T) row of it too)."""
+
+    def __init__(self, e=4):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(e, e), nn.Linear(e, e), nn.Linear(e, e),
+                                          nn.Linear(e, 2))
+
+    def forward(self, x, mask=None):
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / 2.0
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        return self.o((scores.softmax(-1) @ self.v(x)).mean(1))
+
+
+def test_a_sliced_mask_that_broadcasts_is_refused_not_read_as_coupled_points():
+    # N == T == 2: the probe's one-point batch gets one row of the (T, T) mask, which the
+    # model broadcasts, so the points looked coupled (a false coupled-samples finding)
+    torch.manual_seed(1)
+    att = _MaskedAttention().double().eval()
+    causal = torch.triu(torch.ones(2, 2, dtype=torch.bool), 1)
+    x = torch.randn(2, 2, 4, dtype=torch.float64)
+    with pytest.raises(nbderiv.errors.OptionError) as info:
+        nbderiv.derivatives(att, x, order=1, kwargs={"mask": causal})
+    text = str(info.value)
+    assert "kwargs['mask'] (shape (2, 2))" in text and "nbderiv.shared(mask)" in text
+    d = nbderiv.derivatives(att, x, order=1, kwargs={"mask": nbderiv.shared(causal)})
+    assert d.codes == []
+    truth = vmap(jacrev(lambda p: att(p[None], mask=causal)[0]))(x).detach().numpy()
+    np.testing.assert_allclose(d[1], truth, atol=1e-12)
+
+
+def test_per_point_data_that_happens_to_be_square_is_still_sliced():
+    # a real per-point (N, T) padding mask with N == T == 2 on a per-point model: no refusal
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1).double()
+
+    def masked_mean(z, keep):  # (N, T, 3), (N, T) -> (N, 1)
+        return (net(z)[..., 0] * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
+    x = torch.randn(2, 2, 3, dtype=torch.float64)
+    keep = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    d = nbderiv.derivatives(masked_mean, x, kwargs={"keep": keep})
+    truth = vmap(jacrev(lambda p, k: masked_mean(p[None], k[None])[0]))(x, keep)
+    np.testing.assert_allclose(d[1], truth.detach().numpy(), atol=1e-12)
+    assert d.codes == []
+
+
 def test_per_point_data_failed_says_when_a_failure_on_fewer_points_has_that_cause():
     net = nn.Linear(3, 2).double()
     x = torch.zeros(20, 3, dtype=torch.float64)
