@@ -181,6 +181,10 @@ class _Context:
         orders = [order] if order is not None else self.preferred_orders(M)
         zeros = bool(M.size) and not np.any(M)
         if zeros and order is None:  # zeros fit any order whose truth is 0: no guessing up
+            meant = self.order_in_cell()  # unless the cell's code says (grad of a grad)
+            found = self.match_order(M, meant) if meant in orders else None
+            if found is not None and found.code.startswith("correct"):
+                return found
             found = self.zeros_of_unknown_order(M, orders)
             if found is not None:
                 return found
@@ -881,6 +885,16 @@ class _Context:
                if order > k else "It went one differentiation too far. ")
             + f"The {_ordinal(order)} derivative has shape {_shape(self.truth.get(order).shape)}"
             f" = {self.layout(order)}.", order)
+
+    def order_in_cell(self):
+        """The order the cell's code makes this name (``%%nnderiv explain``: a gradient of a
+        gradient is 2), or None."""
+        cell = getattr(self, "cell", None)
+        if not cell:
+            return None
+        from .explain_tape import differentiation_depths
+
+        return differentiation_depths(cell[0]).get(self.name)
 
     def zeros_against(self, M, k, T) -> bool:
         """Whether ``M`` is all zeros, of the size of ``T`` (the order-k truth) or of one of its

@@ -389,3 +389,51 @@ def unused_grad_causes(name, source):
                f"{fixed_line}   # no allow_unused: a None should be an error")
         return [("first-derivative-without-graph", why, fix)], 2
     return None
+
+
+def differentiation_depths(source) -> dict:
+    """{name: how many differentiations made it} for the names a cell assigns from a
+    gradient call (``torch.autograd.grad``, ``grad``, ``tape.gradient`` / ``jacobian`` /
+    ``batch_jacobian``: one more than its target's), or from such names (an index, a
+    reshape: as deep as they are). What the cell's code says each derivative is meant to be.
+
+    >>> differentiation_depths("u = net(t)\n"
+    ...     "u_t = torch.autograd.grad(u, t, torch.ones_like(u), create_graph=True)[0]\n"
+    ...     "u_tt = torch.autograd.grad(u_t, t, torch.ones_like(u_t))[0]\nv = u_tt[:, 0]")
+    {'u_t': 1, 'u_tt': 2, 'v': 2}
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(source or ""))
+    except SyntaxError:
+        return {}
+    depths = {}
+
+    def deepest(node) -> int:
+        return max((depths.get(n, 0) for n in _names(node)), default=0)
+
+    for _, names, value, _ in _assignments(tree):
+        target = _differentiated(value)
+        depth = deepest(target) + 1 if target is not None else deepest(value)
+        for name in names:
+            if depth:
+                depths[name] = depth
+            else:
+                depths.pop(name, None)
+    return depths
+
+
+def _differentiated(value):
+    """The target node of a gradient call (``grad(u, x)[0]``, ``tape.gradient(u, x)``), or
+    None for anything else."""
+    tape = _gradient_call(value)
+    if tape is not None:
+        return tape[1]
+    if isinstance(value, ast.Subscript):
+        value = value.value
+    if isinstance(value, ast.Call):
+        func = value.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name == "grad" and (value.args or value.keywords):
+            kw = {k.arg: k.value for k in value.keywords}
+            return value.args[0] if value.args else kw.get("outputs")
+    return None

@@ -120,6 +120,7 @@ class ExplainCell:
         from .api import derivatives
         from .explain import explain, to_array
         from .explain_match import match
+        from .explain_tape import differentiation_depths
 
         left = [] if left is None else left
         model = self._evaluate(model_expr, "MODEL")
@@ -175,6 +176,7 @@ class ExplainCell:
                 and not any(v is last_value for _, v in candidates)):
             candidates.append(("the cell's value", last_value))
         out, seen = [], set()
+        depths = differentiation_depths(source)
         for name, value in candidates:
             if value is model or value is x or _is_weight(value):
                 continue
@@ -206,8 +208,8 @@ class ExplainCell:
                     left.append((name, "the outputs or the inputs themselves"))
                     continue  # the outputs or the inputs themselves, not a derivative
             try:
-                e = explain(value, model, x, order, wrt=wrt, names=(name, model_expr, x_expr),
-                            _cell=(source, ns))
+                e = explain(value, model, x, _order_of(name, order, depths), wrt=wrt,
+                            names=(name, model_expr, x_expr), _cell=(source, ns))
             except NbderivError as exc:
                 raise UsageError(f"explaining {name}: {exc}") from None
             if name in derived and name not in direct and e.code in (
@@ -216,6 +218,20 @@ class ExplainCell:
                 continue  # arithmetic on derivatives (a PDE residual): not meant as one
             out.append(e)
         return out
+
+
+def _order_of(name, order, depths):
+    """The order ``name`` is explained at: ``order`` (--order), except for a lower-order step
+    on the way to it (u_t, differentiated again into the u_tt that --order 2 is about),
+    which is explained at its own order (``depths``: what the cell's code makes each name).
+
+    >>> _order_of("u_t", 2, {"u_t": 1, "u_tt": 2}), _order_of("u_tt", 2, {"u_t": 1, "u_tt": 2})
+    (1, 2)
+    """
+    k = depths.get(name)
+    if order is not None and k and k < order and max(depths.values()) >= order:
+        return k
+    return order
 
 
 def _nothing_line(source, ns, model_expr, x_expr, left) -> str:

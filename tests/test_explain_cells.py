@@ -127,3 +127,29 @@ def test_batch_hessians_are_explained_not_skipped_for_their_size(shell):
     H = shell.user_ns["H"].detach().numpy()
     i = np.arange(8)
     np.testing.assert_allclose(H[i, :, i, :], truths(shell)[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_grad_of_a_grad_is_read_as_the_second_derivative_even_when_it_is_all_zeros(shell):
+    # Case A written right: the second derivative of a ReLU net is exactly 0, and the cell's
+    # code shows a grad of a grad. It was read at order 1 as a cut graph (zeros-graph-broken)
+    shell.run_cell("torch.manual_seed(0)\n"
+                   "relu = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.ReLU(), "
+                   "torch.nn.Linear(32, 1))\nT = torch.linspace(-1.3, 1.7, 9).reshape(-1, 1)")
+    body = """\
+        t_ = T.clone().requires_grad_(True)
+        u = relu(t_)
+        u_t = torch.autograd.grad(u, t_, torch.ones_like(u), create_graph=True)[0]
+        u_tt = torch.autograd.grad(u_t, t_, torch.ones_like(u_t))[0]
+        """
+    relu64 = copy.deepcopy(shell.user_ns["relu"]).double()
+    f = lambda p: relu64(p[None])[0, 0]  # noqa: E731
+    T = shell.user_ns["T"].double()
+    d1 = torch.func.vmap(torch.func.jacrev(f))(T).detach().numpy()
+    d2 = torch.func.vmap(torch.func.hessian(f))(T).detach().numpy()
+    assert np.abs(d2).max() == 0 and np.abs(d1).max() > 0.1  # the truth: zeros, at order 2
+    for line in ("relu T", "relu T --order 2"):  # --order 2: u_t is the step on the way
+        got = {e.name: e for e in run(shell, body, line)}
+        assert got["u_t"].code.startswith("correct") and got["u_tt"].code.startswith("correct")
+        np.testing.assert_allclose(shell.user_ns["u_t"].detach().numpy().ravel(), d1.ravel(),
+                                   atol=1e-6)
+        assert "piecewise-linear" in [f.code for f in got["u_tt"].findings]
