@@ -392,7 +392,7 @@ def unused_grad_causes(name, source):
 
 
 def differentiation_depths(source) -> dict:
-    """{name: how many differentiations made it} for the names a cell assigns from a
+    r"""{name: how many differentiations made it} for the names a cell assigns from a
     gradient call (``torch.autograd.grad``, ``grad``, ``tape.gradient`` / ``jacobian`` /
     ``batch_jacobian``: one more than its target's), or from such names (an index, a
     reshape: as deep as they are). What the cell's code says each derivative is meant to be.
