@@ -82,6 +82,17 @@ def _axes_or_random(width: int, wrt, most: int, count: int, seed: int) -> list:
     return dirs
 
 
+def _diagonals(width: int, wrt) -> list:
+    """Two unit directions across the inputs of ``wrt``: all of them together, and with
+    alternating signs (along which x * y curves at a point where each axis alone is flat)."""
+    out = []
+    for signs in (np.ones(len(wrt)), np.where(np.arange(len(wrt)) % 2, -1.0, 1.0)):
+        v = np.zeros(width)
+        v[list(wrt)] = signs / np.sqrt(len(wrt))
+        out.append(v)
+    return out
+
+
 def _moved(X, scale, dirs, steps) -> list:
     """The points ``X`` themselves, then moved by each step both ways (+, -) along each
     direction, in steps scaled by ``scale`` (1 + |x|): rows [X, (dir, step, sign)...]."""
@@ -506,6 +517,8 @@ def _curved(c, points, wrt) -> list:
     # below float64 the noise allowance (1024 eps / h**2) needs a wider step than eps**(1/4)
     h = eps ** 0.25 * (1 if c.dtype == np.float64 else 4)
     dirs = _axes_or_random(c.width, wrt, most=4, count=2, seed=3)
+    if 2 <= len(wrt) <= 4:  # a saddle (x * y at 0) curves along diagonals only
+        dirs += _diagonals(c.width, wrt)
     steps = (h, h / 2)
     rows = _moved(X, scale, dirs, steps)
     y = _forward_rows(c, np.concatenate(rows).astype(c.dtype), list(points) * len(rows))

@@ -214,3 +214,29 @@ def test_a_hard_boundary_ansatz_on_its_boundary_is_no_input_independence():
     from torch.func import jacrev, vmap
     net_t = vmap(jacrev(lambda z: net(z[None])[0, 0]))(xt)[:, 1].detach().numpy()
     np.testing.assert_allclose(d[2][:, 0, 0, 1], net_t, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_saddle_corners_of_a_hard_boundary_ansatz_are_no_flat_region(dtype):
+    """u = x(1-x) y(1-y) net(x, y) on a grid of [0, 1]^2: at the four corners the gradient
+    is exactly 0 and u does not change along either axis, but it does along the diagonals
+    (u_xy = net(0, 0) there, a saddle): no flat-region (it was claimed, with saturated
+    units as the cause)."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+
+    def ansatz(z):
+        x, y = z[:, :1], z[:, 1:]
+        return x * (1 - x) * y * (1 - y) * net(z)
+    g = torch.linspace(0, 1, 5, dtype=dtype)
+    X = torch.cartesian_prod(g, g)
+    d = nbderiv.derivatives(ansatz, X, order=2)
+    assert "flat-region" not in _codes(d), d.findings
+    corners = [0, 4, 20, 24]
+    assert np.all(d[1][corners] == 0)
+    # the closed form at a corner (x0, y0): u_xy = (1 - 2 x0)(1 - 2 y0) net(x0, y0)
+    n64 = copy.deepcopy(net).double()
+    c = X[corners].double()
+    closed = ((1 - 2 * c[:, 0]) * (1 - 2 * c[:, 1]) * n64(c)[:, 0]).detach().numpy()
+    np.testing.assert_allclose(d[2][corners, 0, 0, 1], closed,
+                               rtol=1e-4 if dtype == torch.float32 else 1e-10)
