@@ -386,3 +386,18 @@ def test_a_model_that_updates_its_own_state_is_checked_not_called_random():
     J = torch.autograd.functional.jacobian(lambda z: copy.deepcopy(net64)(z), x.double())
     np.testing.assert_allclose(d[1], J.diagonal(dim1=0, dim2=2).permute(2, 0, 1).numpy(),
                                atol=1e-6)
+
+
+def test_a_float32_model_that_couples_points_is_checked_on_its_float64_copy():
+    # the copy was compared with the model on the first 8 points alone, where batch
+    # statistics differ from the whole batch's: "no float64 copy could be made"
+    net = bn_train_net().float()
+    X = torch.rand(20, 2, generator=torch.Generator().manual_seed(2))
+    c = nbderiv.derivatives(net, X, check=True).check
+    assert c.dtype == "float64" and "no float64 copy" not in c.note, c.summary()
+    assert c.passed
+    # its differences against the float64 copy's cross-point Jacobian, diagonal blocks
+    net64 = copy.deepcopy(net).double()
+    J = torch.autograd.functional.jacobian(lambda z: copy.deepcopy(net64)(z), X.double())
+    blocks = J.diagonal(dim1=0, dim2=2).permute(2, 0, 1).numpy()
+    np.testing.assert_allclose(c.reference[1][:4], blocks[:4], atol=1e-6)
