@@ -58,7 +58,9 @@ class FiniteDifferenceCheck:
     """``errors[k] = (max_abs, max_rel)`` of ``d[k]`` against the float64 central-difference
     reference ``reference[k]`` (same shape as ``d[k]``; NaN rows were not checked), step
     ``step``. ``passed`` is False on any mismatch beyond ``tolerance`` (relative to the
-    largest value of that order); ``nonsmooth_points`` are the points where even float64
+    largest value of that order, each entry in units of its inputs' sizes: with x in [0, 1]
+    and t in [0, 1e4], u_t times 1e4 beside u_x; ``max_rel`` so too);
+    ``nonsmooth_points`` are the points where even float64
     autodiff disagrees with the differences, ``kink_points`` those of them where a kink
     was confirmed (one one-sided difference agrees with autodiff, the other does not);
     ``dtype`` is the dtype the differences were computed in ("float64" unless no float64
@@ -179,6 +181,8 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         layers = {}
     size = float(np.nan_to_num(np.nanmax(np.maximum(1.0, sizes[list(wrt)]), initial=1.0),
                                nan=1.0))
+    spread = np.nan_to_num(scales[list(wrt)], nan=1.0)
+    weights = spread / spread.max() if spread.size and spread.max() > 0 else None
     piecewise = bool({"piecewise-linear", "at-kink"} & set(result.codes)
                      or structurally_piecewise(layers))
 
@@ -186,7 +190,7 @@ def finite_difference_check(call, result, *, coupled=False, compute=None) -> Fin
         return _compare(result, diffs, step / shrink, piecewise, ref_precision,
                         precision if precision != call.dtype else None,
                         noise_step=float(steps[list(wrt)].min()) / shrink,
-                        rounding=rounding, size=size)
+                        rounding=rounding, size=size, weights=weights)
 
     check = compared(diffs)
     tried = [(step, dict(check.errors))]
@@ -415,11 +419,13 @@ def _per_point_max(a: np.ndarray) -> np.ndarray:
 
 
 def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
-             noise_step=None, rounding=0.0, size=1.0) -> FiniteDifferenceCheck:
+             noise_step=None, rounding=0.0, size=1.0, weights=None) -> FiniteDifferenceCheck:
     """``dtype``: the precision ``result`` was computed in (its arrays' dtype unless the model
     rounds to a lower one inside); ``step``: the largest step (reported), ``noise_step`` the
     smallest (the rounding of its quotients is the largest); ``rounding``: how far the
-    result's y is from the float64 copy's (0 without one), ``size`` the inputs' (>= 1).
+    result's y is from the float64 copy's (0 without one), ``size`` the inputs' (>= 1);
+    ``weights``: each differentiated input's size relative to the largest (None: all 1), by
+    which each entry is compared in units of its inputs (``max_rel`` of ``errors`` too).
 
     The rounding tells the size of the numbers y is computed from, ``rounding / eps``: of
     order 1 for a sum of softmax probabilities, where |y| shows it, but also where they
@@ -448,6 +454,12 @@ def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
         if not ok.any():
             check.errors[k] = (float("nan"), float("nan"))
             continue
+        plain = max(_per_point_max(ref[ok]).max(), _per_point_max(auto[ok]).max(), 1e-300)
+        # each entry in units of its inputs' sizes (u_t times t's spread): an input of a
+        # small scale has large derivatives, one of a large scale (t in [0, 1e4]) small ones,
+        # which a tolerance relative to the largest entry would not check at all
+        W = _direction_weights(weights, k, ref.ndim)
+        ref, auto, got = ref * W, auto * W, got * W
         scale = max(_per_point_max(ref[ok]).max(), _per_point_max(auto[ok]).max(), 1e-300)
         # the differences' own rounding: of the lower order's values (|y| misses what
         # cancels, the wide margin covers it) or of what y is computed from (measured)
@@ -457,20 +469,21 @@ def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
         allow = tol * scale + noise
         fd_off = _per_point_max(auto[ok] - ref[ok]) > allow   # not smooth within +-h
         floor = ROUNDING_MARGIN * rounding / size ** k
-        if 0 < scale <= floor:  # d[k] is 0 up to the result's rounding: it may be off by that
+        if 0 < plain <= floor:  # d[k] is 0 up to the result's rounding: it may be off by that
             allow = max(allow, floor)
-            zeros[k] = (scale, floor)
+            zeros[k] = (plain, floor)
         err = _per_point_max(got[ok] - ref[ok])
         precision = _per_point_max(got[ok] - auto[ok]) > allow
         bad = err > allow
-        check.errors[k] = (float(err.max()), float(err.max() / scale))
+        check.errors[k] = (float(_per_point_max((got[ok] - ref[ok]) / W).max()),
+                           float(err.max() / scale))
         if bad.any():
             check.passed = False
         where = np.flatnonzero(ok)
         nonsmooth[where[fd_off]] = True
         if diffs.sides[k] is not None and fd_off.any():
-            kinks[where[fd_off]] |= _one_sided_agrees(diffs.sides[k], ref, auto, where[fd_off],
-                                                      allow)
+            sides = tuple(side * W for side in diffs.sides[k])
+            kinks[where[fd_off]] |= _one_sided_agrees(sides, ref, auto, where[fd_off], allow)
         if (bad & precision & ~fd_off).any():
             precision_orders.append(k)
     check.nonsmooth_points = tuple(np.flatnonzero(nonsmooth).tolist())
@@ -516,6 +529,17 @@ def _compare(result, diffs, step, piecewise, ref_dtype, dtype=None,
     if skipped:
         check.note = _join(check.note, f"{skipped} point(s) with NaN/inf left out")
     return check
+
+
+def _direction_weights(weights, k, ndim):
+    """The weight of every entry of an order-k array of ``ndim`` axes: the product of its k
+    inputs' ``weights``, shaped to broadcast over its last k axes (1.0 for None)."""
+    if weights is None:
+        return 1.0
+    W = np.ones(())
+    for _ in range(k):
+        W = np.multiply.outer(W, np.asarray(weights, dtype=np.float64))
+    return W.reshape((1,) * (ndim - k) + W.shape)
 
 
 def _one_sided_agrees(sides, ref, auto, points, allow) -> np.ndarray:

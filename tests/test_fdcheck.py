@@ -401,3 +401,38 @@ def test_a_float32_model_that_couples_points_is_checked_on_its_float64_copy():
     J = torch.autograd.functional.jacobian(lambda z: copy.deepcopy(net64)(z), X.double())
     blocks = J.diagonal(dim1=0, dim2=2).permute(2, 0, 1).numpy()
     np.testing.assert_allclose(c.reference[1][:4], blocks[:4], atol=1e-6)
+
+
+class _WrongTimeScale(torch.autograd.Function):
+    """t / 1e4 with a backward 10% off (a hand-written gradient's bug)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t / 1e4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.1e-4
+
+
+def test_a_wrong_derivative_along_an_input_of_a_large_scale_is_a_mismatch():
+    # x in [0, 1], t in [0, 1e4]: u_t is ~1e-4 of u_x, and an error of 10% in it was ~1e-5
+    # of the largest entry, far inside a tolerance relative to it: the check passed
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(20, 1, dtype=torch.float64, generator=gen)
+    t = 1e4 * torch.rand(20, 1, dtype=torch.float64, generator=gen)
+    d = nbderiv.derivatives(lambda x, t: net(torch.cat([x, _WrongTimeScale.apply(t)], 1)),
+                            (x, t), check=True)
+    assert not d.check.passed, d.check.summary()
+    assert d.check.errors[1][1] > 0.05  # relative to u_t's own size, in units of t
+    # the truth: the same network on t / 1e4, differentiated by torch.func
+    truth = torch.func.vmap(torch.func.jacrev(lambda p: net(torch.stack(
+        [p[0], p[1] / 1e4])[None])[0]))(torch.cat([x, t], 1)).detach().numpy()
+    np.testing.assert_allclose(d.check.reference[1], truth, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(d[1][:, 0, 1], 1.1 * truth[:, 0, 1], rtol=1e-9)
+    # the right gradient passes, whatever the scales
+    good = nbderiv.derivatives(lambda x, t: net(torch.cat([x, t / 1e4], 1)), (x, t),
+                               check=True)
+    assert good.check.passed, good.check.summary()
