@@ -58,7 +58,7 @@ def open_call(model, x, framework, *, target=None, kwargs=None) -> Call:
                 device=backend.device(model, x), extras=extras, constants=constants,
                 shared_names=tuple(k for k, v in (kwargs or {}).items()
                                    if isinstance(v, Shared)))
-    call.findings += input_findings(inputs, dtype)
+    call.findings += input_findings(inputs, dtype, call.names)
     bad = call.non_finite_x = dg.non_finite_points(*call.args[:call.n_inputs])
     if bad:
         call.findings.append(dg.non_finite_finding("x", bad))

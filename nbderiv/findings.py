@@ -2,7 +2,7 @@
 
 The codes are a stable contract (see the README): ``piecewise-linear``, ``at-kink``,
 ``coupled-samples``, ``train-mode``, ``graph-broken``, ``no-input-dependence``,
-``piecewise-constant``, ``saturated``, ``input-reshaped``, ``integer-input``, ``low-precision``,
+``piecewise-constant``, ``saturated``, ``input-reshaped``, ``integer-input``, ``input-rounded``, ``low-precision``,
 ``non-finite``. Findings that can be
 checked numerically are confirmed at the points they name first (:mod:`nbderiv.confirm`). This module builds them; the
 public entry points are :func:`nbderiv.derivatives` (``d.findings``) and

@@ -253,8 +253,12 @@ def _feature_names(arg_names, widths, shapes) -> tuple:
     return tuple(names)
 
 
-def input_findings(prepared: PreparedInput, dtype) -> list:
-    """The ``input-reshaped`` and ``integer-input`` findings."""
+ROUNDED_SHARE = 1e-4  # input-rounded: the cast moves a point by this share of the spread
+
+
+def input_findings(prepared: PreparedInput, dtype, names=None) -> list:
+    """The ``input-reshaped``, ``integer-input`` and ``input-rounded`` findings (``names``:
+    one per input feature, for the last)."""
     findings = []
     if prepared.reshaped:
         shapes = ", ".join(str(s) for s in prepared.original_shapes)
@@ -275,7 +279,47 @@ def input_findings(prepared: PreparedInput, dtype) -> list:
             "with respect to the embeddings instead (e = embedding(tokens), then "
             "nbderiv.derivatives(lambda e: rest_of_model(e), e)).",
         ))
+    rounded = _rounded_by_cast(prepared, np.dtype(dtype), names)
+    if rounded:
+        findings.append(rounded)
     return findings
+
+
+def _rounded_by_cast(prepared, dtype, names):
+    """``input-rounded`` where casting x to the model's ``dtype`` moves points by more than
+    :data:`ROUNDED_SHARE` of an input's spread (t = 1e4 + [0, 0.01] in float32: by 2% of
+    it): the derivatives are those at the rounded points, which ``d.x`` holds. None
+    otherwise."""
+    worst, offset = None, 0
+    for a in prepared.arrays:
+        cols = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
+        if a.dtype.kind == "f" and a.dtype.itemsize > dtype.itemsize and cols.size:
+            with np.errstate(invalid="ignore", over="ignore"):
+                moved = np.abs(cols.astype(dtype).astype(a.dtype) - cols)
+                kept = np.isfinite(cols)
+                low = np.where(kept, cols, np.inf).min(axis=0)
+                high = np.where(kept, cols, -np.inf).max(axis=0)
+                spread = high - low
+                share = np.where(spread > 0, np.nanmax(np.where(kept, moved, 0), axis=0)
+                                 / np.where(spread > 0, spread, 1), 0)
+            i = int(np.argmax(share))
+            if share[i] > ROUNDED_SHARE and (worst is None or share[i] > worst[0]):
+                worst = (float(share[i]), offset + i, float(moved[:, i].max()),
+                         float(spread[i]), float(low[i]), float(high[i]))
+        offset += cols.shape[1]
+    if worst is None:
+        return None
+    share, i, moved, spread, low, high = worst
+    name = names[i] if names is not None and i < len(names) else f"input {i}"
+    return Finding(
+        "input-rounded", "warning",
+        f"x was cast to {dtype.name}, the model's dtype, and that moved the points by up to "
+        f"{moved:.2g} in {name}, {100 * share:.2g}% of its spread ({low:.10g} to {high:.10g}): "
+        f"{dtype.name} cannot tell values that close apart at that size. The derivatives are "
+        "those at the rounded points (d.x holds them), not at the ones you passed.",
+        f"shift or scale that input outside the model so that {dtype.name} resolves it (e.g. "
+        f"x - {low:.6g}, folding the shift into the model), or compute in float64 (a float64 "
+        "copy of the model, e.g. model.double() in torch).")
 
 
 def check_order(order) -> int:

@@ -22,7 +22,7 @@ import nbderiv  # noqa: E402
 from nbderiv import findings as dg  # noqa: E402
 
 CODES = ("piecewise-linear", "at-kink", "coupled-samples", "train-mode", "no-input-dependence",
-         "flat-region", "input-reshaped", "integer-input", "low-precision", "non-finite", "graph-broken",
+         "flat-region", "input-reshaped", "integer-input", "input-rounded", "low-precision", "non-finite", "graph-broken",
          "saturated", "piecewise-constant")
 
 

@@ -4,6 +4,8 @@ against closed forms, and the findings the spec names (``input-reshaped``, ``int
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -289,3 +291,24 @@ def test_wrt_given_a_name_points_to_that_inputs_indices():
         check_wrt("t", 3, names)
     with pytest.raises(OptionError, match=r"Fix: wrt=\[0, 1\]"):
         check_wrt(["x"], 3, names)
+
+
+def test_points_the_cast_to_float32_moves_get_input_rounded():
+    # t = 1e4 + [0, 0.01] given in float64 to a float32 model that standardises it: float32
+    # keeps t to 0.001, so the points move by up to 2% of their spread
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    t = 1e4 + np.linspace(0, 0.01, 11)
+    d = nbderiv.derivatives(lambda z: net((z - 1e4) * 100), t)
+    f = d.finding("input-rounded")
+    assert f is not None and f.severity == "warning"
+    moved = np.abs(t.astype(np.float32).astype(np.float64) - t).max()
+    assert f"{moved:.2g}" in f.message and "float32" in f.message
+    np.testing.assert_array_equal(d.x[:, 0], t.astype(np.float32))  # where it differentiated
+    # ordinary float64 points (linspace in [-1, 1]) lose nothing that matters: no finding
+    plain = nbderiv.derivatives(net, np.linspace(-1, 1, 11))
+    assert "input-rounded" not in plain.codes
+    # nor does a float64 model, which takes them as they are
+    net64 = copy.deepcopy(net).double()
+    exact = nbderiv.derivatives(lambda z: net64((z - 1e4) * 100), t)
+    assert "input-rounded" not in exact.codes and exact.x.dtype == np.float64
