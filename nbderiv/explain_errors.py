@@ -570,7 +570,8 @@ def _tape_twice(where, line, source):
               "call unless it was made with persistent=True.",
             f"with tf.GradientTape(persistent=True) as {tape}:   # several gradient calls\n"
             "    ...\n"
-            f"# then: del {tape}  when done; or one call for both: {tape}.gradient([u, v], x)")
+            f"# then: del {tape}  when done (one call with a list of targets,\n"
+            f"# {tape}.gradient([u, v], x), would give the gradient of u + v, not each)")
 
 
 def ordinal(k) -> str:
