@@ -156,23 +156,80 @@ def _assignment(name: str, source: str) -> str | None:
     return None
 
 
-def _recomputed(out: str, inp: str, line: str, source: str, note: str) -> str:
-    """Fix code: ``inp`` asks for gradients, the cell's own line computing ``out`` runs again
+def _recomputed(out: str, inp: str | None, line: str, source: str, note: str) -> str:
+    """Fix code: ``inp`` asks for gradients (the cell's own leaf where it makes one and
+    ``inp`` is None: a ``backward()``), the cell's lines computing ``out`` from it run again
     without what cut the graph (``.detach()``, ``.data``; dedented out of a ``no_grad``
-    block), then the cell's failing line (or a grad call of ``out``)."""
+    block: every line on the way, ``yd = net(x).detach()`` before ``loss = (yd**2).sum()``),
+    then the cell's failing line (or a grad call of ``out``)."""
     root = re.match(r"[A-Za-z_]\w*", out or "")
     root = root.group(0) if root else "y"  # y of y.sum() or y[:, 0]
-    made = _assignment(root, source)
-    lines = [f"{inp} = {inp}.detach().requires_grad_(True)   # a leaf that asks for gradients"]
-    if made is not None:
+    leaf = _leaf_line(source) if inp is None else None
+    if inp is None:
+        inp = leaf[0] if leaf else "x"
+    lines = [leaf[1] if leaf else
+             f"{inp} = {inp}.detach().requires_grad_(True)   # a leaf that asks for gradients"]
+    chain = _lines_computing(root, inp, source, line)
+    for made in chain:
         again = re.sub(r"\.detach\(\)|\.data\b", "", made)
-        lines.append(f"{again}      # {note}")
-    else:
+        lines.append(f"{again}      # {note}" if again != made or made is chain[-1] else again)
+    if not chain:
         lines.append(f"{root} = model({inp})      # {note}")
     call = (line or "").split("#", 1)[0].strip()
     lines.append(call if re.search(r"\bgrad\(|\.backward\(", call) else
                  f"g, = torch.autograd.grad({out}, {inp}, grad_outputs=torch.ones_like({out}))")
     return "\n".join(lines)
+
+
+def _leaf_line(source):
+    """(name, line) of the cell's last line making a leaf that asks for gradients (``xd =
+    X.clone().requires_grad_(True)``), or None."""
+    found = None
+    for raw in (source or "").splitlines():
+        code = raw.split("#", 1)[0].strip()
+        m = re.match(r"([A-Za-z_]\w*)\s*=(?!=).*requires_grad_\(\s*(True)?\s*\)\s*$", code)
+        if m:
+            found = (m.group(1), code)
+    return found
+
+
+def _lines_computing(root, inp, source, line) -> list:
+    """The cell's assignment lines (dedented, in order) that compute ``root`` from ``inp``:
+    the last assignment of ``root`` before the failing ``line``, then those of the names it
+    reads, back to ``inp``. [] when the cell does not assign ``root``."""
+    try:
+        tree = ast.parse(textwrap.dedent(source or ""))
+    except SyntaxError:
+        made = _assignment(root, source)
+        return [made] if made is not None else []
+    text = textwrap.dedent(source or "")
+    stop = None
+    failing = (line or "").split("#", 1)[0].strip()
+    steps = []  # (lineno, names assigned, names read, code)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            names = {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+            code = (ast.get_source_segment(text, node) or "").strip()
+            if failing and code == failing and stop is None:
+                stop = node.lineno
+            steps.append((node.lineno, names,
+                          {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}, code))
+    steps.sort()
+    if stop is None:  # the failing line is no assignment (loss.backward()): find it by text
+        for i, raw in enumerate(text.splitlines(), 1):
+            if failing and raw.strip().startswith(failing):
+                stop = i
+    steps = [step for step in steps if stop is None or step[0] < stop]
+    tainted = {inp}  # the names computed from inp, on the way to root
+    for _, names, reads, _ in steps:
+        if reads & tainted:
+            tainted |= names
+    needed, picked = {root}, []
+    for _, names, reads, code in reversed(steps):
+        if names & needed and reads & tainted and inp not in names and "\n" not in code:
+            picked.append(code)
+            needed = (needed - names) | (reads - {inp})
+    return picked[::-1]
 
 
 def _with_keyword(call: str, keyword: str) -> str:
@@ -317,7 +374,7 @@ def _no_grad(where, line, source):
                  "without requires_grad (torch.linspace/rand/tensor(...) default to False)")
     return (f"{where} differentiates {t}, but {t} has no grad_fn: autograd did not record how it "
             f"was computed, because {cause}. There is nothing to differentiate.",
-            _recomputed(t, _grad_args(line)[1] or "x", line, source,
+            _recomputed(t, _grad_args(line)[1], line, source,
                         "outside torch.no_grad(), no .detach()/.data"))
 
 

@@ -419,3 +419,24 @@ def test_a_none_from_allow_unused_names_the_first_grad_without_create_graph(shel
                  + e.fix.split("\n# the per-point")[0])
     H = pinn_truth(shell, "net", shell.user_ns["pts"], 2)  # (N, 2, 2)
     np.testing.assert_allclose(_values(ns["u_xx"]), H[:, 0, :], rtol=1e-4, atol=1e-6)
+
+
+def test_a_detach_on_the_way_to_a_loss_is_removed_where_it_is(shell):
+    """``yd = net(xd).detach()`` then ``loss = (yd ** 2).sum()``: the fix recomputed only the
+    loss line (its .detach() left in yd's) and named an ``x`` the cell does not have."""
+    body = """\
+        xd = pts.clone().requires_grad_(True)
+        yd = net(xd).detach()
+        loss = (yd ** 2).sum()
+        loss.backward()
+        """
+    [e] = explain(shell, "net pts", body)
+    code = [line.split("#")[0] for line in e.fix.splitlines()]
+    assert e.code == "no-grad-required" and not any(".detach()" in c for c in code)
+    assert code[0].strip() == "xd = pts.clone().requires_grad_(True)"
+    ns = run_fix(shell, e.fix)
+    # the truth: d/dx sum(net(x)^2) = 2 net(x) dnet/dx, per point, in float64
+    d1 = pinn_truth(shell, "net", shell.user_ns["pts"], 1)
+    y = copy.deepcopy(shell.user_ns["net"]).double()(shell.user_ns["pts"].double())
+    truth = 2 * y.detach().numpy() * d1
+    np.testing.assert_allclose(_values(ns["xd"].grad), truth, rtol=1e-4, atol=1e-6)
