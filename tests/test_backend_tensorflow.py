@@ -1462,3 +1462,53 @@ def test_a_checks_float64_copy_runs_eagerly_with_the_same_numbers():
         y = twin(X)
     J = tape.batch_jacobian(y, X).numpy()  # (N, 7, 2, 7, 3)
     np.testing.assert_allclose(d[1], J, atol=1e-10)
+
+
+def _adapted_normalization_parts():
+    rs = np.random.RandomState(0)
+    norm = keras.layers.Normalization()
+    norm.adapt(rs.randn(100, 3).astype("float32") * 2 + 1)
+    keras.utils.set_random_seed(0)
+    return norm, keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1), \
+        (rs.randn(5, 3) * 5).astype("float32")
+
+
+def _normalized_truth(norm, first, last, x):
+    """d y / d x of last(tanh(first((x - mean) / sqrt(var)))), in float64 NumPy."""
+    mean = np.asarray(norm.mean, np.float64).reshape(-1)
+    sd = np.sqrt(np.maximum(np.asarray(norm.variance, np.float64).reshape(-1), 1e-7))
+    W1, b1 = (np.asarray(w, np.float64) for w in first.get_weights())
+    W2, _ = (np.asarray(w, np.float64) for w in last.get_weights())
+    h = np.tanh(((x.astype(np.float64) - mean) / sd) @ W1 + b1)
+    return np.einsum("nk,jk,ik->nji", 1 - h ** 2, W2.T, W1 / sd[:, None])
+
+
+def test_an_adapted_normalization_gets_a_float64_copy_for_the_check():
+    # the clone rebuilt the layer from its config without its adapted statistics (they are
+    # computed from its weights when adapt() ends), so it disagreed and the deep copy that
+    # followed recursed: the check fell back to float32
+    norm, first, last, x = _adapted_normalization_parts()
+    model = keras.Sequential([keras.Input((3,)), norm, first, last])
+    d = nbderiv.derivatives(model, x, check=True)
+    assert d.check.dtype == "float64" and "no float64 copy" not in d.check.note, d.check.note
+    assert d.check.passed
+    np.testing.assert_allclose(d.check.reference[1], _normalized_truth(norm, first, last, x),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_a_subclassed_model_holding_an_adapted_normalization_is_deep_copied():
+    norm, first, last, x = _adapted_normalization_parts()
+
+    class Scaled(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.first, self.last = norm, first, last
+
+        def call(self, z):
+            return self.last(self.first(self.norm(z)))
+    model = Scaled()
+    model(x)
+    d = nbderiv.derivatives(model, x, check=True)
+    assert d.check.dtype == "float64" and "no float64 copy" not in d.check.note, d.check.note
+    np.testing.assert_allclose(d.check.reference[1], _normalized_truth(norm, first, last, x),
+                               rtol=1e-6, atol=1e-9)

@@ -446,6 +446,14 @@ def _clone_graph_model(model, kind):
         inputs = tree.map_structure(_float64_input, model.input)
     clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=_clone_layer)
     clone.set_weights([np.asarray(w, dtype=np.float64) for w in model.get_weights()])
+    def inner(m):  # (a clone of a Sequential lists its InputLayer, the original may not)
+        return [la for la in m._flatten_layers(include_self=False, recursive=True)
+                if type(la).__name__ != "InputLayer"]
+    for twin in inner(clone):
+        # an adapted preprocessing layer (Normalization) computes what it uses from its
+        # adapted weights once, when adapt() ends (and after loading weights, as Keras does)
+        if callable(getattr(twin, "finalize_state", None)):
+            twin.finalize_state()
     return clone
 
 
@@ -491,8 +499,11 @@ def _deepcopy_float64(model):
         shells[id(layer)] = memo[id(layer)] = object.__new__(type(layer))
         for value in vars(layer).values():
             for inner in [value] + list(getattr(value, "__dict__", {}).values()):
-                if isinstance(inner, types.ModuleType):  # a seed generator's backend module:
-                    memo[id(inner)] = inner             # shared, it cannot be copied
+                # a seed generator's backend module, the backend handle of a preprocessing
+                # layer (an adapted Normalization's DynamicBackend, whose __getattr__ recurses
+                # on a copy made without __init__): shared, they cannot be copied
+                if isinstance(inner, types.ModuleType) or type(inner).__name__ == "DynamicBackend":
+                    memo[id(inner)] = inner
             if id(value) in memo:
                 continue
             if tf.is_tensor(value) and not isinstance(value, tf.Variable) \
