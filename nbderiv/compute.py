@@ -455,13 +455,14 @@ def _with_kwargs_whole(call: Call) -> Call:
 def _odd_rows(call: Call, text: str) -> list:
     """(name, shape) of the kwargs= arrays passed as they are (not marked shared) whose first
     axis has another length than the points (more than 1: a (1, T) mask broadcasts), where
-    the model's error ``text`` names both lengths (a size mismatch between them)."""
+    the model's error ``text`` names that length (a size mismatch with the points, or with
+    the probe's few of them: "Incompatible shapes: [2,8] vs. [4,1]")."""
     out = []
     sizes = set(re.findall(r"\d+", text))
     for name, value in call.constants.items():
         shape = tuple(getattr(value, "shape", ()) or ())
         if len(shape) >= 1 and shape[0] not in (1, call.n) and name not in call.shared_names \
-                and {str(shape[0]), str(call.n)} <= sizes:
+                and str(shape[0]) in sizes:
             out.append((name, tuple(int(v) for v in shape)))
     return out
 

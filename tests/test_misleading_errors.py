@@ -475,3 +475,24 @@ def test_numpy_constants_in_kwargs_reach_a_torch_model_as_tensors():
     for value in (scale, nbderiv.shared(scale)):
         d = nbderiv.derivatives(m, x, kwargs={"scale": value})
         np.testing.assert_allclose(d[1], truth.detach().numpy(), atol=1e-6)
+
+
+def test_a_kwargs_array_of_the_wrong_length_is_named_not_x():
+    # mask[:4] for 20 points: the model's error names 4 and the probe's batch size, not 20;
+    # it was blamed on x ("pass x of shape (N, *S) ...")
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+
+    def masked(z, mask):
+        return net(z) * mask[:, None]
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(nbderiv.errors.OptionError) as info:
+        nbderiv.derivatives(masked, x, kwargs={"mask": torch.ones(4)})
+    text = str(info.value)
+    assert "kwargs['mask'] has shape (4,), whose first axis is not the 20 points" in text
+    assert "pass x of shape" not in text
+    # one row per point works, and is the model's own derivative: net's weight, masked
+    mask = (torch.arange(20) % 3 > 0).float()
+    d = nbderiv.derivatives(masked, x, kwargs={"mask": mask})
+    np.testing.assert_allclose(d[1], mask.numpy()[:, None, None] * net.weight.detach().numpy(),
+                               atol=1e-7)
