@@ -267,11 +267,28 @@ def verdict_of(call: Call, outputs, moved=None, fewer=None) -> Verdict:
 def _with_sequence_first_hint(call: Call, exc: OutputError) -> OutputError:
     """``exc``, or for a model with sequence-first layers the same facts with the fix that
     fits (:func:`_sequence_first_hint`) in place of the general one."""
-    hint = _sequence_first_hint(call)
+    hint = _sequence_first_hint(call) or _list_hint(call)
     if not hint:
         return exc
     facts = re.split(r"; nbderiv needs|: its first axis| Fix:", str(exc))[0]
     return OutputError(f"{facts}: the model's output does not follow the points. {hint}")
+
+
+def _list_hint(call: Call) -> str:
+    """For x given as a list of arrays (read as points, like np.array(x)): they may be the
+    separate inputs of a model (``model([a, b])``, a subclassed Keras call unpacking
+    ``a, b = inputs``), which a tuple passes; else ''."""
+    inputs = call.inputs
+    items = () if getattr(inputs, "several", False) else getattr(inputs, "list_items", ())
+    if not items:
+        return ""
+    shapes = f"shape {items[0]}" if len(set(items)) == 1 else \
+        "shapes " + ", ".join(map(str, items))
+    return (f"x was a list of {len(items)} arrays / tensors of {shapes}, which nbderiv reads as "
+            f"{len(items)} points, like np.array(x). Fix: if they are separate inputs of the "
+            "model (model([a, b]), a Keras model with several inputs, a call that unpacks "
+            "a, b = inputs), pass them as a tuple, x=tuple(x): each one is then differentiated "
+            "as its own argument.")
 
 
 def _sequence_first_hint(call: Call) -> str:

@@ -496,3 +496,22 @@ def test_a_kwargs_array_of_the_wrong_length_is_named_not_x():
     d = nbderiv.derivatives(masked, x, kwargs={"mask": mask})
     np.testing.assert_allclose(d[1], mask.numpy()[:, None, None] * net.weight.detach().numpy(),
                                atol=1e-7)
+
+
+def test_a_list_of_separate_inputs_for_a_model_that_unpacks_them_points_to_the_tuple():
+    # model([a, b]) unpacking a, b = inputs: nbderiv reads the list as 2 points; the error
+    # said "do not reduce over the points inside the model", which it does not
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def two(inputs):
+        a, b = inputs
+        return net(torch.cat([a, b], -1))
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(5, 2, generator=gen).double(), torch.randn(5, 2, generator=gen).double()
+    with pytest.raises(nbderiv.errors.OutputError) as info:
+        nbderiv.derivatives(two, [a, b])
+    assert "pass them as a tuple, x=tuple(x)" in str(info.value)
+    d = nbderiv.derivatives(lambda p, q: two([p, q]), (a, b))
+    truth = vmap(jacrev(lambda z: net(z[None])[0]))(torch.cat([a, b], 1)).detach().numpy()
+    np.testing.assert_allclose(d[1], truth, atol=1e-12)
