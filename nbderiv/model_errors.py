@@ -64,6 +64,7 @@ def model_error_cause(exc: Exception) -> str:
     the backward pass), 'no-derivative' (the framework has no derivative, or none of the order
     asked, for one of the model's operations), 'graph' (the forward leaves the framework),
     'batchnorm-one' (BatchNorm training on one point), 'tokens' (an embedding given floats),
+    'channels-first-cpu' (a channels_first layer on TensorFlow's CPU kernels),
     'arguments' (the model takes another number of inputs than x gives it), 'keyword' (the
     model takes no keyword argument of that name), 'shape' (about shapes or sizes) or
     'other', from the exception's message ('arguments' and 'keyword' only where its traceback
@@ -93,6 +94,8 @@ def model_error_cause(exc: Exception) -> str:
         return "batchnorm-one"
     if "'indices'" in text and "embedding" in text:
         return "tokens"
+    if "nhwc" in text and "cpu" in text:  # TensorFlow's CPU kernels: channels_last only
+        return "channels-first-cpu"
     if _keyword(exc) is not None:
         return "keyword"
     if _inputs_taken(exc, 1) is not None:
@@ -290,6 +293,11 @@ def model_error_fix(exc: Exception, n_points: int, prepared: PreparedInput | Non
     if cause == "batchnorm-one":
         return (f"BatchNorm in training mode cannot normalise {n_points} point(s) on their "
                 "own. Fix: pass more points, or call model.eval() (training=False in Keras).")
+    if cause == "channels-first-cpu":
+        return ("A layer of the model was built with data_format='channels_first', which "
+                "TensorFlow's CPU kernels do not run (only a GPU does): x itself fits the model. "
+                "Fix: build the layers channels_last (the default) and pass x as (N, H, W, C), "
+                "np.moveaxis(x, 1, -1); or run on a GPU.")
     if cause == "tokens":
         return ("An embedding layer takes integer token ids, and nbderiv differentiates with "
                 "respect to floating-point inputs (a token id has no derivative). Fix: "

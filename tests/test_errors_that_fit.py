@@ -364,3 +364,21 @@ def test_a_gru_that_forgot_batch_first_couples_the_points_and_the_fix_names_it()
                             torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(1)))
     f = d.finding("coupled-samples")
     assert "batch_first=True" in f.fix and "rnn (GRU)" in f.message
+
+
+def test_a_channels_first_keras_conv_on_the_cpu_is_not_blamed_on_x():
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU runs channels_first convolutions")
+    model = keras.Sequential([keras.Input((2, 6, 6)),
+                              keras.layers.Conv2D(3, 3, data_format="channels_first"),
+                              keras.layers.Flatten(), keras.layers.Dense(4)])
+    x = np.random.default_rng(0).normal(size=(5, 2, 6, 6)).astype("float32")
+    with pytest.raises(Exception, match="NHWC"):  # TensorFlow itself refuses, x fits
+        model(x)
+    with pytest.raises(nbderiv.errors.ModelCallError) as info:
+        nbderiv.derivatives(model, x)
+    text = str(info.value)
+    assert "data_format='channels_first'" in text and "np.moveaxis(x, 1, -1)" in text
+    assert "pass x of shape (N, *S)" not in text
