@@ -283,9 +283,10 @@ def _first_use(source: str, patterns) -> str | None:
 
 
 def explain_error(exc, *, source: str = "", line: str | None = None,
-                  lineno: int | None = None) -> ErrorExplanation | None:
+                  lineno: int | None = None, ns=None) -> ErrorExplanation | None:
     """Explain ``exc`` if it is one of the classic autograd errors, else None. ``source`` is
-    the cell, ``line`` the cell's line that raised (``lineno`` its number, 1-based)."""
+    the cell, ``line`` the cell's line that raised (``lineno`` its number, 1-based), ``ns``
+    the namespace it ran in (where given: which of a tape's arguments is a NumPy array)."""
     text = str(exc)
     code = classify(text)
     if code is None or code == "non-leaf-grad":
@@ -296,6 +297,8 @@ def explain_error(exc, *, source: str = "", line: str | None = None,
         f"`{line.strip()}`" if line else "your cell")
     words = (_inplace_leaf if re.search(LEAF_INPLACE, text) else
              _input_no_grad if re.search(INPUT_NO_GRAD, text) else _WORDS[code])
+    if code == "numpy-in-tape" and _numpy_source(line or "", ns):
+        words = _numpy_source_in_tape
     return ErrorExplanation(code, *words(where, line or "", source or ""),
                             error=error, line=line)
 
@@ -770,6 +773,46 @@ def _numpy_in_tape(where, line, source):
             "with tf.GradientTape() as tape:\n    tape.watch(x)\n    y = model(x)      # "
             "a tensor the tape records (not model.predict(x), not .numpy())\n"
             "g = tape.gradient(y, x)")
+
+
+def _numpy_source(line, ns) -> bool:
+    """Whether the tape call on ``line`` differentiates with respect to a NumPy array of
+    ``ns`` (``tape.gradient(pred, xn)``, xn an ndarray) while its target is no array."""
+    if not ns:
+        return False
+    target, sources = _grad_args(line, names=("gradient", "jacobian", "batch_jacobian"))
+    if not sources or not sources.isidentifier():
+        return False
+    kind = type(ns.get(sources)).__module__
+    return kind == "numpy" and type(ns.get(target)).__module__ != "numpy"
+
+
+def _numpy_source_in_tape(where, line, source):
+    target, x = _grad_args(line, names=("gradient", "jacobian", "batch_jacobian"))
+    tape = (_receiver(line, "gradient") or _receiver(line, "jacobian")
+            or _receiver(line, "batch_jacobian") or "tape").split(".")[0]
+    xt = f"{x}_t"
+    lines = (source or "").splitlines()
+    end = next((i for i, raw in enumerate(lines) if raw.strip() == (line or "").strip()), None)
+    start = None if end is None else next(
+        (i for i in range(end, -1, -1) if re.search(rf"GradientTape\(.*\bas\s+{tape}\b",
+                                                     lines[i])), None)
+    fix = [f"{xt} = tf.convert_to_tensor({x})      # a tensor the tape can watch"]
+    if start is not None:
+        block = textwrap.dedent("\n".join(lines[start:end + 1])).splitlines()
+        body = next((raw for raw in block[1:] if raw.strip()), "    ")
+        indent = body[:len(body) - len(body.lstrip())] or "    "
+        swapped = [re.sub(rf"\b{re.escape(x)}\b", xt, raw) for raw in block]
+        fix += swapped[:1] + [f"{indent}{tape}.watch({xt})"] + swapped[1:]
+    else:
+        fix += [f"with tf.GradientTape() as {tape}:", f"    {tape}.watch({xt})",
+                f"    y = model({xt})", f"g = {tape}.gradient(y, {xt})"]
+    return (f"{where} asks the tape for the gradient with respect to {x}, which is a NumPy "
+            f"array, not a tensor: the tape watches tensors only, so it has nothing recorded "
+            f"for {x} (the model converted it to a new tensor inside, which the tape never "
+            f"saw), and TensorFlow fails with a cryptic AttributeError about '_id'. {target} "
+            f"itself is fine. Convert {x} to a tensor before the tape and watch that tensor.",
+            "\n".join(fix))
 
 
 def _rerun_tape_block(made, fixed, line, source) -> str:

@@ -82,7 +82,8 @@ class ExplainCell:
         out = Explanations()
         if "exc" in raised:
             lineno, text = _cell_line(raised["tb"], source)
-            out.append(explain_error(raised["exc"], source=source, line=text, lineno=lineno))
+            out.append(explain_error(raised["exc"], source=source, line=text, lineno=lineno,
+                                     ns=shell.user_ns))
         for message, lineno in seen:
             text = _line_at(source, lineno) or _first_grad_line(source)
             e = explain_warning(message, source=source, line=text,

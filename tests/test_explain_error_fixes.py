@@ -440,3 +440,28 @@ def test_a_detach_on_the_way_to_a_loss_is_removed_where_it_is(shell):
     y = copy.deepcopy(shell.user_ns["net"]).double()(shell.user_ns["pts"].double())
     truth = 2 * y.detach().numpy() * d1
     np.testing.assert_allclose(_values(ns["xd"].grad), truth, rtol=1e-4, atol=1e-6)
+
+
+def test_a_numpy_array_differentiated_by_is_told_from_a_numpy_target():
+    """``tape.gradient(pred, xn)`` with ``xn`` a NumPy array: the message blamed ``pred`` (a
+    tensor) and its fix's ``tape.watch(x)`` fails on an array."""
+    pytest.importorskip("tensorflow")
+    shell = nbderiv_shell(
+        "import numpy as np, tensorflow as tf, keras, nbderiv\n"
+        "keras.utils.set_random_seed(0)\n"
+        "km = keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation='tanh'),"
+        " keras.layers.Dense(1)])\n"
+        "xn = np.random.RandomState(0).rand(6, 2).astype('float32')\n")
+    [e] = explain(shell, "km xn", """\
+        with tf.GradientTape() as tape:
+            pred = km(xn)
+        dy = tape.gradient(pred, xn)
+        """)
+    assert e.code == "numpy-in-tape" and "with respect to xn" in e.message
+    assert "pred itself is fine" in e.message
+    ns = run_fix(shell, e.fix)
+    # the truth: the network by hand in float64 NumPy, (1 - h^2) W1 W2 per point
+    W1, b1, W2, _ = (np.asarray(w, np.float64) for w in ns["km"].get_weights())
+    h = np.tanh(ns["xn"].astype(np.float64) @ W1 + b1)
+    truth = ((1 - h ** 2) * W2[:, 0]) @ W1.T
+    np.testing.assert_allclose(_values(ns["dy"]), truth, rtol=1e-5, atol=1e-6)
