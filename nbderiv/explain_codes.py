@@ -192,7 +192,7 @@ class _Context:
             found = self.match_order(M, k)
             if found is not None:
                 return found
-        if self.truth.random:
+        if self.truth.random or self.random_in_cell():
             return self.random(order or orders[0])
         n, d_out, n_in = self.dims()
         if order is not None and not zeros:  # (zeros match every order whose truth is 0)
@@ -380,9 +380,18 @@ class _Context:
             if k == 1 else None)
 
     def random(self, k):
-        """``random-model``: the model draws random numbers while it runs: no truth to
-        compare with."""
+        """``random-model``: the model draws random numbers while it runs (or the cell calls
+        a Keras model with training=True, which makes it draw them): no truth to compare
+        with."""
         torch_model = self.framework == "torch"
+        if not self.truth.random:  # the cell's training=True: the model is fine as it is
+            return self.result(
+                "random-model",
+                f"the cell calls {self.mname} with training=True: its Dropout (or noise) "
+                "layers then drop random units (finding train-mode with training=True), so "
+                f"{self.name} is the derivative of one random draw of the network, another on "
+                "every call, not the model's. Call it with training=False (the default) to "
+                "differentiate the model itself.", k, fix=self.fix(k))
         return self.result(
             "random-model",
             f"{self.mname} gives random outputs (finding train-mode: e.g. Dropout in training "
@@ -391,6 +400,23 @@ class _Context:
             + ("(model.eval()) " if torch_model else "(call it with training=False) ")
             + "and differentiate that deterministic model.", k,
             fix=self.fix(k, eval_first=True))
+
+    def random_in_cell(self) -> bool:
+        """Whether the cell calls a Keras model with training=True and the model then draws
+        random numbers (Dropout, GaussianNoise): two such passes differ (a BatchNorm's batch
+        statistics alone do not)."""
+        cell = getattr(self, "cell", None)
+        if not cell or self.framework != "tensorflow" or not re.search(
+                r"\btraining\s*=\s*True\b", cell[0] or ""):
+            return False
+        from .compute import one_at_a_time, open_call, probe
+
+        try:
+            call = open_call(self.model, self.x, None, kwargs={"training": True})
+            with one_at_a_time(call):  # (its state put back: moving statistics, seeds)
+                return bool(probe(call).stochastic)
+        except Exception:  # the model takes no training argument: not this
+            return False
 
     def selected_outputs(self, M, k, T, dtype):
         """``selected-outputs``: for each point, the derivative of one output (the same one

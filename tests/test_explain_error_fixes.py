@@ -465,3 +465,33 @@ def test_a_numpy_array_differentiated_by_is_told_from_a_numpy_target():
     h = np.tanh(ns["xn"].astype(np.float64) @ W1 + b1)
     truth = ((1 - h ** 2) * W2[:, 0]) @ W1.T
     np.testing.assert_allclose(_values(ns["dy"]), truth, rtol=1e-5, atol=1e-6)
+
+
+def test_a_keras_gradient_taken_with_training_true_through_dropout_is_named():
+    """``drop(xx, training=True)`` in the tape: a random draw of the network, judged as a bare
+    [wrong]; without a random layer, training=True changes nothing and stays correct."""
+    pytest.importorskip("tensorflow")
+    shell = nbderiv_shell(
+        "import numpy as np, tensorflow as tf, keras, nbderiv\n"
+        "keras.utils.set_random_seed(0)\n"
+        "drop = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16, activation='tanh'),"
+        " keras.layers.Dropout(0.3), keras.layers.Dense(1)])\n"
+        "plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16, activation='tanh'),"
+        " keras.layers.Dense(1)])\n"
+        "xn = np.random.RandomState(0).rand(6, 2).astype('float32')\n")
+    body = """\
+        xx = tf.convert_to_tensor(xn)
+        with tf.GradientTape() as tape:
+            tape.watch(xx)
+            yy = MODEL(xx, training=True)
+        gd = tape.gradient(yy, xx)
+        """
+    [e] = explain(shell, "drop xn", body.replace("MODEL", "drop"))
+    assert e.code == "random-model" and "training=True" in e.message
+    ns = run_fix(shell, e.fix)
+    W1, b1, W2, _ = (np.asarray(w, np.float64) for w in ns["drop"].get_weights())
+    h = np.tanh(ns["xn"].astype(np.float64) @ W1 + b1)
+    truth = ((1 - h ** 2) * W2[:, 0]) @ W1.T   # the model itself: no unit dropped
+    np.testing.assert_allclose(_values(ns["d1"])[:, 0], truth, rtol=1e-5, atol=1e-6)
+    [e] = explain(shell, "plain xn", body.replace("MODEL", "plain"))
+    assert e.code.startswith("correct")
