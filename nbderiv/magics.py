@@ -293,11 +293,27 @@ class NbderivMagics(ExplainCell, Magics):
 
     def _widget(self, model, args):
         from .backends import framework_name
-        from .widgets import explore, explorer_input_dim, separate_inputs
+        from .widgets import (
+            EXPLORER_TAKES,
+            explore,
+            explorer_input_dim,
+            point_shape,
+            separate_inputs,
+        )
 
         domain, n, framework = (-3.0, 3.0), 200, framework_name(model, framework=args.framework)
         rng = None if args.x is None else parse_range(args.x)
         d_in = None  # separate inputs (forward(x, t)): the explorer reads their widths itself
+        given = None if args.x is None or rng is not None else \
+            _as_numpy(self._evaluate(args.x, "X"))
+        if given is not None and given.ndim >= 3 and point_shape(model, framework) is None:
+            # points of several axes, which the model's first layer does not tell (an RNN)
+            kind = "an image" if given.ndim >= 4 else "a sequence"
+            raise UsageError(
+                f"the explorer (--widget) {EXPLORER_TAKES}; {args.x} holds points of shape "
+                f"{tuple(given.shape[1:])}: each point is {kind}, not a vector of features. "
+                f"Fix: see its derivatives with %nnderiv {args.model} {args.x} --plot "
+                "(saliency maps).")
         if framework is not None and separate_inputs(model, framework) is None:
             d_in = explorer_input_dim(
                 model, framework=framework, what="the explorer (--widget)",
@@ -307,7 +323,7 @@ class NbderivMagics(ExplainCell, Magics):
             if rng is not None:
                 domain, n = (rng[0], rng[1]), rng[2] or RANGE_POINTS[1]
             else:
-                values = _as_numpy(self._evaluate(args.x, "X"))
+                values = given
                 if values.size < 2 or not np.ptp(values) > 0:
                     raise UsageError("--widget takes its domain from X, which needs at least two "
                                      "distinct values. Fix: pass a range such as -2:2:200.")
@@ -344,7 +360,8 @@ class NbderivMagics(ExplainCell, Magics):
 
 
 _RANGE_FIX = ("Fix: pass X as an array of shape (N, d_in) instead of a range, e.g. "
-              "np.linspace(-2, 2, 200).reshape(-1, 1) for one input feature.")
+              "np.linspace(-2, 2, 200).reshape(-1, 1) for one input feature; for a model of "
+              "images or sequences, an array of its points, (N, C, H, W) or (N, T, F).")
 _WIDGET_FIX = ("open the explorer with the width given, nbderiv.explore(model, d_in=...) (the "
                "number of input features)")
 

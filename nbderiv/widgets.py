@@ -240,7 +240,7 @@ def explorer_input_dim(model, *, framework=None, d_in=None, what="nbderiv.explor
         if not text.endswith(end):
             raise
         raise OptionError(
-            f"{text[:-len(end)]}{what} {EXPLORER_TAKES}. Fix: {d_in_fix}, "
+            f"{text[:-len(end)]}{what[0].upper()}{what[1:]} {EXPLORER_TAKES}. Fix: {d_in_fix}, "
             f"if the model takes vectors of features; if each point is an image or a sequence, "
             f"see its derivatives with {_saliency_fix(model_name, x_name or 'images')} "
             "instead.") from None

@@ -697,3 +697,32 @@ def test_widget_on_images_says_the_explorer_takes_feature_vectors_and_what_works
         assert f"Fix: see its derivatives with %nnderiv {name} {images} --plot" in msg
         d, out = magic(shell, f"{name} {images} --plot")  # what it points to works
         assert d.n_points == 3 and any("image/png" in o.data for o in out.outputs)
+
+
+def test_widget_on_sequences_whose_first_layer_says_nothing_points_to_the_plot(shell):
+    # an LSTM regressor reads its width from nothing nbderiv can see: the refusal quoted the
+    # model's error on a probe of one feature, run on with "got 1. the explorer"
+    result, _ = run(shell,
+                    "import torch\n"
+                    "torch.manual_seed(0)\n"
+                    "class Reg(torch.nn.Module):\n"
+                    "    def __init__(self):\n"
+                    "        super().__init__()\n"
+                    "        self.rnn = torch.nn.LSTM(3, 4, batch_first=True)\n"
+                    "        self.head = torch.nn.Linear(4, 1)\n"
+                    "    def forward(self, x):\n"
+                    "        return self.head(self.rnn(x)[0][:, -1])\n"
+                    "reg = Reg().eval()\n"
+                    "seqs = torch.randn(5, 7, 3)\n")
+    assert result.success, result.error_in_exec
+    msg = usage_error(shell, "reg seqs --widget")
+    assert "seqs holds points of shape (7, 3): each point is a sequence" in msg
+    assert "Fix: see its derivatives with %nnderiv reg seqs --plot" in msg
+    msg = usage_error(shell, "reg --widget")  # no X: the model's words, sentences kept apart
+    assert ". The explorer (--widget) works on" in msg
+    msg = usage_error(shell, "reg -2:2:10")
+    assert "(N, C, H, W) or (N, T, F)" in msg
+    d, out = magic(shell, "reg seqs --plot")  # what it points to works: d[1] vs torch's own
+    jac = torch.autograd.functional.jacobian(
+        lambda s: shell.user_ns["reg"](s[None])[0], shell.user_ns["seqs"][2])
+    np.testing.assert_allclose(d[1][2], jac.numpy(), atol=1e-6)
