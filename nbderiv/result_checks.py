@@ -263,8 +263,6 @@ def _second_order_cut(call, layers, y, ders, wrt, skip, found) -> Finding | None
     float64 that are not a plain stack of the framework's layers, random, coupled or
     piecewise (their d2 has its own findings); an agreement is remembered for the same points
     on the same model state."""
-    from .fdcheck import TOLERANCE, finite_difference_check
-
     verdict = call.verdict
     if len(ders) < 2 or len(wrt) > SECOND_CHECK_INPUTS or verdict is None \
             or verdict.structural or verdict.stochastic or verdict.coupled \
@@ -278,6 +276,8 @@ def _second_order_cut(call, layers, y, ders, wrt, skip, found) -> Finding | None
     codes = {f.code for f in found}
     if codes & {"graph-broken", "piecewise-linear", "at-kink", "non-finite", "low-precision"}:
         return None
+    from .fdcheck import TOLERANCE, finite_difference_check  # (only now: a first call's cost)
+
     pts = confirm.graph_points(call, ders[0], skip)[:SECOND_CHECK_POINTS]
     if len(pts) < 2:
         return None
