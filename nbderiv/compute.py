@@ -29,7 +29,14 @@ from . import memo
 from .backends import select_backend
 from .backends.base import Block, block_starts, equal_block_size
 from .call import Call, Extra, Verdict
-from .errors import InputTypeError, ModelCallError, NbderivError, OptionError, OutputError
+from .errors import (
+    InputTypeError,
+    MemoryBudgetError,
+    ModelCallError,
+    NbderivError,
+    OptionError,
+    OutputError,
+)
 from .inputs import Shared, input_findings, input_names, prepare_inputs
 from .model_errors import model_error_cause, model_error_fix, model_rejected_input
 from .model_errors_points import (
@@ -561,13 +568,21 @@ def block_rows(call: Call, order: int, m: int, chunk_size=None, memory_budget=1 
     """(rows per block, chunked): at most ``chunk_size`` (or what ``memory_budget`` allows)
     and at most the backend's preferred block; ``chunked`` says the memory limit cut the
     points into blocks."""
+    # each block's results exist twice for a moment (the backend's arrays, then their place
+    # in the full result, which is allocated once whatever the block size)
+    results = call.dtype.itemsize * call.d_out * sum(m ** k for k in range(order + 1))
+    if results > memory_budget:  # not even one point fits: no block size helps
+        raise MemoryBudgetError(
+            f"one point's derivatives up to order {order} over its {m} differentiated input "
+            f"value(s) hold {call.d_out} x {m}**{order} numbers at the top order alone, "
+            f"{results / 2**20:.1f} MB per point, over the memory budget of "
+            f"{memory_budget / 2**20:.1f} MB (and working memory comes on top): order k grows "
+            f"like {m}**k. Fix: pass wrt= the inputs you need (wrt=[i] for one pixel or "
+            "feature), a lower order, or raise memory_budget= if the machine has the memory.")
     if chunk_size is not None:
         limit = chunk_size
     else:
         work = call.backend.bytes_per_point(call, order, m)
-        # each block's results exist twice for a moment (the backend's arrays, then their
-        # place in the full result, which is allocated once whatever the block size)
-        results = call.dtype.itemsize * call.d_out * sum(m ** k for k in range(order + 1))
         limit = max(1, int(memory_budget // max(work + results, 1)))
     chunked = limit < call.n
     preferred = call.backend.block_rows(call)

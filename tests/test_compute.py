@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import sys
 
@@ -197,3 +198,29 @@ def test_randomness_in_a_small_output_beside_a_large_one_is_seen():
     lin = torch.nn.Linear(3, 1)
     noisy = lambda x: torch.tanh(lin(x)) + 1e-6 * torch.randn(len(x), 1)  # noqa: E731
     assert "train-mode" in nbderiv.derivatives(noisy, torch.randn(6, 3)).codes
+
+
+def test_an_order_whose_one_point_result_exceeds_the_budget_is_refused_up_front():
+    # order 3 of a 3 x 16 x 16 image: 768**3 numbers (1.8 GB) for its one point; it ran until
+    # the system killed it (24 GB), whatever memory_budget said
+    import time
+
+    from nbderiv.errors import MemoryBudgetError
+
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.Tanh(),
+                              torch.nn.Flatten(), torch.nn.Linear(2 * 16 * 16, 1)).eval()
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    with pytest.raises(MemoryBudgetError, match=r"768\*\*3 numbers") as info:
+        nbderiv.derivatives(cnn, x, order=3)
+    assert time.perf_counter() - start < 30 and "wrt=" in str(info.value)
+    # the fix it names: a few pixels, against torch.func's third derivative of those
+    d = nbderiv.derivatives(cnn, x, order=3, wrt=[0, 17])
+    net64 = copy.deepcopy(cnn).double()
+    flat = x.double().reshape(-1)
+
+    def f(z):
+        return net64(torch.cat([z[:1], flat[1:17], z[1:], flat[18:]]).reshape(1, 3, 16, 16))[0, 0]
+    third = torch.func.jacfwd(torch.func.jacfwd(torch.func.jacrev(f)))(flat[[0, 17]])
+    np.testing.assert_allclose(d[3][0, 0], third.detach().numpy(), atol=1e-6)
