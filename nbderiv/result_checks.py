@@ -71,7 +71,10 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     if f is not None:
         out.append(f)
     confirmed = confirmed + conventions
-    out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])]
+    out_shape = tuple(getattr(call.verdict, "out_shape", None) or (y.shape[1],))
+    out_names = ["y"] if y.shape[1] == 1 else [f"y[{j}]" for j in range(y.shape[1])] \
+        if len(out_shape) < 2 else \
+        [f"y[{','.join(map(str, np.unravel_index(j, out_shape)))}]" for j in range(y.shape[1])]
     in_names = call.names if tuple(wrt) == tuple(range(len(call.names))) \
         else [call.names[i] for i in wrt]
     bad_first = set(non_finite_points(y, ders[0]))  # rows of y or d1 with a NaN or inf
@@ -104,6 +107,15 @@ def result_findings(call, layers, y, ders, order, wrt, earlier) -> list:
     if f is not None:
         out.append(f)
     return out
+
+
+def _local(call) -> bool:
+    """Whether each point, or each point's output, has several axes (an image, a sequence, a
+    map of outputs), where outputs depending on only some inputs is the rule (receptive
+    fields, causality)."""
+    shapes = call.point_shapes[:call.n_inputs]
+    out_shape = getattr(call.verdict, "out_shape", None) or ()
+    return any(len(s) >= 2 for s in shapes) or len(out_shape) >= 2
 
 
 def _zero_pairs(d1: np.ndarray) -> np.ndarray:
@@ -199,6 +211,11 @@ def _dependence_findings(call, layers, y, d1, wrt, out_names, in_names, skip,
         unmoved &= ~bends
     if check["fd_max"] is not TRUSTED and not check["checked"]:
         unmoved[:] = False  # no point the forward pass could be compared at: unconfirmed
+    if unmoved.any() and _local(call):
+        # images, sequences, maps: an output pixel outside an input pixel's receptive field, a
+        # time step before it (causality), is no input the model ignores; only an input no
+        # output depends on, or an output that depends on no input, is
+        unmoved &= unmoved.all(axis=0, keepdims=True) | unmoved.all(axis=1, keepdims=True)
     stairs = np.zeros_like(zero)
     # the points to sweep: those compared (a structural model's autodiff is trusted, none
     # were: its exact zeros may still be the flat stretches of a lookup or a rounding)

@@ -780,3 +780,38 @@ def test_a_stationary_point_is_no_saturation():
     np.testing.assert_allclose(d[2][:, 0, 0, 0], [-1.0, 1.0], atol=1e-6)
     flat = nbderiv.derivatives(torch.tanh, torch.tensor([[8.0], [9.0], [-8.5]]))
     assert "saturated" in flat.codes
+
+
+def test_receptive_fields_and_causality_are_no_input_independence():
+    # a segmentation map's pixel does not depend on far input pixels, a causal GRU's early
+    # step not on later inputs: zero pairs by structure, not inputs the model ignores
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 1)).double()
+    x = torch.rand(5, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(seg, x)
+    assert "no-input-dependence" not in d.codes, d.findings
+    truth = torch.func.vmap(torch.func.jacrev(lambda p: seg(p[None])[0]))(x).detach().numpy()
+    np.testing.assert_allclose(d[1], truth, atol=1e-12)
+    assert (truth.reshape(5, 32, 32) == 0).all(axis=0).any()  # the zero pairs are there
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g, self.l = nn.GRU(2, 4, batch_first=True), nn.Linear(4, 1)
+
+        def forward(self, z):
+            return self.l(self.g(z)[0])
+    gru = Causal().double().eval()
+    xs = torch.randn(4, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert "no-input-dependence" not in nbderiv.derivatives(gru, xs).codes
+
+
+def test_an_image_channel_no_output_uses_is_still_no_input_dependence():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, padding=1).double()
+    seg = lambda z: conv(z[:, :1])  # noqa: E731 - channel 1 of the input is never read
+    x = torch.rand(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    d = nbderiv.derivatives(seg, x)
+    f = d.finding("no-input-dependence")
+    assert f is not None and "x[1,0,0]" in f.message, d.findings
+    assert not np.any(d[1].reshape(3, 32, 2, 16)[..., 1, :])  # the truth: channel 1 unused
