@@ -480,11 +480,11 @@ def test_a_keras_gradient_taken_with_training_true_through_dropout_is_named():
         " keras.layers.Dense(1)])\n"
         "xn = np.random.RandomState(0).rand(6, 2).astype('float32')\n")
     body = """\
-        xx = tf.convert_to_tensor(xn)
+        xw = tf.convert_to_tensor(xn)
         with tf.GradientTape() as tape:
-            tape.watch(xx)
-            yy = MODEL(xx, training=True)
-        gd = tape.gradient(yy, xx)
+            tape.watch(xw)
+            yy = MODEL(xw, training=True)
+        gd = tape.gradient(yy, xw)
         """
     [e] = explain(shell, "drop xn", body.replace("MODEL", "drop"))
     assert e.code == "random-model" and "training=True" in e.message
