@@ -36,7 +36,7 @@ METHOD_TAGS = {
     "XLA": "TensorFlow on the CPU compiled this computation with XLA (a second run on the same "
            "number of points, at least 1 024); the last bits may differ from the first call",
     "chunked": "the points were computed in chunks to stay within the memory budget; the "
-               "numbers are the same as in one pass",
+               "numbers are those of one pass up to the last bits of rounding",
 }
 
 
