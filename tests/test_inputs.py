@@ -312,3 +312,18 @@ def test_points_the_cast_to_float32_moves_get_input_rounded():
     net64 = copy.deepcopy(net).double()
     exact = nbderiv.derivatives(lambda z: net64((z - 1e4) * 100), t)
     assert "input-rounded" not in exact.codes and exact.x.dtype == np.float64
+
+
+def test_x_on_the_meta_device_is_named_as_such():
+    # it said "x could not be read as a numeric array ... pass a numpy array"
+    from nbderiv.errors import InputTypeError
+
+    net = nn.Linear(3, 1)
+    with pytest.raises(InputTypeError, match="'meta' device, shape \\(4, 3\\)"):
+        nbderiv.derivatives(net, torch.empty(4, 3, device="meta"))
+    with pytest.raises(InputTypeError, match="'meta' device"):
+        nbderiv.derivatives(net.to("meta"), torch.empty(4, 3, device="meta"))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))  # real values: fine
+    w = nn.Linear(3, 1)
+    np.testing.assert_allclose(nbderiv.derivatives(w, x)[1][:, 0],
+                               np.broadcast_to(w.weight.detach().numpy(), (4, 3)), atol=1e-7)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..call import Verdict
-from ..errors import ModelTypeError, NbderivError
+from ..errors import InputTypeError, ModelTypeError, NbderivError
 from ..inputs import check_output, check_target
 from ..memo import kept
 from ..wrapped import objects_inside, uncompiled, with_replaced
@@ -88,6 +88,12 @@ class TorchBackend(Backend):
     def to_numpy(self, x) -> np.ndarray:
         if isinstance(x, torch.Tensor):
             t = x.detach()
+            if t.is_meta:
+                raise InputTypeError(
+                    f"x is a tensor on the 'meta' device, shape {tuple(t.shape)}: it has a "
+                    "shape but no values, so there are no points to differentiate at. Fix: "
+                    "pass real values, e.g. torch.randn(*x.shape) or your data, on the CPU "
+                    "or the GPU (and a model with real weights).")
             if t.dtype == torch.bfloat16:
                 t = t.float()
             return t.cpu().numpy().copy()
