@@ -170,6 +170,9 @@ def _recomputed(out: str, inp: str | None, line: str, source: str, note: str) ->
     lines = [leaf[1] if leaf else
              f"{inp} = {inp}.detach().requires_grad_(True)   # a leaf that asks for gradients"]
     chain = _lines_computing(root, inp, source, line)
+    if not chain:  # nothing computed from inp in the cell: the line that made root, at least
+        made = _assignment(root, source)
+        chain = [made] if made is not None else []
     for made in chain:
         again = re.sub(r"\.detach\(\)|\.data\b", "", made)
         lines.append(f"{again}      # {note}" if again != made or made is chain[-1] else again)
