@@ -43,7 +43,9 @@ from .model_errors_points import (
     first_line,
     moved_points_error,
     per_point_data_failed,
+    read_as_points,
     sliced_kwargs,
+    sliced_with_the_points,
 )
 from .result_memory import result_array
 
@@ -286,16 +288,12 @@ def _list_hint(call: Call) -> str:
     separate inputs of a model (``model([a, b])``, a subclassed Keras call unpacking
     ``a, b = inputs``), which a tuple passes; else ''."""
     inputs = call.inputs
-    items = () if getattr(inputs, "several", False) else getattr(inputs, "list_items", ())
-    if not items:
+    if getattr(inputs, "several", False) or not getattr(inputs, "list_items", ()):
         return ""
-    shapes = f"shape {items[0]}" if len(set(items)) == 1 else \
-        "shapes " + ", ".join(map(str, items))
-    return (f"x was a list of {len(items)} arrays / tensors of {shapes}, which nbderiv reads as "
-            f"{len(items)} points, like np.array(x). Fix: if they are separate inputs of the "
-            "model (model([a, b]), a Keras model with several inputs, a call that unpacks "
-            "a, b = inputs), pass them as a tuple, x=tuple(x): each one is then differentiated "
-            "as its own argument.")
+    return (f"{read_as_points(inputs)}. Fix: if they are separate inputs of the model "
+            "(model([a, b]), a Keras model with several inputs, a call that unpacks a, b = "
+            "inputs), pass them as a tuple, x=tuple(x): each one is then differentiated as its "
+            "own argument.")
 
 
 def _sequence_first_hint(call: Call) -> str:
@@ -434,7 +432,7 @@ def _refuse_if_slicing_couples(call: Call) -> None:
     instead, are the points independent? Then the model uses them as one value for every
     point (position ids or a (T, T) mask with T == N, which a probe of one point gets one row
     of, and broadcasts), and the call is refused with the fix, :func:`nbderiv.shared`."""
-    names = [name for name, _ in sliced_kwargs(call)]
+    sliced = sliced_kwargs(call)
     whole = _with_kwargs_whole(call)
     try:
         batches, moved = probe_batches(whole)
@@ -444,18 +442,14 @@ def _refuse_if_slicing_couples(call: Call) -> None:
     except Exception:  # the model does not take them whole: they are per point
         return
     if independent:
-        sliced = " and ".join(f"kwargs[{name!r}] (shape {shape})"
-                              for name, shape in sliced_kwargs(call))
-        name = names[0]
+        name = sliced[0][0]
         value = name if name.isidentifier() else "value"
         raise OptionError(
-            f"{sliced} {'has' if len(names) == 1 else 'have'} a first axis of length "
-            f"{call.n}, the number of points, so nbderiv slices {'it' if len(names) == 1 else 'them'} "
-            "with the points: each model call gets only its own points' rows. So sliced, "
-            "the model's output for a point changes with the other points in the batch; "
-            "passed whole it does not: the model uses it as one value for every point "
-            "(position ids of length T, a (T, T) mask, with T == N). Fix: pass it as it is, "
-            f"kwargs={{{name!r}: nbderiv.shared({value})}}.")
+            f"{sliced_with_the_points(sliced, call.n)} So sliced, the model's output for a "
+            "point changes with the other points in the batch; passed whole it does not: the "
+            "model uses it as one value for every point (position ids of length T, a (T, T) "
+            f"mask, with T == N). Fix: pass it as it is, kwargs={{{name!r}: "
+            f"nbderiv.shared({value})}}.")
 
 
 def _with_kwargs_whole(call: Call) -> Call:

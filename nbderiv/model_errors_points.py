@@ -45,6 +45,26 @@ def sliced_kwargs(call) -> tuple:
     return tuple((e.name, (call.n,) + tuple(e.shape)) for e in call.extras if e.name)
 
 
+def read_as_points(prepared: PreparedInput) -> str:
+    """How nbderiv read x given as a list of arrays / tensors: as points, like np.array(x)."""
+    items = prepared.list_items
+    shapes = f"shape {items[0]}" if len(set(items)) == 1 else \
+        f"shapes {', '.join(map(str, items))}"
+    count = prepared.n_points
+    return (f"x was a list of {len(items)} arrays / tensors of {shapes}, which nbderiv reads "
+            f"as {count} point{'s' if count != 1 else ''} of shape {prepared.point_shapes[0]}, "
+            "like np.array(x)")
+
+
+def sliced_with_the_points(sliced, n_points: int) -> str:
+    """That the kwargs= arrays ``sliced`` ((name, shape) pairs) are sliced with the points."""
+    one = len(sliced) == 1
+    named = " and ".join(f"kwargs[{name!r}] (shape {tuple(shape)})" for name, shape in sliced)
+    return (f"{named} {'has' if one else 'have'} a first axis of length {n_points}, the number "
+            f"of points, so nbderiv slices {'it' if one else 'them'} with the points: each "
+            "model call gets only the rows of its own points.")
+
+
 def with_context(fix: str, n_points: int, prepared: PreparedInput | None = None,
                   sliced=()) -> str:
     """``fix``, preceded by how nbderiv read what it was given, where that may be the cause:
@@ -54,25 +74,15 @@ def with_context(fix: str, n_points: int, prepared: PreparedInput | None = None,
     said, options = [], []
     items = () if prepared is None or prepared.several else prepared.list_items
     if items:
-        shapes = f"shape {items[0]}" if len(set(items)) == 1 else \
-            f"shapes {', '.join(map(str, items))}"
-        count = prepared.n_points
-        said.append(f"x was a list of {len(items)} arrays / tensors of {shapes}, which nbderiv "
-                    f"reads as {count} point{'s' if count != 1 else ''} of shape "
-                    f"{prepared.point_shapes[0]}, like np.array(x); a tuple is read as "
-                    "separate arguments.")
+        said.append(f"{read_as_points(prepared)}; a tuple is read as separate arguments.")
         options.append(("they are separate arguments of the model (a Keras model with several "
                         "inputs too)", "pass them as a tuple, x=tuple(x) (e.g. (x, t) rather "
                         "than [x, t])"))
     if sliced:
-        n = n_points
         one = len(sliced) == 1
-        named = " and ".join(f"kwargs[{name!r}] (shape {tuple(shape)})" for name, shape in sliced)
         name = sliced[0][0]
         value = name if name.isidentifier() else "value"
-        said.append(f"{named} {'has' if one else 'have'} a first axis of length {n}, the number "
-                    f"of points, so nbderiv slices {'it' if one else 'them'} with the points: "
-                    "each model call gets only the rows of its own points.")
+        said.append(sliced_with_the_points(sliced, n_points))
         options.append((f"{'it is' if one else 'one of them is'} the same for every point (e.g. "
                         "an attention mask of shape (T, T) with T == N)",
                         f"pass it as it is: kwargs={{{name!r}: nbderiv.shared({value})}}"))
